@@ -1,0 +1,104 @@
+"""Every limit and deadline FedUp enforces, in one place, each with a reason.
+
+Nothing that arrives from the network is trusted, so every size is bounded
+before memory is allocated for it and every wait has a deadline.  The numbers
+live here, not in the modules that enforce them, so that an operator can see
+them all at once and a test can shrink them.  ``Limits.describe()`` lists
+every field with its reason (``docs/protocol.md`` prints the same table).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def _limit(default: Any, reason: str) -> Any:
+    return attrs.field(default=default, metadata={"reason": reason})
+
+
+@attrs.frozen
+class Limits:
+    """Sizes, counts and deadlines.  Sizes are bytes, deadlines seconds."""
+
+    # --- encoding -------------------------------------------------------
+    max_frame_size: int = _limit(
+        2 * MiB,
+        "one length-prefixed frame: a 1 MiB blob chunk plus its seal and header fits "
+        "with room; larger frames only buy bigger buffers per connection",
+    )
+    max_message_size: int = _limit(
+        64 * KiB,
+        "one CBOR control message (records, views, acks, metrics): the largest, a "
+        "membership view of 64 members with their records, stays well under this",
+    )
+    max_cbor_depth: int = _limit(
+        16,
+        "nesting depth of CBOR from peers; our deepest message nests 5 levels, and a "
+        "bound stops stack exhaustion from hostile input",
+    )
+    max_record_size: int = _limit(
+        2 * KiB,
+        "one signed peer-record envelope; it also has to fit in an mDNS TXT record "
+        "(a few hundred bytes), so 2 KiB is generous",
+    )
+    max_addresses: int = _limit(
+        16, "addresses in one peer record; a host with more interfaces lists its best 16"
+    )
+    max_network_name: int = _limit(
+        64, "bytes of a network name (UTF-8); it travels in every record"
+    )
+    # --- model blobs ----------------------------------------------------
+    max_blob_size: int = _limit(
+        512 * MiB,
+        "encoded weights of one model: ResNet-18 is 47 MB; 512 MiB admits models ten "
+        "times larger while keeping a hostile size claim from exhausting memory",
+    )
+    max_tensors: int = _limit(
+        4096, "tensors in one model state; ResNet-50 has ~320, transformers ~1-2 thousand"
+    )
+    max_tensor_rank: int = _limit(8, "dimensions of one tensor; real layers use at most 5")
+    max_tensor_name: int = _limit(
+        256, "bytes of one tensor name such as 'layer4.1.bn2.running_var'"
+    )
+    blob_chunk_size: int = _limit(
+        1 * MiB,
+        "plaintext bytes per encrypted blob chunk: large enough that per-chunk Python "
+        "overhead is negligible, small enough that a receiver buffers little",
+    )
+    # --- deadlines --------------------------------------------------------
+    handshake_timeout: float = _limit(
+        10.0, "a whole handshake on a LAN takes milliseconds; 10 s tolerates a loaded host"
+    )
+    frame_timeout: float = _limit(
+        30.0,
+        "from the first byte of a frame to its last; a peer trickling bytes is cut off "
+        "even if every single read is quick",
+    )
+    blob_timeout: float = _limit(
+        600.0,
+        "one whole blob transfer; 512 MiB at a slow 1 MiB/s still fits, a stalled or "
+        "trickling sender does not hold a receiver longer",
+    )
+    idle_timeout: float = _limit(
+        120.0, "a connection on which nothing arrives for this long is closed"
+    )
+    # --- connections ------------------------------------------------------
+    max_connections: int = _limit(
+        64, "concurrent connections a peer serves; a federation has tens of members"
+    )
+    max_pending_handshakes: int = _limit(
+        16, "handshakes in progress at once; caps the cost of a connection flood"
+    )
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, Any, str]]:
+        """Return ``(name, default, reason)`` for every limit, in declaration order."""
+        return [(f.name, f.default, f.metadata["reason"]) for f in attrs.fields(cls)]
+
+
+DEFAULT_LIMITS = Limits()

@@ -1,0 +1,47 @@
+"""The exceptions FedUp raises, split by whose fault it was.
+
+Following h11: a :class:`RemoteProtocolError` means a peer (or a file, or a
+packet) sent us something wrong; the peer is named when known, the connection
+or message is dropped, and the local peer carries on.  A
+:class:`LocalProtocolError` means *we* misused an API: it is a bug in the
+caller and should be loud.  Any other exception escaping a decoder is a bug in
+FedUp.
+"""
+
+from __future__ import annotations
+
+
+class FedupError(Exception):
+    """Base class of every error FedUp raises on purpose."""
+
+
+class RemoteProtocolError(FedupError):
+    """Input from outside broke the protocol.
+
+    ``reason`` says what was wrong in words a log reader can act on; ``peer``
+    names the sender (a peer ID's text form or an address) when it is known.
+    """
+
+    def __init__(self, reason: str, *, peer: str | None = None) -> None:
+        self.reason = reason
+        self.peer = peer
+        super().__init__(f"{peer}: {reason}" if peer else reason)
+
+    def with_peer(self, peer: str) -> RemoteProtocolError:
+        """Return a copy of this error of the same class that names ``peer``."""
+        err = type(self).__new__(type(self))
+        RemoteProtocolError.__init__(err, self.reason, peer=peer)
+        err.__cause__ = self.__cause__
+        return err
+
+
+class LocalProtocolError(FedupError):
+    """The local program misused an API (a bug in the caller, not the peer)."""
+
+
+class IdentityError(FedupError):
+    """The identity key file cannot be used: unreadable, corrupt or exposed."""
+
+
+class ConfigError(FedupError):
+    """A setting is invalid; the message names the setting."""
