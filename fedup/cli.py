@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         "state directory on first use; the same state directory always gives the same ID.",
     )
     _common(p)
-    p.add_argument("--json", action="store_true", help="print peer ID, public key and state dir as JSON")
+    p.add_argument(
+        "--json", action="store_true", help="print peer ID, public key and state dir as JSON"
+    )
     p.set_defaults(func=cmd_id)
     return parser
 

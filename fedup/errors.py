@@ -45,3 +45,11 @@ class IdentityError(FedupError):
 
 class ConfigError(FedupError):
     """A setting is invalid; the message names the setting."""
+
+
+class PeerTimeoutError(RemoteProtocolError):
+    """A peer did not send (or take) what it should have within a deadline."""
+
+
+class ConnectionLostError(RemoteProtocolError):
+    """The connection ended: the peer closed it, reset it, or it broke mid-message."""

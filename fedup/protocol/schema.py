@@ -104,9 +104,7 @@ class FieldReader:
         if not isinstance(value, list):
             raise self.fail(key, f"must be an array, got {_kind(value)}")
         if not min_items <= len(value) <= max_items:
-            raise self.fail(
-                key, f"must have {min_items} to {max_items} items, got {len(value)}"
-            )
+            raise self.fail(key, f"must have {min_items} to {max_items} items, got {len(value)}")
         return [item(v, f"{self.what}: {key}[{i}]") for i, v in enumerate(value)]
 
     def raw(self, key: str) -> object:

@@ -1,0 +1,83 @@
+"""The layering rules of docs/architecture.md, checked on the source."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "fedup"
+
+FORBIDDEN = {
+    "fedup/protocol": {
+        "trio",
+        "torch",
+        "zeroconf",
+        "fedup.net",
+        "fedup.learn",
+        "fedup.peer",
+        "fedup.sim",
+        "fedup.cli",
+        "fedup.commands",
+        "safetensors",
+    },
+    "fedup/learn": {
+        "trio",
+        "zeroconf",
+        "fedup.net",
+        "socket",
+        "fedup.peer",
+        "fedup.sim",
+        "fedup.cli",
+        "fedup.commands",
+    },
+    "fedup/net": {
+        "torch",
+        "fedup.learn",
+        "fedup.peer",
+        "fedup.sim",
+        "fedup.cli",
+        "fedup.commands",
+        "safetensors",
+    },
+    "fedup/identity.py": {"trio", "torch", "zeroconf"},
+    "fedup/config.py": {"trio", "torch", "zeroconf", "nacl"},
+}
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def files_of(rule: str) -> list[Path]:
+    target = PACKAGE.parent / rule
+    return sorted(target.rglob("*.py")) if target.is_dir() else [target]
+
+
+@pytest.mark.parametrize("rule", sorted(FORBIDDEN))
+def test_layers_import_only_downwards(rule: str) -> None:
+    files = files_of(rule)
+    assert files, f"no files for {rule}"
+    bad = []
+    for path in files:
+        for name in imported_modules(path):
+            for banned in FORBIDDEN[rule]:
+                if name == banned or name.startswith(banned + "."):
+                    bad.append(f"{path.relative_to(PACKAGE.parent)} imports {name}")
+    assert not bad, "\n".join(bad)
+
+
+def test_nothing_imports_the_cli() -> None:
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "cli.py" or "commands" in path.parts:
+            continue
+        for name in imported_modules(path):
+            assert not name.startswith(("fedup.cli", "fedup.commands")), path

@@ -1,0 +1,28 @@
+"""The README's Quickstart contract: one block, exactly two commands; CI runs the second."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def quickstart_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Quickstart", 1)[1]
+    block = re.search(r"```(?:sh|bash|console)?\n(.*?)```", section, re.S)
+    assert block, "Quickstart has no fenced block"
+    return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_quickstart_has_exactly_two_commands() -> None:
+    commands = quickstart_commands()
+    assert len(commands) == 2, commands
+    for command in commands:
+        assert "constraints.txt" in command, "each command pins the CPU build of torch"
+
+
+def test_ci_runs_the_second_command_verbatim() -> None:
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert quickstart_commands()[1] in ci_lines
