@@ -32,9 +32,9 @@ class Limits:
         "with room; larger frames only buy bigger buffers per connection",
     )
     max_message_size: int = _limit(
-        64 * KiB,
+        256 * KiB,
         "one CBOR control message (records, views, acks, metrics): the largest, a "
-        "membership view of 64 members with their records, stays well under this",
+        "membership view of max_members members with their ~300-byte records, fits",
     )
     max_cbor_depth: int = _limit(
         16,
@@ -51,6 +51,11 @@ class Limits:
     )
     max_network_name: int = _limit(
         64, "bytes of a network name (UTF-8); it travels in every record"
+    )
+    max_members: int = _limit(
+        256,
+        "members of one federation: the simulator's largest tested run has 200 peers; "
+        "bounds the view, the record book and every per-member table",
     )
     # --- model blobs ----------------------------------------------------
     max_blob_size: int = _limit(

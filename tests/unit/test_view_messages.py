@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+import attrs
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedup.errors import LocalProtocolError, RemoteProtocolError
+from fedup.identity import Identity
+from fedup.protocol import cbor
+from fedup.protocol.envelope import SignatureError, seal_envelope
+from fedup.protocol.messages import (
+    Ack,
+    BlobRequest,
+    Call,
+    Follow,
+    Offer,
+    Passed,
+    Refuse,
+    ViewMessage,
+    decode_message,
+    encode_message,
+)
+from fedup.protocol.records import Address, PeerRecord, SignedPeerRecord
+from fedup.protocol.schema import MessageError
+from fedup.protocol.view import VIEW_DOMAIN, VIEW_TYPE, MembershipView, RunSettings, verify_view
+from tests.conftest import make_identities
+
+IDS = sorted(make_identities(3), key=lambda i: i.peer_id)
+RUN = bytes(range(16))
+
+
+def rec(ident: Identity) -> SignedPeerRecord:
+    return PeerRecord(ident.peer_id, 1, (Address("127.0.0.1", 4000),), "net").seal(ident)
+
+
+def view(**kw: object) -> MembershipView:
+    fields: dict[str, object] = {
+        "run_id": RUN,
+        "epoch": 0,
+        "leader": IDS[0].peer_id,
+        "members": tuple(rec(i) for i in IDS),
+        "settings": RunSettings(seed=7),
+        "schema": {"cols": ["a", "b"]},
+    }
+    fields.update(kw)
+    return MembershipView(**fields)  # type: ignore[arg-type]
+
+
+def test_view_round_trip() -> None:
+    signed = view().seal(IDS[0])
+    again = verify_view(signed.envelope)
+    assert again.view == view()
+    assert again.digest == signed.digest
+    assert again.view.member_ids == tuple(i.peer_id for i in IDS)
+
+
+def test_only_the_leader_signs_and_members_sorted() -> None:
+    with pytest.raises(LocalProtocolError):
+        view().seal(IDS[1])
+    with pytest.raises(LocalProtocolError):
+        view(members=tuple(rec(i) for i in reversed(IDS))).seal(IDS[0])
+
+
+def _forge(payload: bytes, signer: Identity) -> bytes:
+    return seal_envelope(
+        signer.sign, signer.public_key, domain=VIEW_DOMAIN, payload_type=VIEW_TYPE, payload=payload
+    ).to_cbor()
+
+
+def test_view_signed_by_non_leader_rejected() -> None:
+    with pytest.raises(MessageError, match="signed by"):
+        verify_view(_forge(view().to_cbor(), IDS[1]))
+
+
+def test_leader_must_be_lowest_member() -> None:
+    bad = view(leader=IDS[1].peer_id)
+    with pytest.raises(MessageError, match="not the lowest"):
+        verify_view(_forge(bad.to_cbor(), IDS[1]))
+
+
+def test_unsorted_or_duplicate_members_rejected() -> None:
+    for members in (tuple(rec(i) for i in reversed(IDS)), (rec(IDS[0]), rec(IDS[0]))):
+        with pytest.raises(MessageError, match="ascending"):
+            verify_view(_forge(view(members=members).to_cbor(), IDS[0]))
+
+
+def test_tampered_view_rejected() -> None:
+    env = cbor.decode(view().seal(IDS[0]).envelope, max_size=100_000, max_depth=4)
+    assert isinstance(env, dict)
+    env["payload"] = view(epoch=5).to_cbor()
+    with pytest.raises(SignatureError):
+        verify_view(cbor.encode(env))
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"lr": 0.0}, "'lr'"),
+        ({"local_epochs": -1.0}, "'epochs'"),
+        ({"tolerance": 1.0}, "'tol'"),
+    ],
+)
+def test_settings_checked(change: dict[str, object], match: str) -> None:
+    bad = view(settings=attrs.evolve(RunSettings(), **change))
+    with pytest.raises(MessageError, match=match):
+        verify_view(_forge(bad.to_cbor(), IDS[0]))
+
+
+MESSAGES = [
+    Call(RUN),
+    Offer(RUN, {"columns": []}, "tabular-mlp"),
+    Follow(RUN, IDS[0].peer_id),
+    ViewMessage(b"xyz"),
+    Ack(RUN, 3, b"d" * 32),
+    Refuse(RUN, "columns 'x' do not fit"),
+    BlobRequest(RUN),
+    Passed(RUN, 2, 1),
+]
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda m: m.TYPE)
+def test_message_round_trip_and_truncation(message: object) -> None:
+    data = encode_message(message)  # type: ignore[arg-type]
+    assert decode_message(data) == message
+    for cut in range(len(data)):
+        with pytest.raises(RemoteProtocolError):
+            decode_message(data[:cut])
+
+
+def test_message_field_errors() -> None:
+    with pytest.raises(MessageError, match="unknown type"):
+        decode_message(cbor.encode({"t": "nope"}))
+    with pytest.raises(MessageError, match="unknown field"):
+        decode_message(cbor.encode({"t": "call", "run": RUN, "x": 1}))
+    with pytest.raises(MessageError, match="'run' must be 16 bytes"):
+        decode_message(cbor.encode({"t": "call", "run": b"short"}))
+    with pytest.raises(MessageError, match="'t'"):
+        decode_message(cbor.encode([1, 2]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes_are_clean_errors(data: bytes) -> None:
+    try:
+        decode_message(data)
+    except RemoteProtocolError:
+        pass
