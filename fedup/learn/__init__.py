@@ -1,0 +1,1 @@
+"""The learning layer: torch models, data and training; never touches sockets."""

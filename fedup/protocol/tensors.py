@@ -1,0 +1,616 @@
+"""Model states as bytes: numpy arrays in, one contiguous blob out, and back.
+
+Weights from a peer are untrusted bytes.  They are never unpickled and never
+given to ``torch.load``: a blob is a small binary header (names, wire dtypes,
+shapes, offsets) followed by the raw little-endian data of every tensor.  The
+decoder checks every field against :class:`~fedup.config.Limits` and against
+the bytes actually present *before* it creates any array, then returns
+zero-copy views into the input buffer.  ``docs/protocol-tensors.md`` is the
+specification; in short::
+
+    preamble  b"FUST" | u8 version (1) | 3 zero bytes | u32 BE header length H
+    header    u32 BE count, then per tensor:
+                u16 BE name length, name (UTF-8) | u8 dtype length, dtype (ASCII)
+                | u8 rank, rank x u64 BE dims | u64 BE offset | u64 BE byte length
+    padding   zero bytes up to the next multiple of 8 (the data section's start)
+    data      each tensor at its 8-aligned offset from the data section's start,
+              zero padding between tensors, nothing after the last one
+
+Every input has exactly one encoding, and the decoder accepts nothing else.
+bfloat16 has no numpy dtype: it travels as its raw 16-bit words, which numpy
+sees as ``uint16`` while :class:`DecodedState` remembers the wire dtype
+``"bf16"`` so that the torch layer can view the words back as bfloat16.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Final
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+from fedup.config import DEFAULT_LIMITS, Limits
+from fedup.errors import LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAGIC",
+    "WIRE_DTYPES",
+    "DecodedState",
+    "TensorDecodeError",
+    "TensorSpec",
+    "check_finite",
+    "check_specs",
+    "decode_state",
+    "describe_state",
+    "encode_state",
+    "wire_dtype_of",
+]
+
+MAGIC: Final = b"FUST"
+FORMAT_VERSION: Final = 1
+PREAMBLE_SIZE: Final = 12
+ALIGNMENT: Final = 8
+
+_PREAMBLE = struct.Struct(">4sB3sI")
+_U8 = struct.Struct(">B")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_TAIL = struct.Struct(">QQ")  # offset, byte length
+
+#: The wire dtype names and the (little-endian) numpy dtype each travels as.
+WIRE_DTYPES: Final[Mapping[str, np.dtype[Any]]] = {
+    "f16": np.dtype("<f2"),
+    "bf16": np.dtype("<u2"),  # raw bfloat16 words
+    "f32": np.dtype("<f4"),
+    "f64": np.dtype("<f8"),
+    "i8": np.dtype("i1"),
+    "i16": np.dtype("<i2"),
+    "i32": np.dtype("<i4"),
+    "i64": np.dtype("<i8"),
+    "u8": np.dtype("u1"),
+    "bool": np.dtype("?"),
+}
+_FLOATS: Final = frozenset({"f16", "bf16", "f32", "f64"})
+# numpy (kind, itemsize) -> wire name, for arrays whose wire dtype is implied.
+_BY_KIND: Final[Mapping[tuple[str, int], str]] = {
+    ("f", 2): "f16",
+    ("f", 4): "f32",
+    ("f", 8): "f64",
+    ("i", 1): "i8",
+    ("i", 2): "i16",
+    ("i", 4): "i32",
+    ("i", 8): "i64",
+    ("u", 1): "u8",
+    ("b", 1): "bool",
+}
+# Exponent bits of the 16-bit floats: all ones means Inf or NaN.
+_EXPONENT_MASK16: Final[Mapping[str, int]] = {"f16": 0x7C00, "bf16": 0x7F80}
+_MAX_LISTED = 10  # names listed in one error reason before "and N more"
+
+Array = npt.NDArray[Any]
+TensorsLike = Mapping[str, Array] | Sequence[tuple[str, Array]]
+
+
+class TensorDecodeError(RemoteProtocolError):
+    """A model-state blob (or file) from outside is malformed or not the expected model.
+
+    The reason names the tensor when one is at fault, e.g.
+    ``tensor 'fc.bias' contains NaN or Inf``.
+    """
+
+
+@attrs.frozen
+class TensorSpec:
+    """What a tensor must look like: its wire dtype and its shape."""
+
+    dtype: str
+    """Wire dtype name, a key of :data:`WIRE_DTYPES` (``"f32"``, ``"bf16"``, ...)."""
+    shape: tuple[int, ...]
+    """Dimensions; ``()`` for a scalar."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of data this tensor occupies on the wire."""
+        n = WIRE_DTYPES[self.dtype].itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class DecodedState(Mapping[str, Array]):
+    """The tensors of a decoded blob, in wire order, with their wire dtypes.
+
+    A read-only mapping from name to numpy array.  The arrays are views into
+    the buffer given to :func:`decode_state` (writable when that buffer is),
+    so they keep it alive and change if it changes.  ``dtypes[name]`` is the
+    wire dtype; it differs from the array's dtype only for ``"bf16"``, whose
+    array is ``uint16``.
+    """
+
+    __slots__ = ("_arrays", "_dtypes")
+
+    def __init__(self, arrays: dict[str, Array], dtypes: dict[str, str]) -> None:
+        self._arrays = arrays
+        self._dtypes = dtypes
+
+    def __getitem__(self, name: str) -> Array:
+        return self._arrays[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{n!r}: {self._dtypes[n]}{a.shape}" for n, a in self._arrays.items())
+        return f"DecodedState({{{inner}}})"
+
+    @property
+    def dtypes(self) -> Mapping[str, str]:
+        """Wire dtype of each tensor, by name."""
+        return self._dtypes
+
+    def specs(self) -> dict[str, TensorSpec]:
+        """The :class:`TensorSpec` of every tensor, in order."""
+        return {n: TensorSpec(self._dtypes[n], a.shape) for n, a in self._arrays.items()}
+
+
+# --------------------------------------------------------------------------
+# helpers shared by both directions
+
+
+def _align(n: int) -> int:
+    return (n + ALIGNMENT - 1) & -ALIGNMENT
+
+
+def _names(names: Sequence[str] | set[str]) -> str:
+    listed = sorted(names) if isinstance(names, set) else list(names)
+    text = ", ".join(repr(n) for n in listed[:_MAX_LISTED])
+    if len(listed) > _MAX_LISTED:
+        text += f" and {len(listed) - _MAX_LISTED} more"
+    return text
+
+
+def wire_dtype_of(array: Array, wire: str | None = None) -> str:
+    """Return the wire dtype name of ``array``.
+
+    With ``wire=None`` it is implied by the array's dtype (any byte order).
+    ``wire="bf16"`` declares a 16-bit integer array to hold bfloat16 words; any
+    other ``wire`` must agree with the array's dtype.
+
+    Raises :class:`~fedup.errors.LocalProtocolError` for a dtype outside the
+    allow-list or a ``wire`` that does not fit the array.
+    """
+    dt = array.dtype
+    implied = _BY_KIND.get((dt.kind, dt.itemsize)) if dt.fields is None else None
+    if wire is None:
+        if implied is None:
+            raise LocalProtocolError(
+                f"dtype {dt} cannot travel; allowed wire dtypes: {', '.join(WIRE_DTYPES)} "
+                "(bfloat16 as 16-bit words with wire dtype 'bf16')"
+            )
+        return implied
+    if wire == "bf16":
+        if dt.kind in "iu" and dt.itemsize == 2:
+            return wire
+        raise LocalProtocolError(f"wire dtype 'bf16' needs an int16/uint16 array of bits, got {dt}")
+    if wire not in WIRE_DTYPES:
+        raise LocalProtocolError(f"unknown wire dtype {wire!r}")
+    if wire != implied:
+        raise LocalProtocolError(f"wire dtype {wire!r} does not match array dtype {dt}")
+    return wire
+
+
+def describe_state(
+    tensors: TensorsLike, *, dtypes: Mapping[str, str] | None = None
+) -> dict[str, TensorSpec]:
+    """Return the :class:`TensorSpec` of every tensor, in order.
+
+    ``dtypes`` names wire dtypes as for :func:`encode_state` (a
+    :class:`DecodedState` supplies its own).  Raises
+    :class:`~fedup.errors.LocalProtocolError` for a dtype that cannot travel.
+    """
+    if dtypes is None and isinstance(tensors, DecodedState):
+        return tensors.specs()
+    dtypes = dtypes or {}
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    return {n: TensorSpec(wire_dtype_of(a, dtypes.get(n)), tuple(a.shape)) for n, a in items}
+
+
+def check_specs(
+    actual: Mapping[str, TensorSpec],
+    expected: Mapping[str, TensorSpec],
+    *,
+    ordered: bool = True,
+) -> None:
+    """Check that ``actual`` describes exactly the tensors of ``expected``.
+
+    Names must be the same set (and, with ``ordered``, in the same order);
+    each tensor's wire dtype and shape must be equal.  Raises
+    :class:`TensorDecodeError` naming the first difference: missing or
+    unexpected tensors, order, dtype, then shape.
+    """
+    missing = expected.keys() - actual.keys()
+    extra = actual.keys() - expected.keys()
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors: {_names(set(missing))}")
+        if extra:
+            parts.append(f"unexpected tensors: {_names(set(extra))}")
+        raise TensorDecodeError("; ".join(parts))
+    if ordered:
+        for i, (got_name, want_name) in enumerate(zip(actual, expected, strict=True)):
+            if got_name != want_name:
+                raise TensorDecodeError(
+                    f"tensors out of order: expected {want_name!r} at position {i}, "
+                    f"got {got_name!r}"
+                )
+    for name, want in expected.items():
+        got = actual[name]
+        if got.dtype != want.dtype:
+            raise TensorDecodeError(
+                f"tensor {name!r}: expected dtype {want.dtype}, got {got.dtype}"
+            )
+        if tuple(got.shape) != tuple(want.shape):
+            raise TensorDecodeError(
+                f"expected tensor {name!r} with shape {tuple(want.shape)}, got {tuple(got.shape)}"
+            )
+
+
+def _words16(array: Array) -> np.dtype[Any]:
+    """uint16 in the byte order of a 16-bit array, to view its words."""
+    return np.dtype(np.uint16).newbyteorder(array.dtype.byteorder)
+
+
+def check_finite(name: str, array: Array, wire: str) -> None:
+    """Raise :class:`TensorDecodeError` if a floating tensor holds NaN or Inf.
+
+    Non-float wire dtypes pass.  16-bit floats (``f16`` and ``bf16`` words) are
+    checked exactly on their exponent bits.  ``f32``/``f64`` use one summing
+    pass as a fast path (any NaN or Inf makes the sum non-finite, and a
+    finite sum proves every element finite); only a non-finite sum, which
+    legitimate data can cause by overflowing, triggers the exact element check.
+    """
+    if wire not in _FLOATS or array.size == 0:
+        return
+    mask = _EXPONENT_MASK16.get(wire)
+    if mask is not None:
+        bits = array.view(_words16(array))
+        bad = bool(np.any((bits & mask) == mask))
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            bad = not np.isfinite(array.sum()) and not bool(np.isfinite(array).all())
+    if bad:
+        raise TensorDecodeError(f"tensor {name!r} contains NaN or Inf")
+
+
+# --------------------------------------------------------------------------
+# encoding
+
+
+def encode_state(
+    tensors: TensorsLike,
+    *,
+    dtypes: Mapping[str, str] | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> memoryview:
+    """Encode named arrays as one blob; the data is copied exactly once.
+
+    ``tensors`` is a mapping or a sequence of ``(name, array)`` pairs; their
+    order is the wire order.  Names must be unique, non-empty strings of at
+    most ``limits.max_tensor_name`` UTF-8 bytes.  Arrays may have any strides
+    and byte order; their dtype must be allowed (see :func:`wire_dtype_of`).
+    ``dtypes`` maps names to wire dtypes where the array's dtype does not say
+    it, i.e. ``"bf16"`` for arrays of bfloat16 words; a :class:`DecodedState`
+    passed as ``tensors`` supplies its own.  The result is deterministic: the
+    same names, dtypes, shapes and values always give the same bytes.
+
+    The result is a writable, C-contiguous, one-dimensional ``memoryview``
+    (format ``"B"``) over a fresh buffer: slice it without copying, pass it
+    to :func:`decode_state` or a socket, or call ``bytes()`` on it.
+
+    Finiteness is not checked here (the receiver checks it); call
+    :func:`check_finite` first to fail locally.
+
+    Raises :class:`~fedup.errors.LocalProtocolError` for a bad name, a
+    duplicate, a dtype that cannot travel, or a state beyond ``limits``.
+    """
+    if dtypes is None and isinstance(tensors, DecodedState):
+        dtypes = tensors.dtypes
+    dtypes = dtypes or {}
+    items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
+    if len(items) > limits.max_tensors:
+        raise LocalProtocolError(
+            f"{len(items)} tensors, more than max_tensors={limits.max_tensors}"
+        )
+    unknown = dtypes.keys() - {n for n, _ in items}
+    if unknown:
+        raise LocalProtocolError(f"dtypes names tensors that are not given: {_names(set(unknown))}")
+
+    parts = [_U32.pack(len(items))]
+    layout: list[tuple[Array, str, int]] = []
+    seen: set[str] = set()
+    end = 0
+    for name, array in items:
+        raw_name = _check_local_name(name, seen, limits)
+        if not isinstance(array, np.ndarray):
+            raise LocalProtocolError(
+                f"tensor {name!r}: expected a numpy array, got {type(array).__name__}"
+            )
+        wire = wire_dtype_of(array, dtypes.get(name))
+        if array.ndim > limits.max_tensor_rank:
+            raise LocalProtocolError(
+                f"tensor {name!r}: rank {array.ndim} exceeds "
+                f"max_tensor_rank={limits.max_tensor_rank}"
+            )
+        offset = _align(end)
+        nbytes = array.nbytes
+        parts += (
+            _U16.pack(len(raw_name)),
+            raw_name,
+            _U8.pack(len(wire)),
+            wire.encode("ascii"),
+            _U8.pack(array.ndim),
+            struct.pack(f">{array.ndim}Q", *array.shape),
+            _TAIL.pack(offset, nbytes),
+        )
+        layout.append((array, wire, offset))
+        end = offset + nbytes
+    header = b"".join(parts)
+    header_end = PREAMBLE_SIZE + len(header)
+    start = _align(header_end)
+    total = start + end
+    if total > limits.max_blob_size:
+        raise LocalProtocolError(
+            f"state encodes to {total} bytes, more than max_blob_size={limits.max_blob_size}"
+        )
+
+    # One buffer of the final size.  numpy's allocator asks the kernel for huge
+    # pages on large buffers; a bytearray of the same size costs about 4x as
+    # much to allocate and zero (bench/bench_tensors.py).  np.empty does not
+    # zero, so every byte outside the tensors' data is written explicitly.
+    out = np.empty(total, np.uint8)
+    preamble = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, bytes(3), len(header))
+    out[:start] = np.frombuffer(preamble + header + bytes(start - header_end), np.uint8)
+    prev_end = start
+    for array, wire, offset in layout:
+        begin = start + offset
+        out[prev_end:begin] = 0  # padding
+        prev_end = begin + array.nbytes
+        if array.size:
+            dst = out[begin:prev_end].view(WIRE_DTYPES[wire]).reshape(array.shape)
+            src = array.view(_words16(array)) if wire == "bf16" else array
+            np.copyto(dst, src, casting="equiv")  # one copy; fixes strides and byte order
+    return out.data
+
+
+def _check_local_name(name: object, seen: set[str], limits: Limits) -> bytes:
+    if not isinstance(name, str) or not name:
+        raise LocalProtocolError(f"tensor names must be non-empty strings, got {name!r}")
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise LocalProtocolError(f"tensor name {name!r} is not valid Unicode") from None
+    if len(raw) > limits.max_tensor_name:
+        raise LocalProtocolError(
+            f"tensor name {name!r} has {len(raw)} bytes, "
+            f"more than max_tensor_name={limits.max_tensor_name}"
+        )
+    if name in seen:
+        raise LocalProtocolError(f"duplicate tensor name {name!r}")
+    seen.add(name)
+    return raw
+
+
+# --------------------------------------------------------------------------
+# decoding
+
+
+class _Header:
+    """A bounds-checked cursor over the header bytes."""
+
+    __slots__ = ("end", "mv", "pos")
+
+    def __init__(self, mv: memoryview, end: int) -> None:
+        self.mv = mv
+        self.pos = PREAMBLE_SIZE
+        self.end = end
+
+    def take(self, n: int, what: str) -> int:
+        pos = self.pos
+        if n > self.end - pos:
+            raise TensorDecodeError(
+                f"header truncated: {what} needs {n} bytes at header byte "
+                f"{pos - PREAMBLE_SIZE}, {self.end - pos} left"
+            )
+        self.pos = pos + n
+        return pos
+
+    def uint(self, fmt: struct.Struct, what: str) -> int:
+        value: int = fmt.unpack_from(self.mv, self.take(fmt.size, what))[0]
+        return value
+
+    def raw(self, n: int, what: str) -> bytes:
+        pos = self.take(n, what)
+        return bytes(self.mv[pos : pos + n])
+
+
+@attrs.frozen
+class _Entry:
+    name: str
+    wire: str
+    shape: tuple[int, ...]
+    offset: int  # from the start of the data section
+    nbytes: int
+
+
+def decode_state(
+    data: bytes | bytearray | memoryview,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    expected: Mapping[str, TensorSpec] | None = None,
+) -> DecodedState:
+    """Decode a blob made by :func:`encode_state` into zero-copy numpy views.
+
+    Checks, in this order and before any array exists: the total size against
+    ``limits.max_blob_size``; the preamble; the header length against the
+    buffer; the tensor count, ranks and names against ``limits``; every
+    dtype against the allow-list; every shape's byte size (computed with
+    Python integers) against the declared length and the bytes present; the
+    offsets, padding and absence of trailing bytes; and, with ``expected``,
+    that names, order, wire dtypes and shapes match it exactly.  Then it
+    creates the arrays and rejects NaN/Inf in floating tensors and bool bytes
+    other than 0 and 1.
+
+    The arrays view ``data``: writable if ``data`` is, and they keep it alive.
+
+    Raises :class:`TensorDecodeError` for anything wrong with the bytes, and
+    :class:`~fedup.errors.LocalProtocolError` if ``data`` is a non-contiguous
+    buffer.
+    """
+    mv = memoryview(data)
+    if not mv.c_contiguous:
+        raise LocalProtocolError("decode_state needs a contiguous buffer")
+    if mv.ndim != 1 or mv.itemsize != 1:
+        mv = mv.cast("B")
+    size = mv.nbytes
+    if size > limits.max_blob_size:
+        raise TensorDecodeError(
+            f"blob of {size} bytes exceeds max_blob_size={limits.max_blob_size}"
+        )
+    entries, start = _parse_layout(mv, limits)
+    if expected is not None:
+        check_specs({e.name: TensorSpec(e.wire, e.shape) for e in entries}, expected)
+
+    arrays: dict[str, Array] = {}
+    dtypes: dict[str, str] = {}
+    for e in entries:
+        dtype = WIRE_DTYPES[e.wire]
+        count = e.nbytes // dtype.itemsize
+        array = np.frombuffer(mv, dtype, count, start + e.offset).reshape(e.shape)
+        check_finite(e.name, array, e.wire)
+        if e.wire == "bool" and count and int(array.view(np.uint8).max()) > 1:
+            raise TensorDecodeError(f"tensor {e.name!r}: bool bytes must be 0 or 1")
+        arrays[e.name] = array
+        dtypes[e.name] = e.wire
+    return DecodedState(arrays, dtypes)
+
+
+def _parse_layout(mv: memoryview, limits: Limits) -> tuple[list[_Entry], int]:
+    """Check preamble, header, offsets and padding; return entries and data start."""
+    size = mv.nbytes
+    if size < PREAMBLE_SIZE:
+        raise TensorDecodeError(
+            f"blob of {size} bytes is shorter than the {PREAMBLE_SIZE}-byte preamble"
+        )
+    magic, version, reserved, hlen = _PREAMBLE.unpack_from(mv, 0)
+    if magic != MAGIC:
+        raise TensorDecodeError(
+            f"not a model-state blob: magic {bytes(magic)!r}, expected {MAGIC!r}"
+        )
+    if version != FORMAT_VERSION:
+        raise TensorDecodeError(
+            f"unsupported blob format version {version}, expected {FORMAT_VERSION}"
+        )
+    if reserved != bytes(3):
+        raise TensorDecodeError("reserved preamble bytes must be zero")
+    if hlen > size - PREAMBLE_SIZE:
+        raise TensorDecodeError(
+            f"header length {hlen} exceeds the {size - PREAMBLE_SIZE} bytes after the preamble"
+        )
+    header_end = PREAMBLE_SIZE + hlen
+    start = _align(header_end)
+    if start > size:
+        raise TensorDecodeError(
+            f"blob truncated in the padding after the header ({size} bytes, needs {start})"
+        )
+    if any(mv[header_end:start]):
+        raise TensorDecodeError("padding after the header must be zero")
+
+    h = _Header(mv, header_end)
+    count = h.uint(_U32, "the tensor count")
+    if count > limits.max_tensors:
+        raise TensorDecodeError(f"{count} tensors exceed max_tensors={limits.max_tensors}")
+    entries: list[_Entry] = []
+    seen: set[str] = set()
+    end = 0  # end of the previous tensor's data, from the data section's start
+    for index in range(count):
+        name = _read_name(h, index, seen, limits)
+        dlen = h.uint(_U8, f"tensor {name!r} dtype length")
+        raw_dtype = h.raw(dlen, f"tensor {name!r} dtype")
+        wire = raw_dtype.decode("ascii", "replace")
+        if wire not in WIRE_DTYPES:
+            raise TensorDecodeError(f"tensor {name!r}: unknown dtype {wire!r}")
+        rank = h.uint(_U8, f"tensor {name!r} rank")
+        if rank > limits.max_tensor_rank:
+            raise TensorDecodeError(
+                f"tensor {name!r}: rank {rank} exceeds max_tensor_rank={limits.max_tensor_rank}"
+            )
+        pos = h.take(8 * rank, f"tensor {name!r} shape")
+        shape: tuple[int, ...] = struct.unpack_from(f">{rank}Q", mv, pos)
+        offset, declared = _TAIL.unpack_from(
+            mv, h.take(_TAIL.size, f"tensor {name!r} offset and length")
+        )
+
+        itemsize = WIRE_DTYPES[wire].itemsize
+        needed = itemsize
+        nonzero = itemsize
+        for d in shape:
+            needed *= d
+            nonzero *= d or 1
+        if nonzero > limits.max_blob_size:  # also bounds shapes with a zero dimension
+            raise TensorDecodeError(
+                f"tensor {name!r}: shape {shape} {wire} is larger than "
+                f"max_blob_size={limits.max_blob_size}"
+            )
+        if declared != needed:
+            raise TensorDecodeError(
+                f"tensor {name!r}: header declares {declared} bytes, "
+                f"shape {shape} {wire} needs {needed}"
+            )
+        want_offset = _align(end)
+        if offset != want_offset:
+            raise TensorDecodeError(
+                f"tensor {name!r}: data offset {offset}, expected {want_offset}"
+            )
+        present = max(0, size - start - offset)
+        if needed > present:
+            raise TensorDecodeError(
+                f"tensor {name!r}: {present} bytes of data, shape {shape} {wire} needs {needed}"
+            )
+        if any(mv[start + end : start + offset]):
+            raise TensorDecodeError(f"padding before tensor {name!r} must be zero")
+        entries.append(_Entry(name, wire, shape, offset, needed))
+        end = offset + needed
+    if h.pos != header_end:
+        raise TensorDecodeError(f"{header_end - h.pos} unused bytes at the end of the header")
+    if size != start + end:
+        raise TensorDecodeError(f"{size - start - end} trailing bytes after the last tensor")
+    return entries, start
+
+
+def _read_name(h: _Header, index: int, seen: set[str], limits: Limits) -> str:
+    nlen = h.uint(_U16, f"tensor #{index} name length")
+    if nlen == 0:
+        raise TensorDecodeError(f"tensor #{index} has an empty name")
+    if nlen > limits.max_tensor_name:
+        raise TensorDecodeError(
+            f"tensor #{index}: name of {nlen} bytes exceeds "
+            f"max_tensor_name={limits.max_tensor_name}"
+        )
+    raw = h.raw(nlen, f"tensor #{index} name")
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise TensorDecodeError(f"tensor #{index}: name is not valid UTF-8: {raw!r}") from None
+    if name in seen:
+        raise TensorDecodeError(f"duplicate tensor name {name!r}")
+    seen.add(name)
+    return name
