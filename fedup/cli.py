@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedup import __version__
+from fedup.commands import peers as peers_command
 from fedup.errors import FedupError
 from fedup.identity import STATE_DIR_ENV, default_state_dir, load_or_create_identity
 
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print peer ID, public key and state dir as JSON"
     )
     p.set_defaults(func=cmd_id)
+    peers_command.add_parser(sub, common=_common)
     return parser
 
 

@@ -92,6 +92,31 @@ class Limits:
     idle_timeout: float = _limit(
         120.0, "a connection on which nothing arrives for this long is closed"
     )
+    close_notify_timeout: float = _limit(
+        1.0,
+        "how long a closing listener waits for a peer to take close-notify; then it just "
+        "closes (the peer then sees a truncated channel, which is reported, not trusted)",
+    )
+    # --- discovery --------------------------------------------------------
+    discovery_record_ttl: int = _limit(
+        120,
+        "TTL of our mDNS SRV/A records (RFC 6762 section 10 uses 120 s for host records); "
+        "a peer that vanishes without a goodbye is reported lost this long after",
+    )
+    discovery_resolve_timeout: float = _limit(
+        3.0, "resolving one mDNS service (SRV, TXT, A) on a LAN takes milliseconds"
+    )
+    discovery_shutdown_timeout: float = _limit(
+        5.0, "sending mDNS goodbyes and closing zeroconf; shutdown never hangs longer"
+    )
+    max_discovery_sources: int = _limit(
+        256, "distinct mDNS instances tracked at once; bounds memory under an announcement flood"
+    )
+    discovery_queue_size: int = _limit(
+        1024,
+        "zeroconf-thread events queued for trio; beyond this they are dropped and counted, "
+        "never blocking zeroconf's thread",
+    )
     # --- connections ------------------------------------------------------
     max_connections: int = _limit(
         64, "concurrent connections a peer serves; a federation has tens of members"

@@ -95,7 +95,7 @@ class FramedStream:
         now = trio.current_time()
         if self._decoder.in_frame:
             if self._frame_started is None:
-                self._frame_started = now
+                self._frame_started = trio.current_time()
             deadline = self._frame_started + self.limits.frame_timeout
             what = f"did not complete a frame within {self.limits.frame_timeout:g} s"
         else:
@@ -114,7 +114,7 @@ class FramedStream:
         was_in_frame = self._decoder.in_frame
         self._decoder.feed(data)
         if not was_in_frame:
-            self._frame_started = now
+            self._frame_started = trio.current_time()
 
     async def aclose(self) -> None:
         """Close the underlying stream (never raises for an already-broken stream)."""

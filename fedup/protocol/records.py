@@ -41,6 +41,10 @@ PROTOCOL_VERSION = 1
 NETWORK_KEY_ID_SIZE = 16
 
 
+class PeerIdMismatchError(MessageError):
+    """A record whose peer ID is not the one derived from the key that signed it."""
+
+
 class StaleRecordError(RemoteProtocolError):
     """A record whose ``seq`` is not newer than one already accepted."""
 
@@ -216,7 +220,7 @@ def verify_peer_record(
     )
     record = PeerRecord.from_cbor(envelope.payload, limits=limits)
     if record.peer_id != envelope.signer:
-        raise MessageError(
+        raise PeerIdMismatchError(
             f"peer record claims peer {record.peer_id} but is signed by {envelope.signer}"
         )
     return SignedPeerRecord(record, bytes(data))

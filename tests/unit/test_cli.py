@@ -46,9 +46,16 @@ def test_bad_key_file_is_one_line_error(tmp_path: Path) -> None:
 
 
 def test_help_lists_commands_each_with_help() -> None:
+    import argparse
+
+    from fedup.cli import build_parser
+
     top = run_cli("--help")
     assert top.returncode == 0
-    commands = ["id"]
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    commands = sorted(sub.choices)
+    assert {"id", "peers"} <= set(commands)
     for name in commands:
         assert name in top.stdout
         sub = run_cli(name, "--help")

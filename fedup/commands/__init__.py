@@ -1,0 +1,1 @@
+"""The fedup-peer subcommands, one module each: parse, compose, print."""

@@ -1,0 +1,241 @@
+"""``fedup-peer peers``: browse the LAN for a few seconds and list the FedUp peers seen.
+
+A passive browser: it announces nothing and only queries on the chosen
+interfaces (by default the LAN interfaces, see
+:func:`fedup.net.discovery.mdns.choose_interfaces`).  Every announcement
+seen is listed, verified or not, with the reason it was refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import trio
+
+from fedup.errors import ConfigError, FedupError
+from fedup.identity import KEY_FILE_NAME, default_state_dir, load_or_create_identity
+from fedup.net.discovery import MdnsDiscovery, NetworkScope, Sighting
+from fedup.protocol.peer_id import PeerId
+from fedup.protocol.records import network_key_id
+
+DEFAULT_TIMEOUT = 3.0
+"""Seconds to browse: registrations announce within about 1.7 s and answers to our
+query arrive within a second."""
+MAX_TIMEOUT = 3600.0
+
+log = logging.getLogger("fedup")
+
+
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_TIMEOUT:g} seconds")
+    return value
+
+
+def add_parser(
+    subparsers: argparse._SubParsersAction,  # type: ignore[type-arg]
+    common: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.ArgumentParser:
+    """Register the ``peers`` command on ``subparsers``.
+
+    ``common`` adds the options every command shares (``--state-dir``,
+    ``--log-level``); without it this function adds them itself.
+    """
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "peers",
+        help="list the FedUp peers announcing themselves on the LAN (announces nothing)",
+        description="Browse the LAN with mDNS for a few seconds and list every FedUp peer "
+        "announcement seen: peer ID, addresses, network, and whether its signed record "
+        "verified (or why not). This command only listens and asks; it announces nothing.",
+    )
+    if common is not None:
+        common(p)
+    else:
+        p.add_argument(
+            "--state-dir",
+            type=Path,
+            default=None,
+            help="this peer's state directory, to mark its own announcement "
+            "(default: $FEDUP_STATE_DIR or the platform's data dir)",
+        )
+        p.add_argument(
+            "--log-level",
+            default="info",
+            choices=["debug", "info", "warning", "error"],
+            help="how much to log on stderr (default: info)",
+        )
+    p.add_argument(
+        "--timeout",
+        type=_timeout,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"how long to browse (default: {DEFAULT_TIMEOUT:g})",
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON list of objects")
+    p.add_argument(
+        "--interface",
+        action="append",
+        default=None,
+        metavar="IFACE|IP",
+        help="browse on this interface (name or IPv4 address); repeat for several "
+        "(default: the LAN interfaces that are up)",
+    )
+    p.add_argument(
+        "--loopback",
+        action="store_true",
+        help="browse on 127.0.0.1 only (peers running on this host)",
+    )
+    p.add_argument(
+        "--network",
+        metavar="NAME",
+        default=None,
+        help="accept only peers of this network (default: list every network as verified)",
+    )
+    p.add_argument(
+        "--network-key-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the network's key (64 hex digits or 32 raw bytes): accept only peers that "
+        "hold it (default: any key, or none when --network is given)",
+    )
+    p.set_defaults(func=run)
+    return p
+
+
+def read_network_key(path: Path) -> bytes:
+    """Read a 32-byte network key: 64 hex digits (whitespace ignored) or 32 raw bytes."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(4097)
+    except OSError as exc:
+        raise ConfigError(f"cannot read network key file {path}: {exc.strerror}") from exc
+    if len(data) == 32:
+        return data
+    try:
+        key = bytes.fromhex(data.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        key = b""
+    if len(key) != 32:
+        raise ConfigError(f"network key file {path} must hold 64 hex digits (or 32 raw bytes)")
+    return key
+
+
+def _scope(args: argparse.Namespace) -> NetworkScope:
+    if args.network is not None and not args.network:
+        raise ConfigError("--network must not be empty")
+    if args.network_key_file is not None:
+        return NetworkScope(args.network, network_key_id(read_network_key(args.network_key_file)))
+    return NetworkScope(args.network, None, any_key=args.network is None)
+
+
+def _local_peer(args: argparse.Namespace) -> PeerId | None:
+    """Our own peer ID if this state directory has an identity (never creates one)."""
+    state_dir = args.state_dir if args.state_dir is not None else default_state_dir()
+    if not (state_dir / KEY_FILE_NAME).exists():
+        return None
+    return load_or_create_identity(state_dir).peer_id
+
+
+async def browse(
+    scope: NetworkScope,
+    *,
+    timeout: float,
+    interfaces: Sequence[str] | None = None,
+    loopback: bool = False,
+) -> tuple[list[Sighting], list[str]]:
+    """Browse for ``timeout`` seconds; return the sightings and the addresses used."""
+    async with MdnsDiscovery.open(scope=scope, interfaces=interfaces, loopback=loopback) as disc:
+        await trio.sleep(timeout)
+        return disc.sightings(), disc.interfaces
+
+
+def _sort_key(s: Sighting) -> tuple[int, str, str]:
+    return (0 if s.verified else 1, s.peer_id.text if s.peer_id else "~", s.source)
+
+
+def format_json(sightings: Sequence[Sighting], local: PeerId | None) -> str:
+    rows = []
+    for s in sorted(sightings, key=_sort_key):
+        row = s.to_json()
+        row["self"] = local is not None and s.peer_id == local
+        rows.append(row)
+    return json.dumps(rows, indent=2)
+
+
+def format_table(
+    sightings: Sequence[Sighting], local: PeerId | None, interfaces: Sequence[str], timeout: float
+) -> str:
+    rows = [("PEER ID", "ADDRESSES", "NETWORK", "STATUS")]
+    for s in sorted(sightings, key=_sort_key):
+        status = "verified" if s.verified else f"refused: {s.reason} ({s.detail})"
+        if local is not None and s.peer_id == local:
+            status += " (this peer)"
+        rows.append(
+            (
+                s.peer_id.text if s.peer_id else "-",
+                " ".join(str(a) for a in s.addresses) or "-",
+                s.network if s.network is not None else "-",
+                status,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
+    verified = sum(1 for s in sightings if s.verified)
+    lines.append(
+        f"{verified} verified, {len(sightings) - verified} refused; "
+        f"browsed {timeout:g} s on {', '.join(interfaces)}"
+    )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Browse, print the table (or JSON), return the exit status (0)."""
+    scope = _scope(args)
+    local = _local_peer(args)
+    if str(getattr(args, "log_level", "info")) != "debug":
+        # the table reports every refusal; per-announcement log lines would repeat it
+        logging.getLogger("fedup.discovery").setLevel(logging.ERROR)
+    sightings, interfaces = trio.run(
+        lambda: browse(
+            scope, timeout=args.timeout, interfaces=args.interface, loopback=args.loopback
+        )
+    )
+    if args.json:
+        print(format_json(sightings, local))
+    else:
+        print(format_table(sightings, local, interfaces, args.timeout))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``peers`` on its own (``python -m fedup.commands.peers``), as fedup-peer would."""
+    parser = argparse.ArgumentParser(prog="fedup-peer")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["peers", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args))
+    except FedupError as exc:
+        print(f"fedup-peer: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fedup-peer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

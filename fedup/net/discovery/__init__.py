@@ -1,0 +1,41 @@
+"""Zero-configuration discovery: who is on the LAN, as verified sightings and events.
+
+Two backends with one interface (:class:`Discovery`): :class:`MdnsDiscovery`
+(real mDNS, python-zeroconf bridged into trio) and :class:`MemoryDiscovery`
+(an in-memory hub for the simulator and tests).  Both judge announcements
+with :func:`fedup.protocol.announce.verify_announcement`.  What they report
+is a hint: the membership layer admits a peer only after a handshake.
+"""
+
+from fedup.net.discovery.base import (
+    Counters,
+    Discovery,
+    DiscoveryCore,
+    DiscoveryError,
+    DiscoveryEvent,
+    EventKind,
+    LostCause,
+    Sighting,
+)
+from fedup.net.discovery.mdns import MdnsDiscovery, choose_interfaces, lan_interfaces
+from fedup.net.discovery.memory import MemoryDiscovery, MemoryDiscoveryHub
+from fedup.protocol.announce import SERVICE_TYPE, NetworkScope, RejectReason
+
+__all__ = [
+    "SERVICE_TYPE",
+    "Counters",
+    "Discovery",
+    "DiscoveryCore",
+    "DiscoveryError",
+    "DiscoveryEvent",
+    "EventKind",
+    "LostCause",
+    "MdnsDiscovery",
+    "MemoryDiscovery",
+    "MemoryDiscoveryHub",
+    "NetworkScope",
+    "RejectReason",
+    "Sighting",
+    "choose_interfaces",
+    "lan_interfaces",
+]

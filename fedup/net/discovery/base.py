@@ -1,0 +1,489 @@
+"""What every discovery backend shares: events, sightings, counters and the core.
+
+A backend (real mDNS in :mod:`.mdns`, the in-memory hub in :mod:`.memory`)
+only moves notices: "source S announces TXT T from addresses A" and "source
+S is gone".  :class:`DiscoveryCore` decides what they mean, without I/O:
+
+* every announcement goes through
+  :func:`fedup.protocol.announce.verify_announcement`; a refused one is
+  still kept as a :class:`Sighting` (``verified=False`` and the reason),
+  counted by reason, and logged once per (source, reason);
+* a verified record of a peer not yet live is a ``found`` event, a newer
+  record (higher ``seq``) of a live peer is ``updated``, and the
+  disappearance of the source a live peer was last seen at is ``lost``
+  (``cause`` is ``"goodbye"`` or ``"expired"``).
+
+mDNS content is a hint from anyone on the LAN.  A verified sighting means
+"someone holding this peer's key announced these addresses"; the membership
+layer admits a peer only after an authenticated handshake.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import contextlib
+import enum
+import logging
+from collections.abc import Callable, Iterator, Sequence
+
+import attrs
+import trio
+
+from fedup.config import DEFAULT_LIMITS, Limits
+from fedup.errors import FedupError
+from fedup.protocol.announce import (
+    AnnouncementError,
+    NetworkScope,
+    RejectReason,
+    admit_record,
+    verify_announcement,
+)
+from fedup.protocol.peer_id import PeerId
+from fedup.protocol.records import Address, PeerRecordBook, SignedPeerRecord
+
+log = logging.getLogger("fedup.discovery")
+
+
+DEFAULT_EVENT_BUFFER = 256
+"""Events buffered per subscriber before further ones are dropped (and counted)."""
+
+_MAX_LOGGED = 1024  # (source, reason) pairs remembered so each is logged once
+
+# Rejections that look like an attack or a broken peer are warnings; the others
+# (another network, an old record still cached) are ordinary on a shared LAN.
+_WARN = frozenset(
+    {
+        RejectReason.BAD_TXT,
+        RejectReason.BAD_RECORD,
+        RejectReason.BAD_SIGNATURE,
+        RejectReason.PEER_ID_MISMATCH,
+        RejectReason.ADDRESS_MISMATCH,
+        RejectReason.BOOK_FULL,
+    }
+)
+
+
+class DiscoveryError(FedupError):
+    """Discovery cannot run here: no usable interface, sockets cannot be opened."""
+
+
+class EventKind(enum.StrEnum):
+    FOUND = "found"
+    UPDATED = "updated"
+    LOST = "lost"
+
+
+class LostCause(enum.StrEnum):
+    GOODBYE = "goodbye"
+    """The source withdrew (an mDNS goodbye, TTL 0): its record is withdrawn too."""
+    EXPIRED = "expired"
+    """The source stopped answering and its records expired (a crash, a cut cable)."""
+
+
+@attrs.frozen
+class DiscoveryEvent:
+    """A change in the set of verified peers."""
+
+    kind: EventKind
+    """found, updated or lost."""
+    peer_id: PeerId
+    """The peer, verified from its record's signature."""
+    record: SignedPeerRecord
+    """The peer's current record (for lost: the last one it had)."""
+    source: str
+    """Where it was seen: the mDNS service instance name, or the memory source."""
+    cause: LostCause | None = None
+    """For lost events, why."""
+
+
+@attrs.frozen
+class Sighting:
+    """One announcement seen on the network, verified or not."""
+
+    source: str
+    """The mDNS service instance name (or memory source) that announced it."""
+    advertised: tuple[Address, ...]
+    """The addresses the announcement itself gave (A/AAAA with the SRV port)."""
+    verified: bool
+    """True when every rule passed."""
+    reason: RejectReason | None
+    """The first rule that failed, or None when verified."""
+    detail: str | None
+    """What was wrong, in words, or None when verified."""
+    record: SignedPeerRecord | None
+    """The record when its signature verified (also for some refusals), else None."""
+    seen_at: float
+    """When it was last evaluated (the backend's clock, seconds)."""
+
+    @property
+    def peer_id(self) -> PeerId | None:
+        """The peer ID, only when the record's signature verified."""
+        return self.record.peer_id if self.record is not None else None
+
+    @property
+    def network(self) -> str | None:
+        return self.record.record.network if self.record is not None else None
+
+    @property
+    def addresses(self) -> tuple[Address, ...]:
+        """The signed addresses when verified, else what was advertised."""
+        if self.verified and self.record is not None:
+            return self.record.record.addresses
+        return self.advertised
+
+    def to_json(self) -> dict[str, object]:
+        """A JSON-ready dict (used by ``fedup-peer peers --json``)."""
+        return {
+            "peer_id": self.peer_id.text if self.peer_id is not None else None,
+            "addresses": [str(a) for a in self.addresses],
+            "network": self.network,
+            "verified": self.verified,
+            "reason": str(self.reason) if self.reason is not None else None,
+            "detail": self.detail,
+            "source": self.source,
+            "seq": self.record.record.seq if self.record is not None else None,
+        }
+
+
+class Counters:
+    """Named event counts (rejections by reason, drops by kind)."""
+
+    def __init__(self) -> None:
+        self._counts: collections.Counter[str] = collections.Counter()
+
+    def add(self, name: str, n: int = 1) -> None:
+        self._counts[str(name)] += n
+
+    def __getitem__(self, name: str) -> int:
+        return self._counts[str(name)]
+
+    def snapshot(self) -> dict[str, int]:
+        """A copy of the non-zero counts, sorted by name."""
+        return {k: v for k, v in sorted(self._counts.items()) if v}
+
+    def total(self) -> int:
+        return sum(self._counts.values())
+
+
+@attrs.frozen
+class Observation:
+    """What the core made of one announcement."""
+
+    events: tuple[DiscoveryEvent, ...] = ()
+    sighting: Sighting | None = None
+    retry: bool = False
+    """Only for provisional observations: an address mismatch that may be a
+    cache in transition; the backend should look again shortly."""
+
+
+class DiscoveryCore:
+    """The pure state of discovery: sightings by source, live peers, counters.
+
+    Not thread-safe and does no I/O; the backends call it from their trio task.
+    """
+
+    def __init__(
+        self,
+        *,
+        scope: NetworkScope,
+        limits: Limits = DEFAULT_LIMITS,
+        local_peer: PeerId | None = None,
+        book: PeerRecordBook | None = None,
+        max_sources: int | None = None,
+        logger: logging.Logger = log,
+    ) -> None:
+        self.scope = scope
+        self.limits = limits
+        self.local_peer = local_peer
+        """Our own peer ID: announcements of it are ignored."""
+        self.own_sources: set[str] = set()
+        """Sources we announce ourselves: ignored when seen."""
+        self.book = book if book is not None else PeerRecordBook()
+        self.max_sources = limits.max_discovery_sources if max_sources is None else max_sources
+        self.rejections = Counters()
+        self.drops = Counters()
+        self._log = logger
+        self._sightings: dict[str, Sighting] = {}
+        self._live: dict[PeerId, tuple[str, SignedPeerRecord]] = {}
+        self._logged: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+
+    # --- queries --------------------------------------------------------------------
+
+    def peers(self) -> dict[PeerId, SignedPeerRecord]:
+        """The live verified peers and their current records (a copy)."""
+        return {peer: signed for peer, (_, signed) in self._live.items()}
+
+    def sightings(self) -> list[Sighting]:
+        """Every sighting held, verified or not, ordered by source."""
+        return [self._sightings[s] for s in sorted(self._sightings)]
+
+    def sighting(self, source: str) -> Sighting | None:
+        return self._sightings.get(source)
+
+    def is_current_source(self, source: str) -> bool:
+        """Whether ``source`` is where a live peer was last seen."""
+        return any(src == source for src, _ in self._live.values())
+
+    # --- notices --------------------------------------------------------------------
+
+    def observe(
+        self,
+        source: str,
+        txt: object,
+        advertised: Sequence[Address],
+        *,
+        now: float,
+        provisional: bool = False,
+    ) -> Observation:
+        """Evaluate an announcement from ``source``; return the events it causes.
+
+        With ``provisional``, an address mismatch is not recorded but answered
+        with ``retry=True`` (mDNS caches keep a changed address for a second).
+        """
+        if source in self.own_sources:
+            return Observation()
+        if source not in self._sightings and not self._make_room():
+            self.drops.add("too-many-sources")
+            return Observation()
+        advertised = tuple(advertised)
+        try:
+            verified = verify_announcement(
+                txt,  # type: ignore[arg-type]  # hostile input: the decoder checks the type
+                advertised,
+                scope=self.scope,
+                limits=self.limits,
+            )
+            signed = verified.signed
+            if signed.peer_id == self.local_peer:
+                self._sightings.pop(source, None)
+                return Observation()
+            fresh = admit_record(self.book, signed)
+        except AnnouncementError as err:
+            if provisional and err.code is RejectReason.ADDRESS_MISMATCH:
+                return Observation(retry=True)
+            return Observation(sighting=self._reject(source, advertised, err, now))
+        sighting = Sighting(source, advertised, True, None, None, signed, now)
+        self._sightings[source] = sighting
+        peer = signed.peer_id
+        if fresh:
+            self._supersede(peer, signed, source)
+        current = self._live.get(peer)
+        if current is None:
+            kind: EventKind | None = EventKind.FOUND
+        elif fresh:
+            kind = EventKind.UPDATED
+        else:
+            kind = None  # a repeat of the record we hold, maybe from a second source
+        if kind is None:
+            return Observation(sighting=sighting)
+        self._live[peer] = (source, signed)
+        if kind is EventKind.FOUND:
+            self._log.info("found peer %s at %s (%s)", peer, _addrs(signed), source)
+        else:
+            self._log.info("peer %s updated: seq %d at %s", peer, signed.record.seq, _addrs(signed))
+        return Observation((DiscoveryEvent(kind, peer, signed, source),), sighting)
+
+    def remove(self, source: str, *, cause: LostCause) -> list[DiscoveryEvent]:
+        """``source`` is gone (a goodbye, or its records expired)."""
+        gone = self._sightings.pop(source, None)
+        events = []
+        for peer, (src, signed) in list(self._live.items()):
+            if src != source:
+                continue
+            other = self._other_source(peer, signed) if cause is LostCause.EXPIRED else None
+            if other is not None:
+                self._live[peer] = (other, signed)
+                continue
+            del self._live[peer]
+            if cause is LostCause.GOODBYE:
+                self.book.forget(peer)  # the record is withdrawn: a replay of it is now stale
+                self._withdraw_copies(peer, source)
+            self._log.info("lost peer %s (%s, %s)", peer, cause, source)
+            events.append(DiscoveryEvent(EventKind.LOST, peer, signed, source, cause))
+        if gone is not None and not events:
+            self._log.debug("source %s gone (%s)", source, cause)
+        return events
+
+    # --- internals ------------------------------------------------------------------
+
+    def _other_source(self, peer: PeerId, signed: SignedPeerRecord) -> str | None:
+        for s in self._sightings.values():
+            if s.verified and s.record is not None and s.record.envelope == signed.envelope:
+                return s.source
+        return None
+
+    def _supersede(self, peer: PeerId, signed: SignedPeerRecord, source: str) -> None:
+        """Older records of ``peer`` seen elsewhere no longer count as verified."""
+        for src, s in list(self._sightings.items()):
+            if src != source and s.verified and s.peer_id == peer:
+                self._sightings[src] = attrs.evolve(
+                    s,
+                    verified=False,
+                    reason=RejectReason.STALE_SEQ,
+                    detail=f"superseded by seq {signed.record.seq} from {source}",
+                )
+
+    def _withdraw_copies(self, peer: PeerId, source: str) -> None:
+        for src, s in list(self._sightings.items()):
+            if s.verified and s.peer_id == peer:
+                self._sightings[src] = attrs.evolve(
+                    s,
+                    verified=False,
+                    reason=RejectReason.STALE_SEQ,
+                    detail=f"record withdrawn by a goodbye from {source}",
+                )
+
+    def _make_room(self) -> bool:
+        if len(self._sightings) < self.max_sources:
+            return True
+        refused = [s for s in self._sightings.values() if not s.verified]
+        if not refused:
+            return False
+        oldest = min(refused, key=lambda s: s.seen_at)
+        del self._sightings[oldest.source]
+        return True
+
+    def _reject(
+        self, source: str, advertised: tuple[Address, ...], err: AnnouncementError, now: float
+    ) -> Sighting:
+        self.rejections.add(err.code)
+        sighting = Sighting(source, advertised, False, err.code, err.reason, err.record, now)
+        self._sightings[source] = sighting
+        key = (source, str(err.code))
+        if key not in self._logged:
+            self._logged[key] = None
+            if len(self._logged) > _MAX_LOGGED:
+                self._logged.popitem(last=False)
+            level = logging.WARNING if err.code in _WARN else logging.INFO
+            where = ", ".join(str(a) for a in advertised[:4]) or "no address"
+            self._log.log(
+                level,
+                "refused announcement from %s (%s): %s (peer %s)",
+                source,
+                where,
+                err,
+                err.peer or "unknown",
+            )
+        return sighting
+
+
+@contextlib.contextmanager
+def collapse_single_exception() -> Iterator[None]:
+    """Re-raise a lone exception out of a nursery's ExceptionGroup as itself.
+
+    The backends keep their background tasks in a nursery around the caller's
+    ``async with`` block; without this, an exception from the caller's own
+    code (say a :class:`~fedup.errors.FedupError`) would reach it wrapped in
+    an ExceptionGroup.  Groups of several exceptions pass unchanged.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) != 1:
+            raise
+        exc = group.exceptions[0]
+        cause, context = exc.__cause__, exc.__context__
+        try:
+            raise exc  # the group is only a wrapper
+        finally:
+            exc.__cause__, exc.__context__ = cause, context
+
+
+def _addrs(signed: SignedPeerRecord) -> str:
+    return ", ".join(str(a) for a in signed.record.addresses)
+
+
+class Discovery(abc.ABC):
+    """The interface of a discovery backend, and what they share.
+
+    Use a backend as an async context manager (``MdnsDiscovery.open(...)``,
+    ``MemoryDiscovery.open(...)``): browsing starts when it is entered and
+    everything stops, with goodbyes sent, when it is left.
+    """
+
+    def __init__(self, core: DiscoveryCore) -> None:
+        self._core = core
+        self._subscribers: list[trio.MemorySendChannel[DiscoveryEvent]] = []
+        self._changed = trio.Event()
+        self._local: SignedPeerRecord | None = None
+
+    # --- announcing -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def announce(self, signed: SignedPeerRecord) -> None:
+        """Announce our record, or replace the announced one with a newer one.
+
+        Raises :class:`~fedup.errors.LocalProtocolError` when ``signed`` is
+        not newer than the record already announced, or cannot be announced.
+        """
+
+    @abc.abstractmethod
+    async def withdraw(self) -> None:
+        """Stop announcing (sends goodbyes); no-op when nothing is announced."""
+
+    @property
+    def local_record(self) -> SignedPeerRecord | None:
+        """The record we announce, or None."""
+        return self._local
+
+    # --- what was seen ----------------------------------------------------------------
+
+    def peers(self) -> dict[PeerId, SignedPeerRecord]:
+        """The live verified peers (not ourselves) and their current records."""
+        return self._core.peers()
+
+    def sightings(self) -> list[Sighting]:
+        """Every announcement held, verified or not (for ``fedup-peer peers``)."""
+        return self._core.sightings()
+
+    @property
+    def rejections(self) -> dict[str, int]:
+        """Refused announcements counted by :class:`RejectReason` value."""
+        return self._core.rejections.snapshot()
+
+    @property
+    def drops(self) -> dict[str, int]:
+        """Things dropped because a bound was reached (queues, sources), by kind."""
+        return self._core.drops.snapshot()
+
+    def subscribe(
+        self, max_buffer: int = DEFAULT_EVENT_BUFFER
+    ) -> trio.MemoryReceiveChannel[DiscoveryEvent]:
+        """A channel receiving every later :class:`DiscoveryEvent`.
+
+        When the subscriber falls ``max_buffer`` events behind, further events
+        are dropped for it and counted in :attr:`drops` (``events``); the
+        snapshot :meth:`peers` stays authoritative.  The channel ends when the
+        backend closes.
+        """
+        send, receive = trio.open_memory_channel[DiscoveryEvent](max_buffer)
+        self._subscribers.append(send)
+        return receive
+
+    async def wait_for(self, predicate: Callable[[dict[PeerId, SignedPeerRecord]], bool]) -> None:
+        """Wait until ``predicate(self.peers())`` holds; bound it with a trio deadline."""
+        while not predicate(self.peers()):
+            await self._changed.wait()
+
+    # --- for backends -----------------------------------------------------------------
+
+    def _publish(self, events: Sequence[DiscoveryEvent]) -> None:
+        if not events:
+            return
+        for event in events:
+            for send in list(self._subscribers):
+                try:
+                    send.send_nowait(event)
+                except trio.WouldBlock:
+                    self._core.drops.add("events")
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._subscribers.remove(send)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _close_subscribers(self) -> None:
+        for send in self._subscribers:
+            send.close()
+        self._subscribers.clear()
+        self._changed.set()

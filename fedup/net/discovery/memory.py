@@ -1,0 +1,198 @@
+"""In-memory discovery: many peers in one trio run, for the simulator and tests.
+
+A :class:`MemoryDiscoveryHub` plays the LAN.  Each :class:`MemoryDiscovery`
+announces through it exactly what mDNS would carry (the TXT RDATA of
+:func:`~fedup.protocol.announce.encode_txt_rdata` and the advertised
+addresses) and judges what it receives with the same
+:class:`~fedup.net.discovery.base.DiscoveryCore`, so verification, events and
+counters are those of the mDNS backend.
+
+Deterministic: notices are delivered to members in the order they joined,
+and each member handles its notices in order.  With ``delay`` every delivery
+takes that long (virtual time under ``trio.testing.MockClock``).
+:meth:`MemoryDiscoveryHub.publish` with arbitrary bytes injects forged
+announcements; :meth:`MemoryDiscoveryHub.remove` with
+``cause=LostCause.EXPIRED`` models a peer that vanished without a goodbye.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+
+from fedup.config import DEFAULT_LIMITS, Limits
+from fedup.errors import LocalProtocolError
+from fedup.net.discovery.base import (
+    Discovery,
+    DiscoveryCore,
+    LostCause,
+    collapse_single_exception,
+)
+from fedup.protocol.announce import NetworkScope, encode_txt_rdata
+from fedup.protocol.peer_id import PeerId
+from fedup.protocol.records import Address, PeerRecordBook, SignedPeerRecord
+
+DEFAULT_INBOX_SIZE = 1024
+"""Notices queued per member before further ones are dropped (counted as ``notices``)."""
+
+Delay = float | Callable[[str, str], float]
+"""Seconds per delivery, or a function of (source, receiving member) giving them."""
+
+
+@attrs.frozen
+class _Notice:
+    deliver_at: float | None
+    source: str
+    txt: object  # None for a removal
+    advertised: tuple[Address, ...]
+    cause: LostCause | None
+
+
+class MemoryDiscoveryHub:
+    """A shared in-memory "LAN" that members announce on and browse."""
+
+    def __init__(self, *, delay: Delay = 0.0) -> None:
+        self.delay = delay
+        self._announcements: dict[str, tuple[object, tuple[Address, ...]]] = {}
+        self._members: dict[str, MemoryDiscovery] = {}
+        self._names = itertools.count(1)
+
+    def new_source(self, prefix: str = "fedup") -> str:
+        """A fresh, deterministic source name (``fedup-1``, ``fedup-2``, ...)."""
+        return f"{prefix}-{next(self._names)}"
+
+    @property
+    def announcements(self) -> dict[str, tuple[object, tuple[Address, ...]]]:
+        """What is announced now, by source: (TXT, advertised addresses)."""
+        return dict(self._announcements)
+
+    def publish(
+        self,
+        source: str,
+        txt: object,
+        advertised: Sequence[Address],
+    ) -> None:
+        """Announce (or re-announce) ``txt`` from ``source`` to every member.
+
+        ``txt`` is not checked: tests inject forged or malformed announcements here.
+        """
+        entry = (txt, tuple(advertised))
+        self._announcements[source] = entry
+        for member in list(self._members.values()):
+            member._deliver(self._notice(source, member, txt, entry[1], None))
+
+    def remove(self, source: str, *, cause: LostCause = LostCause.GOODBYE) -> None:
+        """``source`` stops announcing: a goodbye, or (``EXPIRED``) its records time out."""
+        if self._announcements.pop(source, None) is None:
+            return
+        for member in list(self._members.values()):
+            member._deliver(self._notice(source, member, None, (), cause))
+
+    def _notice(
+        self,
+        source: str,
+        member: MemoryDiscovery,
+        txt: object,
+        advertised: tuple[Address, ...],
+        cause: LostCause | None,
+    ) -> _Notice:
+        delay = self.delay(source, member.source) if callable(self.delay) else self.delay
+        deliver_at = trio.current_time() + delay if delay > 0 else None
+        return _Notice(deliver_at, source, txt, advertised, cause)
+
+    def _join(self, member: MemoryDiscovery) -> None:
+        self._members[member.source] = member
+        for source, (txt, advertised) in self._announcements.items():
+            member._deliver(self._notice(source, member, txt, advertised, None))
+
+    def _leave(self, member: MemoryDiscovery) -> None:
+        self._members.pop(member.source, None)
+
+
+class MemoryDiscovery(Discovery):
+    """A member of a :class:`MemoryDiscoveryHub`; same interface as ``MdnsDiscovery``."""
+
+    def __init__(
+        self, hub: MemoryDiscoveryHub, core: DiscoveryCore, source: str, inbox_size: int
+    ) -> None:
+        super().__init__(core)
+        self.hub = hub
+        self.source = source
+        """The name this member announces under (its "instance name")."""
+        core.own_sources.add(source)
+        self._send, self._receive = trio.open_memory_channel[_Notice](inbox_size)
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        hub: MemoryDiscoveryHub,
+        *,
+        scope: NetworkScope,
+        local_peer: PeerId | None = None,
+        source: str | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        book: PeerRecordBook | None = None,
+        max_sources: int | None = None,
+        inbox_size: int = DEFAULT_INBOX_SIZE,
+    ) -> AsyncIterator[MemoryDiscovery]:
+        """Join ``hub`` and browse it until the block is left (then withdraw, if announced).
+
+        ``scope`` is the network whose peers are accepted; ``local_peer`` our
+        own peer ID (ignored when seen; also set by :meth:`announce`).
+        """
+        core = DiscoveryCore(
+            scope=scope, limits=limits, local_peer=local_peer, book=book, max_sources=max_sources
+        )
+        self = cls(hub, core, source or hub.new_source(), inbox_size)
+        hub._join(self)
+        try:
+            with collapse_single_exception():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._run)
+                    try:
+                        yield self
+                    finally:
+                        nursery.cancel_scope.cancel()
+        finally:
+            hub._leave(self)
+            if self._local is not None:
+                hub.remove(self.source)
+            self._close_subscribers()
+
+    async def announce(self, signed: SignedPeerRecord) -> None:
+        if self._local is not None and signed.record.seq <= self._local.record.seq:
+            raise LocalProtocolError("an announced record must be newer than the previous one")
+        txt = encode_txt_rdata(signed.envelope, limits=self._core.limits)
+        self._core.local_peer = signed.peer_id
+        self._local = signed
+        self.hub.publish(self.source, txt, signed.record.addresses)
+        await trio.lowlevel.checkpoint()
+
+    async def withdraw(self) -> None:
+        if self._local is not None:
+            self._local = None
+            self.hub.remove(self.source)
+        await trio.lowlevel.checkpoint()
+
+    def _deliver(self, notice: _Notice) -> None:
+        try:
+            self._send.send_nowait(notice)
+        except trio.WouldBlock:
+            self._core.drops.add("notices")
+
+    async def _run(self) -> None:
+        async for notice in self._receive:
+            if notice.deliver_at is not None:
+                await trio.sleep_until(notice.deliver_at)
+            if notice.cause is not None:
+                self._publish(self._core.remove(notice.source, cause=notice.cause))
+            else:
+                observation = self._core.observe(
+                    notice.source, notice.txt, notice.advertised, now=trio.current_time()
+                )
+                self._publish(observation.events)
