@@ -16,6 +16,8 @@ dispatches on ``"t"`` and rejects unknown types.
 ``refuse``    either          "no", with a reason (e.g. columns that do not fit)
 ``blob``      member->member  a model blob follows (see fedup.protocol.blob)
 ``passed``    member->member  "the model you gave me has moved on"
+``peers?``    any->any        "which peers do you know?" (bootstrap exchange)
+``peers``     any->any        signed peer-record envelopes of verified peers
 ============  ==============  ==================================================
 """
 
@@ -171,9 +173,62 @@ class Passed:
         return cls(f.bytestr("run", size=RUN_ID_SIZE), f.uint("lap"), f.uint("hop"))
 
 
-Message = Call | Offer | Follow | ViewMessage | Ack | Refuse | BlobRequest | Passed
+@attrs.frozen
+class GetPeers:
+    """Ask a peer for the verified peer records it knows (the bootstrap exchange)."""
+
+    TYPE: ClassVar[str] = "peers?"
+
+    def fields(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def read(cls, f: FieldReader) -> GetPeers:
+        return cls()
+
+
+@attrs.frozen
+class PeerList:
+    """Signed peer-record envelopes, forwarded unchanged; the receiver verifies each."""
+
+    TYPE: ClassVar[str] = "peers"
+    records: tuple[bytes, ...]
+
+    def fields(self) -> dict[str, Any]:
+        return {"records": list(self.records)}
+
+    @classmethod
+    def read(cls, f: FieldReader) -> PeerList:
+        return cls(tuple(f.array("records", _envelope_item, max_items=MAX_PEER_LIST)))
+
+
+MAX_PEER_LIST = 256
+"""Records in one PeerList (equal to the default member limit)."""
+
+
+def _envelope_item(value: object, label: str) -> bytes:
+    if not isinstance(value, bytes) or len(value) > 4096:
+        raise MessageError(f"{label} must be a byte string of at most 4096 bytes")
+    return value
+
+
+Message = (
+    Call | Offer | Follow | ViewMessage | Ack | Refuse | BlobRequest | Passed | GetPeers | PeerList
+)
 _TYPES: dict[str, Any] = {
-    cls.TYPE: cls for cls in (Call, Offer, Follow, ViewMessage, Ack, Refuse, BlobRequest, Passed)
+    cls.TYPE: cls
+    for cls in (
+        Call,
+        Offer,
+        Follow,
+        ViewMessage,
+        Ack,
+        Refuse,
+        BlobRequest,
+        Passed,
+        GetPeers,
+        PeerList,
+    )
 }
 
 

@@ -14,8 +14,10 @@ from fedup.protocol.messages import (
     BlobRequest,
     Call,
     Follow,
+    GetPeers,
     Offer,
     Passed,
+    PeerList,
     Refuse,
     ViewMessage,
     decode_message,
@@ -116,6 +118,8 @@ MESSAGES = [
     Refuse(RUN, "columns 'x' do not fit"),
     BlobRequest(RUN),
     Passed(RUN, 2, 1),
+    GetPeers(),
+    PeerList((b"env1", b"env2")),
 ]
 
 
