@@ -117,6 +117,11 @@ class Limits:
         "zeroconf-thread events queued for trio; beyond this they are dropped and counted, "
         "never blocking zeroconf's thread",
     )
+    bootstrap_exchange_timeout: float = _limit(
+        10.0,
+        "asking a bootstrap peer for the peers it knows (one small frame each way, after "
+        "the handshake); a silent bootstrap is given up on and retried later",
+    )
     # --- connections ------------------------------------------------------
     max_connections: int = _limit(
         64, "concurrent connections a peer serves; a federation has tens of members"
