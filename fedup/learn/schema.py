@@ -1,0 +1,550 @@
+"""Column summaries of each peer's data, and the federation's merged feature schema.
+
+Pure: standard library only (plus FedUp's own pure protocol helpers), so the
+networking layer can validate and merge summaries without importing torch.
+
+A peer never shares rows.  Before training, each peer sends a
+:class:`DataSummary` of its local table: per column the inferred kind, counts,
+mean and sum of squared deviations (numeric) or the most frequent category
+values with their counts (categorical), plus its label counts.  Every peer
+merges all summaries with :func:`merge_summaries` into the same
+:class:`FeatureSchema` (the merge is exact and independent of the order of
+the summaries), and all peers compare :meth:`FeatureSchema.digest` to be sure
+they agree.  :func:`fits` refuses a peer whose columns do not fit, naming the
+columns; :func:`admit` merges, refuses the peers that do not fit, and merges
+again without them.
+
+Rules of the merge:
+
+* A column is in the schema when more than half of the summaries have it.
+  Its kind is the majority kind among the summaries that have non-missing
+  values for it (a tie makes it categorical).  Columns are sorted by name.
+* Numeric statistics are pooled exactly: counts add, and the pooled mean and
+  the pooled sum of squared deviations are computed in rational arithmetic
+  (:class:`fractions.Fraction`; every float is an exact rational) from the
+  summaries' means and sums of squared deviations, then rounded once to
+  float.  So the result equals the statistics of the concatenated data, up
+  to the rounding of each peer's own summary, whatever the order.
+* Category vocabularies are united by adding the counts of equal values; the
+  values are ordered by pooled count (descending) then by value, and the
+  first ``max_categories`` are kept.  Everything else becomes "other".
+* A column has a missing-value indicator when any summary reports a missing
+  value for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Sequence
+from fractions import Fraction
+from typing import Any, Final
+
+import attrs
+
+from fedup.errors import LocalProtocolError, RemoteProtocolError
+from fedup.protocol import cbor
+from fedup.protocol.schema import FieldReader, MessageError
+
+__all__ = [
+    "CATEGORICAL",
+    "KINDS",
+    "NUMERIC",
+    "Admission",
+    "ColumnSummary",
+    "DataSummary",
+    "FeatureColumn",
+    "FeatureSchema",
+    "SchemaMismatchError",
+    "SummaryError",
+    "SummaryLimits",
+    "admit",
+    "fits",
+    "merge_summaries",
+]
+
+NUMERIC: Final = "numeric"
+CATEGORICAL: Final = "categorical"
+KINDS: Final = (NUMERIC, CATEGORICAL)
+SCHEMA_VERSION: Final = 1
+_MAX_COUNT: Final = 2**53  # counts must stay exact as floats, too
+
+
+@attrs.frozen
+class SummaryLimits:
+    """Bounds on a summary from another peer; checked before anything is built."""
+
+    max_columns: int = 1024
+    """Columns in one table; credit tables have tens, wide ones a few hundred."""
+    max_categories: int = 64
+    """Category values a summary may list per column, and the merged vocabulary's cap
+    (each becomes one input of the model; rarer values share the "other" input)."""
+    max_text: int = 128
+    """UTF-8 bytes of a column name or a category value."""
+
+
+DEFAULT_SUMMARY_LIMITS: Final = SummaryLimits()
+
+
+class SummaryError(MessageError):
+    """A summary or schema received from outside is malformed or inconsistent."""
+
+
+class SchemaMismatchError(RemoteProtocolError):
+    """A peer's data do not fit the federation's schema.
+
+    ``missing``, ``extra`` and ``conflicts`` name the columns that are absent
+    from the peer's data, present only there, or of another kind there;
+    ``target`` is true when the target column differs.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        peer: str | None = None,
+        missing: Sequence[str] = (),
+        extra: Sequence[str] = (),
+        conflicts: Sequence[str] = (),
+        target: bool = False,
+    ) -> None:
+        super().__init__(reason, peer=peer)
+        self.missing = tuple(missing)
+        self.extra = tuple(extra)
+        self.conflicts = tuple(conflicts)
+        self.target = target
+
+    def with_peer(self, peer: str) -> SchemaMismatchError:
+        err = SchemaMismatchError(
+            self.reason,
+            peer=peer,
+            missing=self.missing,
+            extra=self.extra,
+            conflicts=self.conflicts,
+            target=self.target,
+        )
+        err.__cause__ = self.__cause__
+        return err
+
+
+# --------------------------------------------------------------------------
+# Summaries
+
+
+@attrs.frozen
+class ColumnSummary:
+    """What one peer tells the others about one of its columns (never a row)."""
+
+    name: str
+    """The column's header."""
+    kind: str
+    """``"numeric"`` if every non-missing value is a finite number, else ``"categorical"``."""
+    count: int
+    """Non-missing values."""
+    n_missing: int
+    """Missing values (empty cells and the usual NA spellings)."""
+    mean: float = 0.0
+    """Numeric: mean of the non-missing values (0 when there are none)."""
+    m2: float = 0.0
+    """Numeric: sum of squared deviations from ``mean`` (variance times ``count``)."""
+    categories: tuple[tuple[str, int], ...] = ()
+    """Categorical: the most frequent values with their counts, most frequent first."""
+    other_count: int = 0
+    """Categorical: non-missing values not listed in ``categories``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "kind": self.kind,
+            "count": self.count,
+            "n_missing": self.n_missing,
+        }
+        if self.kind == NUMERIC:
+            out["mean"] = self.mean
+            out["m2"] = self.m2
+        else:
+            out["categories"] = [[v, c] for v, c in self.categories]
+            out["other_count"] = self.other_count
+        return out
+
+    @classmethod
+    def from_dict(
+        cls, obj: object, *, what: str = "column summary", limits: SummaryLimits | None = None
+    ) -> ColumnSummary:
+        """Build from an untrusted decoded dict; raises :class:`SummaryError`."""
+        lim = limits or DEFAULT_SUMMARY_LIMITS
+        try:
+            r = FieldReader(obj, what)
+            name = r.text("name", max_bytes=lim.max_text)
+            kind = r.text("kind", max_bytes=16)
+            if kind not in KINDS:
+                raise r.fail("kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
+            count = r.uint("count", max_value=_MAX_COUNT)
+            n_missing = r.uint("n_missing", max_value=_MAX_COUNT)
+            mean = m2 = 0.0
+            cats: list[tuple[str, int]] = []
+            other = 0
+            if kind == NUMERIC:
+                mean = _finite(r, "mean")
+                m2 = _finite(r, "m2")
+                if m2 < 0:
+                    raise r.fail("m2", "must not be negative")
+            else:
+                cats = r.array("categories", _category_item(lim), max_items=lim.max_categories)
+                other = r.uint("other_count", max_value=_MAX_COUNT)
+            r.done()
+        except SummaryError:
+            raise
+        except MessageError as e:
+            raise SummaryError(e.reason) from None
+        if len({v for v, _ in cats}) != len(cats):
+            raise SummaryError(f"{what} {name!r}: repeated category value")
+        if kind == CATEGORICAL and sum(c for _, c in cats) + other != count:
+            raise SummaryError(f"{what} {name!r}: category counts do not add up to count")
+        if count == 0 and (mean != 0.0 or m2 != 0.0):
+            raise SummaryError(f"{what} {name!r}: statistics given for no values")
+        return cls(name, kind, count, n_missing, mean, m2, tuple(cats), other)
+
+
+def _finite(r: FieldReader, key: str) -> float:
+    value = r.number(key)
+    if not math.isfinite(value):
+        raise r.fail(key, "must be finite")
+    return value
+
+
+def _category_item(lim: SummaryLimits) -> Any:
+    def item(value: object, label: str) -> tuple[str, int]:
+        if (
+            not isinstance(value, list)
+            or len(value) != 2
+            or not isinstance(value[0], str)
+            or isinstance(value[1], bool)
+            or not isinstance(value[1], int)
+        ):
+            raise SummaryError(f"{label}: must be a [value, count] pair")
+        v, c = value
+        if not v or len(v.encode("utf-8", "surrogatepass")) > lim.max_text:
+            raise SummaryError(f"{label}: value must be 1 to {lim.max_text} bytes")
+        if not 0 < c <= _MAX_COUNT:
+            raise SummaryError(f"{label}: count must be positive")
+        return v, c
+
+    return item
+
+
+@attrs.frozen
+class DataSummary:
+    """One peer's summary of its local table: label counts and column summaries."""
+
+    target: str
+    """Name of the binary target column."""
+    n_rows: int
+    """Rows of the local table."""
+    n_positive: int
+    """Rows whose target is the positive label (1)."""
+    columns: tuple[ColumnSummary, ...]
+    """Feature columns in the file's order (the target is not among them)."""
+
+    def column(self, name: str) -> ColumnSummary | None:
+        for c in self.columns:
+            if c.name == name:
+                return c
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "v": SCHEMA_VERSION,
+            "target": self.target,
+            "n_rows": self.n_rows,
+            "n_positive": self.n_positive,
+            "columns": [c.to_dict() for c in self.columns],
+        }
+
+    @classmethod
+    def from_dict(cls, obj: object, *, limits: SummaryLimits | None = None) -> DataSummary:
+        """Build from an untrusted decoded dict (e.g. CBOR from a peer).
+
+        Checks presence, types, bounds (``limits``) and consistency (counts add
+        up to ``n_rows``, no repeated column, the target is not a feature).
+        Raises :class:`SummaryError` naming the field.
+        """
+        lim = limits or DEFAULT_SUMMARY_LIMITS
+        try:
+            r = FieldReader(obj, "data summary")
+            if r.uint("v") != SCHEMA_VERSION:
+                raise r.fail("v", f"must be {SCHEMA_VERSION}")
+            target = r.text("target", max_bytes=lim.max_text)
+            n_rows = r.uint("n_rows", max_value=_MAX_COUNT)
+            n_positive = r.uint("n_positive", max_value=n_rows)
+            cols = r.array(
+                "columns",
+                lambda v, label: ColumnSummary.from_dict(v, what=label, limits=lim),
+                max_items=lim.max_columns,
+            )
+            r.done()
+        except SummaryError:
+            raise
+        except MessageError as e:
+            raise SummaryError(e.reason) from None
+        names = [c.name for c in cols]
+        if len(set(names)) != len(names):
+            raise SummaryError("data summary: repeated column name")
+        if target in names:
+            raise SummaryError(f"data summary: the target {target!r} is also a feature")
+        for c in cols:
+            if c.count + c.n_missing != n_rows:
+                raise SummaryError(f"data summary: column {c.name!r} does not have n_rows values")
+        return cls(target, n_rows, n_positive, tuple(cols))
+
+
+# --------------------------------------------------------------------------
+# The merged schema
+
+
+@attrs.frozen
+class FeatureColumn:
+    """How every peer encodes one column."""
+
+    name: str
+    kind: str
+    """``"numeric"`` or ``"categorical"``."""
+    mean: float = 0.0
+    """Numeric: pooled mean; missing values are imputed with it."""
+    std: float = 1.0
+    """Numeric: pooled standard deviation (1 if the column is constant)."""
+    categories: tuple[str, ...] = ()
+    """Categorical: the merged vocabulary, one input each, then one for "other"."""
+    missing: bool = False
+    """Whether some peer has missing values here: adds a missing-indicator input."""
+
+    @property
+    def width(self) -> int:
+        """Inputs of the model this column becomes."""
+        base = 1 if self.kind == NUMERIC else len(self.categories) + 1
+        return base + int(self.missing)
+
+    def feature_names(self) -> list[str]:
+        if self.kind == NUMERIC:
+            names = [self.name]
+        else:
+            names = [f"{self.name}={v}" for v in self.categories] + [f"{self.name}=<other>"]
+        if self.missing:
+            names.append(f"{self.name}:missing")
+        return names
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind, "missing": self.missing}
+        if self.kind == NUMERIC:
+            out["mean"] = self.mean
+            out["std"] = self.std
+        else:
+            out["categories"] = list(self.categories)
+        return out
+
+
+@attrs.frozen
+class FeatureSchema:
+    """The federation's agreed encoding of rows into model inputs.
+
+    Every peer derives the same schema from the same summaries; compare
+    :meth:`digest` to check.
+    """
+
+    target: str
+    n_rows: int
+    """Pooled rows of the summaries merged."""
+    n_positive: int
+    """Pooled positive labels: the federation's label mix, from counts only."""
+    n_summaries: int
+    columns: tuple[FeatureColumn, ...]
+    """Sorted by name."""
+
+    @property
+    def width(self) -> int:
+        """Number of model inputs."""
+        return sum(c.width for c in self.columns)
+
+    @property
+    def positive_rate(self) -> float:
+        return self.n_positive / self.n_rows if self.n_rows else 0.0
+
+    def column(self, name: str) -> FeatureColumn | None:
+        for c in self.columns:
+            if c.name == name:
+                return c
+        return None
+
+    def feature_names(self) -> list[str]:
+        return [n for c in self.columns for n in c.feature_names()]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "v": SCHEMA_VERSION,
+            "target": self.target,
+            "n_rows": self.n_rows,
+            "n_positive": self.n_positive,
+            "n_summaries": self.n_summaries,
+            "columns": [c.to_dict() for c in self.columns],
+        }
+
+    def digest(self) -> str:
+        """SHA-256 (hex) of the schema's deterministic CBOR encoding."""
+        return hashlib.sha256(cbor.encode(self.to_dict())).hexdigest()
+
+
+def merge_summaries(
+    summaries: Sequence[DataSummary],
+    target: str,
+    *,
+    max_categories: int = DEFAULT_SUMMARY_LIMITS.max_categories,
+) -> FeatureSchema:
+    """Merge peers' summaries into the federation's :class:`FeatureSchema`.
+
+    See the module docstring for the rules.  The result does not depend on
+    the order of ``summaries``.  Summaries whose target is not ``target``
+    still count (call :func:`fits` or use :func:`admit` to refuse them).
+    Raises :class:`~fedup.errors.LocalProtocolError` for an empty list.
+    """
+    if not summaries:
+        raise LocalProtocolError("merge_summaries needs at least one summary")
+    by_name: dict[str, list[ColumnSummary]] = {}
+    for s in summaries:
+        for c in s.columns:
+            by_name.setdefault(c.name, []).append(c)
+    columns = []
+    for name in sorted(by_name):
+        present = by_name[name]
+        if 2 * len(present) <= len(summaries):
+            continue
+        kind = _majority_kind(present)
+        agreeing = [c for c in present if c.kind == kind and c.count > 0]
+        missing = any(c.n_missing > 0 for c in present)
+        if kind == NUMERIC:
+            mean, std = _pooled(agreeing)
+            columns.append(FeatureColumn(name, kind, mean=mean, std=std, missing=missing))
+        else:
+            vocab = _vocabulary(agreeing, max_categories)
+            columns.append(FeatureColumn(name, kind, categories=vocab, missing=missing))
+    return FeatureSchema(
+        target=target,
+        n_rows=sum(s.n_rows for s in summaries),
+        n_positive=sum(s.n_positive for s in summaries),
+        n_summaries=len(summaries),
+        columns=tuple(columns),
+    )
+
+
+def _majority_kind(present: Iterable[ColumnSummary]) -> str:
+    votes = {NUMERIC: 0, CATEGORICAL: 0}
+    for c in present:
+        if c.count > 0:
+            votes[c.kind] += 1
+    return NUMERIC if votes[NUMERIC] > votes[CATEGORICAL] else CATEGORICAL
+
+
+def _pooled(columns: Sequence[ColumnSummary]) -> tuple[float, float]:
+    """Exact pooled mean and standard deviation (population) of numeric summaries."""
+    n = sum(c.count for c in columns)
+    if n == 0:
+        return 0.0, 1.0
+    mean = sum((c.count * Fraction(c.mean) for c in columns), Fraction(0)) / n
+    m2 = sum(
+        (Fraction(c.m2) + c.count * (Fraction(c.mean) - mean) ** 2 for c in columns),
+        Fraction(0),
+    )
+    std = math.sqrt(float(m2 / n))
+    return float(mean), (std if std > 0 and math.isfinite(std) else 1.0)
+
+
+def _vocabulary(columns: Sequence[ColumnSummary], cap: int) -> tuple[str, ...]:
+    counts: dict[str, int] = {}
+    for c in columns:
+        for value, k in c.categories:
+            counts[value] = counts.get(value, 0) + k
+    ranked = sorted(counts.items(), key=lambda vc: (-vc[1], vc[0]))
+    return tuple(v for v, _ in ranked[:cap])
+
+
+def fits(summary: DataSummary, schema: FeatureSchema) -> None:
+    """Check that a peer's data fit the schema; raise :class:`SchemaMismatchError` if not.
+
+    The peer must have the same target, every schema column, no other
+    column, and each column of the schema's kind (a column with no
+    non-missing values fits either kind).  The error names every offending
+    column at once.
+    """
+    problems: list[str] = []
+    wrong_target = summary.target != schema.target
+    if wrong_target:
+        problems.append(f"target is {summary.target!r}, the federation's is {schema.target!r}")
+    have = {c.name: c for c in summary.columns}
+    want = {c.name: c for c in schema.columns}
+    missing = [n for n in want if n not in have]
+    extra = [n for n in have if n not in want]
+    conflicts = [n for n, c in have.items() if n in want and c.count > 0 and c.kind != want[n].kind]
+    if missing:
+        problems.append(f"missing columns {_names(missing)}")
+    if extra:
+        problems.append(f"extra columns {_names(extra)} (not in most peers' data)")
+    if conflicts:
+        detail = ", ".join(
+            f"{n!r} ({have[n].kind} here, {want[n].kind} in the federation)" for n in conflicts
+        )
+        problems.append(f"type conflicts {detail}")
+    if problems:
+        raise SchemaMismatchError(
+            "data do not fit the federation's schema: " + "; ".join(problems),
+            missing=missing,
+            extra=extra,
+            conflicts=conflicts,
+            target=wrong_target,
+        )
+
+
+def _names(names: Iterable[str]) -> str:
+    return ", ".join(repr(n) for n in names)
+
+
+@attrs.frozen
+class Admission:
+    """Result of :func:`admit`: the schema of the admitted peers and why others were refused."""
+
+    schema: FeatureSchema
+    admitted: tuple[int, ...]
+    """Indices (into the summaries given) of the peers that fit."""
+    refused: dict[int, SchemaMismatchError]
+    """Index -> the reason that peer does not fit."""
+
+
+def admit(
+    summaries: Sequence[DataSummary],
+    target: str,
+    *,
+    max_categories: int = DEFAULT_SUMMARY_LIMITS.max_categories,
+) -> Admission:
+    """Merge, refuse the peers that do not fit, and merge again without them.
+
+    Repeats until every remaining peer fits, so the schema's statistics come
+    only from admitted peers.  Deterministic given the summaries and their
+    order (indices in the result refer to that order; the schema itself does
+    not depend on it).  Raises :class:`SchemaMismatchError` if no peer fits.
+    """
+    admitted = list(range(len(summaries)))
+    refused: dict[int, SchemaMismatchError] = {}
+    while True:
+        if not admitted:
+            raise SchemaMismatchError("no peer's data fit a common schema")
+        schema = merge_summaries(
+            [summaries[i] for i in admitted], target, max_categories=max_categories
+        )
+        newly: dict[int, SchemaMismatchError] = {}
+        for i in admitted:
+            try:
+                fits(summaries[i], schema)
+            except SchemaMismatchError as e:
+                newly[i] = e
+        if not newly:
+            return Admission(schema, tuple(admitted), refused)
+        refused.update(newly)
+        admitted = [i for i in admitted if i not in newly]

@@ -1,0 +1,393 @@
+"""What a federation trains: the :class:`Task` a user hands to a peer.
+
+A task owns everything local to one peer: its data (train and validation
+splits), the model architecture, the optimizer and the training step.  The
+ring (:mod:`fedup.learn.ring`) owns what travels between peers and decides
+how much each peer trains per hop; it calls the task through four methods:
+
+* :meth:`Task.build_model` ``(seed) -> nn.Module``: the same seed must give
+  the same initial weights on every peer (all peers build the same
+  architecture; only the weights travel).
+* :meth:`Task.make_optimizer` ``(model) -> Optimizer``: default Adam.  Its
+  state (Adam's moments) travels with the weights, so every peer must make
+  the same kind of optimizer with the same hyperparameters.
+* :meth:`Task.train` ``(model, optimizer, budget) -> TrainStats``: train in
+  place for ``budget.epochs`` passes over the local training data (usually a
+  fraction of one), using ``budget.seed`` for every random choice, weighting
+  each sample's loss by ``budget.class_weights`` and adding the proximal term
+  ``budget.prox_mu / 2 * ||w - anchor||^2`` when asked.
+* :meth:`Task.evaluate` ``(model) -> EvalStats``: the *sum* of the loss over
+  the local validation split and its size, so a federation can pool them
+  exactly (sample-weighted), plus optional accuracy and score histograms.
+
+:class:`TensorTask` implements all of this for data that fits in memory as
+tensors and a per-sample loss; :class:`TabularTask` is the tabular credit
+model (an MLP on :func:`~fedup.learn.tabular.encode`'d rows).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fedup.learn.schema import FeatureSchema
+from fedup.learn.tabular import Table, encode, split
+
+__all__ = [
+    "AUC_BINS",
+    "EvalStats",
+    "TabularTask",
+    "Task",
+    "TensorTask",
+    "TrainBudget",
+    "TrainStats",
+    "roc_auc",
+]
+
+AUC_BINS: Final = 50
+"""Bins of the predicted-probability histograms a peer shares for the federation's AUC."""
+
+
+@attrs.frozen
+class TrainBudget:
+    """How much and how one hop trains."""
+
+    epochs: float
+    """Passes over the local training split (0.25 = a quarter of the local data)."""
+    seed: int
+    """Seed of every random choice of the hop (minibatch order, dropout)."""
+    class_weights: tuple[float, float] | None = None
+    """(negative, positive) weight of each sample's loss, or None for 1."""
+    prox_mu: float = 0.0
+    """Strength of the proximal term toward ``anchor`` (0 = none)."""
+    anchor: Mapping[str, torch.Tensor] | None = None
+    """Parameters the hop started from (required when ``prox_mu`` > 0)."""
+
+
+@attrs.frozen
+class TrainStats:
+    """What a hop's training did."""
+
+    steps: int
+    samples: int
+    """Training samples processed (with repetition): data passes = samples / n_train."""
+    loss_sum: float
+    """Sum of the per-sample training losses (weighted, without the proximal term)."""
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.samples if self.samples else math.nan
+
+
+@attrs.frozen
+class EvalStats:
+    """Validation results as sums, so that peers' results add up exactly."""
+
+    loss_sum: float
+    """Sum over validation samples of the (unweighted) loss."""
+    n: int
+    """Validation samples."""
+    correct: int = 0
+    """Correct predictions (binary tasks: probability >= 0.5 vs label)."""
+    pos_hist: tuple[int, ...] = ()
+    """Binary tasks: histogram of predicted probabilities of positive samples."""
+    neg_hist: tuple[int, ...] = ()
+    """Binary tasks: the same for negative samples."""
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.n if self.n else math.nan
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else math.nan
+
+    def __add__(self, other: EvalStats) -> EvalStats:
+        return EvalStats(
+            self.loss_sum + other.loss_sum,
+            self.n + other.n,
+            self.correct + other.correct,
+            _add_hist(self.pos_hist, other.pos_hist),
+            _add_hist(self.neg_hist, other.neg_hist),
+        )
+
+    def auc(self) -> float:
+        """ROC AUC from the pooled histograms (ties within a bin count one half)."""
+        pos = np.asarray(self.pos_hist, dtype=np.float64)
+        neg = np.asarray(self.neg_hist, dtype=np.float64)
+        if pos.size == 0 or pos.sum() == 0 or neg.sum() == 0:
+            return math.nan
+        below = np.cumsum(neg) - neg  # negatives in lower bins
+        return float((pos * (below + 0.5 * neg)).sum() / (pos.sum() * neg.sum()))
+
+
+def _add_hist(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    if not a:
+        return b
+    if not b:
+        return a
+    return tuple(x + y for x, y in zip(a, b, strict=True))
+
+
+def roc_auc(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
+    """Exact ROC AUC (Mann-Whitney U with tied scores sharing ranks); NaN if one class."""
+    y = np.asarray(labels).astype(bool).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    upper = np.cumsum(counts)
+    mid_rank = upper - (counts - 1) / 2.0  # 1-based average rank of each distinct score
+    rank_sum = float(mid_rank[inverse][y].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+class Task(ABC):
+    """A peer's local learning problem; see the module docstring for the contract."""
+
+    @property
+    @abstractmethod
+    def n_train(self) -> int:
+        """Training samples on this peer."""
+
+    @property
+    @abstractmethod
+    def n_val(self) -> int:
+        """Validation samples on this peer."""
+
+    @property
+    def label_counts(self) -> tuple[int, int] | None:
+        """(negative, positive) training labels for binary tasks, else None.
+
+        When given, the ring weights the loss so that this peer's label mix
+        counts as the federation's does.
+        """
+        return None
+
+    @abstractmethod
+    def build_model(self, seed: int) -> nn.Module:
+        """A new model whose initial weights depend only on ``seed``."""
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The optimizer every peer uses (its state travels): Adam, lr 1e-3."""
+        return torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    @abstractmethod
+    def train(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, budget: TrainBudget
+    ) -> TrainStats:
+        """Train ``model`` in place with ``optimizer`` as ``budget`` says."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module) -> EvalStats:
+        """Validation loss sum and count (and more) of ``model`` on the local split."""
+
+
+PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class TensorTask(Task):
+    """A task whose data are in-memory tensors and whose loss is per sample.
+
+    ``model_fn(seed)`` builds the model; ``loss_fn(outputs, targets)``
+    returns one loss per sample.  ``binary=True`` means one logit per sample
+    and 0/1 targets: then evaluation also counts correct predictions and
+    fills the score histograms, and :attr:`label_counts` is known.
+    """
+
+    def __init__(
+        self,
+        x_train: torch.Tensor,
+        y_train: torch.Tensor,
+        x_val: torch.Tensor,
+        y_val: torch.Tensor,
+        *,
+        model_fn: Callable[[int], nn.Module],
+        loss_fn: PerSampleLoss,
+        batch_size: int = 64,
+        lr: float = 1e-3,
+        binary: bool = False,
+        eval_batch: int = 8192,
+    ) -> None:
+        self.x_train, self.y_train = x_train, y_train
+        self.x_val, self.y_val = x_val, y_val
+        self.model_fn = model_fn
+        self.loss_fn = loss_fn
+        self.batch_size = batch_size
+        self.lr = lr
+        self.binary = binary
+        self.eval_batch = eval_batch
+
+    @property
+    def n_train(self) -> int:
+        return len(self.x_train)
+
+    @property
+    def n_val(self) -> int:
+        return len(self.x_val)
+
+    @property
+    def label_counts(self) -> tuple[int, int] | None:
+        if not self.binary:
+            return None
+        pos = int(self.y_train.sum().item())
+        return self.n_train - pos, pos
+
+    def build_model(self, seed: int) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.model_fn(seed)
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.Adam(model.parameters(), lr=self.lr)
+
+    def steps_for(self, epochs: float, generator: torch.Generator) -> int:
+        """Optimizer steps for ``epochs`` passes over the training split.
+
+        ``epochs * n_train / batch_size`` rounded up or down at random (up with
+        probability equal to its fractional part), so that in expectation
+        every peer trains exactly in proportion to its data, even a peer
+        whose share of a hop is less than one minibatch.
+        """
+        if self.n_train == 0 or epochs <= 0:
+            return 0
+        exact = epochs * self.n_train / self.batch_size
+        whole = math.floor(exact)
+        return whole + int(torch.rand((), generator=generator).item() < exact - whole)
+
+    def train(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, budget: TrainBudget
+    ) -> TrainStats:
+        gen = torch.Generator().manual_seed(budget.seed)
+        steps = self.steps_for(budget.epochs, gen)
+        if steps == 0:
+            return TrainStats(0, 0, 0.0)
+        need = steps * self.batch_size
+        order = torch.cat(
+            [torch.randperm(self.n_train, generator=gen) for _ in range(-(-need // self.n_train))]
+        )
+        anchor = None
+        if budget.prox_mu > 0:
+            if budget.anchor is None:
+                raise ValueError("prox_mu > 0 needs an anchor")
+            anchor = [budget.anchor[n] for n, _ in model.named_parameters()]
+        model.train()
+        total = 0.0
+        samples = 0
+        for i in range(steps):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            xb, yb = self.x_train[idx], self.y_train[idx]
+            per = self.loss_fn(model(xb), yb)
+            if budget.class_weights is not None:
+                w_neg, w_pos = budget.class_weights
+                per = per * torch.where(yb > 0.5, w_pos, w_neg)
+            loss = per.mean()
+            total += float(per.detach().sum())
+            samples += len(idx)
+            if anchor is not None:
+                prox = sum(
+                    ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
+                )
+                loss = loss + 0.5 * budget.prox_mu * prox
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+        return TrainStats(steps, samples, total)
+
+    @torch.no_grad()
+    def outputs(self, model: nn.Module, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Model outputs on ``x`` (default: the validation split), in eval mode."""
+        x = self.x_val if x is None else x
+        model.eval()
+        parts = [model(x[i : i + self.eval_batch]) for i in range(0, len(x), self.eval_batch)]
+        return torch.cat(parts) if parts else torch.empty(0)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> EvalStats:
+        if self.n_val == 0:
+            return EvalStats(0.0, 0)
+        out = self.outputs(model)
+        loss_sum = float(self.loss_fn(out, self.y_val).double().sum())
+        if not self.binary:
+            return EvalStats(loss_sum, self.n_val)
+        prob = torch.sigmoid(out.reshape(-1).double()).numpy()
+        y = self.y_val.reshape(-1).numpy() > 0.5
+        correct = int(((prob >= 0.5) == y).sum())
+        bins = np.minimum((prob * AUC_BINS).astype(np.int64), AUC_BINS - 1)
+        pos = np.bincount(bins[y], minlength=AUC_BINS)
+        neg = np.bincount(bins[~y], minlength=AUC_BINS)
+        return EvalStats(
+            loss_sum, self.n_val, correct, tuple(int(v) for v in pos), tuple(int(v) for v in neg)
+        )
+
+    @staticmethod
+    def pooled(tasks: Sequence[TensorTask], **kwargs: Any) -> TensorTask:
+        """One task over the union of the tasks' splits (the centralized baseline)."""
+        first = tasks[0]
+        return TensorTask(
+            torch.cat([t.x_train for t in tasks]), torch.cat([t.y_train for t in tasks]),
+            torch.cat([t.x_val for t in tasks]), torch.cat([t.y_val for t in tasks]),
+            model_fn=first.model_fn, loss_fn=first.loss_fn, batch_size=first.batch_size,
+            lr=first.lr, binary=first.binary, **kwargs,
+        )  # fmt: skip
+
+
+def mlp(width: int, hidden: Sequence[int] = (64, 32)) -> nn.Sequential:
+    """``width -> hidden... -> 1`` with ReLU between layers (PyTorch's default init)."""
+    layers: list[nn.Module] = []
+    prev = width
+    for h in hidden:
+        layers += [nn.Linear(prev, h), nn.ReLU()]
+        prev = h
+    layers.append(nn.Linear(prev, 1))
+    return nn.Sequential(*layers)
+
+
+def _bce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(out.reshape(-1), y.reshape(-1), reduction="none")
+
+
+class TabularTask(TensorTask):
+    """Binary classification of a table's rows with a small MLP.
+
+    The rows are split (stratified, ``val_fraction``, ``split_seed``) and
+    encoded with the federation's ``schema``; the model is
+    ``schema.width -> hidden... -> 1`` with ReLU, trained with Adam on the
+    binary cross-entropy of the logit.  Every peer must use the same
+    ``hidden``, ``lr`` and ``batch_size``.
+    """
+
+    def __init__(
+        self,
+        table: Table,
+        schema: FeatureSchema,
+        *,
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+        hidden: Sequence[int] = (64, 32),
+        batch_size: int = 64,
+        lr: float = 1e-3,
+    ) -> None:
+        train_rows, val_rows = split(table, val_fraction=val_fraction, seed=split_seed)
+        x_tr, y_tr = encode(train_rows, schema)
+        x_va, y_va = encode(val_rows, schema)
+        self.schema = schema
+        self.hidden = tuple(hidden)
+        self.source = table.source
+        super().__init__(
+            torch.from_numpy(x_tr), torch.from_numpy(y_tr),
+            torch.from_numpy(x_va), torch.from_numpy(y_va),
+            model_fn=lambda seed: mlp(schema.width, self.hidden),
+            loss_fn=_bce, batch_size=batch_size, lr=lr, binary=True,
+        )  # fmt: skip

@@ -1,0 +1,223 @@
+"""Merging peers' column summaries: exact pooling, digests, refusals, untrusted dicts."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedup.learn.schema import (
+    CATEGORICAL,
+    NUMERIC,
+    ColumnSummary,
+    DataSummary,
+    SchemaMismatchError,
+    SummaryError,
+    SummaryLimits,
+    admit,
+    fits,
+    merge_summaries,
+)
+from fedup.protocol import cbor
+
+
+def numeric(name: str, x: np.ndarray, n_missing: int = 0) -> ColumnSummary:
+    mean = float(x.mean()) if len(x) else 0.0
+    return ColumnSummary(name, NUMERIC, len(x), n_missing, mean=mean,
+                         m2=float(((x - mean) ** 2).sum()))  # fmt: skip
+
+
+def categorical(
+    name: str, counts: dict[str, int], other: int = 0, n_missing: int = 0
+) -> ColumnSummary:
+    cats = tuple(sorted(counts.items(), key=lambda vc: (-vc[1], vc[0])))
+    return ColumnSummary(name, CATEGORICAL, sum(counts.values()) + other, n_missing,
+                         categories=cats, other_count=other)  # fmt: skip
+
+
+def summary(
+    n_rows: int, *columns: ColumnSummary, n_positive: int = 0, target: str = "y"
+) -> DataSummary:
+    return DataSummary(target, n_rows, n_positive, columns)
+
+
+@pytest.fixture
+def peers() -> list[tuple[DataSummary, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    out = []
+    for n, loc, scale in [(17, 3.0, 1.0), (1000, -250.0, 40.0), (3, 1e6, 1e-3), (250, 0.1, 7.0)]:
+        x = rng.normal(loc, scale, n)
+        s = summary(n, numeric("x", x), categorical("c", {"a": n // 2, "b": n - n // 2}),
+                    n_positive=n // 3)  # fmt: skip
+        out.append((s, x))
+    return out
+
+
+def test_pooled_statistics_equal_numpy_on_concatenated_data(
+    peers: list[tuple[DataSummary, np.ndarray]],
+) -> None:
+    schema = merge_summaries([s for s, _ in peers], "y")
+    pooled = np.concatenate([x for _, x in peers])
+    col = schema.column("x")
+    assert col is not None
+    assert math.isclose(col.mean, float(pooled.mean()), rel_tol=1e-12)
+    assert math.isclose(col.std, float(pooled.std()), rel_tol=1e-9)
+    assert schema.n_rows == len(pooled)
+    assert schema.n_positive == sum(s.n_positive for s, _ in peers)
+    cats = schema.column("c")
+    assert cats is not None and cats.categories == ("b", "a")  # 636 b, 634 a
+
+
+def test_digest_is_deterministic_and_order_independent(
+    peers: list[tuple[DataSummary, np.ndarray]],
+) -> None:
+    summaries = [s for s, _ in peers]
+    digests = {
+        merge_summaries(list(order), "y").digest() for order in itertools.permutations(summaries)
+    }
+    assert len(digests) == 1
+    assert merge_summaries(summaries, "y") == merge_summaries(list(reversed(summaries)), "y")
+    changed = [*summaries[:3], summary(251, *summaries[3].columns[:1], summaries[3].columns[1])]
+    assert merge_summaries(changed, "y").digest() not in digests
+
+
+def test_vocabulary_union_is_capped_deterministically() -> None:
+    a = summary(10, categorical("c", {"x": 4, "y": 3, "z": 3}))
+    b = summary(10, categorical("c", {"w": 5, "z": 2, "v": 3}))
+    schema = merge_summaries([a, b], "y", max_categories=3)
+    col = schema.column("c")
+    assert col is not None
+    assert col.categories == ("w", "z", "x")  # w=5, z=5 (tie: by value), x=4; v and y dropped
+    assert col.width == 4  # three values and "other"
+    assert merge_summaries([b, a], "y", max_categories=3) == schema
+
+
+def test_missing_indicator_and_empty_columns() -> None:
+    a = summary(5, numeric("x", np.arange(5.0)))
+    b = summary(5, numeric("x", np.arange(3.0), n_missing=2))
+    schema = merge_summaries([a, b], "y")
+    col = schema.column("x")
+    assert col is not None and col.missing and col.width == 2
+    # A column with no values at all fits either kind and does not vote.
+    empty = summary(4, ColumnSummary("x", CATEGORICAL, 0, 4))
+    merged = merge_summaries([a, empty, b], "y")
+    assert merged.column("x") is not None
+    fits(empty, merged)
+
+
+def test_majority_decides_columns_and_kinds() -> None:
+    good = summary(3, numeric("age", np.ones(3)), categorical("region", {"n": 3}))
+    extra = summary(3, numeric("age", np.ones(3)), categorical("region", {"n": 3}),
+                    numeric("secret", np.ones(3)))  # fmt: skip
+    missing = summary(3, numeric("age", np.ones(3)))
+    words = summary(3, categorical("age", {"old": 3}), categorical("region", {"s": 3}))
+    schema = merge_summaries([good, good, extra, missing, words], "y")
+    assert [c.name for c in schema.columns] == ["age", "region"]
+    assert [c.kind for c in schema.columns] == [NUMERIC, CATEGORICAL]
+    fits(good, schema)
+    with pytest.raises(SchemaMismatchError, match="extra columns 'secret'") as e1:
+        fits(extra, schema)
+    assert e1.value.extra == ("secret",)
+    with pytest.raises(SchemaMismatchError, match="missing columns 'region'") as e2:
+        fits(missing, schema)
+    assert e2.value.missing == ("region",)
+    with pytest.raises(
+        SchemaMismatchError, match=r"type conflicts 'age' \(categorical here, numeric in the"
+    ) as e3:
+        fits(words, schema)
+    assert e3.value.conflicts == ("age",)
+    other_target = summary(3, numeric("age", np.ones(3)), categorical("region", {"n": 3}),
+                           target="label")  # fmt: skip
+    with pytest.raises(SchemaMismatchError, match="target is 'label'") as e4:
+        fits(other_target, schema)
+    assert e4.value.target
+    named = e3.value.with_peer("12D3KooWpeer")
+    assert named.peer == "12D3KooWpeer" and named.conflicts == ("age",)
+    assert str(named).startswith("12D3KooWpeer: ")
+
+
+def test_admit_refuses_and_merges_without_the_refused() -> None:
+    a = summary(4, numeric("x", np.array([0.0, 1.0, 2.0, 3.0])))
+    b = summary(2, numeric("x", np.array([4.0, 5.0])))
+    odd = summary(2, numeric("x", np.array([1e9, 1e9])), numeric("leak", np.ones(2)))
+    result = admit([a, odd, b], "y")
+    assert result.admitted == (0, 2)
+    assert list(result.refused) == [1]
+    assert result.refused[1].extra == ("leak",)
+    col = result.schema.column("x")
+    assert col is not None and col.mean == 2.5  # the refused peer's numbers are not pooled
+    assert result.schema == merge_summaries([a, b], "y")
+    with pytest.raises(SchemaMismatchError, match="no peer"):
+        admit([summary(1, numeric("x", np.ones(1)), target="other")], "y")
+
+
+def test_round_trip_through_cbor(peers: list[tuple[DataSummary, np.ndarray]]) -> None:
+    for s, _ in peers:
+        wire = cbor.encode(s.to_dict())
+        back = DataSummary.from_dict(cbor.decode(wire, max_size=1 << 20, max_depth=8))
+        assert back == s
+
+
+def good_dict() -> dict[str, Any]:
+    return summary(
+        4, numeric("x", np.array([1.0, 2.0, 3.0])  , n_missing=1),
+        categorical("c", {"a": 3}, other=1), n_positive=1,
+    ).to_dict()  # fmt: skip
+
+
+def mutate(path: list[Any], value: Any) -> dict[str, Any]:
+    d = good_dict()
+    node: Any = d
+    for key in path[:-1]:
+        node = node[key]
+    if value is DELETE:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return d
+
+
+DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (["v"], 2, "'v' must be 1"),
+        (["surprise"], 1, "unknown field"),
+        (["n_rows"], -1, "unsigned"),
+        (["n_rows"], True, "unsigned"),
+        (["n_positive"], 9, "between"),
+        (["target"], "", "must not be empty"),
+        (["target"], "t" * 200, "at most 128 bytes"),
+        (["columns"], "x", "must be an array"),
+        (["columns", 0, "kind"], "text", "must be one of"),
+        (["columns", 0, "mean"], math.nan, "finite"),
+        (["columns", 0, "m2"], -1.0, "negative"),
+        (["columns", 0, "count"], 2, "does not have n_rows values"),
+        (["columns", 0, "name"], "c", "repeated column"),
+        (["columns", 0, "name"], "y", "also a feature"),
+        (["columns", 0, "mean"], DELETE, "missing field 'mean'"),
+        (["columns", 1, "categories"], [["a", 3], ["a", 0]], "count must be positive"),
+        (["columns", 1, "categories"], [["a", 2], ["a", 1]], "repeated category"),
+        (["columns", 1, "categories"], [["a", 2]], "do not add up"),
+        (["columns", 1, "categories"], [["", 3]], "value must be"),
+        (["columns", 1, "categories"], [[3, "a"]], "pair"),
+        (["columns", 1, "categories"], [[f"v{i}", 1] for i in range(65)], "0 to 64 items"),
+    ],
+)
+def test_untrusted_dicts_are_checked(path: list[Any], value: Any, message: str) -> None:
+    with pytest.raises(SummaryError, match=message):
+        DataSummary.from_dict(mutate(path, value))
+
+
+def test_limits_bound_sizes() -> None:
+    d = good_dict()
+    with pytest.raises(SummaryError, match="0 to 1 items"):
+        DataSummary.from_dict(d, limits=SummaryLimits(max_columns=1))
+    assert DataSummary.from_dict(d) == DataSummary.from_dict(good_dict())
+    with pytest.raises(SummaryError, match="expected a map"):
+        DataSummary.from_dict([1, 2])
