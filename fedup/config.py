@@ -89,6 +89,11 @@ class Limits:
         "one whole blob transfer; 512 MiB at a slow 1 MiB/s still fits, a stalled or "
         "trickling sender does not hold a receiver longer",
     )
+    blob_nack_timeout: float = _limit(
+        2.0,
+        "time spent telling a refused sender why, or reading why we were refused; the "
+        "connection is closed right after either way",
+    )
     idle_timeout: float = _limit(
         120.0, "a connection on which nothing arrives for this long is closed"
     )
@@ -122,6 +127,27 @@ class Limits:
         "asking a bootstrap peer for the peers it knows (one small frame each way, after "
         "the handshake); a silent bootstrap is given up on and retried later",
     )
+    # --- federation ---------------------------------------------------------
+    call_timeout: float = _limit(
+        30.0,
+        "a candidate answers the leader's call (with its data summary) within this; "
+        "it only has to summarise columns it already loaded",
+    )
+    view_timeout: float = _limit(
+        60.0,
+        "a member waits this long for the view after its offer, and the leader as long "
+        "for every acknowledgement; a member that does not acknowledge is left out",
+    )
+    formation_timeout: float = _limit(
+        60.0,
+        "a peer that is not the lowest waits this long for a lower peer to call it, "
+        "then forgets the silent lower peers and re-elects",
+    )
+    hop_timeout: float = _limit(
+        300.0,
+        "from handing the model on to hearing it moved on: one hop's training plus one "
+        "transfer; a successor silent longer is presumed dead and skipped",
+    )
     # --- connections ------------------------------------------------------
     max_connections: int = _limit(
         64, "concurrent connections a peer serves; a federation has tens of members"
@@ -129,6 +155,13 @@ class Limits:
     max_pending_handshakes: int = _limit(
         16, "handshakes in progress at once; caps the cost of a connection flood"
     )
+
+    @classmethod
+    def markdown_table(cls) -> str:
+        """The limits as the Markdown table of docs/protocol.md."""
+        rows = ["| limit | default | why |", "| --- | --- | --- |"]
+        rows += [f"| `{name}` | {default!r} | {why} |" for name, default, why in cls.describe()]
+        return "\n".join(rows)
 
     @classmethod
     def describe(cls) -> list[tuple[str, Any, str]]:

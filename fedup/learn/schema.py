@@ -548,3 +548,66 @@ def admit(
             return Admission(schema, tuple(admitted), refused)
         refused.update(newly)
         admitted = [i for i in admitted if i not in newly]
+
+
+def schema_from_dict(obj: object, *, limits: SummaryLimits | None = None) -> FeatureSchema:
+    """Rebuild a merged schema received in a membership view; raises :class:`SummaryError`.
+
+    Members cannot recompute the schema (they never see the others' summaries),
+    so they check its shape here and its :meth:`FeatureSchema.digest` against the
+    view's settings.
+    """
+    lim = limits or DEFAULT_SUMMARY_LIMITS
+    try:
+        r = FieldReader(obj, "feature schema")
+        if r.uint("v") != SCHEMA_VERSION:
+            raise r.fail("v", f"must be {SCHEMA_VERSION}")
+        target = r.text("target", max_bytes=lim.max_text)
+        n_rows = r.uint("n_rows", max_value=_MAX_COUNT)
+        n_positive = r.uint("n_positive", max_value=_MAX_COUNT)
+        n_summaries = r.uint("n_summaries", min_value=1, max_value=1 << 20)
+        columns = r.array("columns", _feature_column(lim), max_items=lim.max_columns)
+        r.done()
+    except SummaryError:
+        raise
+    except MessageError as e:
+        raise SummaryError(e.reason) from None
+    names = [c.name for c in columns]
+    if names != sorted(set(names)):
+        raise SummaryError("feature schema: columns must be unique and sorted by name")
+    if n_positive > n_rows:
+        raise SummaryError("feature schema: more positives than rows")
+    return FeatureSchema(target, n_rows, n_positive, n_summaries, tuple(columns))
+
+
+def _feature_column(lim: SummaryLimits) -> Any:
+    def item(value: object, label: str) -> FeatureColumn:
+        r = FieldReader(value, label)
+        name = r.text("name", max_bytes=lim.max_text)
+        kind = r.text("kind", max_bytes=16)
+        missing = r.boolean("missing")
+        if kind == NUMERIC:
+            mean = _finite(r, "mean")
+            std = _finite(r, "std")
+            if std <= 0:
+                raise r.fail("std", "must be positive")
+            r.done()
+            return FeatureColumn(name, kind, mean, std, (), missing)
+        if kind != CATEGORICAL:
+            raise r.fail("kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
+        cats = r.array("categories", _text_item(lim), max_items=lim.max_categories)
+        r.done()
+        if len(set(cats)) != len(cats):
+            raise SummaryError(f"{label}: repeated category value")
+        return FeatureColumn(name, kind, categories=tuple(cats), missing=missing)
+
+    return item
+
+
+def _text_item(lim: SummaryLimits) -> Any:
+    def item(value: object, label: str) -> str:
+        if not isinstance(value, str) or len(value.encode()) > lim.max_text:
+            raise MessageError(f"{label} must be text of at most {lim.max_text} bytes")
+        return value
+
+    return item

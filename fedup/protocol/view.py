@@ -60,14 +60,15 @@ class RunSettings:
 
     algorithm: str = "ring"
     """Name of the ring-training algorithm (``fedup.learn.ring``)."""
-    max_laps: int = 30
+    max_laps: int = 500
     """Stop after this many laps even if not converged."""
-    patience: int = 3
+    patience: int = 20
     """Stop after this many laps in a row without an improvement above ``tolerance``."""
     tolerance: float = 1e-3
     """Relative improvement below which a lap does not count as progress."""
-    local_epochs: float = 1.0
-    """Passes over a peer's training data per hop (fractions allowed)."""
+    local_epochs: float = 0.1
+    """Passes over a peer's training data per hop.  Small hops make the ring behave like
+    minibatch training on the pooled data (docs/learning.md has the measurements)."""
     lr: float = 1e-3
     """Learning rate."""
     batch_size: int = 64

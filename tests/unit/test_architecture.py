@@ -42,6 +42,7 @@ FORBIDDEN = {
         "safetensors",
     },
     "fedup/identity.py": {"trio", "torch", "zeroconf"},
+    "fedup/peer": {"fedup.cli", "fedup.commands", "fedup.sim"},
     "fedup/config.py": {"trio", "torch", "zeroconf", "nacl"},
 }
 

@@ -11,6 +11,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 def test_protocol_limits_table_matches_config() -> None:
     text = (DOCS / "protocol.md").read_text()
+    assert Limits.markdown_table() in text, "regenerate the table with Limits.markdown_table()"
     for name, default, _reason in Limits.describe():
         assert f"| `{name}` | {default!r} |" in text, f"{name}={default!r} missing from protocol.md"
 

@@ -1,0 +1,91 @@
+"""What a finished run leaves in its output folder.
+
+* ``metrics.jsonl``: one JSON object per line, appended as training goes:
+  ``{"type": "hop", ...}`` for each hop this peer trained and
+  ``{"type": "lap", ...}`` for each lap whose federated validation loss this
+  peer learned (from the ring metadata).
+* ``model.safetensors``: the final model, byte-identical on every member.
+* ``summary.json``: the run in one object (see :class:`RunSummary`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from fedup.learn.weights import save_safetensors
+
+
+@attrs.frozen
+class RunSummary:
+    """``summary.json``; also what :meth:`fedup.peer.Peer.train` returns."""
+
+    run_id: str
+    peer_id: str
+    leader: str
+    members: list[str]
+    """Peer IDs in ring order."""
+    laps: int
+    """Training laps done."""
+    converged: bool
+    stop_reason: str
+    """``converged``, ``max-laps`` or ``members-lost``."""
+    federated_val_loss: list[float]
+    """One value per evaluated lap, in order (lap -1 is the initial model)."""
+    federated_laps: list[int]
+    best_lap: int
+    final_val_loss: float
+    """The final model on this peer's own validation split."""
+    final_val_accuracy: float
+    data_passes: float
+    """Passes over the federation's data until the best lap ended."""
+    model_sha256: str
+    dead: list[str]
+    """Members skipped because they could not be reached."""
+    out_dir: str
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+class RunOutputs:
+    """Writes a run's files into ``directory`` (created if needed)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = directory / "metrics.jsonl"
+        self.model_path = directory / "model.safetensors"
+        self.summary_path = directory / "summary.json"
+        self._laps_logged: set[int] = set()
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        """Append one metrics line (flushed, so progress is visible while training)."""
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, allow_nan=True) + "\n")
+
+    def log_lap(self, record: Mapping[str, Any]) -> None:
+        """Append a lap line once per lap."""
+        lap = int(record["lap"])
+        if lap in self._laps_logged:
+            return
+        self._laps_logged.add(lap)
+        self.log({"type": "lap", **record})
+
+    def save_model(self, weights: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> str:
+        """Write ``model.safetensors``; returns its SHA-256 (hex)."""
+        return save_safetensors(dict(weights), self.model_path, metadata=metadata)
+
+    def save_summary(self, summary: RunSummary) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".summary.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(summary.to_json(), f, indent=2, allow_nan=True)
+            f.write("\n")
+        os.replace(tmp, self.summary_path)

@@ -1,0 +1,115 @@
+"""Where a peer's task comes from, before and after the federation agrees on a schema.
+
+A :class:`TaskSource` has two steps.  Before the view: :meth:`summary` says what
+may be shared about the local data (column names, types, vocabularies,
+counts, means, variances; never rows), or None for a task without a schema.
+After the view: :meth:`build` makes the :class:`~fedup.learn.task.Task` under
+the federation's schema and settings.
+
+* :class:`TabularSource`: a CSV (or the synthetic lender data) and the small MLP.
+* :class:`FixedTaskSource`: a task the library user built (any ``nn.Module``).
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from pathlib import Path
+
+from fedup.learn.loans import generate_lender, seed_from_peer_id
+from fedup.learn.schema import FeatureSchema, fits, schema_from_dict
+from fedup.learn.tabular import Table, read_csv, split, summarize
+from fedup.learn.task import TabularTask, Task
+from fedup.learn.weights import state_specs
+from fedup.protocol.view import RunSettings
+
+
+class TaskSource(abc.ABC):
+    """A peer's task, in the two steps of the federation."""
+
+    kind: str = "task"
+    """Task family; peers of different families do not federate."""
+    target: str | None = None
+    """The target column, for schema agreement (None: no schema)."""
+
+    @abc.abstractmethod
+    def summary(self) -> dict[str, object] | None:
+        """What this peer shares before the view (None: nothing)."""
+
+    @abc.abstractmethod
+    def build(self, schema: FeatureSchema | None, settings: RunSettings) -> Task:
+        """The task under the federation's schema and settings."""
+
+    def check_schema(self, schema: FeatureSchema) -> None:  # noqa: B027 (optional hook)
+        """Raise :class:`~fedup.learn.schema.SchemaMismatchError` if the local data do not fit."""
+
+    def parse_schema(self, value: object) -> FeatureSchema | None:
+        """Rebuild the schema carried by a view (raises SummaryError)."""
+        return None if value is None else schema_from_dict(value)
+
+
+class TabularSource(TaskSource):
+    """A table with a binary target, trained with the built-in MLP."""
+
+    kind = "tabular-mlp"
+
+    def __init__(self, table: Table, *, target: str, hidden: tuple[int, ...] = (64, 32)) -> None:
+        self.table = table
+        self.target = target
+        self.hidden = hidden
+        # Only the training split's statistics are shared.
+        self._train, _ = split(table, val_fraction=0.2, seed=0)
+
+    @classmethod
+    def from_csv(cls, path: Path, target: str) -> TabularSource:
+        """Read a CSV; raises :class:`~fedup.learn.tabular.DataError` with a clear reason."""
+        return cls(read_csv(path, target), target=target)
+
+    @classmethod
+    def synthetic(cls, peer_id: str, directory: Path) -> TabularSource:
+        """This peer's synthetic lender (deterministic from its peer ID), written to a CSV
+        in ``directory`` so the user can see what was used."""
+        data = generate_lender(seed_from_peer_id(peer_id))
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "synthetic-loans.csv"
+        data.write_csv(path)
+        return cls.from_csv(path, "default")
+
+    def summary(self) -> dict[str, object]:
+        return summarize(self._train).to_dict()
+
+    def check_schema(self, schema: FeatureSchema) -> None:
+        fits(summarize(self._train), schema)
+
+    def build(self, schema: FeatureSchema | None, settings: RunSettings) -> Task:
+        if schema is None:
+            raise ValueError("a tabular task needs the federation's schema")
+        return TabularTask(
+            self.table,
+            schema,
+            hidden=self.hidden,
+            batch_size=settings.batch_size,
+            lr=settings.lr,
+        )
+
+
+class FixedTaskSource(TaskSource):
+    """A task the library user built; every member must bring the same architecture."""
+
+    kind = "custom"
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+
+    def summary(self) -> None:
+        return None
+
+    def build(self, schema: FeatureSchema | None, settings: RunSettings) -> Task:
+        return self.task
+
+
+def model_digest(task: Task, seed: int) -> bytes:
+    """SHA-256 of the model's tensor layout (names, dtypes, shapes): members must agree."""
+    specs = state_specs(task.build_model(seed).state_dict())
+    text = ";".join(f"{name}:{spec.dtype}:{list(spec.shape)}" for name, spec in specs.items())
+    return hashlib.sha256(text.encode()).digest()

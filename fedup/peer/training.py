@@ -1,0 +1,383 @@
+"""Ring training across the network: receive, train a hop, hand on, heal, finish.
+
+The learning itself is :func:`fedup.learn.ring.train_hop`; this module moves
+the :class:`~fedup.learn.ring.RingState` between members and keeps the rules of
+``docs/federation.md``:
+
+* Positions ``(lap, hop)`` follow :mod:`fedup.protocol.laps`; the receiving
+  member's replay guard only accepts newer positions.
+* Custody: a sender keeps the state it handed on until the successor says
+  ``passed`` (the model moved on again).  If the successor cannot be reached,
+  refuses, or stays silent for ``hop_timeout``, it is declared dead: the
+  sender hands its copy to the next live member.  The dead set travels in every
+  blob, so the others learn it from the next message; the view epoch is the
+  view's epoch plus the number of dead members, and blobs from a lower epoch
+  are refused.
+* When :func:`train_hop` says the run is done, that member saves the final
+  model and sends it around the ring as a ``final`` blob; every member
+  verifies, evaluates it on its own validation split, saves it and hands it on,
+  until it is back at the member that started the distribution.
+* Every wait has a deadline: a member holding no model waits at most
+  ``hop_timeout`` times the number of live members for the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from fedup.errors import FedupError, RemoteProtocolError
+from fedup.learn.ring import (
+    FederationStats,
+    RingSettings,
+    RingState,
+    evaluate_state,
+    final_weights,
+    initial_state,
+    train_hop,
+)
+from fedup.learn.weights import bytes_to_state, state_to_bytes
+from fedup.net.blobs import receive_blob, send_blob
+from fedup.net.channel import SecureChannel
+from fedup.net.framed import FramedStream
+from fedup.peer.outputs import RunOutputs, RunSummary
+from fedup.protocol.blob import BlobHeader, BlobKind, BlobReplayGuard
+from fedup.protocol.laps import Position
+from fedup.protocol.messages import BlobRequest, Passed, encode_message
+from fedup.protocol.payload import decode_payload, encode_payload
+from fedup.protocol.peer_id import PeerId
+from fedup.protocol.ring import Ring
+from fedup.protocol.view import SignedView
+
+if TYPE_CHECKING:
+    from fedup.peer.node import Peer
+
+log = logging.getLogger("fedup.federation")
+
+
+class RunError(FedupError):
+    """The run could not finish (e.g. no model arrived in time, or we were excluded)."""
+
+
+class RingRun:
+    """This peer's part in one run, from the acknowledged view to the final model."""
+
+    def __init__(self, peer: Peer, signed: SignedView) -> None:
+        self.peer = peer
+        self.signed = signed
+        self.view = signed.view
+        self.run_id = self.view.run_id
+        self.me = peer.peer_id
+        self.limits = peer.config.limits
+        settings = self.view.settings
+        self.schema = peer.source.parse_schema(self.view.schema)
+        self.task = peer.source.build(self.schema, settings)
+        self.ring_settings = RingSettings(
+            seed=settings.seed,
+            hop_epochs=settings.local_epochs,
+            tolerance=settings.tolerance,
+            patience=settings.patience,
+            max_laps=settings.max_laps,
+        )
+        self.template = initial_state(self.task, self.ring_settings)
+        n = len(self.view.members)
+        if self.schema is not None:
+            rows, positive = self.schema.n_rows, self.schema.n_positive
+        else:  # a custom task shares no counts: assume members of this one's size
+            rows, positive = self.task.n_train * n, 0
+        self.federation = FederationStats(n, rows, positive)
+        self.dead: set[PeerId] = set()
+        self.guard = BlobReplayGuard()
+        self._inbox_send, self._inbox = trio.open_memory_channel[
+            tuple[BlobHeader, RingState, frozenset[PeerId], PeerId | None]
+        ](n + 4)
+        self._passed: dict[tuple[PeerId, Position], trio.Event] = {}
+        self.finished: RunSummary | None = None
+        self._nursery: trio.Nursery | None = None
+        out = peer.config.out_dir
+        if out is None:
+            out = peer.config.resolved_state_dir() / "runs" / self.run_id.hex()
+        self.outputs = RunOutputs(Path(out))
+        self.members = self.view.member_ids
+
+    # --- the ring as this peer knows it ---------------------------------------------------
+
+    @property
+    def ring(self) -> Ring:
+        return Ring.of(self.members, self.dead)
+
+    @property
+    def epoch(self) -> int:
+        return self.view.epoch + len(self.dead)
+
+    def _declare_dead(self, peer: PeerId, why: str) -> None:
+        if peer not in self.dead and peer != self.me:
+            log.warning("skipping %s: %s (epoch now %d)", peer, why, self.epoch + 1)
+            self.dead.add(peer)
+            self.outputs.log({"type": "dead", "peer": peer.text, "why": why, "epoch": self.epoch})
+
+    # --- the main loop ----------------------------------------------------------------------
+
+    async def run(self) -> RunSummary:
+        """Train until the final model is saved here; return the summary."""
+        log.info(
+            "run %s: %d members, ring %s",
+            self.run_id.hex()[:8], len(self.members), " -> ".join(p.short for p in self.members),
+        )  # fmt: skip
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.me == self.ring.leader:
+                await self._hop(self.template, Position(0, 0), predecessor=None)
+            while self.finished is None:
+                wait = self.limits.hop_timeout * max(1, len(self.ring.live))
+                with trio.move_on_after(wait) as scope:
+                    header, state, dead, origin = await self._inbox.receive()
+                if scope.cancelled_caught:
+                    raise RunError(f"no model arrived for {wait:g} s; the ring is broken")
+                self.dead |= dead - {self.me}
+                if header.kind == "final":
+                    await self._finish(state, origin or header.sender)
+                else:
+                    await self._hop(state, Position(header.lap, header.hop), header.sender)
+            nursery.cancel_scope.cancel()
+        assert self.finished is not None
+        return self.finished
+
+    async def _hop(self, state: RingState, pos: Position, predecessor: PeerId | None) -> None:
+        args = (self.task, state, self.ring_settings, pos.lap, pos.hop, self.federation)
+        if self.peer.config.train_in_thread:
+            new, metrics = await trio.to_thread.run_sync(train_hop, *args)
+        else:
+            new, metrics = train_hop(*args)
+            await trio.lowlevel.checkpoint()
+        self._log_hop(new, metrics)
+        if metrics.done:
+            await self._finish(new, self.me)
+            return
+        forwarded = await self._forward(new, pos)
+        if predecessor is not None and forwarded:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._tell_passed, predecessor, pos)
+        if not forwarded:
+            log.warning("no other member is reachable: finishing alone")
+            await self._finish(new, self.me, reason="members-lost")
+
+    def _log_hop(self, state: RingState, metrics: Any) -> None:
+        cand = metrics.candidate
+        self.outputs.log(
+            {
+                "type": "hop",
+                "lap": metrics.lap,
+                "hop": metrics.hop,
+                "steps": metrics.steps,
+                "samples": metrics.samples,
+                "train_loss": metrics.train_loss,
+                "candidate_val_loss": cand.loss if cand is not None else None,
+                "candidate_val_n": cand.n if cand is not None else None,
+                "seconds": metrics.seconds,
+                "epoch": self.epoch,
+            }
+        )
+        for h in state.meta.history:
+            self.outputs.log_lap(
+                {"lap": h.lap, "federated_val_loss": h.loss, "accuracy": h.accuracy,
+                 "auc": None if math.isnan(h.auc) else h.auc, "n": h.n, "samples": h.samples}
+            )  # fmt: skip
+        closed = metrics.closed
+        log.info(
+            "lap %d hop %d: trained %d samples (loss %.4f)%s",
+            metrics.lap, metrics.hop, metrics.samples, metrics.train_loss,
+            f"; federated val loss of lap {closed.lap}: {closed.loss:.4f}" if closed else "",
+        )  # fmt: skip
+
+    # --- handing on -------------------------------------------------------------------------
+
+    def _payload(self, state: RingState, origin: PeerId | None = None) -> bytearray:
+        return encode_payload(
+            state.meta.to_dict(), frozenset(self.dead), origin, state_to_bytes(state.tensors)
+        )
+
+    def _next(self, pos: Position) -> tuple[PeerId, Position] | None:
+        ring = self.ring
+        successors = ring.successors(self.me)
+        if not successors:
+            return None
+        target = successors[0]
+        if target == ring.leader:
+            return target, Position(pos.lap + 1, 0)
+        return target, Position(pos.lap, ring.position(target))
+
+    async def _forward(self, state: RingState, pos: Position) -> bool:
+        """Hand ``state`` (trained at ``pos``) to the next live member; False if none is left."""
+        while True:
+            step = self._next(pos)
+            if step is None:
+                return False
+            target, npos = step
+            error = await self._send(target, "model", npos, self._payload(state))
+            if error is None:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._watch, target, npos, state, pos)
+                return True
+            if error.startswith("refused") and "epoch" in error:
+                raise RunError(f"{target} says we were excluded from the run: {error}")
+            self._declare_dead(target, error)
+
+    async def _send(
+        self, target: PeerId, kind: BlobKind, pos: Position, data: bytearray
+    ) -> str | None:
+        """Send one blob; None on success (custody taken), else why not."""
+        try:
+            with trio.fail_after(self.limits.blob_timeout + self.limits.handshake_timeout):
+                channel = await self.peer.dial(target)
+                framed = FramedStream(channel, peer=target.text, limits=self.limits)
+                try:
+                    await framed.send_frame(encode_message(BlobRequest(self.run_id)))
+                    await send_blob(
+                        framed,
+                        self.peer.identity,
+                        run_id=self.run_id,
+                        kind=kind,
+                        lap=pos.lap,
+                        hop=pos.hop,
+                        epoch=self.epoch,
+                        recipient=target,
+                        data=data,
+                    )
+                finally:
+                    await framed.aclose()
+        except trio.TooSlowError:
+            return "timed out"
+        except RemoteProtocolError as exc:
+            kind_name = type(exc).__name__
+            return ("refused: " if "Refused" in kind_name else "") + exc.reason
+        except OSError as exc:
+            return f"unreachable: {exc}"
+        return None
+
+    async def _watch(self, target: PeerId, npos: Position, state: RingState, pos: Position) -> None:
+        """Keep our copy until ``target`` says the model moved on; else skip it."""
+        event = self._passed.setdefault((target, npos), trio.Event())
+        with trio.move_on_after(self.limits.hop_timeout):
+            await event.wait()
+            return
+        if self.finished is not None or target in self.dead:
+            return
+        self._declare_dead(
+            target, f"silent for {self.limits.hop_timeout:g} s after taking the model"
+        )
+        step = self._next(pos)
+        if step is None:
+            return
+        error = await self._send(step[0], "model", step[1], self._payload(state))
+        if error is not None and error.startswith("refused"):
+            log.info("%s already has a newer model (%s): the ring moved on", step[0], error)
+        elif error is None:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._watch, step[0], step[1], state, pos)
+        else:
+            self._declare_dead(step[0], error)
+
+    async def _tell_passed(self, predecessor: PeerId, pos: Position) -> None:
+        try:
+            with trio.move_on_after(self.limits.handshake_timeout + self.limits.frame_timeout):
+                channel = await self.peer.dial(predecessor)
+                framed = FramedStream(channel, peer=predecessor.text, limits=self.limits)
+                await framed.send_frame(encode_message(Passed(self.run_id, pos.lap, pos.hop)))
+                await framed.aclose()
+        except (RemoteProtocolError, OSError) as exc:
+            log.info("could not tell %s the model moved on: %s", predecessor, exc)
+
+    def on_passed(self, remote: PeerId, message: Passed) -> None:
+        """``remote`` says the model we gave it (at lap, hop) moved on."""
+        if message.run_id == self.run_id:
+            self._passed.setdefault(
+                (remote, Position(message.lap, message.hop)), trio.Event()
+            ).set()
+
+    # --- receiving --------------------------------------------------------------------------
+
+    async def on_blob(
+        self, framed: FramedStream, channel: SecureChannel, request: BlobRequest
+    ) -> None:
+        """Receive one blob on a connection whose request was ``blob``."""
+        remote = channel.remote_peer
+        if remote not in self.members:
+            raise RemoteProtocolError(
+                "sent a blob but is not a member of the run", peer=remote.text
+            )
+        decoded: list[tuple[RingState, frozenset[PeerId], PeerId | None]] = []
+
+        def check(header: BlobHeader, data: memoryview) -> None:
+            payload = decode_payload(data, limits=self.limits)
+            tensors = bytes_to_state(payload.state, like=self.template.tensors, limits=self.limits)
+            state = RingState.from_parts(tensors, payload.ring, template=self.template)
+            if any(p not in self.members for p in payload.dead):
+                raise RemoteProtocolError("dead list names a non-member")
+            decoded.append((state, payload.dead, payload.origin))
+
+        received = await receive_blob(
+            framed,
+            me=self.me,
+            remote=remote,
+            run_id=self.run_id,
+            guard=self.guard,
+            min_epoch=self.epoch,
+            check=check,
+        )
+        state, dead, origin = decoded[0]
+        await self._inbox_send.send((received.header, state, dead, origin))
+
+    # --- finishing --------------------------------------------------------------------------
+
+    async def _finish(self, state: RingState, origin: PeerId, reason: str | None = None) -> None:
+        if self.finished is not None:
+            return
+        meta = state.meta
+        weights = final_weights(state)
+        if self.peer.config.train_in_thread:
+            own = await trio.to_thread.run_sync(evaluate_state, self.task, state)
+        else:
+            own = evaluate_state(self.task, state)
+        sha = self.outputs.save_model(weights, {"fedup_run_id": self.run_id.hex(), "format": "pt"})
+        history = list(meta.history)
+        best = next((h for h in history if h.lap == meta.best_lap), None)
+        stop = reason or ("converged" if meta.stale >= self.ring_settings.patience else "max-laps")
+        self.finished = RunSummary(
+            run_id=self.run_id.hex(),
+            peer_id=self.me.text,
+            leader=self.view.leader.text,
+            members=[p.text for p in self.members],
+            laps=max((h.lap for h in history), default=-1) + 1,
+            converged=stop == "converged",
+            stop_reason=stop,
+            federated_val_loss=[h.loss for h in history],
+            federated_laps=[h.lap for h in history],
+            best_lap=meta.best_lap,
+            final_val_loss=own.loss,
+            final_val_accuracy=own.accuracy,
+            data_passes=(best.samples / self.federation.n_rows)
+            if best is not None and self.federation.n_rows
+            else math.nan,
+            model_sha256=sha,
+            dead=[p.text for p in sorted(self.dead)],
+            out_dir=str(self.outputs.directory),
+        )
+        self.outputs.save_summary(self.finished)
+        log.info(
+            "run %s finished (%s): best lap %d, final val loss here %.4f, model %s",
+            self.run_id.hex()[:8], stop, meta.best_lap, own.loss, sha[:12],
+        )  # fmt: skip
+        # Hand the final model on until it is back where its distribution started.
+        data = self._payload(state, origin)
+        for target in self.ring.successors(self.me):
+            if target == origin:
+                break
+            error = await self._send(target, "final", Position(max(meta.lap, 0), 0), data)
+            if error is None:
+                break
+            self._declare_dead(target, error)
