@@ -1,0 +1,202 @@
+"""``fedup-peer start``: discover, form, train and finish, with zero configuration on a LAN.
+
+Every setting can come from, in order of precedence: the command line, an
+environment variable ``FEDUP_<NAME>`` (e.g. ``FEDUP_MIN_PEERS=3``), a TOML file
+given with ``--config`` (keys as the long option names, with ``-`` or ``_``), or
+the default.  On success it prints the output folder and exits 0; on failure it
+prints one line and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from fedup.commands.peers import read_network_key
+from fedup.errors import ConfigError
+from fedup.peer import Peer, PeerConfig, TabularSource
+from fedup.protocol.records import Address
+from fedup.protocol.view import RunSettings
+
+log = logging.getLogger("fedup")
+
+ENV_PREFIX = "FEDUP_"
+_RUN = RunSettings()
+
+
+def _address(text: str) -> Address:
+    try:
+        return Address.parse(text)
+    except ValueError as exc:
+        raise ConfigError(f"bad address {text!r}: {exc}") from None
+
+
+def _flag(text: object) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{text!r} is not a yes/no value")
+
+
+@attrs.frozen
+class Setting:
+    name: str
+    convert: Callable[[Any], Any]
+    default: Any
+    help: str
+    repeat: bool = False
+    flag: bool = False
+
+
+SETTINGS = [
+    Setting("data", Path, None, "CSV file of this peer's private data (default: synthetic loans)"),
+    Setting("target", str, "default", "the binary target column of --data (default: default)"),
+    Setting("out", Path, None, "output folder (default: a run folder under the state dir)"),
+    Setting("min_peers", int, 2, "members needed, this peer included (default: 2)"),
+    Setting("settle", float, 3.0, "seconds without a new peer before forming (default: 3)"),
+    Setting("max_laps", int, _RUN.max_laps, "stop after this many laps"),
+    Setting("patience", int, _RUN.patience, "laps without improvement before stopping"),
+    Setting("tolerance", float, _RUN.tolerance, "relative improvement that counts"),
+    Setting("local_epochs", float, _RUN.local_epochs, "passes over local data per hop"),
+    Setting("lr", float, _RUN.lr, "learning rate"),
+    Setting("batch_size", int, _RUN.batch_size, "minibatch size"),
+    Setting("seed", int, _RUN.seed, "seed of the model's initialisation and shuffling"),
+    Setting("listen", _address, Address("0.0.0.0", 0), "TCP HOST:PORT to listen on"),
+    Setting("interface", str, None, "mDNS interface (name or IPv4); repeatable", repeat=True),
+    Setting("network", str, "fedup", "network name; peers of other networks are ignored"),
+    Setting("network_key_file", Path, None, "32-byte network key (64 hex digits or raw)"),
+    Setting("bootstrap", _address, None, "known peer HOST:PORT to dial; repeatable", repeat=True),
+    Setting("no_mdns", _flag, False, "do not use mDNS (then use --bootstrap)", flag=True),
+    Setting(
+        "loopback", _flag, False, "mDNS and TCP on 127.0.0.1 only (peers on one host)", flag=True
+    ),
+]
+
+
+def add_parser(
+    subparsers: argparse._SubParsersAction,  # type: ignore[type-arg]
+    common: Callable[[argparse.ArgumentParser], None],
+) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "start",
+        help="join a federation: discover, form, train, finish",
+        description="Start this peer: find the others (mDNS on the LAN, or --bootstrap), form "
+        "a federation, train the model around the ring on this peer's private data until "
+        "it converges, and write model.safetensors, metrics.jsonl and summary.json. Every "
+        "option can also come from FEDUP_<NAME> environment variables or a --config TOML file.",
+    )
+    common(p)
+    p.add_argument("--config", type=Path, default=None, help="TOML file with settings")
+    for s in SETTINGS:
+        opt = "--" + s.name.replace("_", "-")
+        if s.flag:
+            p.add_argument(opt, action="store_const", const=True, default=None, help=s.help)
+        elif s.repeat:
+            p.add_argument(opt, action="append", default=None, help=s.help)
+        else:
+            p.add_argument(opt, default=None, help=s.help)
+    p.set_defaults(func=run)
+    return p
+
+
+def resolve(args: argparse.Namespace, environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Each setting from the command line, the environment, the config file or the default."""
+    env = os.environ if environ is None else environ
+    file_values: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            raw = tomllib.loads(Path(args.config).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {args.config}: {exc}") from None
+        file_values = {k.replace("-", "_"): v for k, v in raw.items()}
+        unknown = set(file_values) - {s.name for s in SETTINGS} - {"state_dir", "log_level"}
+        if unknown:
+            raise ConfigError(f"unknown settings in {args.config}: {', '.join(sorted(unknown))}")
+    out: dict[str, Any] = {}
+    for s in SETTINGS:
+        value: Any = getattr(args, s.name)
+        where = "--" + s.name.replace("_", "-")
+        if value is None and ENV_PREFIX + s.name.upper() in env:
+            value = env[ENV_PREFIX + s.name.upper()]
+            value = value.split(",") if s.repeat else value
+            where = ENV_PREFIX + s.name.upper()
+        if value is None and s.name in file_values:
+            value = file_values[s.name]
+            where = f"{s.name} in {args.config}"
+        if value is None:
+            out[s.name] = s.default
+            continue
+        try:
+            if s.repeat:
+                items = value if isinstance(value, list) else [value]
+                out[s.name] = [s.convert(v) for v in items]
+            else:
+                out[s.name] = s.convert(value)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return out
+
+
+def build_config(args: argparse.Namespace, values: dict[str, Any]) -> PeerConfig:
+    key = read_network_key(values["network_key_file"]) if values["network_key_file"] else None
+    run = RunSettings(
+        max_laps=values["max_laps"],
+        patience=values["patience"],
+        tolerance=values["tolerance"],
+        local_epochs=values["local_epochs"],
+        lr=values["lr"],
+        batch_size=values["batch_size"],
+        seed=values["seed"],
+    )
+    if values["no_mdns"] and not values["bootstrap"]:
+        raise ConfigError("with --no-mdns, give at least one --bootstrap HOST:PORT")
+    return PeerConfig(
+        state_dir=args.state_dir,
+        out_dir=values["out"],
+        network=values["network"],
+        network_key=key,
+        listen=values["listen"],
+        interfaces=tuple(values["interface"]) if values["interface"] else None,
+        loopback=values["loopback"],
+        mdns=not values["no_mdns"],
+        bootstrap=tuple(values["bootstrap"] or ()),
+        min_peers=values["min_peers"],
+        settle=values["settle"],
+        run=run,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    values = resolve(args)
+    config = build_config(args, values)
+    identity = config.load_identity()
+    state_dir = config.resolved_state_dir()
+    if values["data"] is not None:
+        source = TabularSource.from_csv(values["data"], values["target"])
+    else:
+        source = TabularSource.synthetic(identity.peer_id.text, state_dir / "data")
+        log.info("no --data given: using synthetic loans in %s", state_dir / "data")
+    config = attrs.evolve(config, identity=identity)
+
+    async def main() -> int:
+        async with Peer.open(config, source) as peer:
+            summary = await peer.train()
+        print(json.dumps({"out": summary.out_dir, "model_sha256": summary.model_sha256,
+                          "laps": summary.laps, "stop_reason": summary.stop_reason,
+                          "final_val_loss": summary.final_val_loss}))  # fmt: skip
+        return 0
+
+    return trio.run(main)
