@@ -84,6 +84,8 @@ class Peer:
         self.record: SignedPeerRecord
         self.addresses: tuple[Address, ...] = ()
         self.formation = Formation(self)
+        self._inbound: dict[PeerId, SignedPeerRecord] = {}
+        """Records of peers that connected to us (verified in the handshake)."""
         self.ring: RingRun | None = None
 
     @classmethod
@@ -191,7 +193,7 @@ class Peer:
 
     def known_peers(self) -> dict[PeerId, SignedPeerRecord]:
         """Verified records of peers on our network, from every discovery backend."""
-        found: dict[PeerId, SignedPeerRecord] = {}
+        found: dict[PeerId, SignedPeerRecord] = dict(self._inbound)
         for d in self.discoveries:
             for peer, signed in d.peers().items():
                 if peer not in found or found[peer].record.seq < signed.record.seq:
@@ -235,9 +237,17 @@ class Peer:
     async def _handle(self, channel: SecureChannel) -> None:
         limits = self.config.limits
         remote = channel.remote_peer
-        for d in self.discoveries:
-            if isinstance(d, BootstrapDiscovery) and channel.remote_record is not None:
-                d.observe_inbound(channel.remote_record)
+        record = channel.remote_record
+        if record is not None:
+            # Verified in the handshake (signature, peer ID, our network): a peer that
+            # dialed us is a candidate even when no discovery backend saw it.
+            current = self._inbound.get(remote)
+            if current is None or current.record.seq < record.record.seq:
+                if current is not None or len(self._inbound) < 4 * limits.max_members:
+                    self._inbound[remote] = record
+            for d in self.discoveries:
+                if isinstance(d, BootstrapDiscovery):
+                    d.observe_inbound(record)
         framed = FramedStream(channel, peer=remote.text, limits=limits)
         with trio.fail_after(limits.frame_timeout):
             first = await framed.receive_frame()
