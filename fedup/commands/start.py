@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -179,7 +180,44 @@ def build_config(args: argparse.Namespace, values: dict[str, Any]) -> PeerConfig
     )
 
 
+class LiveProgress(logging.Handler):
+    """On a terminal: hop progress rewrites one status line; other messages scroll above it."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__()
+        self.stream = stream
+        self._status = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            if record.name == "fedup.federation" and text.startswith("lap "):
+                self.stream.write("\r\x1b[K" + text[:200])
+                self._status = True
+            else:
+                prefix = "\r\x1b[K" if self._status else ""
+                self.stream.write(f"{prefix}{record.levelname.lower()}: {text}\n")
+                self._status = False
+            self.stream.flush()
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def _use_live_progress() -> None:
+    """Replace the plain log lines with a live status line when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        return
+    root = logging.getLogger()
+    level = root.level
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    live = LiveProgress(sys.stderr)
+    live.setLevel(level)
+    root.addHandler(live)
+
+
 def run(args: argparse.Namespace) -> int:
+    _use_live_progress()
     values = resolve(args)
     config = build_config(args, values)
     identity = config.load_identity()
