@@ -14,9 +14,17 @@ The rules (docs/federation.md):
    epoch, members with their records, settings, schema.  Each member verifies
    it and acknowledges its digest; training starts only when every member of
    the view acknowledged.  A member that does not is left out and the view is
-   re-signed with the next epoch.
+   re-signed with the next epoch.  The leader then closes the connections:
+   cleanly for the members of the final view (their view holds), after a
+   ``refuse`` for members that acknowledged an earlier epoch but were left out,
+   or for every member if it gives the proposal up.
 4. A candidate follows the lowest proposer it can verify: a call from a
-   higher peer than one it knows is answered with ``follow``.
+   higher peer than one it knows is answered with ``follow``; a leader called
+   by a lower peer while it leads stands down.  A peer that acknowledged a
+   view refuses calls from other leaders.
+5. A peer the leader refuses (its columns do not fit), or that cannot accept
+   the leader's view (its model's layout differs), ends with
+   :class:`FormationError` naming the reason.
 """
 
 from __future__ import annotations
@@ -62,6 +70,8 @@ class _Candidate:
     framed: FramedStream
     record: SignedPeerRecord
     summary: DataSummary | None = None
+    acked: bool = False
+    """It acknowledged a view of this proposal (so it waits for the outcome)."""
 
 
 class Formation:
@@ -70,10 +80,16 @@ class Formation:
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
         self.joined: SignedView | None = None
+        self.refused: FormationError | None = None
+        """Set when the leader refused us (e.g. our columns do not fit) or we cannot
+        accept its view (e.g. our model's layout differs): formation failed."""
         self._joined_event = trio.Event()
+        """Set when this peer joined a view or was refused: formation is decided."""
         self._following: PeerId | None = None
         self._ignored: set[PeerId] = set()
         self._lead_scope: trio.CancelScope | None = None
+        self._proposal_from: PeerId | None = None
+        """The leader whose proposal we acknowledged and whose outcome we await."""
         self.training_started = False
 
     # --- electing ------------------------------------------------------------------
@@ -85,11 +101,17 @@ class Formation:
         return found
 
     async def settle(self) -> None:
-        """Wait for ``min_peers`` candidates and ``settle`` seconds without a new one."""
+        """Wait for ``min_peers`` candidates and ``settle`` seconds without a new one.
+
+        Returns at once when a leader's view was acknowledged meanwhile: a member
+        called by a leader it learned of only through the call (or that knows
+        fewer than ``min_peers`` peers itself) must not keep settling while the
+        ring waits for it.
+        """
         config = self.peer.config
         seen = set(self.candidates())
         quiet_since = trio.current_time()
-        while True:
+        while self.joined is None and self.refused is None:
             now = trio.current_time()
             current = set(self.candidates())
             if current - seen:
@@ -97,13 +119,20 @@ class Formation:
             seen = current
             if len(current) >= config.min_peers and now - quiet_since >= config.settle:
                 return
-            await trio.sleep(min(0.25, max(config.settle / 4, 0.01)))
+            with trio.move_on_after(min(0.25, max(config.settle / 4, 0.01))):
+                await self._joined_event.wait()
 
     async def form(self) -> SignedView:
-        """Settle, elect, and lead or follow until this peer is in an acknowledged view."""
+        """Settle, elect, and lead or follow until this peer is in an acknowledged view.
+
+        Raises :class:`FormationError` if the leader refused us (the reason names
+        the columns that do not fit, for example).
+        """
         limits = self.peer.config.limits
         while self.joined is None:
             await self.settle()
+            if self.refused is not None:
+                raise self.refused
             if self.joined is not None:
                 break
             leader = min(self.candidates())
@@ -111,7 +140,8 @@ class Formation:
                 log.info(
                     "electing myself (%s) among %d candidates", leader.short, len(self.candidates())
                 )
-                with trio.CancelScope() as scope:
+                signed: SignedView | None = None
+                with trio.CancelScope() as scope:  # cancelled when a lower peer calls us
                     self._lead_scope = scope
                     signed = await self._lead()
                 self._lead_scope = None
@@ -122,6 +152,8 @@ class Formation:
             log.info("waiting for %s to call", (self._following or leader).short)
             with trio.move_on_after(limits.formation_timeout):
                 await self._joined_event.wait()
+            if self.refused is not None:
+                raise self.refused
             if self.joined is None:
                 silent = self._following or leader
                 log.warning("%s did not form a federation in time; re-electing without it", silent)
@@ -147,7 +179,8 @@ class Formation:
                     await framed.send_frame(encode_message(Call(run_id)))
                     reply = decode_message(await framed.receive_frame(), limits=limits)
             except (RemoteProtocolError, trio.TooSlowError, OSError) as exc:
-                log.warning("call to %s failed: %s", target, exc)
+                why = str(exc) or f"no answer within {limits.call_timeout:g} s"
+                log.warning("call to %s failed: %s", target, why)
                 return
             if isinstance(reply, Offer) and reply.run_id == run_id:
                 try:
@@ -174,10 +207,11 @@ class Formation:
                 log.info("%s declined the call: %s", target, reply)
                 await framed.aclose()
 
-        async with trio.open_nursery() as nursery:
-            for target, record in sorted(others.items()):
-                nursery.start_soon(call, target, record)
+        result: SignedView | None = None
         try:
+            async with trio.open_nursery() as nursery:
+                for target, record in sorted(others.items()):
+                    nursery.start_soon(call, target, record)
             if stand_down:
                 self._following = min(stand_down)
                 return None
@@ -189,10 +223,23 @@ class Formation:
                     config.min_peers,
                 )
                 return None
-            return await self._propose(run_id, members)
+            result = await self._propose(run_id, members)
+            return result
         finally:
-            for cand in calls.values():
-                await cand.framed.aclose()
+            # Closing cleanly tells the members of the view that it holds; members that
+            # acknowledged an earlier epoch but are not in it (or every member, if we
+            # give up, are cancelled or fail) are told ``refuse`` first.
+            keep = set(result.view.member_ids) if result is not None else set()
+            why = "left out of the view" if result is not None else "the proposal was given up"
+            await _close_all(
+                [c.framed for c in calls.values()],
+                limits.close_notify_timeout,
+                farewell={
+                    id(c.framed): encode_message(Refuse(run_id, why))
+                    for c in calls.values()
+                    if c.acked and c.peer not in keep
+                },
+            )
 
     async def _admit(self, run_id: bytes, calls: dict[PeerId, _Candidate]) -> list[_Candidate]:
         """Merge summaries; refuse peers whose columns do not fit; return the others."""
@@ -251,6 +298,7 @@ class Formation:
                     log.warning("%s did not acknowledge the view: %s", cand.peer, exc)
                     return
                 if isinstance(reply, Ack) and reply.digest == signed.digest:
+                    cand.acked = True
                     acked.append(cand)
                 else:
                     log.warning("%s did not acknowledge the view: %s", cand.peer, reply)
@@ -272,12 +320,25 @@ class Formation:
     # --- following (runs in the connection handler) ---------------------------------------
 
     async def on_call(self, framed: FramedStream, channel: SecureChannel, call: Call) -> None:
-        """Answer a call; if we offer, wait for the view and acknowledge it."""
+        """Answer a call; if we offer, take part in the caller's proposal.
+
+        After our ``ack`` the view is only proposed: the leader may re-sign it with
+        the next epoch (a member did not acknowledge), which we check and
+        acknowledge again, or give it up (``refuse``).  The view acknowledged last
+        becomes ours when the leader closes the connection cleanly: every member
+        of it acknowledged.  A ``refuse`` before any view (our columns do not fit)
+        or a view we cannot accept ends our formation with :class:`FormationError`.
+        """
         peer = self.peer
         limits = peer.config.limits
         proposer = channel.remote_peer
         if self.training_started:
             await _refuse(framed, call.run_id, "already training in another run")
+            return
+        bound = self.joined.view.leader if self.joined is not None else self._proposal_from
+        if bound is not None and bound != proposer:
+            # We acknowledged another leader's view: its ring counts on us.
+            await _refuse(framed, call.run_id, f"already in the federation of {bound}")
             return
         known = set(self.candidates()) | {proposer}
         lowest = min(known)
@@ -293,43 +354,57 @@ class Formation:
             self._lead_scope.cancel()
         summary = peer.source.summary()
         await framed.send_frame(encode_message(Offer(call.run_id, summary, peer.source.kind)))
-        while True:
-            with trio.fail_after(limits.view_timeout):
-                message = decode_message(await framed.receive_frame(), limits=limits)
-            if isinstance(message, Refuse):
-                raise FormationError(f"{proposer} refused us: {message.reason}")
-            if not isinstance(message, ViewMessage):
-                raise RemoteProtocolError(f"expected a view, got {message}", peer=proposer.text)
-            signed = verify_view(message.envelope, limits=limits)
-            problem = self._check_view(signed, proposer, call.run_id)
-            if problem is not None:
-                log.warning("refusing the view of %s: %s", proposer, problem)
-                await _refuse(framed, call.run_id, problem)
-                return
-            await framed.send_frame(
-                encode_message(Ack(call.run_id, signed.view.epoch, signed.digest))
-            )
-            self.joined = signed
-            self._joined_event.set()
-            # A later view (next epoch) may follow if a member failed to acknowledge.
-            try:
-                nxt = await framed.receive_frame_or_eof()
-            except RemoteProtocolError:
-                return
-            if nxt is None:
-                return
-            message_bytes = nxt
-            message = decode_message(message_bytes, limits=limits)
-            if isinstance(message, ViewMessage):
-                signed2 = verify_view(message.envelope, limits=limits)
-                if signed2.view.run_id == call.run_id and signed2.view.epoch > signed.view.epoch:
-                    problem = self._check_view(signed2, proposer, call.run_id)
-                    if problem is None:
-                        await framed.send_frame(
-                            encode_message(Ack(call.run_id, signed2.view.epoch, signed2.digest))
-                        )
-                        self.joined = signed2
-            return
+        acked: SignedView | None = None
+        try:
+            while True:
+                # The leader answers once all its calls ended, and re-proposes within
+                # one round of acknowledgements.
+                try:
+                    with trio.fail_after(limits.call_timeout + limits.view_timeout):
+                        frame = await framed.receive_frame_or_eof()
+                except (RemoteProtocolError, trio.TooSlowError) as exc:
+                    log.warning("%s went silent while forming: %s", proposer, str(exc) or "timeout")
+                    return
+                if frame is None:
+                    if acked is not None:  # closed cleanly: the view holds
+                        self.joined = acked
+                        self._joined_event.set()
+                    return
+                message = decode_message(frame, limits=limits)
+                if isinstance(message, Refuse):
+                    if acked is not None:
+                        log.info("%s gave up the proposal: %s", proposer, message.reason)
+                        return
+                    # The lowest peer we know does not want us: formation ends here
+                    # for this peer, with the leader's reason.
+                    self._fail(FormationError(f"{proposer} refused us: {message.reason}"))
+                    return
+                if not isinstance(message, ViewMessage):
+                    raise RemoteProtocolError(f"expected a view, got {message}", peer=proposer.text)
+                signed = verify_view(message.envelope, limits=limits)
+                if acked is not None and signed.view.epoch <= acked.view.epoch:
+                    raise RemoteProtocolError(
+                        f"view epoch {signed.view.epoch} after epoch {acked.view.epoch}",
+                        peer=proposer.text,
+                    )
+                problem = self._check_view(signed, proposer, call.run_id)
+                if problem is not None:
+                    log.warning("refusing the view of %s: %s", proposer, problem)
+                    await _refuse(framed, call.run_id, problem)
+                    self._fail(FormationError(f"cannot join the view of {proposer}: {problem}"))
+                    return
+                await framed.send_frame(
+                    encode_message(Ack(call.run_id, signed.view.epoch, signed.digest))
+                )
+                acked = signed
+                self._proposal_from = proposer
+        finally:
+            if self._proposal_from == proposer and self.joined is None:
+                self._proposal_from = None
+
+    def _fail(self, error: FormationError) -> None:
+        self.refused = error
+        self._joined_event.set()
 
     def _check_view(self, signed: SignedView, proposer: PeerId, run_id: bytes) -> str | None:
         view = signed.view
@@ -352,6 +427,24 @@ class Formation:
         if expected.model_digest != view.settings.model_digest:
             return "my model's layout differs from the leader's"
         return None
+
+
+async def _close_all(
+    streams: list[FramedStream], timeout: float, farewell: dict[int, bytes] | None = None
+) -> None:
+    """Close every stream (after sending ``farewell[id(stream)]`` if given), politely for
+    up to ``timeout`` s in all, also when we are being cancelled."""
+    with trio.CancelScope(shield=True), trio.move_on_after(timeout):
+        for framed in streams:
+            last = (farewell or {}).get(id(framed))
+            if last is not None:
+                try:
+                    await framed.send_frame(last)
+                except RemoteProtocolError:
+                    pass
+            await framed.aclose()
+    for framed in streams:  # those the deadline cut short (a no-op for the closed ones)
+        await trio.aclose_forcefully(framed.stream)
 
 
 async def _refuse(framed: FramedStream, run_id: bytes, reason: str) -> None:

@@ -7,9 +7,12 @@ the :class:`~fedup.learn.ring.RingState` between members and keeps the rules of
 * Positions ``(lap, hop)`` follow :mod:`fedup.protocol.laps`; the receiving
   member's replay guard only accepts newer positions.
 * Custody: a sender keeps the state it handed on until the successor says
-  ``passed`` (the model moved on again).  If the successor cannot be reached,
-  refuses, or stays silent for ``hop_timeout``, it is declared dead: the
-  sender hands its copy to the next live member.  The dead set travels in every
+  ``passed`` (the model moved on again).  If the successor cannot be reached
+  or refuses, it is declared dead and the sender hands its copy to the next
+  live member.  If it stays silent for ``hop_timeout``, the sender hands its
+  copy on the same way and declares it dead once the next member took it; if
+  that member already has a newer model, only the ``passed`` was late and the
+  successor stays in the ring.  The dead set travels in every
   blob, so the others learn it from the next message; the view epoch is the
   view's epoch plus the number of dead members, and blobs from a lower epoch
   are refused.
@@ -182,11 +185,7 @@ class RingRun:
                 "epoch": self.epoch,
             }
         )
-        for h in state.meta.history:
-            self.outputs.log_lap(
-                {"lap": h.lap, "federated_val_loss": h.loss, "accuracy": h.accuracy,
-                 "auc": None if math.isnan(h.auc) else h.auc, "n": h.n, "samples": h.samples}
-            )  # fmt: skip
+        self._log_laps(state)
         closed = metrics.closed
         log.info(
             "lap %d hop %d: trained %d samples (loss %.4f)%s",
@@ -194,15 +193,30 @@ class RingRun:
             f"; federated val loss of lap {closed.lap}: {closed.loss:.4f}" if closed else "",
         )  # fmt: skip
 
+    def _log_laps(self, state: RingState) -> None:
+        """A ``lap`` line for each lap in the ring metadata not logged yet."""
+        for h in state.meta.history:
+            self.outputs.log_lap(
+                {"lap": h.lap, "federated_val_loss": h.loss, "accuracy": h.accuracy,
+                 "auc": None if math.isnan(h.auc) else h.auc, "n": h.n, "samples": h.samples}
+            )  # fmt: skip
+
     # --- handing on -------------------------------------------------------------------------
 
-    def _payload(self, state: RingState, origin: PeerId | None = None) -> bytearray:
-        return encode_payload(
-            state.meta.to_dict(), frozenset(self.dead), origin, state_to_bytes(state.tensors)
-        )
+    def _payload(
+        self,
+        state: RingState,
+        origin: PeerId | None = None,
+        dead: frozenset[PeerId] | None = None,
+    ) -> bytearray:
+        dead = frozenset(self.dead) if dead is None else dead
+        return encode_payload(state.meta.to_dict(), dead, origin, state_to_bytes(state.tensors))
 
-    def _next(self, pos: Position) -> tuple[PeerId, Position] | None:
-        ring = self.ring
+    def _next(
+        self, pos: Position, dead: frozenset[PeerId] | None = None
+    ) -> tuple[PeerId, Position] | None:
+        """Where the model trained here at ``pos`` goes next (with ``dead`` skipped)."""
+        ring = self.ring if dead is None else Ring.of(self.members, dead)
         successors = ring.successors(self.me)
         if not successors:
             return None
@@ -228,9 +242,15 @@ class RingRun:
             self._declare_dead(target, error)
 
     async def _send(
-        self, target: PeerId, kind: BlobKind, pos: Position, data: bytearray
+        self,
+        target: PeerId,
+        kind: BlobKind,
+        pos: Position,
+        data: bytearray,
+        epoch: int | None = None,
     ) -> str | None:
-        """Send one blob; None on success (custody taken), else why not."""
+        """Send one blob (at our epoch unless ``epoch``); None once ``target`` took
+        custody, else why not."""
         try:
             with trio.fail_after(self.limits.blob_timeout + self.limits.handshake_timeout):
                 channel = await self.peer.dial(target)
@@ -244,7 +264,7 @@ class RingRun:
                         kind=kind,
                         lap=pos.lap,
                         hop=pos.hop,
-                        epoch=self.epoch,
+                        epoch=self.epoch if epoch is None else epoch,
                         recipient=target,
                         data=data,
                     )
@@ -260,27 +280,43 @@ class RingRun:
         return None
 
     async def _watch(self, target: PeerId, npos: Position, state: RingState, pos: Position) -> None:
-        """Keep our copy until ``target`` says the model moved on; else skip it."""
+        """Keep our copy until ``target`` says the model moved on; else skip it.
+
+        After ``hop_timeout`` without ``passed`` the copy goes to the next live
+        member with ``target`` counted as dead; only once that member takes it is
+        ``target`` declared dead here.  If it refuses because it already has a
+        newer model, the ring moved on through ``target`` (only its ``passed``
+        was late): ``target`` is not declared dead, so a working member is never
+        excluded on a late message.  An unreachable member on the way is
+        skipped too.
+        """
         event = self._passed.setdefault((target, npos), trio.Event())
         with trio.move_on_after(self.limits.hop_timeout):
             await event.wait()
             return
-        if self.finished is not None or target in self.dead:
-            return
-        self._declare_dead(
-            target, f"silent for {self.limits.hop_timeout:g} s after taking the model"
-        )
-        step = self._next(pos)
-        if step is None:
-            return
-        error = await self._send(step[0], "model", step[1], self._payload(state))
-        if error is not None and error.startswith("refused"):
-            log.info("%s already has a newer model (%s): the ring moved on", step[0], error)
-        elif error is None:
-            assert self._nursery is not None
-            self._nursery.start_soon(self._watch, step[0], step[1], state, pos)
-        else:
-            self._declare_dead(step[0], error)
+        suspects = {target: f"silent for {self.limits.hop_timeout:g} s after taking the model"}
+        while self.finished is None and target not in self.dead:
+            dead = frozenset(self.dead | set(suspects))
+            step = self._next(pos, dead)
+            if step is None:
+                return
+            error = await self._send(
+                step[0],
+                "model",
+                step[1],
+                self._payload(state, dead=dead),
+                epoch=self.view.epoch + len(dead),
+            )
+            if error is None:
+                for peer, why in suspects.items():
+                    self._declare_dead(peer, why)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._watch, step[0], step[1], state, pos)
+                return
+            if error.startswith("refused"):
+                log.info("%s already has a newer model (%s): the ring moved on", step[0], error)
+                return
+            suspects[step[0]] = error
 
     async def _tell_passed(self, predecessor: PeerId, pos: Position) -> None:
         try:
@@ -338,6 +374,7 @@ class RingRun:
         if self.finished is not None:
             return
         meta = state.meta
+        self._log_laps(state)  # the final model carries the laps closed since our last hop
         weights = final_weights(state)
         if self.peer.config.train_in_thread:
             own = await trio.to_thread.run_sync(evaluate_state, self.task, state)

@@ -145,12 +145,33 @@ class Node:
                 self.proc.wait(timeout=5)
 
 
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """End a :meth:`Netns.spawn` process and its group: SIGTERM, then SIGKILL after 5 s.
+
+    Only while the leader is not yet reaped (so its ID cannot belong to anyone
+    else); anything left behind is killed with its namespace in :meth:`Netns.cleanup`.
+    """
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            continue
+
+
 class Netns:
     """Creates namespaces, links and helper processes; removes them all at the end."""
 
     def __init__(self) -> None:
         self.namespaces: list[str] = []
         self.nodes: list[Node] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+        """Processes from :meth:`spawn`, each the leader of its own process group."""
 
     def add(self, label: str) -> str:
         name = f"{_PREFIX}-{next(_counter)}-{label}"
@@ -200,7 +221,30 @@ class Netns:
         self.nodes.append(node)
         return node
 
+    def spawn(
+        self, ns: str, argv: list[str], *, log: Path, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Run ``argv`` in ``ns`` (its own process group); stdout and stderr go to files.
+
+        ``log`` is a path prefix: ``<log>.out`` and ``<log>.err``.  Files, not pipes,
+        so a chatty process never blocks on a full pipe.  The group is killed at the end.
+        """
+        with open(f"{log}.out", "wb") as out, open(f"{log}.err", "wb") as err:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", ns, *argv],
+                cwd=REPO,
+                env=env if env is not None else {**os.environ, "PYTHONPATH": str(REPO)},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+        self.procs.append(proc)
+        return proc
+
     def cleanup(self) -> None:
+        for proc in self.procs:
+            _kill_group(proc)
         for node in self.nodes:
             if node.proc.poll() is None:
                 node.proc.send_signal(signal.SIGTERM)
