@@ -138,6 +138,11 @@ class Limits:
         "a member waits this long for the view after its offer, and the leader as long "
         "for every acknowledgement; a member that does not acknowledge is left out",
     )
+    peer_wait_timeout: float = _limit(
+        900.0,
+        "a peer gives up forming a federation after this long (too few peers found, or "
+        "none would take it) and says so, instead of waiting for ever",
+    )
     formation_timeout: float = _limit(
         60.0,
         "a peer that is not the lowest waits this long for a lower peer to call it, "

@@ -129,6 +129,19 @@ class Formation:
         the columns that do not fit, for example).
         """
         limits = self.peer.config.limits
+        with trio.move_on_after(limits.peer_wait_timeout):
+            return await self._form()
+        found = len(self.candidates())
+        raise FormationError(
+            f"no federation formed within {limits.peer_wait_timeout:g} s: found {found} of "
+            f"the {self.peer.config.min_peers} peers needed (this one included)"
+            if found < self.peer.config.min_peers
+            else f"no federation formed within {limits.peer_wait_timeout:g} s "
+            f"although {found} peers were found; see the log for why"
+        )
+
+    async def _form(self) -> SignedView:
+        limits = self.peer.config.limits
         while self.joined is None:
             await self.settle()
             if self.refused is not None:

@@ -187,9 +187,14 @@ class RingRun:
         )
         self._log_laps(state)
         closed = metrics.closed
+        trained = (
+            f"trained {metrics.samples} samples (loss {metrics.train_loss:.4f})"
+            if metrics.samples
+            else "evaluated only"
+        )
         log.info(
-            "lap %d hop %d: trained %d samples (loss %.4f)%s",
-            metrics.lap, metrics.hop, metrics.samples, metrics.train_loss,
+            "lap %d hop %d: %s%s",
+            metrics.lap, metrics.hop, trained,
             f"; federated val loss of lap {closed.lap}: {closed.loss:.4f}" if closed else "",
         )  # fmt: skip
 

@@ -698,3 +698,16 @@ async def test_a_member_that_cannot_accept_the_view_is_left_out_at_the_next_epoc
     check_same_model(done)
     members = [i.peer_id.text for i in ids[:odd]]
     assert all(s.members == members and s.dead == [] for s in done)
+
+
+async def test_a_peer_that_finds_too_few_others_gives_up_with_a_reason(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    (alone,) = identities(1)
+    limits = attrs.evolve(LIMITS, peer_wait_timeout=45.0)
+    cfg = config(alone, tmp_path / "alone", min_peers=2, limits=limits)
+    start = trio.current_time()
+    with pytest.raises(FormationError, match=r"found 1 of the 2 peers needed"):
+        async with Peer.open(cfg, lender(1), world=MemoryWorld()) as peer:
+            await peer.train()
+    assert trio.current_time() - start == pytest.approx(45.0)
