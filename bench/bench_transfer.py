@@ -7,9 +7,20 @@ the header, encrypt, send, receive, decrypt, reassemble, verify the digest,
 acknowledge, decode (``bytes_to_state`` checked against the model, zero copy).
 The connection and handshake are set up once, outside the timing.
 
-Figures are medians of ``REPEATS`` runs (``best_*``: the fastest run); the
-machine should be otherwise idle.  Reference figures, measured in the same run
-on the same bytes:
+Figures are medians of ``REPEATS`` runs (``best_*``: the fastest run).
+
+The machine must be otherwise idle, with at least two cores for this process.
+Both peers run here, so one transfer costs about 1.6 cores' worth of CPU: the
+trio thread encrypts, decrypts and moves the bytes, while worker threads run
+the sender's and the receiver's BLAKE2b (two passes, by protocol) alongside;
+the crypto floor below uses one core.  With a single free core (another
+process busy on the second) the ratio drops to about 0.57 although nothing in
+FedUp changed.  So the run also reports the CPU it used (``transfer_cpu_ms``,
+``cores_used``) and what *other* processes used meanwhile
+(``other_load_cores``, from ``/proc/stat``; -1 where unavailable), and warns on
+stderr when the timed transfers did not have two cores to themselves.
+
+Reference figures, measured in the same run on the same bytes:
 
 * the *crypto floor*: secretstream encrypt + decrypt of the blob in 1 MiB
   chunks plus one BLAKE2b pass, single thread, nothing else;
@@ -32,6 +43,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import os
 import statistics
 import sys
 import time
@@ -41,6 +53,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 import trio
 
@@ -63,6 +76,8 @@ MiB = 1024 * 1024
 ALICE = Identity(b"\x0a" * 32)
 BOB = Identity(b"\x0b" * 32)
 RUN = b"bench-transfer-1"
+BUSY_OTHERS = 0.2
+"""Cores used by other processes during the timed transfers above which we warn."""
 
 
 def torch_state() -> dict[str, torch.Tensor]:
@@ -186,27 +201,69 @@ async def raw_loopback(blob: memoryview) -> float:
     return elapsed
 
 
+def _system_busy_seconds() -> float | None:
+    """CPU seconds the whole machine spent busy (or stolen), from ``/proc/stat``; None if absent."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    # cpu user nice system idle iowait irq softirq steal ...
+    busy = sum(int(fields[i]) for i in (1, 2, 3, 6, 7, 8) if i < len(fields))
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+@attrs.frozen
+class _Usage:
+    """CPU used during the timed transfers."""
+
+    wall: float
+    own_cpu: float
+    """This process, every thread (user + system)."""
+    other_cores: float
+    """Average cores used by everything else on the machine; -1 if unknown."""
+
+
 async def _transfers(
     alice: FramedStream,
     bob: FramedStream,
     state: dict[str, torch.Tensor],
     blob: memoryview,
     repeats: int,
-) -> tuple[list[float], int, int]:
-    """Time ``repeats`` transfers, then measure memory: (seconds each, RSS peak, traced peak)."""
+) -> tuple[list[float], _Usage, int, int]:
+    """Time ``repeats`` transfers, then measure memory.
+
+    Returns (seconds each, CPU usage during them, RSS peak, traced peak).
+    """
     guard = BlobReplayGuard()
     lap = 0
     decoded = await transfer(alice, bob, state, guard, lap)  # warm-up, and check
     assert all(torch.equal(decoded[n], t) for n, t in state.items())
     del decoded
     effective: list[float] = []
+    wall = own_cpu = 0.0
+    busy_start = _system_busy_seconds()
+    window_cpu, window_start = time.process_time(), time.perf_counter()
     for _ in range(repeats):
         lap += 1
         gc.collect()
+        c0 = time.process_time()
         t0 = time.perf_counter()
         decoded = await transfer(alice, bob, state, guard, lap)
         effective.append(time.perf_counter() - t0)
+        own_cpu += time.process_time() - c0
+        wall += effective[-1]
         del decoded
+    busy_end, window_cpu, window = (
+        _system_busy_seconds(),
+        time.process_time() - window_cpu,
+        time.perf_counter() - window_start,
+    )
+    if busy_start is None or busy_end is None:
+        other = -1.0
+    else:  # over the whole loop (gc.collect() included), as /proc/stat sees it
+        other = max(0.0, (busy_end - busy_start) - window_cpu) / window
+    usage = _Usage(wall=wall, own_cpu=own_cpu, other_cores=other)
 
     # Receiver memory, in separate transfers of the already encoded blob.
     gc.collect()
@@ -223,7 +280,7 @@ async def _transfers(
     traced_peak = tracemalloc.get_traced_memory()[1] - traced_base
     tracemalloc.stop()
     del decoded
-    return effective, rss_peak, traced_peak
+    return effective, usage, rss_peak, traced_peak
 
 
 def _status_bytes(field: str) -> int:
@@ -253,7 +310,7 @@ async def _main(repeats: int, verbose: bool) -> dict[str, float]:
     async with secure_pair(limits) as (a_chan, b_chan):
         alice = FramedStream(a_chan, peer="bob", limits=limits)
         bob = FramedStream(b_chan, peer="alice", limits=limits)
-        effective, rss_peak, traced_peak = await _transfers(alice, bob, state, blob, repeats)
+        effective, usage, rss_peak, traced_peak = await _transfers(alice, bob, state, blob, repeats)
     floor = [crypto_floor(blob, limits.blob_chunk_size) for _ in range(repeats)]
     raw = [await raw_loopback(blob) for _ in range(repeats)]
 
@@ -269,6 +326,10 @@ async def _main(repeats: int, verbose: bool) -> dict[str, float]:
         "best_effective_mib_s": size / MiB / min(effective),
         "best_effective_over_best_floor": min(floor) / min(effective),
         "transfer_ms": eff_s * 1000,
+        "transfer_cpu_ms": usage.own_cpu / repeats * 1000,
+        "cores_used": usage.own_cpu / usage.wall,
+        "cores_available": _cores_available(),
+        "other_load_cores": usage.other_cores,
         "receiver_peak_rss_bytes": float(rss_peak),
         "receiver_peak_rss_over_blob": rss_peak / size,
         "receiver_peak_traced_over_blob": traced_peak / size,
@@ -276,7 +337,32 @@ async def _main(repeats: int, verbose: bool) -> dict[str, float]:
     if verbose:
         for name, value in figures.items():
             print(f"{name:30s} {value:14.2f}")
+    cores = _cores_available()
+    if cores < 2 or usage.other_cores > BUSY_OTHERS:
+        print(
+            f"warning: the transfers did not have two cores to themselves ({cores:g} "
+            f"available, other processes used {usage.other_cores:.2f} cores meanwhile); one "
+            f"transfer takes {usage.own_cpu / repeats * 1000:.0f} ms of CPU over its threads, "
+            "the crypto floor runs on one core, so effective_over_crypto_floor is "
+            "understated: rerun on an idle machine with two free cores",
+            file=sys.stderr,
+        )
     return figures
+
+
+def _cores_available() -> float:
+    """CPUs this process may run on: its affinity, capped by a cgroup v2 CPU quota."""
+    try:
+        cores: float = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, int(quota) / int(period))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def main(repeats: int = REPEATS, *, verbose: bool = True) -> dict[str, Any]:
