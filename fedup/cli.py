@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fedup import __version__
 from fedup.commands import peers as peers_command
+from fedup.commands import simulate as simulate_command
 from fedup.commands import start as start_command
 from fedup.errors import FedupError
 from fedup.identity import STATE_DIR_ENV, default_state_dir, load_or_create_identity
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_id)
     peers_command.add_parser(sub, common=_common)
     start_command.add_parser(sub, common=_common)
+    simulate_command.add_parser(sub, common=_common)
     return parser
 
 

@@ -49,6 +49,9 @@ class PeerConfig:
     run: RunSettings = attrs.field(factory=RunSettings)
     """Training settings; the leader's settings are the run's."""
     limits: Limits = DEFAULT_LIMITS
+    run_id: bytes | None = None
+    """The run ID this peer uses if it leads (16 bytes); None: a fresh random one.
+    The simulator fixes it so that the same seed gives byte-identical model files."""
     train_in_thread: bool = True
     """Train hops in a worker thread so the peer keeps serving; the simulator turns it off
     to run on trio's virtual clock (which does not wait for threads)."""
@@ -58,6 +61,8 @@ class PeerConfig:
             raise ConfigError("min_peers must be at least 1")
         if self.settle < 0:
             raise ConfigError("settle must not be negative")
+        if self.run_id is not None and len(self.run_id) != 16:
+            raise ConfigError("a run ID has 16 bytes")
         if self.network_key is not None and len(self.network_key) != 32:
             raise ConfigError("a network key has 32 bytes")
         if not self.network or len(self.network.encode()) > self.limits.max_network_name:

@@ -179,7 +179,7 @@ class Formation:
     async def _lead(self) -> SignedView | None:
         peer = self.peer
         config, limits = peer.config, peer.config.limits
-        run_id = secrets.token_bytes(16)
+        run_id = peer.config.run_id or secrets.token_bytes(16)
         others = {p: r for p, r in self.candidates().items() if p != peer.peer_id}
         calls: dict[PeerId, _Candidate] = {}
         stand_down: list[PeerId] = []

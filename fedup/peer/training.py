@@ -46,6 +46,7 @@ from fedup.learn.ring import (
 from fedup.learn.weights import bytes_to_state, state_to_bytes
 from fedup.net.blobs import receive_blob, send_blob
 from fedup.net.channel import SecureChannel
+from fedup.net.discovery.base import collapse_single_exception
 from fedup.net.framed import FramedStream
 from fedup.peer.outputs import RunOutputs, RunSummary
 from fedup.protocol.blob import BlobHeader, BlobKind, BlobReplayGuard
@@ -131,6 +132,12 @@ class RingRun:
             "run %s: %d members, ring %s",
             self.run_id.hex()[:8], len(self.members), " -> ".join(p.short for p in self.members),
         )  # fmt: skip
+        with collapse_single_exception():
+            await self._run()
+        assert self.finished is not None
+        return self.finished
+
+    async def _run(self) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             if self.me == self.ring.leader:
@@ -147,8 +154,6 @@ class RingRun:
                 else:
                     await self._hop(state, Position(header.lap, header.hop), header.sender)
             nursery.cancel_scope.cancel()
-        assert self.finished is not None
-        return self.finished
 
     async def _hop(self, state: RingState, pos: Position, predecessor: PeerId | None) -> None:
         args = (self.task, state, self.ring_settings, pos.lap, pos.hop, self.federation)

@@ -1,0 +1,110 @@
+"""How the simulator's cost grows with the number of simulated peers.
+
+For 10, 50, 100 and 200 peers (one synthetic lender each, the small MLP,
+3 laps of 0.1 epoch per hop, virtual clock, one torch thread), each size in
+its own process so that peak memory is that run's:
+
+* ``data_s``: generating the lenders' data (not part of the simulation);
+* ``formation_s``: from the start to the first hop (discovery, election,
+  view; every peer verifies every other's record twice, O(N^2) in all);
+* ``lap_s``: wall time of a full training lap (mean of the laps whose end was
+  seen), and ``hop_ms`` = ``lap_s`` / N, the per-hop cost, which should not
+  grow with N;
+* ``tail_s``: from the start of the last lap to the end (that lap, the
+  evaluation-only lap and handing the final model around the ring);
+* ``total_s``: the whole simulation; ``peak_mib``: the process's peak RSS;
+  ``lap_rss_mib``: RSS growth from the first lap to the last.
+
+Goal: 200 peers, 3 laps in under 60 s (data included), under 2 GiB, ``hop_ms``
+flat in N.  Run ``python bench/bench_sim.py`` (``--sizes 10,50``); ``main()``
+returns the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SIZES = (10, 50, 100, 200)
+LAPS = 3
+
+
+def one(n: int) -> dict[str, Any]:
+    """Simulate ``n`` peers in this process; return its figures."""
+    import torch
+
+    from fedup.protocol.view import RunSettings
+    from fedup.sim import SimSettings, simulate
+    from fedup.sim.data import sources_of, synthetic_tables
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    sources = sources_of(synthetic_tables(n, "lender", seed=0))
+    data_s = time.perf_counter() - start
+    settings = SimSettings(run=RunSettings(max_laps=LAPS, patience=LAPS))
+    with tempfile.TemporaryDirectory(prefix="fedup-bench-sim-") as out:
+        result = simulate(sources, Path(out), settings)
+    marks = result.laps
+    laps = [b.wall - a.wall for a, b in itertools.pairwise(marks)]
+    finished = len(result.finished_peers)
+    return {
+        "peers": n,
+        "finished": finished,
+        "data_s": data_s,
+        "formation_s": marks[0].wall if marks else float("nan"),
+        "lap_s": sum(laps) / len(laps) if laps else float("nan"),
+        "hop_ms": 1000 * sum(laps) / len(laps) / n if laps else float("nan"),
+        "tail_s": result.wall_seconds - marks[-1].wall if marks else float("nan"),
+        "total_s": result.wall_seconds,
+        "peak_mib": result.peak_rss / 2**20,
+        "lap_rss_mib": (marks[-1].rss - marks[0].rss) / 2**20 if marks else float("nan"),
+        "bytes_per_peer": sum(p.bytes_sent for p in result.peers) / n,
+        "same_model": result.model_sha256 is not None and finished == n,
+    }
+
+
+def main(sizes: tuple[int, ...] = SIZES) -> dict[str, Any]:
+    """Run each size in a child process; print one line per figure; return them all."""
+    figures: dict[str, Any] = {}
+    for n in sizes:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--one", str(n)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            print(f"sim_{n}_peers: failed: {proc.stderr.strip().splitlines()[-1:]}")
+            figures[f"sim_{n}"] = None
+            continue
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        figures[f"sim_{n}"] = row
+        for key, value in row.items():
+            if key == "peers":
+                continue
+            text = f"{value:.3f}" if isinstance(value, float) else str(value)
+            print(f"sim_{n}_peers_{key}: {text}", flush=True)
+    big = figures.get("sim_200")
+    if big:
+        goal = big["data_s"] + big["total_s"] < 60 and big["peak_mib"] < 2048 and big["same_model"]
+        print(f"sim_goal_200_peers_3_laps_under_60s_2GiB: {'met' if goal else 'NOT met'}")
+        figures["goal_met"] = goal
+    return figures
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--one", type=int, default=None, help="(internal) one size, as JSON")
+    parser.add_argument("--sizes", default=None, help="comma-separated sizes")
+    args = parser.parse_args()
+    if args.one is not None:
+        print(json.dumps(one(args.one)))
+    else:
+        main(tuple(int(s) for s in args.sizes.split(",")) if args.sizes else SIZES)

@@ -1,0 +1,60 @@
+"""The data of simulated peers: synthetic lenders or a CSV, dealt out by a partition spec.
+
+Partition specs (see :func:`fedup.learn.loans.partition`):
+
+* ``lender`` (synthetic data only, the default there): one synthetic lender
+  per peer, each with its own customers: the natural non-IID case;
+* ``iid``: all rows shuffled and dealt evenly (the default for a CSV);
+* ``dirichlet:ALPHA``: label skew, each label's rows split in Dirichlet(ALPHA)
+  proportions (small ALPHA: strong skew);
+* ``column:NAME``: one peer per value of column NAME (e.g. ``column:region``);
+  the number of peers is the number of values, whatever was asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedup.learn.loans import generate_lender, lender_seed, partition
+from fedup.learn.tabular import DataError, Table, read_csv
+from fedup.peer import TabularSource
+
+__all__ = ["csv_tables", "sources_of", "synthetic_tables"]
+
+
+def synthetic_tables(
+    n_peers: int, spec: str = "lender", *, seed: int = 0, n_rows: int | None = None
+) -> list[Table]:
+    """``n_peers`` synthetic lenders (population ``seed``), dealt out by ``spec``.
+
+    ``n_rows`` fixes every lender's size (default: drawn from its seed,
+    1,500 to 5,000).  Raises :class:`~fedup.learn.tabular.DataError` for an
+    unknown spec or one that cannot be met.
+    """
+    if n_peers < 1:
+        raise DataError("a simulation needs at least one peer")
+    lenders = [generate_lender(lender_seed(seed, i), n_rows).table for i in range(n_peers)]
+    return partition(lenders, spec, n_peers, seed=seed)
+
+
+def csv_tables(
+    path: Path, target: str, n_peers: int, spec: str = "iid", *, seed: int = 0
+) -> list[Table]:
+    """The rows of one CSV dealt out to ``n_peers`` peers by ``spec`` (not ``lender``).
+
+    Raises :class:`~fedup.learn.tabular.DataError` for an unusable file or spec.
+    """
+    if spec == "lender":
+        raise DataError(
+            "partition 'lender' is for synthetic data; use iid, dirichlet:A or column:NAME"
+        )
+    table = read_csv(path, target)
+    return partition([table], spec, n_peers, seed=seed)
+
+
+def sources_of(
+    tables: Sequence[Table], *, hidden: tuple[int, ...] = (64, 32)
+) -> list[TabularSource]:
+    """One :class:`~fedup.peer.TabularSource` (the built-in MLP) per table."""
+    return [TabularSource(t, target=t.target_name, hidden=hidden) for t in tables]

@@ -1,0 +1,66 @@
+"""What goes wrong in a simulation: slow links, dropped connections, crashes, slow peers.
+
+Values only; :mod:`fedup.sim.runner` and :mod:`fedup.sim.network` apply them.
+Peers are named by their index in the simulation; ring positions ``(lap, hop)``
+are those of :mod:`fedup.protocol.laps` (``hop`` counts live members).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+
+from fedup.sim.network import Link
+
+__all__ = ["Drop", "Faults", "Kill", "Link", "Slow"]
+
+
+@attrs.frozen
+class Kill:
+    """Stop peer ``peer`` (as a crash) once ring position ``hop`` of lap ``lap`` was trained.
+
+    If ``peer`` is the member that trained it, it dies holding the model,
+    before handing it on; otherwise it dies while another member holds it.
+    """
+
+    peer: int
+    lap: int
+    hop: int
+
+
+@attrs.frozen
+class Drop:
+    """Break the next connection ``src`` opens to ``dst`` after ``after_bytes`` bytes.
+
+    Armed once ring position ``hop`` of lap ``lap`` was trained (``lap=None``:
+    from the start).  When ``src`` trained that hop and ``dst`` is its
+    successor, the connection dropped is the one carrying the model.
+    """
+
+    src: int
+    dst: int
+    lap: int | None = None
+    hop: int = 0
+    after_bytes: int = 16 * 1024
+
+
+@attrs.frozen
+class Slow:
+    """Peer ``peer`` takes ``delay`` more seconds for each hop it trains (a slow host)."""
+
+    peer: int
+    delay: float
+
+
+@attrs.frozen
+class Faults:
+    """What goes wrong in a simulation (nothing by default)."""
+
+    link: Link = attrs.field(factory=Link)
+    """Every directed link without an entry in ``links``."""
+    links: Mapping[tuple[int, int], Link] = attrs.field(factory=dict)
+    """Directed ``(sender, receiver)`` links that differ."""
+    kills: tuple[Kill, ...] = ()
+    drops: tuple[Drop, ...] = ()
+    slow: tuple[Slow, ...] = ()

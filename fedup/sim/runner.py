@@ -1,0 +1,486 @@
+"""Many real peers in one trio process: the simulator's core.
+
+Each simulated peer is a real :class:`~fedup.peer.Peer` (the code deployments
+run) with its own identity, data, listener and in-memory discovery, on one
+:class:`~fedup.sim.network.SimNetwork` and one
+:class:`~fedup.net.discovery.MemoryDiscoveryHub`.  Faults (:class:`Faults`)
+are injected around the peers, never inside them:
+
+* link latency and bandwidth, and dropped connections: in the network;
+* a killed peer: its task (everything it runs) is cancelled, as a crash;
+* a slow peer: after each hop it trains, its next connection waits.
+
+The faults themselves are values (:mod:`fedup.sim.faults`), triggered at
+ring positions.  A peer's task is wrapped so that each training hop is
+recognised by its seed (:func:`fedup.learn.ring.hop_seed` of the run seed,
+the lap and the position), so "kill peer 3 when lap 1, hop 2 has been
+trained" happens at that point whatever the timing.
+
+Reproducible: identities derive from the seed (``seed`` also becomes the run
+seed), the ring order is the peer IDs' order, and every hop's training is
+seeded, so the same seed and sources give the same final weights
+(:attr:`SimResult.weights_sha256`).  The model *file* also names the run ID,
+which the leader draws at random, so its hash differs between runs.
+
+With ``virtual_clock`` the run uses :class:`trio.testing.MockClock` with
+autojump: time advances only when every peer waits, so settle periods,
+timeouts and link delays cost no real time, and training (done inline,
+``train_in_thread=False``) takes no virtual time.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+import torch
+import trio
+import trio.testing
+from torch import nn
+
+from fedup.config import DEFAULT_LIMITS, Limits
+from fedup.errors import ConfigError, FedupError
+from fedup.identity import Identity
+from fedup.learn.ring import RingSettings, hop_seed
+from fedup.learn.schema import FeatureSchema
+from fedup.learn.task import EvalStats, Task, TrainBudget, TrainStats
+from fedup.learn.weights import load_safetensors
+from fedup.net.discovery import MemoryDiscoveryHub
+from fedup.peer import MemoryWorld, Peer, PeerConfig, RunSummary, TabularSource, TaskSource
+from fedup.protocol.view import RunSettings
+from fedup.sim.faults import Drop, Faults, Kill
+from fedup.sim.network import SimNetwork
+
+__all__ = [
+    "LapMark",
+    "PeerOutcome",
+    "SimResult",
+    "SimSettings",
+    "run_simulation",
+    "sim_identity",
+    "simulate",
+]
+
+log = logging.getLogger("fedup.sim")
+
+
+@attrs.frozen
+class SimSettings:
+    """How to run a simulation."""
+
+    seed: int = 0
+    """Identities and the run seed (it replaces ``run.seed``)."""
+    run: RunSettings = attrs.field(factory=RunSettings)
+    """The federation's settings (every peer proposes the same)."""
+    settle: float = 1.0
+    """Seconds without a new peer before forming (every peer waits for all the others)."""
+    virtual_clock: bool = True
+    """Run on :class:`trio.testing.MockClock` (autojump): waits cost no real time."""
+    faults: Faults = attrs.field(factory=Faults)
+    limits: Limits = DEFAULT_LIMITS
+    discovery_delay: float = 0.0
+    """Seconds each announcement takes to reach each peer."""
+    deadline: float | None = None
+    """Clock seconds after which peers still running are stopped (None: their own deadlines)."""
+
+
+@attrs.frozen
+class LapMark:
+    """When the ring started training a lap (its first hop)."""
+
+    lap: int
+    clock: float
+    """trio time (virtual seconds with the virtual clock)."""
+    wall: float
+    """Real seconds since the simulation started."""
+    rss: int
+    """Resident memory of the process then, bytes (-1 where unknown)."""
+
+
+@attrs.frozen(eq=False)
+class PeerOutcome:
+    """What became of one simulated peer."""
+
+    index: int
+    peer_id: str
+    name: str
+    """Where its data came from (the table's source)."""
+    out_dir: Path
+    summary: RunSummary | None
+    """Its run summary, if it finished."""
+    error: str | None
+    """Why it did not finish (an error, ``killed`` or ``deadline``)."""
+    bytes_sent: int
+    """Bytes it sent over the simulated network (handshakes, control, blobs)."""
+    bytes_received: int
+    hops: int
+    """Training hops it did."""
+
+
+@attrs.frozen(eq=False)
+class SimResult:
+    """What a simulation did."""
+
+    peers: tuple[PeerOutcome, ...]
+    settings: SimSettings
+    run: RunSettings | None
+    """The run's settings as agreed in the view (None if no federation formed)."""
+    schema: FeatureSchema | None
+    """The federation's merged schema (tabular tasks)."""
+    laps: tuple[LapMark, ...]
+    """The start of every training lap."""
+    formed: float | None
+    """Clock time of the first hop (formation took this long)."""
+    finished: float | None
+    """Clock time when the first peer finished (the final model existed)."""
+    clock_seconds: float
+    wall_seconds: float
+    peak_rss: int
+    """Peak resident memory of the process so far, bytes (-1 where unknown)."""
+    weights_sha256: str | None
+    """SHA-256 of the final model's tensors (names and bytes), if every finished peer
+    saved the same model; the same seed and data give the same value."""
+    dropped: tuple[tuple[int, int, float], ...]
+    """Connections dropped: (dialer, listener, clock time)."""
+
+    @property
+    def finished_peers(self) -> list[PeerOutcome]:
+        return [p for p in self.peers if p.summary is not None]
+
+    @property
+    def model_sha256(self) -> str | None:
+        """The model file's hash, if every finished peer saved the same file."""
+        hashes = {p.summary.model_sha256 for p in self.peers if p.summary is not None}
+        return hashes.pop() if len(hashes) == 1 else None
+
+
+def sim_identity(seed: int, index: int) -> Identity:
+    """The identity of simulated peer ``index`` (the same for the same seed)."""
+    return Identity(hashlib.sha256(f"fedup-sim:{seed}:{index}".encode()).digest())
+
+
+def simulate(
+    sources: Sequence[TaskSource], out_dir: Path, settings: SimSettings = SimSettings()
+) -> SimResult:
+    """Run a whole simulation (its own ``trio.run``); see :func:`run_simulation`."""
+    clock = trio.testing.MockClock(autojump_threshold=0) if settings.virtual_clock else None
+    job = functools.partial(run_simulation, sources, out_dir, settings)
+    return trio.run(job, clock=clock)
+
+
+async def run_simulation(
+    sources: Sequence[TaskSource], out_dir: Path, settings: SimSettings = SimSettings()
+) -> SimResult:
+    """Run one real peer per source until every peer finished, failed or was killed.
+
+    Peer ``i`` has data ``sources[i]`` and writes into ``out_dir/peers/NNN-<id>``.
+    Call it from a trio program (its clock is used as it is: run it under a
+    ``MockClock`` for virtual time), or use :func:`simulate`.  Raises
+    :class:`~fedup.errors.ConfigError` for unusable settings; a peer's failure
+    is recorded in its :class:`PeerOutcome`, not raised.
+    """
+    sim = _Simulation(sources, out_dir, settings)
+    return await sim.run()
+
+
+# --------------------------------------------------------------------------
+# The machinery
+
+
+class _ObservedTask(Task):
+    """A peer's task, reporting each training hop to the simulation."""
+
+    def __init__(self, inner: Task, on_train: functools.partial[None]) -> None:
+        self.inner = inner
+        self._on_train = on_train
+
+    @property
+    def n_train(self) -> int:
+        return self.inner.n_train
+
+    @property
+    def n_val(self) -> int:
+        return self.inner.n_val
+
+    @property
+    def label_counts(self) -> tuple[int, int] | None:
+        return self.inner.label_counts
+
+    def build_model(self, seed: int) -> nn.Module:
+        return self.inner.build_model(seed)
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return self.inner.make_optimizer(model)
+
+    def train(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, budget: TrainBudget
+    ) -> TrainStats:
+        stats = self.inner.train(model, optimizer, budget)
+        self._on_train(budget.seed)
+        return stats
+
+    def evaluate(self, model: nn.Module) -> EvalStats:
+        return self.inner.evaluate(model)
+
+
+class _ObservedSource(TaskSource):
+    """A peer's task source whose tasks report their training hops."""
+
+    def __init__(self, inner: TaskSource, on_train: functools.partial[None]) -> None:
+        self.inner = inner
+        self.kind = inner.kind
+        self.target = inner.target
+        self._on_train = on_train
+        self._built: tuple[tuple[str | None, RunSettings], Task] | None = None
+
+    def summary(self) -> dict[str, object] | None:
+        return self.inner.summary()
+
+    def build(self, schema: FeatureSchema | None, settings: RunSettings) -> Task:
+        # A peer builds its task twice (to check the view's model digest, then to
+        # train); encoding the same rows again would only cost the simulator time.
+        key = (schema.digest() if schema is not None else None, settings)
+        if self._built is None or self._built[0] != key:
+            self._built = (key, _ObservedTask(self.inner.build(schema, settings), self._on_train))
+        return self._built[1]
+
+    def check_schema(self, schema: FeatureSchema) -> None:
+        self.inner.check_schema(schema)
+
+    def parse_schema(self, value: object) -> FeatureSchema | None:
+        return self.inner.parse_schema(value)
+
+
+def _rss(field: str = "VmRSS") -> int:
+    """A memory figure of this process from /proc (bytes), or -1."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return -1
+
+
+def weights_digest(path: Path) -> str:
+    """SHA-256 of a saved model's tensors (sorted names and raw bytes), not its metadata."""
+    tensors = load_safetensors(path)
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode() + b"\0" + tensors[name].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class _Simulation:
+    def __init__(self, sources: Sequence[TaskSource], out_dir: Path, settings: SimSettings) -> None:
+        n = len(sources)
+        faults = settings.faults
+        for k in faults.kills:
+            _check_index(k.peer, n, "kill")
+        for d in faults.drops:
+            _check_index(d.src, n, "drop")
+            _check_index(d.dst, n, "drop")
+        for s in faults.slow:
+            _check_index(s.peer, n, "slow")
+        self.settings = settings
+        self.sources = sources
+        self.out_dir = out_dir
+        self.run_settings = attrs.evolve(settings.run, seed=settings.seed)
+        self._ring_seed = RingSettings(seed=settings.seed)
+        """Only the seed matters: hop seeds name ring positions."""
+        self.identities = [sim_identity(settings.seed, i) for i in range(n)]
+        self.network = SimNetwork(
+            link=faults.link,
+            links=faults.links,
+            index_of={ident.peer_id: i for i, ident in enumerate(self.identities)},
+        )
+        self.world = MemoryWorld(
+            network=self.network, hub=MemoryDiscoveryHub(delay=settings.discovery_delay)
+        )
+        self.scopes = [trio.CancelScope() for _ in range(n)]
+        self.peers: list[Peer | None] = [None] * n
+        self.summaries: list[RunSummary | None] = [None] * n
+        self.errors: list[str | None] = [None] * n
+        self.hops = [0] * n
+        self.marks: list[LapMark] = []
+        self.triggers: dict[int, list[Kill | Drop]] = {}
+        faulty: list[Kill | Drop] = [*faults.kills, *faults.drops]
+        for fault in faulty:
+            if isinstance(fault, Drop) and fault.lap is None:
+                self.network.arm_drop(fault.src, fault.dst, fault.after_bytes)
+                continue
+            assert fault.lap is not None
+            self.triggers.setdefault(self._seed(fault.lap, fault.hop), []).append(fault)
+        self.slow = {s.peer: s.delay for s in faults.slow}
+        self._positions: dict[int, tuple[int, int]] = {}
+        self._known_laps = 0
+        self._start_wall = 0.0
+        self._start_clock = 0.0
+        self.formed: float | None = None
+        self.finished: float | None = None
+        self._settled = [False] * n
+        self._all_settled = trio.Event()
+        self._end_clock = 0.0
+        self._end_wall = 0.0
+
+    def _seed(self, lap: int, hop: int) -> int:
+        return hop_seed(self._ring_seed, lap, hop)
+
+    def _position(self, seed: int) -> tuple[int, int] | None:
+        """The (lap, hop) whose seed this is (laps are indexed as the ring gets there)."""
+        n = len(self.sources)
+        while seed not in self._positions and self._known_laps <= self.run_settings.max_laps:
+            lap = self._known_laps
+            for hop in range(n):
+                self._positions[self._seed(lap, hop)] = (lap, hop)
+            self._known_laps += 1
+        return self._positions.get(seed)
+
+    def on_train(self, index: int, seed: int) -> None:
+        """Peer ``index`` trained the hop whose seed is ``seed`` (called inline, in trio)."""
+        self.hops[index] += 1
+        pos = self._position(seed)
+        if pos is not None:
+            lap, _ = pos
+            if self.formed is None:
+                self.formed = trio.current_time() - self._start_clock
+            if not self.marks or self.marks[-1].lap < lap:
+                self.marks.append(
+                    LapMark(
+                        lap,
+                        trio.current_time() - self._start_clock,
+                        time.perf_counter() - self._start_wall,
+                        _rss(),
+                    )
+                )
+        if index in self.slow:
+            self.network.owe(index, self.slow[index])
+        for fault in self.triggers.pop(seed, []):
+            if isinstance(fault, Kill):
+                log.info("killing peer %d after lap %d hop %d", fault.peer, fault.lap, fault.hop)
+                self.errors[fault.peer] = "killed"
+                self.scopes[fault.peer].cancel()
+            else:
+                self.network.arm_drop(fault.src, fault.dst, fault.after_bytes)
+
+    async def run(self) -> SimResult:
+        self._start_wall = time.perf_counter()
+        self._start_clock = trio.current_time()
+        deadline = self.settings.deadline
+        with trio.move_on_after(math.inf if deadline is None else deadline) as scope:
+            async with trio.open_nursery() as nursery:
+                for i in range(len(self.sources)):
+                    nursery.start_soon(self._peer, i)
+                await self._all_settled.wait()
+                # Everyone is done: stop all peers at once.  Leaving one by one would
+                # make every remaining peer process every other's goodbye (N^2 notices).
+                self._end_clock = trio.current_time()
+                self._end_wall = time.perf_counter()
+                nursery.cancel_scope.cancel()
+        if scope.cancelled_caught:
+            self._end_clock = trio.current_time()
+            self._end_wall = time.perf_counter()
+            for i, s in enumerate(self.summaries):
+                if s is None and self.errors[i] is None:
+                    self.errors[i] = "deadline"
+        return self._result()
+
+    def _settle(self, i: int) -> None:
+        """Peer ``i`` has finished, failed or died."""
+        if not self._settled[i]:
+            self._settled[i] = True
+            if all(self._settled):
+                self._all_settled.set()
+
+    async def _peer(self, i: int) -> None:
+        ident = self.identities[i]
+        out = self.out_dir / "peers" / f"{i:03d}-{ident.peer_id.text[-8:]}"
+        config = PeerConfig(
+            identity=ident,
+            out_dir=out,
+            min_peers=len(self.sources),
+            settle=self.settings.settle,
+            train_in_thread=False,
+            run=self.run_settings,
+            limits=self.settings.limits,
+            run_id=hashlib.sha256(f"fedup-sim-run:{self.settings.seed}".encode()).digest()[:16],
+        )
+        source = _ObservedSource(self.sources[i], functools.partial(self.on_train, i))
+        try:
+            with self.scopes[i]:
+                try:
+                    async with Peer.open(config, source, world=self.world) as peer:
+                        self.peers[i] = peer
+                        self.summaries[i] = await peer.train()
+                        if self.finished is None:
+                            self.finished = trio.current_time() - self._start_clock
+                        self._settle(i)
+                        await trio.sleep_forever()  # keep serving until all are done
+                except* FedupError as group:  # Peer.train may raise it inside a group
+                    exc = group.exceptions[0]
+                    while isinstance(exc, BaseExceptionGroup):
+                        exc = exc.exceptions[0]
+                    log.warning("peer %d (%s) failed: %s", i, ident.peer_id.short, exc)
+                    self.errors[i] = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._settle(i)
+
+    def _result(self) -> SimResult:
+        ring = next((p.ring for p in self.peers if p is not None and p.ring is not None), None)
+        schema = ring.schema if ring is not None else None
+        outcomes = []
+        for i, ident in enumerate(self.identities):
+            peer = self.peers[i]
+            source = self.sources[i]
+            name = source.table.source if isinstance(source, TabularSource) else f"peer {i}"
+            out = (
+                peer.ring.outputs.directory
+                if peer is not None and peer.ring is not None
+                else self.out_dir / "peers" / f"{i:03d}-{ident.peer_id.text[-8:]}"
+            )
+            outcomes.append(
+                PeerOutcome(
+                    index=i,
+                    peer_id=ident.peer_id.text,
+                    name=name,
+                    out_dir=out,
+                    summary=self.summaries[i],
+                    error=None if self.summaries[i] is not None else self.errors[i] or "unknown",
+                    bytes_sent=self.network.bytes[str(i)],
+                    bytes_received=self.network.bytes[f"{i}:received"],
+                    hops=self.hops[i],
+                )
+            )
+        done = [o for o in outcomes if o.summary is not None]
+        files = {o.summary.model_sha256 for o in done if o.summary is not None}
+        digest = None
+        if len(files) == 1:
+            first = done[0].summary
+            assert first is not None
+            digest = weights_digest(Path(first.out_dir) / "model.safetensors")
+        return SimResult(
+            peers=tuple(outcomes),
+            settings=self.settings,
+            run=ring.view.settings if ring is not None else None,
+            schema=schema,
+            laps=tuple(self.marks),
+            formed=self.formed,
+            finished=self.finished,
+            clock_seconds=self._end_clock - self._start_clock,
+            wall_seconds=self._end_wall - self._start_wall,
+            peak_rss=_rss("VmHWM"),
+            weights_sha256=digest,
+            dropped=tuple(self.network.dropped),
+        )
+
+
+def _check_index(i: int, n: int, what: str) -> None:
+    if not 0 <= i < n:
+        raise ConfigError(f"{what}: peer {i} is not one of the {n} simulated peers (0..{n - 1})")

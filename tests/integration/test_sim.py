@@ -1,0 +1,273 @@
+"""The simulator: real peers in one process, faults, reproducibility, the CLI and its report.
+
+The simulations run under pytest-trio's ``autojump_clock`` (virtual time: settle
+periods, link delays and timeouts cost no real time) with small synthetic lenders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from fedup.cli import _common as cli_common
+from fedup.commands import simulate as simulate_command
+from fedup.learn.loans import generate_lender, lender_seed
+from fedup.peer import TabularSource
+from fedup.protocol.view import RunSettings
+from fedup.sim import (
+    Drop,
+    Faults,
+    Kill,
+    Link,
+    SimResult,
+    SimSettings,
+    Slow,
+    run_simulation,
+    sim_identity,
+)
+from fedup.sim.network import LinkStream, _Connection, _Pipe
+
+RUN = RunSettings(max_laps=4, patience=4)
+HOP_LATENCIES = 5
+"""One-way latencies on the critical path of a hop: the handshake's three messages
+(the third carries the blob request and header), the receiver's accept, the data."""
+
+
+def lenders(n: int, rows: int = 300) -> list[TabularSource]:
+    return [
+        TabularSource(generate_lender(lender_seed(0, i), rows).table, target="default")
+        for i in range(n)
+    ]
+
+
+def ring_order(n: int, seed: int = 0) -> list[int]:
+    """Simulation indices in ring order (ascending peer ID)."""
+    ids = [sim_identity(seed, i).peer_id for i in range(n)]
+    return sorted(range(n), key=lambda i: ids[i])
+
+
+async def simulate(tmp_path: Path, n: int = 4, **kw: Any) -> SimResult:
+    settings = SimSettings(run=RUN, **kw)
+    with trio.fail_after(10_000):  # virtual seconds: a hung peer fails the test
+        return await run_simulation(lenders(n), tmp_path, settings)
+
+
+def lap_times(result: SimResult) -> list[float]:
+    return [b.clock - a.clock for a, b in itertools.pairwise(result.laps)]
+
+
+# --- a whole run ---------------------------------------------------------------------
+
+
+async def test_every_peer_ends_with_the_same_model(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    result = await simulate(tmp_path, n=5)
+    assert [p.error for p in result.peers] == [None] * 5
+    summaries = [p.summary for p in result.peers if p.summary is not None]
+    assert len(summaries) == 5
+    digest = result.model_sha256
+    assert digest is not None and {s.model_sha256 for s in summaries} == {digest}
+    for s in summaries:
+        assert hashlib.sha256((Path(s.out_dir) / "model.safetensors").read_bytes()).hexdigest() == (
+            digest
+        )
+        assert s.members == sorted(p.peer_id for p in result.peers)
+        assert s.dead == [] and s.laps == RUN.max_laps and s.stop_reason == "max-laps"
+    assert len({tuple(s.federated_val_loss) for s in summaries}) == 1
+    assert [m.lap for m in result.laps] == list(range(RUN.max_laps))
+    assert all(p.hops == RUN.max_laps for p in result.peers)
+    assert all(p.bytes_sent > 100_000 and p.bytes_received > 100_000 for p in result.peers)
+    assert result.weights_sha256 is not None and result.schema is not None
+
+
+async def test_the_same_seed_gives_the_same_model(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    first = await simulate(tmp_path / "a", seed=7)
+    again = await simulate(tmp_path / "b", seed=7)
+    other = await simulate(tmp_path / "c", seed=8)
+    assert first.weights_sha256 is not None
+    assert again.weights_sha256 == first.weights_sha256
+    assert other.weights_sha256 != first.weights_sha256
+    losses = [
+        [p.summary.federated_val_loss for p in r.peers if p.summary is not None]
+        for r in (first, again)
+    ]
+    assert losses[0] == losses[1]
+    assert [p.peer_id for p in first.peers] == [p.peer_id for p in again.peers]
+    # The file also names the run ID, which the leader draws at random.
+    assert first.model_sha256 is not None and again.model_sha256 is not None
+
+
+# --- faults ----------------------------------------------------------------------------
+
+
+async def test_a_killed_peer_is_skipped_and_listed_dead(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """The member at ring position 2 dies right after training lap 1, holding the model."""
+    victim = ring_order(4)[2]
+    result = await simulate(tmp_path, faults=Faults(kills=(Kill(victim, lap=1, hop=2),)))
+    dead = result.peers[victim]
+    assert dead.summary is None and dead.error == "killed"
+    assert dead.hops == 2  # lap 0 and lap 1, never handed on
+    survivors = [p for p in result.peers if p.index != victim]
+    assert all(p.summary is not None for p in survivors), [p.error for p in survivors]
+    assert result.model_sha256 is not None
+    for p in survivors:
+        assert p.summary is not None
+        assert p.summary.dead == [dead.peer_id]
+        assert p.summary.laps == RUN.max_laps
+    assert not (dead.out_dir / "summary.json").exists()
+
+
+async def test_latency_costs_the_expected_virtual_time_and_changes_nothing_else(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    latency = 0.02
+    plain = await simulate(tmp_path / "plain")
+    slow_links = await simulate(tmp_path / "slow", faults=Faults(link=Link(latency=latency)))
+    assert lap_times(plain) == [0.0] * (RUN.max_laps - 1)  # training takes no virtual time
+    expected = 4 * HOP_LATENCIES * latency
+    assert lap_times(slow_links) == pytest.approx([expected] * (RUN.max_laps - 1))
+    assert slow_links.clock_seconds > plain.clock_seconds + RUN.max_laps * expected
+    assert slow_links.weights_sha256 == plain.weights_sha256
+
+
+async def test_a_slow_peer_delays_every_lap_by_its_delay(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    plain = await simulate(tmp_path / "plain")
+    slowed = await simulate(tmp_path / "slowed", faults=Faults(slow=(Slow(1, 2.5),)))
+    assert lap_times(slowed) == pytest.approx([2.5] * (RUN.max_laps - 1))
+    assert slowed.weights_sha256 == plain.weights_sha256
+
+
+async def test_a_dropped_transfer_does_not_stop_the_others(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """The connection carrying the model from position 1 to 2 in lap 0 is cut mid-blob."""
+    order = ring_order(4)
+    src, dst = order[1], order[2]
+    result = await simulate(tmp_path, faults=Faults(drops=(Drop(src, dst, lap=0, hop=1),)))
+    assert [(s, d) for s, d, _ in result.dropped] == [(src, dst)]
+    others = [p for p in result.peers if p.index != dst]
+    assert all(p.summary is not None for p in others), [p.error for p in others]
+    assert result.model_sha256 is not None
+
+
+# --- the network ----------------------------------------------------------------------
+
+
+def _pair(link: Link, cut_after: int | None = None) -> tuple[LinkStream, LinkStream]:
+    conn = _Connection(cut_after, lambda: None)
+    there, back = _Pipe(link), _Pipe(link)
+    conn.pipes = [there, back]
+    return LinkStream(conn, there, back), LinkStream(conn, back, there)
+
+
+async def test_link_streams_behave_as_trio_streams(autojump_clock: trio.testing.MockClock) -> None:
+    async def plain() -> tuple[LinkStream, LinkStream]:
+        return _pair(Link())
+
+    async def shaped() -> tuple[LinkStream, LinkStream]:
+        return _pair(Link(latency=0.01, bandwidth=1e6))
+
+    await trio.testing.check_two_way_stream(plain, None)
+    await trio.testing.check_two_way_stream(shaped, None)
+
+
+async def test_a_link_delays_and_paces_and_a_drop_breaks_both_ends(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    a, b = _pair(Link(latency=0.5, bandwidth=1000.0))
+    start = trio.current_time()
+    await a.send_all(b"x" * 2000)  # the sender is held while its bytes are serialised
+    assert trio.current_time() - start == pytest.approx(2.0)
+    assert await b.receive_some() == b"x" * 2000
+    assert trio.current_time() - start == pytest.approx(2.5)  # + latency
+
+    a, b = _pair(Link(latency=1.0))
+    await a.send_all(b"hello")
+    with trio.move_on_after(0.5):  # a receive cancelled while the bytes are in flight
+        await b.receive_some()
+    assert await b.receive_some() == b"hello"  # loses nothing
+
+    a, b = _pair(Link(), cut_after=10)
+    with pytest.raises(trio.BrokenResourceError):
+        await a.send_all(b"y" * 20)
+    with pytest.raises(trio.BrokenResourceError):
+        await b.receive_some()
+    with pytest.raises(trio.BrokenResourceError):
+        await b.send_all(b"z")
+
+
+# --- the command line and its report -----------------------------------------------------
+
+
+def run_cli(argv: list[str]) -> int:
+    """``fedup-peer simulate`` as ``fedup.cli`` registers it."""
+    parser = argparse.ArgumentParser(prog="fedup-peer")
+    sub = parser.add_subparsers(dest="command", required=True)
+    simulate_command.add_parser(sub, common=cli_common)
+    args = parser.parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+METRICS = {"val_loss", "roc_auc", "accuracy", "epochs", "wall_seconds", "bytes_sent"}
+
+
+def test_cli_writes_a_report_with_baselines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sim"
+    argv = ["simulate", "--peers", "3", "--rows", "300", "--max-laps", "3", "--patience", "3"]
+    code = run_cli([*argv, "--baselines", "--json", "--out", str(out)])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    report = json.loads((out / "report.json").read_text())
+    assert printed == report
+    assert report["peers"] == 3 and report["partition"] == "lender"
+    assert report["simulation"]["finished"] == 3
+    assert report["simulation"]["model_sha256"] and report["simulation"]["weights_sha256"]
+    for name in ("federated", "centralized", "local_only"):
+        entry = report[name]
+        assert {"val_loss", "roc_auc", "accuracy", "n"} <= set(entry["union"])
+        assert METRICS <= set(entry["mean"])
+        assert len(entry["per_peer"]) == 3
+        for peer in entry["per_peer"]:
+            assert METRICS | {"n"} <= set(peer)
+            assert 0 < peer["val_loss"] < 5 and 0 <= peer["accuracy"] <= 1
+            assert peer["epochs"] >= 0 and peer["wall_seconds"] >= 0
+    # Every model is scored on the same held-out rows.
+    n_val = [d["val_rows"] for d in report["data"]]
+    for name in ("federated", "centralized"):
+        assert report[name]["union"]["n"] == sum(n_val)
+        assert [p["n"] for p in report[name]["per_peer"]] == n_val
+    assert all(p["bytes_sent"] > 100_000 for p in report["federated"]["per_peer"])
+    assert all(p["bytes_sent"] > 0 for p in report["centralized"]["per_peer"])
+    assert all(p["bytes_sent"] == 0 for p in report["local_only"]["per_peer"])
+    assert all("union" in p for p in report["local_only"]["per_peer"])
+    peers = sorted((out / "peers").iterdir())
+    assert len(peers) == 3 and all((p / "summary.json").exists() for p in peers)
+
+
+def test_cli_rejects_a_bad_fault_and_a_bad_partition(tmp_path: Path) -> None:
+    from fedup.errors import FedupError
+
+    with pytest.raises(FedupError, match="not one of the 2 simulated peers"):
+        run_cli(
+            ["simulate", "--peers", "2", "--rows", "200", "--kill", "5:0:0", "--out", str(tmp_path)]
+        )
+    with pytest.raises(FedupError, match="unknown partition"):
+        run_cli(["simulate", "--peers", "2", "--partition", "bogus", "--out", str(tmp_path)])
