@@ -19,8 +19,8 @@ trained" happens at that point whatever the timing.
 Reproducible: identities derive from the seed (``seed`` also becomes the run
 seed), the ring order is the peer IDs' order, and every hop's training is
 seeded, so the same seed and sources give the same final weights
-(:attr:`SimResult.weights_sha256`).  The model *file* also names the run ID,
-which the leader draws at random, so its hash differs between runs.
+(:attr:`SimResult.weights_sha256`).  The run ID, which the model *file* names,
+derives from the seed as well, so the file's hash is reproducible too.
 
 With ``virtual_clock`` the run uses :class:`trio.testing.MockClock` with
 autojump: time advances only when every peer waits, so settle periods,

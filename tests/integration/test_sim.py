@@ -97,6 +97,7 @@ async def test_the_same_seed_gives_the_same_model(
     other = await simulate(tmp_path / "c", seed=8)
     assert first.weights_sha256 is not None
     assert again.weights_sha256 == first.weights_sha256
+    assert again.model_sha256 is not None and again.model_sha256 == first.model_sha256
     assert other.weights_sha256 != first.weights_sha256
     losses = [
         [p.summary.federated_val_loss for p in r.peers if p.summary is not None]
