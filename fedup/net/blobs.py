@@ -45,7 +45,6 @@ from fedup.protocol.blob import (
     BlobReplayGuard,
     BlobReply,
     BlobReplyError,
-    BlobSigner,
     Buffer,
     MetaValue,
     blob_header_id,
@@ -54,6 +53,7 @@ from fedup.protocol.blob import (
     seal_blob_header,
     verify_blob_header,
 )
+from fedup.protocol.envelope import Signer
 from fedup.protocol.peer_id import PeerId
 
 __all__ = ["THREAD_HASH_MIN", "ReceivedBlob", "receive_blob", "send_blob"]
@@ -82,7 +82,7 @@ class ReceivedBlob:
 
 async def send_blob(
     stream: FramedStream,
-    identity: BlobSigner,
+    identity: Signer,
     *,
     run_id: bytes,
     kind: BlobKind,

@@ -41,14 +41,14 @@ import mmap
 import sys
 import threading
 from collections.abc import Iterator
-from typing import Literal, NoReturn, Protocol, TypeAlias, cast
+from typing import Literal, NoReturn, TypeAlias, cast
 
 import attrs
 
 from fedup.config import DEFAULT_LIMITS, Limits
 from fedup.errors import ConnectionLostError, LocalProtocolError, RemoteProtocolError
 from fedup.protocol import cbor
-from fedup.protocol.envelope import Envelope, SignatureError, open_envelope, seal_envelope
+from fedup.protocol.envelope import Envelope, SignatureError, Signer, open_envelope, seal_envelope
 from fedup.protocol.peer_id import RAW_SIZE, PeerId
 from fedup.protocol.schema import FieldReader
 
@@ -368,20 +368,8 @@ def _meta_value(fields: FieldReader, key: str, value: object) -> MetaValue:
     raise fields.fail("meta", f"{where} must be a number, a text or a list of numbers")
 
 
-class BlobSigner(Protocol):
-    """What sealing needs of an identity (:class:`fedup.identity.Identity` fits)."""
-
-    @property
-    def peer_id(self) -> PeerId: ...
-
-    @property
-    def public_key(self) -> bytes: ...
-
-    def sign(self, message: bytes) -> bytes: ...
-
-
 def seal_blob_header(
-    identity: BlobSigner, header: BlobHeader, *, limits: Limits = DEFAULT_LIMITS
+    identity: Signer, header: BlobHeader, *, limits: Limits = DEFAULT_LIMITS
 ) -> bytes:
     """Sign ``header`` and return the header frame (an envelope).
 
@@ -407,7 +395,7 @@ def seal_blob_header(
     return frame
 
 
-def seal_blob_end(identity: BlobSigner, header_frame: Buffer, digest: bytes) -> bytes:
+def seal_blob_end(identity: Signer, header_frame: Buffer, digest: bytes) -> bytes:
     """Sign the END of the blob announced by ``header_frame``: its id and the blob's digest."""
     if len(digest) != DIGEST_SIZE:
         raise LocalProtocolError(f"a blob digest has {DIGEST_SIZE} bytes")
@@ -415,7 +403,7 @@ def seal_blob_end(identity: BlobSigner, header_frame: Buffer, digest: bytes) -> 
     return _seal(identity, BLOB_END_DOMAIN, BLOB_END_TYPE, payload)
 
 
-def _seal(identity: BlobSigner, domain: str, payload_type: str, payload: bytes) -> bytes:
+def _seal(identity: Signer, domain: str, payload_type: str, payload: bytes) -> bytes:
     envelope = seal_envelope(
         identity.sign,
         identity.public_key,

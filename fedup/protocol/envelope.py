@@ -24,6 +24,7 @@ key, and check freshness (see :mod:`fedup.protocol.records`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import attrs
 import nacl.exceptions
@@ -36,6 +37,18 @@ from fedup.protocol.schema import FieldReader
 
 SIGNATURE_SIZE = 64
 _MAX_TYPE = 64
+
+
+class Signer(Protocol):
+    """What signing needs of an identity (:class:`fedup.identity.Identity` fits)."""
+
+    @property
+    def peer_id(self) -> PeerId: ...
+
+    @property
+    def public_key(self) -> bytes: ...
+
+    def sign(self, message: bytes) -> bytes: ...
 
 
 class SignatureError(RemoteProtocolError):

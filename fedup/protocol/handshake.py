@@ -32,7 +32,6 @@ import hashlib
 import hmac
 import re
 import secrets
-from typing import Protocol
 
 import attrs
 import nacl.bindings as sodium
@@ -42,7 +41,7 @@ import nacl.signing
 from fedup.config import DEFAULT_LIMITS, Limits
 from fedup.errors import LocalProtocolError, RemoteProtocolError
 from fedup.protocol import cbor
-from fedup.protocol.envelope import SIGNATURE_SIZE, signed_bytes, uvarint
+from fedup.protocol.envelope import SIGNATURE_SIZE, Signer, signed_bytes, uvarint
 from fedup.protocol.peer_id import PUBLIC_KEY_SIZE, PeerId
 from fedup.protocol.records import SignedPeerRecord, network_key_id, verify_peer_record
 from fedup.protocol.schema import FieldReader
@@ -160,18 +159,6 @@ def _peer_aborted(value: dict[object, object]) -> HandshakeError:
         raise fields.fail("abort", "must be lowercase letters, digits and '-'")
     described = _DESCRIPTIONS.get(code, f"aborted ({code})")
     return HandshakeError(f"{described} (the peer aborted the handshake: {why!r})", code=code)
-
-
-class Signer(Protocol):
-    """What the handshake needs of an identity (:class:`fedup.identity.Identity` fits)."""
-
-    @property
-    def peer_id(self) -> PeerId: ...
-
-    @property
-    def public_key(self) -> bytes: ...
-
-    def sign(self, message: bytes) -> bytes: ...
 
 
 @attrs.frozen

@@ -24,14 +24,13 @@ import hashlib
 import ipaddress
 import time
 from collections.abc import Iterator
-from typing import Protocol
 
 import attrs
 
 from fedup.config import DEFAULT_LIMITS, Limits
 from fedup.errors import LocalProtocolError, RemoteProtocolError
 from fedup.protocol import cbor
-from fedup.protocol.envelope import Envelope, open_envelope, seal_envelope
+from fedup.protocol.envelope import Envelope, Signer, open_envelope, seal_envelope
 from fedup.protocol.peer_id import RAW_SIZE, PeerId
 from fedup.protocol.schema import FieldReader, MessageError
 
@@ -144,7 +143,7 @@ class PeerRecord:
         fields.done()
         return cls(peer, seq, tuple(addrs), net, netkey, proto)
 
-    def seal(self, identity: _Signer) -> SignedPeerRecord:
+    def seal(self, identity: Signer) -> SignedPeerRecord:
         """Sign this record with ``identity``, whose peer ID must be ``peer_id``."""
         if identity.peer_id != self.peer_id:
             raise LocalProtocolError("a peer record must be signed by its own peer")
@@ -156,18 +155,6 @@ class PeerRecord:
             payload=self.to_cbor(),
         )
         return SignedPeerRecord(self, envelope.to_cbor())
-
-
-class _Signer(Protocol):
-    """What sealing needs of an identity (:class:`fedup.identity.Identity` fits)."""
-
-    @property
-    def peer_id(self) -> PeerId: ...
-
-    @property
-    def public_key(self) -> bytes: ...
-
-    def sign(self, message: bytes) -> bytes: ...
 
 
 @attrs.frozen

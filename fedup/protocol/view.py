@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from typing import Any, Protocol
+from typing import Any
 
 import attrs
 
 from fedup.config import DEFAULT_LIMITS, Limits
 from fedup.errors import LocalProtocolError
 from fedup.protocol import cbor
-from fedup.protocol.envelope import open_envelope, seal_envelope
+from fedup.protocol.envelope import Signer, open_envelope, seal_envelope
 from fedup.protocol.peer_id import RAW_SIZE, PeerId
 from fedup.protocol.records import SignedPeerRecord, verify_peer_record
 from fedup.protocol.schema import FieldReader, MessageError
@@ -42,16 +42,6 @@ VIEW_TYPE = "fedup/membership-view/1"
 RUN_ID_SIZE = 16
 DIGEST_SIZE = 32
 MAX_ALGORITHM_NAME = 32
-
-
-class _Signer(Protocol):
-    @property
-    def peer_id(self) -> PeerId: ...
-
-    @property
-    def public_key(self) -> bytes: ...
-
-    def sign(self, message: bytes) -> bytes: ...
 
 
 @attrs.frozen
@@ -147,7 +137,7 @@ class MembershipView:
             }
         )
 
-    def seal(self, identity: _Signer) -> SignedView:
+    def seal(self, identity: Signer) -> SignedView:
         """Sign the view as its leader."""
         if identity.peer_id != self.leader:
             raise LocalProtocolError("only the leader signs its view")
