@@ -242,7 +242,13 @@ class RingRun:
             if step is None:
                 return False
             target, npos = step
-            error = await self._send(target, "model", npos, self._payload(state))
+            data = self._payload(state)
+            error = await self._send(target, "model", npos, data)
+            if error is not None and _worth_retrying(error):
+                # One broken connection is not a dead member: try once more.
+                log.info("handing the model to %s failed (%s); trying once more", target, error)
+                await trio.sleep(min(1.0, self.limits.handshake_timeout))
+                error = await self._send(target, "model", npos, data)
             if error is None:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._watch, target, npos, state, pos)
@@ -428,3 +434,18 @@ class RingRun:
             if error is None:
                 break
             self._declare_dead(target, error)
+
+
+def _worth_retrying(error: str) -> bool:
+    """Whether a failed hand-over may succeed on a second try.
+
+    A refusal is an answer, and "nothing listens there" means the member is gone; a
+    connection that broke half-way or timed out may have been the network's fault.
+    """
+    lowered = error.lower()
+    return not (
+        error.startswith("refused")
+        or "nothing listens" in lowered
+        or "connection refused" in lowered
+        or "cannot connect" in lowered
+    )
