@@ -20,6 +20,7 @@ greater than the last one accepted for that peer) is the job of a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import time
@@ -198,7 +199,21 @@ def verify_peer_record(
 
     Order: size, signature, decode, peer ID derives from the signing key.
     Raises a :class:`~fedup.errors.RemoteProtocolError` subclass naming the problem.
+
+    The same record reaches a peer many times (every mDNS refresh, every bootstrap
+    list, every view); a bounded cache of *successful* verifications, keyed by the
+    exact bytes and the limits, avoids repeating the signature check.  Failures are
+    never cached, and the size is checked before the bytes are copied for the key.
     """
+    if len(data) > limits.max_record_size:
+        raise cbor.CBORDecodeError(
+            f"envelope of {len(data)} bytes exceeds the limit of {limits.max_record_size}"
+        )
+    return _verify_cached(bytes(data), limits)
+
+
+@functools.lru_cache(maxsize=4096)
+def _verify_cached(data: bytes, limits: Limits) -> SignedPeerRecord:
     envelope: Envelope = open_envelope(
         data,
         domain=PEER_RECORD_DOMAIN,
