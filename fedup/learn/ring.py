@@ -58,6 +58,7 @@ from torch import nn
 from fedup.errors import LocalProtocolError, RemoteProtocolError
 from fedup.learn.task import AUC_BINS, EvalStats, Task, TrainBudget
 from fedup.protocol import cbor
+from fedup.protocol.laps import judge_lap
 from fedup.protocol.schema import FieldReader, MessageError
 
 __all__ = [
@@ -505,10 +506,9 @@ def _close_lap(
             if settings.keep_best:
                 for k in [k for k in tensors if k.startswith("cand.")]:
                     tensors["best." + k[5:]] = tensors[k].clone()
-        if result.loss < ref_loss * (1 - settings.tolerance):
-            ref_loss, stale, improved = result.loss, 0, True
-        else:
-            stale += 1
+        ref_loss, stale, improved = judge_lap(
+            ref_loss, stale, result.loss, tolerance=settings.tolerance
+        )
     # Lap m.lap has ended: its output becomes the candidate evaluated during the next lap.
     done = stale >= settings.patience or m.cand_lap >= settings.max_laps - 1
     if not done:

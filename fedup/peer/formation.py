@@ -37,7 +37,7 @@ import attrs
 import trio
 
 from fedup.errors import FedupError, RemoteProtocolError
-from fedup.learn.schema import DataSummary, SchemaMismatchError, admit
+from fedup.learn.schema import DataSummary, FeatureSchema, SchemaMismatchError, admit
 from fedup.net.channel import SecureChannel
 from fedup.net.framed import FramedStream
 from fedup.protocol.messages import (
@@ -79,6 +79,8 @@ class Formation:
 
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
+        self.schema: FeatureSchema | None = None
+        """The schema merged when this peer leads (None for tasks without one)."""
         self.joined: SignedView | None = None
         self.refused: FormationError | None = None
         """Set when the leader refused us (e.g. our columns do not fit) or we cannot
@@ -284,7 +286,7 @@ class Formation:
     async def _propose(self, run_id: bytes, members: list[_Candidate]) -> SignedView | None:
         peer = self.peer
         limits = peer.config.limits
-        schema = getattr(self, "schema", None)
+        schema = self.schema
         epoch = 0
         while True:
             records = sorted([peer.record, *(c.record for c in members)], key=lambda r: r.peer_id)

@@ -83,6 +83,7 @@ class Peer:
         self.discoveries: list[Discovery] = []
         self.record: SignedPeerRecord
         self.addresses: tuple[Address, ...] = ()
+        self._task: tuple[tuple[str | None, RunSettings], Task] | None = None
         self.formation = Formation(self)
         self._inbound: dict[PeerId, SignedPeerRecord] = {}
         """Records of peers that connected to us (verified in the handshake)."""
@@ -220,12 +221,23 @@ class Peer:
         assert last is not None
         raise last
 
+    def task_for(self, schema: FeatureSchema | None, settings: RunSettings) -> Task:
+        """The task under ``schema`` and ``settings``, built once (encoding the rows is
+        the costly part: formation checks the model digest, then training uses it)."""
+        key = (
+            schema.digest() if schema is not None else None,
+            attrs.evolve(settings, model_digest=b"\0" * 32, schema_digest=b"\0" * 32),
+        )
+        if self._task is None or self._task[0] != key:
+            self._task = (key, self.source.build(schema, settings))
+        return self._task[1]
+
     def run_settings(
         self, schema: FeatureSchema | None, *, base: RunSettings | None = None
     ) -> RunSettings:
         """The run's settings with the model and schema digests filled in."""
         settings = base if base is not None else self.config.run
-        task = self.source.build(schema, settings)
+        task = self.task_for(schema, settings)
         return attrs.evolve(
             settings,
             model_digest=model_digest(task, settings.seed),

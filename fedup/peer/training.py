@@ -50,7 +50,7 @@ from fedup.net.discovery.base import collapse_single_exception
 from fedup.net.framed import FramedStream
 from fedup.peer.outputs import RunOutputs, RunSummary
 from fedup.protocol.blob import BlobHeader, BlobKind, BlobReplayGuard
-from fedup.protocol.laps import Position
+from fedup.protocol.laps import Position, next_position
 from fedup.protocol.messages import BlobRequest, Passed, encode_message
 from fedup.protocol.payload import decode_payload, encode_payload
 from fedup.protocol.peer_id import PeerId
@@ -79,7 +79,7 @@ class RingRun:
         self.limits = peer.config.limits
         settings = self.view.settings
         self.schema = peer.source.parse_schema(self.view.schema)
-        self.task = peer.source.build(self.schema, settings)
+        self.task = peer.task_for(self.schema, settings)
         self.ring_settings = RingSettings(
             seed=settings.seed,
             hop_epochs=settings.local_epochs,
@@ -227,13 +227,9 @@ class RingRun:
     ) -> tuple[PeerId, Position] | None:
         """Where the model trained here at ``pos`` goes next (with ``dead`` skipped)."""
         ring = self.ring if dead is None else Ring.of(self.members, dead)
-        successors = ring.successors(self.me)
-        if not successors:
+        if not ring.successors(self.me):
             return None
-        target = successors[0]
-        if target == ring.leader:
-            return target, Position(pos.lap + 1, 0)
-        return target, Position(pos.lap, ring.position(target))
+        return next_position(ring, self.me, pos)
 
     async def _forward(self, state: RingState, pos: Position) -> bool:
         """Hand ``state`` (trained at ``pos``) to the next live member; False if none is left."""

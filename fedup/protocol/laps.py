@@ -12,11 +12,12 @@ Convergence.  The federation's validation loss of lap ``L`` is the
 sample-weighted mean, over all live members, of the validation loss of lap
 ``L``'s model on each member's own validation split:
 ``sum(loss_sum_i) / sum(n_i)``.  Members compute their share as the model
-passes during lap ``L + 1`` and add it to the blob's metadata, so the leader
-knows lap ``L``'s value when lap ``L + 1`` ends.  Training stops when the best
-value has not improved by more than ``tolerance`` (relative) for ``patience``
-laps in a row ("converged"), or when ``max_laps`` laps are done
-("max-laps").  The final model is the best lap's model.
+passes during lap ``L + 1`` (``fedup.learn.ring`` carries the sums), so it is
+known when lap ``L + 1`` begins.  A lap *improves* when its loss is below
+``(1 - tolerance)`` times the loss at the last improvement (:func:`judge_lap`);
+training stops after ``patience`` laps in a row without improvement
+("converged"), or when ``max_laps`` laps are done ("max-laps").  The final
+model is the lap with the lowest loss.
 """
 
 from __future__ import annotations
@@ -49,6 +50,19 @@ def next_position(ring: Ring, sender: PeerId, current: Position) -> tuple[PeerId
     return successor, Position(current.lap, ring.position(successor))
 
 
+def judge_lap(
+    ref_loss: float, stale: int, loss: float, *, tolerance: float
+) -> tuple[float, int, bool]:
+    """Apply the improvement rule to one lap's federated loss.
+
+    ``ref_loss`` is the loss at the last improvement (``inf`` before any) and
+    ``stale`` the laps since.  Returns the new ``(ref_loss, stale, improved)``.
+    """
+    if math.isfinite(loss) and loss < ref_loss * (1 - tolerance):
+        return loss, 0, True
+    return ref_loss, stale + 1, False
+
+
 @attrs.frozen
 class Decision:
     """The convergence rule's verdict after a lap's federated loss is known."""
@@ -70,6 +84,7 @@ class ConvergenceTracker:
         self.losses: list[float] = []
         self.best_lap = 0
         self.best_loss = math.inf
+        self._ref_loss = math.inf
         self._stale = 0
 
     def add(self, lap: int, loss: float) -> Decision:
@@ -77,10 +92,9 @@ class ConvergenceTracker:
         if lap != len(self.losses) + 1:
             raise LocalProtocolError(f"lap {lap} out of order (expected {len(self.losses) + 1})")
         self.losses.append(loss)
-        if math.isfinite(loss) and loss < self.best_loss * (1 - self.tolerance):
-            self._stale = 0
-        else:
-            self._stale += 1
+        self._ref_loss, self._stale, _ = judge_lap(
+            self._ref_loss, self._stale, loss, tolerance=self.tolerance
+        )
         if math.isfinite(loss) and loss < self.best_loss:
             self.best_loss, self.best_lap = loss, lap
         if self._stale >= self.patience and self.best_lap > 0:

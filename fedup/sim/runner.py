@@ -237,18 +237,13 @@ class _ObservedSource(TaskSource):
         self.kind = inner.kind
         self.target = inner.target
         self._on_train = on_train
-        self._built: tuple[tuple[str | None, RunSettings], Task] | None = None
 
     def summary(self) -> dict[str, object] | None:
         return self.inner.summary()
 
     def build(self, schema: FeatureSchema | None, settings: RunSettings) -> Task:
-        # A peer builds its task twice (to check the view's model digest, then to
-        # train); encoding the same rows again would only cost the simulator time.
-        key = (schema.digest() if schema is not None else None, settings)
-        if self._built is None or self._built[0] != key:
-            self._built = (key, _ObservedTask(self.inner.build(schema, settings), self._on_train))
-        return self._built[1]
+        # The peer builds its task once (Peer.task_for) and reuses it.
+        return _ObservedTask(self.inner.build(schema, settings), self._on_train)
 
     def check_schema(self, schema: FeatureSchema) -> None:
         self.inner.check_schema(schema)
