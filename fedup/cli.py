@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedup import __version__
+from fedup.commands import demo as demo_command
 from fedup.commands import peers as peers_command
 from fedup.commands import simulate as simulate_command
 from fedup.commands import start as start_command
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     peers_command.add_parser(sub, common=_common)
     start_command.add_parser(sub, common=_common)
     simulate_command.add_parser(sub, common=_common)
+    demo_command.add_parser(sub, common=_common)
     return parser
 
 

@@ -60,6 +60,7 @@ from fedup.learn.task import AUC_BINS, EvalStats, Task, TrainBudget
 from fedup.protocol import cbor
 from fedup.protocol.laps import judge_lap
 from fedup.protocol.schema import FieldReader, MessageError
+from fedup.protocol.view import RunSettings
 
 __all__ = [
     "FederationStats",
@@ -128,6 +129,17 @@ class RingSettings:
             raise LocalProtocolError("patience must be >= 1, tolerance and prox_mu >= 0")
         if self.max_class_weight < 1:
             raise LocalProtocolError("max_class_weight must be >= 1")
+
+    @classmethod
+    def for_run(cls, run: RunSettings) -> RingSettings:
+        """The settings every member derives from the run settings of the signed view."""
+        return cls(
+            seed=run.seed,
+            hop_epochs=run.local_epochs,
+            tolerance=run.tolerance,
+            patience=run.patience,
+            max_laps=run.max_laps,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)

@@ -6,6 +6,10 @@
   peer learned (from the ring metadata).
 * ``model.safetensors``: the final model, byte-identical on every member.
 * ``summary.json``: the run in one object (see :class:`RunSummary`).
+* ``federation.json``: what the members agreed on, written when training
+  starts: run ID, leader, members in ring order, the run settings and the
+  merged feature schema (how rows become model inputs: needed to use the
+  model, and to score it on the same encoding).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import attrs
 import torch
 
 from fedup.learn.weights import save_safetensors
+from fedup.protocol.view import RunSettings
 
 
 @attrs.frozen
@@ -49,10 +54,19 @@ class RunSummary:
     model_sha256: str
     dead: list[str]
     """Members skipped because they could not be reached."""
+    model_bytes_sent: int
+    """Payload bytes of the model blobs this peer handed on (custody taken), the final
+    model's included; each blob's header, signatures and encryption add a few hundred
+    bytes more."""
     out_dir: str
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self)
+
+
+def run_settings_json(run: RunSettings) -> dict[str, Any]:
+    """The run settings as JSON (digests in hex)."""
+    return {k: v.hex() if isinstance(v, bytes) else v for k, v in attrs.asdict(run).items()}
 
 
 class RunOutputs:
@@ -64,6 +78,7 @@ class RunOutputs:
         self.metrics_path = directory / "metrics.jsonl"
         self.model_path = directory / "model.safetensors"
         self.summary_path = directory / "summary.json"
+        self.federation_path = directory / "federation.json"
         self._laps_logged: set[int] = set()
 
     def log(self, record: Mapping[str, Any]) -> None:
@@ -83,9 +98,16 @@ class RunOutputs:
         """Write ``model.safetensors``; returns its SHA-256 (hex)."""
         return save_safetensors(dict(weights), self.model_path, metadata=metadata)
 
+    def save_federation(self, record: Mapping[str, Any]) -> None:
+        self._write_json(self.federation_path, record)
+
     def save_summary(self, summary: RunSummary) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".summary.", suffix=".tmp")
+        self._write_json(self.summary_path, summary.to_json())
+
+    def _write_json(self, path: Path, value: Mapping[str, Any]) -> None:
+        """Replace ``path`` atomically: a reader never sees half a file."""
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{path.stem}.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(summary.to_json(), f, indent=2, allow_nan=True)
+            json.dump(value, f, indent=2, allow_nan=True)
             f.write("\n")
-        os.replace(tmp, self.summary_path)
+        os.replace(tmp, path)

@@ -31,6 +31,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
 from fedup.errors import FedupError, RemoteProtocolError
@@ -48,7 +49,7 @@ from fedup.net.blobs import receive_blob, send_blob
 from fedup.net.channel import SecureChannel
 from fedup.net.discovery.base import collapse_single_exception
 from fedup.net.framed import FramedStream
-from fedup.peer.outputs import RunOutputs, RunSummary
+from fedup.peer.outputs import RunOutputs, RunSummary, run_settings_json
 from fedup.protocol.blob import BlobHeader, BlobKind, BlobReplayGuard
 from fedup.protocol.laps import Position, next_position
 from fedup.protocol.messages import BlobRequest, Passed, encode_message
@@ -80,13 +81,7 @@ class RingRun:
         settings = self.view.settings
         self.schema = peer.source.parse_schema(self.view.schema)
         self.task = peer.task_for(self.schema, settings)
-        self.ring_settings = RingSettings(
-            seed=settings.seed,
-            hop_epochs=settings.local_epochs,
-            tolerance=settings.tolerance,
-            patience=settings.patience,
-            max_laps=settings.max_laps,
-        )
+        self.ring_settings = RingSettings.for_run(settings)
         self.template = initial_state(self.task, self.ring_settings)
         n = len(self.view.members)
         if self.schema is not None:
@@ -101,6 +96,7 @@ class RingRun:
         ](n + 4)
         self._passed: dict[tuple[PeerId, Position], trio.Event] = {}
         self.finished: RunSummary | None = None
+        self.model_bytes_sent = 0
         self._nursery: trio.Nursery | None = None
         out = peer.config.out_dir
         if out is None:
@@ -132,6 +128,16 @@ class RingRun:
             "run %s: %d members, ring %s",
             self.run_id.hex()[:8], len(self.members), " -> ".join(p.short for p in self.members),
         )  # fmt: skip
+        self.outputs.save_federation(
+            {
+                "run_id": self.run_id.hex(),
+                "epoch": self.view.epoch,
+                "leader": self.view.leader.text,
+                "members": [p.text for p in self.members],
+                "settings": run_settings_json(self.view.settings),
+                "schema": self.schema.to_dict() if self.schema is not None else None,
+            }
+        )
         with collapse_single_exception():
             await self._run()
         assert self.finished is not None
@@ -282,6 +288,7 @@ class RingRun:
                     )
                 finally:
                     await framed.aclose()
+            self.model_bytes_sent += len(data)
         except trio.TooSlowError:
             return "timed out"
         except RemoteProtocolError as exc:
@@ -414,6 +421,7 @@ class RingRun:
             else math.nan,
             model_sha256=sha,
             dead=[p.text for p in sorted(self.dead)],
+            model_bytes_sent=self.model_bytes_sent,
             out_dir=str(self.outputs.directory),
         )
         self.outputs.save_summary(self.finished)
@@ -430,6 +438,8 @@ class RingRun:
             if error is None:
                 break
             self._declare_dead(target, error)
+        self.finished = attrs.evolve(self.finished, model_bytes_sent=self.model_bytes_sent)
+        self.outputs.save_summary(self.finished)
 
 
 def _worth_retrying(error: str) -> bool:

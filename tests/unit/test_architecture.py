@@ -20,7 +20,9 @@ FORBIDDEN = {
         "fedup.sim",
         "fedup.cli",
         "fedup.commands",
+        "fedup.demo",
         "safetensors",
+        "matplotlib",
     },
     "fedup/learn": {
         "trio",
@@ -31,6 +33,8 @@ FORBIDDEN = {
         "fedup.sim",
         "fedup.cli",
         "fedup.commands",
+        "fedup.demo",
+        "matplotlib",
     },
     "fedup/net": {
         "torch",
@@ -39,10 +43,15 @@ FORBIDDEN = {
         "fedup.sim",
         "fedup.cli",
         "fedup.commands",
+        "fedup.demo",
         "safetensors",
+        "matplotlib",
     },
     "fedup/identity.py": {"trio", "torch", "zeroconf"},
-    "fedup/peer": {"fedup.cli", "fedup.commands", "fedup.sim"},
+    "fedup/peer": {"fedup.cli", "fedup.commands", "fedup.sim", "fedup.demo", "matplotlib"},
+    "fedup/sim": {"fedup.cli", "fedup.commands", "fedup.demo", "matplotlib"},
+    # The demo drives real peer processes: it never opens a federation socket itself.
+    "fedup/demo": {"trio", "zeroconf", "fedup.net", "fedup.cli", "fedup.commands", "fedup.sim"},
     "fedup/config.py": {"trio", "torch", "zeroconf", "nacl"},
 }
 

@@ -26,3 +26,7 @@ def test_quickstart_has_exactly_two_commands() -> None:
 def test_ci_runs_the_second_command_verbatim() -> None:
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert quickstart_commands()[1] in ci_lines
+
+
+def test_the_main_job_is_the_demo() -> None:
+    assert quickstart_commands()[0].endswith("&& .venv/bin/fedup-peer demo")

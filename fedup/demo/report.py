@@ -1,0 +1,159 @@
+"""The demo's report: what the peers' federation produced against the baselines.
+
+The peers leave their outputs on disk (``summary.json``, ``metrics.jsonl``,
+``federation.json`` and ``model.safetensors``).  To compare, the demo (which
+wrote every lender's loan book itself) rebuilds each peer's task exactly as
+the peer did: the same CSV, the federation's merged schema from
+``federation.json``, the same run settings, hence the same train/validation
+split.  As a check, the federated model scored here on a peer's validation
+split must equal the loss that peer reported in its ``summary.json``.
+
+Then, with :mod:`fedup.learn.comparison`, the same model, splits and epoch
+budget train centralized (pooled data) and local-only (each lender alone), and
+every model is scored on each peer's own validation split and their union.
+Pooling is what the federation avoids; the demo does it only because all the
+lenders are simulated on this one host.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from fedup.demo.peers import PeerOutcome
+from fedup.errors import FedupError
+from fedup.learn.comparison import (
+    centralized_entry,
+    curve,
+    judge_claim,
+    local_only_entry,
+    model_entry,
+)
+from fedup.learn.ring import RingSettings
+from fedup.learn.schema import schema_from_dict
+from fedup.learn.task import TensorTask
+from fedup.learn.weights import load_safetensors
+from fedup.peer import TabularSource
+from fedup.protocol.view import RunSettings
+
+__all__ = ["SELF_CHECK_TOLERANCE", "build_report", "rebuild_tasks", "run_settings_from_json"]
+
+SELF_CHECK_TOLERANCE = 1e-4
+"""Largest difference allowed between a peer's reported validation loss and the
+demo's recomputation of it (float32 evaluation order differs slightly)."""
+
+
+def run_settings_from_json(settings: dict[str, Any]) -> RunSettings:
+    """The run settings written in ``federation.json`` (digests are not needed here)."""
+    fields = {a.name for a in attrs.fields(RunSettings)} - {"model_digest", "schema_digest"}
+    return RunSettings(**{k: v for k, v in settings.items() if k in fields})
+
+
+def rebuild_tasks(
+    outcomes: Sequence[PeerOutcome], federation: dict[str, Any]
+) -> tuple[list[TensorTask], RunSettings]:
+    """Each peer's task as the peer built it, from its CSV and ``federation.json``."""
+    schema = schema_from_dict(federation["schema"])
+    run = run_settings_from_json(federation["settings"])
+    tasks = []
+    for o in outcomes:
+        task = TabularSource.from_csv(o.peer.data, "default").build(schema, run)
+        assert isinstance(task, TensorTask)
+        tasks.append(task)
+    return tasks, run
+
+
+def federated_curve(metrics: Path, n_rows: int) -> list[tuple[float, float]]:
+    """``(data passes, federated validation loss)`` per lap, from a peer's ``metrics.jsonl``."""
+    laps: dict[int, tuple[float, float]] = {}
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record.get("type") == "lap":
+            laps[record["lap"]] = (record["samples"] / n_rows, record["federated_val_loss"])
+    return [laps[k] for k in sorted(laps)]
+
+
+def build_report(outcomes: Sequence[PeerOutcome], *, baselines: bool = True) -> dict[str, Any]:
+    """The JSON-ready report: peers, federated, centralized, local-only, curves, claim.
+
+    Raises :class:`~fedup.errors.FedupError` if no peer finished, or if the
+    demo's recomputation disagrees with what a peer reported.
+    """
+    done = [o for o in outcomes if o.summary is not None]
+    if not done:
+        raise FedupError("no peer finished: there is no federated model to compare")
+    first = done[0]
+    assert first.summary is not None
+    federation = json.loads((first.peer.run_dir / "federation.json").read_text("utf-8"))
+    tasks, run = rebuild_tasks(outcomes, federation)
+    settings = RingSettings.for_run(run)
+    weights = load_safetensors(first.peer.run_dir / "model.safetensors")
+    fed_per_peer = [
+        {
+            "peer": o.peer.index,
+            "epochs": first.summary["data_passes"],
+            "wall_seconds": o.seconds,
+            "bytes_sent": o.summary["model_bytes_sent"] if o.summary else None,
+        }
+        for o in outcomes
+    ]
+    report: dict[str, Any] = {
+        "peers": [_peer(o) for o in outcomes],
+        "run_id": federation["run_id"],
+        "ring": federation["members"],
+        "settings": federation["settings"],
+        "stop_reason": first.summary["stop_reason"],
+        "laps": first.summary["laps"],
+        "model_sha256": first.summary["model_sha256"],
+        "same_model_everywhere": len(done) == len(outcomes)
+        and len({(o.summary or {}).get("model_sha256") for o in done}) == 1,
+        "federated": model_entry(weights, tasks, fed_per_peer),
+    }
+    _self_check(report["federated"], outcomes)
+    n_rows = schema_from_dict(federation["schema"]).n_rows
+    curves: dict[str, Any] = {
+        "federated": federated_curve(first.peer.run_dir / "metrics.jsonl", n_rows)
+    }
+    if baselines:
+        report["centralized"], cen = centralized_entry(tasks, settings)
+        report["local_only"], local = local_only_entry(tasks, settings)
+        curves["centralized"] = curve(cen, sum(t.n_train for t in tasks))
+        curves["local_only"] = [curve(r, t.n_train) for r, t in zip(local, tasks, strict=True)]
+        report["claim"] = judge_claim(report)
+    report["curves"] = curves
+    return report
+
+
+def _peer(o: PeerOutcome) -> dict[str, Any]:
+    s = o.summary or {}
+    return {
+        "index": o.peer.index,
+        "peer_id": s.get("peer_id"),
+        "lender": o.peer.lender,
+        "rows": o.peer.rows,
+        "default_rate": o.peer.default_rate,
+        "finished": o.error is None,
+        "error": o.error,
+        "seconds": o.seconds,
+        "model_sha256": s.get("model_sha256"),
+        "reported_val_loss": s.get("final_val_loss"),
+        "directory": str(o.peer.directory),
+    }
+
+
+def _self_check(federated: dict[str, Any], outcomes: Sequence[PeerOutcome]) -> None:
+    for entry, o in zip(federated["per_peer"], outcomes, strict=True):
+        if o.summary is None:
+            continue
+        reported = o.summary["final_val_loss"]
+        if not math.isclose(entry["val_loss"], reported, abs_tol=SELF_CHECK_TOLERANCE):
+            raise FedupError(
+                f"peer {o.peer.index} reported validation loss {reported:.6f} but the demo "
+                f"computes {entry['val_loss']:.6f} on the same split: the comparison would "
+                "not be fair, so it is not made"
+            )

@@ -1,0 +1,165 @@
+"""``run_demo``: peers, federation, baselines, report, plot, in that order."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from fedup.demo.peers import (
+    DemoPeer,
+    peer_commands,
+    prepare_peers,
+    read_json,
+    run_peers,
+    write_network_key,
+)
+from fedup.demo.plot import plot_loss_curves
+from fedup.demo.report import build_report
+from fedup.errors import ConfigError, FedupError
+
+__all__ = ["MARKER", "DemoSettings", "run_demo"]
+
+MARKER = ".fedup-demo"
+"""A file in every demo output folder: only such a folder is ever emptied by a rerun."""
+
+Say = Callable[[str], None]
+
+
+@attrs.frozen
+class DemoSettings:
+    peers: int = 3
+    out: Path = Path("fedup-demo")
+    seed: int = 0
+    """Which synthetic lenders (lender ``i`` of population ``seed``)."""
+    rows: int | None = None
+    """Rows per lender (default: drawn per lender, 1,500 to 5,000)."""
+    mdns: bool = True
+    """Find each other by mDNS on 127.0.0.1; else dial each other's ports."""
+    settle: float = 2.0
+    timeout: float = 600.0
+    """Deadline for the whole federation (peers still running are stopped)."""
+    baselines: bool = True
+    peer_args: tuple[str, ...] = ()
+    """Extra ``fedup-peer start`` options for every peer (e.g. ``--max-laps 40``)."""
+
+    def __attrs_post_init__(self) -> None:
+        if not 2 <= self.peers <= 16:
+            raise ConfigError("the demo runs 2 to 16 peers")
+        if self.timeout <= 0 or self.settle < 0:
+            raise ConfigError("--timeout must be positive and --settle not negative")
+
+
+def _fresh_out(out: Path) -> None:
+    """Create ``out``, emptying it first only if an earlier demo made it."""
+    if out.exists():
+        if not (out / MARKER).exists():
+            if out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+            else:
+                raise ConfigError(
+                    f"{out} exists and was not made by fedup-peer demo; choose another --out"
+                )
+        else:
+            shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("made by fedup-peer demo; a rerun replaces this folder\n")
+
+
+class _Progress:
+    """Reports formation and every 10th lap from the first peer's files while waiting."""
+
+    def __init__(self, peer: DemoPeer, say: Say) -> None:
+        self.peer = peer
+        self.say = say
+        self.formed = False
+        self.next_lap = 10
+        self.offset = 0
+
+    def tick(self) -> None:
+        run = self.peer.run_dir
+        if not self.formed:
+            federation = read_json(run / "federation.json")
+            if federation is None:
+                return
+            self.formed = True
+            ring = " -> ".join(m[-6:] for m in federation["members"])
+            self.say(f"formed run {federation['run_id'][:8]}: ring {ring}; training")
+        try:
+            with (run / "metrics.jsonl").open("rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:
+            return
+        end = chunk.rfind(b"\n") + 1
+        self.offset += end
+        for line in chunk[:end].splitlines():
+            record = json.loads(line)
+            if record.get("type") == "lap" and record["lap"] + 1 >= self.next_lap:
+                self.next_lap += 10
+                self.say(
+                    f"lap {record['lap'] + 1}: federated validation loss "
+                    f"{record['federated_val_loss']:.4f}"
+                )
+
+
+def run_demo(settings: DemoSettings, say: Say = print) -> dict[str, Any]:
+    """Run the whole demo into ``settings.out``; return the report (also ``report.json``).
+
+    Raises :class:`~fedup.errors.FedupError` when no peer finished.  Peers
+    that failed are listed in the report with their reason; the demo still
+    compares whatever model the others agreed on.
+    """
+    out = settings.out
+    _fresh_out(out)
+    network = f"fedup-demo-{secrets.token_hex(4)}"
+    key_file = out / "network.key"
+    write_network_key(key_file)
+    peers = prepare_peers(out, settings.peers, seed=settings.seed, rows=settings.rows)
+    how = "mDNS on 127.0.0.1" if settings.mdns else "their TCP ports on 127.0.0.1 (no mDNS)"
+    say(
+        f"starting {len(peers)} peers (network {network}, fresh network key); they find "
+        f"each other by {how} and talk over encrypted TCP"
+    )
+    for p in peers:
+        say(
+            f"  peer {p.index}: {p.lender}, {p.rows:,} loans, "
+            f"{p.default_rate:.1%} defaulted  ({p.directory})"
+        )
+    commands = peer_commands(
+        peers,
+        network=network,
+        key_file=key_file,
+        settle=settings.settle,
+        mdns=settings.mdns,
+        extra=settings.peer_args,
+    )
+    started = time.monotonic()
+    outcomes = run_peers(
+        peers, commands, timeout=settings.timeout, on_tick=_Progress(peers[0], say).tick
+    )
+    elapsed = time.monotonic() - started
+    for o in outcomes:
+        if o.error is not None:
+            say(f"peer {o.peer.index} failed: {o.error} (log: {o.peer.log})")
+    if all(o.summary is None for o in outcomes):
+        raise FedupError(f"no peer finished the federation; see {out}/peers/*/peer.log")
+    say(f"federation done in {elapsed:.1f} s; computing the baselines on the pooled data")
+    report = build_report(outcomes, baselines=settings.baselines)
+    report["network"] = network
+    report["mdns"] = settings.mdns
+    report["seed"] = settings.seed
+    report["federation_seconds"] = elapsed
+    first = next(o for o in outcomes if o.summary is not None)
+    shutil.copyfile(first.peer.run_dir / "model.safetensors", out / "model.safetensors")
+    shutil.copyfile(first.peer.run_dir / "federation.json", out / "federation.json")
+    plot_loss_curves(report, out / "loss_curves.png")
+    report["out"] = str(out)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
