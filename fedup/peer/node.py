@@ -88,6 +88,8 @@ class Peer:
         self._inbound: dict[PeerId, SignedPeerRecord] = {}
         """Records of peers that connected to us (verified in the handshake)."""
         self.ring: RingRun | None = None
+        self._ring_ready = trio.Event()
+        """Set once this peer's ring run exists (blobs arriving earlier wait for it)."""
 
     @classmethod
     @asynccontextmanager
@@ -278,13 +280,9 @@ class Peer:
             raise RemoteProtocolError(f"unexpected request {message.TYPE!r}", peer=remote.text)
 
     async def _ring_for(self, run_id: bytes) -> RingRun:
-        """The ring run a blob is for (waiting briefly while ours is being set up)."""
+        """The ring run a blob is for (waiting, at most ``view_timeout``, while ours is set up)."""
         with trio.move_on_after(self.config.limits.view_timeout):
-            while self.ring is None or self.ring.run_id != run_id:
-                joined = self.formation.joined
-                if joined is not None and joined.view.run_id != run_id:
-                    break
-                await trio.sleep(0.05)
+            await self._ring_ready.wait()
         if self.ring is None or self.ring.run_id != run_id:
             raise RemoteProtocolError(f"blob for unknown run {run_id.hex()[:8]}")
         return self.ring
@@ -301,4 +299,5 @@ class Peer:
         signed = await self.formation.form()
         self.formation.training_started = True
         self.ring = RingRun(self, signed)
+        self._ring_ready.set()
         return await self.ring.run()

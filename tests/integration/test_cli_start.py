@@ -6,7 +6,6 @@ import argparse
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,18 +14,9 @@ import pytest
 
 from fedup.cli import build_parser
 from fedup.commands.start import build_config, resolve
+from fedup.demo.peers import free_ports
 from fedup.errors import ConfigError
 from fedup.protocol.records import Address
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def start(state: Path, port: int, others: list[int], *extra: str) -> subprocess.Popen[str]:
