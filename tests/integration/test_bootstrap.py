@@ -127,14 +127,14 @@ async def bootstrap_peer(
 def requester(
     net: MemoryNetwork, ident: Identity, bootstraps: list[Identity], **kwargs: Any
 ) -> AbstractAsyncContextManager[BootstrapDiscovery]:
-    """``ident`` polling the bootstraps' addresses every INTERVAL seconds."""
+    """``ident`` polling the bootstraps' addresses every INTERVAL seconds (no quick phase)."""
     transport = net.transport(Credentials(ident, NET, None, record_of(ident)))
     return BootstrapDiscovery.open(
         transport,
         [addr(b) for b in bootstraps],
         scope=SCOPE,
         local_peer=ident.peer_id,
-        **{"interval": INTERVAL, **kwargs},
+        **{"interval": INTERVAL, "quick_interval": INTERVAL, **kwargs},
     )
 
 
@@ -549,3 +549,71 @@ async def test_bootstrap_over_loopback_tcp() -> None:
                 await disc.wait_for(lambda peers: len(peers) == 2)
             assert disc.peers() == {B.peer_id: b_record, C.peer_id: c_record}
             assert disc.failures == {}
+
+
+# --------------------------------------------------------------------------
+# The quick phase: peers usually start together
+
+
+async def test_a_peer_arriving_soon_after_the_first_poll_is_heard_of_within_seconds(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork()
+    known = {C.peer_id: record_of(C)}
+    async with bootstrap_peer(net, B, known), requester(net, A, [B], quick_interval=1.0) as disc:
+        start = trio.current_time()
+        rec = Recorder(start)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rec.run, disc.subscribe())
+            await trio.sleep(5)
+            assert {(t, k) for t, k, _, _ in rec.take()} == {(0.0, "found")}
+            known[D.peer_id] = record_of(D)  # D dials B at 5 s
+            # polls at 0 (news), 1, 3 (waits 1, 2, 4 s), then 7 s: D is heard of 2 s later
+            await trio.sleep(2.5)
+            assert rec.take() == [(7.0, "found", D.peer_id, None)]
+            # news again: the next polls come 1, 2, 4, ... s later, capped at INTERVAL
+            known[E.peer_id] = record_of(E)  # at 7.5 s
+            await trio.sleep(1)
+            assert rec.take() == [(8.0, "found", E.peer_id, None)]
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_address_not_up_yet_is_retried_quickly(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork()
+    async with requester(net, A, [B], quick_interval=1.0) as disc:
+        start = trio.current_time()
+        rec = Recorder(start)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rec.run, disc.subscribe())
+            await trio.sleep(10)  # polls at 0, 2, 6 fail (waits 2, 4, 8 s)
+            assert disc.consecutive_failures(addr(B)) == 3
+            async with bootstrap_peer(net, B, {}):
+                await trio.sleep(5)
+                assert rec.take() == [(14.0, "found", B.peer_id, None)]
+            nursery.cancel_scope.cancel()
+
+
+async def test_once_answered_a_failing_address_is_polled_every_interval(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The quick phase must not make a bootstrap that stopped answering lose its peers
+    # sooner: failures_before_lost polls still take (failures_before_lost - 1) intervals.
+    net = MemoryNetwork()
+    async with requester(net, A, [B], quick_interval=1.0, failures_before_lost=3) as disc:
+        start = trio.current_time()
+        rec = Recorder(start)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rec.run, disc.subscribe())
+            async with bootstrap_peer(net, B, {C.peer_id: record_of(C)}):
+                await trio.sleep(0.5)
+            assert len(rec.take()) == 2  # B and C found at 0 s; B stops at 0.5 s
+            await trio.sleep(1 + 2 * INTERVAL)  # fails at 1, 31 and 61 s
+            assert sorted(rec.take()) == sorted(
+                [
+                    (1 + 2 * INTERVAL, "lost", B.peer_id, "expired"),
+                    (1 + 2 * INTERVAL, "lost", C.peer_id, "expired"),
+                ]
+            )
+            nursery.cancel_scope.cancel()

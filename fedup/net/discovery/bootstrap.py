@@ -5,7 +5,9 @@ TCP (another site, a cloud host); ``docs/protocol-bootstrap.md`` is the
 specification of the exchange, this module its implementation.
 
 **The requester** (:class:`BootstrapDiscovery`) polls each bootstrap address
-every ``interval`` seconds (the first time at once).  One poll:
+every ``interval`` seconds (the first time at once; sooner while the address has
+not answered yet or its answers bring new peers, see :data:`QUICK_INTERVAL`).
+One poll:
 
 1. dial the address with no expected peer: we do not know its ID, and the
    handshake authenticates whoever answers (its network and network key too);
@@ -82,6 +84,7 @@ __all__ = [
     "DEFAULT_FAILURES_BEFORE_LOST",
     "DEFAULT_INTERVAL",
     "NO_RECORD",
+    "QUICK_INTERVAL",
     "BootstrapDiscovery",
     "BootstrapEntry",
     "answer_peer_list",
@@ -97,6 +100,13 @@ DEFAULT_INTERVAL = 30.0
 """Seconds between two polls of one bootstrap address: a new member is known
 across sites within half a minute, and 3 missed polls (90 s) report its peers
 lost, about as fast as mDNS's 120 s record TTL; one poll costs a handshake."""
+
+QUICK_INTERVAL = 1.0
+"""Seconds before the next poll when an address has not answered yet or its last
+answer brought a peer we did not know: peers usually start together, and a
+member that polls its bootstrap just before the others dial it would otherwise
+wait a whole ``interval`` to hear of them.  The wait then doubles at each poll
+up to ``interval``, so a quiet federation costs no more handshakes than before."""
 
 DEFAULT_FAILURES_BEFORE_LOST = 3
 """Polls in a row an address may fail before its peers are reported lost: one
@@ -342,6 +352,7 @@ class BootstrapDiscovery(Discovery):
         addresses: Sequence[Address],
         *,
         interval: float,
+        quick_interval: float,
         failures_before_lost: int,
         exchange_timeout: float,
         inbound_ttl: float,
@@ -350,6 +361,7 @@ class BootstrapDiscovery(Discovery):
         self._transport = transport
         self._targets = {a: _Target(a) for a in dict.fromkeys(addresses)}
         self._interval = interval
+        self._quick_interval = quick_interval
         self._failures_before_lost = failures_before_lost
         self._exchange_timeout = exchange_timeout
         self._inbound_ttl = inbound_ttl
@@ -369,6 +381,7 @@ class BootstrapDiscovery(Discovery):
         local_peer: PeerId,
         limits: Limits | None = None,
         interval: float = DEFAULT_INTERVAL,
+        quick_interval: float = QUICK_INTERVAL,
         failures_before_lost: int = DEFAULT_FAILURES_BEFORE_LOST,
         exchange_timeout: float | None = None,
         inbound_ttl: float | None = None,
@@ -383,6 +396,8 @@ class BootstrapDiscovery(Discovery):
         the handshake (default ``Limits.handshake_timeout``); ``inbound_ttl``
         is how long a peer passed to :meth:`observe_inbound` stays without a
         new connection (default ``interval * failures_before_lost``).
+        ``quick_interval`` is the first wait while peers are arriving (see
+        :data:`QUICK_INTERVAL`; equal to ``interval``: a fixed schedule).
         ``max_sources`` defaults to room for a full list from every address.
 
         Raises :class:`~fedup.errors.ConfigError` for an ``interval``,
@@ -396,6 +411,7 @@ class BootstrapDiscovery(Discovery):
         inbound_ttl = interval * failures_before_lost if inbound_ttl is None else inbound_ttl
         for name, value in (
             ("interval", interval),
+            ("quick_interval", quick_interval),
             ("exchange_timeout", exchange_timeout),
             ("inbound_ttl", inbound_ttl),
         ):
@@ -420,6 +436,7 @@ class BootstrapDiscovery(Discovery):
             core,
             addresses,
             interval=interval,
+            quick_interval=min(quick_interval, interval),
             failures_before_lost=failures_before_lost,
             exchange_timeout=exchange_timeout,
             inbound_ttl=inbound_ttl,
@@ -508,23 +525,39 @@ class BootstrapDiscovery(Discovery):
     # --- the poll loop ------------------------------------------------------------------
 
     async def _poll(self, target: _Target) -> None:
-        while True:
-            next_poll = trio.current_time() + self._interval
-            await self._poll_once(target)
-            await trio.sleep_until(next_poll)
+        """Poll at once, then every ``interval``; sooner while peers are still arriving.
 
-    async def _poll_once(self, target: _Target) -> None:
+        The wait is ``quick_interval`` after an answer with a new peer and
+        doubles from there; an address that never answered is retried the same
+        way.  Once an address has answered, a failed poll waits the full
+        ``interval``, so ``failures_before_lost`` keeps its meaning in time.
+        """
+        wait = self._quick_interval
+        while True:
+            started = trio.current_time()
+            news = await self._poll_once(target)
+            if news:
+                wait = self._quick_interval
+            elif target.failures and target.peer is not None:
+                wait = self._interval
+            else:
+                wait = min(wait * 2, self._interval)
+            await trio.sleep_until(started + wait)
+
+    async def _poll_once(self, target: _Target) -> bool:
+        """One poll; whether its answer named a peer the last answer did not."""
         # RemoteProtocolError is the peer's doing; anything else is a bug of ours, logged
         # with its traceback ("bug"), but it must not stop the loop either.
         try:
             remote_peer, remote, records = await self._fetch(target.address)
         except Exception as exc:
             self._failed(target, _failure_reason(exc), exc)
-            return
+            return False
         try:
-            self._answered(target, remote_peer, remote, records)
+            return self._answered(target, remote_peer, remote, records)
         except Exception as exc:
             self._failed(target, "bug", exc)
+            return False
 
     async def _fetch(
         self, address: Address
@@ -579,7 +612,7 @@ class BootstrapDiscovery(Discovery):
         remote_peer: PeerId,
         remote: SignedPeerRecord | None,
         records: tuple[bytes, ...],
-    ) -> None:
+    ) -> bool:
         if target.failures:
             log.info(
                 "bootstrap %s answers again after %d failed poll(s)",
@@ -613,8 +646,10 @@ class BootstrapDiscovery(Discovery):
                 if core.sighting(source) is not None or not self._fits(entry):
                     continue  # judged already: not counted or logged again
             events += self._observe(source, entry)
+        news = bool(entries.keys() - target.entries.keys())
         target.entries = entries
         self._publish(events)
+        return news
 
     def _fits(self, entry: BootstrapEntry) -> bool:
         return 0 < len(entry.envelope) <= self._core.limits.max_record_size
