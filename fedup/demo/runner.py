@@ -149,7 +149,8 @@ def run_demo(settings: DemoSettings, say: Say = print) -> dict[str, Any]:
         if o.error is not None:
             say(f"peer {o.peer.index} failed: {o.error} (log: {o.peer.log})")
     if all(o.summary is None for o in outcomes):
-        raise FedupError(f"no peer finished the federation; see {out}/peers/*/peer.log")
+        hint = " (if mDNS on 127.0.0.1 does not work here, try --no-mdns)" if settings.mdns else ""
+        raise FedupError(f"no peer finished the federation; see {out}/peers/*/peer.log{hint}")
     say(f"federation done in {elapsed:.1f} s; computing the baselines on the pooled data")
     report = build_report(outcomes, baselines=settings.baselines)
     report["network"] = network
