@@ -37,10 +37,8 @@ def plot_loss_curves(report: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("data passes (epochs over the data each model trains on)")
     ax.set_ylabel("validation loss (binary cross-entropy)")
     ax.set_title(
-        f"FedUp demo: {len(report['peers'])} lenders; federated and centralized on all "
-        "validation rows, local-only on each lender's own"
-        if "local_only" in curves
-        else f"FedUp demo: {len(report['peers'])} lenders",
+        f"FedUp demo: {len(report['peers'])} lenders; every model scored on all lenders' "
+        "validation rows",
         fontsize=9,
     )
     # Leave out each curve's first point (the untrained model): it would squash the rest.

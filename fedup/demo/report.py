@@ -121,9 +121,12 @@ def build_report(outcomes: Sequence[PeerOutcome], *, baselines: bool = True) -> 
     }
     if baselines:
         report["centralized"], cen = centralized_entry(tasks, settings)
-        report["local_only"], local = local_only_entry(tasks, settings)
+        report["local_only"], local, on_union = local_only_entry(tasks, settings, union_curves=True)
         curves["centralized"] = curve(cen, sum(t.n_train for t in tasks))
-        curves["local_only"] = [curve(r, t.n_train) for r, t in zip(local, tasks, strict=True)]
+        curves["local_only"] = on_union
+        curves["local_only_own_split"] = [
+            curve(r, t.n_train) for r, t in zip(local, tasks, strict=True)
+        ]
         report["claim"] = judge_claim(report)
     report["curves"] = curves
     return report

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import torch
@@ -117,13 +117,25 @@ def federation_of(tasks: Sequence[TensorTask]) -> FederationStats:
     return FederationStats(len(tasks), sum(a + b for a, b in counts), sum(b for _, b in counts))
 
 
+LapObserver = Callable[[LapResult, dict[str, torch.Tensor]], None]
+"""Called with each evaluated lap's result and the weights that were evaluated."""
+
+
+def _candidate(state: RingState) -> dict[str, torch.Tensor]:
+    return {k[5:]: v.clone() for k, v in state.tensors.items() if k.startswith("cand.")}
+
+
 def simulate_ring(
     tasks: Sequence[TensorTask],
     settings: RingSettings,
     *,
     federation: FederationStats | None = None,
+    on_lap: LapObserver | None = None,
 ) -> RingResult:
-    """Run the ring's learning in-process: ``train_hop`` in ring order until done."""
+    """Run the ring's learning in-process: ``train_hop`` in ring order until done.
+
+    ``on_lap`` sees every evaluated lap output (e.g. to score it on other data).
+    """
     start = time.perf_counter()
     fed = federation or federation_of(tasks)
     state = initial_state(tasks[0], settings)
@@ -131,9 +143,13 @@ def simulate_ring(
     lap = 0
     while True:
         for hop, task in enumerate(tasks):
+            # The candidate a hop judges is the one it received (train_hop replaces it).
+            judged = _candidate(state) if on_lap is not None else None
             state, metrics = train_hop(task, state, settings, lap, hop, fed)
             if metrics.closed is not None:
                 history.append(metrics.closed)
+                if on_lap is not None and judged is not None:
+                    on_lap(metrics.closed, judged)
             if metrics.done:
                 break
         else:
@@ -184,10 +200,24 @@ def centralized(tasks: Sequence[TensorTask], settings: RingSettings) -> RingResu
     return simulate_ring([pooled], single)
 
 
-def local_only(tasks: Sequence[TensorTask], settings: RingSettings) -> list[RingResult]:
-    """One model per task trained on its own data and stopped on its own validation split."""
+def local_only(
+    tasks: Sequence[TensorTask],
+    settings: RingSettings,
+    *,
+    on_lap: Callable[[int, LapResult, dict[str, torch.Tensor]], None] | None = None,
+) -> list[RingResult]:
+    """One model per task trained on its own data and stopped on its own validation split.
+
+    ``on_lap`` gets the task's index with each evaluated lap (see :func:`simulate_ring`).
+    """
     single = attrs.evolve(settings, weight_labels=False)
-    return [simulate_ring([t], single) for t in tasks]
+
+    def observer(i: int) -> LapObserver | None:
+        if on_lap is None:
+            return None
+        return lambda result, weights: on_lap(i, result, weights)
+
+    return [simulate_ring([t], single, on_lap=observer(i)) for i, t in enumerate(tasks)]
 
 
 # --------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from fedup.learn.baselines import RingResult, Score, centralized, local_only, score
-from fedup.learn.ring import RingSettings, final_weights
+from fedup.learn.ring import LapResult, RingSettings, final_weights
 from fedup.learn.task import TensorTask
 
 __all__ = [
@@ -38,6 +38,9 @@ __all__ = [
     "local_only_entry",
     "model_entry",
 ]
+
+Curve = list[tuple[float, float]]
+"""``(data passes, validation loss)`` per evaluated lap, in order."""
 
 METRICS = ("val_loss", "roc_auc", "accuracy", "epochs", "wall_seconds", "bytes_sent")
 """The fields of every per-peer and mean entry."""
@@ -96,14 +99,22 @@ def centralized_entry(
 
 
 def local_only_entry(
-    tasks: Sequence[TensorTask], settings: RingSettings
-) -> tuple[dict[str, Any], list[RingResult]]:
-    """Train one model per peer on its own data; the entry and the runs.
+    tasks: Sequence[TensorTask], settings: RingSettings, *, union_curves: bool = False
+) -> tuple[dict[str, Any], list[RingResult], list[Curve]]:
+    """Train one model per peer on its own data; the entry, the runs and their curves.
 
     ``per_peer`` scores each model on its own peer's split, plus ``union``: the
-    same model on the union.  The entry's ``union`` is the mean of those.
+    same model on the union.  The entry's ``union`` is the mean of those.  With
+    ``union_curves``, every evaluated lap of each run is also scored on the union
+    (``(data passes over the peer's own rows, union loss)`` per lap); else the
+    curves are empty.
     """
-    runs = local_only(tasks, settings)
+    curves: list[Curve] = [[] for _ in tasks]
+
+    def on_lap(i: int, result: LapResult, weights: dict[str, torch.Tensor]) -> None:
+        curves[i].append((result.samples / tasks[i].n_train, score(weights, tasks).loss))
+
+    runs = local_only(tasks, settings, on_lap=on_lap if union_curves else None)
     per_peer = []
     unions = []
     for i, (task, run) in enumerate(zip(tasks, runs, strict=True)):
@@ -124,10 +135,10 @@ def local_only_entry(
         for k in ("val_loss", "roc_auc", "accuracy")
     }
     union_mean["n"] = unions[0]["n"] if unions else 0
-    return {"union": union_mean, "mean": _mean(per_peer), "per_peer": per_peer}, runs
+    return {"union": union_mean, "mean": _mean(per_peer), "per_peer": per_peer}, runs, curves
 
 
-def curve(run: RingResult, n_train: int) -> list[tuple[float, float]]:
+def curve(run: RingResult, n_train: int) -> Curve:
     """``(data passes, validation loss)`` of every evaluated lap of a run, in order."""
     return [(h.samples / n_train, h.loss) for h in run.history]
 

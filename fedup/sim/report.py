@@ -90,7 +90,7 @@ def build_report(
     if baselines:
         settings = RingSettings.for_run(result.run) if result.run is not None else RingSettings()
         report["centralized"], _ = centralized_entry(tasks, settings)
-        report["local_only"], _ = local_only_entry(tasks, settings)
+        report["local_only"], _, _ = local_only_entry(tasks, settings)
     return report
 
 

@@ -68,10 +68,21 @@ def test_demo_without_mdns_runs_real_peers_and_compares_on_the_same_rows(tmp_pat
     assert report["laps"] <= 12
     # Curves: one point per evaluated lap, in order of data passes.
     curves = report["curves"]
-    for points in [curves["federated"], curves["centralized"], *curves["local_only"]]:
+    for points in [
+        curves["federated"],
+        curves["centralized"],
+        *curves["local_only"],
+        *curves["local_only_own_split"],
+    ]:
         xs = [x for x, _ in points]
         assert len(xs) >= 2 and xs == sorted(xs) and xs[0] == 0
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Each local-only curve is its run scored on the union: its kept model is on it.
+    for i, entry in enumerate(loc["per_peer"]):
+        on_union = dict(curves["local_only"][i])
+        own = dict(curves["local_only_own_split"][i])
+        assert on_union[entry["epochs"]] == pytest.approx(entry["union"]["val_loss"], abs=1e-4)
+        assert own[entry["epochs"]] == pytest.approx(entry["val_loss"], abs=1e-4)
     # The verdict follows the numbers and is printed as such.
     claim = report["claim"]["vs_centralized"]
     assert claim["lower_loss"] == (fed["union"]["val_loss"] < cen["union"]["val_loss"])
