@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from fedup.demo import DemoSettings, run_demo
+from fedup.errors import ConfigError
 
 log = logging.getLogger("fedup")
 
@@ -61,6 +62,10 @@ def add_parser(
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        peer_args = tuple(shlex.split(args.peer_args))
+    except ValueError as exc:
+        raise ConfigError(f"--peer-args: {exc}") from None
     torch.set_num_threads(1)
     settings = DemoSettings(
         peers=args.peers,
@@ -70,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         mdns=not args.no_mdns,
         settle=args.settle,
         timeout=args.timeout,
-        peer_args=tuple(shlex.split(args.peer_args)),
+        peer_args=peer_args,
     )
     report = run_demo(settings, say=lambda text: print(text, flush=True))
     print_comparison(report)

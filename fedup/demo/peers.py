@@ -202,12 +202,17 @@ def run_peers(
                     subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
                 )
         deadline = started + timeout
-        while len(ended) < len(procs) and time.monotonic() < deadline:
-            time.sleep(POLL_SECONDS)
+
+        def reap() -> None:
             for i, proc in enumerate(procs):
                 if i not in ended and proc.poll() is not None:
                     ended[i] = time.monotonic() - started
+
+        while len(ended) < len(procs) and time.monotonic() < deadline:
+            time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+            reap()
             on_tick()
+        reap()  # one that ended after the last look but by the deadline finished in time
     finally:
         _stop(procs)
     return [

@@ -20,7 +20,6 @@ from fedup.demo.peers import (
     run_peers,
     write_network_key,
 )
-from fedup.demo.plot import plot_loss_curves
 from fedup.demo.report import build_report
 from fedup.errors import ConfigError, FedupError
 
@@ -28,6 +27,12 @@ __all__ = ["MARKER", "DemoSettings", "run_demo"]
 
 MARKER = ".fedup-demo"
 """A file in every demo output folder: only such a folder is ever emptied by a rerun."""
+
+MIN_ROWS = 200
+"""Loans per lender at least: its 20% validation split then holds defaults and
+repayments, and its categories pass the summaries' minimum count."""
+MAX_ROWS = 1_000_000
+"""Loans per lender at most: a demo, not a load test (about 100 MB of CSV each)."""
 
 Say = Callable[[str], None]
 
@@ -52,24 +57,52 @@ class DemoSettings:
     def __attrs_post_init__(self) -> None:
         if not 2 <= self.peers <= 16:
             raise ConfigError("the demo runs 2 to 16 peers")
+        if self.seed < 0:
+            raise ConfigError("--seed must not be negative")
+        if self.rows is not None and not MIN_ROWS <= self.rows <= MAX_ROWS:
+            raise ConfigError(f"--rows must be in {MIN_ROWS:,}..{MAX_ROWS:,}")
         if self.timeout <= 0 or self.settle < 0:
             raise ConfigError("--timeout must be positive and --settle not negative")
 
 
+OUTPUTS = frozenset(
+    {MARKER, "peers", "network.key", "report.json", "loss_curves.png", "model.safetensors",
+     "federation.json"}
+)  # fmt: skip
+"""Everything a demo writes at the top of its folder: all a rerun removes."""
+
+
 def _fresh_out(out: Path) -> None:
-    """Create ``out``, emptying it first only if an earlier demo made it."""
-    if out.exists():
-        if not (out / MARKER).exists():
-            if out.is_dir() and not any(out.iterdir()):
-                out.rmdir()
-            else:
+    """Create ``out``; a folder an earlier demo made is emptied first, nothing else is.
+
+    Only the names of :data:`OUTPUTS` are removed, and only when the folder
+    holds the :data:`MARKER` and nothing else: a file the user added stops the
+    rerun.  Raises :class:`~fedup.errors.ConfigError` otherwise.
+    """
+    try:
+        if out.is_symlink():
+            raise ConfigError(f"{out} is a symbolic link; give the demo a real folder")
+        if out.exists():
+            names = {p.name for p in out.iterdir()} if out.is_dir() else None
+            if names is None or (names and MARKER not in names):
                 raise ConfigError(
                     f"{out} exists and was not made by fedup-peer demo; choose another --out"
                 )
-        else:
-            shutil.rmtree(out)
-    out.mkdir(parents=True)
-    (out / MARKER).write_text("made by fedup-peer demo; a rerun replaces this folder\n")
+            if names - OUTPUTS:
+                raise ConfigError(
+                    f"{out} was made by fedup-peer demo but now also holds "
+                    f"{', '.join(sorted(names - OUTPUTS))}; move them or choose another --out"
+                )
+            for name in sorted(names - {MARKER}):
+                target = out / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).write_text("made by fedup-peer demo; a rerun replaces this folder\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot prepare the demo folder {out}: {exc}") from None
 
 
 class _Progress:
@@ -160,6 +193,8 @@ def run_demo(settings: DemoSettings, say: Say = print) -> dict[str, Any]:
     first = next(o for o in outcomes if o.summary is not None)
     shutil.copyfile(first.peer.run_dir / "model.safetensors", out / "model.safetensors")
     shutil.copyfile(first.peer.run_dir / "federation.json", out / "federation.json")
+    from fedup.demo.plot import plot_loss_curves  # matplotlib: only when drawing
+
     plot_loss_curves(report, out / "loss_curves.png")
     report["out"] = str(out)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

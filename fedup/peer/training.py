@@ -438,7 +438,11 @@ class RingRun:
             if error is None:
                 break
             self._declare_dead(target, error)
-        self.finished = attrs.evolve(self.finished, model_bytes_sent=self.model_bytes_sent)
+        self.finished = attrs.evolve(
+            self.finished,
+            model_bytes_sent=self.model_bytes_sent,
+            dead=[p.text for p in sorted(self.dead)],
+        )
         self.outputs.save_summary(self.finished)
 
 

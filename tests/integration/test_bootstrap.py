@@ -587,11 +587,11 @@ async def test_an_address_not_up_yet_is_retried_quickly(
         rec = Recorder(start)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(rec.run, disc.subscribe())
-            await trio.sleep(10)  # polls at 0, 2, 6 fail (waits 2, 4, 8 s)
-            assert disc.consecutive_failures(addr(B)) == 3
+            await trio.sleep(10)  # polls at 0, 1, 3, 7 fail (waits 1, 2, 4, 8 s)
+            assert disc.consecutive_failures(addr(B)) == 4
             async with bootstrap_peer(net, B, {}):
-                await trio.sleep(5)
-                assert rec.take() == [(14.0, "found", B.peer_id, None)]
+                await trio.sleep(6)
+                assert rec.take() == [(15.0, "found", B.peer_id, None)]
             nursery.cancel_scope.cancel()
 
 
@@ -599,7 +599,7 @@ async def test_once_answered_a_failing_address_is_polled_every_interval(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     # The quick phase must not make a bootstrap that stopped answering lose its peers
-    # sooner: failures_before_lost polls still take (failures_before_lost - 1) intervals.
+    # sooner: they go once 3 polls in a row failed and 3 intervals passed since it answered.
     net = MemoryNetwork()
     async with requester(net, A, [B], quick_interval=1.0, failures_before_lost=3) as disc:
         start = trio.current_time()
@@ -609,11 +609,33 @@ async def test_once_answered_a_failing_address_is_polled_every_interval(
             async with bootstrap_peer(net, B, {C.peer_id: record_of(C)}):
                 await trio.sleep(0.5)
             assert len(rec.take()) == 2  # B and C found at 0 s; B stops at 0.5 s
-            await trio.sleep(1 + 2 * INTERVAL)  # fails at 1, 31 and 61 s
+            await trio.sleep(1 + 2 * INTERVAL)  # fails at 1, 31 and 61 s: only 61 s silent
+            assert rec.take() == [] and disc.consecutive_failures(addr(B)) == 3
+            await trio.sleep(INTERVAL)  # fails at 91 s: 3 intervals since the answer
             assert sorted(rec.take()) == sorted(
                 [
-                    (1 + 2 * INTERVAL, "lost", B.peer_id, "expired"),
-                    (1 + 2 * INTERVAL, "lost", C.peer_id, "expired"),
+                    (1 + 3 * INTERVAL, "lost", B.peer_id, "expired"),
+                    (1 + 3 * INTERVAL, "lost", C.peer_id, "expired"),
                 ]
             )
             nursery.cancel_scope.cancel()
+
+
+async def test_unverifiable_entries_do_not_keep_the_polls_quick(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A bootstrap listing a new forged entry in every answer: only verified new peers
+    # count as news, so the polls still slow down to one per INTERVAL.
+    net = MemoryNetwork()
+    polls: list[float] = []
+    forged = record_of(C).envelope.replace(NET.encode(), b"lendert")  # signature breaks
+
+    async def forging(framed: FramedStream) -> None:
+        polls.append(trio.current_time())
+        # one more forged entry each time: a source ("entry <i>") never seen before
+        await framed.send_frame(encode_message(PeerList((forged,) * len(polls))))
+
+    async with bootstrap_peer(net, B, reply=forging), requester(net, A, [B], quick_interval=1.0):
+        start = trio.current_time()
+        await trio.sleep(3 * INTERVAL)
+    assert [t - start for t in polls] == [0, 1, 3, 7, 15, 31, 61]

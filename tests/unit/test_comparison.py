@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +76,46 @@ def test_the_demo_never_empties_a_folder_it_did_not_make(tmp_path: Path) -> None
     demo = tmp_path / "demo"
     _fresh_out(demo)
     (demo / "report.json").write_text("{}")
+    (demo / "peers" / "peer0").mkdir(parents=True)
     _fresh_out(demo)
     assert sorted(p.name for p in demo.iterdir()) == [MARKER]
+
+    # A demo folder the user added to is left alone too.
+    (demo / "report.json").write_text("{}")
+    (demo / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"also holds notes\.txt"):
+        _fresh_out(demo)
+    assert (demo / "notes.txt").exists() and (demo / "report.json").exists()
+
+    link = tmp_path / "link"
+    link.symlink_to(mine)
+    with pytest.raises(ConfigError, match="symbolic link"):
+        _fresh_out(link)
 
     empty = tmp_path / "empty"
     empty.mkdir()
     _fresh_out(empty)
     assert (empty / MARKER).exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"seed": -1}, "--seed"), ({"rows": 3}, "--rows"), ({"rows": 10**7}, "--rows")],
+)
+def test_demo_settings_are_checked(kwargs: dict[str, int], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        DemoSettings(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_bad_demo_option_ends_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from fedup.cli import main
+
+    assert main(["demo", "--peer-args", "'unclosed"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fedup-peer: error: --peer-args: No closing quotation")
+
+
+def test_the_cli_does_not_load_matplotlib_until_a_demo_draws() -> None:
+    code = "import sys, fedup.cli; fedup.cli.build_parser(); print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

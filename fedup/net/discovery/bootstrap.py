@@ -21,7 +21,8 @@ One poll:
 5. a source of this address absent from the new answer is removed (``lost``,
    ``cause=expired``, unless another source still vouches for the same record).
 
-An address that fails ``failures_before_lost`` polls in a row has all its
+An address that fails ``failures_before_lost`` polls in a row, for at least
+``failures_before_lost * interval`` since it last answered, has all its
 sources removed (expired); it keeps being polled, and its peers are found
 again when it answers.  Every failure is counted in :attr:`~BootstrapDiscovery.failures`
 by reason and logged once per (address, reason) until the address answers
@@ -62,6 +63,7 @@ from fedup.net.discovery.base import (
     Discovery,
     DiscoveryCore,
     DiscoveryEvent,
+    EventKind,
     LostCause,
     collapse_single_exception,
 )
@@ -338,6 +340,8 @@ class _Target:
         """Failure reasons logged since the address last answered."""
         self.no_record = False
         """The last answering peer sent no record (counted once until one comes)."""
+        self.answered_at = -math.inf
+        """Trio time of the last answer."""
         self.peer: PeerId | None = None
         """The peer that answered last."""
 
@@ -360,6 +364,8 @@ class BootstrapDiscovery(Discovery):
         super().__init__(core)
         self._transport = transport
         self._targets = {a: _Target(a) for a in dict.fromkeys(addresses)}
+        if not 0 < quick_interval <= interval:
+            raise ConfigError("bootstrap quick_interval must be in (0, interval]")
         self._interval = interval
         self._quick_interval = quick_interval
         self._failures_before_lost = failures_before_lost
@@ -527,22 +533,25 @@ class BootstrapDiscovery(Discovery):
     async def _poll(self, target: _Target) -> None:
         """Poll at once, then every ``interval``; sooner while peers are still arriving.
 
-        The wait is ``quick_interval`` after an answer with a new peer and
-        doubles from there; an address that never answered is retried the same
-        way.  Once an address has answered, a failed poll waits the full
-        ``interval``, so ``failures_before_lost`` keeps its meaning in time.
+        The wait is ``quick_interval`` after an answer that made a new peer
+        known (verified) and doubles from there; an address that never answered
+        is retried the same way.  Once an address has answered, a failed poll
+        waits the full ``interval``, and its peers are reported lost only when
+        ``failures_before_lost`` polls in a row failed *and* as many intervals
+        passed since it last answered: the quick phase does not make them go
+        sooner.
         """
-        wait = self._quick_interval
+        backoff = self._quick_interval
         while True:
             started = trio.current_time()
             news = await self._poll_once(target)
             if news:
-                wait = self._quick_interval
+                wait, backoff = self._quick_interval, 2 * self._quick_interval
             elif target.failures and target.peer is not None:
                 wait = self._interval
             else:
-                wait = min(wait * 2, self._interval)
-            await trio.sleep_until(started + wait)
+                wait, backoff = backoff, 2 * backoff
+            await trio.sleep_until(started + min(wait, self._interval))
 
     async def _poll_once(self, target: _Target) -> bool:
         """One poll; whether its answer named a peer the last answer did not."""
@@ -593,7 +602,12 @@ class BootstrapDiscovery(Discovery):
                     exc,
                     self._interval,
                 )
-        if target.failures == self._failures_before_lost and target.entries:
+        silent = trio.current_time() - target.answered_at
+        if (
+            target.failures >= self._failures_before_lost
+            and silent >= self._failures_before_lost * self._interval
+            and target.entries
+        ):
             log.warning(
                 "bootstrap %s failed %d polls in a row; its peers are reported lost (%d source(s))",
                 target.address,
@@ -646,10 +660,11 @@ class BootstrapDiscovery(Discovery):
                 if core.sighting(source) is not None or not self._fits(entry):
                     continue  # judged already: not counted or logged again
             events += self._observe(source, entry)
-        news = bool(entries.keys() - target.entries.keys())
         target.entries = entries
+        target.answered_at = trio.current_time()
         self._publish(events)
-        return news
+        # Only a verified new peer counts: unverifiable entries cannot keep us polling fast.
+        return any(e.kind is EventKind.FOUND for e in events)
 
     def _fits(self, entry: BootstrapEntry) -> bool:
         return 0 < len(entry.envelope) <= self._core.limits.max_record_size
