@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     peers_command.add_parser(sub, common=_common)
     start_command.add_parser(sub, common=_common)
     simulate_command.add_parser(sub, common=_common)
-    demo_command.add_parser(sub, common=_common)
+    demo_command.add_parser(sub)
     return parser
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,8 @@ CLAIM = (
 
 def add_parser(
     subparsers: argparse._SubParsersAction,  # type: ignore[type-arg]
-    common: Callable[[argparse.ArgumentParser], None],
 ) -> argparse.ArgumentParser:
+    """The ``demo`` command.  No ``--state-dir``: each peer has its own under ``--out``."""
     p: argparse.ArgumentParser = subparsers.add_parser(
         "demo",
         help="a real federation of synthetic lenders on this host, against the baselines",
@@ -37,8 +36,13 @@ def add_parser(
         "demo prints the comparison and writes report.json, loss_curves.png and "
         "model.safetensors to --out.",
     )
-    common(p)
-    p.set_defaults(log_level="warning")
+    p.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="how much the demo logs on stderr (default: warning; each peer logs at info "
+        "level to peers/peerI/peer.log)",
+    )
     p.add_argument("--peers", type=int, default=3, help="peer processes, 2 to 16 (default: 3)")
     p.add_argument(
         "--out", type=Path, default=Path("fedup-demo"), help="output folder (default: fedup-demo)"
@@ -50,8 +54,12 @@ def add_parser(
         action="store_true",
         help="peers dial each other's ports instead of using mDNS (no multicast at all)",
     )
-    p.add_argument("--settle", type=float, default=2.0, help="formation settle seconds")
-    p.add_argument("--timeout", type=float, default=600.0, help="deadline for the federation, s")
+    p.add_argument(
+        "--settle", type=float, default=2.0, help="formation settle seconds (default: 2)"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=600.0, help="deadline for the federation, s (default: 600)"
+    )
     p.add_argument(
         "--peer-args",
         default="",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import shutil
 import time
@@ -61,7 +62,7 @@ class DemoSettings:
             raise ConfigError("--seed must not be negative")
         if self.rows is not None and not MIN_ROWS <= self.rows <= MAX_ROWS:
             raise ConfigError(f"--rows must be in {MIN_ROWS:,}..{MAX_ROWS:,}")
-        if self.timeout <= 0 or self.settle < 0:
+        if not (0 < self.timeout < math.inf and 0 <= self.settle < math.inf):
             raise ConfigError("--timeout must be positive and --settle not negative")
 
 
