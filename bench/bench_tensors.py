@@ -12,7 +12,10 @@ times, in one run, best and median of several repetitions:
 (d) ``bytes_to_state`` alone from read-only ``bytes``, which first copies the
     blob once (torch tensors must not alias immutable memory).
 
-Run ``python bench/bench_tensors.py``; ``main()`` returns the figures as a dict.
+Goal: (b) within 2x of (a).  Printed one line per figure: ``<path>_best_ms``,
+``<path>_median_ms`` and the ratios ``codec_over_floor_median`` ((b)/(a)),
+``torch_over_floor_median`` ((c)/(a)) and the same over (m).  Run
+``python bench/bench_tensors.py``; ``main()`` returns the figures as a dict.
 """
 
 from __future__ import annotations
@@ -146,30 +149,16 @@ def main(repeats: int = REPEATS, *, verbose: bool = True) -> dict[str, float]:
 
 
 def _print(f: dict[str, float]) -> None:
-    mb = f["data_bytes"] / 1e6
-    print(
-        f"resnet18 state: {int(f['tensors'])} tensors, {int(f['float32_parameters']):,} float32 "
-        f"parameters, {int(f['data_bytes']):,} data bytes, blob {int(f['blob_bytes']):,} bytes"
-    )
-    labels = {
-        "floor": "(a) floor: tobytes + frombuffer",
-        "memcpy": "(m) one memcpy into one buffer",
-        "codec": "(b) encode_state + decode_state",
-        "torch": "(c) state_to_bytes + bytes_to_state",
-        "torch_decode_readonly": "(d) bytes_to_state alone, from bytes",
-    }
-    for key, label in labels.items():
-        best, median = f[f"{key}_best_s"], f[f"{key}_median_s"]
-        print(
-            f"{label:42s} best {best * 1e3:7.2f} ms  median {median * 1e3:7.2f} ms  "
-            f"({mb / median / 1e3:5.2f} GB/s)"
-        )
-    for key, label in (("codec", "(b)"), ("torch", "(c)")):
-        print(
-            f"{label}/(a) ratio: best {f[f'{key}_over_floor_best']:.2f}x  "
-            f"median {f[f'{key}_over_floor_median']:.2f}x  (goal: within 2x);  "
-            f"{label}/(m): median {f[f'{key}_over_memcpy_median']:.2f}x"
-        )
+    """One line per figure: sizes, then best and median per path, then the ratios."""
+    for key in ("tensors", "float32_parameters", "data_bytes", "blob_bytes"):
+        print(f"{key:<36}{int(f[key]):>16,}")
+    for key in ("floor", "memcpy", "codec", "torch", "torch_decode_readonly"):
+        for stat in ("best", "median"):
+            print(f"{key}_{stat}_ms".ljust(36) + f"{f[f'{key}_{stat}_s'] * 1e3:>16.2f}")
+    for key in ("codec", "torch"):
+        for base in ("floor", "memcpy"):
+            name = f"{key}_over_{base}_median"
+            print(f"{name:<36}{f[name]:>16.2f}")
 
 
 if __name__ == "__main__":
