@@ -74,13 +74,12 @@ from fedup import Address, Identity, Peer, PeerConfig, RunSettings, TabularSourc
 from fedup.config import DEFAULT_LIMITS
 from fedup.learn.loans import generate_lender
 from fedup.learn.ring import RingState
-from fedup.learn.weights import bytes_to_state, state_to_bytes
 from fedup.net.blobs import receive_blob, send_blob
 from fedup.net.channel import SecureChannel
 from fedup.net.framed import FramedStream
 from fedup.net.transport import Credentials, TcpTransport
+from fedup.peer.training import read_ring_payload, ring_payload
 from fedup.protocol.blob import BlobReplayGuard
-from fedup.protocol.payload import decode_payload, encode_payload
 from fedup.protocol.records import PeerRecord, next_seq
 
 SIZES = (3, 6)
@@ -203,15 +202,13 @@ def overheads(spans: list[Span]) -> list[float]:
 
 
 def payload_of(state: RingState) -> bytearray:
-    """The blob a peer sends for ``state`` (as ``RingRun._payload`` builds it)."""
-    return encode_payload(state.meta.to_dict(), frozenset(), None, state_to_bytes(state.tensors))
+    """The blob a peer sends for ``state``."""
+    return ring_payload(state, frozenset(), None)
 
 
 def decode(data: bytearray, template: RingState) -> RingState:
-    """What the receiver does with a blob's bytes (as ``RingRun.on_blob``'s check does)."""
-    payload = decode_payload(data)
-    tensors = bytes_to_state(payload.state, like=template.tensors)
-    return RingState.from_parts(tensors, payload.ring, template=template)
+    """What the receiver does with a blob's bytes before training."""
+    return read_ring_payload(data, template, DEFAULT_LIMITS)[0]
 
 
 def _credentials(identity: Identity, address: Address) -> Credentials:

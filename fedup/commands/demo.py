@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from fedup.commands.tables import print_models
 from fedup.demo import DemoSettings, run_demo
 from fedup.errors import ConfigError
 
@@ -90,41 +91,14 @@ def run(args: argparse.Namespace) -> int:
     return 0 if report["same_model_everywhere"] else 1
 
 
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def print_comparison(report: dict[str, Any]) -> None:
     same = report["same_model_everywhere"]
     print(
         f"\nstopped: {report['stop_reason']} after {report['laps']} laps; every peer saved the "
         f"same model: {'yes' if same else 'NO'} (sha256 {report['model_sha256'][:16]})\n"
     )
-    print(
-        "model                    val loss   AUC     accuracy  own-split loss  data passes"
-        "  sent/peer"
-    )
-    rows = [("federated (FedUp ring)", report["federated"])]
-    if "centralized" in report:
-        rows += [
-            ("centralized (pooled)", report["centralized"]),
-            ("local-only (mean)", report["local_only"]),
-        ]
-    for name, entry in rows:
-        u, m = entry["union"], entry["mean"]
-        sent = None if m["bytes_sent"] is None else m["bytes_sent"] / 1e6
-        print(
-            f"{name:<24} {_fmt(u['val_loss'], '8.4f')} {_fmt(u['roc_auc'], '7.4f')} "
-            f"{_fmt(u['accuracy'], '9.4f')} {_fmt(m['val_loss'], '15.4f')} "
-            f"{_fmt(m['epochs'], '12.2f')}  {_fmt(sent, '6.2f')} MB"
-        )
+    print_models(report)
     if "local_only" in report:
-        print(
-            "\nval loss / AUC / accuracy: on the union of every lender's validation rows "
-            "(local-only: the mean over lenders' models); own-split loss: each lender's "
-            "model on its own validation rows, averaged. Data passes: training samples "
-            "until the kept model / training rows it could see (local-only: its own rows)."
-        )
         print("\nper lender (own validation rows): federated vs local-only loss")
         for f, lo, p in zip(
             report["federated"]["per_peer"],

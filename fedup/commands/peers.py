@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import trio
 
-from fedup.errors import ConfigError, FedupError
+from fedup.errors import ConfigError
 from fedup.identity import KEY_FILE_NAME, default_state_dir, load_or_create_identity
 from fedup.net.discovery import MdnsDiscovery, NetworkScope, Sighting
 from fedup.protocol.peer_id import PeerId
@@ -43,13 +42,9 @@ def _timeout(text: str) -> float:
 
 def add_parser(
     subparsers: argparse._SubParsersAction,  # type: ignore[type-arg]
-    common: Callable[[argparse.ArgumentParser], None] | None = None,
+    common: Callable[[argparse.ArgumentParser], None],
 ) -> argparse.ArgumentParser:
-    """Register the ``peers`` command on ``subparsers``.
-
-    ``common`` adds the options every command shares (``--state-dir``,
-    ``--log-level``); without it this function adds them itself.
-    """
+    """Register the ``peers`` command; ``common`` adds ``--state-dir`` and ``--log-level``."""
     p: argparse.ArgumentParser = subparsers.add_parser(
         "peers",
         help="list the FedUp peers announcing themselves on the LAN (announces nothing)",
@@ -57,22 +52,7 @@ def add_parser(
         "announcement seen: peer ID, addresses, network, and whether its signed record "
         "verified (or why not). This command only listens and asks; it announces nothing.",
     )
-    if common is not None:
-        common(p)
-    else:
-        p.add_argument(
-            "--state-dir",
-            type=Path,
-            default=None,
-            help="this peer's state directory, to mark its own announcement "
-            "(default: $FEDUP_STATE_DIR or the platform's data dir)",
-        )
-        p.add_argument(
-            "--log-level",
-            default="info",
-            choices=["debug", "info", "warning", "error"],
-            help="how much to log on stderr (default: info)",
-        )
+    common(p)
     p.add_argument(
         "--timeout",
         type=_timeout,
@@ -215,27 +195,3 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_table(sightings, local, interfaces, args.timeout))
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``peers`` on its own (``python -m fedup.commands.peers``), as fedup-peer would."""
-    parser = argparse.ArgumentParser(prog="fedup-peer")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["peers", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    try:
-        return int(args.func(args))
-    except FedupError as exc:
-        print(f"fedup-peer: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("fedup-peer: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

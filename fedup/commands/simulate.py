@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from fedup.commands.tables import print_models
 from fedup.errors import ConfigError
 from fedup.identity import default_state_dir
 from fedup.protocol.view import RunSettings
@@ -214,10 +215,6 @@ def run(args: argparse.Namespace) -> int:
     return 0 if report["simulation"]["finished"] else 1
 
 
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def _print_table(report: dict[str, Any]) -> None:
     sim = report["simulation"]
     print(
@@ -225,21 +222,7 @@ def _print_table(report: dict[str, Any]) -> None:
         f"{sim['wall_seconds']:.1f} s wall, {sim['clock_seconds']:.1f} s "
         f"{'virtual' if sim['virtual_clock'] else 'real'} clock"
     )
-    print(
-        "model        union loss  union AUC  peer loss  peer AUC  accuracy  epochs  wall s  kB/peer"
-    )
-    for name in ("federated", "centralized", "local_only"):
-        entry = report.get(name)
-        if entry is None:
-            continue
-        u, m = entry["union"], entry["mean"]
-        print(
-            f"{name.replace('_', '-'):<12} {_fmt(u['val_loss'], '10.4f')} "
-            f"{_fmt(u['roc_auc'], '10.4f')} {_fmt(m['val_loss'], '10.4f')} "
-            f"{_fmt(m['roc_auc'], '9.4f')} {_fmt(m['accuracy'], '9.4f')} "
-            f"{_fmt(m['epochs'], '7.2f')} {_fmt(m['wall_seconds'], '7.1f')} "
-            f"{_fmt(m['bytes_sent'] / 1000 if m['bytes_sent'] is not None else None, '8.0f')}"
-        )
+    print_models(report)
     failed = [d for d in report["data"] if not d["finished"]]
     for d in failed:
         print(f"peer {d['index']} ({d['peer_id'][-8:]}) did not finish: {d['error']}")

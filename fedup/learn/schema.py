@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from fractions import Fraction
 from typing import Any, Final
 
@@ -88,6 +89,17 @@ DEFAULT_SUMMARY_LIMITS: Final = SummaryLimits()
 
 class SummaryError(MessageError):
     """A summary or schema received from outside is malformed or inconsistent."""
+
+
+@contextmanager
+def _summary_errors() -> Iterator[None]:
+    """Report a malformed field (a :class:`MessageError`) as a :class:`SummaryError`."""
+    try:
+        yield
+    except SummaryError:
+        raise
+    except MessageError as e:
+        raise SummaryError(e.reason) from None
 
 
 class SchemaMismatchError(RemoteProtocolError):
@@ -173,7 +185,7 @@ class ColumnSummary:
     ) -> ColumnSummary:
         """Build from an untrusted decoded dict; raises :class:`SummaryError`."""
         lim = limits or DEFAULT_SUMMARY_LIMITS
-        try:
+        with _summary_errors():
             r = FieldReader(obj, what)
             name = r.text("name", max_bytes=lim.max_text)
             kind = r.text("kind", max_bytes=16)
@@ -193,10 +205,6 @@ class ColumnSummary:
                 cats = r.array("categories", _category_item(lim), max_items=lim.max_categories)
                 other = r.uint("other_count", max_value=_MAX_COUNT)
             r.done()
-        except SummaryError:
-            raise
-        except MessageError as e:
-            raise SummaryError(e.reason) from None
         if len({v for v, _ in cats}) != len(cats):
             raise SummaryError(f"{what} {name!r}: repeated category value")
         if kind == CATEGORICAL and sum(c for _, c in cats) + other != count:
@@ -270,7 +278,7 @@ class DataSummary:
         Raises :class:`SummaryError` naming the field.
         """
         lim = limits or DEFAULT_SUMMARY_LIMITS
-        try:
+        with _summary_errors():
             r = FieldReader(obj, "data summary")
             if r.uint("v") != SCHEMA_VERSION:
                 raise r.fail("v", f"must be {SCHEMA_VERSION}")
@@ -283,10 +291,6 @@ class DataSummary:
                 max_items=lim.max_columns,
             )
             r.done()
-        except SummaryError:
-            raise
-        except MessageError as e:
-            raise SummaryError(e.reason) from None
         names = [c.name for c in cols]
         if len(set(names)) != len(names):
             raise SummaryError("data summary: repeated column name")
@@ -558,7 +562,7 @@ def schema_from_dict(obj: object, *, limits: SummaryLimits | None = None) -> Fea
     view's settings.
     """
     lim = limits or DEFAULT_SUMMARY_LIMITS
-    try:
+    with _summary_errors():
         r = FieldReader(obj, "feature schema")
         if r.uint("v") != SCHEMA_VERSION:
             raise r.fail("v", f"must be {SCHEMA_VERSION}")
@@ -568,10 +572,6 @@ def schema_from_dict(obj: object, *, limits: SummaryLimits | None = None) -> Fea
         n_summaries = r.uint("n_summaries", min_value=1, max_value=1 << 20)
         columns = r.array("columns", _feature_column(lim), max_items=lim.max_columns)
         r.done()
-    except SummaryError:
-        raise
-    except MessageError as e:
-        raise SummaryError(e.reason) from None
     names = [c.name for c in columns]
     if names != sorted(set(names)):
         raise SummaryError("feature schema: columns must be unique and sorted by name")

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from fedup.config import Limits
 from fedup.errors import FedupError, RemoteProtocolError
 from fedup.learn.ring import (
     FederationStats,
@@ -226,7 +227,7 @@ class RingRun:
         dead: frozenset[PeerId] | None = None,
     ) -> bytearray:
         dead = frozenset(self.dead) if dead is None else dead
-        return encode_payload(state.meta.to_dict(), dead, origin, state_to_bytes(state.tensors))
+        return ring_payload(state, dead, origin)
 
     def _next(
         self, pos: Position, dead: frozenset[PeerId] | None = None
@@ -368,12 +369,10 @@ class RingRun:
         decoded: list[tuple[RingState, frozenset[PeerId], PeerId | None]] = []
 
         def check(header: BlobHeader, data: memoryview) -> None:
-            payload = decode_payload(data, limits=self.limits)
-            tensors = bytes_to_state(payload.state, like=self.template.tensors, limits=self.limits)
-            state = RingState.from_parts(tensors, payload.ring, template=self.template)
-            if any(p not in self.members for p in payload.dead):
+            state, dead, origin = read_ring_payload(data, self.template, self.limits)
+            if any(p not in self.members for p in dead):
                 raise RemoteProtocolError("dead list names a non-member")
-            decoded.append((state, payload.dead, payload.origin))
+            decoded.append((state, dead, origin))
 
         received = await receive_blob(
             framed,
@@ -444,6 +443,24 @@ class RingRun:
             dead=[p.text for p in sorted(self.dead)],
         )
         self.outputs.save_summary(self.finished)
+
+
+def ring_payload(state: RingState, dead: frozenset[PeerId], origin: PeerId | None) -> bytearray:
+    """The bytes of a ring blob: the state's metadata and tensors, the dead set, the origin."""
+    return encode_payload(state.meta.to_dict(), dead, origin, state_to_bytes(state.tensors))
+
+
+def read_ring_payload(
+    data: memoryview | bytearray, template: RingState, limits: Limits
+) -> tuple[RingState, frozenset[PeerId], PeerId | None]:
+    """Decode and check a ring blob against ``template`` (names, dtypes, shapes, metadata).
+
+    Raises :class:`~fedup.errors.RemoteProtocolError` for anything malformed.
+    """
+    payload = decode_payload(data, limits=limits)
+    tensors = bytes_to_state(payload.state, like=template.tensors, limits=limits)
+    state = RingState.from_parts(tensors, payload.ring, template=template)
+    return state, payload.dead, payload.origin
 
 
 def _worth_retrying(error: str) -> bool:

@@ -193,7 +193,7 @@ def test_forged_announcements_are_refused_and_counted(netns: Netns) -> None:
     # the passive browser (fedup-peer peers) reports the same, and announces nothing
     proc = subprocess.run(
         [
-            *("ip", "netns", "exec", ns, sys.executable, "-m", "fedup.commands.peers"),
+            *("ip", "netns", "exec", ns, sys.executable, "-m", "fedup.cli", "peers"),
             *"--loopback --timeout 3 --json --network lenders".split(),
         ],
         cwd=REPO,
