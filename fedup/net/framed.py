@@ -80,7 +80,10 @@ class FramedStream:
             while True:
                 frame = self._decoder.next_frame()
                 if frame is not None:
-                    self._frame_started = trio.current_time() if self._decoder.in_frame else None
+                    # Bytes left over may hold whole frames; timing them from now only
+                    # makes the per-frame deadline more lenient.  (``in_frame`` would
+                    # walk every buffered frame: quadratic in many small frames.)
+                    self._frame_started = trio.current_time() if self._decoder.buffered else None
                     return frame
                 if self._eof:
                     self._decoder.eof()
@@ -92,10 +95,12 @@ class FramedStream:
             raise
 
     async def _receive_more(self) -> None:
+        """Read once more; called only when no whole frame is buffered, so anything
+        buffered is the start of an incomplete one."""
         now = trio.current_time()
-        if self._decoder.in_frame:
+        if self._decoder.buffered:
             if self._frame_started is None:
-                self._frame_started = trio.current_time()
+                self._frame_started = now
             deadline = self._frame_started + self.limits.frame_timeout
             what = f"did not complete a frame within {self.limits.frame_timeout:g} s"
         else:
@@ -111,7 +116,7 @@ class FramedStream:
         if not data:
             self._eof = True
             return
-        was_in_frame = self._decoder.in_frame
+        was_in_frame = self._decoder.buffered > 0
         self._decoder.feed(data)
         if not was_in_frame:
             self._frame_started = trio.current_time()
