@@ -114,6 +114,9 @@ def add_parser(
     p.add_argument("--seed", type=int, default=0, help="identities, data and run seed")
     p.add_argument("--max-laps", type=int, default=_RUN.max_laps, help="stop after this many laps")
     p.add_argument("--patience", type=int, default=_RUN.patience, help="laps without improvement")
+    p.add_argument(
+        "--tolerance", type=float, default=_RUN.tolerance, help="relative improvement that counts"
+    )
     p.add_argument("--local-epochs", type=float, default=_RUN.local_epochs, help="epochs per hop")
     p.add_argument("--lr", type=float, default=_RUN.lr, help="learning rate")
     p.add_argument("--batch-size", type=int, default=_RUN.batch_size, help="minibatch size")
@@ -165,6 +168,7 @@ def _settings(args: argparse.Namespace) -> SimSettings:
         run = RunSettings(
             max_laps=args.max_laps,
             patience=args.patience,
+            tolerance=args.tolerance,
             local_epochs=args.local_epochs,
             lr=args.lr,
             batch_size=args.batch_size,
@@ -173,7 +177,11 @@ def _settings(args: argparse.Namespace) -> SimSettings:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     faults = Faults(
-        link=link, kills=tuple(args.kill), drops=tuple(args.drop), slow=tuple(args.slow)
+        link=link,
+        links=dict(args.link),
+        kills=tuple(args.kill),
+        drops=tuple(args.drop),
+        slow=tuple(args.slow),
     )
     return SimSettings(
         seed=args.seed,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedup.cli import main
+from fedup.cli import build_parser, main
 from fedup.protocol.peer_id import PeerId
 
 
@@ -60,3 +60,25 @@ def test_help_lists_commands_each_with_help() -> None:
         assert name in top.stdout
         sub = run_cli(name, "--help")
         assert sub.returncode == 0 and "usage: fedup-peer " + name in sub.stdout
+
+
+def test_simulate_options_reach_the_simulation() -> None:
+    from fedup.commands.simulate import _settings
+    from fedup.sim import Drop, Kill, Link, Slow
+
+    args = build_parser().parse_args(
+        ["simulate", "--peers", "4", "--tolerance", "0.01", "--latency", "2",
+         "--link", "0:1:50", "--link", "2:3:10:8", "--kill", "1:2:0", "--drop", "0:1",
+         "--slow", "3:0.5"]
+    )  # fmt: skip
+    settings = _settings(args)
+    assert settings.run.tolerance == 0.01
+    faults = settings.faults
+    assert faults.link == Link(latency=0.002)
+    assert dict(faults.links) == {
+        (0, 1): Link(latency=0.05),
+        (2, 3): Link(latency=0.01, bandwidth=1e6),
+    }
+    assert faults.kills == (Kill(1, 2, 0),)
+    assert faults.drops == (Drop(0, 1),)
+    assert faults.slow == (Slow(3, 0.5),)
