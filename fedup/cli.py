@@ -22,8 +22,6 @@ from fedup.commands import start as start_command
 from fedup.errors import FedupError
 from fedup.identity import STATE_DIR_ENV, default_state_dir, load_or_create_identity
 
-log = logging.getLogger("fedup")
-
 Command = Callable[[argparse.Namespace], int]
 
 

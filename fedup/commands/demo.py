@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import shlex
 from pathlib import Path
 from typing import Any
@@ -13,8 +12,6 @@ import torch
 from fedup.commands.tables import print_models
 from fedup.demo import DemoSettings, run_demo
 from fedup.errors import ConfigError
-
-log = logging.getLogger("fedup")
 
 CLAIM = (
     "ring federated learning converges in fewer epochs to a lower validation loss than "

@@ -27,8 +27,6 @@ DEFAULT_TIMEOUT = 3.0
 query arrive within a second."""
 MAX_TIMEOUT = 3600.0
 
-log = logging.getLogger("fedup")
-
 
 def _timeout(text: str) -> float:
     try:

@@ -35,7 +35,7 @@ from fedup.learn.comparison import (
     model_entry,
 )
 from fedup.learn.ring import RingSettings
-from fedup.learn.schema import schema_from_dict
+from fedup.learn.schema import FeatureSchema, schema_from_dict
 from fedup.learn.task import TensorTask
 from fedup.learn.weights import load_safetensors
 from fedup.peer import TabularSource
@@ -56,8 +56,9 @@ def run_settings_from_json(settings: dict[str, Any]) -> RunSettings:
 
 def rebuild_tasks(
     outcomes: Sequence[PeerOutcome], federation: dict[str, Any]
-) -> tuple[list[TensorTask], RunSettings]:
-    """Each peer's task as the peer built it, from its CSV and ``federation.json``."""
+) -> tuple[list[TensorTask], RunSettings, FeatureSchema]:
+    """Each peer's task as the peer built it, from its CSV and ``federation.json``;
+    also the run settings and the schema read from there."""
     schema = schema_from_dict(federation["schema"])
     run = run_settings_from_json(federation["settings"])
     tasks = []
@@ -65,7 +66,7 @@ def rebuild_tasks(
         task = TabularSource.from_csv(o.peer.data, "default").build(schema, run)
         assert isinstance(task, TensorTask)
         tasks.append(task)
-    return tasks, run
+    return tasks, run, schema
 
 
 def federated_curve(metrics: Path, n_rows: int) -> list[tuple[float, float]]:
@@ -90,7 +91,7 @@ def build_report(outcomes: Sequence[PeerOutcome], *, baselines: bool = True) -> 
     first = done[0]
     assert first.summary is not None
     federation = json.loads((first.peer.run_dir / "federation.json").read_text("utf-8"))
-    tasks, run = rebuild_tasks(outcomes, federation)
+    tasks, run, schema = rebuild_tasks(outcomes, federation)
     settings = RingSettings.for_run(run)
     weights = load_safetensors(first.peer.run_dir / "model.safetensors")
     fed_per_peer = [
@@ -115,9 +116,8 @@ def build_report(outcomes: Sequence[PeerOutcome], *, baselines: bool = True) -> 
         "federated": model_entry(weights, tasks, fed_per_peer),
     }
     _self_check(report["federated"], outcomes)
-    n_rows = schema_from_dict(federation["schema"]).n_rows
     curves: dict[str, Any] = {
-        "federated": federated_curve(first.peer.run_dir / "metrics.jsonl", n_rows)
+        "federated": federated_curve(first.peer.run_dir / "metrics.jsonl", schema.n_rows)
     }
     if baselines:
         report["centralized"], cen = centralized_entry(tasks, settings)

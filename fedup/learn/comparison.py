@@ -55,9 +55,10 @@ def scores(sc: Score) -> dict[str, Any]:
     return {"val_loss": sc.loss, "roc_auc": _num(sc.auc), "accuracy": sc.accuracy, "n": sc.n}
 
 
-def _mean(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def _mean(entries: Sequence[dict[str, Any]], keys: Sequence[str] = METRICS) -> dict[str, Any]:
+    """The mean of each key over the entries that have it (None where none has)."""
     out: dict[str, Any] = {}
-    for key in METRICS:
+    for key in keys:
         values = [e[key] for e in entries if e.get(key) is not None]
         out[key] = sum(values) / len(values) if values else None
     return out
@@ -130,10 +131,7 @@ def local_only_entry(
         entry.update(scores(score(weights, [task])))
         entry["union"] = union
         per_peer.append(entry)
-    union_mean: dict[str, Any] = {
-        k: (sum(v) / len(v) if (v := [u[k] for u in unions if u[k] is not None]) else None)
-        for k in ("val_loss", "roc_auc", "accuracy")
-    }
+    union_mean = _mean(unions, ("val_loss", "roc_auc", "accuracy"))
     union_mean["n"] = unions[0]["n"] if unions else 0
     return {"union": union_mean, "mean": _mean(per_peer), "per_peer": per_peer}, runs, curves
 

@@ -82,7 +82,6 @@ MAX_LAPS_CEILING: Final = 10_000
 MAX_HISTORY: Final = 64
 """Lap results kept in the metadata (the most recent): keeps it far below
 ``Limits.max_message_size`` (64 entries and the rest take under 3 KiB of CBOR)."""
-PREFIXES: Final = ("model.", "optim.", "avg.", "cand.", "best.")
 
 
 class RingStateError(RemoteProtocolError):

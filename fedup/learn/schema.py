@@ -369,10 +369,6 @@ class FeatureSchema:
         """Number of model inputs."""
         return sum(c.width for c in self.columns)
 
-    @property
-    def positive_rate(self) -> float:
-        return self.n_positive / self.n_rows if self.n_rows else 0.0
-
     def column(self, name: str) -> FeatureColumn | None:
         for c in self.columns:
             if c.name == name:

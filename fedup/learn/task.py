@@ -358,6 +358,12 @@ def _bce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(out.reshape(-1), y.reshape(-1), reduction="none")
 
 
+VAL_FRACTION: Final = 0.2
+"""Share of each peer's rows held out for validation."""
+SPLIT_SEED: Final = 0
+"""Seed of the (stratified) train/validation split."""
+
+
 class TabularTask(TensorTask):
     """Binary classification of a table's rows with a small MLP.
 
@@ -373,8 +379,8 @@ class TabularTask(TensorTask):
         table: Table,
         schema: FeatureSchema,
         *,
-        val_fraction: float = 0.2,
-        split_seed: int = 0,
+        val_fraction: float = VAL_FRACTION,
+        split_seed: int = SPLIT_SEED,
         hidden: Sequence[int] = (64, 32),
         batch_size: int = 64,
         lr: float = 1e-3,

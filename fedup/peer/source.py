@@ -19,7 +19,7 @@ from pathlib import Path
 from fedup.learn.loans import generate_lender, seed_from_peer_id
 from fedup.learn.schema import FeatureSchema, fits, schema_from_dict
 from fedup.learn.tabular import Table, read_csv, split, summarize
-from fedup.learn.task import TabularTask, Task
+from fedup.learn.task import SPLIT_SEED, VAL_FRACTION, TabularTask, Task
 from fedup.learn.weights import state_specs
 from fedup.protocol.view import RunSettings
 
@@ -57,8 +57,8 @@ class TabularSource(TaskSource):
         self.table = table
         self.target = target
         self.hidden = hidden
-        # Only the training split's statistics are shared.
-        self._train, _ = split(table, val_fraction=0.2, seed=0)
+        # Only the training split's statistics are shared: the split TabularTask makes.
+        self._train, _ = split(table, val_fraction=VAL_FRACTION, seed=SPLIT_SEED)
 
     @classmethod
     def from_csv(cls, path: Path, target: str) -> TabularSource:

@@ -43,7 +43,12 @@ from fedup.errors import LocalProtocolError, RemoteProtocolError
 from fedup.protocol import cbor
 from fedup.protocol.envelope import SIGNATURE_SIZE, Signer, signed_bytes, uvarint
 from fedup.protocol.peer_id import PUBLIC_KEY_SIZE, PeerId
-from fedup.protocol.records import SignedPeerRecord, network_key_id, verify_peer_record
+from fedup.protocol.records import (
+    NETWORK_KEY_ID_SIZE,
+    SignedPeerRecord,
+    network_key_id,
+    verify_peer_record,
+)
 from fedup.protocol.schema import FieldReader
 
 __all__ = [
@@ -485,7 +490,7 @@ class ResponderHandshake(_Side):
                 why=f"this peer speaks handshake version {VERSION}",
             )
         network = fields.text("net", max_bytes=self.limits.max_network_name)
-        netkey = _nullable_bytes(fields, "netkey", size=16)
+        netkey = _nullable_bytes(fields, "netkey", size=NETWORK_KEY_ID_SIZE)
         e_remote = fields.bytestr("e", size=KEY_SIZE)
         fields.done()
         if network != self.network:

@@ -59,7 +59,6 @@ _PREAMBLE = struct.Struct(">4sB3sI")
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
 _TAIL = struct.Struct(">QQ")  # offset, byte length
 
 #: The wire dtype names and the (little-endian) numpy dtype each travels as.

@@ -221,10 +221,6 @@ class DiscoveryCore:
     def sighting(self, source: str) -> Sighting | None:
         return self._sightings.get(source)
 
-    def is_current_source(self, source: str) -> bool:
-        """Whether ``source`` is where a live peer was last seen."""
-        return any(src == source for src, _ in self._live.values())
-
     # --- notices --------------------------------------------------------------------
 
     def observe(
