@@ -37,7 +37,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
-        help="how much to log on stderr (default: info)",
+        help="how much to log on stderr (default: %(default)s)",
     )
 
 

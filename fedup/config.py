@@ -1,4 +1,6 @@
-"""Every limit and deadline FedUp enforces, in one place, each with a reason.
+"""The limits and deadlines of transport, discovery and federation, each with a reason.
+
+(Caps that belong to one message's format are constants next to that format.)
 
 Nothing that arrives from the network is trusted, so every size is bounded
 before memory is allocated for it and every wait has a deadline.  The numbers

@@ -1,10 +1,13 @@
 """``fedup-peer start``: discover, form, train and finish, with zero configuration on a LAN.
 
-Every setting can come from, in order of precedence: the command line, an
-environment variable ``FEDUP_<NAME>`` (e.g. ``FEDUP_MIN_PEERS=3``), a TOML file
-given with ``--config`` (keys as the long option names, with ``-`` or ``_``), or
-the default.  On success it prints the output folder and exits 0; on failure it
-prints one line and exits non-zero.
+Every setting but ``--state-dir`` and ``--log-level`` can come from, in order of
+precedence: the command line, an environment variable ``FEDUP_<NAME>`` (e.g.
+``FEDUP_MIN_PEERS=3``), a TOML file given with ``--config`` (keys as the long
+option names, with ``-`` or ``_``), or the default.  The state dir comes from
+``--state-dir`` or ``FEDUP_STATE_DIR``, the log level from ``--log-level``: a
+config file naming either is refused rather than silently ignored.  On success
+it prints the output folder and exits 0; on failure it prints one line and
+exits non-zero.
 """
 
 from __future__ import annotations
@@ -96,8 +99,10 @@ def add_parser(
         help="join a federation: discover, form, train, finish",
         description="Start this peer: find the others (mDNS on the LAN, or --bootstrap), form "
         "a federation, train the model around the ring on this peer's private data until "
-        "it converges, and write model.safetensors, metrics.jsonl and summary.json. Every "
-        "option can also come from FEDUP_<NAME> environment variables or a --config TOML file.",
+        "it converges, and write model.safetensors, metrics.jsonl, summary.json and "
+        "federation.json. Every "
+        "option but --state-dir and --log-level can also come from FEDUP_<NAME> environment "
+        "variables or a --config TOML file.",
     )
     common(p)
     p.add_argument("--config", type=Path, default=None, help="TOML file with settings")
@@ -123,7 +128,7 @@ def resolve(args: argparse.Namespace, environ: dict[str, str] | None = None) -> 
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {args.config}: {exc}") from None
         file_values = {k.replace("-", "_"): v for k, v in raw.items()}
-        unknown = set(file_values) - {s.name for s in SETTINGS} - {"state_dir", "log_level"}
+        unknown = set(file_values) - {s.name for s in SETTINGS}
         if unknown:
             raise ConfigError(f"unknown settings in {args.config}: {', '.join(sorted(unknown))}")
     out: dict[str, Any] = {}

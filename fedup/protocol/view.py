@@ -15,10 +15,10 @@ envelope (domain ``fedup-membership-view``, payload type
       "schema": any               ; the merged feature schema (checked by fedup.learn)
     }
 
-Checks, in order: size, signature, decode, signer is ``leader``, every member
-record verifies, members strictly ascending (so no duplicates) and within the
-member limit, the leader is a member and is the lowest member ID (the election
-rule), and the settings are in range.
+Checks, in order: size, signature, decode (every field, at most ``max_members``
+members, settings in range), signer is ``leader``, every member record
+verifies, members strictly ascending (so no duplicates), the leader is a
+member and is the lowest member ID (the election rule).
 """
 
 from __future__ import annotations

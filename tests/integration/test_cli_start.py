@@ -100,6 +100,9 @@ def test_bad_settings_are_named(tmp_path: Path) -> None:
     cfg.write_text("colour = 'blue'\n")
     with pytest.raises(ConfigError, match="unknown settings"):
         resolve(parse("--config", str(cfg)), environ={})
+    cfg.write_text("state_dir = '/elsewhere'\n")  # would be ignored: refused instead
+    with pytest.raises(ConfigError, match=r"unknown settings.*state_dir"):
+        resolve(parse("--config", str(cfg)), environ={})
     os.environ.pop("FEDUP_MIN_PEERS", None)
 
 

@@ -30,3 +30,12 @@ def test_ci_runs_the_second_command_verbatim() -> None:
 
 def test_the_main_job_is_the_demo() -> None:
     assert quickstart_commands()[0].endswith("&& .venv/bin/fedup-peer demo")
+
+
+def test_constraints_pin_the_cpu_build_of_torch() -> None:
+    pins = [
+        line.split("#")[0].strip()
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line.split("#")[0].strip()
+    ]
+    assert any(p.startswith("torch==") and p.endswith("+cpu") for p in pins), pins

@@ -399,7 +399,7 @@ class BootstrapDiscovery(Discovery):
         ``scope`` is the network whose peers are accepted, ``local_peer`` our
         own peer ID (never reported).  ``limits`` defaults to the transport's.
         ``exchange_timeout`` bounds the ``GetPeers``/``PeerList`` exchange after
-        the handshake (default ``Limits.handshake_timeout``); ``inbound_ttl``
+        the handshake (default ``Limits.bootstrap_exchange_timeout``); ``inbound_ttl``
         is how long a peer passed to :meth:`observe_inbound` stays without a
         new connection (default ``interval * failures_before_lost``).
         ``quick_interval`` is the first wait while peers are arriving (see
