@@ -109,6 +109,27 @@ class Credentials:
     local_record: SignedPeerRecord | None = None
     """Our signed peer record, sent inside the handshake (None: send none)."""
 
+    def initiator(self, limits: Limits, expected_peer: PeerId | None) -> InitiatorHandshake:
+        """A dialing handshake with these credentials; LocalProtocolError if unusable."""
+        return InitiatorHandshake(
+            self.identity,
+            network=self.network,
+            network_key=self.network_key,
+            expected_peer=expected_peer,
+            local_record=self.local_record,
+            limits=limits,
+        )
+
+    def responder(self, limits: Limits) -> ResponderHandshake:
+        """An accepting handshake with these credentials; LocalProtocolError if unusable."""
+        return ResponderHandshake(
+            self.identity,
+            network=self.network,
+            network_key=self.network_key,
+            local_record=self.local_record,
+            limits=limits,
+        )
+
 
 # -- the handshake over a stream ------------------------------------------------
 
@@ -134,14 +155,7 @@ async def upgrade_outbound(
     :class:`~fedup.errors.LocalProtocolError` for unusable ``credentials``.
     """
     try:
-        handshake = InitiatorHandshake(
-            credentials.identity,
-            network=credentials.network,
-            network_key=credentials.network_key,
-            expected_peer=expected_peer,
-            local_record=credentials.local_record,
-            limits=limits,
-        )
+        handshake = credentials.initiator(limits, expected_peer)
     except BaseException:  # LocalProtocolError: unusable credentials
         await trio.aclose_forcefully(stream)
         raise
@@ -165,13 +179,7 @@ async def upgrade_inbound(
 ) -> SecureChannel:
     """Run the responder's handshake on ``stream``; as :func:`upgrade_outbound`."""
     try:
-        handshake = ResponderHandshake(
-            credentials.identity,
-            network=credentials.network,
-            network_key=credentials.network_key,
-            local_record=credentials.local_record,
-            limits=limits,
-        )
+        handshake = credentials.responder(limits)
     except BaseException:  # LocalProtocolError: unusable credentials
         await trio.aclose_forcefully(stream)
         raise
@@ -216,13 +224,7 @@ async def _drive(
 
 def _check_credentials(credentials: Credentials, limits: Limits) -> None:
     """Raise LocalProtocolError now, rather than on every connection, for bad settings."""
-    ResponderHandshake(
-        credentials.identity,
-        network=credentials.network,
-        network_key=credentials.network_key,
-        local_record=credentials.local_record,
-        limits=limits,
-    )
+    credentials.responder(limits)
 
 
 async def _refuse_busy(stream: trio.abc.Stream, peer: str, limits: Limits) -> None:
@@ -566,7 +568,7 @@ class MemoryTransport:
     async def dial(self, address: Address, *, expected_peer: PeerId | None = None) -> SecureChannel:
         """Connect to ``address`` and authenticate; see the module docstring for errors."""
         deadline = trio.current_time() + self.limits.handshake_timeout
-        stream = await self.network.connect(address)
+        stream = await self._connect(address)
         return await upgrade_outbound(
             stream,
             peer=str(address),
@@ -575,6 +577,10 @@ class MemoryTransport:
             expected_peer=expected_peer,
             deadline=deadline,
         )
+
+    async def _connect(self, address: Address) -> trio.abc.Stream:
+        """The stream of a new connection to ``address`` (DialError if none listens)."""
+        return await self.network.connect(address)
 
     def listen(self, address: Address, handler: Handler) -> AbstractAsyncContextManager[Listener]:
         """Listen on ``address`` (port 0: a free port); errors as for :class:`TcpTransport`."""
