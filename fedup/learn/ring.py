@@ -474,7 +474,12 @@ def final_weights(state: RingState) -> dict[str, torch.Tensor]:
 
 
 def _load(task: Task, weights: Mapping[str, torch.Tensor]) -> nn.Module:
-    model = task.build_model(0)
+    """A model of the task holding ``weights``."""
+    return _fill(task.build_model(0), weights)
+
+
+def _fill(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Put ``weights`` (every parameter and buffer) into ``model``."""
     try:
         model.load_state_dict(dict(weights), strict=True)
     except RuntimeError as e:
@@ -601,10 +606,10 @@ def train_hop(
     seed = hop_seed(settings, lap, hop)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        cand_eval = task.evaluate(
-            _load(task, {k[5:]: v for k, v in tensors.items() if k.startswith("cand.")})
-        )
-        model = _load(task, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        # One module: it evaluates the candidate, then takes the weights to train.
+        model = _load(task, {k[5:]: v for k, v in tensors.items() if k.startswith("cand.")})
+        cand_eval = task.evaluate(model)
+        _fill(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         steps = samples = 0
         loss_sum = 0.0
         if lap < settings.max_laps:  # lap max_laps only evaluates
