@@ -3,6 +3,9 @@
 This module is the public library API; what it does not export may change.
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from fedup.config import DEFAULT_LIMITS, Limits
 from fedup.errors import (
     ConfigError,
@@ -12,21 +15,52 @@ from fedup.errors import (
     RemoteProtocolError,
 )
 from fedup.identity import Identity, default_state_dir, load_or_create_identity
-from fedup.learn.task import EvalStats, TabularTask, Task, TensorTask, TrainBudget, TrainStats
-from fedup.peer import (
-    FixedTaskSource,
-    FormationError,
-    MemoryWorld,
-    Peer,
-    PeerConfig,
-    RunError,
-    RunSummary,
-    TabularSource,
-    TaskSource,
-)
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.records import Address
 from fedup.protocol.view import RunSettings
+
+if TYPE_CHECKING:
+    from fedup.learn.task import EvalStats, TabularTask, Task, TensorTask, TrainBudget, TrainStats
+    from fedup.peer import (
+        FixedTaskSource,
+        FormationError,
+        MemoryWorld,
+        Peer,
+        PeerConfig,
+        RunError,
+        RunSummary,
+        TabularSource,
+        TaskSource,
+    )
+
+# What needs torch is imported on first use, so that `fedup-peer id` or `peers`
+# (and anything else that only imports fedup) does not pay a second for torch.
+_TASK_NAMES = ("EvalStats", "TabularTask", "Task", "TensorTask", "TrainBudget", "TrainStats")
+_PEER_NAMES = (
+    "FixedTaskSource",
+    "FormationError",
+    "MemoryWorld",
+    "Peer",
+    "PeerConfig",
+    "RunError",
+    "RunSummary",
+    "TabularSource",
+    "TaskSource",
+)
+_LAZY = {
+    **dict.fromkeys(_TASK_NAMES, "fedup.learn.task"),
+    **dict.fromkeys(_PEER_NAMES, "fedup.peer"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fedup' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 

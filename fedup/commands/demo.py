@@ -7,10 +7,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fedup.commands.tables import print_models
-from fedup.demo import DemoSettings, run_demo
 from fedup.errors import ConfigError
 
 CLAIM = (
@@ -68,6 +65,10 @@ def add_parser(
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from fedup.demo import DemoSettings, run_demo
+
     try:
         peer_args = tuple(shlex.split(args.peer_args))
     except ValueError as exc:

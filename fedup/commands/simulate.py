@@ -17,19 +17,17 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from fedup.commands.tables import print_models
 from fedup.errors import ConfigError
 from fedup.identity import default_state_dir
 from fedup.protocol.view import RunSettings
-from fedup.sim import Drop, Faults, Kill, Link, SimSettings, Slow, simulate
-from fedup.sim.data import csv_tables, sources_of, synthetic_tables
-from fedup.sim.report import build_report
 
 log = logging.getLogger("fedup")
+if TYPE_CHECKING:
+    from fedup.sim import Link, SimSettings
+
 _RUN = RunSettings()
 
 
@@ -43,38 +41,45 @@ def _ints(text: str, what: str, n: tuple[int, ...]) -> list[int]:
         raise ConfigError(f"bad {what} {text!r}: numbers expected") from None
 
 
-def parse_kill(text: str) -> Kill:
+# The parsers return plain values; _settings makes the fault objects (fedup.sim, and
+# with it torch, is imported only when a simulation runs, not for every command line).
+
+
+def parse_kill(text: str) -> list[int]:
     """``PEER:LAP:HOP``."""
-    peer, lap, hop = _ints(text, "--kill (PEER:LAP:HOP)", (3,))
-    return Kill(peer, lap, hop)
+    return _ints(text, "--kill (PEER:LAP:HOP)", (3,))
 
 
-def parse_drop(text: str) -> Drop:
+def parse_drop(text: str) -> list[int]:
     """``SRC:DST`` or ``SRC:DST:LAP:HOP``."""
-    v = _ints(text, "--drop (SRC:DST[:LAP:HOP])", (2, 4))
-    return Drop(v[0], v[1]) if len(v) == 2 else Drop(v[0], v[1], v[2], v[3])
+    return _ints(text, "--drop (SRC:DST[:LAP:HOP])", (2, 4))
 
 
-def parse_slow(text: str) -> Slow:
+def parse_slow(text: str) -> tuple[int, float]:
     """``PEER:SECONDS``."""
     peer, _, seconds = text.partition(":")
     try:
-        return Slow(int(peer), float(seconds))
+        return int(peer), float(seconds)
     except ValueError:
         raise ConfigError(f"bad --slow {text!r} (PEER:SECONDS)") from None
 
 
-def parse_link(text: str) -> tuple[tuple[int, int], Link]:
+def parse_link(text: str) -> tuple[int, int, float, float]:
     """``SRC:DST:MS`` or ``SRC:DST:MS:MBIT`` (one direction)."""
     parts = text.split(":")
     try:
         if len(parts) not in (3, 4):
             raise ValueError
-        src, dst, ms = int(parts[0]), int(parts[1]), float(parts[2])
         mbit = float(parts[3]) if len(parts) == 4 else math.inf
-        return (src, dst), Link(latency=ms / 1000, bandwidth=mbit * 1e6 / 8)
+        return int(parts[0]), int(parts[1]), float(parts[2]), mbit
     except ValueError:
         raise ConfigError(f"bad --link {text!r} (SRC:DST:MS[:MBIT])") from None
+
+
+def _link(ms: float, mbit: float) -> Link:
+    from fedup.sim import Link
+
+    return Link(latency=ms / 1000, bandwidth=mbit * 1e6 / 8)
 
 
 def add_parser(
@@ -162,6 +167,8 @@ def add_parser(
 
 
 def _settings(args: argparse.Namespace) -> SimSettings:
+    from fedup.sim import Drop, Faults, Kill, SimSettings, Slow
+
     if args.peers < 1:
         raise ConfigError("--peers must be at least 1")
     try:
@@ -173,16 +180,15 @@ def _settings(args: argparse.Namespace) -> SimSettings:
             lr=args.lr,
             batch_size=args.batch_size,
         )
-        link = Link(latency=args.latency / 1000, bandwidth=args.bandwidth * 1e6 / 8)
+        faults = Faults(
+            link=_link(args.latency, args.bandwidth),
+            links={(src, dst): _link(ms, mbit) for src, dst, ms, mbit in args.link},
+            kills=tuple(Kill(*k) for k in args.kill),
+            drops=tuple(Drop(*d) for d in args.drop),
+            slow=tuple(Slow(*s) for s in args.slow),
+        )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    faults = Faults(
-        link=link,
-        links=dict(args.link),
-        kills=tuple(args.kill),
-        drops=tuple(args.drop),
-        slow=tuple(args.slow),
-    )
     return SimSettings(
         seed=args.seed,
         run=run,
@@ -193,6 +199,12 @@ def _settings(args: argparse.Namespace) -> SimSettings:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from fedup.sim import simulate
+    from fedup.sim.data import csv_tables, sources_of, synthetic_tables
+    from fedup.sim.report import build_report
+
     settings = _settings(args)
     torch.set_num_threads(max(1, args.threads))
     if args.data is not None:

@@ -20,16 +20,18 @@ import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
 from fedup.commands.peers import read_network_key
 from fedup.errors import ConfigError
-from fedup.peer import Peer, PeerConfig, TabularSource
 from fedup.protocol.records import Address
 from fedup.protocol.view import RunSettings
+
+if TYPE_CHECKING:
+    from fedup.peer import PeerConfig
 
 log = logging.getLogger("fedup")
 
@@ -157,6 +159,8 @@ def resolve(args: argparse.Namespace, environ: dict[str, str] | None = None) -> 
 
 
 def build_config(args: argparse.Namespace, values: dict[str, Any]) -> PeerConfig:
+    from fedup.peer import PeerConfig  # torch: only when a peer starts
+
     key = read_network_key(values["network_key_file"]) if values["network_key_file"] else None
     run = RunSettings(
         max_laps=values["max_laps"],
@@ -222,6 +226,8 @@ def _use_live_progress() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedup.peer import Peer, TabularSource
+
     _use_live_progress()
     values = resolve(args)
     config = build_config(args, values)

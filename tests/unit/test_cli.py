@@ -82,3 +82,15 @@ def test_simulate_options_reach_the_simulation() -> None:
     assert faults.kills == (Kill(1, 2, 0),)
     assert faults.drops == (Drop(0, 1),)
     assert faults.slow == (Slow(3, 0.5),)
+
+
+def test_the_command_line_loads_torch_only_for_commands_that_train() -> None:
+    code = (
+        "import sys, fedup, fedup.cli; fedup.cli.build_parser(); "
+        "print('torch' in sys.modules, 'matplotlib' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+    code = "import sys; from fedup import Peer; print('torch' in sys.modules, Peer.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "Peer"]
