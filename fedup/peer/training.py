@@ -50,8 +50,9 @@ from fedup.net.blobs import receive_blob, send_blob
 from fedup.net.channel import SecureChannel
 from fedup.net.discovery.base import collapse_single_exception
 from fedup.net.framed import FramedStream
+from fedup.net.transport import DialError
 from fedup.peer.outputs import RunOutputs, RunSummary, run_settings_json
-from fedup.protocol.blob import BlobHeader, BlobKind, BlobReplayGuard
+from fedup.protocol.blob import BlobHeader, BlobKind, BlobRefusedError, BlobReplayGuard
 from fedup.protocol.laps import Position, next_position
 from fedup.protocol.messages import BlobRequest, Passed, encode_message
 from fedup.protocol.payload import decode_payload, encode_payload
@@ -247,7 +248,7 @@ class RingRun:
             target, npos = step
             data = self._payload(state)
             error = await self._send(target, "model", npos, data)
-            if error is not None and _worth_retrying(error):
+            if error is not None and error.worth_retrying:
                 # One broken connection is not a dead member: try once more.
                 log.info("handing the model to %s failed (%s); trying once more", target, error)
                 await trio.sleep(min(1.0, self.limits.handshake_timeout))
@@ -256,9 +257,9 @@ class RingRun:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._watch, target, npos, state, pos)
                 return True
-            if error.startswith("refused") and "epoch" in error:
+            if error.refused and "epoch" in error.why:
                 raise RunError(f"{target} says we were excluded from the run: {error}")
-            self._declare_dead(target, error)
+            self._declare_dead(target, error.why)
 
     async def _send(
         self,
@@ -267,7 +268,7 @@ class RingRun:
         pos: Position,
         data: bytearray,
         epoch: int | None = None,
-    ) -> str | None:
+    ) -> HandOverFailure | None:
         """Send one blob (at our epoch unless ``epoch``); None once ``target`` took
         custody, else why not."""
         try:
@@ -291,12 +292,15 @@ class RingRun:
                     await framed.aclose()
             self.model_bytes_sent += len(data)
         except trio.TooSlowError:
-            return "timed out"
+            return HandOverFailure("timed out")
+        except BlobRefusedError as exc:
+            return HandOverFailure(f"refused: {exc.reason}", refused=True)
+        except DialError as exc:
+            return HandOverFailure(exc.reason, unreachable=True)
         except RemoteProtocolError as exc:
-            kind_name = type(exc).__name__
-            return ("refused: " if "Refused" in kind_name else "") + exc.reason
+            return HandOverFailure(exc.reason)
         except OSError as exc:
-            return f"unreachable: {exc}"
+            return HandOverFailure(f"unreachable: {exc}", unreachable=True)
         return None
 
     async def _watch(self, target: PeerId, npos: Position, state: RingState, pos: Position) -> None:
@@ -333,10 +337,10 @@ class RingRun:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._watch, step[0], step[1], state, pos)
                 return
-            if error.startswith("refused"):
+            if error.refused:
                 log.info("%s already has a newer model (%s): the ring moved on", step[0], error)
                 return
-            suspects[step[0]] = error
+            suspects[step[0]] = error.why
 
     async def _tell_passed(self, predecessor: PeerId, pos: Position) -> None:
         try:
@@ -436,7 +440,7 @@ class RingRun:
             error = await self._send(target, "final", Position(max(meta.lap, 0), 0), data)
             if error is None:
                 break
-            self._declare_dead(target, error)
+            self._declare_dead(target, error.why)
         self.finished = attrs.evolve(
             self.finished,
             model_bytes_sent=self.model_bytes_sent,
@@ -463,16 +467,21 @@ def read_ring_payload(
     return state, payload.dead, payload.origin
 
 
-def _worth_retrying(error: str) -> bool:
-    """Whether a failed hand-over may succeed on a second try.
+@attrs.frozen
+class HandOverFailure:
+    """Why a blob did not reach a member."""
 
-    A refusal is an answer, and "nothing listens there" means the member is gone; a
-    connection that broke half-way or timed out may have been the network's fault.
-    """
-    lowered = error.lower()
-    return not (
-        error.startswith("refused")
-        or "nothing listens" in lowered
-        or "connection refused" in lowered
-        or "cannot connect" in lowered
-    )
+    why: str
+    refused: bool = False
+    """The member answered no (a NACK): it is alive."""
+    unreachable: bool = False
+    """Nothing listens there, or no connection could be made: the member is gone."""
+
+    @property
+    def worth_retrying(self) -> bool:
+        """A connection that broke half-way or timed out may have been the network's
+        fault; a refusal is an answer, and an unreachable member is gone."""
+        return not (self.refused or self.unreachable)
+
+    def __str__(self) -> str:
+        return self.why
