@@ -41,13 +41,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _state_dir(args: argparse.Namespace) -> Path:
-    return args.state_dir if args.state_dir is not None else default_state_dir()
-
-
 def cmd_id(args: argparse.Namespace) -> int:
     """Print this peer's ID, creating its identity on first use."""
-    state_dir = _state_dir(args)
+    state_dir: Path = args.state_dir
     identity = load_or_create_identity(state_dir)
     if args.json:
         print(
@@ -99,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if getattr(args, "state_dir", False) is None:  # resolved once, for every command
+        args.state_dir = default_state_dir()
     func: Command = args.func
     try:
         return func(args)

@@ -17,7 +17,7 @@ from pathlib import Path
 import trio
 
 from fedup.errors import ConfigError
-from fedup.identity import KEY_FILE_NAME, default_state_dir, load_or_create_identity
+from fedup.identity import KEY_FILE_NAME, load_or_create_identity
 from fedup.net.discovery import MdnsDiscovery, NetworkScope, Sighting
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.records import network_key_id
@@ -118,7 +118,7 @@ def _scope(args: argparse.Namespace) -> NetworkScope:
 
 def _local_peer(args: argparse.Namespace) -> PeerId | None:
     """Our own peer ID if this state directory has an identity (never creates one)."""
-    state_dir = args.state_dir if args.state_dir is not None else default_state_dir()
+    state_dir: Path = args.state_dir  # resolved by fedup.cli
     if not (state_dir / KEY_FILE_NAME).exists():
         return None
     return load_or_create_identity(state_dir).peer_id

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 from fedup.commands.tables import print_models
 from fedup.errors import ConfigError
-from fedup.identity import default_state_dir
 from fedup.protocol.view import RunSettings
 
 log = logging.getLogger("fedup")
@@ -218,8 +217,7 @@ def run(args: argparse.Namespace) -> int:
     sources = sources_of(tables)
     out: Path = args.out
     if out is None:
-        state = args.state_dir if args.state_dir is not None else default_state_dir()
-        out = state / "sims" / time.strftime("%Y%m%d-%H%M%S")
+        out = args.state_dir / "sims" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     log.info("simulating %d peers into %s", len(sources), out)
     result = simulate(sources, out, settings)

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import trio
@@ -62,6 +63,8 @@ from fedup.protocol.view import SignedView
 
 if TYPE_CHECKING:
     from fedup.peer.node import Peer
+
+T = TypeVar("T")
 
 log = logging.getLogger("fedup.federation")
 
@@ -164,12 +167,9 @@ class RingRun:
             nursery.cancel_scope.cancel()
 
     async def _hop(self, state: RingState, pos: Position, predecessor: PeerId | None) -> None:
-        args = (self.task, state, self.ring_settings, pos.lap, pos.hop, self.federation)
-        if self.peer.config.train_in_thread:
-            new, metrics = await trio.to_thread.run_sync(train_hop, *args)
-        else:
-            new, metrics = train_hop(*args)
-            await trio.lowlevel.checkpoint()
+        new, metrics = await self._compute(
+            train_hop, self.task, state, self.ring_settings, pos.lap, pos.hop, self.federation
+        )
         self._log_hop(new, metrics)
         if metrics.done:
             await self._finish(new, self.me)
@@ -181,6 +181,14 @@ class RingRun:
         if not forwarded:
             log.warning("no other member is reachable: finishing alone")
             await self._finish(new, self.me, reason="members-lost")
+
+    async def _compute(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run torch work in a worker thread (``train_in_thread``), else inline."""
+        if self.peer.config.train_in_thread:
+            return await trio.to_thread.run_sync(fn, *args)
+        result = fn(*args)
+        await trio.lowlevel.checkpoint()
+        return result
 
     def _log_hop(self, state: RingState, metrics: Any) -> None:
         cand = metrics.candidate
@@ -398,10 +406,7 @@ class RingRun:
         meta = state.meta
         self._log_laps(state)  # the final model carries the laps closed since our last hop
         weights = final_weights(state)
-        if self.peer.config.train_in_thread:
-            own = await trio.to_thread.run_sync(evaluate_state, self.task, state)
-        else:
-            own = evaluate_state(self.task, state)
+        own = await self._compute(evaluate_state, self.task, state)
         sha = self.outputs.save_model(weights, {"fedup_run_id": self.run_id.hex(), "format": "pt"})
         history = list(meta.history)
         best = next((h for h in history if h.lap == meta.best_lap), None)

@@ -396,10 +396,9 @@ class _Simulation:
 
     async def _peer(self, i: int) -> None:
         ident = self.identities[i]
-        out = self.out_dir / "peers" / f"{i:03d}-{ident.peer_id.text[-8:]}"
         config = PeerConfig(
             identity=ident,
-            out_dir=out,
+            out_dir=self._out_dir(i),
             min_peers=len(self.sources),
             settle=self.settings.settle,
             train_in_thread=False,
@@ -427,25 +426,23 @@ class _Simulation:
         finally:
             self._settle(i)
 
+    def _out_dir(self, i: int) -> Path:
+        """Where peer ``i`` writes its run (its ``PeerConfig.out_dir``)."""
+        return self.out_dir / "peers" / f"{i:03d}-{self.identities[i].peer_id.text[-8:]}"
+
     def _result(self) -> SimResult:
         ring = next((p.ring for p in self.peers if p is not None and p.ring is not None), None)
         schema = ring.schema if ring is not None else None
         outcomes = []
         for i, ident in enumerate(self.identities):
-            peer = self.peers[i]
             source = self.sources[i]
             name = source.table.source if isinstance(source, TabularSource) else f"peer {i}"
-            out = (
-                peer.ring.outputs.directory
-                if peer is not None and peer.ring is not None
-                else self.out_dir / "peers" / f"{i:03d}-{ident.peer_id.text[-8:]}"
-            )
             outcomes.append(
                 PeerOutcome(
                     index=i,
                     peer_id=ident.peer_id.text,
                     name=name,
-                    out_dir=out,
+                    out_dir=self._out_dir(i),
                     summary=self.summaries[i],
                     error=None if self.summaries[i] is not None else self.errors[i] or "unknown",
                     bytes_sent=self.network.bytes[str(i)],
