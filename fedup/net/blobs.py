@@ -35,6 +35,7 @@ from fedup.errors import (
     RemoteProtocolError,
 )
 from fedup.net.framed import FramedStream
+from fedup.net.groups import collapse_single_exception
 from fedup.protocol.blob import (
     BlobError,
     BlobHasher,
@@ -326,18 +327,12 @@ async def _with_hashing(
 
         await body(inline)
         return
-    error: Exception | None = None
     send_token, receive_token = trio.open_memory_channel[None](HASH_QUEUE)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_hash_worker, hasher, receive_token)
-        async with send_token:
-            try:
+    with collapse_single_exception():  # body's error cancels the worker and goes on unwrapped
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_hash_worker, hasher, receive_token)
+            async with send_token:
                 await body(lambda: send_token.send(None))
-            except Exception as exc:  # re-raised below, outside the nursery
-                error = exc
-                nursery.cancel_scope.cancel()
-    if error is not None:
-        raise error
 
 
 async def _hash_worker(hasher: BlobHasher, tokens: trio.MemoryReceiveChannel[None]) -> None:

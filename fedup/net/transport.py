@@ -55,6 +55,7 @@ from fedup.config import DEFAULT_LIMITS, Limits
 from fedup.errors import PeerTimeoutError, RemoteProtocolError
 from fedup.net.channel import SecureChannel
 from fedup.net.framed import FramedStream
+from fedup.net.groups import collapse_single_exception
 from fedup.protocol.handshake import (
     AbortCode,
     HandshakeError,
@@ -378,21 +379,17 @@ def _warn(what: str, peer: str, exc: RemoteProtocolError) -> None:
 async def _serving(
     listener: Listener, accepts: list[Accept], on_exit: Callable[[], Awaitable[None]]
 ) -> AsyncIterator[Listener]:
+    # Connection tasks never raise; a single error (the body's, or an accept failure)
+    # goes on unwrapped, so that callers can catch it by its type.
     try:
-        async with trio.open_nursery() as nursery:
-            for accept in accepts:
-                nursery.start_soon(listener._accept_loop, accept, nursery)
-            try:
-                yield listener
-            finally:
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        # Connection tasks never raise; pass a single error (the body's, or an accept
-        # failure) on unwrapped, so that callers can catch it by its type.
-        if len(group.exceptions) != 1:
-            raise
-        error = group.exceptions[0]
-        raise error from error.__cause__
+        with collapse_single_exception():
+            async with trio.open_nursery() as nursery:
+                for accept in accepts:
+                    nursery.start_soon(listener._accept_loop, accept, nursery)
+                try:
+                    yield listener
+                finally:
+                    nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             await on_exit()

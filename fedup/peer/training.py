@@ -49,8 +49,8 @@ from fedup.learn.ring import (
 from fedup.learn.weights import bytes_to_state, state_to_bytes
 from fedup.net.blobs import receive_blob, send_blob
 from fedup.net.channel import SecureChannel
-from fedup.net.discovery.base import collapse_single_exception
 from fedup.net.framed import FramedStream
+from fedup.net.groups import collapse_single_exception
 from fedup.net.transport import DialError
 from fedup.peer.outputs import RunOutputs, RunSummary, run_settings_json
 from fedup.protocol.blob import BlobHeader, BlobKind, BlobRefusedError, BlobReplayGuard

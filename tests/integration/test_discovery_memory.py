@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -12,6 +11,7 @@ import pytest
 import trio
 import trio.testing
 
+from fedup.cli import build_parser
 from fedup.commands import peers
 from fedup.errors import ConfigError, LocalProtocolError
 from fedup.identity import Identity
@@ -238,8 +238,7 @@ async def test_deterministic_event_order() -> None:
 
 
 def test_peers_command_parser_and_output(tmp_path: Path) -> None:
-    parser = argparse.ArgumentParser(prog="fedup-peer")
-    peers.add_parser(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()  # the peers command as fedup-peer registers it
     args = parser.parse_args(["peers"])
     assert (args.timeout, args.json, args.interface, args.loopback) == (3.0, False, None, False)
     assert args.func is peers.run

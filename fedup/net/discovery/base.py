@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import abc
 import collections
-import contextlib
 import enum
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import trio
@@ -362,28 +361,6 @@ class DiscoveryCore:
                 err.peer or "unknown",
             )
         return sighting
-
-
-@contextlib.contextmanager
-def collapse_single_exception() -> Iterator[None]:
-    """Re-raise a lone exception out of a nursery's ExceptionGroup as itself.
-
-    The backends keep their background tasks in a nursery around the caller's
-    ``async with`` block; without this, an exception from the caller's own
-    code (say a :class:`~fedup.errors.FedupError`) would reach it wrapped in
-    an ExceptionGroup.  Groups of several exceptions pass unchanged.
-    """
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) != 1:
-            raise
-        exc = group.exceptions[0]
-        cause, context = exc.__cause__, exc.__context__
-        try:
-            raise exc  # the group is only a wrapper
-        finally:
-            exc.__cause__, exc.__context__ = cause, context
 
 
 def _addrs(signed: SignedPeerRecord) -> str:

@@ -65,9 +65,9 @@ from fedup.net.discovery.base import (
     DiscoveryEvent,
     EventKind,
     LostCause,
-    collapse_single_exception,
 )
 from fedup.net.framed import FramedStream
+from fedup.net.groups import collapse_single_exception
 from fedup.net.transport import DialError, Transport
 from fedup.protocol.announce import NetworkScope, RejectReason, encode_txt
 from fedup.protocol.handshake import AbortCode, HandshakeError

@@ -83,8 +83,8 @@ from fedup.net.discovery.base import (
     DiscoveryCore,
     DiscoveryError,
     LostCause,
-    collapse_single_exception,
 )
+from fedup.net.groups import collapse_single_exception
 from fedup.protocol.announce import SERVICE_TYPE, NetworkScope, encode_txt
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.records import Address, PeerRecordBook, SignedPeerRecord

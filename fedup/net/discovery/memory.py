@@ -30,8 +30,8 @@ from fedup.net.discovery.base import (
     Discovery,
     DiscoveryCore,
     LostCause,
-    collapse_single_exception,
 )
+from fedup.net.groups import collapse_single_exception
 from fedup.protocol.announce import NetworkScope, encode_txt_rdata
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.records import Address, PeerRecordBook, SignedPeerRecord
