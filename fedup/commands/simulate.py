@@ -19,15 +19,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedup.commands.run_options import DEFAULTS, RUN_OPTIONS, run_settings
 from fedup.commands.tables import print_models
 from fedup.errors import ConfigError
-from fedup.protocol.view import RunSettings
 
 log = logging.getLogger("fedup")
 if TYPE_CHECKING:
     from fedup.sim import Link, SimSettings
-
-_RUN = RunSettings()
 
 
 def _ints(text: str, what: str, n: tuple[int, ...]) -> list[int]:
@@ -116,14 +114,9 @@ def add_parser(
         help="output folder (default: <state dir>/sims/<date-time>)",
     )
     p.add_argument("--seed", type=int, default=0, help="identities, data and run seed")
-    p.add_argument("--max-laps", type=int, default=_RUN.max_laps, help="stop after this many laps")
-    p.add_argument("--patience", type=int, default=_RUN.patience, help="laps without improvement")
-    p.add_argument(
-        "--tolerance", type=float, default=_RUN.tolerance, help="relative improvement that counts"
-    )
-    p.add_argument("--local-epochs", type=float, default=_RUN.local_epochs, help="epochs per hop")
-    p.add_argument("--lr", type=float, default=_RUN.lr, help="learning rate")
-    p.add_argument("--batch-size", type=int, default=_RUN.batch_size, help="minibatch size")
+    for name, kind, why in RUN_OPTIONS:
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(DEFAULTS, name),
+                       help=f"{why} (default: %(default)s)")  # fmt: skip
     p.add_argument("--settle", type=float, default=1.0, help="formation settle seconds")
     p.add_argument("--real-clock", action="store_true", help="wait in real time, not virtual")
     p.add_argument("--latency", type=float, default=0.0, help="one-way link latency, ms")
@@ -170,15 +163,8 @@ def _settings(args: argparse.Namespace) -> SimSettings:
 
     if args.peers < 1:
         raise ConfigError("--peers must be at least 1")
+    run = run_settings(vars(args))
     try:
-        run = RunSettings(
-            max_laps=args.max_laps,
-            patience=args.patience,
-            tolerance=args.tolerance,
-            local_epochs=args.local_epochs,
-            lr=args.lr,
-            batch_size=args.batch_size,
-        )
         faults = Faults(
             link=_link(args.latency, args.bandwidth),
             links={(src, dst): _link(ms, mbit) for src, dst, ms, mbit in args.link},

@@ -26,9 +26,9 @@ import attrs
 import trio
 
 from fedup.commands.peers import read_network_key
+from fedup.commands.run_options import DEFAULTS, RUN_OPTIONS, run_settings
 from fedup.errors import ConfigError
 from fedup.protocol.records import Address
-from fedup.protocol.view import RunSettings
 
 if TYPE_CHECKING:
     from fedup.peer import PeerConfig
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedup")
 
 ENV_PREFIX = "FEDUP_"
-_RUN = RunSettings()
 
 
 def _address(text: str) -> Address:
@@ -73,13 +72,8 @@ SETTINGS = [
     Setting("out", Path, None, "output folder (default: a run folder under the state dir)"),
     Setting("min_peers", int, 2, "members needed, this peer included (default: 2)"),
     Setting("settle", float, 3.0, "seconds without a new peer before forming (default: 3)"),
-    Setting("max_laps", int, _RUN.max_laps, "stop after this many laps"),
-    Setting("patience", int, _RUN.patience, "laps without improvement before stopping"),
-    Setting("tolerance", float, _RUN.tolerance, "relative improvement that counts"),
-    Setting("local_epochs", float, _RUN.local_epochs, "passes over local data per hop"),
-    Setting("lr", float, _RUN.lr, "learning rate"),
-    Setting("batch_size", int, _RUN.batch_size, "minibatch size"),
-    Setting("seed", int, _RUN.seed, "seed of the model's initialisation and shuffling"),
+    *(Setting(name, kind, getattr(DEFAULTS, name), why) for name, kind, why in RUN_OPTIONS),
+    Setting("seed", int, DEFAULTS.seed, "seed of the model's initialisation and shuffling"),
     Setting("listen", _address, Address("0.0.0.0", 0), "TCP HOST:PORT to listen on"),
     Setting("interface", str, None, "mDNS interface (name or IPv4); repeatable", repeat=True),
     Setting("network", str, "fedup", "network name; peers of other networks are ignored"),
@@ -162,15 +156,7 @@ def build_config(args: argparse.Namespace, values: dict[str, Any]) -> PeerConfig
     from fedup.peer import PeerConfig  # torch: only when a peer starts
 
     key = read_network_key(values["network_key_file"]) if values["network_key_file"] else None
-    run = RunSettings(
-        max_laps=values["max_laps"],
-        patience=values["patience"],
-        tolerance=values["tolerance"],
-        local_epochs=values["local_epochs"],
-        lr=values["lr"],
-        batch_size=values["batch_size"],
-        seed=values["seed"],
-    )
+    run = run_settings(values, seed=values["seed"])
     if values["no_mdns"] and not values["bootstrap"]:
         raise ConfigError("with --no-mdns, give at least one --bootstrap HOST:PORT")
     return PeerConfig(
