@@ -37,6 +37,7 @@ from fedup.learn.ring import (
     RingState,
     final_weights,
     initial_state,
+    model_with,
     train_hop,
 )
 from fedup.learn.schema import merge_summaries
@@ -122,7 +123,7 @@ LapObserver = Callable[[LapResult, dict[str, torch.Tensor]], None]
 
 
 def _candidate(state: RingState) -> dict[str, torch.Tensor]:
-    return {k[5:]: v.clone() for k, v in state.tensors.items() if k.startswith("cand.")}
+    return {k: v.clone() for k, v in state.group("cand.").items()}
 
 
 def simulate_ring(
@@ -171,18 +172,12 @@ def simulate_ring(
     )
 
 
-def _model(task: TensorTask, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-    model = task.build_model(0)
-    model.load_state_dict(weights)
-    return model
-
-
 def score(weights: dict[str, torch.Tensor], tasks: Sequence[TensorTask]) -> Score:
     """Loss, exact AUC and accuracy of a model on the union of the tasks' validation splits."""
     logits = []
     labels = []
     for t in tasks:
-        logits.append(t.outputs(_model(t, weights)).reshape(-1))
+        logits.append(t.outputs(model_with(t, weights)).reshape(-1))
         labels.append(t.y_val.reshape(-1))
     z = torch.cat(logits).double()
     y = torch.cat(labels).double()

@@ -369,7 +369,12 @@ class RingState:
 
     def group(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors under ``prefix`` (e.g. ``"model."``) with the prefix removed."""
-        return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+        return tensors_under(self.tensors, prefix)
+
+
+def tensors_under(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under ``prefix`` (e.g. ``"model."``) with the prefix removed."""
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 @attrs.frozen
@@ -394,17 +399,17 @@ class HopMetrics:
 # Building and reading states
 
 
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The parameter names in the optimizer's index order (its state is keyed by index)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
 def _optimizer_tensors(
     model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    names = {id(p): n for n, p in model.named_parameters()}
+    index_to_name = _param_names(model, optimizer)
     sd = optimizer.state_dict()
-    index_to_name: dict[int, str] = {}
-    i = 0
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            index_to_name[i] = names[id(p)]
-            i += 1
     for idx in sorted(sd["state"]):
         for key, value in sorted(sd["state"][idx].items()):
             t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
@@ -415,16 +420,10 @@ def _load_optimizer(
     model: nn.Module, optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor]
 ) -> None:
     sd = optimizer.state_dict()
-    name_to_index: dict[str, int] = {}
-    names = {id(p): n for n, p in model.named_parameters()}
-    i = 0
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            name_to_index[names[id(p)]] = i
-            i += 1
+    name_to_index = {name: i for i, name in enumerate(_param_names(model, optimizer))}
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        pname, _, skey = key[len("optim.") :].rpartition(".")
+        pname, _, skey = key.rpartition(".")
         if pname not in name_to_index:
             raise RingStateError(f"ring state: optimizer state for unknown parameter {pname!r}")
         state.setdefault(name_to_index[pname], {})[skey] = t.clone()
@@ -473,7 +472,7 @@ def final_weights(state: RingState) -> dict[str, torch.Tensor]:
     return state.group("cand.")
 
 
-def _load(task: Task, weights: Mapping[str, torch.Tensor]) -> nn.Module:
+def model_with(task: Task, weights: Mapping[str, torch.Tensor]) -> nn.Module:
     """A model of the task holding ``weights``."""
     return _fill(task.build_model(0), weights)
 
@@ -489,7 +488,7 @@ def _fill(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> nn.Module:
 
 def evaluate_state(task: Task, state: RingState) -> EvalStats:
     """Evaluate the state's final model (:func:`final_weights`) on the local validation split."""
-    return task.evaluate(_load(task, final_weights(state)))
+    return task.evaluate(model_with(task, final_weights(state)))
 
 
 def hop_seed(settings: RingSettings, lap: int, hop: int) -> int:
@@ -607,17 +606,15 @@ def train_hop(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         # One module: it evaluates the candidate, then takes the weights to train.
-        model = _load(task, {k[5:]: v for k, v in tensors.items() if k.startswith("cand.")})
+        model = model_with(task, tensors_under(tensors, "cand."))
         cand_eval = task.evaluate(model)
-        _fill(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        _fill(model, tensors_under(tensors, "model."))
         steps = samples = 0
         loss_sum = 0.0
         if lap < settings.max_laps:  # lap max_laps only evaluates
             optimizer = task.make_optimizer(model)
             if settings.travel_optimizer:
-                _load_optimizer(
-                    model, optimizer, {k: v for k, v in tensors.items() if k.startswith("optim.")}
-                )
+                _load_optimizer(model, optimizer, tensors_under(tensors, "optim."))
             anchor = None
             if settings.prox_mu > 0:
                 anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
