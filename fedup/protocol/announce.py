@@ -82,6 +82,7 @@ __all__ = [
     "max_txt_size",
     "parse_txt_rdata",
     "verify_announcement",
+    "verify_sighting",
 ]
 
 SERVICE_TYPE = "_fedup._tcp.local."
@@ -398,6 +399,20 @@ def verify_announcement(
     nothing else for any ``txt`` or ``advertised``.
     """
     envelope = decode_txt(txt, limits=limits)
+    return verify_sighting(envelope, advertised, scope=scope, book=book, limits=limits)
+
+
+def verify_sighting(
+    envelope: bytes,
+    advertised: Sequence[Address],
+    *,
+    scope: NetworkScope,
+    book: PeerRecordBook | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Verified:
+    """The rules after the TXT encoding, for a signed record that came some other way
+    (a bootstrap peer's list): as :func:`verify_announcement`, ``envelope`` instead of
+    ``txt``; an empty or oversized one is ``bad-record``."""
     signed = _verify_record(envelope, limits)
     record = signed.record
     peer = record.peer_id.text

@@ -25,6 +25,7 @@ from fedup.protocol.announce import (
     max_txt_size,
     parse_txt_rdata,
     verify_announcement,
+    verify_sighting,
 )
 from fedup.protocol.envelope import seal_envelope
 from fedup.protocol.records import (
@@ -412,6 +413,25 @@ def test_core_bounds_sources_evicting_refused_ones_first() -> None:
     full.observe("good", txt_of(record()), HOME, now=0.0)
     full.observe("junk", b"junk", HOME, now=1.0)
     assert full.drops.snapshot() == {"too-many-sources": 1}
+
+
+def test_a_bare_envelope_is_judged_by_the_same_rules() -> None:
+    """A bootstrap list carries envelopes, not TXT: same verdicts, no TXT layer."""
+    signed = record()
+    assert verify_sighting(signed.envelope, HOME, scope=SCOPE).signed == signed
+    oversized = b"\x00" * (Limits().max_record_size + 1)
+    for envelope in (b"", oversized, b"not cbor at all"):
+        with pytest.raises(AnnouncementError) as info:
+            verify_sighting(envelope, HOME, scope=SCOPE)
+        assert info.value.code is RejectReason.BAD_RECORD
+    with pytest.raises(AnnouncementError) as info:
+        verify_sighting(signed.envelope, (Address("10.6.6.6", 1),), scope=SCOPE)
+    assert info.value.code is RejectReason.ADDRESS_MISMATCH
+    core = DiscoveryCore(scope=SCOPE)
+    found = core.observe_envelope("boot:a", signed.envelope, HOME, now=0.0)
+    assert [e.kind for e in found.events] == [EventKind.FOUND]
+    assert core.observe_envelope("boot:b", oversized, HOME, now=1.0).events == ()
+    assert core.rejections.snapshot() == {"bad-record": 1}
 
 
 def test_provisional_address_mismatch_asks_for_a_retry() -> None:

@@ -35,8 +35,10 @@ from fedup.protocol.announce import (
     AnnouncementError,
     NetworkScope,
     RejectReason,
+    Verified,
     admit_record,
     verify_announcement,
+    verify_sighting,
 )
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.records import Address, PeerRecordBook, SignedPeerRecord
@@ -236,6 +238,39 @@ class DiscoveryCore:
         With ``provisional``, an address mismatch is not recorded but answered
         with ``retry=True`` (mDNS caches keep a changed address for a second).
         """
+        return self._observe(
+            source,
+            advertised,
+            lambda: verify_announcement(
+                txt,  # type: ignore[arg-type]  # hostile input: the decoder checks the type
+                advertised,
+                scope=self.scope,
+                limits=self.limits,
+            ),
+            now=now,
+            provisional=provisional,
+        )
+
+    def observe_envelope(
+        self, source: str, envelope: bytes, advertised: Sequence[Address], *, now: float
+    ) -> Observation:
+        """As :meth:`observe`, for a signed record that came without a TXT encoding."""
+        return self._observe(
+            source,
+            advertised,
+            lambda: verify_sighting(envelope, advertised, scope=self.scope, limits=self.limits),
+            now=now,
+        )
+
+    def _observe(
+        self,
+        source: str,
+        advertised: Sequence[Address],
+        verify: Callable[[], Verified],
+        *,
+        now: float,
+        provisional: bool = False,
+    ) -> Observation:
         if source in self.own_sources:
             return Observation()
         if source not in self._sightings and not self._make_room():
@@ -243,12 +278,7 @@ class DiscoveryCore:
             return Observation()
         advertised = tuple(advertised)
         try:
-            verified = verify_announcement(
-                txt,  # type: ignore[arg-type]  # hostile input: the decoder checks the type
-                advertised,
-                scope=self.scope,
-                limits=self.limits,
-            )
+            verified = verify()
             signed = verified.signed
             if signed.peer_id == self.local_peer:
                 self._sightings.pop(source, None)

@@ -69,7 +69,7 @@ from fedup.net.discovery.base import (
 from fedup.net.framed import FramedStream
 from fedup.net.groups import collapse_single_exception
 from fedup.net.transport import DialError, Transport
-from fedup.protocol.announce import NetworkScope, RejectReason, encode_txt
+from fedup.protocol.announce import NetworkScope, RejectReason
 from fedup.protocol.handshake import AbortCode, HandshakeError
 from fedup.protocol.messages import (
     MAX_PEER_LIST,
@@ -374,7 +374,6 @@ class BootstrapDiscovery(Discovery):
         self._inbound: dict[str, float] = {}  # source -> trio time it expires
         self._inbound_added = trio.Event()
         self._failures = Counters()
-        self._logged_refusals: set[tuple[str, str]] = set()
 
     @classmethod
     @asynccontextmanager
@@ -657,7 +656,7 @@ class BootstrapDiscovery(Discovery):
         for source, entry in entries.items():
             held = target.entries.get(source)
             if held is not None and held.envelope == entry.envelope:
-                if core.sighting(source) is not None or not self._fits(entry):
+                if core.sighting(source) is not None:
                     continue  # judged already: not counted or logged again
             events += self._observe(source, entry)
         target.entries = entries
@@ -666,23 +665,9 @@ class BootstrapDiscovery(Discovery):
         # Only a verified new peer counts: unverifiable entries cannot keep us polling fast.
         return any(e.kind is EventKind.FOUND for e in events)
 
-    def _fits(self, entry: BootstrapEntry) -> bool:
-        return 0 < len(entry.envelope) <= self._core.limits.max_record_size
-
     def _observe(self, source: str, entry: BootstrapEntry) -> list[DiscoveryEvent]:
-        """Judge one envelope with the mDNS rules; its signed addresses are the advertised ones."""
-        if not self._fits(entry):  # encode_txt refuses it; no peer would accept it either
-            self._core.rejections.add(RejectReason.BAD_RECORD)
-            key = (source, RejectReason.BAD_RECORD.value)
-            if key not in self._logged_refusals and len(self._logged_refusals) < 4096:
-                self._logged_refusals.add(key)
-                log.warning(
-                    "refused record from %s: bad-record: %d bytes, outside 1..%d",
-                    source,
-                    len(entry.envelope),
-                    self._core.limits.max_record_size,
-                )
-            return []
-        txt = encode_txt(entry.envelope, limits=self._core.limits)
-        observation = self._core.observe(source, txt, entry.addresses, now=trio.current_time())
-        return list(observation.events)
+        """Judge one envelope by the mDNS rules; its signed addresses are the advertised ones."""
+        observed = self._core.observe_envelope(
+            source, entry.envelope, entry.addresses, now=trio.current_time()
+        )
+        return list(observed.events)
