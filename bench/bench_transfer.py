@@ -48,8 +48,6 @@ import statistics
 import sys
 import time
 import tracemalloc
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,15 +55,13 @@ import attrs
 import torch
 import trio
 
-from fedup.config import DEFAULT_LIMITS, Limits
+from fedup.config import DEFAULT_LIMITS
 from fedup.identity import Identity
 from fedup.learn.weights import bytes_to_state, state_to_bytes
 from fedup.net.blobs import receive_blob, send_blob
-from fedup.net.channel import SecureChannel
 from fedup.net.framed import FramedStream
-from fedup.net.transport import Credentials, TcpTransport
+from fedup.net.transport import Credentials, loopback_channel_pair
 from fedup.protocol.blob import BlobReplayGuard
-from fedup.protocol.records import Address
 from fedup.protocol.secretstream import Decryptor, Encryptor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -104,28 +100,6 @@ async def _tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
         dialed = await trio.open_tcp_stream("127.0.0.1", port)
     await listeners[0].aclose()
     return dialed, accepted[0]
-
-
-@asynccontextmanager
-async def secure_pair(limits: Limits) -> AsyncIterator[tuple[SecureChannel, SecureChannel]]:
-    """Alice dials Bob over loopback TCP with the real transport: handshake, SecureChannel."""
-    accepted_send, accepted_receive = trio.open_memory_channel[SecureChannel](1)
-    finished = trio.Event()
-
-    async def handler(channel: SecureChannel) -> None:
-        await accepted_send.send(channel)
-        await finished.wait()  # the listener closes the channel when this returns
-
-    bob_net = TcpTransport(Credentials(BOB, "bench"), limits=limits)
-    async with bob_net.listen(Address("127.0.0.1", 0), handler) as listener:
-        alice_net = TcpTransport(Credentials(ALICE, "bench"), limits=limits)
-        a_chan = await alice_net.dial(listener.addresses[0], expected_peer=BOB.peer_id)
-        b_chan = await accepted_receive.receive()
-        try:
-            yield a_chan, b_chan
-        finally:
-            finished.set()
-            await a_chan.aclose()
 
 
 # --------------------------------------------------------------------------
@@ -307,7 +281,9 @@ async def _main(repeats: int, verbose: bool) -> dict[str, float]:
     state = torch_state()
     blob = state_to_bytes(state)
     size = len(blob)
-    async with secure_pair(limits) as (a_chan, b_chan):
+    async with loopback_channel_pair(
+        Credentials(ALICE, "bench"), Credentials(BOB, "bench"), limits=limits
+    ) as (a_chan, b_chan):
         alice = FramedStream(a_chan, peer="bob", limits=limits)
         bob = FramedStream(b_chan, peer="alice", limits=limits)
         effective, usage, rss_peak, traced_peak = await _transfers(alice, bob, state, blob, repeats)

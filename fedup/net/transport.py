@@ -482,6 +482,34 @@ class TcpTransport:
             yield running
 
 
+@asynccontextmanager
+async def loopback_channel_pair(
+    dialer: Credentials, listener: Credentials, *, limits: Limits = DEFAULT_LIMITS
+) -> AsyncIterator[tuple[SecureChannel, SecureChannel]]:
+    """Both ends of one authenticated channel over loopback TCP: ``(dialer's, listener's)``.
+
+    The real transport and handshake without a peer around them, for tests and
+    benchmarks of what runs on a channel.  Both ends are closed on exit.
+    """
+    accepted_send, accepted_receive = trio.open_memory_channel[SecureChannel](1)
+    finished = trio.Event()
+
+    async def handler(channel: SecureChannel) -> None:
+        await accepted_send.send(channel)
+        await finished.wait()  # the listener closes its end when this returns
+
+    server = TcpTransport(listener, limits=limits)
+    async with server.listen(Address("127.0.0.1", 0), handler) as running:
+        client = TcpTransport(dialer, limits=limits)
+        dialed = await client.dial(running.addresses[0], expected_peer=listener.identity.peer_id)
+        try:
+            accepted = await accepted_receive.receive()
+            yield dialed, accepted
+        finally:
+            finished.set()
+            await dialed.aclose()
+
+
 def _os_reason(exc: OSError) -> str:
     """The first OS-level reason (trio wraps per-attempt errors in a group)."""
     cause = exc.__cause__

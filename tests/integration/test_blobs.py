@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -20,9 +19,8 @@ from fedup.errors import ConnectionLostError, PeerTimeoutError
 from fedup.identity import Identity
 from fedup.learn.weights import bytes_to_state, state_to_bytes
 from fedup.net.blobs import ReceivedBlob, receive_blob, send_blob
-from fedup.net.channel import SecureChannel
 from fedup.net.framed import FramedStream
-from fedup.net.transport import Credentials, TcpTransport
+from fedup.net.transport import Credentials, loopback_channel_pair
 from fedup.protocol.blob import (
     BlobDataError,
     BlobDigestError,
@@ -42,7 +40,6 @@ from fedup.protocol.blob import (
     seal_blob_end,
     seal_blob_header,
 )
-from fedup.protocol.records import Address
 from fedup.protocol.tensors import TensorDecodeError
 
 ALICE = Identity(b"\x01" * 32)
@@ -420,34 +417,15 @@ async def test_sender_sees_connection_loss() -> None:
 # real loopback TCP through the secure channel
 
 
-@asynccontextmanager
-async def secure_pair(limits: Limits) -> AsyncIterator[tuple[SecureChannel, SecureChannel]]:
-    """Alice dials Bob over loopback TCP through the real transport and handshake."""
-    accepted_send, accepted_receive = trio.open_memory_channel[SecureChannel](1)
-    finished = trio.Event()
-
-    async def handler(channel: SecureChannel) -> None:
-        await accepted_send.send(channel)
-        await finished.wait()  # the listener closes the channel when this returns
-
-    bob_net = TcpTransport(Credentials(BOB, "test"), limits=limits)
-    async with bob_net.listen(Address("127.0.0.1", 0), handler) as listener:
-        alice_net = TcpTransport(Credentials(ALICE, "test"), limits=limits)
-        a_chan = await alice_net.dial(listener.addresses[0], expected_peer=BOB.peer_id)
-        b_chan = await accepted_receive.receive()
-        try:
-            yield a_chan, b_chan
-        finally:
-            finished.set()
-            await a_chan.aclose()
-
-
 async def test_over_loopback_tcp_and_secure_channel() -> None:
     model = small_model()
     model_blob = state_to_bytes(model)
     big = bytearray(os.urandom(3 * 1024 * 1024 + 7))
     guard = BlobReplayGuard()
-    async with secure_pair(DEFAULT_LIMITS) as (a_chan, b_chan):
+    async with loopback_channel_pair(Credentials(ALICE, "test"), Credentials(BOB, "test")) as (
+        a_chan,
+        b_chan,
+    ):
         assert b_chan.remote_peer == ALICE.peer_id and a_chan.remote_peer == BOB.peer_id
         alice = FramedStream(a_chan, peer=BOB.peer_id.text)
         bob = FramedStream(b_chan, peer=ALICE.peer_id.text)
