@@ -82,7 +82,8 @@ def test_histogram_auc_is_close_to_exact(tasks: list[TabularTask]) -> None:
     stats = sum((t.evaluate(model) for t in tasks), EvalStats(0.0, 0))
     exact = baselines.score(model.state_dict(), tasks)
     assert stats.n == exact.n
-    assert stats.loss == pytest.approx(exact.loss, rel=1e-9)
+    # float32 per-sample losses (summed in float64) against a float64 loss: ~1e-9 apart
+    assert stats.loss == pytest.approx(exact.loss, rel=1e-6)
     assert stats.accuracy == pytest.approx(exact.accuracy)
     assert abs(stats.auc() - exact.auc) < 0.02
 
