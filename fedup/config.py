@@ -155,6 +155,12 @@ class Limits:
         "from handing the model on to hearing it moved on: one hop's training plus one "
         "transfer; a successor silent longer is presumed dead and skipped",
     )
+    excluded_wait: float = _limit(
+        3600.0,
+        "a member the others counted as dead while it was alive trains no more and waits "
+        "this long for the final model (sent to it when the run ends); longer runs end "
+        "there with an error",
+    )
     # --- connections ------------------------------------------------------
     max_connections: int = _limit(
         64, "concurrent connections a peer serves; a federation has tens of members"

@@ -231,7 +231,8 @@ def run(args: argparse.Namespace) -> int:
             summary = await peer.train()
         print(json.dumps({"out": summary.out_dir, "model_sha256": summary.model_sha256,
                           "laps": summary.laps, "stop_reason": summary.stop_reason,
-                          "final_val_loss": summary.final_val_loss}))  # fmt: skip
+                          "final_val_loss": summary.final_val_loss,
+                          "excluded": summary.excluded}))  # fmt: skip
         return 0
 
     return trio.run(main)

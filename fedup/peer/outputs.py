@@ -59,6 +59,10 @@ class RunSummary:
     model's included; each blob's header, signatures and encryption add a few hundred
     bytes more."""
     out_dir: str
+    excluded: str | None = None
+    """Why the other members counted this one as dead while it was alive (slow, or cut
+    off for a while), or None.  An excluded member trains no more; it receives the final
+    model from the member that ends the run and saves it like every other member."""
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self)

@@ -16,12 +16,18 @@ the :class:`~fedup.learn.ring.RingState` between members and keeps the rules of
   blob, so the others learn it from the next message; the view epoch is the
   view's epoch plus the number of dead members, and blobs from a lower epoch
   are refused.
+* A member declared dead while it was alive (slow, or cut off for a moment)
+  is *excluded*: it trains no more, but it is not left without the result.
+  The member that ends the run also sends the final model to every member it
+  counts as dead; an excluded member waits up to ``excluded_wait`` for it,
+  saves it like everyone else, and hands it on to nobody.
 * When :func:`train_hop` says the run is done, that member saves the final
   model and sends it around the ring as a ``final`` blob; every member
   verifies, evaluates it on its own validation split, saves it and hands it on,
   until it is back at the member that started the distribution.
 * Every wait has a deadline: a member holding no model waits at most
-  ``hop_timeout`` times the number of live members for the next one.
+  ``hop_timeout`` times the number of live members for the next one (an
+  excluded member: ``excluded_wait`` for the final model).
 """
 
 from __future__ import annotations
@@ -95,6 +101,8 @@ class RingRun:
             rows, positive = self.task.n_train * n, 0
         self.federation = FederationStats(n, rows, positive)
         self.dead: set[PeerId] = set()
+        self.excluded: str | None = None
+        """Why the others count us as dead, once we learn that they do."""
         self.guard = BlobReplayGuard()
         self._inbox_send, self._inbox = trio.open_memory_channel[
             tuple[BlobHeader, RingState, frozenset[PeerId], PeerId | None]
@@ -118,6 +126,15 @@ class RingRun:
     @property
     def epoch(self) -> int:
         return self.view.epoch + len(self.dead)
+
+    def _exclude(self, why: str) -> None:
+        if self.excluded is None:
+            self.excluded = why
+            log.warning(
+                "excluded from run %s: %s; training no more, waiting up to %g s for the "
+                "final model",
+                self.run_id.hex()[:8], why, self.limits.excluded_wait,
+            )  # fmt: skip
 
     def _declare_dead(self, peer: PeerId, why: str) -> None:
         if peer not in self.dead and peer != self.me:
@@ -154,16 +171,28 @@ class RingRun:
             if self.me == self.ring.leader:
                 await self._hop(self.template, Position(0, 0), predecessor=None)
             while self.finished is None:
-                wait = self.limits.hop_timeout * max(1, len(self.ring.live))
+                if self.excluded is None:
+                    wait = self.limits.hop_timeout * max(1, len(self.ring.live))
+                else:
+                    wait = self.limits.excluded_wait
                 with trio.move_on_after(wait) as scope:
                     header, state, dead, origin = await self._inbox.receive()
                 if scope.cancelled_caught:
+                    if self.excluded is not None:
+                        raise RunError(
+                            f"excluded from the run ({self.excluded}), and no final model "
+                            f"arrived within {wait:g} s"
+                        )
                     raise RunError(f"no model arrived for {wait:g} s; the ring is broken")
+                if self.me in dead:
+                    self._exclude(f"{header.sender} counts us as dead")
                 self.dead |= dead - {self.me}
                 if header.kind == "final":
                     await self._finish(state, origin or header.sender)
-                else:
+                elif self.excluded is None:
                     await self._hop(state, Position(header.lap, header.hop), header.sender)
+                else:
+                    log.warning("ignoring a model from %s: we are excluded", header.sender)
             nursery.cancel_scope.cancel()
 
     async def _hop(self, state: RingState, pos: Position, predecessor: PeerId | None) -> None:
@@ -175,6 +204,8 @@ class RingRun:
             await self._finish(new, self.me)
             return
         forwarded = await self._forward(new, pos)
+        if self.excluded is not None:
+            return
         if predecessor is not None and forwarded:
             assert self._nursery is not None
             self._nursery.start_soon(self._tell_passed, predecessor, pos)
@@ -248,7 +279,8 @@ class RingRun:
         return next_position(ring, self.me, pos)
 
     async def _forward(self, state: RingState, pos: Position) -> bool:
-        """Hand ``state`` (trained at ``pos``) to the next live member; False if none is left."""
+        """Hand ``state`` (trained at ``pos``) to the next live member; False if none is left
+        or if it tells us that we were excluded (:attr:`excluded` is then set)."""
         while True:
             step = self._next(pos)
             if step is None:
@@ -266,7 +298,8 @@ class RingRun:
                 self._nursery.start_soon(self._watch, target, npos, state, pos)
                 return True
             if error.refused and "epoch" in error.why:
-                raise RunError(f"{target} says we were excluded from the run: {error}")
+                self._exclude(f"{target} refused our model: {error}")
+                return False
             self._declare_dead(target, error.why)
 
     async def _send(
@@ -431,27 +464,51 @@ class RingRun:
             dead=[p.text for p in sorted(self.dead)],
             model_bytes_sent=self.model_bytes_sent,
             out_dir=str(self.outputs.directory),
+            excluded=self.excluded,
         )
         self.outputs.save_summary(self.finished)
         log.info(
             "run %s finished (%s): best lap %d, final val loss here %.4f, model %s",
             self.run_id.hex()[:8], stop, meta.best_lap, own.loss, sha[:12],
         )  # fmt: skip
-        # Hand the final model on until it is back where its distribution started.
-        data = self._payload(state, origin)
-        for target in self.ring.successors(self.me):
-            if target == origin:
-                break
-            error = await self._send(target, "final", Position(max(meta.lap, 0), 0), data)
-            if error is None:
-                break
-            self._declare_dead(target, error.why)
+        if self.excluded is None:
+            await self._distribute_final(state, origin)
         self.finished = attrs.evolve(
             self.finished,
             model_bytes_sent=self.model_bytes_sent,
             dead=[p.text for p in sorted(self.dead)],
         )
         self.outputs.save_summary(self.finished)
+
+    async def _distribute_final(self, state: RingState, origin: PeerId) -> None:
+        """Hand the final model on until it is back where its distribution started.
+
+        The member that started it (``origin``) also sends it to every member it
+        counts as dead, at once: one that was only slow or cut off for a while is
+        waiting for it (excluded), and one that is gone costs a failed dial.
+        """
+        pos = Position(max(state.meta.lap, 0), 0)
+        data = self._payload(state, origin)
+        for target in self.ring.successors(self.me):
+            if target == origin:
+                break
+            error = await self._send(target, "final", pos, data)
+            if error is None:
+                break
+            self._declare_dead(target, error.why)
+        if origin != self.me or not self.dead:
+            return
+        data = self._payload(state, origin)  # with every member we now count as dead
+        async with trio.open_nursery() as nursery:
+            for target in sorted(self.dead):
+                nursery.start_soon(self._send_final_to_dead, target, pos, data)
+
+    async def _send_final_to_dead(self, target: PeerId, pos: Position, data: bytearray) -> None:
+        error = await self._send(target, "final", pos, data)
+        if error is None:
+            log.info("gave the final model to %s, which we count as dead (it was excluded)", target)
+        else:
+            log.info("could not give the final model to %s (counted as dead): %s", target, error)
 
 
 def ring_payload(state: RingState, dead: frozenset[PeerId], origin: PeerId | None) -> bytearray:

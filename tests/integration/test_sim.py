@@ -19,6 +19,7 @@ import trio.testing
 
 from fedup.cli import _common as cli_common
 from fedup.commands import simulate as simulate_command
+from fedup.config import DEFAULT_LIMITS
 from fedup.learn.loans import generate_lender, lender_seed
 from fedup.peer import TabularSource
 from fedup.protocol.view import RunSettings
@@ -165,6 +166,52 @@ async def test_a_dropped_transfer_is_retried_and_nobody_is_skipped(
     assert all(p.summary is not None for p in result.peers), [p.error for p in result.peers]
     assert all(p.summary is not None and p.summary.dead == [] for p in result.peers)
     assert result.model_sha256 is not None
+
+
+def check_excluded(result: SimResult, victim: int, why: str) -> None:
+    """``victim`` was counted as dead by the others while alive, trained no more, and
+    still ended with the federation's model."""
+    assert [p.error for p in result.peers] == [None] * len(result.peers)
+    excluded = result.peers[victim].summary
+    assert excluded is not None and excluded.excluded is not None
+    assert why in excluded.excluded and excluded.dead == []
+    digest = result.model_sha256
+    assert digest is not None and excluded.model_sha256 == digest
+    model = Path(excluded.out_dir) / "model.safetensors"
+    assert hashlib.sha256(model.read_bytes()).hexdigest() == digest
+    for p in result.peers:
+        if p.index != victim:
+            assert p.summary is not None and p.summary.excluded is None
+            assert p.summary.dead == [result.peers[victim].peer_id]
+            assert p.summary.model_sha256 == digest and p.summary.laps == RUN.max_laps
+
+
+async def test_a_member_slower_than_the_hop_timeout_is_excluded_but_gets_the_model(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """Position 2 takes longer than ``hop_timeout`` to hand its first model on: its
+    predecessor skips it, and its own late hand-over is refused for its old epoch.
+    It trains no more, and the final model still reaches it."""
+    victim = ring_order(4)[2]
+    delay = DEFAULT_LIMITS.hop_timeout + 100
+    result = await simulate(tmp_path, faults=Faults(slow=(Slow(victim, delay),)))
+    check_excluded(result, victim, "refused our model")
+    assert result.peers[victim].hops == 1
+    assert result.clock_seconds >= delay
+
+
+async def test_a_member_cut_off_while_the_model_came_is_excluded_but_gets_the_model(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """Both attempts to hand position 2 its first model break half-way: it is counted
+    as dead without knowing it, never trains, and learns it from the final model."""
+    order = ring_order(4)
+    src, victim = order[1], order[2]
+    twice = (Drop(src, victim, lap=0, hop=1),) * 2
+    result = await simulate(tmp_path, faults=Faults(drops=twice))
+    assert [(s, d) for s, d, _ in result.dropped] == [(src, victim)] * 2
+    check_excluded(result, victim, "counts us as dead")
+    assert result.peers[victim].hops == 0
 
 
 # --- the network ----------------------------------------------------------------------
