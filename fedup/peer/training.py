@@ -471,8 +471,9 @@ class RingRun:
             "run %s finished (%s): best lap %d, final val loss here %.4f, model %s",
             self.run_id.hex()[:8], stop, meta.best_lap, own.loss, sha[:12],
         )  # fmt: skip
-        if self.excluded is None:
-            await self._distribute_final(state, origin)
+        if self.excluded is not None:
+            return  # the others finished without us: nobody to hand it on to
+        await self._distribute_final(state, origin)
         self.finished = attrs.evolve(
             self.finished,
             model_bytes_sent=self.model_bytes_sent,
@@ -488,7 +489,8 @@ class RingRun:
         waiting for it (excluded), and one that is gone costs a failed dial.
         """
         pos = Position(max(state.meta.lap, 0), 0)
-        data = self._payload(state, origin)
+        dead = frozenset(self.dead)
+        data = self._payload(state, origin, dead)
         for target in self.ring.successors(self.me):
             if target == origin:
                 break
@@ -498,7 +500,8 @@ class RingRun:
             self._declare_dead(target, error.why)
         if origin != self.me or not self.dead:
             return
-        data = self._payload(state, origin)  # with every member we now count as dead
+        if self.dead != dead:  # the blob must name every member we now count as dead
+            data = self._payload(state, origin)
         async with trio.open_nursery() as nursery:
             for target in sorted(self.dead):
                 nursery.start_soon(self._send_final_to_dead, target, pos, data)

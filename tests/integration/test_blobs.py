@@ -422,10 +422,8 @@ async def test_over_loopback_tcp_and_secure_channel() -> None:
     model_blob = state_to_bytes(model)
     big = bytearray(os.urandom(3 * 1024 * 1024 + 7))
     guard = BlobReplayGuard()
-    async with loopback_channel_pair(Credentials(ALICE, "test"), Credentials(BOB, "test")) as (
-        a_chan,
-        b_chan,
-    ):
+    pair = loopback_channel_pair(Credentials(ALICE, "test"), Credentials(BOB, "test"))
+    async with pair as (a_chan, b_chan):
         assert b_chan.remote_peer == ALICE.peer_id and a_chan.remote_peer == BOB.peer_id
         alice = FramedStream(a_chan, peer=BOB.peer_id.text)
         bob = FramedStream(b_chan, peer=ALICE.peer_id.text)
