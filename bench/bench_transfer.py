@@ -130,7 +130,6 @@ async def transfer(
             epoch=1,
             recipient=BOB.peer_id,
             data=data,
-            meta={"loss": [0.5], "samples": [1000]},
         )
 
     async def receiver() -> None:

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from fedup.peer import (
         FixedTaskSource,
         FormationError,
-        MemoryWorld,
         Peer,
         PeerConfig,
         RunError,
@@ -32,6 +31,7 @@ if TYPE_CHECKING:
         TabularSource,
         TaskSource,
     )
+    from fedup.sim.world import MemoryWorld
 
 # What needs torch is imported on first use, so that `fedup-peer id` or `peers`
 # (and anything else that only imports fedup) does not pay a second for torch.
@@ -39,7 +39,6 @@ _TASK_NAMES = ("EvalStats", "TabularTask", "Task", "TensorTask", "TrainBudget", 
 _PEER_NAMES = (
     "FixedTaskSource",
     "FormationError",
-    "MemoryWorld",
     "Peer",
     "PeerConfig",
     "RunError",
@@ -50,6 +49,7 @@ _PEER_NAMES = (
 _LAZY = {
     **dict.fromkeys(_TASK_NAMES, "fedup.learn.task"),
     **dict.fromkeys(_PEER_NAMES, "fedup.peer"),
+    "MemoryWorld": "fedup.sim.world",
 }
 
 

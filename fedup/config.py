@@ -77,6 +77,12 @@ class Limits:
         "plaintext bytes per encrypted blob chunk: large enough that per-chunk Python "
         "overhead is negligible, small enough that a receiver buffers little",
     )
+    max_weight_magnitude: float = _limit(
+        1e8,
+        "largest absolute value in a ring state (weights, optimizer moments, step counts) "
+        "accepted or handed on: sane models stay far below it (Adam would need 1e8 steps), "
+        "while finite but huge weights (1e30) made the next member's training overflow to NaN",
+    )
     # --- deadlines --------------------------------------------------------
     handshake_timeout: float = _limit(
         10.0, "a whole handshake on a LAN takes milliseconds; 10 s tolerates a loaded host"

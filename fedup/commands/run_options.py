@@ -27,3 +27,4 @@ def run_settings(values: Mapping[str, Any], **more: Any) -> RunSettings:
         return RunSettings(**{name: values[name] for name, _, _ in RUN_OPTIONS}, **more)
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(exc)) from None
+    # RunSettings raises ConfigError itself for a value outside SETTINGS_BOUNDS

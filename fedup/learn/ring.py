@@ -58,9 +58,9 @@ from torch import nn
 from fedup.errors import LocalProtocolError, RemoteProtocolError
 from fedup.learn.task import AUC_BINS, EvalStats, Task, TrainBudget
 from fedup.protocol import cbor
-from fedup.protocol.laps import judge_lap
+from fedup.protocol.laps import LapRecord, Progress, StopState
 from fedup.protocol.schema import FieldReader, MessageError
-from fedup.protocol.view import RunSettings
+from fedup.protocol.view import SETTINGS_BOUNDS, RunSettings, settings_problem
 
 __all__ = [
     "FederationStats",
@@ -77,8 +77,8 @@ __all__ = [
 ]
 
 META_VERSION: Final = 1
-MAX_LAPS_CEILING: Final = 10_000
-"""Largest ``max_laps``."""
+MAX_LAPS_CEILING: Final = int(SETTINGS_BOUNDS["max_laps"].hi)
+"""Largest ``max_laps`` (the run settings' bound: one source)."""
 MAX_HISTORY: Final = 64
 """Lap results kept in the metadata (the most recent): keeps it far below
 ``Limits.max_message_size`` (64 entries and the rest take under 3 KiB of CBOR)."""
@@ -120,12 +120,19 @@ class RingSettings:
     """Training laps at most."""
 
     def __attrs_post_init__(self) -> None:
-        if not 0 < self.hop_epochs <= 100:
-            raise LocalProtocolError(f"hop_epochs must be in (0, 100], got {self.hop_epochs}")
-        if not 1 <= self.max_laps <= MAX_LAPS_CEILING:
-            raise LocalProtocolError(f"max_laps must be in [1, {MAX_LAPS_CEILING}]")
-        if self.patience < 1 or self.tolerance < 0 or self.prox_mu < 0:
-            raise LocalProtocolError("patience must be >= 1, tolerance and prox_mu >= 0")
+        problem = settings_problem(
+            {
+                "local_epochs": self.hop_epochs,
+                "max_laps": self.max_laps,
+                "patience": self.patience,
+                "tolerance": self.tolerance,
+                "seed": self.seed,
+            }
+        )
+        if problem is not None:
+            raise LocalProtocolError(f"{problem[0]} {problem[1]}")
+        if self.prox_mu < 0:
+            raise LocalProtocolError("prox_mu must be >= 0")
         if self.max_class_weight < 1:
             raise LocalProtocolError("max_class_weight must be >= 1")
 
@@ -179,21 +186,8 @@ class FederationStats:
         return self.n_positive / self.n_rows if self.n_rows else 0.0
 
 
-@attrs.frozen
-class LapResult:
-    """The federated evaluation of one lap's output."""
-
-    lap: int
-    """The lap whose output was evaluated (-1 = the initial model)."""
-    loss: float
-    """Federated validation loss (mean over the union of validation splits)."""
-    accuracy: float
-    auc: float
-    """ROC AUC from the pooled score histograms (binned; NaN for non-binary tasks)."""
-    n: int
-    """Validation samples it was evaluated on."""
-    samples: int
-    """Training samples processed by the federation up to the end of that lap."""
+LapResult = LapRecord
+"""A lap's federated evaluation (:class:`fedup.protocol.laps.LapRecord`)."""
 
 
 @attrs.frozen
@@ -224,6 +218,17 @@ class RingMeta:
     done: bool = False
     history: tuple[LapResult, ...] = ()
     """The most recent :data:`MAX_HISTORY` evaluated laps, oldest first."""
+
+    @property
+    def stop(self) -> StopState:
+        return StopState(self.best_lap, self.best_loss, self.ref_loss, self.stale)
+
+    def progress(self) -> Progress:
+        """What the custody machine checks: position, end flag, stopping state, history.
+
+        The lap judged last is the one before the current candidate's (lap -2: none).
+        """
+        return Progress(self.lap, self.hop, self.done, self.cand_lap - 1, self.stop, self.history)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -510,22 +515,19 @@ def _close_lap(
     """
     result = None
     improved = False
-    best_lap, best_loss, ref_loss, stale = m.best_lap, m.best_loss, m.ref_loss, m.stale
+    stop = m.stop
     history = m.history
     if m.cand_eval.n > 0:
         e = m.cand_eval
         result = LapResult(m.cand_lap, e.loss, e.accuracy, e.auc(), e.n, m.cand_samples)
         history = (*history, result)[-MAX_HISTORY:]
-        if result.loss < best_loss:
-            best_lap, best_loss = m.cand_lap, result.loss
-            if settings.keep_best:
-                for k in [k for k in tensors if k.startswith("cand.")]:
-                    tensors["best." + k[5:]] = tensors[k].clone()
-        ref_loss, stale, improved = judge_lap(
-            ref_loss, stale, result.loss, tolerance=settings.tolerance
-        )
+        new_stop, improved = stop.judge(result, tolerance=settings.tolerance)
+        if new_stop.best_lap != stop.best_lap and settings.keep_best:
+            for k in [k for k in tensors if k.startswith("cand.")]:
+                tensors["best." + k[5:]] = tensors[k].clone()
+        stop = new_stop
     # Lap m.lap has ended: its output becomes the candidate evaluated during the next lap.
-    done = stale >= settings.patience or m.cand_lap >= settings.max_laps - 1
+    done = stop.holds(judged_lap=m.cand_lap, patience=settings.patience, max_laps=settings.max_laps)
     if not done:
         if settings.average_lap and m.avg_weight > 0:
             source = "avg."
@@ -535,8 +537,8 @@ def _close_lap(
             tensors["cand." + k[len(source) :]] = tensors[k].clone()
     meta = attrs.evolve(
         m, avg_weight=0, cand_lap=m.lap, cand_samples=m.samples, cand_eval=EvalStats(0.0, 0),
-        best_lap=best_lap, best_loss=best_loss, ref_loss=ref_loss, stale=stale, done=done,
-        history=history,
+        best_lap=stop.best_lap, best_loss=stop.best_loss, ref_loss=stop.ref_loss,
+        stale=stop.stale, done=done, history=history,
     )  # fmt: skip
     return meta, result, improved
 
@@ -565,6 +567,8 @@ def train_hop(
     lap: int,
     hop: int,
     federation: FederationStats,
+    *,
+    train: bool = True,
 ) -> tuple[RingState, HopMetrics]:
     """Do this peer's hop: close the previous lap if one ended, evaluate, train, accumulate.
 
@@ -574,6 +578,10 @@ def train_hop(
     inputs the output is bit-for-bit the same (on the same machine and
     thread count).  Torch's global RNG is seeded for the hop inside
     ``torch.random.fork_rng``, so the caller's RNG state is left as it was.
+
+    With ``train=False`` the hop only closes and evaluates (what a member
+    hands on when its own training gave a bad state: the state it received,
+    moved on to its position, see :func:`~fedup.learn.ring_payload.state_problem`).
 
     Returns the new state and the hop's metrics; when ``metrics.done`` is
     true the run has ended and the state was not trained: its final model
@@ -611,7 +619,7 @@ def train_hop(
         _fill(model, tensors_under(tensors, "model."))
         steps = samples = 0
         loss_sum = 0.0
-        if lap < settings.max_laps:  # lap max_laps only evaluates
+        if train and lap < settings.max_laps:  # lap max_laps only evaluates
             optimizer = task.make_optimizer(model)
             if settings.travel_optimizer:
                 _load_optimizer(model, optimizer, tensors_under(tensors, "optim."))

@@ -14,6 +14,25 @@ they agree.  :func:`fits` refuses a peer whose columns do not fit, naming the
 columns; :func:`admit` merges, refuses the peers that do not fit, and merges
 again without them.
 
+A summary from another peer is untrusted.  :meth:`DataSummary.from_dict`
+bounds it (:class:`SummaryLimits`): at most 1024 columns, 64 listed category
+values per column, 128-byte names and values, counts of at most 2**53, and
+numeric statistics that are finite with ``|mean| <= 1e100`` and
+``0 <= m2 <= 1e200``.  Those two bounds keep every merge step far from the
+float limit (about 1.8e308): the pooled mean is a weighted average of the
+means, so ``|mean| <= 1e100``; the pooled sum of squared deviations is
+``sum(m2_i) + sum(count_i * (mean_i - mean)**2)``, and the second sum is at
+most ``sum(count_i * mean_i**2)``, so for ``k`` summaries it is at most
+``k * 1e200 + k * 2**53 * 1e200``: below 2.4e218 for the 256 members a
+federation may have (and finite for any ``k`` below 1e92).  The variance
+(that sum over the pooled count, at least 1) is no larger, and the standard
+deviation is below 2e109.  The other bounds keep a merge's time and memory
+linear in the size of the summaries, which the message size caps as well.
+As a second line of defence, :func:`admit` never raises for a candidate's
+statistics: if pooling fails (:class:`PoolingError`, e.g. for summaries built
+without ``from_dict``), it finds the summaries that cause it and refuses them
+with the reason.
+
 Rules of the merge:
 
 * A column is in the schema when more than half of the summaries have it.
@@ -21,10 +40,11 @@ Rules of the merge:
   values for it (a tie makes it categorical).  Columns are sorted by name.
 * Numeric statistics are pooled exactly: counts add, and the pooled mean and
   the pooled sum of squared deviations are computed in rational arithmetic
-  (:class:`fractions.Fraction`; every float is an exact rational) from the
-  summaries' means and sums of squared deviations, then rounded once to
-  float.  So the result equals the statistics of the concatenated data, up
-  to the rounding of each peer's own summary, whatever the order.
+  (every finite float is an integer times a power of two, so the sums are
+  kept as integers over a common power of two) from the summaries' means and
+  sums of squared deviations, then rounded once to float.  So the result
+  equals the statistics of the concatenated data, up to the rounding of each
+  peer's own summary, whatever the order.
 * Category vocabularies are united by adding the counts of equal values; the
   values are ordered by pooled count (descending) then by value, and the
   first ``max_categories`` are kept.  Everything else becomes "other".
@@ -38,7 +58,6 @@ import hashlib
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from fractions import Fraction
 from typing import Any, Final
 
 import attrs
@@ -56,6 +75,7 @@ __all__ = [
     "DataSummary",
     "FeatureColumn",
     "FeatureSchema",
+    "PoolingError",
     "SchemaMismatchError",
     "SummaryError",
     "SummaryLimits",
@@ -82,6 +102,12 @@ class SummaryLimits:
     (each becomes one input of the model; rarer values share the "other" input)."""
     max_text: int = 128
     """UTF-8 bytes of a column name or a category value."""
+    max_abs_mean: float = 1e100
+    """Magnitude of a numeric column's mean: real data are far smaller, and a pooled mean
+    (a weighted average) then cannot overflow, nor can its squared deviations."""
+    max_m2: float = 1e200
+    """A numeric column's sum of squared deviations: with ``max_abs_mean`` and counts of
+    at most 2**53, pooling 256 summaries gives at most 2.4e218, a finite float."""
 
 
 DEFAULT_SUMMARY_LIMITS: Final = SummaryLimits()
@@ -100,6 +126,25 @@ def _summary_errors() -> Iterator[None]:
         raise
     except MessageError as e:
         raise SummaryError(e.reason) from None
+
+
+class PoolingError(SummaryError):
+    """The numeric statistics of ``column`` cannot be pooled into finite floats.
+
+    :func:`merge_summaries` raises it when a mean or sum of squared deviations
+    is not finite, or is so large that pooling overflows.  Summaries decoded
+    by :meth:`DataSummary.from_dict` within the default :class:`SummaryLimits`
+    never cause it; :func:`admit` refuses the summaries that do.
+    """
+
+    def __init__(self, reason: str, *, column: str, peer: str | None = None) -> None:
+        super().__init__(reason, peer=peer)
+        self.column = column
+
+    def with_peer(self, peer: str) -> PoolingError:
+        err = PoolingError(self.reason, column=self.column, peer=peer)
+        err.__cause__ = self.__cause__
+        return err
 
 
 class SchemaMismatchError(RemoteProtocolError):
@@ -197,10 +242,10 @@ class ColumnSummary:
             cats: list[tuple[str, int]] = []
             other = 0
             if kind == NUMERIC:
-                mean = _finite(r, "mean")
-                m2 = _finite(r, "m2")
-                if m2 < 0:
-                    raise r.fail("m2", "must not be negative")
+                mean, m2 = _number(r, "mean"), _number(r, "m2")
+                problem = _statistics_problem(mean, m2, lim)
+                if problem is not None:
+                    raise r.fail(*problem)
             else:
                 cats = r.array("categories", _category_item(lim), max_items=lim.max_categories)
                 other = r.uint("other_count", max_value=_MAX_COUNT)
@@ -214,8 +259,35 @@ class ColumnSummary:
         return cls(name, kind, count, n_missing, mean, m2, tuple(cats), other)
 
 
+def _statistics_problem(mean: float, m2: float, lim: SummaryLimits) -> tuple[str, str] | None:
+    """``(field, problem)`` if a numeric column's mean or m2 is outside ``lim``, else None.
+
+    Within the default bounds, pooling up to 1e92 summaries cannot overflow
+    (see the module docstring).
+    """
+    if not math.isfinite(mean):
+        return "mean", "must be finite"
+    if not abs(mean) <= lim.max_abs_mean:
+        return "mean", f"must be at most {lim.max_abs_mean:g} in magnitude, got {mean:g}"
+    if not math.isfinite(m2):
+        return "m2", "must be finite"
+    if m2 < 0:
+        return "m2", "must not be negative"
+    if not m2 <= lim.max_m2:
+        return "m2", f"must be at most {lim.max_m2:g}, got {m2:g}"
+    return None
+
+
+def _number(r: FieldReader, key: str) -> float:
+    """A number field as a float (an integer too large for a float is refused)."""
+    try:
+        return r.number(key)
+    except OverflowError:
+        raise r.fail(key, "must be finite") from None
+
+
 def _finite(r: FieldReader, key: str) -> float:
-    value = r.number(key)
+    value = _number(r, key)
     if not math.isfinite(value):
         raise r.fail(key, "must be finite")
     return value
@@ -273,9 +345,10 @@ class DataSummary:
     def from_dict(cls, obj: object, *, limits: SummaryLimits | None = None) -> DataSummary:
         """Build from an untrusted decoded dict (e.g. CBOR from a peer).
 
-        Checks presence, types, bounds (``limits``) and consistency (counts add
-        up to ``n_rows``, no repeated column, the target is not a feature).
-        Raises :class:`SummaryError` naming the field.
+        Checks presence, types, bounds (``limits``: sizes, counts, and numeric
+        statistics small enough that merging cannot overflow) and consistency
+        (counts add up to ``n_rows``, no repeated column, the target is not a
+        feature).  Raises :class:`SummaryError` naming the field.
         """
         lim = limits or DEFAULT_SUMMARY_LIMITS
         with _summary_errors():
@@ -404,7 +477,10 @@ def merge_summaries(
     See the module docstring for the rules.  The result does not depend on
     the order of ``summaries``.  Summaries whose target is not ``target``
     still count (call :func:`fits` or use :func:`admit` to refuse them).
-    Raises :class:`~fedup.errors.LocalProtocolError` for an empty list.
+    Raises :class:`~fedup.errors.LocalProtocolError` for an empty list, and
+    :class:`PoolingError` naming the column if a column's statistics cannot
+    be pooled into finite floats (never for summaries within the default
+    :class:`SummaryLimits`; :func:`admit` refuses the summaries that cause it).
     """
     if not summaries:
         raise LocalProtocolError("merge_summaries needs at least one summary")
@@ -421,7 +497,13 @@ def merge_summaries(
         agreeing = [c for c in present if c.kind == kind and c.count > 0]
         missing = any(c.n_missing > 0 for c in present)
         if kind == NUMERIC:
-            mean, std = _pooled(agreeing)
+            try:
+                mean, std = _pooled(agreeing)
+            except (ArithmeticError, ValueError) as e:
+                raise PoolingError(
+                    f"the statistics of column {name!r} cannot be pooled into finite numbers ({e})",
+                    column=name,
+                ) from e
             columns.append(FeatureColumn(name, kind, mean=mean, std=std, missing=missing))
         else:
             vocab = _vocabulary(agreeing, max_categories)
@@ -444,17 +526,44 @@ def _majority_kind(present: Iterable[ColumnSummary]) -> str:
 
 
 def _pooled(columns: Sequence[ColumnSummary]) -> tuple[float, float]:
-    """Exact pooled mean and standard deviation (population) of numeric summaries."""
+    """Exact pooled mean and standard deviation (population) of numeric summaries.
+
+    Every finite float is ``m / 2**k`` for integers ``m`` and ``k >= 0``, so
+    the sums are kept exactly as integers over a common power of two (like
+    :class:`fractions.Fraction` arithmetic, without reducing a fraction at
+    every step) and each result is rounded once: ``int / int`` rounds
+    correctly.  Raises ``OverflowError`` or ``ValueError`` if a statistic is
+    not finite, a result does not fit a float, or the pooled variance is
+    negative.
+    """
     n = sum(c.count for c in columns)
     if n == 0:
         return 0.0, 1.0
-    mean = sum((c.count * Fraction(c.mean) for c in columns), Fraction(0)) / n
-    m2 = sum(
-        (Fraction(c.m2) + c.count * (Fraction(c.mean) - mean) ** 2 for c in columns),
-        Fraction(0),
-    )
-    std = math.sqrt(float(m2 / n))
-    return float(mean), (std if std > 0 and math.isfinite(std) else 1.0)
+    means = [_dyadic(c.mean) for c in columns]
+    m2s = [_dyadic(c.m2) for c in columns]
+    k = max(e for _, e in means)
+    # sum(count * mean) == s / 2**k and sum(count * mean**2) == q / 2**(2k)
+    scaled = [(c.count, m << (k - e)) for c, (m, e) in zip(columns, means, strict=True)]
+    s = sum(c * m for c, m in scaled)
+    q = sum(c * m * m for c, m in scaled)
+    # sum(m2) == w / 2**j
+    j = max(e for _, e in m2s)
+    w = sum(m << (j - e) for m, e in m2s)
+    # pooled m2 == sum(m2) + sum(count * mean**2) - n * pooled_mean**2 == num / (n * 2**h)
+    h = max(j, 2 * k)
+    num = n * ((w << (h - j)) + (q << (h - 2 * k))) - ((s * s) << (h - 2 * k))
+    mean = s / (n << k)
+    variance = num / ((n * n) << h)
+    std = math.sqrt(variance)  # ValueError if negative (a negative m2)
+    if not (math.isfinite(mean) and math.isfinite(std)):
+        raise OverflowError("pooled statistics are not finite")
+    return mean, (std if std > 0 else 1.0)
+
+
+def _dyadic(x: float) -> tuple[int, int]:
+    """``(m, k)`` with ``x == m / 2**k``; OverflowError/ValueError for inf/NaN."""
+    m, d = x.as_integer_ratio()
+    return m, d.bit_length() - 1
 
 
 def _vocabulary(columns: Sequence[ColumnSummary], cap: int) -> tuple[str, ...]:
@@ -514,7 +623,7 @@ class Admission:
     admitted: tuple[int, ...]
     """Indices (into the summaries given) of the peers that fit."""
     refused: dict[int, SchemaMismatchError]
-    """Index -> the reason that peer does not fit."""
+    """Index -> the reason that peer does not fit (or its statistics cannot be pooled)."""
 
 
 def admit(
@@ -529,15 +638,26 @@ def admit(
     only from admitted peers.  Deterministic given the summaries and their
     order (indices in the result refer to that order; the schema itself does
     not depend on it).  Raises :class:`SchemaMismatchError` if no peer fits.
+
+    ``summaries[0]`` is the caller's own (the leader's).  A summary whose
+    statistics cannot be pooled (:class:`PoolingError`) is refused like one
+    that does not fit, with the column and values in the reason, and never
+    makes ``admit`` raise: see :func:`_merge_refusing` for how the culprits
+    are found.  Only when pooling fails and ``summaries[0]`` cannot be pooled
+    on its own, or is itself outside the default :class:`SummaryLimits`, is a
+    :class:`PoolingError` raised: the caller's own data are the problem.
     """
     admitted = list(range(len(summaries)))
     refused: dict[int, SchemaMismatchError] = {}
     while True:
         if not admitted:
             raise SchemaMismatchError("no peer's data fit a common schema")
-        schema = merge_summaries(
-            [summaries[i] for i in admitted], target, max_categories=max_categories
-        )
+        schema, unpoolable = _merge_refusing(summaries, admitted, target, max_categories)
+        if unpoolable:
+            refused.update(unpoolable)
+            admitted = [i for i in admitted if i not in unpoolable]
+        if schema is None:
+            continue
         newly: dict[int, SchemaMismatchError] = {}
         for i in admitted:
             try:
@@ -548,6 +668,116 @@ def admit(
             return Admission(schema, tuple(admitted), refused)
         refused.update(newly)
         admitted = [i for i in admitted if i not in newly]
+
+
+def _merge_refusing(
+    summaries: Sequence[DataSummary], indices: Sequence[int], target: str, max_categories: int
+) -> tuple[FeatureSchema | None, dict[int, SchemaMismatchError]]:
+    """Merge ``summaries[indices]``; if pooling fails, find and refuse the culprits.
+
+    Returns the schema of the rest (None if none is left) and the refusals.
+    Summaries within the default :class:`SummaryLimits` never fail together,
+    so the search runs only for summaries built without
+    :meth:`DataSummary.from_dict` or decoded with looser limits:
+
+    1. A summary that cannot be pooled even on its own (a NaN, an infinity, a
+       negative sum of squared deviations) is refused.
+    2. The reference is the first summary within the bounds (index 0, the
+       caller's own, must be: if it is not, or if step 1 fails for it, a
+       :class:`PoolingError` is raised).  Each other summary is merged with
+       the reference alone and refused if that fails: so one summary with an
+       absurd statistic is caught whatever the order, without blaming others.
+    3. If the rest still fail together, they are added one by one, those
+       within the bounds first, then in index order, and each one whose
+       addition fails is refused.
+
+    Steps 1 and 2 skip the summaries within the bounds, which cannot fail
+    there; step 3 tests every addition.
+    """
+
+    def attempt(ids: Sequence[int]) -> FeatureSchema | PoolingError:
+        try:
+            return merge_summaries(
+                [summaries[i] for i in ids], target, max_categories=max_categories
+            )
+        except PoolingError as e:
+            return e
+
+    merged = attempt(indices)
+    if isinstance(merged, FeatureSchema):
+        return merged, {}
+    # Within the bounds a summary pools with any others (module docstring), so
+    # only the others are tested; the last step does not rely on that.
+    bounded = {i for i in indices if _out_of_bounds(summaries[i]) is None}
+    refused: dict[int, SchemaMismatchError] = {}
+    rest: list[int] = []
+    for i in indices:
+        alone = attempt([i]) if i not in bounded else None
+        if alone is None or isinstance(alone, FeatureSchema):
+            rest.append(i)
+        elif i == 0:
+            raise alone
+        else:
+            refused[i] = _unpoolable(summaries[i], alone, "even on its own")
+    if not rest:
+        return None, refused
+    merged = attempt(rest)
+    if isinstance(merged, FeatureSchema):
+        return merged, refused
+    if rest[0] == 0 and 0 not in bounded:
+        raise PoolingError(
+            f"{merged.reason}; my own summary is out of bounds: {_out_of_bounds(summaries[0])}",
+            column=merged.column,
+        ) from merged
+    reference = min(bounded.intersection(rest), default=rest[0])
+    kept = [reference]
+    for i in rest:
+        if i == reference:
+            continue
+        pair = attempt([reference, i]) if i not in bounded or reference not in bounded else None
+        if pair is None or isinstance(pair, FeatureSchema):
+            kept.append(i)
+        else:
+            with_whom = "the leader's" if reference == 0 else f"summary {reference}'s"
+            refused[i] = _unpoolable(summaries[i], pair, f"together with {with_whom}")
+    merged = attempt(kept)
+    if isinstance(merged, FeatureSchema):
+        return merged, refused
+    merged, together = attempt([reference]), [reference]
+    for i in sorted(kept[1:], key=lambda i: (i not in bounded, i)):
+        grown = attempt([*together, i])
+        if isinstance(grown, FeatureSchema):
+            merged, together = grown, [*together, i]
+        else:
+            refused[i] = _unpoolable(summaries[i], grown, "together with the others")
+    assert isinstance(merged, FeatureSchema)  # the reference pools on its own
+    return merged, refused
+
+
+def _out_of_bounds(summary: DataSummary) -> str | None:
+    """Why a summary's statistics are outside the default bounds, or None."""
+    for c in summary.columns:
+        if c.kind == NUMERIC:
+            problem = _statistics_problem(c.mean, c.m2, DEFAULT_SUMMARY_LIMITS)
+            if problem is not None:
+                return f"column {c.name!r}: field {problem[0]!r} {problem[1]}"
+    return None
+
+
+def _unpoolable(summary: DataSummary, error: PoolingError, how: str) -> SchemaMismatchError:
+    column = summary.column(error.column)
+    values = ""
+    if column is not None and column.kind == NUMERIC:
+        values = f" (mean {column.mean:g}, sum of squared deviations {column.m2:g})"
+    lim = DEFAULT_SUMMARY_LIMITS
+    reason = (
+        f"the statistics of column {error.column!r}{values} cannot be pooled {how} into"
+        f" finite numbers; a mean must be at most {lim.max_abs_mean:g} in magnitude and a"
+        f" sum of squared deviations between 0 and {lim.max_m2:g}"
+    )
+    err = SchemaMismatchError(reason)
+    err.__cause__ = error
+    return err
 
 
 def schema_from_dict(obj: object, *, limits: SummaryLimits | None = None) -> FeatureSchema:
@@ -563,9 +793,10 @@ def schema_from_dict(obj: object, *, limits: SummaryLimits | None = None) -> Fea
         if r.uint("v") != SCHEMA_VERSION:
             raise r.fail("v", f"must be {SCHEMA_VERSION}")
         target = r.text("target", max_bytes=lim.max_text)
-        n_rows = r.uint("n_rows", max_value=_MAX_COUNT)
-        n_positive = r.uint("n_positive", max_value=_MAX_COUNT)
         n_summaries = r.uint("n_summaries", min_value=1, max_value=1 << 20)
+        # pooled from up to n_summaries summaries of at most 2**53 rows each
+        n_rows = r.uint("n_rows", max_value=n_summaries * _MAX_COUNT)
+        n_positive = r.uint("n_positive", max_value=n_summaries * _MAX_COUNT)
         columns = r.array("columns", _feature_column(lim), max_items=lim.max_columns)
         r.done()
     names = [c.name for c in columns]

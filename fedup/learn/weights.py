@@ -137,7 +137,9 @@ def state_specs(state: StateLike) -> dict[str, TensorSpec]:
     return {n: TensorSpec(_wire(n, t), tuple(t.shape)) for n, t in _tensors(state).items()}
 
 
-def state_to_bytes(state: StateLike, *, limits: Limits = DEFAULT_LIMITS) -> memoryview:
+def state_to_bytes(
+    state: StateLike, *, limits: Limits = DEFAULT_LIMITS, prefix: bytes = b""
+) -> memoryview:
     """Encode a module's ``state_dict()`` (or a mapping of tensors) as a blob.
 
     Tensors are detached and moved to the CPU (a no-op for CPU tensors); each
@@ -148,7 +150,8 @@ def state_to_bytes(state: StateLike, *, limits: Limits = DEFAULT_LIMITS) -> memo
     Raises :class:`~fedup.errors.LocalProtocolError` for a dtype outside the
     allow-list (see :data:`TORCH_TO_WIRE`), a sparse tensor, a bad or
     duplicate name, or a state beyond ``limits``.  NaN/Inf are not checked
-    here; the receiver rejects them.
+    here; the receiver rejects them.  ``prefix`` goes in front, in the same buffer
+    (see :func:`~fedup.protocol.tensors.encode_state`).
     """
     arrays: list[tuple[str, npt.NDArray[Any]]] = []
     dtypes: dict[str, str] = {}
@@ -157,7 +160,7 @@ def state_to_bytes(state: StateLike, *, limits: Limits = DEFAULT_LIMITS) -> memo
         arrays.append((name, _as_numpy(_cpu(t), wire)))
         if wire == "bf16":
             dtypes[name] = wire
-    return encode_state(arrays, dtypes=dtypes, limits=limits)
+    return encode_state(arrays, dtypes=dtypes, limits=limits, prefix=prefix)
 
 
 def bytes_to_state(

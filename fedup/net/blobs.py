@@ -1,13 +1,18 @@
 """Sending and receiving model blobs over a :class:`~fedup.net.framed.FramedStream`.
 
-The rules live in :mod:`fedup.protocol.blob` (and ``docs/protocol-blob.md``);
-this module moves the frames and keeps time:
+The rules live in :mod:`fedup.protocol.blob` (and ``docs/protocol-blob.md``):
+its two pure machines decide, this module moves the frames, keeps time, owns
+the receive buffer and runs the hashing (:mod:`fedup.net.blob_buffers`):
 
-* :func:`send_blob` signs the header, waits for ACCEPT, sends the chunks as
-  slices of the caller's buffer while a worker thread hashes them, signs the
-  END with the digest, and returns once the receiver acknowledged custody.
-* :func:`receive_blob` checks the header, answers ACCEPT or NACK, reassembles
-  the chunks while a worker thread hashes them, checks the END and the digest,
+* :func:`send_blob` drives a :class:`~fedup.protocol.blob.BlobSender`: sends
+  its signed header, feeds it the ACCEPT, sends the chunks it hands out
+  (slices of the caller's buffer) while a worker thread hashes them, sends the
+  END it signs over that digest, and returns once the receiver acknowledged
+  custody.
+* :func:`receive_blob` checks the header, answers ACCEPT or a NACK with the
+  error's :class:`~fedup.protocol.refusal.RefusalCode`, feeds the chunks to a
+  :class:`~fedup.protocol.blob.BlobReceiver` whose sink reassembles them while
+  a worker thread hashes them, has it check the END against that digest,
   records the blob in the replay guard, and answers ACK.
 
 Blobs under :data:`THREAD_HASH_MIN` are hashed inline.  Both functions run
@@ -22,7 +27,7 @@ refused (both sides are then between blobs); in every other case close it.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
@@ -34,30 +39,28 @@ from fedup.errors import (
     PeerTimeoutError,
     RemoteProtocolError,
 )
+from fedup.net.blob_buffers import BlobHasher, ReceiveSink
 from fedup.net.framed import FramedStream
 from fedup.net.groups import collapse_single_exception
 from fedup.protocol.blob import (
     BlobError,
-    BlobHasher,
     BlobHeader,
     BlobKind,
     BlobReceiver,
     BlobRefusedError,
     BlobReplayGuard,
     BlobReply,
-    BlobReplyError,
+    BlobSender,
     Buffer,
-    MetaValue,
     blob_header_id,
-    iter_chunks,
-    seal_blob_end,
-    seal_blob_header,
+    refusal_code,
     verify_blob_header,
 )
 from fedup.protocol.envelope import Signer
 from fedup.protocol.peer_id import PeerId
+from fedup.protocol.refusal import RefusalCode
 
-__all__ = ["THREAD_HASH_MIN", "ReceivedBlob", "receive_blob", "send_blob"]
+__all__ = ["THREAD_HASH_MIN", "ReceivedBlob", "SentBlob", "receive_blob", "send_blob"]
 
 THREAD_HASH_MIN = 2 * 1024 * 1024
 """Blobs of at least this size are hashed in a worker thread, concurrently with the I/O."""
@@ -65,6 +68,22 @@ HASH_QUEUE = 4
 """Chunks that may wait for the hashing thread before the I/O waits for it."""
 
 CheckBlob = Callable[[BlobHeader, memoryview], None]
+DecideBlob = Callable[[BlobHeader, memoryview, bytes], "bytes | None"]
+"""``decide(header, data, digest)``: take the blob (return the custody receipt for the
+ACK, or None) or refuse it (raise a RemoteProtocolError with ``code``, maybe ``proof``)."""
+AdmitHeader = Callable[[BlobHeader], None]
+"""``admit(header)``: raise a coded RemoteProtocolError to refuse a blob before its bytes."""
+Replies = Callable[[], Awaitable[bytes]]
+"""Where a sender reads the receiver's replies (default: the next frame of its stream)."""
+
+
+@attrs.frozen
+class SentBlob:
+    """A blob the receiver took."""
+
+    digest: bytes
+    receipt: bytes | None
+    """The custody receipt its ACK carried (unchecked: the caller knows what to expect)."""
 
 
 @attrs.frozen
@@ -72,7 +91,7 @@ class ReceivedBlob:
     """A blob whose header, end and digest were verified."""
 
     header: BlobHeader
-    """The verified header (who sent it, for which run, lap and hop, with what metrics)."""
+    """The verified header (who sent it, for which run, lap, hop and epoch)."""
     data: memoryview
     """The blob's bytes, writable (the tensor codec can view them without copying)."""
     digest: bytes
@@ -92,11 +111,15 @@ async def send_blob(
     epoch: int,
     recipient: PeerId,
     data: Buffer,
-    meta: Mapping[str, MetaValue] | None = None,
     limits: Limits | None = None,
     hash_in_thread: bool | None = None,
-) -> bytes:
-    """Send ``data`` as one blob to ``recipient``; return its digest once it took custody.
+    replies: Replies | None = None,
+) -> SentBlob:
+    """Send ``data`` as one blob to ``recipient``; return its digest (and the receipt the
+    ACK carried) once it took custody.
+
+    ``replies`` reads the receiver's next reply where a reader task owns the
+    stream's receiving side (a neighbour link); by default the stream's next frame.
 
     ``data`` is sent as slices (no copy of the whole blob) and hashed while
     it is sent: do not modify it until this returns.  ``limits`` defaults to
@@ -108,7 +131,8 @@ async def send_blob(
     Raises:
         LocalProtocolError: ``data`` exceeds ``max_blob_size``, a chunk does
             not fit the stream's frame size, or a header field is invalid.
-        BlobRefusedError: the receiver answered NACK; ``reason`` says why.
+        BlobRefusedError: the receiver answered NACK; ``code`` is its
+            :class:`~fedup.protocol.refusal.RefusalCode`, ``reason`` quotes it.
         BlobReplyError: the receiver answered something that is not a reply
             to this blob.
         PeerTimeoutError: the whole exchange took longer than ``blob_timeout``
@@ -119,10 +143,6 @@ async def send_blob(
     view = memoryview(data)
     if view.ndim != 1 or view.itemsize != 1:
         view = view.cast("B")
-    if view.nbytes > limits.max_blob_size:
-        raise LocalProtocolError(
-            f"blob of {view.nbytes} bytes exceeds max_blob_size={limits.max_blob_size}"
-        )
     if limits.blob_chunk_size + 1 > stream.max_frame_size:
         raise LocalProtocolError(
             f"blob_chunk_size={limits.blob_chunk_size} does not fit a frame of "
@@ -138,68 +158,59 @@ async def send_blob(
         recipient=recipient,
         size=view.nbytes,
         chunk_size=limits.blob_chunk_size,
-        meta=dict(meta or {}),
     )
-    header_frame = seal_blob_header(identity, header, limits=limits)
+    sender = BlobSender(identity, header, view, limits=limits)
     hasher = BlobHasher()
 
     async def send_chunks(hashed: Callable[[], Awaitable[None]]) -> None:
-        for kind_byte, piece in iter_chunks(view, header.chunk_size):
+        while sender.state == "CHUNKS":
+            kind_byte, piece = sender.next_chunk()
             hasher.queue(piece)
             await hashed()
             await stream.send_frame(b"".join((kind_byte, piece)))
 
+    next_reply: Replies = replies if replies is not None else stream.receive_frame
     try:
         with trio.fail_after(limits.blob_timeout):
-            await stream.send_frame(header_frame)
-            await _expect_reply(stream, header, BlobReply.accept(blob_header_id(header_frame)))
+            await stream.send_frame(sender.header_frame)
+            await _take_reply(stream, sender, next_reply)
             try:
                 await _with_hashing(hasher, _threaded(hash_in_thread, header), send_chunks)
             except ConnectionLostError as lost:
-                await _raise_nack_if_any(stream, header, lost)
+                await _raise_nack_if_any(stream, sender, lost, next_reply)
                 raise
             digest = hasher.digest()
-            await stream.send_frame(seal_blob_end(identity, header_frame, digest))
-            await _expect_reply(stream, header, BlobReply.ack(digest))
+            await stream.send_frame(sender.end_frame(digest))
+            await _take_reply(stream, sender, next_reply)
     except trio.TooSlowError:
         raise PeerTimeoutError(
             f"did not take the {header.label} within {limits.blob_timeout:g} s",
             peer=stream.peer,
         ) from None
-    return digest
+    return SentBlob(digest, sender.receipt)
 
 
-async def _expect_reply(stream: FramedStream, header: BlobHeader, want: BlobReply) -> None:
-    """Wait for the reply ``want``; raise on NACK or anything else."""
-    frame = await stream.receive_frame()
+async def _take_reply(stream: FramedStream, sender: BlobSender, replies: Replies) -> None:
+    """Feed the next reply to ``sender``; its errors name the peer."""
+    frame = await replies()
     try:
-        reply = BlobReply.from_cbor(frame)
+        sender.receive_reply(frame)
     except BlobError as exc:
         raise exc.with_peer(stream.peer) from None
-    if reply.kind == "nack":
-        raise BlobRefusedError(f"refused the {header.label}: {reply.reason}", peer=stream.peer)
-    if reply != want:
-        raise BlobReplyError(
-            f"answered {reply.kind.upper()} where {want.kind.upper()} of the {header.label} "
-            "was due",
-            peer=stream.peer,
-        )
 
 
 async def _raise_nack_if_any(
-    stream: FramedStream, header: BlobHeader, lost: ConnectionLostError
+    stream: FramedStream, sender: BlobSender, lost: ConnectionLostError, replies: Replies
 ) -> None:
     """After a failed send, read a NACK the receiver may have left; raise it if found."""
     with trio.move_on_after(stream.limits.blob_nack_timeout):
         try:
-            frame = await stream.receive_frame_or_eof()
-            reply = BlobReply.from_cbor(frame) if frame is not None else None
+            frame = await replies()
+            sender.receive_reply(frame)
+        except BlobRefusedError as exc:
+            raise exc.with_peer(stream.peer) from lost
         except RemoteProtocolError:
             return
-        if reply is not None and reply.kind == "nack":
-            raise BlobRefusedError(
-                f"refused the {header.label}: {reply.reason}", peer=stream.peer
-            ) from lost
 
 
 async def receive_blob(
@@ -208,13 +219,15 @@ async def receive_blob(
     me: PeerId,
     remote: PeerId,
     run_id: bytes,
-    guard: BlobReplayGuard,
+    guard: BlobReplayGuard | None = None,
     limits: Limits | None = None,
     max_size: int | None = None,
     min_epoch: int = 0,
     header_frame: bytes | None = None,
     check: CheckBlob | None = None,
     hash_in_thread: bool | None = None,
+    admit: AdmitHeader | None = None,
+    decide: DecideBlob | None = None,
 ) -> ReceivedBlob:
     """Receive one blob from ``remote`` (the channel's authenticated peer).
 
@@ -223,11 +236,16 @@ async def receive_blob(
     ``check(header, data)`` runs after the digest was verified and before
     custody is acknowledged (e.g. decode the tensors against the expected
     model); a :class:`~fedup.errors.RemoteProtocolError` it raises is sent to
-    the sender as the NACK's reason.  ``limits`` defaults to the stream's;
-    ``hash_in_thread`` as for :func:`send_blob`.
+    the sender as the NACK's reason, with the error's ``code`` attribute as the
+    NACK's code if it has one (a :class:`~fedup.protocol.refusal.RefusalCode`),
+    else ``MALFORMED``.  ``limits`` defaults to the stream's; ``hash_in_thread``
+    as for :func:`send_blob`.  Ring custody (the custody machine) refuses a
+    header early with ``admit(header)`` and decides about the whole blob with
+    ``decide(header, data, digest)``, which returns the custody receipt the ACK
+    carries; an error it raises may carry a ``proof`` (sent with the NACK).
 
-    Raises (all naming the peer; the peer got a NACK with the reason where
-    the connection still allowed it):
+    Raises (all naming the peer; the peer got a NACK with the error's code and
+    reason where the connection still allowed it; ``TIMEOUT`` for a deadline):
 
     * a :class:`~fedup.protocol.blob.BlobError` subclass for each header
       check of :func:`~fedup.protocol.blob.verify_blob_header` (the stream
@@ -255,10 +273,15 @@ async def receive_blob(
             min_epoch=min_epoch,
             guard=guard,
         )
-    except BlobError as exc:
-        await _refuse(stream, exc.reason)
-        raise exc.with_peer(stream.peer) from exc.__cause__
-    receiver = BlobReceiver(header, header_frame)
+        if admit is not None:
+            admit(header)
+    except RemoteProtocolError as exc:
+        await _refuse(stream, refusal_code(exc), exc.reason, getattr(exc, "proof", ()))
+        if exc.peer is None:
+            raise exc.with_peer(stream.peer) from exc.__cause__
+        raise
+    sink = ReceiveSink(header.size)
+    receiver = BlobReceiver(header, header_frame, sink)
 
     async def receive_chunks(hashed: Callable[[], Awaitable[None]]) -> None:
         while not receiver.done:
@@ -266,38 +289,48 @@ async def receive_blob(
             if frame is None:
                 receiver.eof()
             else:
-                receiver.accept_chunk(frame)
+                receiver.feed_chunk(frame)
                 await hashed()
 
     try:
         with trio.fail_after(limits.blob_timeout):
             await stream.send_frame(BlobReply.accept(blob_header_id(header_frame)).to_cbor())
-            await _with_hashing(receiver.hasher, _threaded(hash_in_thread, header), receive_chunks)
+            await _with_hashing(sink.hasher, _threaded(hash_in_thread, header), receive_chunks)
             end_frame = await stream.receive_frame_or_eof()
             if end_frame is None:
                 receiver.eof()
-            data = receiver.finish(end_frame or b"", limits=limits)
+            receiver.finish(end_frame or b"", sink.hasher.digest(), limits=limits)
+            data = sink.buffer.take()
             if check is not None:
                 check(header, data)
-            guard.commit(header)
+            assert receiver.digest is not None
+            receipt = decide(header, data, receiver.digest) if decide is not None else None
+            if guard is not None:
+                guard.commit(header)
     except trio.TooSlowError:
+        sink.clear()
         reason = (
             f"did not deliver the {header.label} within {limits.blob_timeout:g} s "
             f"(got {receiver.received} bytes)"
         )
-        await _refuse(stream, f"blob deadline passed: {reason}")
+        await _refuse(stream, RefusalCode.TIMEOUT, f"blob deadline passed: {reason}")
         raise PeerTimeoutError(reason, peer=stream.peer) from None
     except RemoteProtocolError as exc:
+        sink.clear()
         if not isinstance(exc, ConnectionLostError):
-            await _refuse(stream, exc.reason)
+            code = RefusalCode.TIMEOUT if isinstance(exc, PeerTimeoutError) else refusal_code(exc)
+            await _refuse(stream, code, exc.reason, getattr(exc, "proof", ()))
         if exc.peer is None:
             raise exc.with_peer(stream.peer) from exc.__cause__
+        raise
+    except BaseException:
+        sink.clear()
         raise
     assert receiver.digest is not None
     acknowledged = True
     try:
         with trio.fail_after(limits.frame_timeout):
-            await stream.send_frame(BlobReply.ack(receiver.digest).to_cbor())
+            await stream.send_frame(BlobReply.ack(receiver.digest, receipt).to_cbor())
     except (RemoteProtocolError, trio.TooSlowError):
         acknowledged = False
     return ReceivedBlob(header, data, receiver.digest, acknowledged)
@@ -346,10 +379,12 @@ async def _hash_worker(hasher: BlobHasher, tokens: trio.MemoryReceiveChannel[Non
             await trio.to_thread.run_sync(hasher.hash_pending)
 
 
-async def _refuse(stream: FramedStream, reason: str) -> None:
+async def _refuse(
+    stream: FramedStream, code: RefusalCode, reason: str, proof: tuple[bytes, ...] = ()
+) -> None:
     """Best effort: tell the sender why its blob is refused (never raises)."""
     with trio.move_on_after(stream.limits.blob_nack_timeout):
         try:
-            await stream.send_frame(BlobReply.nack(reason).to_cbor())
+            await stream.send_frame(BlobReply.nack(code, reason, proof).to_cbor())
         except RemoteProtocolError:
             pass

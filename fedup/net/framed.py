@@ -46,13 +46,19 @@ class FramedStream:
         self._decoder = FrameDecoder(max_size=self.max_frame_size)
         self._frame_started: float | None = None
         self._eof = False
+        self._sending = trio.Lock()
 
     async def send_frame(self, payload: bytes | bytearray | memoryview) -> None:
-        """Send one frame; raises PeerTimeoutError if the peer does not take it in time."""
+        """Send one frame; raises PeerTimeoutError if the peer does not take it in time.
+
+        Tasks may send on one stream concurrently (a link's blob replies and its
+        ``passed`` notices): frames go out whole, one after the other.
+        """
         data = encode_frame(payload, max_size=self.max_frame_size)
         try:
             with trio.fail_after(self.limits.frame_timeout):
-                await self.stream.send_all(data)
+                async with self._sending:
+                    await self.stream.send_all(data)
         except trio.TooSlowError:
             raise PeerTimeoutError(
                 f"did not take a {len(data)}-byte frame within {self.limits.frame_timeout:g} s",

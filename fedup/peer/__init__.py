@@ -1,18 +1,21 @@
-"""A running FedUp peer: listener, discovery, formation and ring training, composed."""
+"""A running FedUp peer: listener, discovery, formation and custody, composed."""
 
 from fedup.peer.config import PeerConfig
-from fedup.peer.formation import FormationError
-from fedup.peer.node import MemoryWorld, Peer
+from fedup.peer.custody_driver import RunError
+from fedup.peer.events import EventHub, PeerEvent
+from fedup.peer.formation_driver import FormationError
+from fedup.peer.node import Environment, Peer
 from fedup.peer.outputs import RunSummary
 from fedup.peer.source import FixedTaskSource, TabularSource, TaskSource
-from fedup.peer.training import RunError
 
 __all__ = [
+    "Environment",
+    "EventHub",
     "FixedTaskSource",
     "FormationError",
-    "MemoryWorld",
     "Peer",
     "PeerConfig",
+    "PeerEvent",
     "RunError",
     "RunSummary",
     "TabularSource",

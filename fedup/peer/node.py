@@ -1,4 +1,4 @@
-"""A running peer: listener, discovery, formation and ring training, composed.
+"""A running peer: listener, discovery, formation and custody, composed.
 
 Use it from any trio program::
 
@@ -9,6 +9,12 @@ Use it from any trio program::
 own training step and evaluation; every member must bring the same
 architecture) or a :class:`~fedup.peer.source.TaskSource` (e.g.
 :class:`~fedup.peer.source.TabularSource` for CSV data with schema agreement).
+
+The parts are narrow and do not know each other: the formation driver and the
+custody driver each get what they need (an identity, a way to dial a member,
+the task builder, the limits), and this class routes connections to them by
+their first frame and moves the peer through its lifecycle
+(:mod:`fedup.protocol.lifecycle`), publishing events (:mod:`fedup.peer.events`).
 """
 
 from __future__ import annotations
@@ -16,18 +22,20 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Protocol
 
 import attrs
 import trio
 
 from fedup.errors import RemoteProtocolError
 from fedup.identity import Identity
-from fedup.learn.schema import FeatureSchema
 from fedup.learn.task import Task
 from fedup.net.channel import SecureChannel
 from fedup.net.discovery import (
     BootstrapDiscovery,
     Discovery,
+    DiscoveryEvent,
+    EventKind,
     MdnsDiscovery,
     MemoryDiscovery,
     MemoryDiscoveryHub,
@@ -36,33 +44,45 @@ from fedup.net.discovery import (
     choose_interfaces,
 )
 from fedup.net.framed import FramedStream
+from fedup.net.groups import collapse_single_exception
 from fedup.net.transport import Credentials, MemoryNetwork, TcpTransport, Transport
+from fedup.peer import events as ev
 from fedup.peer.config import PeerConfig
-from fedup.peer.formation import Formation
+from fedup.peer.custody_driver import CustodyDriver, RunError
+from fedup.peer.formation_driver import FormationDriver, FormationError
 from fedup.peer.outputs import RunSummary
-from fedup.peer.source import FixedTaskSource, TaskSource, model_digest
-from fedup.peer.training import RingRun
-from fedup.protocol.messages import BlobRequest, Call, GetPeers, Passed, decode_message
+from fedup.peer.source import FixedTaskSource, TaskSource
+from fedup.peer.tamper import Tamper
+from fedup.peer.tasks import TaskBuilder
+from fedup.protocol.lifecycle import Life, Lifecycle
+from fedup.protocol.messages import Call, GetPeers, Link, decode_message
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.records import Address, PeerRecord, SignedPeerRecord, network_key_id, next_seq
-from fedup.protocol.view import RunSettings
+from fedup.protocol.view import SignedView
 
 log = logging.getLogger("fedup.peer")
 
+__all__ = ["Environment", "Peer"]
 
-@attrs.define
-class MemoryWorld:
-    """The in-process network and discovery hub shared by simulated peers."""
 
-    network: MemoryNetwork = attrs.field(factory=MemoryNetwork)
-    hub: MemoryDiscoveryHub = attrs.field(factory=MemoryDiscoveryHub)
-    _hosts: int = 0
+class Environment(Protocol):
+    """An in-process network and discovery hub (the simulator's :class:`~fedup.sim.MemoryWorld`)."""
 
-    def new_host(self) -> str:
-        """A fresh address (from 10.0.0.0/8) for one simulated host."""
-        self._hosts += 1
-        n = self._hosts
-        return f"10.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"
+    @property
+    def network(self) -> MemoryNetwork: ...
+
+    @property
+    def hub(self) -> MemoryDiscoveryHub: ...
+
+    def new_host(self) -> str: ...
+
+    def tamper_for(self, peer: PeerId) -> Tamper | None:
+        """A hostile member's tamper (fedup.sim.hostile), or None for an honest one."""
+        ...
+
+    def train_delay(self, peer: PeerId) -> float:
+        """Seconds a simulated slow member's hops take on top of training (0: none)."""
+        ...
 
 
 class Peer:
@@ -83,13 +103,30 @@ class Peer:
         self.discoveries: list[Discovery] = []
         self.record: SignedPeerRecord
         self.addresses: tuple[Address, ...] = ()
-        self._task: tuple[tuple[str | None, RunSettings], Task] | None = None
-        self.formation = Formation(self)
+        self.builder = TaskBuilder(source, in_thread=config.train_in_thread)
+        self.events = ev.EventHub(identity.peer_id)
+        self.life = Lifecycle()
         self._inbound: dict[PeerId, SignedPeerRecord] = {}
         """Records of peers that connected to us (verified in the handshake)."""
-        self.ring: RingRun | None = None
-        self._ring_ready = trio.Event()
-        """Set once this peer's ring run exists (blobs arriving earlier wait for it)."""
+        self.formation = FormationDriver(
+            identity=identity,
+            record=lambda: self.record,
+            dial=self.dial,
+            builder=self.builder,
+            settings=config.run,
+            min_peers=config.min_peers,
+            settle=config.settle,
+            limits=config.limits,
+            events=self.events,
+            run_id=config.run_id,
+        )
+        self.custody: CustodyDriver | None = None
+        self.tamper: Tamper | None = None
+        """Set only by a simulation that makes this member hostile (fedup.sim.hostile)."""
+        self.train_delay = 0.0
+        """Set only by a simulation that makes this member slow."""
+        self._custody_lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
 
     @classmethod
     @asynccontextmanager
@@ -98,7 +135,7 @@ class Peer:
         config: PeerConfig,
         task: Task | TaskSource,
         *,
-        world: MemoryWorld | None = None,
+        world: Environment | None = None,
     ) -> AsyncIterator[Peer]:
         """Start listening and discovering; stop everything when the block is left.
 
@@ -116,35 +153,63 @@ class Peer:
             else TcpTransport(credentials, limits=config.limits)
         )
         self = cls(config, source, identity, transport)
+        if world is not None:
+            self.tamper = world.tamper_for(self.peer_id)
+            self.formation.tamper = self.tamper
+            self.train_delay = world.train_delay(self.peer_id)
         scope = NetworkScope(
             config.network,
             network_key_id(config.network_key) if config.network_key is not None else None,
         )
-        async with AsyncExitStack() as stack:
-            listen = config.listen
-            if world is not None:
-                listen = Address(world.new_host(), 0)
-            elif config.loopback and listen.host == "0.0.0.0":
-                listen = Address("127.0.0.1", listen.port)
-            listener = await stack.enter_async_context(transport.listen(listen, self._handle))
-            self.addresses = self._advertised(listener.addresses, world)
-            self.record = PeerRecord(
-                self.peer_id,
-                next_seq(),
-                self.addresses,
-                config.network,
-                scope.key_id,
-            ).seal(identity)
-            transport.credentials = attrs.evolve(credentials, local_record=self.record)
-            if world is not None:
-                disc: Discovery = await stack.enter_async_context(
+        with collapse_single_exception():  # the caller's error, not wrapped in a group
+            async with AsyncExitStack() as stack:
+                yield await self._start(stack, world, scope)
+
+    async def _start(
+        self, stack: AsyncExitStack, world: Environment | None, scope: NetworkScope
+    ) -> Peer:
+        config, transport, identity = self.config, self.transport, self.identity
+        credentials = transport.credentials
+        listen = config.listen
+        if world is not None:
+            listen = Address(world.new_host(), 0)
+        elif config.loopback and listen.host == "0.0.0.0":
+            listen = Address("127.0.0.1", listen.port)
+        listener = await stack.enter_async_context(transport.listen(listen, self._handle))
+        self.addresses = self._advertised(listener.addresses, world)
+        self.record = PeerRecord(
+            self.peer_id, next_seq(), self.addresses, config.network, scope.key_id
+        ).seal(identity)
+        transport.credentials = attrs.evolve(credentials, local_record=self.record)
+        await self._open_discovery(stack, scope, world)
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        self._nursery = nursery
+        for d in self.discoveries:
+            nursery.start_soon(self._follow_discovery, d)
+        await nursery.start(self.formation.serve)
+        for d in self.discoveries:
+            await d.announce(self.record)
+        self._step("listening")
+        log.info("peer %s listening on %s", self.peer_id, ", ".join(str(a) for a in self.addresses))
+        stack.callback(self.events.close)
+        stack.callback(nursery.cancel_scope.cancel)
+        return self
+
+    async def _open_discovery(
+        self, stack: AsyncExitStack, scope: NetworkScope, world: Environment | None
+    ) -> None:
+        config = self.config
+        if world is not None:
+            self.discoveries.append(
+                await stack.enter_async_context(
                     MemoryDiscovery.open(
                         world.hub, scope=scope, local_peer=self.peer_id, limits=config.limits
                     )
                 )
-                self.discoveries.append(disc)
-            elif config.mdns:
-                disc = await stack.enter_async_context(
+            )
+        elif config.mdns:
+            self.discoveries.append(
+                await stack.enter_async_context(
                     MdnsDiscovery.open(
                         scope=scope,
                         interfaces=config.interfaces,
@@ -153,27 +218,22 @@ class Peer:
                         limits=config.limits,
                     )
                 )
-                self.discoveries.append(disc)
-            if config.bootstrap:
-                boot = await stack.enter_async_context(
+            )
+        if config.bootstrap:
+            self.discoveries.append(
+                await stack.enter_async_context(
                     BootstrapDiscovery.open(
-                        transport,
+                        self.transport,
                         config.bootstrap,
                         scope=scope,
                         local_peer=self.peer_id,
                         limits=config.limits,
                     )
                 )
-                self.discoveries.append(boot)
-            for d in self.discoveries:
-                await d.announce(self.record)
-            log.info(
-                "peer %s listening on %s", self.peer_id, ", ".join(str(a) for a in self.addresses)
             )
-            yield self
 
     def _advertised(
-        self, bound: Sequence[Address], world: MemoryWorld | None
+        self, bound: Sequence[Address], world: Environment | None
     ) -> tuple[Address, ...]:
         """The addresses to put in our record: the bound ones, or the LAN IPs for a wildcard."""
         out: list[Address] = []
@@ -192,6 +252,22 @@ class Peer:
         limit = self.config.limits.max_addresses
         return tuple(dict.fromkeys(out))[:limit]
 
+    async def _follow_discovery(self, discovery: Discovery) -> None:
+        """Hand discovery's news to formation as it comes (no polling)."""
+        events = discovery.subscribe()
+        for signed in discovery.peers().values():
+            self.formation.candidate(signed)
+        async with events:
+            async for event in events:
+                self._discovered(event)
+
+    def _discovered(self, event: DiscoveryEvent) -> None:
+        if event.kind is EventKind.LOST:
+            if event.peer_id not in self.known_peers():
+                self.formation.lost(event.peer_id)
+        else:
+            self.formation.candidate(event.record)
+
     # --- what the parts need ------------------------------------------------------------
 
     def known_peers(self) -> dict[PeerId, SignedPeerRecord]:
@@ -207,11 +283,7 @@ class Peer:
     async def dial(self, peer: PeerId, record: SignedPeerRecord | None = None) -> SecureChannel:
         """Connect to ``peer`` (trying each address of its record) and authenticate it."""
         if record is None:
-            record = self.known_peers().get(peer)
-        if record is None and self.formation.joined is not None:
-            record = next(
-                (m for m in self.formation.joined.view.members if m.peer_id == peer), None
-            )
+            record = self._record_of(peer)
         if record is None:
             raise RemoteProtocolError("no known address", peer=peer.text)
         last: RemoteProtocolError | None = None
@@ -223,28 +295,17 @@ class Peer:
         assert last is not None
         raise last
 
-    def task_for(self, schema: FeatureSchema | None, settings: RunSettings) -> Task:
-        """The task under ``schema`` and ``settings``, built once (encoding the rows is
-        the costly part: formation checks the model digest, then training uses it)."""
-        key = (
-            schema.digest() if schema is not None else None,
-            attrs.evolve(settings, model_digest=b"\0" * 32, schema_digest=b"\0" * 32),
-        )
-        if self._task is None or self._task[0] != key:
-            self._task = (key, self.source.build(schema, settings))
-        return self._task[1]
-
-    def run_settings(
-        self, schema: FeatureSchema | None, *, base: RunSettings | None = None
-    ) -> RunSettings:
-        """The run's settings with the model and schema digests filled in."""
-        settings = base if base is not None else self.config.run
-        task = self.task_for(schema, settings)
-        return attrs.evolve(
-            settings,
-            model_digest=model_digest(task, settings.seed),
-            schema_digest=(bytes.fromhex(schema.digest()) if schema is not None else b"\0" * 32),
-        )
+    def _record_of(self, peer: PeerId) -> SignedPeerRecord | None:
+        view = self.custody.view if self.custody is not None else None
+        if view is not None:  # the view's records: what the members agreed on
+            for member in view.members:
+                if member.peer_id == peer:
+                    return member
+        for d in self.discoveries:
+            found = d.peers().get(peer)
+            if found is not None:
+                return found
+        return self._inbound.get(peer)
 
     # --- serving ------------------------------------------------------------------------
 
@@ -259,6 +320,7 @@ class Peer:
             if current is None or current.record.seq < record.record.seq:
                 if current is not None or len(self._inbound) < 4 * limits.max_members:
                     self._inbound[remote] = record
+                    self.formation.candidate(record)
             for d in self.discoveries:
                 if isinstance(d, BootstrapDiscovery):
                     d.observe_inbound(record)
@@ -270,34 +332,97 @@ class Peer:
             await answer_peer_list(framed, self.known_peers(), self.record, limits=limits)
         elif isinstance(message, Call):
             await self.formation.on_call(framed, channel, message)
-        elif isinstance(message, BlobRequest):
-            ring = await self._ring_for(message.run_id)
-            await ring.on_blob(framed, channel, message)
-        elif isinstance(message, Passed):
-            if self.ring is not None:
-                self.ring.on_passed(remote, message)
+        elif isinstance(message, Link):
+            custody = await self._custody_for_link(message.run_id, remote)
+            if custody is None:
+                raise RemoteProtocolError(
+                    f"opened a link for run {message.run_id.hex()[:8]}, which is not ours",
+                    peer=remote.text,
+                )
+            await custody.serve_link(framed, remote)
         else:
             raise RemoteProtocolError(f"unexpected request {message.TYPE!r}", peer=remote.text)
 
-    async def _ring_for(self, run_id: bytes) -> RingRun:
-        """The ring run a blob is for (waiting, at most ``view_timeout``, while ours is set up)."""
-        with trio.move_on_after(self.config.limits.view_timeout):
-            await self._ring_ready.wait()
-        if self.ring is None or self.ring.run_id != run_id:
-            raise RemoteProtocolError(f"blob for unknown run {run_id.hex()[:8]}")
-        return self.ring
+    async def _custody_for_link(self, run_id: bytes, remote: PeerId) -> CustodyDriver | None:
+        """The custody a link of ``run_id`` is for: ours, or that of the view we acknowledged
+        (its first blob may show that view holds before the leader's commit arrives)."""
+        if self.custody is not None:
+            return self.custody if self.custody.run_id == run_id else None
+        pending = self.formation.acked_view(run_id)
+        if pending is None or remote not in pending.view.member_ids:
+            return None
+        return await self._custody_for(pending)
+
+    async def _custody_for(self, signed: SignedView) -> CustodyDriver:
+        """The custody of ``signed``'s run, made once (its template is built off the loop)."""
+        async with self._custody_lock:
+            if self.custody is not None and self.custody.run_id == signed.view.run_id:
+                return self.custody
+            template = await CustodyDriver.template_for(self.builder, signed)
+            out = self.config.out_dir
+            if out is None:
+                out = self.config.resolved_state_dir() / "runs" / signed.view.run_id.hex()
+            custody = CustodyDriver(
+                identity=self.identity,
+                signed=signed,
+                builder=self.builder,
+                template=template,
+                dial=self.dial,
+                out_dir=out,
+                limits=self.config.limits,
+                events=self.events,
+                confirm=self.formation.ring_blob,
+                tamper=self.tamper,
+                train_delay=self.train_delay,
+            )
+            assert self._nursery is not None
+            await self._nursery.start(custody.serve)
+            self.custody = custody
+            return custody
+
+    def _step(self, step: str) -> None:
+        if self.life.can(step):
+            self.events.emit(ev.LifeChanged(self.life.step(step, trio.current_time())))
 
     # --- the public face ----------------------------------------------------------------
+
+    @property
+    def state(self) -> Life:
+        """Where this peer is in its life."""
+        return self.life.state
 
     async def train(self) -> RunSummary:
         """Form a federation, train around the ring until it converges, save the result.
 
-        Returns the run's summary (also written to ``summary.json``).  Raises
-        :class:`~fedup.peer.formation.FormationError` if no federation can be
-        formed and :class:`~fedup.peer.training.RunError` if the run fails.
+        Returns the run's summary (also written to ``summary.json``; its ``ok``
+        says whether the run ended by its stopping rule with a trained model).
+        Raises :class:`~fedup.peer.formation_driver.FormationError` if no
+        federation can be formed and :class:`~fedup.peer.custody_driver.RunError`
+        if the run fails here.
         """
-        signed = await self.formation.form()
-        self.formation.training_started = True
-        self.ring = RingRun(self, signed)
-        self._ring_ready.set()
-        return await self.ring.run()
+        try:
+            membership = await self.formation.form()
+        except FormationError as exc:
+            self._step("failed")
+            self.events.emit(ev.Failed(str(exc)))
+            raise
+        self._step("joined")
+        view = membership.view
+        self.events.emit(ev.Formed(view.run_id, view.epoch, view.leader, view.member_ids))
+        custody = await self._custody_for(membership.signed)
+        self.events.watch(self._on_event)
+        custody.begin()
+        try:
+            summary = await custody.run()
+        except RunError:
+            self._step("failed")
+            raise
+        self._step("finishing")
+        self._step("done")
+        return summary
+
+    def _on_event(self, peer: PeerId, at: float, event: ev.PeerEvent) -> None:
+        if isinstance(event, ev.Excluded):
+            self._step("excluded")
+        elif isinstance(event, ev.Finished):
+            self._step("finishing")

@@ -41,7 +41,7 @@ class RunSummary:
     """Training laps done."""
     converged: bool
     stop_reason: str
-    """``converged``, ``max-laps`` or ``members-lost``."""
+    """``converged``, ``max-laps`` or ``members-lost`` (this member could reach no other)."""
     federated_val_loss: list[float]
     """One value per evaluated lap, in order (lap -1 is the initial model)."""
     federated_laps: list[int]
@@ -63,6 +63,12 @@ class RunSummary:
     """Why the other members counted this one as dead while it was alive (slow, or cut
     off for a while), or None.  An excluded member trains no more; it receives the final
     model from the member that ends the run and saves it like every other member."""
+    ended_by: str | None = None
+    """The member whose hop ended the run (the one that sealed the final model)."""
+    ok: bool = True
+    """The run ended by its stopping rule (``converged`` or ``max-laps``) with a trained
+    model; False for ``members-lost`` or a final model from no trained lap.  The
+    ``start`` command exits with code 0 only when this is true."""
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self)

@@ -13,9 +13,11 @@ dispatches on ``"t"`` and rejects unknown types.
 ``follow``    member->leader  "I follow a lower leader" (reply to a call)
 ``view``      leader->member  a signed membership view (see fedup.protocol.view)
 ``ack``       member->leader  "I accept view (run, epoch, digest)"
-``refuse``    either          "no", with a reason (e.g. columns that do not fit)
-``blob``      member->member  a model blob follows (see fedup.protocol.blob)
-``passed``    member->member  "the model you gave me has moved on"
+``commit``    leader->member  "every member acknowledged view (run, epoch, digest): it holds"
+``refuse``    either          "no", with a typed code and a reason
+``link``      member->member  "I am your ring predecessor in run R": model blobs follow
+                              on this connection, ``passed`` notices come back on it
+``passed``    member->member  "the model you gave me moved on": the next member's receipt
 ``peers?``    any->any        "which peers do you know?" (bootstrap exchange)
 ``peers``     any->any        signed peer-record envelopes of verified peers
 ============  ==============  ==================================================
@@ -30,10 +32,14 @@ import attrs
 from fedup.config import DEFAULT_LIMITS, Limits
 from fedup.protocol import cbor
 from fedup.protocol.peer_id import RAW_SIZE, PeerId
+from fedup.protocol.refusal import RefusalCode, cut_utf8, printable
 from fedup.protocol.schema import FieldReader, MessageError
 from fedup.protocol.view import DIGEST_SIZE, RUN_ID_SIZE
 
 MAX_REASON = 1024
+"""Largest refusal reason in bytes of UTF-8; :class:`Refuse` cuts longer ones (never splitting
+a character), so the limit its decoder enforces is always met."""
+MAX_RECEIPT = 1024
 
 
 @attrs.frozen
@@ -125,52 +131,88 @@ class Ack:
         )
 
 
+def _wire_reason(reason: str) -> str:
+    return cut_utf8(printable(reason), MAX_REASON)
+
+
+@attrs.frozen
+class Commit:
+    """Leader to member: every member acknowledged view (run, epoch, digest); it holds."""
+
+    TYPE: ClassVar[str] = "commit"
+    run_id: bytes
+    epoch: int
+    digest: bytes
+
+    def fields(self) -> dict[str, Any]:
+        return {"run": self.run_id, "epoch": self.epoch, "digest": self.digest}
+
+    @classmethod
+    def read(cls, f: FieldReader) -> Commit:
+        return cls(
+            f.bytestr("run", size=RUN_ID_SIZE),
+            f.uint("epoch"),
+            f.bytestr("digest", size=DIGEST_SIZE),
+        )
+
+
 @attrs.frozen
 class Refuse:
-    """Either side: a refusal with a human-readable reason."""
+    """Either side: a refusal with a typed code and a human-readable reason.
+
+    The reason is escaped and cut to :data:`MAX_REASON` bytes when the message is
+    made (:func:`~fedup.protocol.refusal.cut_utf8`), so it always decodes.
+    """
 
     TYPE: ClassVar[str] = "refuse"
     run_id: bytes
-    reason: str
+    code: RefusalCode
+    reason: str = attrs.field(converter=_wire_reason)
 
     def fields(self) -> dict[str, Any]:
-        return {"run": self.run_id, "why": self.reason}
+        return {"run": self.run_id, "code": self.code.value, "why": self.reason}
 
     @classmethod
     def read(cls, f: FieldReader) -> Refuse:
-        return cls(f.bytestr("run", size=RUN_ID_SIZE), f.text("why", max_bytes=MAX_REASON))
+        run = f.bytestr("run", size=RUN_ID_SIZE)
+        text = f.text("code", max_bytes=32)
+        code = RefusalCode.parse(text)
+        if code is None:
+            raise f.fail("code", f"names no known refusal: {printable(text)!r}")
+        return cls(run, code, f.text("why", max_bytes=MAX_REASON, allow_empty=True))
 
 
 @attrs.frozen
-class BlobRequest:
-    """Member to member: a model blob for ``run_id`` follows on this connection."""
+class Link:
+    """Member to its ring successor: model blobs of run ``run_id`` follow on this connection,
+    and ``passed`` notices come back on it."""
 
-    TYPE: ClassVar[str] = "blob"
+    TYPE: ClassVar[str] = "link"
     run_id: bytes
 
     def fields(self) -> dict[str, Any]:
         return {"run": self.run_id}
 
     @classmethod
-    def read(cls, f: FieldReader) -> BlobRequest:
+    def read(cls, f: FieldReader) -> Link:
         return cls(f.bytestr("run", size=RUN_ID_SIZE))
 
 
 @attrs.frozen
 class Passed:
-    """Member to its predecessor: the model of (lap, hop) has moved on; drop your copy."""
+    """Member to its predecessor: the model it gave us moved on; ``receipt`` is the next
+    member's signed custody receipt (:class:`fedup.protocol.notices.CustodyReceipt`)."""
 
     TYPE: ClassVar[str] = "passed"
     run_id: bytes
-    lap: int
-    hop: int
+    receipt: bytes
 
     def fields(self) -> dict[str, Any]:
-        return {"run": self.run_id, "lap": self.lap, "hop": self.hop}
+        return {"run": self.run_id, "receipt": self.receipt}
 
     @classmethod
     def read(cls, f: FieldReader) -> Passed:
-        return cls(f.bytestr("run", size=RUN_ID_SIZE), f.uint("lap"), f.uint("hop"))
+        return cls(f.bytestr("run", size=RUN_ID_SIZE), f.bytestr("receipt", max_size=MAX_RECEIPT))
 
 
 @attrs.frozen
@@ -213,7 +255,17 @@ def _envelope_item(value: object, label: str) -> bytes:
 
 
 Message = (
-    Call | Offer | Follow | ViewMessage | Ack | Refuse | BlobRequest | Passed | GetPeers | PeerList
+    Call
+    | Offer
+    | Follow
+    | ViewMessage
+    | Ack
+    | Commit
+    | Refuse
+    | Link
+    | Passed
+    | GetPeers
+    | PeerList
 )
 _TYPES: dict[str, Any] = {
     cls.TYPE: cls
@@ -223,8 +275,9 @@ _TYPES: dict[str, Any] = {
         Follow,
         ViewMessage,
         Ack,
+        Commit,
         Refuse,
-        BlobRequest,
+        Link,
         Passed,
         GetPeers,
         PeerList,

@@ -1,66 +1,109 @@
-"""What a ring blob carries: federation metadata plus the encoded tensors.
+"""What a ring blob carries: federation metadata plus the encoded tensors (framing only).
 
 A blob's bytes (see ``docs/protocol-blob.md``) are, for ring training::
 
-    "FUHP" | u8 version (1) | 3 zero bytes | u32 BE length M | M bytes of CBOR meta | state
+    "FUHP" | u8 version (2) | 3 zero bytes | u32 BE length M | M bytes of CBOR meta
+           | zero bytes up to the next multiple of 8 | state
 
-``meta`` is a strict-CBOR map: ``{"ring": {...}, "dead": [bstr(38), ...], "origin":
-bstr(38) / null}``: the learning layer's ring metadata (checked by
-``fedup.learn.ring.RingMeta.from_dict``), the members known to be dead (so the
-ring heals as the blob travels), and for the final model the member that started its
-distribution.  ``state`` is the model-state encoding of ``docs/protocol-tensors.md``.
-The whole blob is covered by the signed digest of the blob layer, so the metadata is
-as authenticated as the weights.
+``meta`` is a strict-CBOR map::
+
+    {"ring": {...},          ; the learning layer's metadata (fedup.learn.ring.RingMeta)
+     "view": bstr(32),       ; the digest of the view the run trains under
+     "chain": [bstr, ...],   ; the dead notices (fedup.protocol.notices), in order
+     "origin": bstr(38) / null,   ; a final model: the member whose hop ended the run
+     "seal": bstr / null}         ; a final model: the origin's seal of its content
+
+``state`` is the model-state encoding of ``docs/protocol-tensors.md``.  The whole
+blob is covered by the signed digest of the blob layer, so the metadata is as
+authenticated as the weights; the *content* of a final model (the ``ring``
+metadata's CBOR and the state, :func:`content_digest`) is sealed by its origin
+as well, so members that hand it on cannot change it.
+
+This module only splits and joins the parts; :mod:`fedup.learn.ring_payload`
+decodes the tensors against the model and the ring metadata.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import attrs
 
 from fedup.config import DEFAULT_LIMITS, Limits
 from fedup.errors import RemoteProtocolError
 from fedup.protocol import cbor
+from fedup.protocol.notices import MAX_SIGNED_SIZE
 from fedup.protocol.peer_id import RAW_SIZE, PeerId
+from fedup.protocol.refusal import RefusalCode
 from fedup.protocol.schema import FieldReader, MessageError
 
 MAGIC = b"FUHP"
-VERSION = 1
+VERSION = 2
 _PREAMBLE = 12
+DIGEST_SIZE = 32
 
 
 class PayloadError(RemoteProtocolError):
     """A ring blob's framing or metadata is malformed."""
 
+    code = RefusalCode.MALFORMED
+
 
 @attrs.frozen
 class HopPayload:
-    """A decoded ring blob: metadata and a view of the encoded tensors."""
+    """A split ring blob: metadata and a view of the encoded tensors."""
 
     ring: object
     """The learning layer's metadata (a decoded CBOR map; not yet checked)."""
-    dead: frozenset[PeerId]
+    ring_cbor: memoryview
+    """The exact bytes of ``ring`` (part of the content digest)."""
+    view: bytes
+    chain: tuple[bytes, ...]
     origin: PeerId | None
+    seal: bytes | None
     state: memoryview
     """The model-state bytes (a view into the received buffer, writable if it was)."""
 
+    @property
+    def content(self) -> bytes:
+        """The content digest: what a final model's origin seals."""
+        return content_digest(self.ring_cbor, self.state)
 
-def encode_payload(
-    ring: object, dead: frozenset[PeerId], origin: PeerId | None, state: bytes | memoryview
-) -> bytearray:
-    """Build a blob's bytes from metadata and encoded tensors."""
+
+def content_digest(ring_cbor: bytes | memoryview, state: bytes | memoryview) -> bytes:
+    """BLAKE2b-256 over the ring metadata's CBOR and the state bytes (length-prefixed)."""
+    h = hashlib.blake2b(digest_size=DIGEST_SIZE, person=b"fedup-content")
+    h.update(len(ring_cbor).to_bytes(8, "big"))
+    h.update(ring_cbor)
+    h.update(state)
+    return h.digest()
+
+
+def payload_prefix(
+    ring: object,
+    *,
+    view: bytes,
+    chain: tuple[bytes, ...] = (),
+    origin: PeerId | None = None,
+    seal: bytes | None = None,
+) -> tuple[bytes, bytes]:
+    """The bytes before the state (8-byte aligned) and the ring metadata's CBOR.
+
+    The caller encodes the state behind them into the same buffer (one copy:
+    :func:`fedup.learn.weights.state_to_bytes` with ``prefix=``).
+    """
+    ring_cbor = cbor.encode(ring)
     meta = cbor.encode(
         {
             "ring": ring,
-            "dead": [p.raw for p in sorted(dead)],
+            "view": view,
+            "chain": list(chain),
             "origin": origin.raw if origin is not None else None,
+            "seal": seal,
         }
     )
-    out = bytearray(MAGIC)
-    out += bytes([VERSION, 0, 0, 0])
-    out += len(meta).to_bytes(4, "big")
-    out += meta
-    out += state
-    return out
+    head = MAGIC + bytes([VERSION, 0, 0, 0]) + len(meta).to_bytes(4, "big") + meta
+    return head + bytes(-len(head) % 8), ring_cbor
 
 
 def decode_payload(
@@ -70,32 +113,35 @@ def decode_payload(
     if len(data) < _PREAMBLE or bytes(data[:4]) != MAGIC:
         raise PayloadError("ring blob does not start with FUHP")
     if data[4] != VERSION or bytes(data[5:8]) != b"\0\0\0":
-        raise PayloadError(f"ring blob version {data[4]} is not supported")
+        raise PayloadError(f"ring blob version {data[4]} is not supported (this peer: {VERSION})")
     size = int.from_bytes(data[8:12], "big")
     if size > limits.max_message_size or size > len(data) - _PREAMBLE:
         raise PayloadError(f"ring blob metadata of {size} bytes does not fit")
     view = memoryview(data)
+    meta = view[_PREAMBLE : _PREAMBLE + size]
+    start = _PREAMBLE + size + (-(_PREAMBLE + size) % 8)
+    if start > len(data) or any(view[_PREAMBLE + size : start]):
+        raise PayloadError("ring blob metadata is not followed by its zero padding")
     try:
         f = FieldReader(
-            cbor.decode(
-                view[_PREAMBLE : _PREAMBLE + size],
-                max_size=limits.max_message_size,
-                max_depth=limits.max_cbor_depth,
-            ),
+            cbor.decode(meta, max_size=limits.max_message_size, max_depth=limits.max_cbor_depth),
             "ring blob metadata",
         )
         ring = f.raw("ring")
-        dead = f.array("dead", _peer_item, max_items=limits.max_members)
+        digest = f.bytestr("view", size=DIGEST_SIZE)
+        chain = f.array("chain", _notice_item, max_items=limits.max_members)
         origin = (
             PeerId.from_bytes(f.bytestr("origin", size=RAW_SIZE)) if f.optional("origin") else None
         )
+        seal = f.bytestr("seal", max_size=MAX_SIGNED_SIZE) if f.optional("seal") else None
         f.done()
     except RemoteProtocolError as exc:
         raise PayloadError(exc.reason) from None
-    return HopPayload(ring, frozenset(dead), origin, view[_PREAMBLE + size :])
+    ring_cbor = memoryview(cbor.encode(ring))  # canonical: the same bytes the sender encoded
+    return HopPayload(ring, ring_cbor, digest, tuple(chain), origin, seal, view[start:])
 
 
-def _peer_item(value: object, label: str) -> PeerId:
-    if not isinstance(value, bytes):
-        raise MessageError(f"{label} must be a peer ID")
-    return PeerId.from_bytes(value)
+def _notice_item(value: object, label: str) -> bytes:
+    if not isinstance(value, bytes) or len(value) > MAX_SIGNED_SIZE:
+        raise MessageError(f"{label} must be a signed notice of at most {MAX_SIGNED_SIZE} bytes")
+    return value

@@ -86,15 +86,3 @@ class Ring:
         if peer not in live:
             raise LocalProtocolError(f"{peer} is not a live member")
         return live.index(peer)
-
-    def without(self, peer: PeerId) -> Ring:
-        """The ring once ``peer`` is known to be dead."""
-        return Ring.of(self.members, self.dead | {peer})
-
-
-def elect_leader(candidates: Iterable[PeerId]) -> PeerId:
-    """The lowest peer ID among the candidates (which include the electing peer)."""
-    ordered = ring_order(candidates)
-    if not ordered:
-        raise LocalProtocolError("no candidates to elect from")
-    return ordered[0]

@@ -299,8 +299,13 @@ def encode_state(
     *,
     dtypes: Mapping[str, str] | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    prefix: bytes = b"",
 ) -> memoryview:
     """Encode named arrays as one blob; the data is copied exactly once.
+
+    ``prefix`` (of a length that is a multiple of 8) is written before the
+    blob in the same buffer, so a caller that frames the blob (the ring
+    payload) needs no second copy; the tensors' alignment is kept.
 
     ``tensors`` is a mapping or a sequence of ``(name, array)`` pairs; their
     order is the wire order.  Names must be unique, non-empty strings of at
@@ -370,12 +375,16 @@ def encode_state(
         raise LocalProtocolError(
             f"state encodes to {total} bytes, more than max_blob_size={limits.max_blob_size}"
         )
+    if len(prefix) % 8:
+        raise LocalProtocolError("a prefix must keep the blob 8-byte aligned")
 
     # One buffer of the final size.  numpy's allocator asks the kernel for huge
     # pages on large buffers; a bytearray of the same size costs about 4x as
     # much to allocate and zero (bench/bench_tensors.py).  np.empty does not
     # zero, so every byte outside the tensors' data is written explicitly.
-    out = np.empty(total, np.uint8)
+    whole = np.empty(len(prefix) + total, np.uint8)
+    whole[: len(prefix)] = np.frombuffer(prefix, np.uint8)
+    out = whole[len(prefix) :]
     preamble = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, bytes(3), len(header))
     out[:start] = np.frombuffer(preamble + header + bytes(start - header_end), np.uint8)
     prev_end = start
@@ -387,7 +396,7 @@ def encode_state(
             dst = out[begin:prev_end].view(WIRE_DTYPES[wire]).reshape(array.shape)
             src = array.view(_words16(array)) if wire == "bf16" else array
             np.copyto(dst, src, casting="equiv")  # one copy; fixes strides and byte order
-    return out.data
+    return whole.data
 
 
 def _check_local_name(name: object, seen: set[str], limits: Limits) -> bytes:

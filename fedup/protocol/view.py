@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 from typing import Any
 
 import attrs
 
 from fedup.config import DEFAULT_LIMITS, Limits
-from fedup.errors import LocalProtocolError
+from fedup.errors import ConfigError, LocalProtocolError
 from fedup.protocol import cbor
 from fedup.protocol.envelope import Signer, open_envelope, seal_envelope
 from fedup.protocol.peer_id import RAW_SIZE, PeerId
@@ -45,8 +46,52 @@ MAX_ALGORITHM_NAME = 32
 
 
 @attrs.frozen
+class Bound:
+    """The range a run setting must lie in (``lo`` excluded when ``open_lo``)."""
+
+    lo: float
+    hi: float
+    open_lo: bool = False
+    integer: bool = False
+    why: str = ""
+
+    def admits(self, value: object) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        return (self.lo < value if self.open_lo else self.lo <= value) and value <= self.hi
+
+    def describe(self) -> str:
+        return f"{'(' if self.open_lo else '['}{self.lo:g}, {self.hi:g}]"
+
+
+SETTINGS_BOUNDS: dict[str, Bound] = {
+    "max_laps": Bound(1, 10_000, integer=True, why="the ring metadata counts laps up to this"),
+    "patience": Bound(1, 10_000, integer=True, why="no more than the laps a run may have"),
+    "tolerance": Bound(0, 0.999, why="a relative improvement: 1 would never improve"),
+    "local_epochs": Bound(0, 100, open_lo=True, why="passes over local data per hop"),
+    "lr": Bound(0, 10, open_lo=True, why="larger steps only diverge"),
+    "batch_size": Bound(1, 2**20, integer=True, why="a minibatch of a million rows at most"),
+    "seed": Bound(0, 2**63 - 1, integer=True, why="a 63-bit seed"),
+}
+"""The one source of the run settings' bounds: checked when settings are made locally
+(:class:`~fedup.errors.ConfigError`) and before a member acknowledges a view."""
+
+
+def settings_problem(values: dict[str, object]) -> tuple[str, str] | None:
+    """The first ``(field, problem)`` of run settings outside :data:`SETTINGS_BOUNDS`."""
+    for name, bound in SETTINGS_BOUNDS.items():
+        if name in values and not bound.admits(values[name]):
+            return name, f"must be in {bound.describe()}, got {values[name]!r}"
+    return None
+
+
+@attrs.frozen
 class RunSettings:
-    """What every member must agree on to train together."""
+    """What every member must agree on to train together (bounds: :data:`SETTINGS_BOUNDS`)."""
 
     algorithm: str = "ring"
     """Name of the ring-training algorithm (``fedup.learn.ring``)."""
@@ -70,6 +115,11 @@ class RunSettings:
     schema_digest: bytes = b"\0" * DIGEST_SIZE
     """SHA-256 of the merged feature schema's canonical encoding."""
 
+    def __attrs_post_init__(self) -> None:
+        problem = settings_problem(attrs.asdict(self))
+        if problem is not None:
+            raise ConfigError(f"{problem[0]} {problem[1]}")
+
     def to_value(self) -> dict[str, Any]:
         return {
             "alg": self.algorithm,
@@ -86,28 +136,41 @@ class RunSettings:
 
     @classmethod
     def from_value(cls, value: object, what: str = "run settings") -> RunSettings:
-        """Check and build settings from a decoded CBOR map; raises MessageError."""
+        """Check and build settings from a decoded CBOR map; raises MessageError.
+
+        Every field is checked against :data:`SETTINGS_BOUNDS` before anything is
+        built, so a view whose settings no member could train with is refused
+        before it is acknowledged.
+        """
         f = FieldReader(value, what)
-        settings = cls(
-            algorithm=f.text("alg", max_bytes=MAX_ALGORITHM_NAME),
-            max_laps=f.uint("max_laps", min_value=1, max_value=100_000),
-            patience=f.uint("patience", min_value=1, max_value=100_000),
-            tolerance=f.number("tol"),
-            local_epochs=f.number("epochs"),
-            lr=f.number("lr"),
-            batch_size=f.uint("batch", min_value=1, max_value=1 << 20),
-            seed=f.uint("seed", max_value=2**63 - 1),
-            model_digest=f.bytestr("model", size=DIGEST_SIZE),
-            schema_digest=f.bytestr("schema", size=DIGEST_SIZE),
-        )
+        values: dict[str, object] = {
+            "algorithm": f.text("alg", max_bytes=MAX_ALGORITHM_NAME),
+            "max_laps": f.uint("max_laps"),
+            "patience": f.uint("patience"),
+            "tolerance": f.number("tol"),
+            "local_epochs": f.number("epochs"),
+            "lr": f.number("lr"),
+            "batch_size": f.uint("batch"),
+            "seed": f.uint("seed"),
+            "model_digest": f.bytestr("model", size=DIGEST_SIZE),
+            "schema_digest": f.bytestr("schema", size=DIGEST_SIZE),
+        }
         f.done()
-        if not 0 <= settings.tolerance < 1:
-            raise f.fail("tol", "must be in [0, 1)")
-        if not 0 < settings.local_epochs <= 1000:
-            raise f.fail("epochs", "must be in (0, 1000]")
-        if not 0 < settings.lr <= 10:
-            raise f.fail("lr", "must be in (0, 10]")
-        return settings
+        problem = settings_problem(values)
+        if problem is not None:
+            raise f.fail(_WIRE_NAMES[problem[0]], problem[1])
+        return cls(**values)  # type: ignore[arg-type]
+
+
+_WIRE_NAMES = {
+    "max_laps": "max_laps",
+    "patience": "patience",
+    "tolerance": "tol",
+    "local_epochs": "epochs",
+    "lr": "lr",
+    "batch_size": "batch",
+    "seed": "seed",
+}
 
 
 @attrs.frozen

@@ -19,6 +19,7 @@ from fedup.sim.runner import (
     simulate,
     weights_digest,
 )
+from fedup.sim.world import MemoryWorld
 
 __all__ = [
     "Drop",
@@ -27,6 +28,7 @@ __all__ = [
     "LapMark",
     "Link",
     "LinkStream",
+    "MemoryWorld",
     "PeerOutcome",
     "SimNetwork",
     "SimResult",

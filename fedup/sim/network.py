@@ -10,8 +10,6 @@ that take time:
   waits while its bytes are being "serialised", as a full TCP buffer would);
 * a connection can be *dropped* after a number of bytes: both ends then get
   :class:`trio.BrokenResourceError`, as after a TCP reset;
-* a *slow* peer waits a while before each connection it opens (time it owes
-  for slow training, see :meth:`SimNetwork.owe`);
 * bytes are counted per peer, sent and received, handshakes included.
 
 Peers are named by their index in the simulation (``index_of``); links are
@@ -236,7 +234,6 @@ class SimNetwork(MemoryNetwork):
         """Connections dropped: (dialer, listener, trio time)."""
         self._hosts: dict[str, int] = {}
         self._armed: list[_Armed] = []
-        self._owed: dict[int, float] = {}
 
     def transport(
         self, credentials: Credentials, *, limits: Limits = DEFAULT_LIMITS
@@ -253,15 +250,6 @@ class SimNetwork(MemoryNetwork):
     def arm_drop(self, src: int, dst: int, after_bytes: int) -> None:
         """The next connection ``src`` opens to ``dst`` breaks after ``after_bytes`` bytes."""
         self._armed.append(_Armed(src, dst, after_bytes))
-
-    def owe(self, peer: int, seconds: float) -> None:
-        """``peer`` waits ``seconds`` more before the next connection it opens."""
-        self._owed[peer] = self._owed.get(peer, 0.0) + seconds
-
-    async def pay(self, peer: int) -> None:
-        owed = self._owed.pop(peer, 0.0)
-        if owed > 0:
-            await trio.sleep(owed)
 
     # --- connections ----------------------------------------------------------------
 
@@ -312,11 +300,6 @@ class SimTransport(MemoryTransport):
     ) -> None:
         super().__init__(network, credentials, limits=limits)
         self.index = index
-
-    async def dial(self, address: Address, *, expected_peer: PeerId | None = None) -> SecureChannel:
-        if self.index is not None:  # a slow peer pays before it dials (the deadline after)
-            await self.network.pay(self.index)
-        return await super().dial(address, expected_peer=expected_peer)
 
     async def _connect(self, address: Address) -> trio.abc.Stream:
         if self.index is None:  # not a simulated peer (a test's attacker): a plain stream

@@ -11,10 +11,10 @@ are injected around the peers, never inside them:
 * a slow peer: after each hop it trains, its next connection waits.
 
 The faults themselves are values (:mod:`fedup.sim.faults`), triggered at
-ring positions.  A peer's task is wrapped so that each training hop is
-recognised by its seed (:func:`fedup.learn.ring.hop_seed` of the run seed,
-the lap and the position), so "kill peer 3 when lap 1, hop 2 has been
-trained" happens at that point whatever the timing.
+ring positions.  Each peer's event stream (:mod:`fedup.peer.events`) is
+watched: when a peer reports that it trained hop (lap, position), faults
+waiting for that hop fire at once, so "kill peer 3 when lap 1, hop 2 has
+been trained" happens at that point whatever the timing.
 
 Reproducible: identities derive from the seed (``seed`` also becomes the run
 seed), the ring order is the peer IDs' order, and every hop's training is
@@ -39,23 +39,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
-import torch
 import trio
 import trio.testing
-from torch import nn
 
 from fedup.config import DEFAULT_LIMITS, Limits
 from fedup.errors import ConfigError, FedupError
 from fedup.identity import Identity
-from fedup.learn.ring import RingSettings, hop_seed
 from fedup.learn.schema import FeatureSchema
-from fedup.learn.task import EvalStats, Task, TrainBudget, TrainStats
 from fedup.learn.weights import load_safetensors
 from fedup.net.discovery import MemoryDiscoveryHub
-from fedup.peer import MemoryWorld, Peer, PeerConfig, RunSummary, TabularSource, TaskSource
+from fedup.peer import Peer, PeerConfig, RunSummary, TabularSource, TaskSource
+from fedup.peer import events as ev
+from fedup.protocol.peer_id import PeerId
 from fedup.protocol.view import RunSettings
 from fedup.sim.faults import Drop, Faults, Kill
 from fedup.sim.network import SimNetwork
+from fedup.sim.world import MemoryWorld
 
 __all__ = [
     "LapMark",
@@ -193,65 +192,6 @@ async def run_simulation(
 # The machinery
 
 
-class _ObservedTask(Task):
-    """A peer's task, reporting each training hop to the simulation."""
-
-    def __init__(self, inner: Task, on_train: functools.partial[None]) -> None:
-        self.inner = inner
-        self._on_train = on_train
-
-    @property
-    def n_train(self) -> int:
-        return self.inner.n_train
-
-    @property
-    def n_val(self) -> int:
-        return self.inner.n_val
-
-    @property
-    def label_counts(self) -> tuple[int, int] | None:
-        return self.inner.label_counts
-
-    def build_model(self, seed: int) -> nn.Module:
-        return self.inner.build_model(seed)
-
-    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        return self.inner.make_optimizer(model)
-
-    def train(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, budget: TrainBudget
-    ) -> TrainStats:
-        stats = self.inner.train(model, optimizer, budget)
-        self._on_train(budget.seed)
-        return stats
-
-    def evaluate(self, model: nn.Module) -> EvalStats:
-        return self.inner.evaluate(model)
-
-
-class _ObservedSource(TaskSource):
-    """A peer's task source whose tasks report their training hops."""
-
-    def __init__(self, inner: TaskSource, on_train: functools.partial[None]) -> None:
-        self.inner = inner
-        self.kind = inner.kind
-        self.target = inner.target
-        self._on_train = on_train
-
-    def summary(self) -> dict[str, object] | None:
-        return self.inner.summary()
-
-    def build(self, schema: FeatureSchema | None, settings: RunSettings) -> Task:
-        # The peer builds its task once (Peer.task_for) and reuses it.
-        return _ObservedTask(self.inner.build(schema, settings), self._on_train)
-
-    def check_schema(self, schema: FeatureSchema) -> None:
-        self.inner.check_schema(schema)
-
-    def parse_schema(self, value: object) -> FeatureSchema | None:
-        return self.inner.parse_schema(value)
-
-
 def _rss(field: str = "VmRSS") -> int:
     """A memory figure of this process from /proc (bytes), or -1."""
     try:
@@ -288,8 +228,6 @@ class _Simulation:
         self.sources = sources
         self.out_dir = out_dir
         self.run_settings = attrs.evolve(settings.run, seed=settings.seed)
-        self._ring_seed = RingSettings(seed=settings.seed)
-        """Only the seed matters: hop seeds name ring positions."""
         self.identities = [sim_identity(settings.seed, i) for i in range(n)]
         self.network = SimNetwork(
             link=faults.link,
@@ -297,7 +235,9 @@ class _Simulation:
             index_of={ident.peer_id: i for i, ident in enumerate(self.identities)},
         )
         self.world = MemoryWorld(
-            network=self.network, hub=MemoryDiscoveryHub(delay=settings.discovery_delay)
+            network=self.network,
+            hub=MemoryDiscoveryHub(delay=settings.discovery_delay),
+            slow={self.identities[s.peer].peer_id: s.delay for s in faults.slow},
         )
         self.scopes = [trio.CancelScope() for _ in range(n)]
         self.peers: list[Peer | None] = [None] * n
@@ -305,17 +245,14 @@ class _Simulation:
         self.errors: list[str | None] = [None] * n
         self.hops = [0] * n
         self.marks: list[LapMark] = []
-        self.triggers: dict[int, list[Kill | Drop]] = {}
+        self.triggers: dict[tuple[int, int], list[Kill | Drop]] = {}
         faulty: list[Kill | Drop] = [*faults.kills, *faults.drops]
         for fault in faulty:
             if isinstance(fault, Drop) and fault.lap is None:
                 self.network.arm_drop(fault.src, fault.dst, fault.after_bytes)
                 continue
             assert fault.lap is not None
-            self.triggers.setdefault(self._seed(fault.lap, fault.hop), []).append(fault)
-        self.slow = {s.peer: s.delay for s in faults.slow}
-        self._positions: dict[int, tuple[int, int]] = {}
-        self._known_laps = 0
+            self.triggers.setdefault((fault.lap, fault.hop), []).append(fault)
         self._start_wall = 0.0
         self._start_clock = 0.0
         self.formed: float | None = None
@@ -325,39 +262,25 @@ class _Simulation:
         self._end_clock = 0.0
         self._end_wall = 0.0
 
-    def _seed(self, lap: int, hop: int) -> int:
-        return hop_seed(self._ring_seed, lap, hop)
-
-    def _position(self, seed: int) -> tuple[int, int] | None:
-        """The (lap, hop) whose seed this is (laps are indexed as the ring gets there)."""
-        n = len(self.sources)
-        while seed not in self._positions and self._known_laps <= self.run_settings.max_laps:
-            lap = self._known_laps
-            for hop in range(n):
-                self._positions[self._seed(lap, hop)] = (lap, hop)
-            self._known_laps += 1
-        return self._positions.get(seed)
-
-    def on_train(self, index: int, seed: int) -> None:
-        """Peer ``index`` trained the hop whose seed is ``seed`` (called inline, in trio)."""
-        self.hops[index] += 1
-        pos = self._position(seed)
-        if pos is not None:
-            lap, _ = pos
-            if self.formed is None:
-                self.formed = trio.current_time() - self._start_clock
-            if not self.marks or self.marks[-1].lap < lap:
-                self.marks.append(
-                    LapMark(
-                        lap,
-                        trio.current_time() - self._start_clock,
-                        time.perf_counter() - self._start_wall,
-                        _rss(),
-                    )
+    def on_event(self, index: int, peer: PeerId, at: float, event: ev.PeerEvent) -> None:
+        """Peer ``index`` reported ``event`` (called at once, in that peer's task)."""
+        if not isinstance(event, ev.HopTrained):
+            return
+        lap = event.lap
+        if lap < self.run_settings.max_laps:  # a training hop (lap max_laps only evaluates)
+            self.hops[index] += 1
+        if self.formed is None:
+            self.formed = trio.current_time() - self._start_clock
+        if lap < self.run_settings.max_laps and (not self.marks or self.marks[-1].lap < lap):
+            self.marks.append(
+                LapMark(
+                    lap,
+                    trio.current_time() - self._start_clock,
+                    time.perf_counter() - self._start_wall,
+                    _rss(),
                 )
-        if index in self.slow:
-            self.network.owe(index, self.slow[index])
-        for fault in self.triggers.pop(seed, []):
+            )
+        for fault in self.triggers.pop((event.lap, event.hop), []):
             if isinstance(fault, Kill):
                 log.info("killing peer %d after lap %d hop %d", fault.peer, fault.lap, fault.hop)
                 self.errors[fault.peer] = "killed"
@@ -406,12 +329,12 @@ class _Simulation:
             limits=self.settings.limits,
             run_id=hashlib.sha256(f"fedup-sim-run:{self.settings.seed}".encode()).digest()[:16],
         )
-        source = _ObservedSource(self.sources[i], functools.partial(self.on_train, i))
         try:
             with self.scopes[i]:
                 try:
-                    async with Peer.open(config, source, world=self.world) as peer:
+                    async with Peer.open(config, self.sources[i], world=self.world) as peer:
                         self.peers[i] = peer
+                        peer.events.watch(functools.partial(self.on_event, i))
                         self.summaries[i] = await peer.train()
                         if self.finished is None:
                             self.finished = trio.current_time() - self._start_clock
@@ -431,8 +354,10 @@ class _Simulation:
         return self.out_dir / "peers" / f"{i:03d}-{self.identities[i].peer_id.text[-8:]}"
 
     def _result(self) -> SimResult:
-        ring = next((p.ring for p in self.peers if p is not None and p.ring is not None), None)
-        schema = ring.schema if ring is not None else None
+        custody = next(
+            (p.custody for p in self.peers if p is not None and p.custody is not None), None
+        )
+        schema = custody.schema if custody is not None else None
         outcomes = []
         for i, ident in enumerate(self.identities):
             source = self.sources[i]
@@ -460,7 +385,7 @@ class _Simulation:
         return SimResult(
             peers=tuple(outcomes),
             settings=self.settings,
-            run=ring.view.settings if ring is not None else None,
+            run=custody.view.settings if custody is not None else None,
             schema=schema,
             laps=tuple(self.marks),
             formed=self.formed,

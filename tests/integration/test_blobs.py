@@ -15,7 +15,7 @@ import trio.testing
 from torch import nn
 
 from fedup.config import DEFAULT_LIMITS, Limits
-from fedup.errors import ConnectionLostError, PeerTimeoutError
+from fedup.errors import ConnectionLostError, PeerTimeoutError, RemoteProtocolError
 from fedup.identity import Identity
 from fedup.learn.weights import bytes_to_state, state_to_bytes
 from fedup.net.blobs import ReceivedBlob, receive_blob, send_blob
@@ -24,6 +24,7 @@ from fedup.net.transport import Credentials, loopback_channel_pair
 from fedup.protocol.blob import (
     BlobDataError,
     BlobDigestError,
+    BlobEpochError,
     BlobHeader,
     BlobRecipientError,
     BlobRefusedError,
@@ -40,6 +41,7 @@ from fedup.protocol.blob import (
     seal_blob_end,
     seal_blob_header,
 )
+from fedup.protocol.refusal import REASON_MAX_BYTES, RefusalCode
 from fedup.protocol.tensors import TensorDecodeError
 
 ALICE = Identity(b"\x01" * 32)
@@ -88,7 +90,7 @@ async def send(
         "data": data,
     }
     args.update(kw)
-    return await send_blob(stream, ALICE, **args)
+    return (await send_blob(stream, ALICE, **args)).digest
 
 
 async def receive(stream: FramedStream, guard: BlobReplayGuard, **kw: Any) -> ReceivedBlob:
@@ -142,14 +144,11 @@ async def test_round_trip_of_a_real_model_state() -> None:
     data = state_to_bytes(model)
     alice, bob = framed_pair()
     guard = BlobReplayGuard()
-    meta = {"loss": [0.69, 0.41], "samples": [120, 80]}
-    sent, got = await both(
-        lambda: send(alice, data, lap=2, hop=1, meta=meta), lambda: receive(bob, guard)
-    )
+    sent, got = await both(lambda: send(alice, data, lap=2, hop=1), lambda: receive(bob, guard))
     blob: ReceivedBlob = got.unwrap()
     assert sent.unwrap() == blob.digest == blob_digest(data)
     assert blob.acknowledged
-    assert blob.header == make_header(data, lap=2, meta=meta)
+    assert blob.header == make_header(data, lap=2)
     assert blob.header.chunks == 3
     assert not blob.data.readonly and blob.data == data
     state = bytes_to_state(blob.data, like=model)
@@ -238,7 +237,32 @@ async def test_nack_reason_from_check_propagates() -> None:
     with pytest.raises(BlobRefusedError, match=r"refused the model blob .*: missing tensors") as tx:
         sent.unwrap()
     assert tx.value.peer == BOB.peer_id.text
+    assert tx.value.code is RefusalCode.MALFORMED  # an error without a code of its own
     assert guard.high_water(RUN) is None  # nothing was accepted
+
+
+class WrongState(RemoteProtocolError):
+    code = RefusalCode.BAD_STATE
+
+
+async def test_check_errors_carry_their_code_and_long_reasons_arrive_cut() -> None:
+    alice, bob = framed_pair()
+    reason = "é" * 300  # 600 bytes of UTF-8: more than a NACK carries
+
+    def check(header: BlobHeader, blob: memoryview) -> None:
+        raise WrongState(reason)
+
+    sent, got = await both(
+        lambda: send(alice, b"abc"), lambda: receive(bob, BlobReplayGuard(), check=check)
+    )
+    with pytest.raises(WrongState):
+        got.unwrap()
+    with pytest.raises(BlobRefusedError) as tx:
+        sent.unwrap()
+    assert tx.value.code is RefusalCode.BAD_STATE
+    quoted = tx.value.reason.split(": ", 1)[1]
+    assert len(quoted.encode()) <= REASON_MAX_BYTES
+    assert quoted == "é" * ((REASON_MAX_BYTES - 3) // 2) + "..."  # cut between characters
 
 
 async def test_digest_mismatch_is_refused() -> None:
@@ -261,6 +285,7 @@ async def test_digest_mismatch_is_refused() -> None:
         got.unwrap()
     assert [r.kind for r in replies] == ["accept", "nack"]
     assert "digest mismatch" in replies[1].reason
+    assert replies[1].code is RefusalCode.MALFORMED
 
 
 async def test_replay_refused_and_receiver_stays_usable() -> None:
@@ -274,8 +299,9 @@ async def test_replay_refused_and_receiver_stays_usable() -> None:
     sent, got = await both(lambda: send(alice, data, lap=3, hop=2), lambda: receive(bob, guard))
     with pytest.raises(BlobReplayError, match=r"lap 3 hop 2 is not newer than lap 3 hop 2"):
         got.unwrap()
-    with pytest.raises(BlobRefusedError, match=r"\(replay\?\)"):
+    with pytest.raises(BlobRefusedError, match=r"\(replay\?\)") as tx:
         sent.unwrap()
+    assert tx.value.code is RefusalCode.STALE
     # Both sides are between blobs: the next hop goes through on the same stream.
     sent, got = await both(lambda: send(alice, data, lap=3, hop=3), lambda: receive(bob, guard))
     assert got.unwrap().header.hop == 3
@@ -292,8 +318,22 @@ async def test_blob_for_another_recipient_refused() -> None:
     with pytest.raises(BlobRecipientError) as rx:
         got.unwrap()
     assert rx.value.reason == reason and rx.value.peer == ALICE.peer_id.text
-    with pytest.raises(BlobRefusedError, match=reason):
+    with pytest.raises(BlobRefusedError, match=reason) as tx:
         sent.unwrap()
+    assert tx.value.code is RefusalCode.WRONG_RUN
+
+
+async def test_blob_of_an_old_epoch_refused_as_stale() -> None:
+    alice, bob = framed_pair()
+    sent, got = await both(
+        lambda: send(alice, b"abc", epoch=3),
+        lambda: receive(bob, BlobReplayGuard(), min_epoch=4),
+    )
+    with pytest.raises(BlobEpochError, match="epoch 3 is older than the current epoch 4"):
+        got.unwrap()
+    with pytest.raises(BlobRefusedError, match="older than the current epoch") as tx:
+        sent.unwrap()
+    assert tx.value.code is RefusalCode.STALE
 
 
 async def test_oversize_refused_by_per_call_cap() -> None:
@@ -304,8 +344,9 @@ async def test_oversize_refused_by_per_call_cap() -> None:
     )
     with pytest.raises(BlobSizeError, match="blob of 5000 bytes exceeds the limit of 4096"):
         got.unwrap()
-    with pytest.raises(BlobRefusedError, match="exceeds the limit of 4096"):
+    with pytest.raises(BlobRefusedError, match="exceeds the limit of 4096") as tx:
         sent.unwrap()
+    assert tx.value.code is RefusalCode.TOO_LARGE
 
 
 async def test_trickle_cut_off_by_blob_deadline(autojump_clock: trio.testing.MockClock) -> None:
@@ -329,6 +370,7 @@ async def test_trickle_cut_off_by_blob_deadline(autojump_clock: trio.testing.Moc
     assert FINISHED["receive"] - start == pytest.approx(LIMITS.blob_timeout)
     assert [r.kind for r in replies] == ["accept", "nack"]
     assert "blob deadline passed" in replies[1].reason
+    assert replies[1].code is RefusalCode.TIMEOUT
 
 
 async def test_threaded_hashing_cut_off_by_blob_deadline_in_real_time() -> None:
@@ -380,6 +422,7 @@ async def test_bad_chunk_in_threaded_receive_is_refused() -> None:
     with pytest.raises(BlobDataError, match="every chunk but the last carries exactly 1024"):
         got.unwrap()
     assert [r.kind for r in replies] == ["accept", "nack"]
+    assert replies[1].code is RefusalCode.MALFORMED
 
 
 @pytest.mark.parametrize(("sent_chunks", "where"), [(2, "before the last chunk"), (5, "END")])
@@ -399,6 +442,24 @@ async def test_truncated_stream(sent_chunks: int, where: str) -> None:
         got.unwrap()
     assert isinstance(info.value, ConnectionLostError)
     assert info.value.peer == ALICE.peer_id.text
+
+
+async def test_sender_reports_the_nack_left_before_a_hang_up() -> None:
+    alice, bob = framed_pair()
+    data = os.urandom(20 * LIMITS.blob_chunk_size)
+
+    async def refuse_mid_transfer() -> None:
+        header_frame = await bob.receive_frame()
+        await bob.send_frame(BlobReply.accept(blob_header_id(header_frame)).to_cbor())
+        await bob.receive_frame()
+        await bob.send_frame(BlobReply.nack(RefusalCode.BUSY, "no room\n").to_cbor())
+        await bob.aclose()
+
+    sent, _ = await both(lambda: send(alice, data), refuse_mid_transfer)
+    with pytest.raises(BlobRefusedError, match=r"refused the model blob .*: no room\\n$") as tx:
+        sent.unwrap()
+    assert tx.value.code is RefusalCode.BUSY and tx.value.peer == BOB.peer_id.text
+    assert isinstance(tx.value.__cause__, ConnectionLostError)
 
 
 async def test_sender_sees_connection_loss() -> None:

@@ -51,6 +51,7 @@ from fedup.protocol.records import (
     PeerRecord,
     SignedPeerRecord,
 )
+from fedup.protocol.refusal import RefusalCode
 from tests.conftest import make_identities
 
 NET = "lenders"
@@ -355,7 +356,7 @@ async def test_hostile_responders_fail_the_poll_and_never_the_loop(
     net = MemoryNetwork()
 
     async def refuse(framed: FramedStream) -> None:
-        await framed.send_frame(encode_message(Refuse(bytes(16), "not now")))
+        await framed.send_frame(encode_message(Refuse(bytes(16), RefusalCode.BUSY, "not now")))
 
     async def too_long(framed: FramedStream) -> None:
         await framed.send_frame(encode_message(PeerList((b"x",) * (MAX_PEER_LIST + 1))))

@@ -14,6 +14,10 @@ FORBIDDEN = {
         "trio",
         "torch",
         "zeroconf",
+        # pure: no buffers of the operating system's, no threads (fedup/net owns them)
+        "mmap",
+        "threading",
+        "socket",
         "fedup.net",
         "fedup.learn",
         "fedup.peer",

@@ -1,11 +1,7 @@
-"""The pure blob protocol: header, checks and their order, replay guard, chunk receiver."""
+"""The pure blob protocol's records: header and its checks in order, END, replay guard, replies."""
 
 from __future__ import annotations
 
-import gc
-import mmap
-import os
-import tracemalloc
 from typing import Any
 
 import attrs
@@ -13,10 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedup.config import DEFAULT_LIMITS
-from fedup.errors import ConnectionLostError, LocalProtocolError, RemoteProtocolError
+from fedup.errors import LocalProtocolError, RemoteProtocolError
 from fedup.identity import Identity
-from fedup.protocol import blob as blob_module
 from fedup.protocol import cbor
 from fedup.protocol.blob import (
     BLOB_END_DOMAIN,
@@ -25,19 +19,17 @@ from fedup.protocol.blob import (
     BLOB_HEADER_TYPE,
     CHUNK_LAST,
     CHUNK_MORE,
-    REASON_MAX,
-    BlobBuffer,
+    REPLY_MAX_SIZE,
     BlobChunkSizeError,
     BlobDataError,
     BlobDigestError,
     BlobEndError,
     BlobEpochError,
     BlobError,
-    BlobHasher,
     BlobHeader,
     BlobHeaderError,
-    BlobReceiver,
     BlobRecipientError,
+    BlobRefusedError,
     BlobReplayError,
     BlobReplayGuard,
     BlobReply,
@@ -50,52 +42,25 @@ from fedup.protocol.blob import (
     blob_digest,
     blob_header_id,
     chunk_count,
-    iter_chunks,
+    open_blob_end,
+    refusal_code,
     seal_blob_end,
-    seal_blob_header,
-    verify_blob_header,
 )
 from fedup.protocol.envelope import SignatureError, seal_envelope
-
-ALICE = Identity(b"\x01" * 32)  # the sender
-BOB = Identity(b"\x02" * 32)  # the recipient
-MALLORY = Identity(b"\x03" * 32)
-RUN = bytes(range(16))
-OTHER_RUN = bytes(range(1, 17))
-DATA = bytes(range(256)) * 3 + b"tail"
-LIMITS = attrs.evolve(DEFAULT_LIMITS, blob_chunk_size=100)
-
-
-def header(**kw: Any) -> BlobHeader:
-    fields: dict[str, Any] = {
-        "run_id": RUN,
-        "kind": "model",
-        "lap": 3,
-        "hop": 2,
-        "epoch": 7,
-        "sender": ALICE.peer_id,
-        "recipient": BOB.peer_id,
-        "size": len(DATA),
-        "chunk_size": LIMITS.blob_chunk_size,
-        "meta": {"loss": [0.5, 0.25], "samples": [120, 80], "task": "loans", "n": 2},
-    }
-    fields.update(kw)
-    return BlobHeader(**fields)
-
-
-def sealed(h: BlobHeader | None = None, ident: Identity = ALICE) -> bytes:
-    return seal_blob_header(ident, h or header(), limits=LIMITS)
-
-
-def verify(frame: bytes, **kw: Any) -> BlobHeader:
-    args: dict[str, Any] = {
-        "me": BOB.peer_id,
-        "remote": ALICE.peer_id,
-        "run_id": RUN,
-        "limits": LIMITS,
-    }
-    args.update(kw)
-    return verify_blob_header(frame, **args)
+from fedup.protocol.refusal import REASON_MAX_BYTES, RefusalCode
+from tests.unit.blob_helpers import (
+    ALICE,
+    BOB,
+    DATA,
+    LIMITS,
+    MALLORY,
+    OTHER_RUN,
+    RUN,
+    frames_of,
+    header,
+    sealed,
+    verify,
+)
 
 
 def signed_payload(
@@ -111,7 +76,7 @@ def signed_payload(
 
 
 def payload_map(**changes: Any) -> dict[str, Any]:
-    value = cbor.decode(header().to_cbor(), max_size=1 << 16, max_depth=3)
+    value = cbor.decode(header().to_cbor(), max_size=1 << 16, max_depth=1)
     assert isinstance(value, dict)
     for key, item in changes.items():
         if item is _DELETE:
@@ -134,14 +99,14 @@ def test_header_round_trip_and_wire_keys() -> None:
     wire = cbor.decode(h.to_cbor(), max_size=1 << 16, max_depth=3)
     assert isinstance(wire, dict)
     assert set(wire) == {
-        "run", "kind", "lap", "hop", "epoch", "from", "to", "size", "chunk", "meta",
+        "run", "kind", "lap", "hop", "epoch", "from", "to", "size", "chunk",
     }  # fmt: skip
     assert verify(sealed(h)) == h
     assert h.chunks == chunk_count(len(DATA), 100) == 8
 
 
-def test_final_header_and_empty_meta() -> None:
-    h = header(kind="final", meta={})
+def test_final_header() -> None:
+    h = header(kind="final")
     assert verify(sealed(h)) == h
 
 
@@ -151,14 +116,8 @@ def test_final_header_and_empty_meta() -> None:
         ({"run_id": b"short"}, "'run' must be 16 bytes"),
         ({"kind": "weights"}, "'kind' must be 'model' or 'final'"),
         ({"chunk_size": 0}, "'chunk' must be between 1"),
-        ({"meta": {"flag": True}}, "must be a number, a text or a list of numbers"),
-        ({"meta": {"m": {"nested": 1}}}, "must be a number, a text or a list of numbers"),
-        ({"meta": {"l": [1, "x"]}}, "must be a list of numbers"),
-        ({"meta": {"": 1}}, "keys must be text of 1 to 64 bytes"),
-        ({"meta": {"k" * 65: 1}}, "keys must be text of 1 to 64 bytes"),
-        ({"meta": {"t": "x" * 257}}, "at most 256 bytes of text"),
-        ({"meta": {"l": [0] * 1025}}, "at most 1024 items"),
-        ({"meta": {f"k{i}": i for i in range(65)}}, "at most 64 entries"),
+        ({"lap": -1}, "'lap' must be an unsigned integer"),
+        ({"size": 2**64}, "does not fit in 64-bit CBOR"),
     ],
 )
 def test_sender_refuses_to_seal_invalid_headers(kw: dict[str, Any], match: str) -> None:
@@ -171,26 +130,19 @@ def test_sender_must_sign_its_own_header() -> None:
         sealed(header(), MALLORY)
 
 
-def test_sender_refuses_values_cbor_cannot_carry() -> None:
-    with pytest.raises(LocalProtocolError):
-        sealed(header(meta={"x": float("nan")}))
-    with pytest.raises(LocalProtocolError):
-        sealed(header(lap=-1))
-
-
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
         ({"lap": _DELETE}, "missing field 'lap'"),
-        ({"meta": _DELETE}, "missing field 'meta'"),
         ({"extra": 1}, "unknown field"),
+        ({"meta": {}}, r"unknown field\(s\) 'meta'"),  # the header has no meta any more
         ({"lap": -1}, "'lap' must be an unsigned integer"),
         ({"lap": 1.5}, "'lap' must be an unsigned integer"),
         ({"size": "big"}, "'size' must be an unsigned integer"),
         ({"from": b"\0" * 38}, "'from' not an Ed25519"),
         ({"to": b"x"}, "'to' must be 38 bytes"),
         ({"kind": 1}, "'kind' must be a text string"),
-        ({"meta": [1]}, "'meta' must be a map"),
+        ({"run": [1]}, "nesting deeper than 1"),
     ],
 )
 def test_unknown_missing_and_ill_typed_fields(changes: dict[str, Any], match: str) -> None:
@@ -360,200 +312,18 @@ def test_replay_guard_is_bounded() -> None:
 
 
 # --------------------------------------------------------------------------
-# chunks, the end, and the receiver
-
-
-def frames_of(data: bytes, chunk_size: int) -> list[bytes]:
-    return [kind + bytes(piece) for kind, piece in iter_chunks(memoryview(data), chunk_size)]
-
-
-def receiver_for(data: bytes, chunk_size: int = 100, **kw: Any) -> BlobReceiver:
-    h = header(size=len(data), chunk_size=chunk_size, **kw)
-    return BlobReceiver(h, sealed(h))
-
-
-def end_for(rx: BlobReceiver, data: bytes, ident: Identity = ALICE) -> bytes:
-    """The END the honest sender of ``rx``'s header would send after ``data``."""
-    return seal_blob_end(ident, sealed(rx.header), blob_digest(data))
-
-
-def receive_all(rx: BlobReceiver, frames: list[bytes], data: bytes) -> memoryview:
-    for frame in frames:
-        rx.feed_chunk(frame)
-    return rx.finish(end_for(rx, data), limits=LIMITS)
+# chunk layout and the END record
 
 
 def test_chunk_frames_layout() -> None:
     frames = frames_of(DATA, 100)
-    assert len(frames) == 8
+    assert len(frames) == 8 == chunk_count(len(DATA), 100)
     assert all(f[0] == CHUNK_MORE and len(f) == 101 for f in frames[:-1])
     assert frames[-1][0] == CHUNK_LAST and len(frames[-1]) == 1 + len(DATA) - 700
     assert frames_of(b"", 100) == [bytes([CHUNK_LAST])]
     assert frames_of(b"x" * 200, 100)[-1] == bytes([CHUNK_LAST]) + b"x" * 100
-
-
-def test_receiver_whole_blob() -> None:
-    rx = receiver_for(DATA)
-    results = [rx.feed_chunk(f) for f in frames_of(DATA, 100)]
-    assert results == [False] * 7 + [True]
-    assert rx.state == "END_DUE" and rx.digest is None
-    out = rx.finish(end_for(rx, DATA), limits=LIMITS)
-    assert isinstance(out, memoryview) and not out.readonly and out == DATA
-    assert rx.state == "DONE"  # type: ignore[comparison-overlap]  # mypy narrowed it above
-    assert rx.digest == blob_digest(DATA)
-    with pytest.raises(LocalProtocolError, match="in state DONE"):
-        rx.finish(end_for(rx, DATA), limits=LIMITS)
-
-
-def test_receiver_every_size_and_chunk_size() -> None:
-    # The chunking of a blob is canonical; check every small size / chunk size,
-    # frames given as bytes, bytearray and memoryview.
-    for chunk_size in range(1, 8):
-        for size in range(0, 4 * chunk_size + 2):
-            data = bytes((i * 7 + size) % 256 for i in range(size))
-            for wrap in (bytes, bytearray, memoryview):
-                rx = receiver_for(data, chunk_size)
-                frames = frames_of(data, chunk_size)
-                assert len(frames) == chunk_count(size, chunk_size)
-                done = [rx.feed_chunk(wrap(f)) for f in frames]
-                assert done[-1] and not any(done[:-1])
-                assert rx.finish(wrap(end_for(rx, data)), limits=LIMITS) == data
-
-
-def test_receiver_deferred_hashing_at_any_point() -> None:
-    frames = frames_of(DATA, 100)
-    for hash_at in range(len(frames) + 1):
-        rx = receiver_for(DATA)
-        for i, frame in enumerate(frames):
-            rx.accept_chunk(frame)
-            if i == hash_at:
-                assert rx.hasher.hash_pending() == min(100 * (i + 1), len(DATA))
-        assert rx.finish(end_for(rx, DATA), limits=LIMITS) == DATA  # hashes what is left
-
-
-def test_hasher_matches_one_pass() -> None:
-    hasher = BlobHasher()
-    view = memoryview(DATA)
-    for i in range(0, len(DATA), 33):
-        hasher.queue(view[i : i + 33])
-        if i % 99 == 0:
-            hasher.hash_pending()
-    assert hasher.pending > 0
-    assert hasher.digest() == blob_digest(DATA) and hasher.hashed == len(DATA)
-
-
-def test_empty_blob_is_one_empty_last_chunk() -> None:
-    assert receive_all(receiver_for(b""), [bytes([CHUNK_LAST])], b"").nbytes == 0
-    with pytest.raises(BlobDataError, match="chunk of 0 bytes before the last"):
-        receiver_for(b"").feed_chunk(bytes([CHUNK_MORE]))
-    with pytest.raises(BlobDataError, match="complete but its chunk is not last"):
-        receiver_for(DATA[:100]).feed_chunk(bytes([CHUNK_MORE]) + DATA[:100])
-
-
-def test_missing_last_chunk() -> None:
-    rx = receiver_for(DATA)
-    for frame in frames_of(DATA, 100)[:-1]:
-        rx.feed_chunk(frame)
-    with pytest.raises(LocalProtocolError, match="before the last chunk"):
-        rx.finish(end_for(rx, DATA), limits=LIMITS)
-    with pytest.raises(BlobTruncatedError, match=r"after 700 of 772 bytes .*before the last chunk"):
-        rx.eof()
-    with pytest.raises(ConnectionLostError):  # poisoned, and still a lost connection
-        rx.eof()
-
-
-def test_missing_end() -> None:
-    rx = receiver_for(DATA)
-    for frame in frames_of(DATA, 100):
-        rx.feed_chunk(frame)
-    with pytest.raises(BlobTruncatedError, match=r"after 772 of 772 bytes .*before its END"):
-        rx.eof()
-
-
-def test_eof_after_the_end_is_fine() -> None:
-    rx = receiver_for(DATA)
-    assert receive_all(rx, frames_of(DATA, 100), DATA) == DATA
-    rx.eof()
-
-
-def test_frame_of_another_type_mid_blob() -> None:
-    frames = frames_of(DATA, 100)
-    for intruder in (b"\x03" + b"x" * 10, BlobReply.ack(b"\0" * 32).to_cbor(), b"\x00"):
-        rx = receiver_for(DATA)
-        rx.feed_chunk(frames[0])
-        with pytest.raises(BlobDataError, match="expected a chunk"):
-            rx.feed_chunk(intruder)
-    with pytest.raises(BlobDataError, match="empty frame"):
-        receiver_for(DATA).feed_chunk(b"")
-
-
-def test_end_before_last_chunk_is_refused_as_a_chunk() -> None:
-    rx = receiver_for(DATA)
-    rx.feed_chunk(frames_of(DATA, 100)[0])
-    with pytest.raises(BlobDataError, match="of type 0xa4 after 100 of 772 bytes"):
-        rx.feed_chunk(end_for(rx, DATA))
-
-
-def test_extra_chunk_after_last() -> None:
-    for feed in ("feed_chunk", "finish"):
-        rx = receiver_for(DATA)
-        for frame in frames_of(DATA, 100):
-            rx.feed_chunk(frame)
-        with pytest.raises(BlobDataError, match="a chunk arrived after the last chunk"):
-            getattr(rx, feed)(bytes([CHUNK_LAST]))
-
-
-def test_chunks_beyond_declared_size() -> None:
-    rx = receiver_for(DATA[:150])
-    rx.feed_chunk(bytes([CHUNK_MORE]) + DATA[:100])
-    with pytest.raises(BlobDataError, match="exceed the declared 150 bytes"):
-        rx.feed_chunk(bytes([CHUNK_LAST]) + DATA[100:200])
-
-
-def test_short_total() -> None:
-    rx = receiver_for(DATA[:150])
-    rx.feed_chunk(bytes([CHUNK_MORE]) + DATA[:100])
-    with pytest.raises(BlobDataError, match=r"last chunk ends .* after 140 of 150 bytes"):
-        rx.feed_chunk(bytes([CHUNK_LAST]) + DATA[100:140])
-
-
-def test_more_chunk_must_be_full() -> None:
-    rx = receiver_for(DATA)
-    with pytest.raises(BlobDataError, match="every chunk but the last carries exactly 100"):
-        rx.feed_chunk(bytes([CHUNK_MORE]) + DATA[:99])
-
-
-def test_chunk_larger_than_chunk_size() -> None:
-    rx = receiver_for(DATA)
-    with pytest.raises(BlobDataError, match="chunk of 101 bytes exceeds the chunk size 100"):
-        rx.feed_chunk(bytes([CHUNK_MORE]) + DATA[:101])
-
-
-def test_digest_mismatch_and_poisoning() -> None:
-    rx = receiver_for(DATA)
-    for frame in frames_of(DATA, 100):
-        rx.feed_chunk(frame)
-    with pytest.raises(BlobDigestError, match="digest mismatch"):
-        rx.finish(end_for(rx, b"something else"), limits=LIMITS)
-    assert rx.state == "FAILED"
-    with pytest.raises(BlobDigestError):  # poisoned: the same error again
-        rx.finish(end_for(rx, DATA), limits=LIMITS)
-    with pytest.raises(BlobDigestError):
-        rx.feed_chunk(bytes([CHUNK_LAST]))
-
-
-def test_flipped_byte_in_a_chunk() -> None:
-    frames = frames_of(DATA, 100)
-    frames[3] = frames[3][:50] + bytes([frames[3][50] ^ 0x80]) + frames[3][51:]
-    with pytest.raises(BlobDigestError):
-        receive_all(receiver_for(DATA), frames, DATA)
-
-
-def finished_chunks() -> BlobReceiver:
-    rx = receiver_for(DATA)
-    for frame in frames_of(DATA, 100):
-        rx.feed_chunk(frame)
-    return rx
+    with pytest.raises(LocalProtocolError):
+        chunk_count(10, 0)
 
 
 def end_signed(
@@ -566,9 +336,20 @@ def end_signed(
     return envelope.to_cbor()
 
 
+def open_end(frame: bytes) -> bytes:
+    h = header()
+    return open_blob_end(frame, header=h, header_id=blob_header_id(sealed(h)), limits=LIMITS)
+
+
+def test_end_round_trip() -> None:
+    digest = blob_digest(DATA)
+    assert open_end(seal_blob_end(ALICE, sealed(), digest)) == digest
+    with pytest.raises(LocalProtocolError, match="32 bytes"):
+        seal_blob_end(ALICE, sealed(), digest[:31])
+
+
 def test_end_checks() -> None:
-    rx = finished_chunks()
-    good = {"header": blob_header_id(sealed(rx.header)), "digest": blob_digest(DATA)}
+    good = {"header": blob_header_id(sealed()), "digest": blob_digest(DATA)}
     cases: list[tuple[bytes, type[BlobError], str]] = [
         (b"\xff" * (LIMITS.max_message_size + 1), BlobEndError, "exceeds the limit"),
         (b"", BlobEndError, "^blob end: empty input"),
@@ -579,88 +360,92 @@ def test_end_checks() -> None:
         (end_signed({"header": good["header"]}), BlobEndError, "missing field 'digest'"),
         (end_signed({**good, "header": b"\0" * 32}), BlobEndError, "names another header"),
         (end_signed({**good, "digest": b"\0" * 31}), BlobEndError, "'digest' must be 32 bytes"),
-        (end_signed({**good, "digest": b"\0" * 32}), BlobDigestError, "digest mismatch"),
     ]
     for frame, error, match in cases:
         with pytest.raises(error, match=match):
-            finished_chunks().finish(frame, limits=LIMITS)
+            open_end(frame)
     forged = bytearray(end_signed(good))
     forged[-1] ^= 1
     with pytest.raises(BlobSignatureError):
-        finished_chunks().finish(bytes(forged), limits=LIMITS)
-    assert finished_chunks().finish(end_signed(good), limits=LIMITS) == DATA
+        open_end(bytes(forged))
+    assert open_end(end_signed(good)) == good["digest"]
 
 
 def test_end_of_another_blob_is_refused() -> None:
     # A valid END of a different header (another lap) cannot finish this blob.
-    rx = finished_chunks()
     other = seal_blob_end(ALICE, sealed(header(lap=4)), blob_digest(DATA))
     with pytest.raises(BlobEndError, match="names another header"):
-        rx.finish(other, limits=LIMITS)
+        open_end(other)
 
 
-def test_huge_claim_then_one_small_chunk_allocates_nothing_proportional() -> None:
-    for limits in (attrs.evolve(DEFAULT_LIMITS, blob_chunk_size=4096), DEFAULT_LIMITS):
-        claim = limits.max_blob_size
-        chunk = bytes([CHUNK_MORE]) + b"\x5a" * limits.blob_chunk_size
-        frame = sealed(header(size=claim, chunk_size=limits.blob_chunk_size))
-        gc.collect()
-        tracemalloc.start()
-        try:
-            rx = BlobReceiver(verify(frame, limits=limits), frame)
-            assert not rx.feed_chunk(chunk)
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-        assert rx.received == limits.blob_chunk_size
-        # Python allocations (tracemalloc) and the reserved map (capacity) are both
-        # bounded by what arrived, never by the claim.
-        assert peak < 2 * limits.blob_chunk_size + 256 * 1024, peak
-        assert rx.capacity <= max(2 * limits.blob_chunk_size, 2 * 1024 * 1024)
-        assert rx.capacity < claim / 100
+# --------------------------------------------------------------------------
+# refusal codes of the errors
 
 
-@pytest.mark.parametrize("use_map", [True, False])
-def test_blob_buffer_grows_with_the_data(monkeypatch: pytest.MonkeyPatch, use_map: bool) -> None:
-    monkeypatch.setattr(blob_module, "_USE_MAP", use_map and blob_module._USE_MAP)
-    data = os.urandom(5 * 1024 * 1024 + 3)
-    view = memoryview(data)
-    buf = BlobBuffer(len(data))
-    for i in range(0, len(data), 1 << 20):
-        buf.append(view[i : i + (1 << 20)])
-        assert buf.size == min(i + (1 << 20), len(data))
-        assert buf.capacity <= max(2 * buf.size, 2 * 1024 * 1024)
-    with pytest.raises(LocalProtocolError, match="limit"):
-        buf.append(memoryview(b"x"))
-    out = buf.take()
-    assert out == data and not out.readonly and out.nbytes == len(data)
-    out[0] ^= 1  # writable, and ours
-    assert BlobBuffer(0).take().nbytes == 0
-
-
-def test_blob_buffer_falls_back_when_the_map_cannot_grow(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (BlobHeaderError, RefusalCode.MALFORMED),
+        (BlobSignatureError, RefusalCode.MALFORMED),
+        (BlobSenderError, RefusalCode.MALFORMED),
+        (BlobRecipientError, RefusalCode.WRONG_RUN),
+        (BlobRunError, RefusalCode.WRONG_RUN),
+        (BlobEpochError, RefusalCode.STALE),
+        (BlobSizeError, RefusalCode.TOO_LARGE),
+        (BlobChunkSizeError, RefusalCode.MALFORMED),
+        (BlobReplayError, RefusalCode.STALE),
+        (BlobDataError, RefusalCode.MALFORMED),
+        (BlobEndError, RefusalCode.MALFORMED),
+        (BlobDigestError, RefusalCode.MALFORMED),
+        (BlobTruncatedError, RefusalCode.MALFORMED),
+        (BlobReplyError, RefusalCode.MALFORMED),
+    ],
+)
+def test_every_error_says_which_refusal_answers_it(
+    error: type[BlobError], code: RefusalCode
 ) -> None:
-    if not blob_module._USE_MAP:
-        pytest.skip("no memory maps on this platform")
-
-    class Unresizable(mmap.mmap):
-        def resize(self, newsize: int) -> None:
-            raise SystemError("mmap: resizing not available--no mremap()")
-
-    monkeypatch.setattr(mmap, "mmap", Unresizable)
-    data = os.urandom(3 * 1024 * 1024)
-    buf = BlobBuffer(len(data))
-    for i in range(0, len(data), 1 << 20):
-        buf.append(memoryview(data)[i : i + (1 << 20)])
-    assert buf.take() == data
+    assert error.code is code
+    exc = error("why")
+    assert refusal_code(exc) is code
+    named = exc.with_peer("peer-x")  # the copy that names the peer keeps class and code
+    assert type(named) is error and named.code is code and named.peer == "peer-x"
+    assert type(exc.again()) is error and exc.again().reason == "why"
 
 
-def test_blob_buffer_clear_frees() -> None:
-    buf = BlobBuffer(100)
-    buf.append(memoryview(b"abc"))
-    buf.clear()
-    assert buf.size == 0 and buf.capacity == 0
+def test_refusal_codes_of_the_header_checks() -> None:
+    # The header checks raise errors whose code is the refusal the receiver sends.
+    guard = BlobReplayGuard()
+    guard.commit(header(lap=9))
+    cases: list[tuple[dict[str, Any], RefusalCode]] = [
+        ({"me": MALLORY.peer_id}, RefusalCode.WRONG_RUN),
+        ({"run_id": OTHER_RUN}, RefusalCode.WRONG_RUN),
+        ({"min_epoch": 8}, RefusalCode.STALE),
+        ({"max_size": 10}, RefusalCode.TOO_LARGE),
+        ({"guard": guard}, RefusalCode.STALE),
+        ({"remote": MALLORY.peer_id}, RefusalCode.MALFORMED),
+    ]
+    for kw, code in cases:
+        with pytest.raises(BlobError) as info:
+            verify(sealed(), **kw)
+        assert info.value.code is code, kw
+
+
+def test_refused_error_carries_the_code_of_the_nack() -> None:
+    exc = BlobRefusedError("refused", code=RefusalCode.STALE)
+    assert exc.code is RefusalCode.STALE and BlobRefusedError.code is RefusalCode.MALFORMED
+    assert exc.with_peer("p").code is RefusalCode.STALE
+    assert exc.again().code is RefusalCode.STALE
+
+
+def test_refusal_code_of_other_errors() -> None:
+    class Coded(RemoteProtocolError):
+        code = RefusalCode.BAD_STATE
+
+    assert refusal_code(Coded("x")) is RefusalCode.BAD_STATE
+    assert refusal_code(RemoteProtocolError("x")) is RefusalCode.MALFORMED
+    broken = RemoteProtocolError("x")
+    broken.code = "stale"  # type: ignore[attr-defined]  # not a RefusalCode: ignored
+    assert refusal_code(broken) is RefusalCode.MALFORMED
 
 
 # --------------------------------------------------------------------------
@@ -672,21 +457,63 @@ def test_replies_round_trip() -> None:
     for reply in (
         BlobReply.accept(blob_header_id(sealed())),
         BlobReply.ack(digest),
-        BlobReply.nack("digest mismatch"),
-        BlobReply.nack(""),
+        BlobReply.nack(RefusalCode.MALFORMED, "digest mismatch"),
+        BlobReply.nack(RefusalCode.STALE, ""),
     ):
         assert BlobReply.from_cbor(reply.to_cbor()) == reply
     assert cbor.decode(BlobReply.ack(digest).to_cbor(), max_size=100, max_depth=1) == {
         "ack": digest
     }
-    assert BlobReply.nack("why").to_cbor() == cbor.encode({"nack": "why"})
+    wire = BlobReply.nack(RefusalCode.STALE, "why").to_cbor()
+    assert wire == cbor.encode({"nack": "why", "code": "stale"})
 
 
-def test_nack_reason_is_printable_and_bounded() -> None:
-    reply = BlobReply.nack("evil\x1b[2J\nreason" + "é" * 1000)
+@pytest.mark.parametrize("code", list(RefusalCode))
+def test_every_code_encodes_and_decodes(code: RefusalCode) -> None:
+    reply = BlobReply.nack(code, f"refused: {code.value}")
+    frame = reply.to_cbor()
+    assert len(frame) <= REPLY_MAX_SIZE
+    back = BlobReply.from_cbor(frame)
+    assert back == reply and back.code is code and back.kind == "nack"
+    # with the longest reason allowed, it still fits a reply frame
+    assert len(BlobReply.nack(code, "x" * 10_000).to_cbor()) <= REPLY_MAX_SIZE
+
+
+def test_an_unknown_code_is_a_malformed_reply() -> None:
+    for code in ("rude", "", "STALE", "x" * 40):
+        with pytest.raises(BlobReplyError, match="malformed blob reply") as info:
+            BlobReply.from_cbor(cbor.encode({"nack": "why", "code": code}))
+        assert info.value.code is RefusalCode.MALFORMED
+    with pytest.raises(BlobReplyError, match="names no known refusal: 'rude'"):
+        BlobReply.from_cbor(cbor.encode({"nack": "why", "code": "rude"}))
+    with pytest.raises(BlobReplyError, match="missing field 'code'"):
+        BlobReply.from_cbor(cbor.encode({"nack": "why"}))  # the old wire form
+
+
+def test_a_long_reason_in_any_script_arrives_cut_not_refused() -> None:
+    reason = "é" * 300  # 600 bytes of UTF-8, two bytes a character
+    assert len(reason.encode()) == 600
+    reply = BlobReply.nack(RefusalCode.BAD_STATE, reason)
+    back = BlobReply.from_cbor(reply.to_cbor())
+    assert back.code is RefusalCode.BAD_STATE
+    raw = back.reason.encode()
+    assert len(raw) <= REASON_MAX_BYTES
+    assert back.reason.endswith("...") and set(back.reason[:-3]) == {"é"}
+    assert raw[:-3].decode("utf-8") == "é" * ((REASON_MAX_BYTES - 3) // 2)  # whole characters
+    for char in ("€", "😀"):  # three and four bytes a character
+        cut = BlobReply.from_cbor(BlobReply.nack(RefusalCode.STALE, char * 200).to_cbor())
+        assert set(cut.reason[:-3]) == {char} and len(cut.reason.encode()) <= REASON_MAX_BYTES
+
+
+def test_nack_reason_is_printable() -> None:
+    reply = BlobReply.nack(RefusalCode.MALFORMED, "evil\x1b[2J\nreason")
     assert "\x1b" not in reply.reason and "\n" not in reply.reason
-    assert len(reply.reason.encode()) <= REASON_MAX
-    assert BlobReply.from_cbor(cbor.encode({"nack": "a\rb"})).reason == "a\\rb"
+    assert BlobReply.from_cbor(cbor.encode({"nack": "a\rb", "code": "stale"})).reason == "a\\rb"
+
+
+def test_a_nack_without_a_code_cannot_be_sent() -> None:
+    with pytest.raises(LocalProtocolError, match="needs a refusal code"):
+        BlobReply("nack", reason="why").to_cbor()
 
 
 @pytest.mark.parametrize(
@@ -698,8 +525,10 @@ def test_nack_reason_is_printable_and_bounded() -> None:
         cbor.encode([1]),
         cbor.encode({"ack": b"short"}),
         cbor.encode({"ack": b"\0" * 32, "extra": 1}),
-        cbor.encode({"nack": None}),
-        cbor.encode({"nack": "x" * 600}),
+        cbor.encode({"nack": None, "code": "stale"}),
+        cbor.encode({"nack": "x" * 600, "code": "stale"}),
+        cbor.encode({"nack": "why", "code": 1}),
+        cbor.encode({"nack": "why", "code": "stale", "extra": 1}),
         cbor.encode({"hello": 1}),
         b"\xa1" + b"\x00" * 2000,
     ],
@@ -759,44 +588,32 @@ def test_hostile_signed_headers(fields: dict[str, object], start_valid: bool) ->
     frame = signed_payload(raw)
     try:
         h = verify(frame, guard=BlobReplayGuard())
-    except BlobError:
+    except BlobError as exc:
+        assert isinstance(exc.code, RefusalCode)
         return
     assert h.sender == ALICE.peer_id and h.recipient == BOB.peer_id and h.run_id == RUN
 
 
-chunk_frames = st.lists(
-    st.tuples(st.sampled_from([0, 1, 1, 2, 2, 3, 0xA1]), st.integers(0, 12)), max_size=8
-)
+reply_values = field_values | st.sampled_from([c.value for c in RefusalCode])
 
 
-@settings(max_examples=500)
+@settings(max_examples=300)
 @given(
-    st.binary(max_size=40),
-    st.integers(1, 8),
-    chunk_frames,
-    st.booleans(),
-    st.none() | st.binary(max_size=80),
+    st.dictionaries(
+        st.sampled_from(["accept", "ack", "nack", "code", "x"]), reply_values, max_size=4
+    )
+    | st.binary(max_size=64).map(lambda b: {"raw": b})
 )
-def test_hostile_chunk_sequences(
-    data: bytes,
-    chunk_size: int,
-    frames: list[tuple[int, int]],
-    end_with_eof: bool,
-    end: bytes | None,
-) -> None:
-    """Any frames after a valid header: the blob exactly, or a BlobDataError/BlobError."""
-    rx = receiver_for(data, chunk_size)
-    pos = 0
+def test_hostile_replies(value: dict[str, object]) -> None:
+    """Any map or bytes: a reply of the right shape, or a BlobReplyError, nothing else."""
     try:
-        for kind, n in frames:
-            piece = data[pos : pos + n] if pos + n <= len(data) else b"\x00" * n
-            pos += n
-            rx.feed_chunk(bytes([kind]) + piece)
-        if end_with_eof:
-            rx.eof()
-        if rx.done:
-            end_frame = end_for(rx, data) if end is None else end
-            assert rx.finish(end_frame, limits=LIMITS) == data
-            assert end is None or end == end_for(rx, data)
-    except BlobError as exc:
-        assert isinstance(exc, BlobDataError | BlobSignatureError | BlobSenderError)
+        frame = value["raw"] if set(value) == {"raw"} else cbor.encode(value)
+    except LocalProtocolError:
+        return
+    assert isinstance(frame, bytes)
+    try:
+        reply = BlobReply.from_cbor(frame)
+    except BlobReplyError:
+        return
+    assert BlobReply.from_cbor(reply.to_cbor()) == reply
+    assert (reply.kind == "nack") == (reply.code is not None)

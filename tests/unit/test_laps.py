@@ -2,10 +2,7 @@ from __future__ import annotations
 
 import random
 
-import pytest
-
-from fedup.errors import LocalProtocolError
-from fedup.protocol.laps import ConvergenceTracker, Position, next_position
+from fedup.protocol.laps import LapRecord, Position, StopState, last_lap, next_position
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.ring import Ring
 
@@ -32,35 +29,40 @@ def test_a_lap_visits_everyone_then_returns_to_the_leader() -> None:
 def test_dead_member_skipped_positions_still_grow() -> None:
     r = ring(4)
     m = r.members
-    nxt, pos = next_position(r.without(m[2]), m[1], Position(3, 1))
+    nxt, pos = next_position(Ring.of(m, dead=[m[2]]), m[1], Position(3, 1))
     assert nxt == m[3] and pos == Position(3, 2)
     # The leader dies: the next lowest leads and the lap advances when it gets the model.
-    r2 = r.without(m[0])
+    r2 = Ring.of(m, dead=[m[0]])
     nxt, pos = next_position(r2, m[3], Position(3, 3))
     assert nxt == m[1] and pos == Position(4, 0)
 
 
+def judge_all(losses: list[float], *, tolerance: float) -> StopState:
+    state = StopState()
+    for lap, loss in enumerate(losses):
+        state, _ = state.judge(LapRecord(lap, loss, 0.0, 0.0, 1, 1), tolerance=tolerance)
+    return state
+
+
 def test_convergence_patience_and_tolerance() -> None:
-    t = ConvergenceTracker(tolerance=0.01, patience=2, max_laps=50)
-    assert not t.add(1, 1.0).stop
-    assert not t.add(2, 0.8).stop
-    assert not t.add(3, 0.799).stop  # improved, but by less than 1%: stale 1
-    d = t.add(4, 0.7995)
-    assert d.stop and d.reason == "converged" and d.best_lap == 3
-    assert t.losses == [1.0, 0.8, 0.799, 0.7995]
+    state = judge_all([1.0, 0.8, 0.799], tolerance=0.01)
+    assert state == StopState(best_lap=2, best_loss=0.799, ref_loss=0.8, stale=1)
+    assert not state.holds(judged_lap=2, patience=2, max_laps=50)
+    state, improved = state.judge(LapRecord(3, 0.7995, 0, 0, 1, 1), tolerance=0.01)
+    assert not improved and state.stale == 2 and state.best_lap == 2
+    assert state.holds(judged_lap=3, patience=2, max_laps=50)
+    assert state.reason(patience=2) == "converged"
 
 
 def test_max_laps_and_best_lap() -> None:
-    t = ConvergenceTracker(tolerance=0.0, patience=10, max_laps=3)
-    t.add(1, 0.5)
-    t.add(2, 0.6)
-    d = t.add(3, 0.55)
-    assert d.stop and d.reason == "max-laps" and d.best_lap == 1
+    state = judge_all([0.5, 0.6, 0.55], tolerance=0.0)
+    assert state.best_lap == 0 and state.stale == 2
+    assert state.holds(judged_lap=2, patience=10, max_laps=3)  # the output of the last lap
+    assert not state.holds(judged_lap=1, patience=10, max_laps=3)
+    assert state.reason(patience=10) == "max-laps"
+    assert last_lap(3) == 4
 
 
-def test_misuse() -> None:
-    t = ConvergenceTracker(tolerance=0.0, patience=1, max_laps=3)
-    with pytest.raises(LocalProtocolError):
-        t.add(2, 1.0)
-    with pytest.raises(LocalProtocolError):
-        ConvergenceTracker(tolerance=1.5, patience=1, max_laps=1)
+def test_a_nan_loss_never_improves_and_never_becomes_best() -> None:
+    state = judge_all([1.0, float("nan")], tolerance=0.0)
+    assert state.best_lap == 0 and state.stale == 1

@@ -205,7 +205,7 @@ def test_settings_round_trip() -> None:
     assert s.digest() == RingSettings.from_dict(s.to_dict()).digest() != RingSettings().digest()
     with pytest.raises(RingStateError, match="unknown field"):
         RingSettings.from_dict({**s.to_dict(), "lr": 1.0})
-    with pytest.raises(RingStateError, match="hop_epochs"):
+    with pytest.raises(RingStateError, match="local_epochs"):
         RingSettings.from_dict({**s.to_dict(), "hop_epochs": 0.0})
 
 

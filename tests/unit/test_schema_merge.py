@@ -197,6 +197,8 @@ DELETE = object()
         (["columns", 0, "kind"], "text", "must be one of"),
         (["columns", 0, "mean"], math.nan, "finite"),
         (["columns", 0, "m2"], -1.0, "negative"),
+        (["columns", 0, "mean"], 1.7e308, r"columns\[0\]: field 'mean' must be at most 1e\+100"),
+        (["columns", 0, "m2"], 1e201, r"columns\[0\]: field 'm2' must be at most 1e\+200"),
         (["columns", 0, "count"], 2, "does not have n_rows values"),
         (["columns", 0, "name"], "c", "repeated column"),
         (["columns", 0, "name"], "y", "also a feature"),

@@ -5,16 +5,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedup.errors import LocalProtocolError, RemoteProtocolError
+from fedup.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from fedup.identity import Identity
 from fedup.protocol import cbor
 from fedup.protocol.envelope import SignatureError, seal_envelope
 from fedup.protocol.messages import (
     Ack,
-    BlobRequest,
     Call,
+    Commit,
     Follow,
     GetPeers,
+    Link,
     Offer,
     Passed,
     PeerList,
@@ -24,6 +25,7 @@ from fedup.protocol.messages import (
     encode_message,
 )
 from fedup.protocol.records import Address, PeerRecord, SignedPeerRecord
+from fedup.protocol.refusal import RefusalCode
 from fedup.protocol.schema import MessageError
 from fedup.protocol.view import VIEW_DOMAIN, VIEW_TYPE, MembershipView, RunSettings, verify_view
 from tests.conftest import make_identities
@@ -99,14 +101,31 @@ def test_tampered_view_rejected() -> None:
     ("change", "match"),
     [
         ({"lr": 0.0}, "'lr'"),
-        ({"local_epochs": -1.0}, "'epochs'"),
-        ({"tolerance": 1.0}, "'tol'"),
+        ({"epochs": -1.0}, "'epochs'"),
+        ({"tol": 1.0}, "'tol'"),
+        ({"max_laps": 20_000}, "'max_laps' must be in \\[1, 10000\\]"),  # crashed members once
+        ({"patience": 0}, "'patience'"),
+        ({"batch": 0}, "'batch'"),
     ],
 )
-def test_settings_checked(change: dict[str, object], match: str) -> None:
-    bad = view(settings=attrs.evolve(RunSettings(), **change))
+def test_settings_out_of_bounds_are_refused_before_acknowledging(
+    change: dict[str, object], match: str
+) -> None:
+    """Bounds have one source (view.SETTINGS_BOUNDS): a leader's view outside them is
+    refused by verify_view, not accepted and then failing in the learning layer."""
+    value = cbor.decode(view().to_cbor(), max_size=100_000, max_depth=8)
+    assert isinstance(value, dict)
+    value["settings"] = {**value["settings"], **change}
     with pytest.raises(MessageError, match=match):
-        verify_view(_forge(bad.to_cbor(), IDS[0]))
+        verify_view(_forge(cbor.encode(value), IDS[0]))
+
+
+@pytest.mark.parametrize(
+    "change", [{"lr": 0.0}, {"local_epochs": -1.0}, {"max_laps": 0}, {"max_laps": 10_001}]
+)
+def test_local_settings_out_of_bounds_are_a_config_error(change: dict[str, object]) -> None:
+    with pytest.raises(ConfigError, match=next(iter(change))):
+        attrs.evolve(RunSettings(), **change)
 
 
 MESSAGES = [
@@ -115,9 +134,11 @@ MESSAGES = [
     Follow(RUN, IDS[0].peer_id),
     ViewMessage(b"xyz"),
     Ack(RUN, 3, b"d" * 32),
-    Refuse(RUN, "columns 'x' do not fit"),
-    BlobRequest(RUN),
-    Passed(RUN, 2, 1),
+    Refuse(RUN, RefusalCode.MISFIT, "columns 'x' do not fit"),
+    Refuse(RUN, RefusalCode.GIVEN_UP, ""),
+    Link(RUN),
+    Commit(RUN, 2, b"d" * 32),
+    Passed(RUN, b"r" * 300),
     GetPeers(),
     PeerList((b"env1", b"env2")),
 ]
@@ -150,3 +171,20 @@ def test_random_bytes_are_clean_errors(data: bytes) -> None:
         decode_message(data)
     except RemoteProtocolError:
         pass
+
+
+def test_a_long_multibyte_refusal_reason_is_cut_at_a_character_not_lost() -> None:
+    """Formation once cut reasons to 1,000 characters while the decoder allows 1,024
+    bytes: a long reason in another script was refused whole.  Now it is cut by bytes."""
+    reason = "列" * 600  # 1,800 bytes of UTF-8
+    message = Refuse(RUN, RefusalCode.MISFIT, reason)
+    decoded = decode_message(encode_message(message))
+    assert isinstance(decoded, Refuse) and decoded.code is RefusalCode.MISFIT
+    assert decoded.reason.endswith("...") and len(decoded.reason.encode()) <= 1024
+    assert decoded.reason[:-3] == "列" * len(decoded.reason[:-3])
+
+
+def test_a_refusal_with_an_unknown_code_is_malformed() -> None:
+    raw = cbor.encode({"t": "refuse", "run": RUN, "code": "whatever", "why": ""})
+    with pytest.raises(MessageError, match="code"):
+        decode_message(raw)

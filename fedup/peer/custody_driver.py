@@ -1,0 +1,660 @@
+"""The trio driver of the custody machine: links, training, files, timers; no rules.
+
+:class:`CustodyDriver` feeds :class:`~fedup.protocol.custody.CustodyMachine`
+what happens (a blob's header and then the whole decoded blob, the end of a
+hop's training, the outcome of a hand-over, ``passed``, fired timers) and
+carries out what it returns: train (with the learning layer, in a worker
+thread when the peer trains in threads), hand a state to a neighbour over its
+link, tell ``passed``, save the final model.  The rules are all the machine's.
+
+The states it keeps are the machine's *slots*: the state trained at each
+position it still needs (what it handed on and keeps until ``passed``), the
+final model, and the blob just taken (until it is trained).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import attrs
+import trio
+
+from fedup.config import Limits
+from fedup.errors import FedupError, PeerTimeoutError, RemoteProtocolError
+from fedup.learn.ring import (
+    FederationStats,
+    HopMetrics,
+    RingSettings,
+    RingState,
+    evaluate_state,
+    final_weights,
+    initial_state,
+    train_hop,
+)
+from fedup.learn.ring_payload import content_of, decode_ring_blob, encode_ring_blob, state_problem
+from fedup.net.channel import SecureChannel
+from fedup.net.framed import FramedStream
+from fedup.net.links import OutboundLink, serve_link
+from fedup.net.timers import Timers
+from fedup.net.transport import DialError
+from fedup.peer import events as ev
+from fedup.peer.outputs import RunOutputs, RunSummary, run_settings_json
+from fedup.peer.tamper import OutgoingBlob, Tamper
+from fedup.peer.tasks import TaskBuilder
+from fedup.protocol import custody_events as ce
+from fedup.protocol.blob import BlobHeader, BlobRefusedError
+from fedup.protocol.custody import CustodyMachine, StopRule
+from fedup.protocol.envelope import Signer
+from fedup.protocol.handshake import AbortCode, HandshakeError
+from fedup.protocol.laps import Position
+from fedup.protocol.messages import Message, Passed, encode_message
+from fedup.protocol.peer_id import PeerId
+from fedup.protocol.refusal import RefusalCode
+from fedup.protocol.view import SignedView
+
+__all__ = ["CustodyDriver", "RunError"]
+
+log = logging.getLogger("fedup.federation")
+
+Dial = Callable[[PeerId], Awaitable[SecureChannel]]
+Confirm = Callable[[PeerId, bytes, bytes], bool]
+"""``confirm(sender, run_id, view_digest)``: a blob arrived before our commit did: does it
+make the view hold?  (The formation driver's answer.)"""
+
+
+class RunError(FedupError):
+    """The run could not finish here (no model arrived in time, training failed, ...)."""
+
+
+class Refusal(RemoteProtocolError):
+    """A blob the custody machine refused; carries the code (and proof) for the NACK."""
+
+    def __init__(self, refuse: ce.Refuse) -> None:
+        super().__init__(refuse.reason)
+        self.code = refuse.code
+        self.proof = refuse.proof
+
+
+@attrs.define
+class _Run:
+    """Counters for the summary."""
+
+    bytes_sent: int = 0
+    hops: int = 0
+    dead: dict[PeerId, str] = attrs.field(factory=dict)
+
+
+class CustodyDriver:
+    """This peer's custody of one run, from the view that holds to the final model."""
+
+    def __init__(
+        self,
+        *,
+        identity: Signer,
+        signed: SignedView,
+        builder: TaskBuilder,
+        template: RingState,
+        dial: Dial,
+        out_dir: Path,
+        limits: Limits,
+        events: ev.EventHub,
+        confirm: Confirm | None = None,
+        tamper: Tamper | None = None,
+        train_delay: float = 0.0,
+    ) -> None:
+        view = signed.view
+        self.me = identity.peer_id
+        self._identity = identity
+        self.signed = signed
+        self.view = view
+        self.run_id = view.run_id
+        self.members = view.member_ids
+        self._builder = builder
+        self._limits = limits
+        self._events = events
+        self._dial = dial
+        self._confirm = confirm
+        self._tamper = tamper
+        self._train_delay = train_delay
+        self.schema = builder.source.parse_schema(view.schema)
+        self.task = builder.task_for(self.schema, view.settings)
+        self.ring_settings = RingSettings.for_run(view.settings)
+        self.template = template
+        n = len(self.members)
+        if self.schema is not None:
+            rows, positive = self.schema.n_rows, self.schema.n_positive
+        else:  # a custom task shares no counts: assume members of this one's size
+            rows, positive = self.task.n_train * n, 0
+        self.federation = FederationStats(n, rows, positive)
+        self.machine = CustodyMachine(
+            identity,
+            run_id=self.run_id,
+            view_digest=signed.digest,
+            view_epoch=view.epoch,
+            members=self.members,
+            rule=StopRule(
+                patience=view.settings.patience,
+                tolerance=view.settings.tolerance,
+                max_laps=view.settings.max_laps,
+            ),
+            limits=limits,
+        )
+        self.outputs = RunOutputs(out_dir)
+        self._timers = Timers(self._fire)
+        self._slots: dict[Position, RingState] = {}
+        self._inbox: RingState | None = None
+        self._links: dict[PeerId, OutboundLink] = {}
+        self._inbound: dict[PeerId, FramedStream] = {}
+        self._nursery: trio.Nursery | None = None
+        self._done = trio.Event()
+        self._counts = _Run()
+        self.summary: RunSummary | None = None
+        self.failure: str | None = None
+        self.begun = False
+        self._taking = False
+        """Inside ``decide()``: training waits until the blob's ACK went out."""
+        self._after_ack: tuple[Position, RingState] | None = None
+
+    @classmethod
+    async def template_for(cls, builder: TaskBuilder, signed: SignedView) -> RingState:
+        """The initial state of the run (the decoding template), built off the event loop."""
+        view = signed.view
+        schema = builder.source.parse_schema(view.schema)
+
+        def build() -> RingState:
+            task = builder.task_for(schema, view.settings)
+            return initial_state(task, RingSettings.for_run(view.settings))
+
+        return await builder.run(build)
+
+    # --- running ----------------------------------------------------------------------
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the timers, hand-overs and training while the peer lives."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._timers.run)
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True):
+                    for link in list(self._links.values()):
+                        await link.aclose()
+
+    def begin(self) -> None:
+        """The view holds: start training (idempotent)."""
+        if self.begun:
+            return
+        self.begun = True
+        log.info(
+            "run %s: %d members, ring %s",
+            self.run_id.hex()[:8],
+            len(self.members),
+            " -> ".join(p.short for p in self.members),
+        )
+        self.outputs.save_federation(
+            {
+                "run_id": self.run_id.hex(),
+                "epoch": self.view.epoch,
+                "leader": self.view.leader.text,
+                "members": [p.text for p in self.members],
+                "settings": run_settings_json(self.view.settings),
+                "schema": self.schema.to_dict() if self.schema is not None else None,
+            }
+        )
+        self.feed(ce.Begin())
+
+    async def run(self) -> RunSummary:
+        """Wait until the final model is saved here; raises :class:`RunError` if the run fails."""
+        await self._done.wait()
+        if self.summary is None:
+            raise RunError(self.failure or "the run ended without a model")
+        return self.summary
+
+    # --- feeding the machine ------------------------------------------------------------
+
+    def _fire(self, name: str) -> None:
+        self.feed(ce.TimerFired(name))
+
+    def feed(self, event: ce.Event) -> list[ce.Action]:
+        actions = self.machine.handle(event, trio.current_time())
+        for action in actions:
+            self._carry_out(action)
+        return actions
+
+    def _carry_out(self, a: ce.Action) -> None:
+        if isinstance(a, ce.Train):
+            state = self._source_of(a)
+            if a.source is None and self._taking:
+                self._after_ack = (a.position, state)  # custody changes hands at the ACK
+            else:
+                self._spawn(self._train, a.position, state)
+        elif isinstance(a, ce.Send):
+            self._spawn(self._send, a)
+        elif isinstance(a, ce.TellPassed):
+            self._spawn(self._tell_passed, a.to, a.receipt)
+        elif isinstance(a, ce.Forget):
+            self._slots.pop(a.copy, None)
+        elif isinstance(a, ce.Finish):
+            final = self._inbox if a.copy == ce.FINAL else self._slots.get(a.copy)
+            if final is not None:
+                self._slots[ce.FINAL] = final
+            self._spawn(self._finish, a)
+        elif isinstance(a, ce.Finished):
+            self.close_summary()
+            self._done.set()
+        elif isinstance(a, ce.Failed):
+            self.failure = a.reason
+            log.error("run %s failed here: %s", self.run_id.hex()[:8], a.reason)
+            self._events.emit(ev.Failed(a.reason))
+            self._done.set()
+        elif isinstance(a, ce.Declared):
+            self._declared(a)
+        elif isinstance(a, ce.Excluded):
+            log.warning(
+                "excluded from run %s: %s; training no more, waiting up to %g s for the "
+                "final model",
+                self.run_id.hex()[:8],
+                a.notice.describe(),
+                self._limits.excluded_wait,
+            )
+            self._events.emit(ev.Excluded(a.notice.claimer, a.notice.describe()))
+        elif isinstance(a, ce.Refuse):
+            log.warning("refused %s from %s: %s", a.code.value, a.peer, a.reason)
+            self._events.emit(ev.Refused(a.peer, a.code, a.reason))
+        elif isinstance(a, ce.SetTimer):
+            self._timers.set(a.name, a.seconds)
+        elif isinstance(a, ce.CancelTimer):
+            self._timers.cancel(a.name)
+        elif isinstance(a, ce.Note):
+            log.log(logging.WARNING if a.level == "warning" else logging.INFO, "%s", a.text)
+        elif isinstance(a, ce.Ignored):
+            log.debug("custody ignored %s when %s: %s", a.event, a.phase.value, a.why)
+        # Take is answered by the blob's decide(), which fed the event.
+
+    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        assert self._nursery is not None, "serve() runs the driver"
+        self._nursery.start_soon(fn, *args)
+
+    def _source_of(self, a: ce.Train) -> RingState:
+        if a.source == ce.INITIAL:
+            return self.template
+        if a.source is not None:
+            return self._slots[a.source]
+        assert self._inbox is not None, "Train follows the Take of a blob"
+        state, self._inbox = self._inbox, None
+        return state
+
+    def _declared(self, a: ce.Declared) -> None:
+        n = a.notice
+        epoch = self.view.epoch + n.index + 1
+        log.warning(
+            "%s declared %s dead (%s at %s); epoch now %d",
+            n.claimer.short,
+            n.dead,
+            n.cause,
+            n.at,
+            epoch,
+        )
+        self._counts.dead[n.dead] = f"{n.cause} (declared by {n.claimer})"
+        self.outputs.log(
+            {
+                "type": "dead",
+                "peer": n.dead.text,
+                "by": n.claimer.text,
+                "why": n.cause,
+                "at": [n.at.lap, n.at.hop],
+                "epoch": epoch,
+            }
+        )
+        self._events.emit(ev.DeclaredDead(n.dead, n.claimer, n.cause, epoch))
+
+    # --- training ---------------------------------------------------------------------
+
+    async def _train(self, position: Position, state: RingState) -> None:
+        args = (self.task, state, self.ring_settings, position.lap, position.hop, self.federation)
+        try:
+            new, metrics = await self._builder.run(train_hop, *args)
+            good = True
+            problem = state_problem(new.tensors, self._limits.max_weight_magnitude)
+            if problem is not None:
+                log.warning(
+                    "training at %s gave a bad state (%s): handing on the last good state instead",
+                    position,
+                    problem,
+                )
+                good = False
+                new, metrics = await self._builder.run(lambda: train_hop(*args, train=False))
+                if state_problem(new.tensors, self._limits.max_weight_magnitude) is not None:
+                    raise RunError(f"the state received for {position} cannot be evaluated")
+        except (RemoteProtocolError, FedupError, RuntimeError, ValueError) as exc:
+            self.feed(ce.TrainFailed(f"{type(exc).__name__}: {exc}"))
+            return
+        self._counts.hops += 1
+        self._slots[position] = new
+        self._log_hop(new, metrics, good)
+        if self._train_delay > 0:  # a simulated slow member holds the model longer
+            await trio.sleep(self._train_delay)
+        self.feed(ce.Trained(position, new.meta.progress(), good))
+
+    def _log_hop(self, state: RingState, metrics: HopMetrics, good: bool) -> None:
+        cand = metrics.candidate
+        self.outputs.log(
+            {
+                "type": "hop",
+                "lap": metrics.lap,
+                "hop": metrics.hop,
+                "steps": metrics.steps,
+                "samples": metrics.samples,
+                "train_loss": metrics.train_loss,
+                "candidate_val_loss": cand.loss if cand is not None else None,
+                "candidate_val_n": cand.n if cand is not None else None,
+                "seconds": metrics.seconds,
+                "epoch": self.machine.ring_epoch,
+                "good": good,
+            }
+        )
+        self._log_laps(state)
+        self._events.emit(
+            ev.HopTrained(
+                metrics.lap, metrics.hop, metrics.samples, metrics.train_loss, metrics.seconds, good
+            )
+        )
+        closed = metrics.closed
+        if closed is not None:
+            self._events.emit(ev.LapClosed(closed.lap, closed.loss, state.meta.best_lap))
+        trained = (
+            f"trained {metrics.samples} samples (loss {metrics.train_loss:.4f})"
+            if metrics.samples
+            else "evaluated only"
+        )
+        log.info(
+            "lap %d hop %d: %s%s",
+            metrics.lap,
+            metrics.hop,
+            trained,
+            f"; federated val loss of lap {closed.lap}: {closed.loss:.4f}" if closed else "",
+        )
+
+    def _log_laps(self, state: RingState) -> None:
+        for h in state.meta.history:
+            self.outputs.log_lap(
+                {
+                    "lap": h.lap,
+                    "federated_val_loss": h.loss,
+                    "accuracy": h.accuracy,
+                    "auc": None if math.isnan(h.auc) else h.auc,
+                    "n": h.n,
+                    "samples": h.samples,
+                }
+            )
+
+    # --- handing on ---------------------------------------------------------------------
+
+    def _link(self, peer: PeerId) -> OutboundLink:
+        link = self._links.get(peer)
+        if link is None:
+            assert self._nursery is not None
+            link = OutboundLink(
+                peer,
+                run_id=self.run_id,
+                identity=self._identity,
+                dial=self._dial,
+                on_message=self._on_message,
+                limits=self._limits,
+                nursery=self._nursery,
+                hash_in_thread=None if self._builder.in_thread else False,
+            )
+            self._links[peer] = link
+        return link
+
+    async def _send(self, a: ce.Send) -> None:
+        state = self._slots.get(a.copy)
+        if state is None:
+            self.feed(
+                ce.HandOverFailed(
+                    a.handover,
+                    ce.Failure(ce.FailureKind.BROKEN, f"the state of {a.copy} is no longer kept"),
+                )
+            )
+            return
+        data, _ = encode_ring_blob(
+            state,
+            view=self.signed.digest,
+            chain=a.chain,
+            origin=a.origin,
+            seal=a.seal,
+            limits=self._limits,
+        )
+        limits = self._limits
+        link = self._link(a.target)
+        blob = OutgoingBlob(a.target, a.kind, a.position.lap, a.position.hop, a.epoch, data)
+        if self._tamper is not None:
+            blob = await self._tampered(blob)
+        try:
+            with trio.fail_after(limits.blob_timeout + limits.handshake_timeout):
+                sent = await link.send_blob(
+                    kind=a.kind, lap=blob.lap, hop=blob.hop, epoch=blob.epoch, data=blob.data
+                )
+        except BaseException as exc:
+            failure = _failure(exc)
+            if failure is None:
+                raise
+            if failure.kind is ce.FailureKind.REFUSED:
+                self._events.emit(
+                    ev.Refused(a.target, failure.code or RefusalCode.MALFORMED, failure.why)
+                )
+            self.feed(ce.HandOverFailed(a.handover, failure))
+            return
+        finally:
+            if a.kind == "final" and a.target in self.machine.chain.dead:
+                self._links.pop(a.target, None)
+                await link.aclose()
+        self._counts.bytes_sent += data.nbytes
+        self._events.emit(
+            ev.HandedOver(a.kind, a.target, a.position.lap, a.position.hop, data.nbytes)
+        )
+        self.feed(ce.HandedOver(a.handover, sent.receipt or b"", sent.digest))
+
+    async def _tampered(self, blob: OutgoingBlob) -> OutgoingBlob:
+        """A hostile member's blobs: all but the last one to the target are sent here
+        (their outcomes ignored); the last one to the target is returned to send."""
+        assert self._tamper is not None
+        out = self._tamper.blobs(blob)
+        last = max((i for i, b in enumerate(out) if b.target == blob.target), default=None)
+        for i, other in enumerate(out):
+            if i == last:
+                continue
+            try:
+                with trio.fail_after(self._limits.blob_timeout):
+                    await self._link(other.target).send_blob(
+                        kind=other.kind,  # type: ignore[arg-type]
+                        lap=other.lap,
+                        hop=other.hop,
+                        epoch=other.epoch,
+                        data=other.data,
+                    )
+            except (RemoteProtocolError, trio.TooSlowError, OSError) as exc:
+                log.info("tampered blob to %s: %s", other.target, exc)
+        if last is None:
+            return attrs.evolve(blob, data=b"")  # nothing for the target: it is refused
+        return out[last]
+
+    async def _tell_passed(self, to: PeerId, receipt: bytes) -> None:
+        message = Passed(self.run_id, receipt)
+        framed = self._inbound.get(to)
+        try:
+            with trio.fail_after(self._limits.handshake_timeout + self._limits.frame_timeout):
+                if framed is not None:
+                    await framed.send_frame(encode_message(message))
+                else:
+                    await self._link(to).send_message(message)
+        except (RemoteProtocolError, trio.TooSlowError, OSError) as exc:
+            log.info("could not tell %s the model moved on: %s", to, exc)
+
+    # --- receiving ----------------------------------------------------------------------
+
+    async def serve_link(self, framed: FramedStream, remote: PeerId) -> None:
+        """Take blobs from ``remote`` over its link until the connection ends."""
+        self._inbound[remote] = framed
+        try:
+            await serve_link(
+                framed,
+                remote,
+                me=self.me,
+                run_id=self.run_id,
+                admit=self._admit,
+                decide=self._decide,
+                on_message=self._on_message,
+                limits=self._limits,
+                hash_in_thread=None if self._builder.in_thread else False,
+                taken=self._taken,
+            )
+        finally:
+            if self._inbound.get(remote) is framed:
+                del self._inbound[remote]
+            self._taken()  # a blob taken whose ACK could not go out is trained all the same
+
+    def _taken(self) -> None:
+        pending, self._after_ack = self._after_ack, None
+        if pending is not None:
+            self._spawn(self._train, *pending)
+
+    def _on_message(self, peer: PeerId, message: Message) -> None:
+        if isinstance(message, Passed) and message.run_id == self.run_id:
+            self.feed(ce.PassedArrived(peer, message.receipt))
+        else:
+            log.warning("%s sent %r on a link; ignored", peer, message.TYPE)
+
+    def _admit(self, header: BlobHeader) -> None:
+        kind = header.kind
+        event = ce.BlobOffered(header.sender, kind, Position(header.lap, header.hop), header.epoch)
+        if self.machine.phase is ce.Phase.READY and self._confirm is not None:
+            return  # the whole blob may show that our view holds: decide() sees
+        refusal = next((x for x in self.feed(event) if isinstance(x, ce.Refuse)), None)
+        if refusal is not None:
+            raise Refusal(refusal)
+
+    def _decide(self, header: BlobHeader, data: memoryview, digest: bytes) -> bytes | None:
+        blob = decode_ring_blob(data, self.template, limits=self._limits)
+        if self.machine.phase is ce.Phase.READY and self._confirm is not None:
+            if self._confirm(header.sender, self.run_id, blob.view):
+                self.begin()
+        event = ce.BlobArrived(
+            header.sender,
+            header.kind,
+            Position(header.lap, header.hop),
+            header.epoch,
+            digest,
+            blob.view,
+            blob.chain,
+            blob.state.meta.progress(),
+            blob.origin,
+            blob.seal,
+            blob.content,
+        )
+        self._inbox = blob.state
+        self._taking = True
+        try:
+            actions = self.feed(event)
+        finally:
+            self._taking = False
+            self._inbox = None if self._inbox is blob.state else self._inbox
+        for action in actions:
+            if isinstance(action, ce.Take):
+                return action.receipt
+        refusal = next((x for x in actions if isinstance(x, ce.Refuse)), None)
+        if refusal is not None:
+            raise Refusal(refusal)
+        raise Refusal(ce.Refuse(header.sender, RefusalCode.BUSY, "not taken now"))
+
+    # --- finishing ----------------------------------------------------------------------
+
+    async def _finish(self, a: ce.Finish) -> None:
+        state = self._slots.get(ce.FINAL)
+        if state is None:
+            self.feed(ce.TrainFailed(f"the final state ({a.copy}) is not kept"))
+            return
+        meta = state.meta
+        self._log_laps(state)
+        own = await self._builder.run(evaluate_state, self.task, state)
+        sha = await self._builder.run(
+            self.outputs.save_model,
+            final_weights(state),
+            {"fedup_run_id": self.run_id.hex(), "format": "pt"},
+        )
+        if a.ended_by == self.me and a.reason != "members-lost":
+            self.machine.seal_final(content_of(state, limits=self._limits))
+        history = list(meta.history)
+        best = next((h for h in history if h.lap == meta.best_lap), None)
+        trained_laps = max((h.lap for h in history), default=-1) + 1
+        ok = a.reason in ("converged", "max-laps") and meta.best_lap >= 0
+        self.summary = RunSummary(
+            run_id=self.run_id.hex(),
+            peer_id=self.me.text,
+            leader=self.view.leader.text,
+            members=[p.text for p in self.members],
+            laps=trained_laps,
+            converged=a.reason == "converged",
+            stop_reason=a.reason,
+            federated_val_loss=[h.loss for h in history],
+            federated_laps=[h.lap for h in history],
+            best_lap=meta.best_lap,
+            final_val_loss=own.loss,
+            final_val_accuracy=own.accuracy,
+            data_passes=(best.samples / self.federation.n_rows)
+            if best is not None and self.federation.n_rows
+            else math.nan,
+            model_sha256=sha,
+            dead=[p.text for p in sorted(self.machine.chain.dead)],
+            model_bytes_sent=self._counts.bytes_sent,
+            out_dir=str(self.outputs.directory),
+            excluded=a.excluded.describe() if a.excluded is not None else None,
+            ended_by=a.ended_by.text,
+            ok=ok,
+        )
+        self.outputs.save_summary(self.summary)
+        log.info(
+            "run %s finished (%s, ended by %s): best lap %d, final val loss here %.4f, model %s",
+            self.run_id.hex()[:8],
+            a.reason,
+            a.ended_by.short,
+            meta.best_lap,
+            own.loss,
+            sha[:12],
+        )
+        self._events.emit(ev.Finished(a.reason, a.ended_by, sha))
+        self.feed(ce.FinalSaved())
+
+    def close_summary(self) -> RunSummary | None:
+        """The summary with what was sent after the final model was saved (distribution)."""
+        if self.summary is None:
+            return None
+        self.summary = attrs.evolve(
+            self.summary,
+            model_bytes_sent=self._counts.bytes_sent,
+            dead=[p.text for p in sorted(self.machine.chain.dead)],
+        )
+        self.outputs.save_summary(self.summary)
+        return self.summary
+
+
+def _failure(exc: BaseException) -> ce.Failure | None:
+    """What a failed hand-over means for custody (None: not ours to handle)."""
+    if isinstance(exc, trio.TooSlowError | PeerTimeoutError):
+        return ce.Failure(ce.FailureKind.TIMED_OUT, str(exc) or "timed out")
+    if isinstance(exc, BlobRefusedError):
+        return ce.Failure(ce.FailureKind.REFUSED, exc.reason, exc.code, exc.proof)
+    if isinstance(exc, HandshakeError) and exc.code == AbortCode.BUSY:
+        return ce.Failure(ce.FailureKind.BROKEN, exc.reason)  # alive, and full for a moment
+    if isinstance(exc, DialError | HandshakeError):
+        return ce.Failure(ce.FailureKind.UNREACHABLE, exc.reason)
+    if isinstance(exc, RemoteProtocolError):
+        return ce.Failure(ce.FailureKind.BROKEN, exc.reason)
+    if isinstance(exc, OSError):
+        return ce.Failure(ce.FailureKind.UNREACHABLE, f"unreachable: {exc}")
+    return None

@@ -1,0 +1,179 @@
+"""What a peer tells the world while it runs: a stream of small event values.
+
+The simulator subscribes to them instead of reconstructing what happened (it
+kills a peer once a given hop was trained, and marks when each lap began); a
+live view can do the same.  :meth:`EventHub.watch` calls a function at once, in
+the peer's own task, for every event (the simulator's fault injection relies on
+that order); :meth:`EventHub.subscribe` hands events over a bounded channel and
+counts what a slow reader missed, never blocking the peer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from fedup.protocol.lifecycle import Life
+from fedup.protocol.peer_id import PeerId
+from fedup.protocol.refusal import RefusalCode
+
+__all__ = [
+    "DeclaredDead",
+    "EventHub",
+    "Excluded",
+    "Failed",
+    "Finished",
+    "FormationStage",
+    "Formed",
+    "HandedOver",
+    "HopTrained",
+    "LapClosed",
+    "LifeChanged",
+    "PeerEvent",
+    "Refused",
+]
+
+
+@attrs.frozen
+class LifeChanged:
+    state: Life
+
+
+@attrs.frozen
+class FormationStage:
+    """Formation moved to ``stage`` (settling, leading, following, ...)."""
+
+    stage: str
+    leader: PeerId | None
+    """The leader we follow or offered to (ourselves when leading), if any."""
+
+
+@attrs.frozen
+class Formed:
+    run_id: bytes
+    epoch: int
+    leader: PeerId
+    members: tuple[PeerId, ...]
+
+
+@attrs.frozen
+class HopTrained:
+    """This peer trained hop (``lap``, ``hop``); ``good`` is False if it handed on the last
+    good state instead of a bad one it produced."""
+
+    lap: int
+    hop: int
+    samples: int
+    train_loss: float
+    seconds: float
+    good: bool = True
+
+
+@attrs.frozen
+class LapClosed:
+    """The federated validation loss of ``lap`` became known here."""
+
+    lap: int
+    loss: float
+    best_lap: int
+
+
+@attrs.frozen
+class HandedOver:
+    kind: str
+    to: PeerId
+    lap: int
+    hop: int
+    size: int
+
+
+@attrs.frozen
+class DeclaredDead:
+    dead: PeerId
+    by: PeerId
+    cause: str
+    epoch: int
+
+
+@attrs.frozen
+class Excluded:
+    by: PeerId
+    why: str
+
+
+@attrs.frozen
+class Refused:
+    """We refused something ``offender`` sent (or a hand-over of ours was refused)."""
+
+    offender: PeerId
+    code: RefusalCode
+    reason: str
+
+
+@attrs.frozen
+class Finished:
+    stop_reason: str
+    ended_by: PeerId | None
+    model_sha256: str
+
+
+@attrs.frozen
+class Failed:
+    reason: str
+
+
+PeerEvent = (
+    LifeChanged
+    | FormationStage
+    | Formed
+    | HopTrained
+    | LapClosed
+    | HandedOver
+    | DeclaredDead
+    | Excluded
+    | Refused
+    | Finished
+    | Failed
+)
+
+Watcher = Callable[[PeerId, float, PeerEvent], None]
+
+
+class EventHub:
+    """Where a peer publishes its events."""
+
+    def __init__(self, peer: PeerId) -> None:
+        self.peer = peer
+        self._watchers: list[Watcher] = []
+        self._channels: list[trio.MemorySendChannel[tuple[float, PeerEvent]]] = []
+        self.missed = 0
+        """Events a subscriber's full channel could not take."""
+
+    def watch(self, watcher: Watcher) -> None:
+        """Call ``watcher(peer, time, event)`` for every later event, at once (keep it quick)."""
+        self._watchers.append(watcher)
+
+    def subscribe(self, buffer: int = 1024) -> trio.MemoryReceiveChannel[tuple[float, PeerEvent]]:
+        """A channel of ``(time, event)`` for every later event; a full channel misses some."""
+        send, receive = trio.open_memory_channel[tuple[float, PeerEvent]](buffer)
+        self._channels.append(send)
+        return receive
+
+    def emit(self, event: PeerEvent) -> None:
+        now = trio.current_time()
+        for watcher in self._watchers:
+            watcher(self.peer, now, event)
+        for send in list(self._channels):
+            try:
+                send.send_nowait((now, event))
+            except trio.WouldBlock:
+                self.missed += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._channels.remove(send)
+
+    def close(self) -> None:
+        for send in self._channels:
+            send.close()
+        self._channels.clear()

@@ -1,0 +1,523 @@
+"""The trio driver of the formation machine: connections, timers, checks; no rules.
+
+:class:`FormationDriver` feeds :class:`~fedup.protocol.formation.FormationMachine`
+what happens (discovery news, calls, offers, views, acknowledgements, lost
+connections, fired timers) and carries out what it returns.  The rules are
+all the machine's; what needs the learning layer (reading a data summary,
+merging summaries into a schema, checking a view against our own data and
+model) is done here, in a worker thread when the peer trains in threads, and
+its verdict fed back.
+
+Each connection is a :class:`_Conversation`: a writer task sends its frames in
+order, and its reader feeds the machine.  Nothing here blocks the event loop
+for long: every wait has a deadline from :class:`~fedup.config.Limits`.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+
+import attrs
+import trio
+
+from fedup.config import Limits
+from fedup.errors import FedupError, RemoteProtocolError
+from fedup.learn.schema import DataSummary, FeatureSchema, SchemaMismatchError, admit
+from fedup.net.channel import SecureChannel
+from fedup.net.framed import FramedStream
+from fedup.net.timers import Timers
+from fedup.peer import events as ev
+from fedup.peer.events import EventHub
+from fedup.peer.tamper import Tamper
+from fedup.peer.tasks import TaskBuilder
+from fedup.protocol import cbor
+from fedup.protocol import formation_events as fe
+from fedup.protocol.envelope import Signer, seal_envelope
+from fedup.protocol.formation import FormationMachine, Stage
+from fedup.protocol.messages import (
+    Ack,
+    Call,
+    Commit,
+    Follow,
+    Message,
+    Offer,
+    Refuse,
+    ViewMessage,
+    decode_message,
+    encode_message,
+)
+from fedup.protocol.peer_id import PeerId
+from fedup.protocol.records import SignedPeerRecord
+from fedup.protocol.view import (
+    VIEW_DOMAIN,
+    VIEW_TYPE,
+    MembershipView,
+    RunSettings,
+    SignedView,
+    verify_view,
+)
+
+__all__ = ["FormationDriver", "FormationError"]
+
+log = logging.getLogger("fedup.federation")
+
+Dial = Callable[[PeerId], Awaitable[SecureChannel]]
+OUTBOX = 16
+
+
+class FormationError(FedupError):
+    """The federation could not be formed (too few peers fit, or none answered)."""
+
+
+class _Conversation:
+    """One connection of formation, in one direction; frames out in order."""
+
+    def __init__(self, peer: PeerId, framed: FramedStream, *, inbound: bool) -> None:
+        self.peer = peer
+        self.framed = framed
+        self.inbound = inbound
+        self._send, self._receive = trio.open_memory_channel[bytes | None](OUTBOX)
+        self.closed = False
+
+    def send(self, message: Message) -> None:
+        self._push(encode_message(message))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._push(None)
+
+    def _push(self, item: bytes | None) -> None:
+        try:
+            self._send.send_nowait(item)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            self.closed = True  # a peer that does not read its frames is dropped
+
+    async def write(self) -> None:
+        """Send queued frames in order; close the connection after the last one."""
+        try:
+            async with self._receive:
+                async for item in self._receive:
+                    if item is None:
+                        break
+                    await self.framed.send_frame(item)
+        except RemoteProtocolError as exc:
+            log.info("formation connection with %s ended: %s", self.peer, exc.reason)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await self.framed.aclose()
+            await trio.aclose_forcefully(self.framed.stream)
+
+
+@attrs.frozen
+class Membership:
+    """What formation produced: the view that holds."""
+
+    signed: SignedView
+
+    @property
+    def view(self) -> MembershipView:
+        return self.signed.view
+
+
+class FormationDriver:
+    """One peer's formation, driven on trio."""
+
+    def __init__(
+        self,
+        *,
+        identity: Signer,
+        record: Callable[[], SignedPeerRecord],
+        dial: Callable[[PeerId, SignedPeerRecord | None], Awaitable[SecureChannel]],
+        builder: TaskBuilder,
+        settings: RunSettings,
+        min_peers: int,
+        settle: float,
+        limits: Limits,
+        events: EventHub,
+        run_id: bytes | None = None,
+    ) -> None:
+        self.me = identity.peer_id
+        self._events = events
+        self._identity = identity
+        self._record = record
+        self._dial = dial
+        self._builder = builder
+        self._settings = settings
+        self._limits = limits
+        self._fixed_run_id = run_id
+        self.machine = FormationMachine(
+            self.me, min_peers=min_peers, settle=settle, limits=limits, new_run_id=self._run_id
+        )
+        self._timers = Timers(lambda name: self.feed(fe.TimerFired(name)))
+        self._records: dict[PeerId, SignedPeerRecord] = {}
+        self._outbound: dict[PeerId, _Conversation] = {}
+        self._inbound: dict[PeerId, _Conversation] = {}
+        self._summaries: dict[PeerId, DataSummary | None] = {}
+        self._proposals: dict[int, SignedView] = {}
+        """Leading: the view signed for each epoch of the current run."""
+        self._received: dict[bytes, SignedView] = {}
+        """Member: views we acknowledged, by digest."""
+        self._schema_value: object = None
+        self._nursery: trio.Nursery | None = None
+        self._done = trio.Event()
+        self.tamper: Tamper | None = None
+        """Set only by a simulation that makes this member hostile (fedup.sim.hostile)."""
+        self.result: Membership | None = None
+        self.failure: str | None = None
+
+    def _run_id(self) -> bytes:
+        return self._fixed_run_id or secrets.token_bytes(16)
+
+    # --- running ----------------------------------------------------------------------
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the timers and the connections' tasks (for the peer's whole life)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._timers.run)
+            task_status.started()
+            self.feed(fe.Start())
+            await trio.sleep_forever()
+
+    async def form(self) -> Membership:
+        """Wait until this peer is in a view that holds; raises :class:`FormationError`."""
+        await self._done.wait()
+        if self.result is None:
+            raise FormationError(self.failure or "formation ended")
+        return self.result
+
+    @property
+    def stage(self) -> Stage:
+        return self.machine.stage
+
+    def candidate(self, record: SignedPeerRecord) -> None:
+        """A verified record of a peer of our network (discovery, or it dialed us)."""
+        peer = record.peer_id
+        if peer == self.me:
+            return
+        current = self._records.get(peer)
+        if current is None or current.record.seq < record.record.seq:
+            self._records[peer] = record
+        self.feed(fe.PeerSeen(peer))
+
+    def lost(self, peer: PeerId) -> None:
+        self.feed(fe.PeerLost(peer))
+
+    def found(self) -> int:
+        return self.machine.found()
+
+    # --- feeding the machine and carrying out its actions -------------------------------
+
+    def feed(self, event: fe.Event) -> None:
+        stage = self.machine.stage
+        for action in self.machine.handle(event):
+            self._carry_out(action)
+        if self.machine.stage is not stage:
+            self._events.emit(ev.FormationStage(self.machine.stage.value, self.machine.leader))
+
+    def _carry_out(self, a: fe.Action) -> None:
+        if isinstance(a, fe.SetTimer):
+            self._timers.set(a.name, a.seconds)
+        elif isinstance(a, fe.CancelTimer):
+            self._timers.cancel(a.name)
+        elif isinstance(a, fe.Call):
+            for peer in a.peers:
+                self._spawn(self._call, peer, a.run_id)
+        elif isinstance(a, fe.AnswerOffer):
+            self._to(
+                a.leader, True, Offer(a.run_id, self._builder.summary(), self._builder.source.kind)
+            )
+        elif isinstance(a, fe.AnswerFollow):
+            self._to(a.caller, True, Follow(a.run_id, a.leader))
+            self._close(a.caller, True)
+        elif isinstance(a, fe.SendRefuse):
+            self._to(a.peer, a.inbound, Refuse(a.run_id, a.code, a.reason))
+        elif isinstance(a, fe.Propose):
+            self._spawn(self._propose, a.run_id, a.epoch, a.members)
+        elif isinstance(a, fe.SendView):
+            self._to(a.peer, False, ViewMessage(self._proposals[a.epoch].envelope))
+        elif isinstance(a, fe.SendAck):
+            self._to(a.leader, True, Ack(a.run_id, a.epoch, a.digest))
+        elif isinstance(a, fe.SendCommit):
+            signed = self._proposals[a.epoch]
+            self._to(a.peer, False, Commit(signed.view.run_id, a.epoch, signed.digest))
+        elif isinstance(a, fe.Close):
+            self._close(a.peer, a.inbound)
+        elif isinstance(a, fe.Joined):
+            self._joined(a)
+        elif isinstance(a, fe.Failed):
+            self.failure = a.reason
+            self._timers.cancel_all()
+            self._done.set()
+        elif isinstance(a, fe.Note):
+            log.log(logging.WARNING if a.level == "warning" else logging.INFO, "%s", a.text)
+        elif isinstance(a, fe.Ignored):
+            log.debug("formation ignored %s when %s: %s", a.event, a.stage.value, a.why)
+
+    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        assert self._nursery is not None, "serve() runs the driver"
+        self._nursery.start_soon(fn, *args)
+
+    def _to(self, peer: PeerId, inbound: bool, message: Message) -> None:
+        conv = (self._inbound if inbound else self._outbound).get(peer)
+        if conv is not None:
+            conv.send(message)
+
+    def _close(self, peer: PeerId, inbound: bool) -> None:
+        conv = (self._inbound if inbound else self._outbound).pop(peer, None)
+        if conv is not None:
+            conv.close()
+
+    def _joined(self, joined: fe.Joined) -> None:
+        if joined.leader == self.me:
+            signed = self._proposals[joined.epoch]
+        else:
+            signed = self._received[joined.digest]
+        self.result = Membership(signed)
+        log.info(
+            "federation formed: run %s, %d members, epoch %d, led by %s",
+            joined.run_id.hex()[:8],
+            len(signed.view.members),
+            joined.epoch,
+            joined.leader.short,
+        )
+        self._done.set()
+
+    # --- leading ------------------------------------------------------------------------
+
+    async def _call(self, peer: PeerId, run_id: bytes) -> None:
+        """Dial ``peer``, call it, feed its answer, then read its acknowledgements."""
+        limits = self._limits
+        try:
+            with trio.fail_after(limits.call_timeout):
+                channel = await self._dial(peer, self._records.get(peer))
+                framed = FramedStream(channel, peer=peer.text, limits=limits)
+                await framed.send_frame(encode_message(Call(run_id)))
+                reply = decode_message(await framed.receive_frame(), limits=limits)
+        except (RemoteProtocolError, trio.TooSlowError, OSError) as exc:
+            why = str(exc) or f"no answer within {limits.call_timeout:g} s"
+            self.feed(fe.CallFailed(peer, why))
+            return
+        conv = _Conversation(peer, framed, inbound=False)
+        old = self._outbound.pop(peer, None)
+        if old is not None:
+            old.close()
+        self._outbound[peer] = conv
+        assert self._nursery is not None
+        self._nursery.start_soon(conv.write)
+        if channel.remote_record is not None:
+            self._records[peer] = channel.remote_record
+        if isinstance(reply, Offer) and reply.run_id == run_id:
+            problem = await self._read_offer(peer, reply)
+            self.feed(fe.OfferArrived(peer, run_id, problem))
+        elif isinstance(reply, Follow):
+            self.feed(fe.FollowArrived(peer, reply.leader))
+        elif isinstance(reply, Refuse):
+            self.feed(fe.RefuseArrived(peer, reply.code, reply.reason))
+        else:
+            self.feed(fe.CallFailed(peer, f"answered the call with {reply.TYPE!r}"))
+        await self._read_candidate(conv, run_id)
+
+    async def _read_offer(self, peer: PeerId, offer: Offer) -> str | None:
+        """Why ``peer``'s offer cannot be used, or None (its summary is kept)."""
+        if offer.task != self._builder.source.kind:
+            return f"task {offer.task!r} is not {self._builder.source.kind!r}"
+        if offer.summary is None:
+            self._summaries[peer] = None
+            return None
+        try:
+            self._summaries[peer] = DataSummary.from_dict(offer.summary)
+        except RemoteProtocolError as exc:
+            return f"a bad data summary: {exc.reason}"
+        return None
+
+    async def _read_candidate(self, conv: _Conversation, run_id: bytes) -> None:
+        """Feed a candidate's acknowledgements and refusals until its connection ends."""
+        why = "closed the connection"
+        while not conv.closed:
+            try:
+                frame = await conv.framed.receive_frame_or_eof()
+                if frame is None:
+                    break
+                message = decode_message(frame, limits=self._limits)
+            except RemoteProtocolError as exc:
+                why = exc.reason
+                break
+            if isinstance(message, Ack):
+                self.feed(fe.AckArrived(conv.peer, message.run_id, message.epoch, message.digest))
+            elif isinstance(message, Refuse):
+                self.feed(fe.RefuseArrived(conv.peer, message.code, message.reason))
+            else:
+                why = f"sent {message.TYPE!r} while forming"
+                break
+        if self._outbound.get(conv.peer) is conv:
+            del self._outbound[conv.peer]
+            conv.close()
+            self.feed(fe.ConnectionLost(conv.peer, why))
+
+    async def _propose(self, run_id: bytes, epoch: int, members: frozenset[PeerId]) -> None:
+        """Admit the offers of ``members``, sign the view of ``epoch``, feed ViewReady."""
+        summaries = {p: self._summaries.get(p) for p in members}  # a snapshot for the thread
+        try:
+            schema, refused = await self._builder.run(self._admit, summaries)
+            settings = await self._builder.run(self._builder.settings_for, schema, self._settings)
+        except FormationError as exc:
+            log.error("%s", exc)
+            self.failure = str(exc)
+            self._done.set()
+            return
+        kept = sorted(p for p in members if p not in dict(refused))
+        records = [self._record(), *(self._records[p] for p in kept)]
+        view = MembershipView(
+            run_id,
+            epoch,
+            self.me,
+            tuple(sorted(records, key=lambda r: r.peer_id)),
+            settings,
+            schema.to_dict() if schema is not None else None,
+        )
+        signed = view.seal(self._identity)
+        if self.tamper is not None:
+            signed = _sign_tampered(self._identity, view, self.tamper)
+        self._proposals[epoch] = signed
+        self.feed(fe.ViewReady(run_id, epoch, signed.digest, frozenset(kept), tuple(refused)))
+
+    def _admit(
+        self, offers: dict[PeerId, DataSummary | None]
+    ) -> tuple[FeatureSchema | None, list[tuple[PeerId, str]]]:
+        """Merge our summary with the members' (runs in a worker thread)."""
+        source = self._builder.source
+        if source.target is None:
+            return None, []
+        mine_value = self._builder.summary()
+        if mine_value is None:
+            return None, []
+        mine = DataSummary.from_dict(mine_value)
+        members = sorted(offers)
+        missing = [p for p in members if offers[p] is None]
+        present = [(p, s) for p in members if (s := offers[p]) is not None]
+        admission = admit([mine, *(s for _, s in present)], source.target)
+        if 0 not in admission.admitted:
+            raise FormationError(
+                f"my own data do not fit the federation's schema: {admission.refused[0].reason}"
+            )
+        refused = [(p, "sent no data summary") for p in missing]
+        refused += [
+            (p, admission.refused[i].reason)
+            for i, (p, _) in enumerate(present, start=1)
+            if i not in admission.admitted
+        ]
+        return admission.schema, refused
+
+    # --- answering a call (runs in the connection handler's task) -----------------------
+
+    async def on_call(self, framed: FramedStream, channel: SecureChannel, call: Call) -> None:
+        """Answer a leader's call and take part in its proposal until it ends."""
+        leader = channel.remote_peer
+        if channel.remote_record is not None:
+            self.candidate(channel.remote_record)
+        conv = _Conversation(leader, framed, inbound=True)
+        old = self._inbound.pop(leader, None)
+        if old is not None:
+            old.close()
+        self._inbound[leader] = conv
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conv.write)
+            self.feed(fe.CallArrived(leader, call.run_id))
+            await self._read_leader(conv)
+
+    async def _read_leader(self, conv: _Conversation) -> None:
+        why = "closed the connection"
+        while not conv.closed:
+            try:
+                frame = await conv.framed.receive_frame_or_eof()
+                if frame is None:
+                    break
+                message = decode_message(frame, limits=self._limits)
+            except RemoteProtocolError as exc:
+                why = exc.reason
+                break
+            if isinstance(message, ViewMessage):
+                self.feed(await self._check_view(conv.peer, message.envelope))
+            elif isinstance(message, Commit):
+                self.feed(
+                    fe.CommitArrived(conv.peer, message.run_id, message.epoch, message.digest)
+                )
+            elif isinstance(message, Refuse):
+                self.feed(fe.RefuseArrived(conv.peer, message.code, message.reason))
+            else:
+                why = f"sent {message.TYPE!r} while forming"
+                break
+        if self._inbound.get(conv.peer) is conv:
+            del self._inbound[conv.peer]
+            conv.close()
+            self.feed(fe.ConnectionLost(conv.peer, why))
+
+    async def _check_view(self, leader: PeerId, envelope: bytes) -> fe.ViewArrived:
+        """Verify a view and check it against our data and model (in a worker thread)."""
+        run_id = self.machine.run_id or b"\0" * 16
+        try:
+            signed = verify_view(envelope, limits=self._limits)
+        except RemoteProtocolError as exc:
+            return fe.ViewArrived(leader, run_id, self.machine.epoch + 1, b"", exc.reason)
+        view = signed.view
+        problem, ours = await self._builder.run(self._fit, signed, leader)
+        if problem is None:
+            self._received[signed.digest] = signed
+        return fe.ViewArrived(leader, view.run_id, view.epoch, signed.digest, problem, ours)
+
+    def _fit(self, signed: SignedView, leader: PeerId) -> tuple[str | None, bool]:
+        """Why we cannot take this view, and whether that is our own data's fault."""
+        view = signed.view
+        source = self._builder.source
+        if view.leader != leader:
+            return "the view is not signed by the peer that called us", False
+        if self.me not in view.member_ids:
+            return "I am not a member of this view", False
+        try:
+            schema = source.parse_schema(view.schema)
+        except RemoteProtocolError as exc:
+            return f"bad schema: {exc.reason}", False
+        if schema is not None and schema.digest() != view.settings.schema_digest.hex():
+            return "the schema does not match its digest", False
+        try:
+            if schema is not None:
+                source.check_schema(schema)
+            expected = self._builder.settings_for(schema, view.settings)
+        except SchemaMismatchError as exc:
+            return exc.reason, True
+        if expected.model_digest != view.settings.model_digest:
+            return "my model's layout differs from the leader's", True
+        return None, False
+
+    # --- a ring blob before the commit --------------------------------------------------
+
+    def acked_view(self, run_id: bytes) -> SignedView | None:
+        """The view of ``run_id`` we acknowledged and wait to see commit, if any."""
+        m = self.machine
+        if m.stage is Stage.ACKED and m.run_id == run_id and m.digest is not None:
+            return self._received.get(m.digest)
+        return None
+
+    def ring_blob(self, sender: PeerId, run_id: bytes, digest: bytes) -> bool:
+        """A blob of the run naming view ``digest`` arrived: True if we now are joined."""
+        if self.machine.stage is Stage.ACKED:
+            self.feed(fe.RingBlobArrived(sender, run_id, digest))
+        return self.result is not None and self.result.signed.digest == digest
+
+
+def _sign_tampered(identity: Signer, view: MembershipView, tamper: Tamper) -> SignedView:
+    """A hostile leader's view: the map it signs is the tamper's."""
+    value = cbor.decode(view.to_cbor(), max_size=1 << 24, max_depth=16)
+    assert isinstance(value, dict)
+    envelope = seal_envelope(
+        identity.sign,
+        identity.public_key,
+        domain=VIEW_DOMAIN,
+        payload_type=VIEW_TYPE,
+        payload=cbor.encode(tamper.view(value)),
+    )
+    return SignedView(view, envelope.to_cbor())

@@ -1,0 +1,931 @@
+"""Ring custody as a state machine: who holds the model, who gets it next, who is dead.
+
+Pure: events in, actions out, no sockets, clocks or torch (after
+``h11/_state.py``).  The trio driver (:mod:`fedup.peer.custody_driver`) feeds
+it what happened (a blob arrived, training ended, a hand-over succeeded or
+failed, a timer fired) with the current time, and carries out the actions it
+returns (train, send, tell ``passed``, set a timer, save the final model).
+Each member runs one machine per run.
+
+The phases and what moves between them (every other event is answered with
+:class:`Ignored`, a typed refusal, and changes nothing)::
+
+    phase         event                         next phase
+    READY         Begin (lowest member)         TRAINING        trains (0, 0)
+    READY         Begin (others)                WAITING
+    WAITING       BlobArrived model, accepted   TRAINING
+    any live      BlobArrived final, accepted   FINISHING
+    TRAINING      Trained, not done             HANDING         hands it to the successor
+    TRAINING      Trained, done                 FINISHING       this member ends the run
+    HANDING       HandedOver                    WAITING         keeps a copy, tells passed
+    HANDING       HandOverFailed dead/timeout   HANDING         declares it dead, next one
+    HANDING       HandOverFailed, nobody left   FINISHING       members-lost
+    HANDING       refused: excluded (proven)    EXCLUDED
+    WAITING       TimerFired wait               FAILED          the ring is broken
+    EXCLUDED      BlobArrived final, accepted   FINISHING
+    EXCLUDED      TimerFired excluded           FAILED
+    FINISHING     FinalSaved                    DISTRIBUTING / DONE
+    DISTRIBUTING  every final hand-over ended   DONE
+
+Alongside the phase, a member keeps the last model it handed on until a
+custody receipt from the member after its successor arrives (``passed``); if
+none comes within ``hop_timeout`` it hands its copy to the member after the
+silent one, declaring the silent one dead only once that member took it.
+
+The member threat model (docs/federation.md) is enforced on every
+:class:`BlobArrived` before custody is taken (:meth:`CustodyMachine._check_model`,
+:meth:`_check_final`): a model is taken only from the live predecessor, at
+exactly the next position, at most ``max_laps + 1``, with a dead chain that
+extends ours and never names us, and metadata consistent with the header and
+with the history seen here; a final only when the stopping rule holds on what it
+carries, sealed by the member whose hop ended the run.  Only an unreachable
+member or one that timed out can be declared dead; a refusal for content never
+makes anyone dead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, TypeAlias
+
+import attrs
+
+from fedup.config import Limits
+from fedup.errors import LocalProtocolError
+from fedup.protocol.custody_events import (
+    FINAL,
+    INITIAL,
+    Action,
+    Begin,
+    BlobArrived,
+    BlobKind,
+    BlobOffered,
+    CancelTimer,
+    Declared,
+    Event,
+    Excluded,
+    Failed,
+    Failure,
+    FailureKind,
+    FinalSaved,
+    Finish,
+    Finished,
+    Forget,
+    HandedOver,
+    HandOverFailed,
+    Ignored,
+    Note,
+    PassedArrived,
+    Phase,
+    Refuse,
+    Send,
+    SetTimer,
+    Take,
+    TellPassed,
+    TimerFired,
+    Train,
+    Trained,
+    TrainFailed,
+)
+from fedup.protocol.custody_rules import StopRule, check_final_progress, check_model_progress
+from fedup.protocol.envelope import Signer
+from fedup.protocol.laps import Position, Progress, last_lap, next_position
+from fedup.protocol.notices import (
+    ChainBehindError,
+    CustodyReceipt,
+    DeadChain,
+    DeadNotice,
+    DeathCause,
+    FinalSeal,
+    NoticeError,
+    ReceiptError,
+    SealError,
+)
+from fedup.protocol.peer_id import PeerId
+from fedup.protocol.refusal import RefusalCode
+from fedup.protocol.ring import Ring
+
+__all__ = ["TRANSITIONS", "CustodyMachine", "StopRule"]
+
+RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
+"""Seconds before each retry of a refused or broken hand-over (the last one repeats)."""
+WAIT, WATCH, EXCLUDED_WAIT = "wait", "watch", "excluded"
+
+
+# --- the machine ------------------------------------------------------------------------
+
+
+Purpose: TypeAlias = Literal["forward", "resend", "final", "final-dead"]
+
+
+@attrs.define
+class _Handover:
+    """One hand-over in progress (a model on to the successor, a resend, a final)."""
+
+    id: int
+    purpose: Purpose
+    kind: BlobKind
+    copy: Position
+    target: PeerId
+    position: Position
+    chain: DeadChain
+    """The chain the blob carries: ours plus the claims made while handing this one."""
+    started: float
+    attempts: int = 1
+
+
+@attrs.define
+class _Kept:
+    """The copy kept after a hand-over, until ``passed`` proves the model moved on."""
+
+    copy: Position
+    target: PeerId
+    position: Position
+    """The position ``target`` took it at."""
+
+
+@attrs.frozen
+class _Taken:
+    """The last blob this member took (answers an identical resend idempotently)."""
+
+    sender: PeerId
+    kind: BlobKind
+    position: Position
+    digest: bytes
+    receipt: bytes
+
+
+_Handler: TypeAlias = str
+
+TRANSITIONS: dict[Phase, dict[type, _Handler]] = {
+    Phase.READY: {Begin: "_begin", BlobOffered: "_offered", BlobArrived: "_arrived"},
+    Phase.WAITING: {
+        BlobOffered: "_offered",
+        BlobArrived: "_arrived",
+        HandedOver: "_handed_over",
+        HandOverFailed: "_hand_over_failed",
+        PassedArrived: "_passed",
+        TimerFired: "_timer",
+    },
+    Phase.TRAINING: {
+        Trained: "_trained",
+        TrainFailed: "_train_failed",
+        BlobOffered: "_offered",
+        BlobArrived: "_arrived",
+        HandedOver: "_handed_over",
+        HandOverFailed: "_hand_over_failed",
+        PassedArrived: "_passed",
+        TimerFired: "_timer",
+    },
+    Phase.HANDING: {
+        BlobOffered: "_offered",
+        BlobArrived: "_arrived",
+        HandedOver: "_handed_over",
+        HandOverFailed: "_hand_over_failed",
+        PassedArrived: "_passed",
+        TimerFired: "_timer",
+    },
+    Phase.EXCLUDED: {
+        BlobOffered: "_offered",
+        BlobArrived: "_arrived",
+        TimerFired: "_timer",
+    },
+    Phase.FINISHING: {
+        FinalSaved: "_final_saved",
+        BlobOffered: "_offered",
+        BlobArrived: "_arrived",
+    },
+    Phase.DISTRIBUTING: {
+        BlobOffered: "_offered",
+        BlobArrived: "_arrived",
+        HandedOver: "_handed_over",
+        HandOverFailed: "_hand_over_failed",
+        TimerFired: "_timer",
+    },
+    Phase.DONE: {BlobOffered: "_offered", BlobArrived: "_arrived"},
+    Phase.FAILED: {},
+}
+"""Which events each phase takes, and the method that decides; the rest are ignored."""
+
+
+class CustodyMachine:
+    """One member's custody of one run; see the module docstring."""
+
+    def __init__(
+        self,
+        signer: Signer,
+        *,
+        run_id: bytes,
+        view_digest: bytes,
+        view_epoch: int,
+        members: Sequence[PeerId],
+        rule: StopRule,
+        limits: Limits,
+    ) -> None:
+        self.me = signer.peer_id
+        if self.me not in members:
+            raise LocalProtocolError("a custody machine needs its own member in the view")
+        self._signer = signer
+        self.run_id = run_id
+        self.view_digest = view_digest
+        self.view_epoch = view_epoch
+        self.rule = rule
+        self.limits = limits
+        self.chain = DeadChain(run_id, view_digest, tuple(sorted(set(members))))
+        self.phase = Phase.READY
+        self.last_lap = -1
+        """The lap of the last position this member took (or trained first)."""
+        self.seen = Progress.initial()
+        """The progress of the last state this member verified or produced."""
+        self.holding: Position | None = None
+        """The position of the model being trained here."""
+        self.source: PeerId | None = None
+        """Whom the model being trained here came from (to tell ``passed``)."""
+        self.kept: _Kept | None = None
+        self.handovers: dict[int, _Handover] = {}
+        self.taken: _Taken | None = None
+        self.final: _Taken | None = None
+        self.ended_by: PeerId | None = None
+        self.stop_reason: str | None = None
+        self.excluded: DeadNotice | None = None
+        self._ids = 0
+        self._final_origin: PeerId | None = None
+        self._final_seal: bytes | None = None
+
+    # --- the public face -----------------------------------------------------------------
+
+    @property
+    def ring_epoch(self) -> int:
+        """The view's epoch plus the members declared dead since."""
+        return self.view_epoch + len(self.chain)
+
+    def handle(self, event: Event, now: float) -> list[Action]:
+        """Apply ``event`` (at time ``now``) and return what to do; never raises for input."""
+        name = TRANSITIONS[self.phase].get(type(event))
+        if name is None:
+            return [
+                self._ignored(event, f"{type(event).__name__} is not taken when {self.phase.value}")
+            ]
+        handler = getattr(self, name)
+        actions: list[Action] = handler(event, now)
+        return actions
+
+    # --- starting and training ---------------------------------------------------------------
+
+    def _begin(self, event: Begin, now: float) -> list[Action]:
+        ring = self.chain.ring
+        if ring.leader == self.me:
+            self.phase = Phase.TRAINING
+            self.holding = Position(0, 0)
+            self.last_lap = 0
+            return [Train(Position(0, 0), INITIAL)]
+        self.phase = Phase.WAITING
+        return [self._wait_timer()]
+
+    def _wait_timer(self) -> SetTimer:
+        live = len(self.chain.ring.live)
+        return SetTimer(WAIT, self.limits.hop_timeout * (live + 1))
+
+    def _trained(self, event: Trained, now: float) -> list[Action]:
+        if event.position != self.holding:
+            return [self._ignored(event, f"trained {event.position}, holding {self.holding}")]
+        actions: list[Action] = []
+        if not event.good:
+            actions.append(
+                Note(
+                    "warning",
+                    f"training at {event.position} gave a bad state: handing on the "
+                    "last good one instead",
+                )
+            )
+        self.seen = event.progress
+        if event.progress.done:
+            self.holding = None
+            reason = event.progress.stop.reason(patience=self.rule.patience)
+            return actions + self._finish(event.position, reason, self.me)
+        actions += self._forward(event.position, now)
+        return actions
+
+    def _train_failed(self, event: TrainFailed, now: float) -> list[Action]:
+        self.phase = Phase.FAILED
+        return [Failed(f"training failed here: {event.reason}")]
+
+    # --- handing on ----------------------------------------------------------------------
+
+    def _new_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    def _forward(self, copy: Position, now: float) -> list[Action]:
+        """Hand the model trained at ``copy`` to the next live member."""
+        ring = self.chain.ring
+        if len(ring.members) == 1:  # a federation of one: the model comes straight back
+            position = Position(copy.lap + 1, 0)
+            self.holding, self.last_lap = position, position.lap
+            return [Train(position, copy), Forget(copy)]
+        if len(ring.live) < 2:
+            return self._finish(copy, "members-lost", self.me)
+        target, position = next_position(ring, self.me, copy)
+        handover = _Handover(
+            self._new_id(), "forward", "model", copy, target, position, self.chain, now
+        )
+        self.handovers[handover.id] = handover
+        self.phase = Phase.HANDING
+        return [self._send(handover)]
+
+    def _send(self, h: _Handover) -> Send:
+        return Send(
+            h.id,
+            h.target,
+            h.kind,
+            h.position,
+            self.view_epoch + len(h.chain),
+            h.chain.envelopes,
+            h.copy,
+            self._final_origin if h.kind == "final" else None,
+            self._final_seal if h.kind == "final" else None,
+        )
+
+    def _handed_over(self, event: HandedOver, now: float) -> list[Action]:
+        h = self.handovers.get(event.handover)
+        if h is None:
+            return [self._ignored(event, f"hand-over {event.handover} is no longer current")]
+        problem = self._check_receipt(event.receipt, h, event.digest)
+        if problem is not None:
+            failure = Failure(FailureKind.BROKEN, f"bad custody receipt: {problem}")
+            return self._hand_over_failed(HandOverFailed(h.id, failure), now)
+        del self.handovers[h.id]
+        actions: list[Action] = []
+        if h.purpose in ("forward", "resend"):
+            actions += self._commit(h.chain)
+            if h.purpose == "forward" and self.source is not None:
+                actions.append(TellPassed(self.source, event.receipt))
+            if self.kept is not None and self.kept.copy != h.copy:
+                actions.append(Forget(self.kept.copy))
+            self.kept = _Kept(h.copy, h.target, h.position)
+            actions.append(SetTimer(WATCH, self.limits.hop_timeout))
+            if h.purpose == "forward":
+                self.holding = None
+                self.source = None
+                self.phase = Phase.WAITING
+                actions.append(self._wait_timer())
+            return actions
+        if h.purpose == "final":
+            actions += self._final_ring_done(now)
+        return actions + self._maybe_done()
+
+    def _check_receipt(self, data: bytes, h: _Handover, digest: bytes) -> str | None:
+        try:
+            receipt = CustodyReceipt.open(data)
+        except ReceiptError as exc:
+            return exc.reason
+        expected = (self.run_id, h.kind, h.position, self.me, h.target, digest)
+        got = (
+            receipt.run_id,
+            receipt.kind,
+            receipt.position,
+            receipt.sender,
+            receipt.taker,
+            receipt.digest,
+        )
+        return None if got == expected else "it does not name this hand-over"
+
+    def _commit(self, chain: DeadChain) -> list[Action]:
+        """Adopt ``chain`` (an extension of ours) and report the notices new to us."""
+        new = chain.notices[len(self.chain) :]
+        self.chain = chain
+        return [Declared(n, n.claimer == self.me) for n in new]
+
+    def _hand_over_failed(self, event: HandOverFailed, now: float) -> list[Action]:
+        h = self.handovers.get(event.handover)
+        if h is None:
+            return [self._ignored(event, f"hand-over {event.handover} is no longer current")]
+        f = event.failure
+        if f.kind is FailureKind.REFUSED and f.code is RefusalCode.EXCLUDED:
+            proven = self._proven_exclusion(f.proof)
+            if proven is not None:
+                del self.handovers[h.id]
+                return self._become_excluded(proven)
+        if f.kind is FailureKind.REFUSED and f.code in (RefusalCode.STALE, RefusalCode.FINISHED):
+            return self._moved_on(h, f)
+        if h.purpose == "resend" and f.kind is FailureKind.REFUSED:
+            return self._moved_on(h, f)
+        if f.kind in (FailureKind.UNREACHABLE, FailureKind.TIMED_OUT) or h.purpose == "final-dead":
+            return self._skip(h, f, now)
+        # Broken or refused for content: the member is alive; try again for half of
+        # hop_timeout (so our predecessor, watching us for hop_timeout, hears ``passed``
+        # in time), then count it as timed out.
+        budget = self.limits.hop_timeout / 2
+        if now - h.started >= budget:
+            timeout = Failure(
+                FailureKind.TIMED_OUT, f"did not take the {h.kind} within {budget:g} s ({f.why})"
+            )
+            return self._skip(h, timeout, now)
+        delay = RETRY_DELAYS[min(h.attempts - 1, len(RETRY_DELAYS) - 1)]
+        h.attempts += 1
+        return [
+            Note(
+                "info",
+                f"handing {h.kind} {h.position} to {h.target} failed ({f.why}); "
+                f"trying again in {delay:g} s",
+            ),
+            SetTimer(f"retry:{h.id}", delay),
+        ]
+
+    def _moved_on(self, h: _Handover, f: Failure) -> list[Action]:
+        """The target is past this blob: the ring (or the final) moved on without it."""
+        del self.handovers[h.id]
+        actions: list[Action] = [
+            Note("info", f"{h.target} is past {h.kind} {h.position} ({f.why}): it moved on")
+        ]
+        if h.purpose == "resend":
+            if self.kept is not None:
+                actions.append(Forget(self.kept.copy))
+                self.kept = None
+            return actions
+        if h.purpose == "forward":
+            actions.append(Forget(h.copy))
+            self.holding = None
+            self.source = None
+            self.phase = Phase.WAITING
+            return [*actions, self._wait_timer()]
+        if h.purpose == "final":
+            actions += self._final_ring_done(0.0)
+        return actions + self._maybe_done()
+
+    def _skip(self, h: _Handover, f: Failure, now: float) -> list[Action]:
+        """``h.target`` is unreachable or timed out: count it dead (or pass it, for a final)."""
+        actions: list[Action] = [
+            Note("warning", f"{h.target} did not take {h.kind} {h.position}: {f.why}")
+        ]
+        if h.purpose == "final-dead":
+            del self.handovers[h.id]
+            return actions + self._maybe_done()
+        if h.purpose == "final":
+            return actions + self._next_final_target(h, now)
+        cause: DeathCause = "unreachable" if f.kind is FailureKind.UNREACHABLE else "timed-out"
+        chain = h.chain.claim(self._signer, cause, h.copy)
+        ring = chain.ring
+        if len(ring.live) < 2:
+            del self.handovers[h.id]
+            if h.purpose == "resend":
+                return [*actions, Note("warning", "no other member to hand our copy to")]
+            actions += self._commit(chain)
+            return actions + self._finish(h.copy, "members-lost", self.me)
+        target, position = next_position(ring, self.me, h.copy)
+        h.chain, h.target, h.position, h.attempts, h.started = chain, target, position, 1, now
+        return [*actions, self._send(h)]
+
+    def _timer(self, event: TimerFired, now: float) -> list[Action]:
+        name = event.name
+        if name == WAIT:
+            if self.phase is not Phase.WAITING:
+                return [self._ignored(event, "not waiting for a model")]
+            self.phase = Phase.FAILED
+            wait = self.limits.hop_timeout * (len(self.chain.ring.live) + 1)
+            return [Failed(f"no model arrived for {wait:g} s; the ring is broken")]
+        if name == EXCLUDED_WAIT:
+            self.phase = Phase.FAILED
+            why = self.excluded.describe() if self.excluded is not None else "excluded"
+            return [
+                Failed(
+                    f"excluded from the run ({why}), and no final model arrived within "
+                    f"{self.limits.excluded_wait:g} s"
+                )
+            ]
+        if name == WATCH:
+            return self._watch_expired(now)
+        if name.startswith("retry:"):
+            h = self.handovers.get(int(name[6:]))
+            if h is None:
+                return [self._ignored(event, "that hand-over ended")]
+            return [self._send(h)]
+        return [self._ignored(event, f"unknown timer {name!r}")]
+
+    def _watch_expired(self, now: float) -> list[Action]:
+        kept = self.kept
+        if kept is None or any(h.purpose == "resend" for h in self.handovers.values()):
+            return [self._ignored(TimerFired(WATCH), "no copy to watch")]
+        ring = self.chain.ring
+        if kept.target in ring.dead or ring.successor(self.me) != kept.target:
+            return [
+                Note("info", f"{kept.target} is not our successor any more; dropping our copy"),
+                *self._drop_kept(),
+            ]
+        chain = self.chain.claim(self._signer, "timed-out", kept.copy)
+        if len(chain.ring.live) < 2:
+            return [Note("warning", f"{kept.target} is silent and no other member is left")]
+        target, position = next_position(chain.ring, self.me, kept.copy)
+        h = _Handover(self._new_id(), "resend", "model", kept.copy, target, position, chain, now)
+        self.handovers[h.id] = h
+        return [
+            Note(
+                "warning",
+                f"{kept.target} took {kept.position} and was silent for "
+                f"{self.limits.hop_timeout:g} s: handing our copy to {target}",
+            ),
+            self._send(h),
+        ]
+
+    def _drop_kept(self) -> list[Action]:
+        if self.kept is None:
+            return []
+        copy = self.kept.copy
+        self.kept = None
+        return [Forget(copy), CancelTimer(WATCH)]
+
+    def _passed(self, event: PassedArrived, now: float) -> list[Action]:
+        kept = self.kept
+        if kept is None or event.sender != kept.target:
+            return [self._ignored(event, f"no copy kept for {event.sender}")]
+        try:
+            receipt = CustodyReceipt.open(event.receipt)
+        except ReceiptError as exc:
+            return [Refuse(event.sender, RefusalCode.MALFORMED, f"passed: {exc.reason}")]
+        p = kept.position
+        nexts = (Position(p.lap, p.hop + 1), Position(p.lap + 1, 0))
+        if (
+            receipt.run_id != self.run_id
+            or receipt.sender != kept.target
+            or receipt.taker == kept.target
+            or receipt.taker not in self.chain.members
+            or receipt.position not in nexts
+        ):
+            return [
+                Refuse(
+                    event.sender,
+                    RefusalCode.BAD_CLAIM,
+                    "passed: the receipt does not show the model moving on from "
+                    f"{kept.target} after {p}",
+                )
+            ]
+        self.kept = None
+        return [Forget(kept.copy), CancelTimer(WATCH)]
+
+    # --- receiving ------------------------------------------------------------------------
+
+    def _offered(self, event: BlobOffered, now: float) -> list[Action]:
+        """A cheap look at a header: refuse what cannot be taken before its bytes come."""
+        problem = self._precheck(event.sender, event.kind, event.position, event.epoch)
+        return [] if problem is None else [problem]
+
+    def _precheck(
+        self, sender: PeerId, kind: BlobKind, position: Position, epoch: int
+    ) -> Refuse | None:
+        if sender not in self.chain.members:
+            return Refuse(sender, RefusalCode.NOT_MEMBER, "not a member of the run")
+        if self.phase is Phase.READY:
+            return Refuse(sender, RefusalCode.BUSY, "training has not begun here yet")
+        if kind == "final":
+            if self.final is not None and self.final.sender != sender:
+                return Refuse(sender, RefusalCode.FINISHED, "already holding the final model")
+            return None
+        if self.taken is not None and (sender, position) == (
+            self.taken.sender,
+            self.taken.position,
+        ):
+            return None  # perhaps the same blob again (its ACK was lost): decided on its digest
+        if self.phase in (Phase.FINISHING, Phase.DISTRIBUTING, Phase.DONE):
+            return Refuse(sender, RefusalCode.FINISHED, "the run has ended here")
+        if self.phase is Phase.EXCLUDED:
+            return Refuse(sender, RefusalCode.OUT_OF_TURN, "excluded from the run here")
+        notice = self.chain.notice_about(sender)
+        if notice is not None:
+            return self._excluded_refusal(sender, epoch, notice)
+        if position.lap > last_lap(self.rule.max_laps) or (
+            position.lap == last_lap(self.rule.max_laps) and position.hop != 0
+        ):
+            return Refuse(
+                sender,
+                RefusalCode.OUT_OF_TURN,
+                f"{position} is beyond the last lap ({self.rule.max_laps} laps)",
+            )
+        if position.lap <= self.last_lap:
+            return Refuse(
+                sender,
+                RefusalCode.STALE,
+                f"{position} is not newer than lap {self.last_lap}, taken here",
+            )
+        if position.lap != self.last_lap + 1:
+            return Refuse(
+                sender,
+                RefusalCode.OUT_OF_TURN,
+                f"{position} is not the next lap here ({self.last_lap + 1})",
+            )
+        if self.phase is not Phase.WAITING:  # our hand-over's ACK may still be on its way
+            return Refuse(sender, RefusalCode.BUSY, f"still holding the model of {self.holding}")
+        return None
+
+    def _excluded_refusal(self, sender: PeerId, epoch: int, notice: DeadNotice) -> Refuse:
+        known = max(0, min(epoch - self.view_epoch, len(self.chain)))
+        proof = self.chain.envelopes[known : notice.index + 1]
+        return Refuse(sender, RefusalCode.EXCLUDED, f"counted as dead: {notice.describe()}", proof)
+
+    def _arrived(self, event: BlobArrived, now: float) -> list[Action]:
+        if event.kind == "final":
+            return self._arrived_final(event, now)
+        return self._arrived_model(event, now)
+
+    def _arrived_model(self, event: BlobArrived, now: float) -> list[Action]:
+        taken = self.taken
+        if taken is not None and (event.sender, event.kind, event.position) == (
+            taken.sender,
+            taken.kind,
+            taken.position,
+        ):
+            if event.digest == taken.digest:
+                return [Take(taken.receipt)]  # the same blob again: its ACK was lost
+            return [
+                Refuse(
+                    event.sender,
+                    RefusalCode.STALE,
+                    f"a different blob for {event.position}, already taken here",
+                )
+            ]
+        early = self._precheck(event.sender, event.kind, event.position, event.epoch)
+        if early is not None:
+            return [early]
+        refusal, chain = self._check_model(event)
+        if refusal is not None:
+            return [refusal]
+        assert chain is not None
+        actions = self._commit(chain)
+        receipt = self._receipt(event)
+        self.taken = _Taken(event.sender, "model", event.position, event.digest, receipt)
+        self.last_lap = event.position.lap
+        self.seen = event.progress
+        self.holding = event.position
+        self.source = event.sender
+        self.phase = Phase.TRAINING
+        actions += self._drop_kept()  # it came round: the copy we handed on is obsolete
+        for h in [h for h in self.handovers.values() if h.purpose == "resend"]:
+            del self.handovers[h.id]  # so is handing it on again
+        actions += [CancelTimer(WAIT), Take(receipt), Train(event.position)]
+        return actions
+
+    def _receipt(self, event: BlobArrived) -> bytes:
+        return CustodyReceipt.seal(
+            self._signer,
+            run_id=self.run_id,
+            kind=event.kind,
+            position=event.position,
+            sender=event.sender,
+            digest=event.digest,
+        ).envelope
+
+    def _extend(
+        self, event: BlobArrived, receiver: PeerId | None
+    ) -> tuple[Refuse | None, DeadChain | None]:
+        if event.view != self.view_digest:
+            return Refuse(event.sender, RefusalCode.WRONG_RUN, "the blob names another view"), None
+        try:
+            return None, self.chain.extend_with(event.chain, receiver=receiver, limits=self.limits)
+        except ChainBehindError as exc:
+            notice = self.chain.notice_about(event.sender)
+            if notice is not None:
+                return self._excluded_refusal(event.sender, event.epoch, notice), None
+            if event.kind == "final":
+                return None, self.chain  # we know of more deaths: keep ours
+            return Refuse(event.sender, RefusalCode.OUT_OF_TURN, exc.reason), None
+        except NoticeError as exc:
+            return Refuse(event.sender, RefusalCode.BAD_CLAIM, exc.reason), None
+
+    def _check_model(self, event: BlobArrived) -> tuple[Refuse | None, DeadChain | None]:
+        refusal, chain = self._extend(event, self.me)
+        if refusal is not None:
+            return refusal, None
+        assert chain is not None
+        ring = chain.ring
+        sender, pos = event.sender, event.position
+        notice = chain.notice_about(sender)
+        if notice is not None:
+            return Refuse(
+                sender,
+                RefusalCode.EXCLUDED,
+                f"counted as dead: {notice.describe()}",
+                chain.envelopes[notice.index : notice.index + 1],
+            ), None
+        if ring.successor(sender) != self.me:
+            return Refuse(
+                sender,
+                RefusalCode.OUT_OF_TURN,
+                f"{sender} is not our predecessor ({ring.successor(sender)} follows it)",
+            ), None
+        if event.epoch != self.view_epoch + len(chain):
+            return Refuse(
+                sender,
+                RefusalCode.BAD_META,
+                f"epoch {event.epoch} does not match its {len(chain)} dead notices",
+            ), None
+        expected_hop = ring.position(self.me)
+        if pos.hop != expected_hop:
+            return Refuse(
+                sender,
+                RefusalCode.OUT_OF_TURN,
+                f"{pos}: our place in the ring is hop {expected_hop}",
+            ), None
+        problem = check_model_progress(
+            self.seen,
+            event.progress,
+            position=pos,
+            sender_position=_trained_ring(chain, sender, event.progress).position(sender),
+            rule=self.rule,
+        )
+        if problem is not None:
+            return Refuse(sender, RefusalCode.BAD_META, problem), None
+        return None, chain
+
+    def _arrived_final(self, event: BlobArrived, now: float) -> list[Action]:
+        final = self.final
+        if final is not None:
+            if event.digest == final.digest and event.sender == final.sender:
+                return [Take(final.receipt)]
+            return [Refuse(event.sender, RefusalCode.FINISHED, "already holding the final model")]
+        if self.phase in (Phase.FINISHING, Phase.DISTRIBUTING, Phase.DONE):
+            return [Refuse(event.sender, RefusalCode.FINISHED, "the run has ended here")]
+        early = self._precheck(event.sender, event.kind, event.position, event.epoch)
+        if early is not None:
+            return [early]
+        refusal, chain = self._extend(event, None)
+        if refusal is not None:
+            return [refusal]
+        assert chain is not None
+        problem = self._check_final(event, chain)
+        if problem is not None:
+            return [Refuse(event.sender, RefusalCode.NOT_FINAL, problem)]
+        assert event.origin is not None and event.seal is not None
+        actions = self._commit(chain)
+        receipt = self._receipt(event)
+        self.final = _Taken(event.sender, "final", event.position, event.digest, receipt)
+        self._final_origin, self._final_seal = event.origin, event.seal
+        self.seen = event.progress
+        actions += [Take(receipt)]
+        for h in list(self.handovers.values()):  # our own hand-overs are moot now
+            del self.handovers[h.id]
+        actions += self._drop_kept()
+        notice = self.chain.notice_about(self.me)
+        if notice is not None and self.excluded is None:
+            self.excluded = notice
+            actions.append(Excluded(notice))
+        reason = event.progress.stop.reason(patience=self.rule.patience)
+        return actions + self._finish(FINAL, reason, event.origin, received=True)
+
+    def _check_final(self, event: BlobArrived, chain: DeadChain) -> str | None:
+        if event.origin is None or event.seal is None:
+            return "a final model without its origin and seal"
+        try:
+            seal = FinalSeal.open(event.seal)
+        except SealError as exc:
+            return exc.reason
+        if (
+            seal.run_id != self.run_id
+            or seal.origin != event.origin
+            or seal.content != event.content
+        ):
+            return "the seal does not match this final model"
+        ring = chain.ring
+        if event.origin not in ring.members or ring.leader != event.origin:
+            return (
+                f"it says {event.origin} ended the run, but only the lowest live member "
+                f"({ring.leader}) closes laps"
+            )
+        if event.sender in ring.dead:
+            return f"{event.sender} is counted as dead and cannot hand on the final model"
+        return check_final_progress(self.seen, event.progress, rule=self.rule)
+
+    def _proven_exclusion(self, proof: tuple[bytes, ...]) -> DeadNotice | None:
+        """The notice naming us, if ``proof`` extends our chain validly up to it."""
+        try:
+            chain = self.chain.extend_with(
+                (*self.chain.envelopes, *proof), receiver=None, limits=self.limits
+            )
+        except NoticeError:
+            return None
+        notice = chain.notice_about(self.me)
+        if notice is None:
+            return None
+        self.chain = attrs.evolve(chain, notices=chain.notices[: notice.index + 1])
+        return notice
+
+    def _become_excluded(self, notice: DeadNotice) -> list[Action]:
+        self.excluded = notice
+        self.phase = Phase.EXCLUDED
+        actions: list[Action] = [Excluded(notice)]
+        for h in list(self.handovers.values()):
+            del self.handovers[h.id]
+        if self.holding is not None:
+            actions.append(Forget(self.holding))
+            self.holding = None
+        actions += self._drop_kept()
+        actions += [CancelTimer(WAIT), SetTimer(EXCLUDED_WAIT, self.limits.excluded_wait)]
+        return actions
+
+    # --- finishing -----------------------------------------------------------------------
+
+    def _finish(
+        self, copy: Position, reason: str, ended_by: PeerId, *, received: bool = False
+    ) -> list[Action]:
+        self.phase = Phase.FINISHING
+        self.ended_by = ended_by
+        self.stop_reason = reason
+        self._finish_copy = copy
+        self._received_final = received
+        actions: list[Action] = [CancelTimer(WAIT), CancelTimer(WATCH)]
+        if self.kept is not None and self.kept.copy != copy:
+            actions.append(Forget(self.kept.copy))
+            self.kept = None
+        return [*actions, Finish(copy, reason, ended_by, self.excluded)]
+
+    def _final_saved(self, event: FinalSaved, now: float) -> list[Action]:
+        if self.excluded is not None or self.stop_reason == "members-lost":
+            self.phase = Phase.DONE
+            return [Finished()]
+        if not self._received_final:
+            # We ended the run: seal the final model (the driver supplied its content
+            # digest through :meth:`seal_final`) and start its distribution.
+            if self._final_seal is None:
+                raise LocalProtocolError("seal_final() must be called before FinalSaved")
+        self.phase = Phase.DISTRIBUTING
+        return self._start_final_ring(now)
+
+    def seal_final(self, content: bytes) -> bytes:
+        """Sign the final model this member produced (its content digest); call on Finish."""
+        if self.ended_by != self.me:
+            raise LocalProtocolError("only the member that ended the run seals its final model")
+        seal = FinalSeal.seal(self._signer, run_id=self.run_id, content=content)
+        self._final_origin, self._final_seal = self.me, seal.envelope
+        return seal.envelope
+
+    def _final_position(self) -> Position:
+        return Position(max(self.seen.lap, 0), 0)
+
+    def _start_final_ring(self, now: float) -> list[Action]:
+        origin = self._final_origin
+        assert origin is not None
+        successors = [p for p in self.chain.ring.successors(self.me)]
+        if not successors or successors[0] == origin:
+            return self._final_ring_done(now) + self._maybe_done()
+        h = _Handover(
+            self._new_id(),
+            "final",
+            "final",
+            FINAL,
+            successors[0],
+            self._final_position(),
+            self.chain,
+            now,
+        )
+        self.handovers[h.id] = h
+        return [self._send(h)]
+
+    def _next_final_target(self, h: _Handover, now: float) -> list[Action]:
+        successors = self.chain.ring.successors(self.me)
+        later = successors[successors.index(h.target) + 1 :] if h.target in successors else []
+        if not later or later[0] == self._final_origin:
+            del self.handovers[h.id]
+            return self._final_ring_done(now) + self._maybe_done()
+        h.target, h.attempts, h.started = later[0], 1, now
+        return [self._send(h)]
+
+    def _final_ring_done(self, now: float) -> list[Action]:
+        """The final went on round the ring; its origin also hands it to the dead members."""
+        if self._final_origin != self.me or self._final_dead_sent:
+            return []
+        self._final_dead_sent = True
+        actions: list[Action] = []
+        for dead in sorted(self.chain.dead):
+            h = _Handover(
+                self._new_id(),
+                "final-dead",
+                "final",
+                FINAL,
+                dead,
+                self._final_position(),
+                self.chain,
+                now,
+            )
+            self.handovers[h.id] = h
+            actions.append(self._send(h))
+        return actions
+
+    _final_dead_sent = False
+    _finish_copy: Position = FINAL
+    _received_final = False
+
+    def _maybe_done(self) -> list[Action]:
+        if self.phase is Phase.DISTRIBUTING and not self.handovers:
+            self.phase = Phase.DONE
+            return [Finished()]
+        return []
+
+    def _ignored(self, event: object, why: str) -> Ignored:
+        return Ignored(type(event).__name__, self.phase, why)
+
+
+def _trained_ring(chain: DeadChain, sender: PeerId, progress: Progress) -> Ring:
+    """The ring ``sender`` trained in: without the deaths it declared while handing on."""
+    at = Position(progress.lap, progress.hop)
+    notices = list(chain.notices)
+    while notices and notices[-1].claimer == sender and notices[-1].at == at:
+        notices.pop()
+    return Ring(chain.members, frozenset(n.dead for n in notices))

@@ -1,0 +1,675 @@
+"""Forming a federation as a state machine: settle, elect, call, propose, acknowledge, commit.
+
+Pure: events in, actions out (after ``h11/_state.py``).  The trio driver
+(:mod:`fedup.peer.formation_driver`) feeds discovery news, messages from other
+peers, the outcome of its own requests and fired timers, and carries out the
+actions (dial and call, send a view, close a connection, join).  Checking a
+data summary, merging summaries into a schema and checking a view against the
+local model are the learning layer's; the driver does them and feeds the
+verdicts here.
+
+The rules (docs/federation.md, section 2):
+
+1. A peer *settles*: it waits until it knows ``min_peers`` candidates (itself
+   included) and none appeared for ``settle`` seconds.
+2. The lowest candidate it does not ignore leads.  The leader calls every
+   candidate; each answers ``offer``, ``follow`` (a lower peer it knows: the
+   leader stands down and follows that one) or ``refuse``.
+3. The leader admits the offers (the driver merges the summaries and refuses
+   misfits, naming the columns), signs a view and sends it; each member checks
+   it and acknowledges its digest.  A member that does not acknowledge within
+   ``view_timeout`` is left out and the view is re-signed with the next epoch.
+   Once every member of a view acknowledged, the leader sends ``commit``.
+4. A member joins when ``commit`` arrives, or, if its connection to the leader
+   broke after its acknowledgement, when the first ring blob of the view's
+   run arrives (the leader commits once it has every acknowledgement, so a
+   lost ``commit`` cannot leave a member out of a ring that counts on it).
+5. A peer answers a call only from the lowest peer it knows; a higher caller
+   gets ``follow``.  A leader called by a lower peer stands down.  A peer bound
+   to a leader (offered, acknowledged or joined) refuses other callers.  A
+   peer that expects a lower peer to call waits ``formation_timeout``, then
+   ignores it and elects again.
+6. A leader whose view breaks the rules (settings out of bounds, another run,
+   a view that does not name us) is refused with ``bad-view`` and distrusted:
+   the peer elects again without it.  A view our own data or model do not fit
+   is refused with ``misfit`` and ends formation here with that reason; so
+   does a leader's ``misfit`` refusal of our offer.
+7. Formation gives up after ``peer_wait_timeout`` and says how many peers it
+   found.
+
+Every event a stage does not take is answered with :class:`Ignored` (a typed
+refusal), never an exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+
+from fedup.config import Limits
+from fedup.protocol.formation_events import (
+    AckArrived,
+    Action,
+    AnswerFollow,
+    AnswerOffer,
+    Call,
+    CallArrived,
+    CallFailed,
+    CancelTimer,
+    Close,
+    CommitArrived,
+    ConnectionLost,
+    Event,
+    Failed,
+    FollowArrived,
+    Ignored,
+    Joined,
+    Note,
+    OfferArrived,
+    PeerLost,
+    PeerSeen,
+    Propose,
+    RefuseArrived,
+    RingBlobArrived,
+    SendAck,
+    SendCommit,
+    SendRefuse,
+    SendView,
+    SetTimer,
+    Stage,
+    Start,
+    TimerFired,
+    ViewArrived,
+    ViewReady,
+)
+from fedup.protocol.peer_id import PeerId
+from fedup.protocol.refusal import RefusalCode
+
+__all__ = [
+    "FormationMachine",
+    "Stage",
+]
+
+TIMERS = SETTLE, FOLLOW, CALLS, ACKS, VIEW_DUE, COMMIT_DUE, GIVE_UP = (
+    "settle",
+    "follow",
+    "calls",
+    "acks",
+    "view-due",
+    "commit-due",
+    "give-up",
+)
+
+
+# --- the machine -----------------------------------------------------------------------
+
+_ANY = {
+    PeerSeen: "_seen",
+    PeerLost: "_lost",
+    CallArrived: "_call",
+    TimerFired: "_timer",
+}
+TRANSITIONS: dict[Stage, dict[type, str]] = {
+    Stage.SETTLING: {Start: "_start", **_ANY},
+    Stage.FOLLOWING: {**_ANY},
+    Stage.LEADING: {
+        **_ANY,
+        OfferArrived: "_offer",
+        FollowArrived: "_follow",
+        RefuseArrived: "_refused_call",
+        CallFailed: "_call_failed",
+        ConnectionLost: "_candidate_lost",
+    },
+    Stage.PROPOSING: {
+        **_ANY,
+        ViewReady: "_view_ready",
+        AckArrived: "_ack",
+        RefuseArrived: "_refused_view",
+        ConnectionLost: "_candidate_lost",
+    },
+    Stage.OFFERED: {
+        **_ANY,
+        ViewArrived: "_view",
+        RefuseArrived: "_leader_refused",
+        ConnectionLost: "_leader_lost",
+    },
+    Stage.ACKED: {
+        **_ANY,
+        ViewArrived: "_view",
+        CommitArrived: "_commit",
+        RingBlobArrived: "_ring_blob",
+        RefuseArrived: "_leader_refused",
+        ConnectionLost: "_leader_lost",
+    },
+    Stage.JOINED: {CallArrived: "_call"},
+    Stage.FAILED: {CallArrived: "_call"},
+}
+"""Which events each stage takes, and the method that decides; the rest are ignored."""
+
+
+class FormationMachine:
+    """One peer's part in forming a federation (as leader or as member)."""
+
+    def __init__(
+        self,
+        me: PeerId,
+        *,
+        min_peers: int,
+        settle: float,
+        limits: Limits,
+        new_run_id: Callable[[], bytes],
+    ) -> None:
+        self.me = me
+        self.min_peers = min_peers
+        self.settle = settle
+        self.limits = limits
+        self._new_run_id = new_run_id
+        self.stage = Stage.SETTLING
+        self.candidates: set[PeerId] = set()
+        """Verified peers of our network (not us), as discovery reports them."""
+        self.ignored: set[PeerId] = set()
+        """Lower peers that did not call us in time: elected around until they call."""
+        self.distrusted: set[PeerId] = set()
+        """Leaders whose view broke the rules: refused from now on."""
+        self.settled = False
+        """No new candidate appeared for ``settle`` seconds (with enough candidates)."""
+        self.leader: PeerId | None = None
+        """The leader we follow, offered to or acknowledged (or ourselves, leading)."""
+        self.run_id: bytes | None = None
+        self.epoch = -1
+        self.digest: bytes | None = None
+        self.called: set[PeerId] = set()
+        """Leading: candidates called and not yet answered."""
+        self.offers: set[PeerId] = set()
+        """Leading: candidates that offered; proposing: the members of the view."""
+        self.acked: set[PeerId] = set()
+        self.in_view: set[PeerId] = set()
+        """Proposing: the members (besides us) of the view being acknowledged."""
+        self.lower: set[PeerId] = set()
+        """Leading: lower leaders our candidates follow."""
+        self.joined: Joined | None = None
+        self.failure: str | None = None
+
+    # --- the public face --------------------------------------------------------------
+
+    def handle(self, event: Event) -> list[Action]:
+        """Apply ``event`` and return what to do; never raises for input."""
+        name = TRANSITIONS[self.stage].get(type(event))
+        if name is None:
+            return [
+                self._ignored(event, f"{type(event).__name__} is not taken when {self.stage.value}")
+            ]
+        actions: list[Action] = getattr(self, name)(event)
+        return actions
+
+    @property
+    def electorate(self) -> set[PeerId]:
+        """Who may lead, as we see it: the candidates and us, minus those we skip."""
+        return (self.candidates - self.ignored - self.distrusted) | {self.me}
+
+    def found(self) -> int:
+        """Peers known (us included), for the give-up message."""
+        return len(self.candidates - self.distrusted) + 1
+
+    # --- settling and electing ------------------------------------------------------------
+
+    def _start(self, event: Start) -> list[Action]:
+        return [
+            SetTimer(GIVE_UP, self.limits.peer_wait_timeout),
+            SetTimer(SETTLE, self.settle),
+        ]
+
+    def _seen(self, event: PeerSeen) -> list[Action]:
+        if event.peer == self.me or event.peer in self.candidates:
+            return []
+        self.candidates.add(event.peer)
+        if self.stage is Stage.SETTLING:
+            self.settled = False
+            return [SetTimer(SETTLE, self.settle)]  # quiet again from now
+        return []
+
+    def _lost(self, event: PeerLost) -> list[Action]:
+        self.candidates.discard(event.peer)
+        return []
+
+    def _timer(self, event: TimerFired) -> list[Action]:
+        name = event.name
+        if name == GIVE_UP:
+            return self._give_up()
+        if name == SETTLE and self.stage is Stage.SETTLING:
+            self.settled = True
+            return self._elect()
+        if name == FOLLOW and self.stage is Stage.FOLLOWING and self.leader is not None:
+            silent = self.leader
+            self.ignored.add(silent)
+            self.leader = None
+            self.stage = Stage.SETTLING
+            return [
+                Note(
+                    "warning",
+                    f"{silent} did not call within "
+                    f"{self.limits.formation_timeout:g} s; electing again without it",
+                ),
+                *self._elect(),
+            ]
+        if name == CALLS and self.stage is Stage.LEADING:
+            return self._calls_done()
+        if name == ACKS and self.stage is Stage.PROPOSING:
+            return self._acks_done()
+        if name in (VIEW_DUE, COMMIT_DUE) and self.stage in (Stage.OFFERED, Stage.ACKED):
+            assert self.leader is not None
+            return self._back_to_settling(
+                f"{self.leader} sent no {'view' if name == VIEW_DUE else 'commit'} in time",
+                distrust=None,
+            )
+        return [self._ignored(event, f"timer {name!r} is stale when {self.stage.value}")]
+
+    def _give_up(self) -> list[Action]:
+        if self.stage in (Stage.JOINED, Stage.FAILED):
+            return []
+        found = self.found()
+        wait = self.limits.peer_wait_timeout
+        if found < self.min_peers:
+            why = (
+                f"no federation formed within {wait:g} s: found {found} of the "
+                f"{self.min_peers} peers needed (this one included)"
+            )
+        else:
+            why = (
+                f"no federation formed within {wait:g} s although {found} peers were "
+                "found; see the log for why"
+            )
+        return self._fail(why)
+
+    def _fail(self, why: str) -> list[Action]:
+        actions: list[Action] = self._release_candidates(RefusalCode.GIVEN_UP, "formation failed")
+        actions += self._leave_leader()
+        self.stage = Stage.FAILED
+        self.failure = why
+        return [*actions, *self._cancel_all(), Failed(why)]
+
+    def _cancel_all(self) -> list[Action]:
+        return [
+            CancelTimer(n) for n in (SETTLE, FOLLOW, CALLS, ACKS, VIEW_DUE, COMMIT_DUE, GIVE_UP)
+        ]
+
+    def _elect(self) -> list[Action]:
+        """Settled: lead if we are the lowest, else expect the lowest to call."""
+        if not self.settled or len(self.electorate) < self.min_peers:
+            return []
+        leader = min(self.electorate)
+        if leader == self.me:
+            return self._lead()
+        self.stage = Stage.FOLLOWING
+        self.leader = leader
+        return [
+            Note("info", f"waiting for {leader} to call"),
+            SetTimer(FOLLOW, self.limits.formation_timeout),
+        ]
+
+    # --- leading ------------------------------------------------------------------------
+
+    def _lead(self) -> list[Action]:
+        peers = tuple(sorted(self.candidates - self.distrusted))
+        self.stage = Stage.LEADING
+        self.leader = self.me
+        self.run_id = self._new_run_id()
+        self.epoch = -1
+        self.called = set(peers)
+        self.offers, self.acked, self.lower = set(), set(), set()
+        note = Note("info", f"electing myself ({self.me}) among {len(peers) + 1} candidates")
+        if not peers:
+            return [note, *self._calls_done()]
+        return [note, Call(self.run_id, peers), SetTimer(CALLS, self.limits.call_timeout)]
+
+    def _answered(self, peer: PeerId, run_id: bytes) -> bool:
+        if run_id != self.run_id or peer not in self.called:
+            return False
+        self.called.discard(peer)
+        return True
+
+    def _offer(self, event: OfferArrived) -> list[Action]:
+        if not self._answered(event.peer, event.run_id):
+            return [self._ignored(event, "not an answer to a call of ours")]
+        if event.problem is not None:
+            return [
+                Note("warning", f"{event.peer} sent an unusable summary: {event.problem}"),
+                SendRefuse(event.peer, event.run_id, RefusalCode.MISFIT, event.problem),
+                Close(event.peer),
+                *self._maybe_calls_done(),
+            ]
+        self.offers.add(event.peer)
+        return self._maybe_calls_done()
+
+    def _follow(self, event: FollowArrived) -> list[Action]:
+        if event.peer not in self.called:
+            return [self._ignored(event, "not an answer to a call of ours")]
+        self.called.discard(event.peer)
+        actions: list[Action] = [Close(event.peer)]
+        # A lower peer we already found silent (or distrust) does not make us stand down:
+        # its followers will find it silent too, and our next call will find them free.
+        if event.leader < self.me and event.leader not in self.distrusted | self.ignored:
+            self.lower.add(event.leader)
+            self.candidates.add(event.leader)
+            actions.append(Note("info", f"{event.peer} follows {event.leader}, lower than us"))
+        return actions + self._maybe_calls_done()
+
+    def _refused_call(self, event: RefuseArrived) -> list[Action]:
+        if event.peer not in self.called:
+            return [self._ignored(event, "not an answer to a call of ours")]
+        self.called.discard(event.peer)
+        return [
+            Note("info", f"{event.peer} declined the call ({event.code.value}): {event.reason}"),
+            Close(event.peer),
+            *self._maybe_calls_done(),
+        ]
+
+    def _call_failed(self, event: CallFailed) -> list[Action]:
+        if event.peer not in self.called:
+            return [self._ignored(event, "not a call of ours")]
+        self.called.discard(event.peer)
+        return [
+            Note("warning", f"call to {event.peer} failed: {event.why}"),
+            *self._maybe_calls_done(),
+        ]
+
+    def _candidate_lost(self, event: ConnectionLost) -> list[Action]:
+        if event.peer not in self.called | self.offers:
+            return [self._ignored(event, "not a candidate of ours")]
+        self.called.discard(event.peer)
+        was_member = event.peer in self.offers
+        self.offers.discard(event.peer)
+        self.acked.discard(event.peer)
+        actions: list[Action] = []
+        if was_member:
+            actions.append(Note("warning", f"{event.peer} left while forming: {event.why}"))
+        if self.stage is Stage.LEADING:
+            return actions + self._maybe_calls_done()
+        return actions + self._maybe_acks_done()
+
+    def _maybe_calls_done(self) -> list[Action]:
+        return self._calls_done() if not self.called else []
+
+    def _calls_done(self) -> list[Action]:
+        assert self.run_id is not None
+        actions: list[Action] = [CancelTimer(CALLS)]
+        for peer in sorted(self.called):  # silent: they are not in the proposal
+            actions += [Note("warning", f"{peer} did not answer the call in time"), Close(peer)]
+        self.called.clear()
+        if self.lower:
+            lower = min(self.lower)
+            actions += self._release_candidates(RefusalCode.GIVEN_UP, "the leader stood down")
+            self.stage = Stage.FOLLOWING
+            self.leader = lower
+            return [
+                *actions,
+                Note("info", f"standing down: following {lower}"),
+                SetTimer(FOLLOW, self.limits.formation_timeout),
+            ]
+        if len(self.offers) + 1 < self.min_peers:
+            actions.append(
+                Note(
+                    "warning",
+                    f"only {len(self.offers) + 1} peers answered, "
+                    f"{self.min_peers} needed; trying again",
+                )
+            )
+            actions += self._release_candidates(RefusalCode.GIVEN_UP, "too few peers answered")
+            return actions + self._settle_again()
+        self.stage = Stage.PROPOSING
+        self.epoch = 0
+        return [*actions, Propose(self.run_id, 0, frozenset(self.offers))]
+
+    def _view_ready(self, event: ViewReady) -> list[Action]:
+        if event.run_id != self.run_id or event.epoch != self.epoch:
+            return [self._ignored(event, "not the view being proposed")]
+        actions: list[Action] = []
+        for peer, why in event.refused:
+            if peer in self.offers:
+                self.offers.discard(peer)
+                actions += [
+                    Note("warning", f"refusing {peer}: {why}"),
+                    SendRefuse(peer, event.run_id, RefusalCode.MISFIT, why),
+                    Close(peer),
+                ]
+        left_out = self.offers - event.members
+        for peer in sorted(left_out):
+            self.offers.discard(peer)
+            actions += [
+                SendRefuse(peer, event.run_id, RefusalCode.GIVEN_UP, "left out of the view"),
+                Close(peer),
+            ]
+        if len(self.offers) + 1 < self.min_peers:
+            actions += self._release_candidates(RefusalCode.GIVEN_UP, "the proposal was given up")
+            return actions + self._settle_again()
+        if event.members - self.offers:  # a member left while we signed: sign again
+            self.epoch += 1
+            return [*actions, Propose(event.run_id, self.epoch, frozenset(self.offers))]
+        self.digest = event.digest
+        self.acked = set()
+        self.in_view = set(event.members)
+        actions += [SendView(p, event.epoch) for p in sorted(self.offers)]
+        if not self.offers:
+            return actions + self._commit_view()
+        return [*actions, SetTimer(ACKS, self.limits.view_timeout)]
+
+    def _ack(self, event: AckArrived) -> list[Action]:
+        if (event.run_id, event.epoch, event.digest) != (self.run_id, self.epoch, self.digest):
+            return [self._ignored(event, f"acknowledges epoch {event.epoch}, not ours")]
+        if event.peer not in self.offers:
+            return [self._ignored(event, "not a member of the view")]
+        self.acked.add(event.peer)
+        return self._maybe_acks_done()
+
+    def _refused_view(self, event: RefuseArrived) -> list[Action]:
+        if event.peer not in self.offers:
+            return [self._ignored(event, "not a member of the view")]
+        self.offers.discard(event.peer)
+        self.acked.discard(event.peer)
+        return [
+            Note("warning", f"{event.peer} refused the view ({event.code.value}): {event.reason}"),
+            Close(event.peer),
+            *self._maybe_acks_done(),
+        ]
+
+    def _maybe_acks_done(self) -> list[Action]:
+        if self.stage is Stage.PROPOSING and self.digest is not None and self.acked >= self.offers:
+            return self._acks_done()
+        return []
+
+    def _acks_done(self) -> list[Action]:
+        actions: list[Action] = [CancelTimer(ACKS)]
+        if self.acked == self.in_view:
+            return actions + self._commit_view()
+        for peer in sorted(self.offers - self.acked):
+            actions += [Note("warning", f"{peer} did not acknowledge the view"), Close(peer)]
+        self.offers = set(self.acked)
+        if len(self.offers) + 1 < self.min_peers:
+            actions += self._release_candidates(RefusalCode.GIVEN_UP, "the proposal was given up")
+            return actions + self._settle_again()
+        assert self.run_id is not None
+        self.epoch += 1
+        self.digest = None
+        return [*actions, Propose(self.run_id, self.epoch, frozenset(self.offers))]
+
+    def _commit_view(self) -> list[Action]:
+        assert self.run_id is not None and self.digest is not None
+        actions: list[Action] = [SendCommit(p, self.epoch) for p in sorted(self.offers)]
+        actions += [Close(p) for p in sorted(self.offers)]
+        return actions + self._join(self.me)
+
+    def _release_candidates(self, code: RefusalCode, why: str) -> list[Action]:
+        """Leading: tell every candidate still held that the proposal is off."""
+        if self.leader != self.me or self.run_id is None:
+            return []
+        held = sorted(self.offers | self.called)
+        self.offers, self.called, self.acked = set(), set(), set()
+        actions: list[Action] = []
+        for peer in held:
+            actions += [SendRefuse(peer, self.run_id, code, why), Close(peer)]
+        return actions
+
+    def _settle_again(self) -> list[Action]:
+        self.stage = Stage.SETTLING
+        self.leader = None
+        self.run_id = None
+        self.digest = None
+        self.epoch = -1
+        self.settled = False
+        return [SetTimer(SETTLE, self.settle)]
+
+    # --- answering a call ---------------------------------------------------------------
+
+    def _call(self, event: CallArrived) -> list[Action]:
+        caller = event.leader
+        no = [SendRefuse(caller, event.run_id, RefusalCode.COMMITTED, "", inbound=True)]
+        if self.stage is Stage.JOINED:
+            return [attrs.evolve(no[0], reason="already training in another run")]
+        if self.stage is Stage.FAILED:
+            return [attrs.evolve(no[0], code=RefusalCode.GIVEN_UP, reason="formation failed here")]
+        if caller in self.distrusted:
+            return [
+                attrs.evolve(
+                    no[0], code=RefusalCode.BAD_VIEW, reason="your earlier view broke the rules"
+                )
+            ]
+        if self.stage in (Stage.OFFERED, Stage.ACKED):
+            if caller == self.leader and event.run_id != self.run_id:
+                # Our leader starts a new proposal (it gave the old one up): take part.
+                return self._follow_caller(caller, event.run_id)
+            return [attrs.evolve(no[0], reason=f"already in the federation of {self.leader}")]
+        lowest = min(self.electorate | {caller})
+        if caller != lowest:
+            return [AnswerFollow(caller, event.run_id, lowest)]
+        actions: list[Action] = []
+        if self.stage in (Stage.LEADING, Stage.PROPOSING):
+            actions.append(Note("info", f"{caller} is lower and called: standing down"))
+            actions += self._release_candidates(RefusalCode.GIVEN_UP, "the leader stood down")
+            actions += [CancelTimer(CALLS), CancelTimer(ACKS)]
+        return actions + self._follow_caller(caller, event.run_id)
+
+    def _follow_caller(self, leader: PeerId, run_id: bytes) -> list[Action]:
+        self.stage = Stage.OFFERED
+        self.leader = leader
+        self.run_id = run_id
+        self.epoch = -1
+        self.digest = None
+        self.candidates.add(leader)
+        self.ignored.discard(leader)
+        return [
+            CancelTimer(FOLLOW),
+            CancelTimer(SETTLE),
+            AnswerOffer(leader, run_id),
+            SetTimer(VIEW_DUE, self.limits.call_timeout + self.limits.view_timeout),
+        ]
+
+    def _view(self, event: ViewArrived) -> list[Action]:
+        if event.leader != self.leader:
+            return [self._ignored(event, "a view from a peer we do not follow")]
+        problem = event.problem
+        if problem is None and event.run_id != self.run_id:
+            problem = "the view is not for the run we were called to"
+        if problem is None and event.epoch <= self.epoch:
+            problem = f"view epoch {event.epoch} after epoch {self.epoch}"
+        if problem is not None:
+            code = RefusalCode.MISFIT if event.ours else RefusalCode.BAD_VIEW
+            refuse = SendRefuse(event.leader, event.run_id, code, problem, inbound=True)
+            if event.ours:
+                return [
+                    refuse,
+                    Close(event.leader, inbound=True),
+                    *self._fail(f"cannot join the view of {event.leader}: {problem}"),
+                ]
+            return [
+                refuse,
+                Close(event.leader, inbound=True),
+                *self._back_to_settling(
+                    f"the view of {event.leader} breaks the rules: {problem}", distrust=event.leader
+                ),
+            ]
+        self.stage = Stage.ACKED
+        self.epoch = event.epoch
+        self.digest = event.digest
+        return [
+            CancelTimer(VIEW_DUE),
+            SendAck(event.leader, event.run_id, event.epoch, event.digest),
+            SetTimer(COMMIT_DUE, self.limits.view_timeout * 2),
+        ]
+
+    def _commit(self, event: CommitArrived) -> list[Action]:
+        if (event.leader, event.run_id, event.epoch, event.digest) != (
+            self.leader,
+            self.run_id,
+            self.epoch,
+            self.digest,
+        ):
+            return [self._ignored(event, "commits another view than the one we acknowledged")]
+        return [Close(event.leader, inbound=True), *self._join(event.leader)]
+
+    def _ring_blob(self, event: RingBlobArrived) -> list[Action]:
+        if (event.run_id, event.digest) != (self.run_id, self.digest):
+            return [self._ignored(event, "a blob of another view")]
+        assert self.leader is not None
+        return [
+            Note("info", f"a ring blob from {event.sender} shows the view holds"),
+            *self._join(self.leader),
+        ]
+
+    def _join(self, leader: PeerId) -> list[Action]:
+        assert self.run_id is not None and self.digest is not None
+        self.stage = Stage.JOINED
+        self.joined = Joined(leader, self.run_id, self.epoch, self.digest)
+        return [*self._cancel_all(), self.joined]
+
+    def _leader_refused(self, event: RefuseArrived) -> list[Action]:
+        if event.peer != self.leader:
+            return [self._ignored(event, "a refusal from a peer we do not follow")]
+        if event.code is RefusalCode.MISFIT and self.stage is Stage.OFFERED:
+            return self._fail(f"{event.peer} refused us: {event.reason}")
+        return self._back_to_settling(
+            f"{event.peer} gave the proposal up ({event.code.value}): {event.reason}",
+            distrust=None,
+        )
+
+    def _leader_lost(self, event: ConnectionLost) -> list[Action]:
+        if event.peer != self.leader:
+            return [self._ignored(event, "not our leader's connection")]
+        if self.stage is Stage.ACKED:
+            # The commit may be on its way or lost with the connection: the run's
+            # first blob will show whether the view holds (COMMIT_DUE bounds it).
+            live = self.limits.hop_timeout * (len(self.candidates) + 2)
+            return [
+                Note(
+                    "info",
+                    f"lost the connection to {event.peer} after acknowledging "
+                    f"({event.why}); the run's first blob will show whether the view holds",
+                ),
+                SetTimer(COMMIT_DUE, live),
+            ]
+        return self._back_to_settling(
+            f"{event.peer} went silent while forming: {event.why}", distrust=None
+        )
+
+    def _leave_leader(self) -> list[Action]:
+        """Member side: close the connection of the leader we offered to or acknowledged."""
+        if self.stage in (Stage.OFFERED, Stage.ACKED) and self.leader not in (None, self.me):
+            assert self.leader is not None
+            return [Close(self.leader, inbound=True)]
+        return []
+
+    def _back_to_settling(self, why: str, *, distrust: PeerId | None) -> list[Action]:
+        if distrust is not None:
+            self.distrusted.add(distrust)
+        actions: list[Action] = [
+            Note("warning", why),
+            *self._leave_leader(),
+            CancelTimer(VIEW_DUE),
+            CancelTimer(COMMIT_DUE),
+        ]
+        self._settle_again()
+        self.settled = True  # we had settled before: elect again at once
+        return actions + self._elect()
+
+    def _ignored(self, event: object, why: str) -> Ignored:
+        return Ignored(type(event).__name__, self.stage, why)

@@ -1,0 +1,390 @@
+"""The formation machine: whole formations in pure Python, then the table.
+
+:class:`FormationWorld` plays the drivers of N :class:`FormationMachine` s: it
+delivers every message at once, admits offers (refusing the misfits it is told
+of), "signs" views as digests of their content, and fires timers on a virtual
+clock.  No sockets, no trio.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from typing import Any
+
+import attrs
+import pytest
+
+from fedup.config import DEFAULT_LIMITS
+from fedup.identity import Identity
+from fedup.protocol.formation import TRANSITIONS, FormationMachine, Stage
+from fedup.protocol.formation_events import (
+    AckArrived,
+    Action,
+    AnswerFollow,
+    AnswerOffer,
+    Call,
+    CallArrived,
+    CallFailed,
+    CancelTimer,
+    Close,
+    CommitArrived,
+    ConnectionLost,
+    Event,
+    Failed,
+    FollowArrived,
+    Ignored,
+    Joined,
+    Note,
+    OfferArrived,
+    PeerSeen,
+    Propose,
+    RefuseArrived,
+    RingBlobArrived,
+    SendAck,
+    SendCommit,
+    SendRefuse,
+    SendView,
+    SetTimer,
+    Start,
+    TimerFired,
+    ViewArrived,
+    ViewReady,
+)
+from fedup.protocol.peer_id import PeerId
+from fedup.protocol.refusal import RefusalCode
+
+LIMITS = attrs.evolve(
+    DEFAULT_LIMITS,
+    formation_timeout=15.0,
+    call_timeout=5.0,
+    view_timeout=10.0,
+    peer_wait_timeout=300.0,
+    hop_timeout=20.0,
+)
+
+
+class FormationWorld:
+    def __init__(self, n: int, *, min_peers: int | None = None, settle: float = 1.0) -> None:
+        self.ids = sorted((Identity(bytes([i + 1]) * 32) for i in range(n)), key=lambda i: i.peer_id)
+        self.peers = [i.peer_id for i in self.ids]
+        self._runs = 0
+        self.machines = {
+            p: FormationMachine(
+                p, min_peers=min_peers or n, settle=settle, limits=LIMITS,
+                new_run_id=self._run_id,
+            )  # fmt: skip
+            for p in self.peers
+        }
+        self.now = 0.0
+        self.queue: deque[tuple[PeerId, Event]] = deque()
+        self.timers: dict[tuple[PeerId, str], float] = {}
+        self.log: list[tuple[float, PeerId, Action]] = []
+        self.down: set[PeerId] = set()
+        """Crashed peers: calls to them fail, they do nothing."""
+        self.misfit: dict[PeerId, str] = {}
+        """The leader's admission refuses these (their columns do not fit)."""
+        self.view_problem: dict[PeerId, tuple[str, bool]] = {}
+        """Members that find a problem in any view: (problem, ours)."""
+        self.bad_leader: set[PeerId] = set()
+        """Leaders whose views break the rules (every member finds a problem, not ours)."""
+        self.lose_commit: set[PeerId] = set()
+        """Members whose connection breaks right after their ack: no commit reaches them."""
+        self.views: dict[bytes, tuple[PeerId, bytes, int, frozenset[PeerId]]] = {}
+        self.drop_on_propose: PeerId | None = None
+
+    def _run_id(self) -> bytes:
+        self._runs += 1
+        return self._runs.to_bytes(16, "big")
+
+    def start(self, *, sees: dict[PeerId, list[PeerId]] | None = None) -> None:
+        for p in self.peers:
+            self.queue.append((p, Start()))
+            for q in (sees or {}).get(p, [x for x in self.peers if x != p]):
+                self.queue.append((p, PeerSeen(q)))
+
+    def feed(self, peer: PeerId, event: Event) -> None:
+        if peer in self.down:
+            return
+        for action in self.machines[peer].handle(event):
+            self.log.append((self.now, peer, action))
+            self._do(peer, action)
+
+    def run(self, until: float = 1000.0) -> None:
+        for _ in range(100_000):
+            if self.queue:
+                self.feed(*self.queue.popleft())
+                continue
+            live = {k: t for k, t in self.timers.items() if k[0] not in self.down}
+            if not live:
+                return
+            (peer, name), t = min(live.items(), key=lambda kv: (kv[1], kv[0][0].raw, kv[0][1]))
+            if t > until:
+                return
+            self.now = t
+            del self.timers[(peer, name)]
+            self.feed(peer, TimerFired(name))
+        raise AssertionError("formation did not settle")
+
+    def _do(self, me: PeerId, a: Action) -> None:
+        if isinstance(a, SetTimer):
+            self.timers[(me, a.name)] = self.now + a.seconds
+        elif isinstance(a, CancelTimer):
+            self.timers.pop((me, a.name), None)
+        elif isinstance(a, Call):
+            for p in a.peers:
+                if p in self.down:
+                    self.queue.append((me, CallFailed(p, "nothing listens")))
+                else:
+                    self.queue.append((p, CallArrived(me, a.run_id)))
+        elif isinstance(a, AnswerOffer):
+            self.queue.append((a.leader, OfferArrived(me, a.run_id)))
+        elif isinstance(a, AnswerFollow):
+            self.queue.append((a.caller, FollowArrived(me, a.leader)))
+        elif isinstance(a, SendRefuse):
+            self.queue.append((a.peer, RefuseArrived(me, a.code, a.reason)))
+        elif isinstance(a, Propose):
+            if self.drop_on_propose is not None:
+                self.down.add(self.drop_on_propose)
+                self.queue.append((me, ConnectionLost(self.drop_on_propose, "reset")))
+                self.drop_on_propose = None
+            refused = tuple((p, self.misfit[p]) for p in sorted(a.members) if p in self.misfit)
+            members = frozenset(p for p in a.members if p not in self.misfit)
+            digest = hashlib.sha256(repr((me, a.run_id, a.epoch, sorted(members))).encode()).digest()
+            self.views[digest] = (me, a.run_id, a.epoch, members)
+            self.queue.append((me, ViewReady(a.run_id, a.epoch, digest, members, refused)))
+        elif isinstance(a, SendView):
+            machine = self.machines[me]
+            assert machine.run_id is not None and machine.digest is not None
+            problem, ours = self.view_problem.get(a.peer, (None, False))
+            if me in self.bad_leader:
+                problem, ours = "max_laps must be in [1, 10000], got 20000", False
+            self.queue.append(
+                (a.peer, ViewArrived(me, machine.run_id, a.epoch, machine.digest, problem, ours))
+            )
+        elif isinstance(a, SendAck):
+            self.queue.append((a.leader, AckArrived(me, a.run_id, a.epoch, a.digest)))
+            if me in self.lose_commit:
+                self.queue.append((me, ConnectionLost(a.leader, "connection ended")))
+        elif isinstance(a, SendCommit):
+            if a.peer not in self.lose_commit:
+                m = self.machines[me]
+                assert m.run_id is not None and m.digest is not None
+                self.queue.append((a.peer, CommitArrived(me, m.run_id, a.epoch, m.digest)))
+        else:
+            assert isinstance(a, Close | Joined | Failed | Note | Ignored), a
+
+    def joined(self) -> dict[PeerId, Joined]:
+        return {p: m.joined for p, m in self.machines.items() if m.joined is not None}
+
+    def members_of(self, joined: Joined) -> set[PeerId]:
+        leader, _, _, members = self.views[joined.digest]
+        return {leader, *members}
+
+    def notes(self, peer: PeerId) -> list[str]:
+        return [a.text for _, p, a in self.log if p == peer and isinstance(a, Note)]
+
+
+def one_federation(world: FormationWorld, members: list[PeerId]) -> Joined:
+    joined = world.joined()
+    assert set(joined) == set(members), [p.short for p in joined]
+    views = {j.digest for j in joined.values()}
+    assert len(views) == 1
+    j = next(iter(joined.values()))
+    assert world.members_of(j) == set(members)
+    assert j.leader == min(members)
+    return j
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8])
+def test_everyone_joins_one_view_led_by_the_lowest(n: int) -> None:
+    world = FormationWorld(n)
+    world.start()
+    world.run()
+    j = one_federation(world, world.peers)
+    assert j.epoch == 0
+    assert world.now == pytest.approx(1.0)  # the settle period, nothing else waited
+
+
+@pytest.mark.parametrize("order", range(6))
+def test_discovery_order_does_not_change_the_view(order: int) -> None:
+    import itertools
+
+    world = FormationWorld(3)
+    perms = list(itertools.permutations(world.peers))
+    sees = {p: [q for q in perms[order] if q != p] for p in world.peers}
+    world.start(sees=sees)
+    world.run()
+    one_federation(world, world.peers)
+
+
+def test_a_hidden_lowest_peer_still_leads() -> None:
+    """Nobody sees the lowest peer; it sees them, calls, and they follow it."""
+    world = FormationWorld(3)
+    low = world.peers[0]
+    sees = {p: [q for q in world.peers if q not in (p, low)] for p in world.peers}
+    sees[low] = world.peers[1:]
+    world.start(sees=sees)
+    world.run()
+    one_federation(world, world.peers)
+
+
+def test_a_silent_lowest_peer_is_elected_around() -> None:
+    world = FormationWorld(4, min_peers=3)
+    low = world.peers[0]
+    world.down.add(low)
+    world.start()
+    world.run()
+    one_federation(world, world.peers[1:])
+    # one formation_timeout for the silent peer, one more settle period for the
+    # others to find it silent too
+    assert world.now <= 1.0 + LIMITS.formation_timeout + 1.0 + 1e-9
+    assert any("did not call" in n for n in world.notes(world.peers[1]))
+
+
+def test_a_member_whose_model_differs_fails_and_the_others_join_the_next_epoch() -> None:
+    world = FormationWorld(4, min_peers=3)
+    odd = world.peers[3]
+    world.view_problem[odd] = ("my model's layout differs from the leader's", True)
+    world.start()
+    world.run()
+    j = one_federation(world, world.peers[:3])
+    assert j.epoch == 1
+    m = world.machines[odd]
+    assert m.stage is Stage.FAILED and m.failure is not None
+    assert "layout differs" in m.failure and str(world.peers[0]) in m.failure
+
+
+def test_a_misfit_candidate_is_refused_with_the_reason() -> None:
+    world = FormationWorld(4, min_peers=3)
+    odd = world.peers[2]
+    world.misfit[odd] = "missing columns 'income'"
+    world.start()
+    world.run()
+    one_federation(world, [p for p in world.peers if p != odd])
+    failure = world.machines[odd].failure
+    assert failure is not None and "missing columns 'income'" in failure
+
+
+def test_a_leader_proposing_settings_out_of_bounds_is_distrusted_and_elected_around() -> None:
+    world = FormationWorld(4, min_peers=3)
+    bad = world.peers[0]
+    world.bad_leader.add(bad)
+    world.start()
+    world.run()
+    j = one_federation(world, world.peers[1:])
+    assert j.leader == world.peers[1]
+    for p in world.peers[1:]:
+        assert bad in world.machines[p].distrusted
+        assert any("breaks the rules" in n for n in world.notes(p))
+    # The hostile leader cannot drag anyone back: its next call is refused.
+    actions = world.machines[world.peers[2]].handle(CallArrived(bad, b"x" * 16))
+    assert [type(a) for a in actions] == [SendRefuse]
+    joined_at = max(t for t, _, a in world.log if isinstance(a, Joined))
+    assert joined_at <= 2 * 1.0  # no deadline was waited out: one settle period more
+
+
+def test_a_lost_commit_is_replaced_by_the_first_ring_blob() -> None:
+    world = FormationWorld(3)
+    c = world.peers[2]
+    world.lose_commit.add(c)
+    world.start()
+    world.run(until=5.0)
+    m = world.machines[c]
+    assert m.stage is Stage.ACKED  # its leader committed, but it does not know yet
+    leader_joined = world.machines[world.peers[0]].joined
+    assert leader_joined is not None
+    world.feed(c, RingBlobArrived(world.peers[1], leader_joined.run_id, leader_joined.digest))
+    one_federation(world, world.peers)
+
+
+def test_a_ring_blob_of_another_view_does_not_join() -> None:
+    world = FormationWorld(3)
+    c = world.peers[2]
+    world.lose_commit.add(c)
+    world.start()
+    world.run(until=5.0)
+    m = world.machines[c]
+    [ignored] = m.handle(RingBlobArrived(world.peers[1], b"r" * 16, b"d" * 32))
+    assert isinstance(ignored, Ignored) and m.stage is Stage.ACKED
+
+
+def test_too_few_peers_give_up_with_the_count() -> None:
+    world = FormationWorld(2, min_peers=3)
+    world.start()
+    world.run()
+    for p in world.peers:
+        m = world.machines[p]
+        assert m.stage is Stage.FAILED
+        assert m.failure == (
+            f"no federation formed within {LIMITS.peer_wait_timeout:g} s: found 2 of the 3 "
+            "peers needed (this one included)"
+        )
+    assert world.now == pytest.approx(LIMITS.peer_wait_timeout)
+
+
+def test_a_leader_called_by_a_lower_peer_stands_down() -> None:
+    world = FormationWorld(3)
+    low, mid, high = world.peers
+    # mid does not see low (so it leads), low sees everyone
+    world.start(sees={low: [mid, high], mid: [high], high: [mid]})
+    world.run()
+    one_federation(world, world.peers)
+
+
+def test_a_member_that_leaves_after_offering_is_left_out() -> None:
+    world = FormationWorld(4, min_peers=3)
+    leader, b, c, d = world.peers
+    world.drop_on_propose = d  # d's connection breaks while the leader signs the view
+    world.start()
+    world.run()
+    j = one_federation(world, [leader, b, c])
+    assert j.epoch == 1
+
+
+# --- the table ----------------------------------------------------------------------------
+
+SAMPLES: list[Any] = [
+    Start(),
+    OfferArrived(Identity(b"\x42" * 32).peer_id, b"r" * 16),
+    FollowArrived(Identity(b"\x42" * 32).peer_id, Identity(b"\x43" * 32).peer_id),
+    RefuseArrived(Identity(b"\x42" * 32).peer_id, RefusalCode.MISFIT, "x"),
+    CallFailed(Identity(b"\x42" * 32).peer_id, "x"),
+    ViewReady(b"r" * 16, 0, b"d" * 32, frozenset()),
+    ViewArrived(Identity(b"\x42" * 32).peer_id, b"r" * 16, 0, b"d" * 32),
+    AckArrived(Identity(b"\x42" * 32).peer_id, b"r" * 16, 0, b"d" * 32),
+    CommitArrived(Identity(b"\x42" * 32).peer_id, b"r" * 16, 0, b"d" * 32),
+    ConnectionLost(Identity(b"\x42" * 32).peer_id, "x"),
+    RingBlobArrived(Identity(b"\x42" * 32).peer_id, b"r" * 16, b"d" * 32),
+]
+
+
+@pytest.mark.parametrize("stage", list(Stage))
+@pytest.mark.parametrize("event", SAMPLES, ids=lambda e: type(e).__name__)
+def test_every_event_a_stage_does_not_take_is_ignored_without_change(
+    stage: Stage, event: Event
+) -> None:
+    world = FormationWorld(3)
+    m = world.machines[world.peers[1]]
+    m.stage = stage
+    before = attrs.asdict(m) if attrs.has(type(m)) else dict(vars(m))
+    actions = m.handle(event)
+    if type(event) not in TRANSITIONS[stage]:
+        assert len(actions) == 1 and isinstance(actions[0], Ignored)
+        assert dict(vars(m)) == before
+    else:  # taken events that do not fit the stage's bookkeeping are ignored too
+        assert not any(isinstance(a, Joined) for a in actions)
+
+
+def test_the_table_covers_every_stage() -> None:
+    assert set(TRANSITIONS) == set(Stage)
+    assert set(TRANSITIONS[Stage.JOINED]) == {CallArrived}
+
+
+def test_a_joined_member_refuses_calls_as_committed() -> None:
+    world = FormationWorld(3)
+    world.start()
+    world.run()
+    m = world.machines[world.peers[2]]
+    [refuse] = m.handle(CallArrived(world.peers[1], b"n" * 16))
+    assert isinstance(refuse, SendRefuse) and refuse.code is RefusalCode.COMMITTED
