@@ -13,12 +13,12 @@ replaces ``train_hop`` in :mod:`fedup.peer.training` (where the peers look it
 up) with a wrapper that notes the wall clock when each hop's training starts
 and ends; the peers share the process, hence one clock.  A hop's *overhead*
 is the gap from the end of one peer's training to the start of the next
-peer's: logging the hop, encoding the state and the payload, dialing and the
-handshake, the blob request, sending the blob, the receiver's checks
-(signature, digest, replay guard) and decoding, the inbox and the hand-offs
-to and from the training thread.  The custody ``passed`` message goes out
-after the model was handed on, alongside the next hop, so it counts only as
-far as it delays the ring.  The gaps of a lap add up to the lap's wall time
+peer's: logging the hop, encoding the state and the payload, sending the blob
+over the link to the successor (one connection per neighbour, dialled once per
+run), the receiver's checks (signature, digest, the custody machine's rules)
+and decoding, and the hand-offs to and from the training thread.  The
+custody ``passed`` message goes out after the model was handed on, alongside
+the next hop, so it counts only as far as it delays the ring.  The gaps of a lap add up to the lap's wall time
 minus its hops' training time (so ``mean`` is that per hop), and they also
 give the spread.  The first lap is a warm-up and not counted; the
 evaluation-only lap and the hop that ends the run are.  The timed hops are
@@ -44,7 +44,9 @@ acknowledged and the connection closed (``floor_blob_ms``), together
 measured here: encoding the state into its payload (``encode_ms``) and
 decoding and checking it (``decode_ms``).
 
-Goal: median overhead under 10 ms, flat in N (``overhead_6_over_3`` near 1).
+Goals: median overhead under 10 ms, flat in N (``overhead_6_over_3`` near 1), and
+within 1.25x the floor (``hop_N_peers_overhead_over_floor``; the landed code, which
+dialled and shook hands for every blob and every ``passed``, took 1.76x).
 Measured by hand before this benchmark existed: median 3.8 ms, p90 4.1 ms for
 3 peers, of which about 3.0 ms the blob send and 1 ms dial and handshake.
 
@@ -69,16 +71,16 @@ import attrs
 import torch
 import trio
 
-import fedup.peer.training as training
+import fedup.peer.custody_driver as training
 from fedup import Address, Identity, Peer, PeerConfig, RunSettings, TabularSource
 from fedup.config import DEFAULT_LIMITS
 from fedup.learn.loans import generate_lender
 from fedup.learn.ring import RingState
+from fedup.learn.ring_payload import decode_ring_blob, encode_ring_blob
 from fedup.net.blobs import receive_blob, send_blob
 from fedup.net.channel import SecureChannel
 from fedup.net.framed import FramedStream
 from fedup.net.transport import Credentials, TcpTransport
-from fedup.peer.training import read_ring_payload, ring_payload
 from fedup.protocol.blob import BlobReplayGuard
 from fedup.protocol.records import PeerRecord, next_seq
 
@@ -88,6 +90,9 @@ REPEATS = 200
 WARMUP = 10
 ROWS = 2000
 GOAL_MS = 10.0
+RATIO_GOAL = 1.25
+"""The federation-engine issue's goal: a hop's overhead within 1.25x one bare secure
+transfer of the same state (dial, handshake, blob); the landed code took 1.76x."""
 RUN_TIMEOUT = 120.0
 NET = "bench-hop"
 FLOOR_RUN = b"bench-hop-floor!"
@@ -115,13 +120,14 @@ class Span:
 
 @contextmanager
 def observed_hops() -> Iterator[list[Span]]:
-    """Time every ``train_hop`` the peers call (they look it up in ``fedup.peer.training``)."""
+    """Time every ``train_hop`` the peers call (they look it up in
+    ``fedup.peer.custody_driver``)."""
     spans: list[Span] = []
     real = training.train_hop
 
-    def timed(*args: Any) -> Any:
+    def timed(*args: Any, **kw: Any) -> Any:
         start = time.perf_counter()
-        new, metrics = real(*args)
+        new, metrics = real(*args, **kw)
         spans.append(Span(metrics.lap, metrics.hop, start, time.perf_counter()))
         return new, metrics
 
@@ -162,8 +168,8 @@ async def ring(n: int, laps: int, out: Path) -> tuple[list[Span], RingState]:
         async with Peer.open(config(i, bootstrap), sources[i]) as peer:
             task_status.started(peer.addresses)
             await peer.train()
-            assert peer.ring is not None
-            templates.append(peer.ring.template)
+            assert peer.custody is not None
+            templates.append(peer.custody.template)
 
     # Every other peer bootstraps from the first one, as a user would start them.
     with observed_hops() as spans, trio.fail_after(RUN_TIMEOUT):
@@ -201,14 +207,14 @@ def overheads(spans: list[Span]) -> list[float]:
 # the floor and the codec
 
 
-def payload_of(state: RingState) -> bytearray:
+def payload_of(state: RingState) -> memoryview:
     """The blob a peer sends for ``state``."""
-    return ring_payload(state, frozenset(), None)
+    return encode_ring_blob(state, view=b"v" * 32, limits=DEFAULT_LIMITS)[0]
 
 
-def decode(data: bytearray, template: RingState) -> RingState:
-    """What the receiver does with a blob's bytes before training."""
-    return read_ring_payload(data, template, DEFAULT_LIMITS)[0]
+def decode(data: memoryview, template: RingState) -> RingState:
+    """What the receiver does with a blob's bytes before training (decode and check)."""
+    return decode_ring_blob(data, template, limits=DEFAULT_LIMITS).state
 
 
 def _credentials(identity: Identity, address: Address) -> Credentials:
@@ -217,7 +223,7 @@ def _credentials(identity: Identity, address: Address) -> Credentials:
     return Credentials(identity, NET, local_record=record)
 
 
-async def transfer_floor(payload: bytearray, repeats: int) -> tuple[list[float], list[float]]:
+async def transfer_floor(payload: memoryview, repeats: int) -> tuple[list[float], list[float]]:
     """Seconds of dial + handshake, and of sending the blob until acknowledged + closing."""
     alice, bob = Identity.generate(), Identity.generate()
     guard = BlobReplayGuard()
@@ -290,7 +296,7 @@ async def measure(sizes: tuple[int, ...], laps: int, repeats: int) -> dict[str, 
     dials, blobs = await transfer_floor(payload, repeats)
     encodes, decodes = cpu_times(template, repeats)
     floor_ms = statistics.median(d + b for d, b in zip(dials, blobs, strict=True)) * 1000
-    figures["blob_bytes"] = len(payload)
+    figures["blob_bytes"] = payload.nbytes
     figures["floor_dial_ms"] = statistics.median(dials) * 1000
     figures["floor_blob_ms"] = statistics.median(blobs) * 1000
     figures["floor_transfer_ms"] = floor_ms
@@ -302,6 +308,7 @@ async def measure(sizes: tuple[int, ...], laps: int, repeats: int) -> dict[str, 
     if big != small:
         figures[f"overhead_{big}_over_{small}"] = medians[big] / medians[small]
     figures["goal_met"] = all(m < GOAL_MS for m in medians.values())
+    figures["ratio_goal_met"] = all(m / floor_ms <= RATIO_GOAL for m in medians.values())
     return figures
 
 
@@ -314,6 +321,9 @@ def main(
     for name, value in figures.items():
         if name == "goal_met":
             print(f"{f'goal_overhead_under_{GOAL_MS:g}ms':<36}{'met' if value else 'NOT met':>14}")
+        elif name == "ratio_goal_met":
+            label = f"goal_overhead_under_{RATIO_GOAL:g}x_floor"
+            print(f"{label:<36}{'met' if value else 'NOT met':>14}")
         elif isinstance(value, int):
             print(f"{name:<36}{value:>14}")
         else:

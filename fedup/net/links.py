@@ -260,7 +260,11 @@ async def serve_link(
                 hash_in_thread=hash_in_thread,
             )
         except RemoteProtocolError as exc:
-            log.info("a blob from %s was not taken: %s", remote, exc.reason)
+            code = getattr(exc, "code", None)
+            if code is not None and not isinstance(exc, ConnectionLostError):
+                log.warning("refused a blob from %s (%s): %s", remote, code.value, exc.reason)
+            else:
+                log.info("a blob from %s was not taken: %s", remote, exc.reason)
             return  # the sender closes too, and dials again for its next blob
         if taken is not None:
             taken()

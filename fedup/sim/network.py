@@ -29,7 +29,6 @@ import attrs
 import trio
 
 from fedup.config import DEFAULT_LIMITS, Limits
-from fedup.net.channel import SecureChannel
 from fedup.net.transport import (
     Credentials,
     DialError,

@@ -178,7 +178,8 @@ async def run_federation(
     """Run a peer per identity (lender data 100 + index unless ``sources`` says
     otherwise) until every one has ended.  ``opened`` collects the peers;
     ``observe`` the short IDs of the peers that elected themselves, in order;
-    ``on_open`` is called with each peer once it listens.
+    ``on_open`` is called with each peer once it listens; ``overrides`` (in ``kw``)
+    maps a position to config fields of that peer alone.
     """
     world = world if world is not None else MemoryWorld()
     results: dict[str, RunSummary | BaseException] = {}
@@ -212,9 +213,12 @@ async def _run_all(
     on_open: Callable[[Peer], None],
     kw: dict[str, Any],
 ) -> None:
+    overrides: dict[int, dict[str, Any]] = kw.pop("overrides", {})
     async with trio.open_nursery() as nursery:
         for i, ident in enumerate(ids):
-            cfg = config(ident, tmp_path / ident.peer_id.text[-8:], **kw)
+            cfg = config(
+                ident, tmp_path / ident.peer_id.text[-8:], **{**kw, **overrides.get(i, {})}
+            )
             at = start_at[i] if start_at is not None else 0.0
             source = (sources or {}).get(i) or lender(100 + i)
             nursery.start_soon(

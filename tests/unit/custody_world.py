@@ -104,9 +104,18 @@ class Sent:
 
     def arrived(self) -> BlobArrived:
         return BlobArrived(
-            self.sender, self.kind, self.position, self.epoch, self.digest, self.view,  # type: ignore[arg-type]
-            self.chain, self.progress, self.origin, self.seal, self.content,
-        )  # fmt: skip
+            self.sender,
+            self.kind,
+            self.position,
+            self.epoch,
+            self.digest,
+            self.view,  # type: ignore[arg-type]
+            self.chain,
+            self.progress,
+            self.origin,
+            self.seal,
+            self.content,
+        )
 
 
 Rewrite = Callable[["PureRing", Sent], list[Sent]]
@@ -135,9 +144,14 @@ class PureRing:
         self.limits = limits
         self.machines = {
             i.peer_id: CustodyMachine(
-                i, run_id=RUN, view_digest=VIEW, view_epoch=0, members=self.peers,
-                rule=self.rule, limits=limits,
-            )  # fmt: skip
+                i,
+                run_id=RUN,
+                view_digest=VIEW,
+                view_epoch=0,
+                members=self.peers,
+                rule=self.rule,
+                limits=limits,
+            )
             for i in self.ids
         }
         self.now = 0.0
@@ -264,9 +278,17 @@ class PureRing:
     def blob_of(self, peer: PeerId, a: Send) -> Sent:
         progress = self.slots[peer][a.copy]
         return Sent(
-            peer, a.target, a.kind, a.position, a.epoch, a.chain, progress, a.origin, a.seal,
+            peer,
+            a.target,
+            a.kind,
+            a.position,
+            a.epoch,
+            a.chain,
+            progress,
+            a.origin,
+            a.seal,
             content_of(progress) if a.kind == "final" else b"",
-        )  # fmt: skip
+        )
 
     def _send(self, peer: PeerId, a: Send) -> None:
         blobs = [self.blob_of(peer, a)]
@@ -286,7 +308,8 @@ class PureRing:
             return HandOverFailed(handover, Failure(FailureKind.UNREACHABLE, "nothing listens"))
         machine = self.machines[target]
         offered = machine.handle(
-            BlobOffered(blob.sender, blob.kind, blob.position, blob.epoch), self.now  # type: ignore[arg-type]
+            BlobOffered(blob.sender, blob.kind, blob.position, blob.epoch),
+            self.now,  # type: ignore[arg-type]
         )
         for act in offered:
             self.log.append((self.now, target, act))

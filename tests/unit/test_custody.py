@@ -30,8 +30,8 @@ from fedup.protocol.custody_events import (
     Refuse,
     Take,
     TimerFired,
-    TrainFailed,
     Trained,
+    TrainFailed,
 )
 from fedup.protocol.laps import LapRecord, Position, Progress, StopState
 from fedup.protocol.notices import CustodyReceipt, DeadChain, FinalSeal
@@ -43,9 +43,11 @@ LIMITS = attrs.evolve(DEFAULT_LIMITS, hop_timeout=20.0, excluded_wait=500.0)
 
 def finished_alike(ring: PureRing, members: list[int] | None = None) -> Progress:
     """Every listed member (default: all not crashed) saved the same final model."""
-    idx = members if members is not None else [
-        i for i, p in enumerate(ring.peers) if p not in ring.crashed
-    ]  # fmt: skip
+    idx = (
+        members
+        if members is not None
+        else [i for i, p in enumerate(ring.peers) if p not in ring.crashed]
+    )
     peers = [ring.peers[i] for i in idx]
     assert not set(ring.failed) & set(peers), ring.failed
     assert set(peers) <= ring.finished, [p.short for p in peers if p not in ring.finished]
@@ -118,7 +120,7 @@ def test_an_unreachable_member_is_declared_dead_by_its_predecessor_only() -> Non
 
 def test_the_leader_dying_makes_the_next_lowest_lead() -> None:
     ring = PureRing(3, limits=LIMITS)
-    a, b, c = ring.peers
+    a, b, _c = ring.peers
     ring.crash_when[(a, Position(2, 0))] = "before"
     ring.start()
     ring.run()
@@ -168,9 +170,7 @@ def attack(ring: PureRing, sender: int, blobs: list[Sent]) -> list[Refuse]:
     for blob in blobs:
         outcome = ring.deliver(blob)
         assert isinstance(outcome, HandOverFailed), (blob, outcome)
-        target_refusals = [
-            a for _, p, a in ring.log if p == blob.target and isinstance(a, Refuse)
-        ]  # fmt: skip
+        target_refusals = [a for _, p, a in ring.log if p == blob.target and isinstance(a, Refuse)]
         refusals.append(target_refusals[-1])
     return refusals
 
@@ -195,13 +195,16 @@ def test_a_done_flag_sent_to_everyone_is_refused_and_the_run_goes_on() -> None:
     m = ring.peers[1]  # the attacker
     done = attrs.evolve(Progress.initial(), lap=1, hop=1, done=True)
     blobs = [
-        Sent(m, p, "model", Position(1, i), 0, (), done)
-        for i, p in enumerate(ring.peers)
-        if p != m
+        Sent(m, p, "model", Position(1, i), 0, (), done) for i, p in enumerate(ring.peers) if p != m
     ]
     refusals = attack(ring, 1, blobs)
     assert all(r.peer == m for r in refusals)
-    assert {r.code for r in refusals} <= {RefusalCode.OUT_OF_TURN, RefusalCode.STALE, RefusalCode.BAD_META, RefusalCode.BUSY}
+    assert {r.code for r in refusals} <= {
+        RefusalCode.OUT_OF_TURN,
+        RefusalCode.STALE,
+        RefusalCode.BAD_META,
+        RefusalCode.BUSY,
+    }
     ring.run()
     final = finished_alike(ring)
     assert final.judged_lap == 3  # the stopping rule, not the attacker, ended it
@@ -209,7 +212,7 @@ def test_a_done_flag_sent_to_everyone_is_refused_and_the_run_goes_on() -> None:
 
 def test_done_metadata_from_the_predecessor_at_the_right_position_is_bad_meta() -> None:
     ring = hostile_ring()
-    a, b, c, d = ring.peers
+    _a, b, c, _d = ring.peers
 
     def lie(world: PureRing, blob: Sent) -> list[Sent]:
         if blob.position == Position(1, 2):
@@ -226,8 +229,10 @@ def test_done_metadata_from_the_predecessor_at_the_right_position_is_bad_meta() 
 def test_a_far_future_lap_to_a_non_successor_changes_nothing() -> None:
     ring = hostile_ring()
     run_to_lap(ring, 1)
-    a, m, c, d = ring.peers
-    blob = Sent(m, d, "model", Position(50, 3), 0, (), attrs.evolve(Progress.initial(), lap=50, hop=2))
+    _a, m, _c, d = ring.peers
+    blob = Sent(
+        m, d, "model", Position(50, 3), 0, (), attrs.evolve(Progress.initial(), lap=50, hop=2)
+    )
     [refusal] = attack(ring, 1, [blob])
     assert refusal.peer == m and refusal.code is RefusalCode.OUT_OF_TURN
     ring.run()
@@ -237,7 +242,7 @@ def test_a_far_future_lap_to_a_non_successor_changes_nothing() -> None:
 
 def test_a_dead_notice_naming_the_receiver_is_refused() -> None:
     ring = hostile_ring()
-    a, b, c, d = ring.peers
+    _a, b, c, _d = ring.peers
 
     def exclude_successor(world: PureRing, blob: Sent) -> list[Sent]:
         if blob.position == Position(1, 2):
@@ -257,15 +262,20 @@ def test_a_dead_notice_naming_the_receiver_is_refused() -> None:
 
 def test_a_dead_notice_about_someone_else_than_the_successor_is_refused() -> None:
     ring = hostile_ring()
-    a, b, c, d = ring.peers
+    _a, b, c, d = ring.peers
     chain = DeadChain(RUN, VIEW, tuple(ring.peers))
     # b claims d (not its successor) is dead, and sends that to c at lap 1.
     from fedup.protocol.notices import DeadNotice
 
     notice = DeadNotice.seal(
-        ring.ids[1], run_id=RUN, index=0, prev=chain.head, dead=d, cause="unreachable",
+        ring.ids[1],
+        run_id=RUN,
+        index=0,
+        prev=chain.head,
+        dead=d,
+        cause="unreachable",
         at=Position(1, 1),
-    )  # fmt: skip
+    )
 
     def claim_other(world: PureRing, blob: Sent) -> list[Sent]:
         if blob.position == Position(1, 2):
@@ -301,7 +311,7 @@ def test_a_forged_final_at_lap_0_is_refused_by_everyone() -> None:
 def test_a_final_claiming_the_rule_holds_without_history_is_refused() -> None:
     ring = hostile_ring()
     run_to_lap(ring, 3)
-    a, m, c, d = ring.peers
+    a, m, c, _d = ring.peers
     # stale >= patience, but no lap results behind it: the rule does not give that
     fake = attrs.evolve(ring.machines[c].seen, done=True, stop=StopState(0, 0.1, 0.1, 3))
     seal = FinalSeal.seal(ring.ids[0], run_id=RUN, content=content_of(fake)).envelope
@@ -314,7 +324,7 @@ def test_a_final_claiming_the_rule_holds_without_history_is_refused() -> None:
 
 def test_a_rewritten_history_or_reset_patience_is_bad_meta() -> None:
     ring = hostile_ring(max_laps=8, patience=10)
-    a, b, c, d = ring.peers
+    _a, b, c, _d = ring.peers
 
     def rewrite(world: PureRing, blob: Sent) -> list[Sent]:
         p = blob.progress
@@ -322,8 +332,11 @@ def test_a_rewritten_history_or_reset_patience_is_bad_meta() -> None:
             old = p.history[0]
             forged = (attrs.evolve(old, loss=old.loss / 2), *p.history[1:])
             reset = attrs.evolve(p, stop=attrs.evolve(p.stop, stale=0, best_lap=-1))
-            return [attrs.evolve(blob, progress=attrs.evolve(p, history=forged)),
-                    attrs.evolve(blob, progress=reset), blob]  # fmt: skip
+            return [
+                attrs.evolve(blob, progress=attrs.evolve(p, history=forged)),
+                attrs.evolve(blob, progress=reset),
+                blob,
+            ]
         return [blob]
 
     ring.rewrite[b] = rewrite
@@ -336,7 +349,7 @@ def test_a_rewritten_history_or_reset_patience_is_bad_meta() -> None:
 
 def test_a_false_passed_does_not_make_the_predecessor_drop_its_copy() -> None:
     ring = hostile_ring()
-    a, b, m, d = ring.peers
+    _a, b, m, _d = ring.peers
 
     def swallow(world: PureRing, blob: Sent) -> list[Sent]:
         return []  # m takes the model and never hands it on
@@ -345,8 +358,9 @@ def test_a_false_passed_does_not_make_the_predecessor_drop_its_copy() -> None:
     while ring.machines[b].kept is None or ring.machines[b].kept.target != m:
         ring.feed(*ring.queue.popleft())
     # m tells b "passed" with a receipt it signed itself
-    fake = CustodyReceipt.seal(ring.ids[2], run_id=RUN, kind="model", position=Position(0, 3),
-                               sender=m, digest=b"\0" * 32)  # fmt: skip
+    fake = CustodyReceipt.seal(
+        ring.ids[2], run_id=RUN, kind="model", position=Position(0, 3), sender=m, digest=b"\0" * 32
+    )
     ring.feed(b, PassedArrived(m, fake.envelope))
     assert ring.machines[b].kept is not None  # b still keeps its copy
     ring.run()
@@ -357,7 +371,7 @@ def test_a_false_passed_does_not_make_the_predecessor_drop_its_copy() -> None:
 
 def test_an_excluded_refusal_without_proof_does_not_exclude_the_sender() -> None:
     ring = hostile_ring()
-    a, b, c, m = ring.peers
+    _a, _b, c, m = ring.peers
     lies: list[int] = []
     real = ring.machines[m].handle
 
@@ -377,7 +391,7 @@ def test_a_content_refusal_never_makes_a_member_dead() -> None:
     """A member that refuses every blob for content is retried until hop_timeout and
     only then declared dead, as timed out."""
     ring = hostile_ring()
-    a, b, m, d = ring.peers
+    _a, b, m, _d = ring.peers
     real = ring.machines[m].handle
 
     def refuse_all(event: Event, now: float) -> list:  # type: ignore[type-arg]
@@ -408,12 +422,19 @@ SAMPLES: list[Event] = [
     Trained(Position(0, 1), Progress.initial()),
     TrainFailed("boom"),
     HandedOver(99, b"", b""),
-    HandOverFailed(99, __import__("fedup.protocol.custody_events", fromlist=["Failure"]).Failure(
-        __import__("fedup.protocol.custody_events", fromlist=["FailureKind"]).FailureKind.BROKEN, "x")),
+    HandOverFailed(
+        99,
+        __import__("fedup.protocol.custody_events", fromlist=["Failure"]).Failure(
+            __import__(
+                "fedup.protocol.custody_events", fromlist=["FailureKind"]
+            ).FailureKind.BROKEN,
+            "x",
+        ),
+    ),
     PassedArrived(Identity(b"\x09" * 32).peer_id, b""),
     TimerFired("nonsense"),
     FinalSaved(),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(

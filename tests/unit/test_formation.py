@@ -66,14 +66,19 @@ LIMITS = attrs.evolve(
 
 class FormationWorld:
     def __init__(self, n: int, *, min_peers: int | None = None, settle: float = 1.0) -> None:
-        self.ids = sorted((Identity(bytes([i + 1]) * 32) for i in range(n)), key=lambda i: i.peer_id)
+        self.ids = sorted(
+            (Identity(bytes([i + 1]) * 32) for i in range(n)), key=lambda i: i.peer_id
+        )
         self.peers = [i.peer_id for i in self.ids]
         self._runs = 0
         self.machines = {
             p: FormationMachine(
-                p, min_peers=min_peers or n, settle=settle, limits=LIMITS,
+                p,
+                min_peers=min_peers or n,
+                settle=settle,
+                limits=LIMITS,
                 new_run_id=self._run_id,
-            )  # fmt: skip
+            )
             for p in self.peers
         }
         self.now = 0.0
@@ -150,7 +155,9 @@ class FormationWorld:
                 self.drop_on_propose = None
             refused = tuple((p, self.misfit[p]) for p in sorted(a.members) if p in self.misfit)
             members = frozenset(p for p in a.members if p not in self.misfit)
-            digest = hashlib.sha256(repr((me, a.run_id, a.epoch, sorted(members))).encode()).digest()
+            digest = hashlib.sha256(
+                repr((me, a.run_id, a.epoch, sorted(members))).encode()
+            ).digest()
             self.views[digest] = (me, a.run_id, a.epoch, members)
             self.queue.append((me, ViewReady(a.run_id, a.epoch, digest, members, refused)))
         elif isinstance(a, SendView):
