@@ -5,9 +5,11 @@ precedence: the command line, an environment variable ``FEDUP_<NAME>`` (e.g.
 ``FEDUP_MIN_PEERS=3``), a TOML file given with ``--config`` (keys as the long
 option names, with ``-`` or ``_``), or the default.  The state dir comes from
 ``--state-dir`` or ``FEDUP_STATE_DIR``, the log level from ``--log-level``: a
-config file naming either is refused rather than silently ignored.  On success
-it prints the output folder and exits 0; on failure it prints one line and
-exits non-zero.
+config file naming either is refused rather than silently ignored.  It prints
+the run's outcome as one JSON line and exits 0 only when the stopping rule
+ended the run with a trained model (``summary.json``'s ``ok``); a run that ended
+with ``members-lost``, or with a model from no trained lap, exits with
+:data:`EXIT_NOT_OK` (3); a failure prints one line and exits 1.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from fedup.protocol.records import Address
 
 if TYPE_CHECKING:
     from fedup.peer import PeerConfig
+    from fedup.peer.outputs import RunSummary
 
 log = logging.getLogger("fedup")
 
@@ -211,6 +214,22 @@ def _use_live_progress() -> None:
     root.addHandler(live)
 
 
+EXIT_NOT_OK = 3
+"""Exit code of a run that ended, but not by its stopping rule with a trained model."""
+
+
+def exit_code(summary: RunSummary) -> int:
+    """0 when the stopping rule ended the run with a trained model, else :data:`EXIT_NOT_OK`."""
+    if summary.ok:
+        return 0
+    log.error(
+        "the run did not end by its stopping rule with a trained model "
+        "(stop reason %s, best lap %d, ended by %s): see %s",
+        summary.stop_reason, summary.best_lap, summary.ended_by, summary.out_dir,
+    )  # fmt: skip
+    return EXIT_NOT_OK
+
+
 def run(args: argparse.Namespace) -> int:
     from fedup.peer import Peer, TabularSource
 
@@ -231,8 +250,9 @@ def run(args: argparse.Namespace) -> int:
             summary = await peer.train()
         print(json.dumps({"out": summary.out_dir, "model_sha256": summary.model_sha256,
                           "laps": summary.laps, "stop_reason": summary.stop_reason,
+                          "ended_by": summary.ended_by, "ok": summary.ok,
                           "final_val_loss": summary.final_val_loss,
                           "excluded": summary.excluded}))  # fmt: skip
-        return 0
+        return exit_code(summary)
 
     return trio.run(main)

@@ -14,19 +14,29 @@ Every failure is a :class:`~fedup.errors.RemoteProtocolError` with a ``code``
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import attrs
+import numpy as np
 import torch
 
 from fedup.config import Limits
+from fedup.errors import LocalProtocolError
 from fedup.learn.ring import RingMeta, RingState, RingStateError
-from fedup.learn.weights import bytes_to_state, state_to_bytes
-from fedup.protocol.payload import content_digest, decode_payload, payload_prefix
+from fedup.learn.weights import _as_numpy, _cpu, _wire, bytes_to_state, state_to_bytes
+from fedup.protocol.payload import HopPayload, content_digest, decode_payload, payload_prefix
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.refusal import RefusalCode
-from fedup.protocol.tensors import TensorDecodeError
+from fedup.protocol.tensors import StateLayout, TensorDecodeError, magnitude_problem
 
-__all__ = ["BadStateError", "RingBlob", "decode_ring_blob", "encode_ring_blob", "state_problem"]
+__all__ = [
+    "BadStateError",
+    "RingBlob",
+    "RingCodec",
+    "decode_ring_blob",
+    "encode_ring_blob",
+    "state_problem",
+]
 
 
 class BadStateError(RingStateError):
@@ -48,8 +58,14 @@ class RingBlob:
     chain: tuple[bytes, ...]
     origin: PeerId | None
     seal: bytes | None
-    content: bytes
-    """The content digest (what a final model's seal covers)."""
+    payload: HopPayload | None = None
+
+    @property
+    def content(self) -> bytes:
+        """The content digest (what a final model's seal covers), computed on demand."""
+        if self.payload is None:
+            return content_of_parts(self.state)
+        return self.payload.content
 
 
 def encode_ring_blob(
@@ -60,18 +76,26 @@ def encode_ring_blob(
     origin: PeerId | None = None,
     seal: bytes | None = None,
     limits: Limits,
-) -> tuple[memoryview, bytes]:
-    """The blob's bytes (one copy of the tensors) and its content digest."""
-    prefix, ring_cbor = payload_prefix(
+) -> memoryview:
+    """The blob's bytes: the framing, then the tensors, copied once."""
+    prefix, _ = payload_prefix(
         state.meta.to_dict(), view=view, chain=chain, origin=origin, seal=seal
     )
-    data = state_to_bytes(state.tensors, limits=limits, prefix=prefix)
-    return data, content_digest(ring_cbor, data[len(prefix) :])
+    return state_to_bytes(state.tensors, limits=limits, prefix=prefix)
+
+
+def content_of_parts(state: RingState) -> bytes:
+    """The content digest of ``state`` with the default limits (a changed blob's)."""
+    from fedup.config import DEFAULT_LIMITS
+
+    return content_of(state, limits=DEFAULT_LIMITS)
 
 
 def content_of(state: RingState, *, limits: Limits) -> bytes:
-    """The content digest of ``state`` (as :func:`encode_ring_blob` would give)."""
-    return encode_ring_blob(state, view=b"\0" * 32, limits=limits)[1]
+    """The content digest of ``state``: what the origin of a final model seals."""
+    prefix, ring_cbor = payload_prefix(state.meta.to_dict(), view=b"\0" * 32)
+    data = state_to_bytes(state.tensors, limits=limits, prefix=prefix)
+    return content_digest(ring_cbor, data[len(prefix) :])
 
 
 def decode_ring_blob(
@@ -80,39 +104,119 @@ def decode_ring_blob(
     """Decode and check a ring blob against ``template``; raises a coded RemoteProtocolError."""
     payload = decode_payload(data, limits=limits)
     try:
-        tensors = bytes_to_state(payload.state, like=template.tensors, limits=limits)
+        tensors = bytes_to_state(
+            payload.state,
+            like=template.tensors,
+            limits=limits,
+            max_abs=limits.max_weight_magnitude,
+        )
     except TensorDecodeError as exc:
-        raise BadStateError(f"ring state: {exc.reason}") from None
+        raise BadStateError(f"ring state: {exc.reason} (Limits.max_weight_magnitude)") from None
     try:
         meta = RingMeta.from_dict(payload.ring)
     except RingStateError as exc:
         raise BadMetaError(exc.reason) from None
-    problem = state_problem(tensors, limits.max_weight_magnitude)
-    if problem is not None:
-        raise BadStateError(problem)
     return RingBlob(
-        RingState(tensors, meta),
-        payload.view,
-        payload.chain,
-        payload.origin,
-        payload.seal,
-        payload.content,
+        RingState(tensors, meta), payload.view, payload.chain, payload.origin, payload.seal, payload
     )
 
 
 def state_problem(tensors: dict[str, torch.Tensor], bound: float) -> str | None:
-    """Why these tensors cannot travel (not finite, or beyond ``bound``), or None."""
+    """Why these tensors cannot travel (not finite, or beyond ``bound``), or None.
+
+    The same rule the receiver applies while decoding
+    (:func:`fedup.protocol.tensors.magnitude_problem`), on our own state before it
+    is handed on.  The usual case (every value fine) costs one fused pass over the
+    floating tensors; only a state with a problem is walked tensor by tensor.
+    """
+    floats = [t.detach() for t in tensors.values() if t.is_floating_point() and t.numel()]
+    if floats and all(t.device.type == "cpu" and t.dtype != torch.bfloat16 for t in floats):
+        peak = float(torch.stack(torch._foreach_norm(floats, math.inf)).max())
+        others = [t for t in tensors.values() if not t.is_floating_point() and t.numel()]
+        if peak <= bound and all(
+            t.dtype == torch.bool or int(t.abs().max()) <= bound for t in others
+        ):
+            return None  # NaN fails the comparison above, so it is never let through here
     for name, t in tensors.items():
         if t.numel() == 0:
             continue
-        if t.is_floating_point():
-            finite = torch.isfinite(t)
-            if not bool(finite.all()):
-                return f"ring state: tensor {name!r} holds NaN or infinity"
-        peak = float(t.detach().abs().max()) if t.dtype != torch.bool else 1.0
-        if not math.isfinite(peak) or peak > bound:
-            return (
-                f"ring state: tensor {name!r} reaches {peak:.3g}, beyond the bound "
-                f"{bound:g} (Limits.max_weight_magnitude)"
-            )
+        if t.dtype == torch.bfloat16 or t.device.type != "cpu":
+            t = t.detach().float().cpu()
+        array = t.detach().numpy()
+        if t.dtype == torch.bool:
+            continue
+        problem = magnitude_problem(array, "f32" if t.is_floating_point() else "i64", bound)
+        if problem is not None:
+            return f"ring state: tensor {name!r} {problem} (Limits.max_weight_magnitude)"
     return None
+
+
+class RingCodec:
+    """The ring blob codec for one run's model, its layout computed once.
+
+    Every state of a run has the template's names, dtypes and shapes, so the
+    tensors' header is the same bytes each time (:class:`StateLayout`): encoding
+    writes those bytes and copies each tensor once; decoding compares them (the
+    one layout check) and views each tensor in the received buffer, then checks
+    every value in one fused pass (finite, within ``Limits.max_weight_magnitude``).
+    """
+
+    def __init__(self, template: RingState, *, limits: Limits) -> None:
+        self.template = template
+        self.limits = limits
+        wires = {n: _wire(n, t) for n, t in template.tensors.items()}
+        self._wires = wires
+        arrays = [(n, _as_numpy(_cpu(t), wires[n])) for n, t in template.tensors.items()]
+        bf16 = {n: w for n, w in wires.items() if w == "bf16"}
+        self.layout = StateLayout(arrays, dtypes=bf16, limits=limits)
+
+    def encode(
+        self,
+        state: RingState,
+        *,
+        view: bytes,
+        chain: tuple[bytes, ...] = (),
+        origin: PeerId | None = None,
+        seal: bytes | None = None,
+    ) -> memoryview:
+        """The blob's bytes: the framing, then the tensors, copied once."""
+        prefix, _ = payload_prefix(
+            state.meta.to_dict(), view=view, chain=chain, origin=origin, seal=seal
+        )
+        arrays = [_as_numpy(_cpu(t), self._wires[n]) for n, t in state.tensors.items()]
+        try:
+            return self.layout.encode(arrays, prefix=prefix)
+        except LocalProtocolError:
+            return encode_ring_blob(  # a state of another layout: say what is wrong
+                state, view=view, chain=chain, origin=origin, seal=seal, limits=self.limits
+            )
+
+    def decode(self, data: memoryview | bytearray | bytes) -> RingBlob:
+        """Decode and check a ring blob; raises a coded RemoteProtocolError."""
+        payload = decode_payload(data, limits=self.limits)
+        try:
+            decoded = self.layout.decode(payload.state, check_values=False)
+        except TensorDecodeError as exc:
+            raise BadStateError(f"ring state: {exc.reason}") from None
+        tensors = {n: _to_torch(a, decoded.dtypes[n]) for n, a in decoded.items()}
+        problem = state_problem(tensors, self.limits.max_weight_magnitude)
+        if problem is not None:
+            raise BadStateError(problem)
+        try:
+            meta = RingMeta.from_dict(payload.ring)
+        except RingStateError as exc:
+            raise BadMetaError(exc.reason) from None
+        return RingBlob(
+            RingState(tensors, meta),
+            payload.view,
+            payload.chain,
+            payload.origin,
+            payload.seal,
+            payload,
+        )
+
+
+def _to_torch(array: Any, wire: str) -> torch.Tensor:
+    if wire == "bf16":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)

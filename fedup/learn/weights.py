@@ -168,6 +168,7 @@ def bytes_to_state(
     *,
     like: StateLike | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    max_abs: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Decode a blob from :func:`state_to_bytes` into CPU tensors, in wire order.
 
@@ -183,7 +184,7 @@ def bytes_to_state(
     whole blob's buffer alive; ``.clone()`` a tensor to keep it alone.
 
     Raises :class:`~fedup.protocol.tensors.TensorDecodeError` for a malformed
-    blob, NaN/Inf, or a mismatch with ``like``.
+    blob, NaN/Inf, a value beyond ``max_abs`` (when given), or a mismatch with ``like``.
     """
     expected = state_specs(like) if like is not None else None
     mv = memoryview(data)
@@ -192,7 +193,7 @@ def bytes_to_state(
         # copy the blob once into a numpy buffer (huge pages, measured faster
         # than a bytearray or a copy per tensor) and decode views into it.
         data = np.frombuffer(mv, np.uint8).copy().data
-    decoded = decode_state(data, limits=limits, expected=expected)
+    decoded = decode_state(data, limits=limits, expected=expected, max_abs=max_abs)
     out: dict[str, torch.Tensor] = {}
     for name, array in decoded.items():
         wire = decoded.dtypes[name]
@@ -293,6 +294,7 @@ def load_safetensors(
     *,
     like: StateLike | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    max_abs: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load a ``.safetensors`` file, checking it as strictly as a peer's blob.
 

@@ -57,8 +57,14 @@ class FramedStream:
         data = encode_frame(payload, max_size=self.max_frame_size)
         try:
             with trio.fail_after(self.limits.frame_timeout):
-                async with self._sending:
+                try:
+                    self._sending.acquire_nowait()  # the usual case: no yield for the lock
+                except trio.WouldBlock:
+                    await self._sending.acquire()
+                try:
                     await self.stream.send_all(data)
+                finally:
+                    self._sending.release()
         except trio.TooSlowError:
             raise PeerTimeoutError(
                 f"did not take a {len(data)}-byte frame within {self.limits.frame_timeout:g} s",

@@ -27,6 +27,7 @@ from fedup.errors import FedupError, PeerTimeoutError, RemoteProtocolError
 from fedup.learn.ring import (
     FederationStats,
     HopMetrics,
+    LapResult,
     RingSettings,
     RingState,
     evaluate_state,
@@ -34,7 +35,7 @@ from fedup.learn.ring import (
     initial_state,
     train_hop,
 )
-from fedup.learn.ring_payload import content_of, decode_ring_blob, encode_ring_blob, state_problem
+from fedup.learn.ring_payload import RingCodec, content_of, state_problem
 from fedup.net.channel import SecureChannel
 from fedup.net.framed import FramedStream
 from fedup.net.links import OutboundLink, serve_link
@@ -123,6 +124,7 @@ class CustodyDriver:
         self.task = builder.task_for(self.schema, view.settings)
         self.ring_settings = RingSettings.for_run(view.settings)
         self.template = template
+        self.codec = RingCodec(template, limits=limits)
         n = len(self.members)
         if self.schema is not None:
             rows, positive = self.schema.n_rows, self.schema.n_positive
@@ -154,6 +156,8 @@ class CustodyDriver:
         self.summary: RunSummary | None = None
         self.failure: str | None = None
         self.begun = False
+        self._history: dict[int, LapResult] = {}
+        """Every lap result seen here, by lap (the metadata carries only the last few)."""
         self._taking = False
         """Inside ``decide()``: training waits until the blob's ACK went out."""
         self._after_ack: tuple[Position, RingState] | None = None
@@ -181,6 +185,7 @@ class CustodyDriver:
             try:
                 await trio.sleep_forever()
             finally:
+                self.outputs.close()
                 with trio.CancelScope(shield=True):
                     for link in list(self._links.values()):
                         await link.aclose()
@@ -381,7 +386,10 @@ class CustodyDriver:
         )
 
     def _log_laps(self, state: RingState) -> None:
+        """Note (and log once) every lap result the state carries: the whole history is
+        ours to keep, the state carries only the last few."""
         for h in state.meta.history:
+            self._history.setdefault(h.lap, h)
             self.outputs.log_lap(
                 {
                     "lap": h.lap,
@@ -422,13 +430,8 @@ class CustodyDriver:
                 )
             )
             return
-        data, _ = encode_ring_blob(
-            state,
-            view=self.signed.digest,
-            chain=a.chain,
-            origin=a.origin,
-            seal=a.seal,
-            limits=self._limits,
+        data = self.codec.encode(
+            state, view=self.signed.digest, chain=a.chain, origin=a.origin, seal=a.seal
         )
         limits = self._limits
         link = self._link(a.target)
@@ -540,7 +543,7 @@ class CustodyDriver:
             raise Refusal(refusal)
 
     def _decide(self, header: BlobHeader, data: memoryview, digest: bytes) -> bytes | None:
-        blob = decode_ring_blob(data, self.template, limits=self._limits)
+        blob = self.codec.decode(data)
         if self.machine.phase is ce.Phase.READY and self._confirm is not None:
             if self._confirm(header.sender, self.run_id, blob.view):
                 self.begin()
@@ -555,7 +558,7 @@ class CustodyDriver:
             blob.state.meta.progress(),
             blob.origin,
             blob.seal,
-            blob.content,
+            blob.content if header.kind == "final" else b"",
         )
         self._inbox = blob.state
         self._taking = True
@@ -589,8 +592,8 @@ class CustodyDriver:
         )
         if a.ended_by == self.me and a.reason != "members-lost":
             self.machine.seal_final(content_of(state, limits=self._limits))
-        history = list(meta.history)
-        best = next((h for h in history if h.lap == meta.best_lap), None)
+        history = [self._history[lap] for lap in sorted(self._history)]
+        best = self._history.get(meta.best_lap)
         trained_laps = max((h.lap for h in history), default=-1) + 1
         ok = a.reason in ("converged", "max-laps") and meta.best_lap >= 0
         self.summary = RunSummary(

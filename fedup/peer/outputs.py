@@ -19,7 +19,7 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import attrs
 import torch
@@ -90,11 +90,28 @@ class RunOutputs:
         self.summary_path = directory / "summary.json"
         self.federation_path = directory / "federation.json"
         self._laps_logged: set[int] = set()
+        self._metrics: TextIO | None = None
 
     def log(self, record: Mapping[str, Any]) -> None:
-        """Append one metrics line (flushed, so progress is visible while training)."""
-        with self.metrics_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record, allow_nan=True) + "\n")
+        """Append one metrics line (flushed, so progress is visible while training).
+
+        The file is opened once, for appending, never through a symbolic link.
+        """
+        if self._metrics is None:
+            fd = os.open(
+                self.metrics_path,
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
+                0o644,
+            )
+            self._metrics = os.fdopen(fd, "a", encoding="utf-8")
+        self._metrics.write(json.dumps(record, allow_nan=True) + "\n")
+        self._metrics.flush()
+
+    def close(self) -> None:
+        """Close the metrics file (a later :meth:`log` opens it again)."""
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
 
     def log_lap(self, record: Mapping[str, Any]) -> None:
         """Append a lap line once per lap."""

@@ -55,8 +55,6 @@ class HopPayload:
 
     ring: object
     """The learning layer's metadata (a decoded CBOR map; not yet checked)."""
-    ring_cbor: memoryview
-    """The exact bytes of ``ring`` (part of the content digest)."""
     view: bytes
     chain: tuple[bytes, ...]
     origin: PeerId | None
@@ -66,8 +64,8 @@ class HopPayload:
 
     @property
     def content(self) -> bytes:
-        """The content digest: what a final model's origin seals."""
-        return content_digest(self.ring_cbor, self.state)
+        """The content digest: what a final model's origin seals (computed on demand)."""
+        return content_digest(cbor.encode(self.ring), self.state)
 
 
 def content_digest(ring_cbor: bytes | memoryview, state: bytes | memoryview) -> bytes:
@@ -137,8 +135,7 @@ def decode_payload(
         f.done()
     except RemoteProtocolError as exc:
         raise PayloadError(exc.reason) from None
-    ring_cbor = memoryview(cbor.encode(ring))  # canonical: the same bytes the sender encoded
-    return HopPayload(ring, ring_cbor, digest, tuple(chain), origin, seal, view[start:])
+    return HopPayload(ring, digest, tuple(chain), origin, seal, view[start:])
 
 
 def _notice_item(value: object, label: str) -> bytes:

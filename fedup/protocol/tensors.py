@@ -24,6 +24,7 @@ sees as ``uint16`` while :class:`DecodedState` remembers the wire dtype
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final
@@ -40,6 +41,7 @@ __all__ = [
     "MAGIC",
     "WIRE_DTYPES",
     "DecodedState",
+    "StateLayout",
     "TensorDecodeError",
     "TensorSpec",
     "check_finite",
@@ -290,6 +292,35 @@ def check_finite(name: str, array: Array, wire: str) -> None:
         raise TensorDecodeError(f"tensor {name!r} contains NaN or Inf")
 
 
+def magnitude_problem(array: Array, wire: str, max_abs: float) -> str | None:
+    """Why ``array`` holds a value that is not finite or beyond ``max_abs``, or None.
+
+    One pass: the largest absolute value (NaN propagates into it, Inf is beyond
+    any bound).  Bools pass; 16-bit floats are widened first.
+    """
+    if array.size == 0 or wire == "bool":
+        return None
+    if wire in _FLOATS:
+        values = array.astype(np.float32) if array.dtype.itemsize == 2 else array
+        with np.errstate(invalid="ignore", over="ignore"):
+            high, low = float(values.max()), float(values.min())  # NaN propagates
+        if math.isnan(high) or math.isnan(low) or math.isinf(high) or math.isinf(low):
+            return "contains NaN or Inf"
+        peak = max(high, -low)
+    else:
+        peak = float(max(int(array.max()), -int(array.min())))
+    if peak > max_abs:
+        return f"reaches {peak:.3g}, beyond the bound {max_abs:g}"
+    return None
+
+
+def check_magnitude(name: str, array: Array, wire: str, max_abs: float) -> None:
+    """Raise :class:`TensorDecodeError` if :func:`magnitude_problem` finds one."""
+    problem = magnitude_problem(array, wire, max_abs)
+    if problem is not None:
+        raise TensorDecodeError(f"tensor {name!r} {problem}")
+
+
 # --------------------------------------------------------------------------
 # encoding
 
@@ -464,6 +495,7 @@ def decode_state(
     *,
     limits: Limits = DEFAULT_LIMITS,
     expected: Mapping[str, TensorSpec] | None = None,
+    max_abs: float | None = None,
 ) -> DecodedState:
     """Decode a blob made by :func:`encode_state` into zero-copy numpy views.
 
@@ -475,7 +507,8 @@ def decode_state(
     offsets, padding and absence of trailing bytes; and, with ``expected``,
     that names, order, wire dtypes and shapes match it exactly.  Then it
     creates the arrays and rejects NaN/Inf in floating tensors and bool bytes
-    other than 0 and 1.
+    other than 0 and 1; with ``max_abs``, also any value (of any numeric dtype)
+    beyond it in absolute value, in the same pass.
 
     The arrays view ``data``: writable if ``data`` is, and they keep it alive.
 
@@ -503,7 +536,10 @@ def decode_state(
         dtype = WIRE_DTYPES[e.wire]
         count = e.nbytes // dtype.itemsize
         array = np.frombuffer(mv, dtype, count, start + e.offset).reshape(e.shape)
-        check_finite(e.name, array, e.wire)
+        if max_abs is None:
+            check_finite(e.name, array, e.wire)
+        else:
+            check_magnitude(e.name, array, e.wire, max_abs)
         if e.wire == "bool" and count and int(array.view(np.uint8).max()) > 1:
             raise TensorDecodeError(f"tensor {e.name!r}: bool bytes must be 0 or 1")
         arrays[e.name] = array
@@ -622,3 +658,112 @@ def _read_name(h: _Header, index: int, seen: set[str], limits: Limits) -> str:
         raise TensorDecodeError(f"duplicate tensor name {name!r}")
     seen.add(name)
     return name
+
+
+# --------------------------------------------------------------------------
+# a fixed layout: encoding and decoding states of one model again and again
+
+
+class StateLayout:
+    """The layout of one model's states: names, wire dtypes, shapes and offsets.
+
+    A ring passes states of one model around thousands of times; their layout
+    never changes.  Built once (from a sample state), a layout encodes a state
+    by writing its fixed header bytes and copying each tensor's data to its
+    known offset, and decodes one by checking that the header bytes are those
+    exact bytes (one comparison: the one layout check) before viewing each
+    tensor, so neither side walks the header again.  The bytes are those of
+    :func:`encode_state`, and :func:`decode_state` accepts them.
+    """
+
+    def __init__(
+        self,
+        sample: TensorsLike,
+        *,
+        dtypes: Mapping[str, str] | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        blob = encode_state(sample, dtypes=dtypes, limits=limits)
+        entries, start = _parse_layout(blob, limits)
+        self.entries: tuple[_Entry, ...] = tuple(entries)
+        self.start = start
+        """Bytes of the preamble, the header and its padding."""
+        self.head = bytes(blob[:start])
+        self.size = blob.nbytes
+        self.names = tuple(e.name for e in entries)
+        self._gaps = [
+            (start + (a.offset + a.nbytes if a is not None else 0), start + b.offset)
+            for a, b in zip((None, *entries[:-1]), entries, strict=True)
+        ]
+        self._tail = (
+            start + (entries[-1].offset + entries[-1].nbytes if entries else 0),
+            self.size,
+        )
+
+    def encode(self, arrays: Sequence[Array], *, prefix: bytes = b"") -> memoryview:
+        """The blob of ``arrays`` (in this layout's order, each of its entry's shape and
+        wire dtype), behind ``prefix`` (a multiple of 8 bytes) in one buffer.
+
+        Raises :class:`~fedup.errors.LocalProtocolError` for an array that does not
+        fit its entry.
+        """
+        if len(prefix) % 8:
+            raise LocalProtocolError("a prefix must keep the blob 8-byte aligned")
+        if len(arrays) != len(self.entries):
+            raise LocalProtocolError(f"{len(arrays)} arrays for a layout of {len(self.entries)}")
+        whole = np.empty(len(prefix) + self.size, np.uint8)
+        whole[: len(prefix)] = np.frombuffer(prefix, np.uint8)
+        out = whole[len(prefix) :]
+        out[: self.start] = np.frombuffer(self.head, np.uint8)
+        for (gap_start, gap_end), e, array in zip(self._gaps, self.entries, arrays, strict=True):
+            out[gap_start:gap_end] = 0
+            if array.shape != e.shape or array.nbytes != e.nbytes:
+                raise LocalProtocolError(f"tensor {e.name!r} does not fit the layout")
+            if e.nbytes:
+                begin = self.start + e.offset
+                dst = out[begin : begin + e.nbytes].view(WIRE_DTYPES[e.wire]).reshape(e.shape)
+                src = array.view(_words16(array)) if e.wire == "bf16" else array
+                np.copyto(dst, src, casting="equiv")
+        out[self._tail[0] : self._tail[1]] = 0
+        return whole.data
+
+    def decode(
+        self,
+        data: bytes | bytearray | memoryview,
+        *,
+        max_abs: float | None = None,
+        check_values: bool = True,
+    ) -> DecodedState:
+        """Views of the tensors of ``data``, which must be exactly this layout's bytes.
+
+        Raises :class:`TensorDecodeError` for another size or header (another
+        model: names, dtypes or shapes differ), NaN or Inf, a value beyond
+        ``max_abs`` (when given), or bool bytes other than 0 and 1.  With
+        ``check_values=False`` the values are left to the caller (who checks them
+        all in one fused pass, say); the layout and padding are always checked.
+        """
+        mv = memoryview(data)
+        if mv.ndim != 1 or mv.itemsize != 1:
+            mv = mv.cast("B")
+        if mv.nbytes != self.size or mv[: self.start] != self.head:
+            raise TensorDecodeError(
+                "the state's layout (tensor names, dtypes or shapes) is not the model's"
+            )
+        if any(any(mv[a:b]) for a, b in (*self._gaps, self._tail) if b > a):
+            raise TensorDecodeError("padding between tensors must be zero")
+        arrays: dict[str, Array] = {}
+        dtypes: dict[str, str] = {}
+        for e in self.entries:
+            dtype = WIRE_DTYPES[e.wire]
+            array = np.frombuffer(mv, dtype, e.nbytes // dtype.itemsize, self.start + e.offset)
+            array = array.reshape(e.shape)
+            if check_values:
+                if max_abs is None:
+                    check_finite(e.name, array, e.wire)
+                else:
+                    check_magnitude(e.name, array, e.wire, max_abs)
+            if e.wire == "bool" and array.size and int(array.view(np.uint8).max()) > 1:
+                raise TensorDecodeError(f"tensor {e.name!r}: bool bytes must be 0 or 1")
+            arrays[e.name] = array
+            dtypes[e.name] = e.wire
+        return DecodedState(arrays, dtypes)

@@ -45,7 +45,7 @@ def rewrite_blob(
     ``header``, e.g. ``target=``, ``lap=``), encoded again."""
     decoded = decode_ring_blob(bytearray(blob.data), template, limits=limits)
     new = change(decoded)
-    data, _ = encode_ring_blob(
+    data = encode_ring_blob(
         new.state, view=new.view, chain=new.chain, origin=new.origin, seal=new.seal, limits=limits
     )
     return attrs.evolve(blob, data=bytes(data), **header)

@@ -147,6 +147,8 @@ class SimResult:
     saved the same model; the same seed and data give the same value."""
     dropped: tuple[tuple[int, int, float], ...]
     """Connections dropped: (dialer, listener, clock time)."""
+    connections: dict[tuple[int, int], int] = attrs.field(factory=dict)
+    """Connections opened, by (dialer, listener): calls, links, and re-dials of broken links."""
 
     @property
     def finished_peers(self) -> list[PeerOutcome]:
@@ -395,6 +397,7 @@ class _Simulation:
             peak_rss=_rss("VmHWM"),
             weights_sha256=digest,
             dropped=tuple(self.network.dropped),
+            connections=dict(self.network.connections),
         )
 
 

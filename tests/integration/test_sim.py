@@ -329,3 +329,44 @@ def test_cli_rejects_a_bad_fault_and_a_bad_partition(tmp_path: Path) -> None:
         )
     with pytest.raises(FedupError, match="unknown partition"):
         run_cli(["simulate", "--peers", "2", "--partition", "bogus", "--out", str(tmp_path)])
+
+
+# --- honest endings and one connection per neighbour ------------------------------------
+
+
+async def test_a_run_whose_only_other_member_dies_at_once_does_not_end_ok(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """The second of two members dies as soon as the first hop is trained: the leader
+    can reach nobody, finishes alone with the untrained model, and its summary says so
+    (``ok`` false, ``members-lost``, ended by itself); ``start`` would exit 3."""
+    from fedup.commands.start import EXIT_NOT_OK, exit_code
+
+    order = ring_order(2)
+    leader, other = order
+    result = await simulate(tmp_path, n=2, faults=Faults(kills=(Kill(other, lap=0, hop=0),)))
+    summary = result.peers[leader].summary
+    assert summary is not None
+    assert summary.stop_reason == "members-lost" and not summary.ok
+    assert summary.best_lap < 0 and summary.ended_by == summary.peer_id
+    assert exit_code(summary) == EXIT_NOT_OK
+
+
+async def test_each_member_dials_its_successor_once_for_the_whole_run(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """One connection per neighbour: every blob and every ``passed`` of the run travel
+    over one link per ring neighbour (the landed code dialled and shook hands for each
+    blob and each ``passed``).  Besides the links, the leader dialled each member once
+    to call it."""
+    n = 4
+    result = await simulate(tmp_path, n=n)
+    assert result.model_sha256 is not None
+    order = ring_order(n)
+    leader = order[0]
+    links = {(order[k], order[(k + 1) % n]) for k in range(n)}
+    calls = {(leader, member) for member in order[1:]}
+    expected = {pair: int(pair in links) + int(pair in calls) for pair in links | calls}
+    assert dict(result.connections) == expected
+
+

@@ -70,7 +70,7 @@ def fake_train(
         judged = m.judged_lap + 1
         record = LapRecord(judged, loss(judged), 0.5, 0.5, 100, 1000 * (judged + 2))
         stop, _ = m.stop.judge(record, tolerance=rule.tolerance)
-        history = (*m.history, record)[-64:]
+        history = (*m.history, record)[-8:]
         done = stop.holds(judged_lap=judged, patience=rule.patience, max_laps=rule.max_laps)
         m = Progress(m.lap, m.hop, done, judged, stop, history)
         if done:
