@@ -1,6 +1,6 @@
 """Whole federations in one process: formation, ring training, failures, replays.
 
-Every test runs several :class:`~fedup.peer.Peer` s on a :class:`~fedup.peer.MemoryWorld`
+Every test runs several :class:`~fedup.peer.Peer` s on a :class:`~fedup.sim.MemoryWorld`
 (memory streams, in-memory discovery) under pytest-trio's ``autojump_clock``:
 training runs inline (``train_in_thread=False``) and our blobs are far below the
 size that is hashed in a worker thread, so nothing waits for a thread and every

@@ -368,5 +368,3 @@ async def test_each_member_dials_its_successor_once_for_the_whole_run(
     calls = {(leader, member) for member in order[1:]}
     expected = {pair: int(pair in links) + int(pair in calls) for pair in links | calls}
     assert dict(result.connections) == expected
-
-
