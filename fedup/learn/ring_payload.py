@@ -134,7 +134,7 @@ def state_problem(tensors: dict[str, torch.Tensor], bound: float) -> str | None:
         peak = float(torch.stack(torch._foreach_norm(floats, math.inf)).max())
         others = [t for t in tensors.values() if not t.is_floating_point() and t.numel()]
         if peak <= bound and all(
-            t.dtype == torch.bool or int(t.abs().max()) <= bound for t in others
+            t.dtype == torch.bool or max(int(t.max()), -int(t.min())) <= bound for t in others
         ):
             return None  # NaN fails the comparison above, so it is never let through here
     for name, t in tensors.items():

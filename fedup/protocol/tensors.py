@@ -301,7 +301,12 @@ def magnitude_problem(array: Array, wire: str, max_abs: float) -> str | None:
     if array.size == 0 or wire == "bool":
         return None
     if wire in _FLOATS:
-        values = array.astype(np.float32) if array.dtype.itemsize == 2 else array
+        if wire == "bf16":  # 16-bit words: the upper half of a float32
+            values = (array.view(_words16(array)).astype(np.uint32) << 16).view(np.float32)
+        elif array.dtype.itemsize == 2:
+            values = array.astype(np.float32)
+        else:
+            values = array
         with np.errstate(invalid="ignore", over="ignore"):
             high, low = float(values.max()), float(values.min())  # NaN propagates
         if math.isnan(high) or math.isnan(low) or math.isinf(high) or math.isinf(low):
@@ -691,9 +696,10 @@ class StateLayout:
         self.head = bytes(blob[:start])
         self.size = blob.nbytes
         self.names = tuple(e.name for e in entries)
+        previous: list[_Entry | None] = [None, *entries[:-1]] if entries else []
         self._gaps = [
             (start + (a.offset + a.nbytes if a is not None else 0), start + b.offset)
-            for a, b in zip((None, *entries[:-1]), entries, strict=True)
+            for a, b in zip(previous, entries, strict=True)
         ]
         self._tail = (
             start + (entries[-1].offset + entries[-1].nbytes if entries else 0),
@@ -717,7 +723,11 @@ class StateLayout:
         out[: self.start] = np.frombuffer(self.head, np.uint8)
         for (gap_start, gap_end), e, array in zip(self._gaps, self.entries, arrays, strict=True):
             out[gap_start:gap_end] = 0
-            if array.shape != e.shape or array.nbytes != e.nbytes:
+            if e.wire == "bf16":  # 16-bit words, signed or not
+                fits = array.dtype.kind in "iu" and array.dtype.itemsize == 2
+            else:
+                fits = array.dtype.newbyteorder("=") == WIRE_DTYPES[e.wire].newbyteorder("=")
+            if not fits or array.shape != e.shape or array.nbytes != e.nbytes:
                 raise LocalProtocolError(f"tensor {e.name!r} does not fit the layout")
             if e.nbytes:
                 begin = self.start + e.offset

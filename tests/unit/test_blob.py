@@ -46,6 +46,8 @@ from fedup.protocol.blob import (
     refusal_code,
     seal_blob_end,
 )
+from fedup.protocol.blob.reply import MAX_PROOF, MAX_SIGNED
+from fedup.protocol.blob.sender import BlobSender
 from fedup.protocol.envelope import SignatureError, seal_envelope
 from fedup.protocol.refusal import REASON_MAX_BYTES, RefusalCode
 from tests.unit.blob_helpers import (
@@ -617,3 +619,137 @@ def test_hostile_replies(value: dict[str, object]) -> None:
         return
     assert BlobReply.from_cbor(reply.to_cbor()) == reply
     assert (reply.kind == "nack") == (reply.code is not None)
+
+
+# --------------------------------------------------------------------------
+# custody receipts in ACKs, proofs in NACKs
+
+RECEIPT = b"r" * 300  # a signed custody receipt is about this size
+PROOF = (b"n0" * 150, b"n1" * 150, b"n2" * 150)
+
+
+def test_ack_with_a_receipt_round_trips() -> None:
+    digest = blob_digest(DATA)
+    reply = BlobReply.ack(digest, RECEIPT)
+    assert reply.kind == "ack" and reply.ref == digest
+    assert reply.receipt == RECEIPT and reply.extra == (RECEIPT,)
+    frame = reply.to_cbor()
+    assert cbor.decode(frame, max_size=REPLY_MAX_SIZE, max_depth=1) == {
+        "ack": digest,
+        "receipt": RECEIPT,
+    }
+    back = BlobReply.from_cbor(frame)
+    assert back == reply and back.receipt == RECEIPT
+
+
+def test_only_an_ack_has_a_receipt() -> None:
+    assert BlobReply.ack(blob_digest(DATA)).receipt is None
+    assert BlobReply.ack(blob_digest(DATA)).extra == ()
+    assert BlobReply.accept(b"\0" * 32).receipt is None
+    nack = BlobReply.nack(RefusalCode.EXCLUDED, "you are dead", PROOF)
+    assert nack.receipt is None and nack.extra == PROOF
+
+
+def test_nack_with_a_proof_round_trips() -> None:
+    reply = BlobReply.nack(RefusalCode.EXCLUDED, "you are dead", PROOF)
+    frame = reply.to_cbor()
+    assert cbor.decode(frame, max_size=REPLY_MAX_SIZE, max_depth=2) == {
+        "nack": "you are dead",
+        "code": "excluded",
+        "proof": list(PROOF),
+    }
+    back = BlobReply.from_cbor(frame)
+    assert back == reply and back.extra == PROOF and back.code is RefusalCode.EXCLUDED
+    # no proof: no "proof" key on the wire
+    plain = BlobReply.nack(RefusalCode.EXCLUDED, "x").to_cbor()
+    assert cbor.decode(plain, max_size=100, max_depth=1) == {"nack": "x", "code": "excluded"}
+
+
+def test_a_proof_longer_than_max_proof_is_cut_on_making() -> None:
+    proof = tuple(bytes([i]) * 10 for i in range(MAX_PROOF + 3))
+    reply = BlobReply.nack(RefusalCode.EXCLUDED, "dead", proof)
+    assert reply.extra == proof[:MAX_PROOF] and len(reply.extra) == MAX_PROOF
+    assert BlobReply.from_cbor(reply.to_cbor()).extra == proof[:MAX_PROOF]
+
+
+def test_the_largest_replies_fit_the_reply_frame() -> None:
+    proof = tuple(bytes([i]) * MAX_SIGNED for i in range(MAX_PROOF))
+    nack = BlobReply.nack(RefusalCode.EXCLUDED, "é" * 1000, proof)
+    frame = nack.to_cbor()
+    assert len(frame) <= REPLY_MAX_SIZE
+    assert BlobReply.from_cbor(frame) == nack
+    ack = BlobReply.ack(b"\1" * 32, b"r" * MAX_SIGNED)
+    assert len(ack.to_cbor()) <= REPLY_MAX_SIZE
+    assert BlobReply.from_cbor(ack.to_cbor()).receipt == b"r" * MAX_SIGNED
+
+
+@pytest.mark.parametrize(
+    ("frame", "match"),
+    [
+        (cbor.encode({"ack": b"\0" * 32, "receipt": b"r" * (MAX_SIGNED + 1)}), "receipt"),
+        (cbor.encode({"ack": b"\0" * 32, "receipt": "text"}), "receipt"),
+        (cbor.encode({"ack": b"\0" * 32, "receipt": None}), "receipt"),
+        (cbor.encode({"accept": b"\0" * 32, "receipt": b"r"}), "unknown field"),
+        (
+            cbor.encode({"nack": "x", "code": "excluded", "proof": [b"n" * (MAX_SIGNED + 1)]}),
+            r"proof\[0\] must be a byte string of at most",
+        ),
+        (
+            cbor.encode({"nack": "x", "code": "excluded", "proof": [b"ok", b"n" * 2000]}),
+            r"proof\[1\]",
+        ),
+        (cbor.encode({"nack": "x", "code": "excluded", "proof": [b"ok", 3]}), r"proof\[1\]"),
+        (
+            cbor.encode({"nack": "x", "code": "excluded", "proof": [b"n"] * (MAX_PROOF + 1)}),
+            "'proof' must have",
+        ),
+        (cbor.encode({"nack": "x", "code": "excluded", "proof": b"n"}), "must be an array"),
+        (cbor.encode({"ack": b"\0" * 32, "proof": [b"n"]}), "unknown field"),
+    ],
+)
+def test_over_long_or_ill_typed_receipts_and_proofs_are_refused(frame: bytes, match: str) -> None:
+    with pytest.raises(BlobReplyError, match="malformed blob reply") as info:
+        BlobReply.from_cbor(frame)
+    assert info.value.code is RefusalCode.MALFORMED
+    with pytest.raises(BlobReplyError, match=match):
+        BlobReply.from_cbor(frame)
+
+
+def sender_at_ack() -> BlobSender:
+    tx = BlobSender(ALICE, header(), DATA, limits=LIMITS)
+    tx.receive_reply(BlobReply.accept(blob_header_id(tx.header_frame)).to_cbor())
+    while tx.state == "CHUNKS":
+        tx.next_chunk()
+    tx.end_frame(blob_digest(DATA))
+    return tx
+
+
+def test_the_sender_keeps_the_receipt_of_the_ack() -> None:
+    tx = sender_at_ack()
+    assert tx.receipt is None
+    tx.receive_reply(BlobReply.ack(blob_digest(DATA), RECEIPT).to_cbor())
+    assert tx.state == "DONE" and tx.receipt == RECEIPT
+    plain = sender_at_ack()
+    plain.receive_reply(BlobReply.ack(blob_digest(DATA)).to_cbor())
+    assert plain.state == "DONE" and plain.receipt is None
+
+
+def test_a_nack_with_a_proof_reaches_the_sender_as_a_refusal_carrying_it() -> None:
+    for at_ack in (False, True):
+        tx = sender_at_ack() if at_ack else BlobSender(ALICE, header(), DATA, limits=LIMITS)
+        with pytest.raises(BlobRefusedError, match="you are dead") as info:
+            tx.receive_reply(BlobReply.nack(RefusalCode.EXCLUDED, "you are dead", PROOF).to_cbor())
+        assert info.value.code is RefusalCode.EXCLUDED and info.value.proof == PROOF
+        assert tx.state == "FAILED" and tx.receipt is None
+    tx = BlobSender(ALICE, header(), DATA, limits=LIMITS)
+    with pytest.raises(BlobRefusedError) as plain:
+        tx.receive_reply(BlobReply.nack(RefusalCode.STALE, "old").to_cbor())
+    assert plain.value.proof == ()
+
+
+def test_a_sender_refuses_an_ack_with_an_over_long_receipt() -> None:
+    tx = sender_at_ack()
+    frame = cbor.encode({"ack": blob_digest(DATA), "receipt": b"r" * (MAX_SIGNED + 1)})
+    with pytest.raises(BlobReplyError, match="receipt"):
+        tx.receive_reply(frame)
+    assert tx.state == "FAILED" and tx.receipt is None

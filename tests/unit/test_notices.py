@@ -345,7 +345,7 @@ def place_cases() -> list[tuple[str, DeadChain, bytes, str]]:
             "bad signature",
         ),
         (
-            "signed by another than the claimer",
+            "another key swapped in",
             base,
             tampered(
                 seal_notice(M0, M1, chain=base),

@@ -104,7 +104,7 @@ def test_state_is_a_view_into_the_buffer() -> None:
 
 
 def test_empty_state_and_trailing_bytes_belong_to_the_state() -> None:
-    data, prefix = blob(state=b"")
+    data, _ = blob(state=b"")
     assert bytes(decode_payload(data).state) == b""
     assert bytes(decode_payload(data + b"garbage").state) == b"garbage"
 
@@ -185,7 +185,7 @@ def test_reserved_bytes_must_be_zero(at: int) -> None:
 
 
 def test_meta_length_beyond_the_data() -> None:
-    data, prefix = blob(state=b"")
+    data, _ = blob(state=b"")
     size = int.from_bytes(data[8:12], "big")
     for claim in (size + 1000, 2**32 - 1, len(data) - 12 + 1):
         refused(data[:8] + claim.to_bytes(4, "big") + data[12:], "does not fit")
