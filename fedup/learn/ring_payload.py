@@ -156,9 +156,14 @@ class RingCodec:
 
     Every state of a run has the template's names, dtypes and shapes, so the
     tensors' header is the same bytes each time (:class:`StateLayout`): encoding
-    writes those bytes and copies each tensor once; decoding compares them (the
+    writes those bytes and copies the tensors once; decoding compares them (the
     one layout check) and views each tensor in the received buffer, then checks
-    every value in one fused pass (finite, within ``Limits.max_weight_magnitude``).
+    every value (finite, within ``Limits.max_weight_magnitude``) one run of
+    tensors of one dtype at a time: one pass for a float32 model.
+
+    A member checks the state it trained on its encoded tensors (:meth:`body`,
+    :meth:`problem`) and hands the same bytes on (``encode(..., body=)``), so the
+    tensors are copied once per hop and checked once on each side.
     """
 
     def __init__(self, template: RingState, *, limits: Limits) -> None:
@@ -170,6 +175,27 @@ class RingCodec:
         bf16 = {n: w for n, w in wires.items() if w == "bf16"}
         self.layout = StateLayout(arrays, dtypes=bf16, limits=limits)
 
+    def body(self, state: RingState) -> memoryview | None:
+        """The tensors of ``state`` in the run's layout, or None if it does not fit it."""
+        arrays = [_as_numpy(_cpu(t), self._wires[n]) for n, t in state.tensors.items()]
+        if tuple(state.tensors) != self.layout.names:
+            return None
+        try:
+            return self.layout.encode(arrays)
+        except LocalProtocolError:
+            return None
+
+    def problem(self, state: RingState, body: memoryview | None) -> str | None:
+        """Why ``state`` cannot travel (see :func:`state_problem`), or None; ``body``
+        is its :meth:`body`, where the values are checked."""
+        bound = self.limits.max_weight_magnitude
+        if body is None:
+            return state_problem(state.tensors, bound)
+        problem = self.layout.value_problem(body, bound)
+        if problem is None:
+            return None
+        return f"ring state: {problem} (Limits.max_weight_magnitude)"
+
     def encode(
         self,
         state: RingState,
@@ -178,11 +204,18 @@ class RingCodec:
         chain: tuple[bytes, ...] = (),
         origin: PeerId | None = None,
         seal: bytes | None = None,
+        body: memoryview | None = None,
     ) -> memoryview:
-        """The blob's bytes: the framing, then the tensors, copied once."""
+        """The blob's bytes: the framing, then the tensors (``body``, the state's
+        :meth:`body`, if given: it is not encoded again)."""
         prefix, _ = payload_prefix(
             state.meta.to_dict(), view=view, chain=chain, origin=origin, seal=seal
         )
+        if body is not None:
+            whole = np.empty(len(prefix) + body.nbytes, np.uint8)
+            whole[: len(prefix)] = np.frombuffer(prefix, np.uint8)
+            whole[len(prefix) :] = np.frombuffer(body, np.uint8)
+            return whole.data
         arrays = [_as_numpy(_cpu(t), self._wires[n]) for n, t in state.tensors.items()]
         try:
             return self.layout.encode(arrays, prefix=prefix)
@@ -195,13 +228,10 @@ class RingCodec:
         """Decode and check a ring blob; raises a coded RemoteProtocolError."""
         payload = decode_payload(data, limits=self.limits)
         try:
-            decoded = self.layout.decode(payload.state, check_values=False)
+            decoded = self.layout.decode(payload.state, max_abs=self.limits.max_weight_magnitude)
         except TensorDecodeError as exc:
-            raise BadStateError(f"ring state: {exc.reason}") from None
+            raise BadStateError(f"ring state: {exc.reason} (Limits.max_weight_magnitude)") from None
         tensors = {n: _to_torch(a, decoded.dtypes[n]) for n, a in decoded.items()}
-        problem = state_problem(tensors, self.limits.max_weight_magnitude)
-        if problem is not None:
-            raise BadStateError(problem)
         try:
             meta = RingMeta.from_dict(payload.ring)
         except RingStateError as exc:

@@ -35,7 +35,7 @@ from fedup.learn.ring import (
     initial_state,
     train_hop,
 )
-from fedup.learn.ring_payload import RingCodec, content_of, state_problem
+from fedup.learn.ring_payload import RingCodec, content_of
 from fedup.net.channel import SecureChannel
 from fedup.net.framed import FramedStream
 from fedup.net.links import OutboundLink, serve_link
@@ -147,6 +147,8 @@ class CustodyDriver:
         self.outputs = RunOutputs(out_dir)
         self._timers = Timers(self._fire)
         self._slots: dict[Position, RingState] = {}
+        self._bodies: dict[Position, memoryview] = {}
+        """The encoded tensors of the states we trained (checked, ready to send)."""
         self._inbox: RingState | None = None
         self._links: dict[PeerId, OutboundLink] = {}
         self._inbound: dict[PeerId, FramedStream] = {}
@@ -244,10 +246,14 @@ class CustodyDriver:
             self._spawn(self._tell_passed, a.to, a.receipt)
         elif isinstance(a, ce.Forget):
             self._slots.pop(a.copy, None)
+            self._bodies.pop(a.copy, None)
         elif isinstance(a, ce.Finish):
             final = self._inbox if a.copy == ce.FINAL else self._slots.get(a.copy)
             if final is not None:
                 self._slots[ce.FINAL] = final
+                body = self._bodies.get(a.copy) if a.copy != ce.FINAL else None
+                if body is not None:
+                    self._bodies[ce.FINAL] = body
             self._spawn(self._finish, a)
         elif isinstance(a, ce.Finished):
             self.close_summary()
@@ -325,7 +331,8 @@ class CustodyDriver:
         try:
             new, metrics = await self._builder.run(train_hop, *args)
             good = True
-            problem = state_problem(new.tensors, self._limits.max_weight_magnitude)
+            body = self.codec.body(new)
+            problem = self.codec.problem(new, body)
             if problem is not None:
                 log.warning(
                     "training at %s gave a bad state (%s): handing on the last good state instead",
@@ -334,13 +341,16 @@ class CustodyDriver:
                 )
                 good = False
                 new, metrics = await self._builder.run(lambda: train_hop(*args, train=False))
-                if state_problem(new.tensors, self._limits.max_weight_magnitude) is not None:
+                body = self.codec.body(new)
+                if self.codec.problem(new, body) is not None:
                     raise RunError(f"the state received for {position} cannot be evaluated")
         except (RemoteProtocolError, FedupError, RuntimeError, ValueError) as exc:
             self.feed(ce.TrainFailed(f"{type(exc).__name__}: {exc}"))
             return
         self._counts.hops += 1
         self._slots[position] = new
+        if body is not None:
+            self._bodies[position] = body
         self._log_hop(new, metrics, good)
         if self._train_delay > 0:  # a simulated slow member holds the model longer
             await trio.sleep(self._train_delay)
@@ -431,7 +441,12 @@ class CustodyDriver:
             )
             return
         data = self.codec.encode(
-            state, view=self.signed.digest, chain=a.chain, origin=a.origin, seal=a.seal
+            state,
+            view=self.signed.digest,
+            chain=a.chain,
+            origin=a.origin,
+            seal=a.seal,
+            body=self._bodies.get(a.copy),
         )
         limits = self._limits
         link = self._link(a.target)

@@ -37,7 +37,7 @@ import struct
 
 from fedup.errors import LocalProtocolError, RemoteProtocolError
 
-__all__ = ["MAX_DEPTH_CEILING", "CBORDecodeError", "decode", "encode"]
+__all__ = ["MAX_DEPTH_CEILING", "CBORDecodeError", "Encoded", "decode", "encode"]
 
 MAX_DEPTH_CEILING = 256
 """Largest nesting depth :func:`decode` and :func:`encode` handle.
@@ -77,6 +77,20 @@ class CBORDecodeError(RemoteProtocolError):
 # --------------------------------------------------------------------------
 
 
+class Encoded:
+    """One data item already encoded by :func:`encode`, written as it is.
+
+    For a value that is also needed on its own (the ring metadata, whose bytes
+    a content digest covers): encoded once, then placed in a larger item.
+    Only bytes from :func:`encode` keep the larger item deterministic.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
 def encode(value: object) -> bytes:
     """Return the deterministic CBOR encoding of ``value``.
 
@@ -84,7 +98,8 @@ def encode(value: object) -> bytes:
     finite :class:`float`, :class:`str`, :class:`bytes`, :class:`bytearray` and
     :class:`memoryview` (encoded as byte strings), :class:`list` and
     :class:`tuple` (arrays), and :class:`dict` whose keys are :class:`str` or
-    :class:`int` (not :class:`bool`).  Heads use the shortest form, lengths are
+    :class:`int` (not :class:`bool`), and :class:`Encoded` items (written as
+    they are).  Heads use the shortest form, lengths are
     definite, map entries are sorted by the bytewise order of their encoded
     keys, and each float takes the shortest of half, single or double
     precision that represents it exactly (``-0.0`` keeps its sign).
@@ -120,17 +135,24 @@ def _head(out: bytearray, major: int, arg: int) -> None:
 def _encode_float(x: float, out: bytearray) -> None:
     if not math.isfinite(x):
         raise LocalProtocolError(f"cannot encode the non-finite float {x!r} as CBOR")
-    for initial, fmt in ((0xF9, _F16), (0xFA, _F32)):
-        try:
-            packed = fmt.pack(x)
-        except OverflowError:
-            continue
-        if fmt.unpack(packed)[0] == x:
-            out.append(initial)
-            out += packed
-            return
-    out.append(0xFB)
-    out += _F64.pack(x)
+    try:
+        single = _F32.pack(x)
+    except OverflowError:
+        single = None
+    if single is None or _F32.unpack(single)[0] != x:  # the usual case: a double
+        out.append(0xFB)
+        out += _F64.pack(x)
+        return
+    try:  # every half is a single, so only a single may be a half
+        half = _F16.pack(x)
+    except OverflowError:
+        half = None
+    if half is not None and _F16.unpack(half)[0] == x:
+        out.append(0xF9)
+        out += half
+    else:
+        out.append(0xFA)
+        out += single
 
 
 def _encode(value: object, out: bytearray, depth: int) -> None:
@@ -181,6 +203,8 @@ def _encode(value: object, out: bytearray, depth: int) -> None:
         for encoded_key, item in pairs:
             out += encoded_key
             _encode(item, out, depth + 1)
+    elif isinstance(value, Encoded):
+        out += value.data
     else:
         raise LocalProtocolError(f"cannot encode {type(value).__name__} as CBOR")
 

@@ -93,7 +93,7 @@ def payload_prefix(
     ring_cbor = cbor.encode(ring)
     meta = cbor.encode(
         {
-            "ring": ring,
+            "ring": cbor.Encoded(ring_cbor),
             "view": view,
             "chain": list(chain),
             "origin": origin.raw if origin is not None else None,

@@ -24,6 +24,7 @@ sees as ``uint16`` while :class:`DecodedState` remembers the wire dtype
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 from collections.abc import Iterator, Mapping, Sequence
@@ -669,6 +670,18 @@ def _read_name(h: _Header, index: int, seen: set[str], limits: Limits) -> str:
 # a fixed layout: encoding and decoding states of one model again and again
 
 
+@attrs.frozen(eq=False)
+class _Run:
+    """Consecutive tensors of one wire dtype, with the padding between them: one
+    array to copy into and one to check (padding is zero, a harmless value)."""
+
+    wire: str
+    begin: int  # byte offsets in the blob
+    end: int
+    entries: tuple[int, ...]  # indices into the layout's entries
+    pads: tuple[Array | None, ...]  # zero elements after each entry, if any
+
+
 class StateLayout:
     """The layout of one model's states: names, wire dtypes, shapes and offsets.
 
@@ -679,6 +692,12 @@ class StateLayout:
     exact bytes (one comparison: the one layout check) before viewing each
     tensor, so neither side walks the header again.  The bytes are those of
     :func:`encode_state`, and :func:`decode_state` accepts them.
+
+    Tensors of one wire dtype that follow each other form a *run* (all of a
+    float32 model's tensors are one run): encoding copies a run with one
+    ``concatenate``, and the values are checked one run at a time (one pass
+    over all the floats of such a model), tensor by tensor only to name the
+    one at fault.
     """
 
     def __init__(
@@ -696,15 +715,14 @@ class StateLayout:
         self.head = bytes(blob[:start])
         self.size = blob.nbytes
         self.names = tuple(e.name for e in entries)
-        previous: list[_Entry | None] = [None, *entries[:-1]] if entries else []
-        self._gaps = [
-            (start + (a.offset + a.nbytes if a is not None else 0), start + b.offset)
-            for a, b in zip(previous, entries, strict=True)
-        ]
-        self._tail = (
-            start + (entries[-1].offset + entries[-1].nbytes if entries else 0),
-            self.size,
-        )
+        self._native = tuple(WIRE_DTYPES[e.wire].newbyteorder("=") for e in entries)
+        self._runs = _runs_of(self.entries, start)
+        inner = np.zeros(self.size, bool)
+        inner[:start] = True
+        for e in self.entries:
+            inner[start + e.offset : start + e.offset + e.nbytes] = True
+        self._padding = np.flatnonzero(~inner)
+        """Positions of the padding bytes (between tensors and after the last)."""
 
     def encode(self, arrays: Sequence[Array], *, prefix: bytes = b"") -> memoryview:
         """The blob of ``arrays`` (in this layout's order, each of its entry's shape and
@@ -717,24 +735,28 @@ class StateLayout:
             raise LocalProtocolError("a prefix must keep the blob 8-byte aligned")
         if len(arrays) != len(self.entries):
             raise LocalProtocolError(f"{len(arrays)} arrays for a layout of {len(self.entries)}")
-        whole = np.empty(len(prefix) + self.size, np.uint8)
-        whole[: len(prefix)] = np.frombuffer(prefix, np.uint8)
-        out = whole[len(prefix) :]
-        out[: self.start] = np.frombuffer(self.head, np.uint8)
-        for (gap_start, gap_end), e, array in zip(self._gaps, self.entries, arrays, strict=True):
-            out[gap_start:gap_end] = 0
+        for e, native, array in zip(self.entries, self._native, arrays, strict=True):
             if e.wire == "bf16":  # 16-bit words, signed or not
                 fits = array.dtype.kind in "iu" and array.dtype.itemsize == 2
             else:
-                fits = array.dtype.newbyteorder("=") == WIRE_DTYPES[e.wire].newbyteorder("=")
-            if not fits or array.shape != e.shape or array.nbytes != e.nbytes:
+                fits = array.dtype.newbyteorder("=") == native
+            if not fits or array.shape != e.shape:
                 raise LocalProtocolError(f"tensor {e.name!r} does not fit the layout")
-            if e.nbytes:
-                begin = self.start + e.offset
-                dst = out[begin : begin + e.nbytes].view(WIRE_DTYPES[e.wire]).reshape(e.shape)
-                src = array.view(_words16(array)) if e.wire == "bf16" else array
-                np.copyto(dst, src, casting="equiv")
-        out[self._tail[0] : self._tail[1]] = 0
+        whole = np.zeros(len(prefix) + self.size, np.uint8)
+        whole[: len(prefix)] = np.frombuffer(prefix, np.uint8)
+        out = whole[len(prefix) :]
+        out[: self.start] = np.frombuffer(self.head, np.uint8)
+        for run in self._runs:
+            pieces: list[Array] = []
+            for i, pad in zip(run.entries, run.pads, strict=True):
+                array = arrays[i]
+                if self.entries[i].wire == "bf16":
+                    array = array.view(_words16(array))
+                pieces.append(array.reshape(-1))
+                if pad is not None:
+                    pieces.append(pad)
+            dst = out[run.begin : run.end].view(WIRE_DTYPES[run.wire])
+            np.concatenate(pieces, out=dst, casting="equiv")
         return whole.data
 
     def decode(
@@ -747,10 +769,10 @@ class StateLayout:
         """Views of the tensors of ``data``, which must be exactly this layout's bytes.
 
         Raises :class:`TensorDecodeError` for another size or header (another
-        model: names, dtypes or shapes differ), NaN or Inf, a value beyond
-        ``max_abs`` (when given), or bool bytes other than 0 and 1.  With
-        ``check_values=False`` the values are left to the caller (who checks them
-        all in one fused pass, say); the layout and padding are always checked.
+        model: names, dtypes or shapes differ), padding that is not zero, NaN or
+        Inf, a value beyond ``max_abs`` (when given), or bool bytes other than 0
+        and 1.  With ``check_values=False`` the values are left to the caller;
+        the layout, the padding and the bool bytes are always checked.
         """
         mv = memoryview(data)
         if mv.ndim != 1 or mv.itemsize != 1:
@@ -759,21 +781,103 @@ class StateLayout:
             raise TensorDecodeError(
                 "the state's layout (tensor names, dtypes or shapes) is not the model's"
             )
-        if any(any(mv[a:b]) for a, b in (*self._gaps, self._tail) if b > a):
+        raw = np.frombuffer(mv, np.uint8)
+        if raw[self._padding].any():
             raise TensorDecodeError("padding between tensors must be zero")
+        problem = self._problem(mv, max_abs, values=check_values)
+        if problem is not None:
+            raise TensorDecodeError(problem)
         arrays: dict[str, Array] = {}
         dtypes: dict[str, str] = {}
         for e in self.entries:
             dtype = WIRE_DTYPES[e.wire]
             array = np.frombuffer(mv, dtype, e.nbytes // dtype.itemsize, self.start + e.offset)
-            array = array.reshape(e.shape)
-            if check_values:
+            arrays[e.name] = array.reshape(e.shape)
+            dtypes[e.name] = e.wire
+        return DecodedState(arrays, dtypes)
+
+    def value_problem(self, data: bytes | bytearray | memoryview, max_abs: float) -> str | None:
+        """Why the values of ``data`` (this layout's bytes, as :meth:`encode` made
+        them) cannot travel: a tensor holds NaN or Inf, or a value beyond
+        ``max_abs``; None if every value is fine.  The same rule :meth:`decode`
+        applies with ``max_abs``, for a sender to check its own state."""
+        mv = memoryview(data)
+        if mv.ndim != 1 or mv.itemsize != 1:
+            mv = mv.cast("B")
+        if mv.nbytes != self.size:
+            raise LocalProtocolError(f"{mv.nbytes} bytes for a layout of {self.size}")
+        return self._problem(mv, max_abs, values=True)
+
+    def _problem(self, mv: memoryview, max_abs: float | None, *, values: bool) -> str | None:
+        """The first problem with the values (and bool bytes) of ``mv``, one run at a time."""
+        for run in self._runs:
+            dtype = WIRE_DTYPES[run.wire]
+            whole = np.frombuffer(mv, dtype, (run.end - run.begin) // dtype.itemsize, run.begin)
+            if run.wire == "bool":
+                if int(whole.view(np.uint8).max()) > 1:
+                    return self._culprit(mv, run, max_abs)
+            elif values and _run_problem(whole, run.wire, max_abs):
+                return self._culprit(mv, run, max_abs)
+        return None
+
+    def _culprit(self, mv: memoryview, run: _Run, max_abs: float | None) -> str:
+        """What is wrong with the first tensor of ``run`` at fault."""
+        dtype = WIRE_DTYPES[run.wire]
+        for i in run.entries:
+            e = self.entries[i]
+            array = np.frombuffer(mv, dtype, e.nbytes // dtype.itemsize, self.start + e.offset)
+            if e.wire == "bool":
+                if array.size and int(array.view(np.uint8).max()) > 1:
+                    return f"tensor {e.name!r}: bool bytes must be 0 or 1"
+                continue
+            try:
                 if max_abs is None:
                     check_finite(e.name, array, e.wire)
                 else:
                     check_magnitude(e.name, array, e.wire, max_abs)
-            if e.wire == "bool" and array.size and int(array.view(np.uint8).max()) > 1:
-                raise TensorDecodeError(f"tensor {e.name!r}: bool bytes must be 0 or 1")
-            arrays[e.name] = array
-            dtypes[e.name] = e.wire
-        return DecodedState(arrays, dtypes)
+            except TensorDecodeError as exc:
+                return exc.reason
+        raise AssertionError("a run with a problem has a tensor with that problem")
+
+
+def _run_problem(values: Array, wire: str, max_abs: float | None) -> bool:
+    """Whether a run of one wire dtype holds a value its tensors may not."""
+    if max_abs is None:
+        try:
+            check_finite("", values, wire)
+        except TensorDecodeError:
+            return True
+        return False
+    return magnitude_problem(values, wire, max_abs) is not None
+
+
+def _runs_of(entries: Sequence[_Entry], start: int) -> tuple[_Run, ...]:
+    """Group ``entries`` into runs of one wire dtype (see :class:`_Run`)."""
+    runs: list[_Run] = []
+    group: list[int] = []
+
+    def close() -> None:
+        if not group:
+            return
+        first, last = entries[group[0]], entries[group[-1]]
+        dtype = WIRE_DTYPES[first.wire]
+        pads: list[Array | None] = []
+        for i, j in itertools.pairwise([*group, None]):
+            gap = 0 if j is None else entries[j].offset - entries[i].offset - entries[i].nbytes
+            pads.append(np.zeros(gap // dtype.itemsize, dtype) if gap else None)
+        begin = start + first.offset
+        end = start + last.offset + last.nbytes
+        if end > begin:
+            runs.append(_Run(first.wire, begin, end, tuple(group), tuple(pads)))
+        group.clear()
+
+    for i, e in enumerate(entries):
+        if group and (
+            entries[group[-1]].wire != e.wire
+            or (e.offset - entries[group[-1]].offset - entries[group[-1]].nbytes)
+            % WIRE_DTYPES[e.wire].itemsize
+        ):
+            close()
+        group.append(i)
+    close()
+    return tuple(runs)

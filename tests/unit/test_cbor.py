@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from fedup.config import DEFAULT_LIMITS
 from fedup.errors import LocalProtocolError, RemoteProtocolError
-from fedup.protocol.cbor import MAX_DEPTH_CEILING, CBORDecodeError, decode, encode
+from fedup.protocol.cbor import MAX_DEPTH_CEILING, CBORDecodeError, Encoded, decode, encode
 
 MAX_SIZE = DEFAULT_LIMITS.max_message_size
 MAX_DEPTH = DEFAULT_LIMITS.max_cbor_depth
@@ -499,6 +499,17 @@ def test_floats_take_the_shortest_exact_width(x: float) -> None:
     fits16 = _fits(">e", x)
     fits32 = _fits(">f", x)
     assert len(data) == (3 if fits16 else 5 if fits32 else 9)
+
+
+@FAST
+@given(values, values)
+def test_an_encoded_item_is_placed_as_it_is(inner: object, other: object) -> None:
+    # The same bytes as encoding the value in place, wherever it sits.
+    assert encode(Encoded(encode(inner))) == encode(inner)
+    assert encode({"ring": Encoded(encode(inner)), "x": other}) == encode(
+        {"ring": inner, "x": other}
+    )
+    assert encode([other, Encoded(encode(inner))]) == encode([other, inner])
 
 
 def _fits(fmt: str, x: float) -> bool:
