@@ -23,11 +23,24 @@ import torch
 from fedup.config import Limits
 from fedup.errors import LocalProtocolError
 from fedup.learn.ring import RingMeta, RingState, RingStateError
-from fedup.learn.weights import _as_numpy, _cpu, _wire, bytes_to_state, state_to_bytes
+from fedup.learn.weights import (
+    TORCH_TO_WIRE,
+    _as_numpy,
+    _cpu,
+    _wire,
+    bytes_to_state,
+    state_to_bytes,
+)
 from fedup.protocol.payload import HopPayload, content_digest, decode_payload, payload_prefix
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.refusal import RefusalCode
-from fedup.protocol.tensors import StateLayout, TensorDecodeError, magnitude_problem
+from fedup.protocol.tensors import (
+    WIRE_DTYPES,
+    LayoutRun,
+    StateLayout,
+    TensorDecodeError,
+    magnitude_problem,
+)
 
 __all__ = [
     "BadStateError",
@@ -174,12 +187,36 @@ class RingCodec:
         arrays = [(n, _as_numpy(_cpu(t), wires[n])) for n, t in template.tensors.items()]
         bf16 = {n: w for n, w in wires.items() if w == "bf16"}
         self.layout = StateLayout(arrays, dtypes=bf16, limits=limits)
+        self._runs = [_TorchRun.of(run, self.layout) for run in self.layout.runs]
 
     def body(self, state: RingState) -> memoryview | None:
-        """The tensors of ``state`` in the run's layout, or None if it does not fit it."""
-        arrays = [_as_numpy(_cpu(t), self._wires[n]) for n, t in state.tensors.items()]
+        """The tensors of ``state`` in the run's layout, or None if it does not fit it.
+
+        Each run of tensors of one dtype is copied with one ``torch.cat`` into its
+        place (no numpy view of each tensor); a state whose tensors are not CPU
+        tensors of the template's dtypes and shapes goes through the layout's
+        checked encoder instead.
+        """
         if tuple(state.tensors) != self.layout.names:
             return None
+        out = np.zeros(self.layout.size, np.uint8)
+        out[: self.layout.start] = np.frombuffer(self.layout.head, np.uint8)
+        tensors = state.tensors
+        with torch.no_grad():
+            for run in self._runs:
+                pieces = []
+                for name, shape, pad in run.items:
+                    t = tensors[name]
+                    if t.dtype != run.dtype or not t.is_cpu or t.shape != shape:
+                        return self._checked_body(state)
+                    pieces.append(t.reshape(-1))
+                    if pad is not None:
+                        pieces.append(pad)
+                torch.cat(pieces, out=run.view(out))
+        return out.data
+
+    def _checked_body(self, state: RingState) -> memoryview | None:
+        arrays = [_as_numpy(_cpu(t), self._wires[n]) for n, t in state.tensors.items()]
         try:
             return self.layout.encode(arrays)
         except LocalProtocolError:
@@ -244,6 +281,37 @@ class RingCodec:
             payload.seal,
             payload,
         )
+
+
+_WIRE_TO_TORCH = {wire: dtype for dtype, wire in TORCH_TO_WIRE.items()}
+
+
+@attrs.frozen(eq=False)
+class _TorchRun:
+    """A :class:`~fedup.protocol.tensors.LayoutRun` for ``torch.cat``: the torch dtype,
+    each tensor's name and shape, and the zero padding after it."""
+
+    begin: int
+    end: int
+    wire: str
+    dtype: torch.dtype
+    items: tuple[tuple[str, torch.Size, torch.Tensor | None], ...]
+
+    @classmethod
+    def of(cls, run: LayoutRun, layout: StateLayout) -> _TorchRun:
+        dtype = _WIRE_TO_TORCH[run.wire]
+        items = []
+        for i, pad in zip(run.entries, run.pads, strict=True):
+            e = layout.entries[i]
+            zeros = torch.zeros(pad.size, dtype=dtype) if pad is not None else None
+            items.append((e.name, torch.Size(e.shape), zeros))
+        return cls(run.begin, run.end, run.wire, dtype, tuple(items))
+
+    def view(self, out: Any) -> torch.Tensor:
+        """Where this run's tensors go in ``out`` (the blob's bytes, a uint8 array)."""
+        words = out[self.begin : self.end].view(WIRE_DTYPES[self.wire])
+        tensor = torch.from_numpy(words)
+        return tensor.view(torch.bfloat16) if self.wire == "bf16" else tensor
 
 
 def _to_torch(array: Any, wire: str) -> torch.Tensor:

@@ -161,7 +161,11 @@ class CustodyDriver:
         self._history: dict[int, LapResult] = {}
         """Every lap result seen here, by lap (the metadata carries only the last few)."""
         self._taking = False
-        """Inside ``decide()``: training waits until the blob's ACK went out."""
+        """Inside ``decide()``: training inline (on the event loop, the simulator's
+        way) waits until the blob's ACK went out, or the sender would wait for the
+        ACK as long as the hop trains; training in a worker thread starts at once,
+        while the ACK goes out (a blob taken is trained whether or not its ACK
+        arrives)."""
         self._after_ack: tuple[Position, RingState] | None = None
 
     @classmethod
@@ -236,8 +240,8 @@ class CustodyDriver:
     def _carry_out(self, a: ce.Action) -> None:
         if isinstance(a, ce.Train):
             state = self._source_of(a)
-            if a.source is None and self._taking:
-                self._after_ack = (a.position, state)  # custody changes hands at the ACK
+            if a.source is None and self._taking and not self._builder.in_thread:
+                self._after_ack = (a.position, state)  # inline training after the ACK
             else:
                 self._spawn(self._train, a.position, state)
         elif isinstance(a, ce.Send):

@@ -344,10 +344,18 @@ class Peer:
             raise RemoteProtocolError(f"unexpected request {message.TYPE!r}", peer=remote.text)
 
     async def _custody_for_link(self, run_id: bytes, remote: PeerId) -> CustodyDriver | None:
-        """The custody a link of ``run_id`` is for: ours, or that of the view we acknowledged
-        (its first blob may show that view holds before the leader's commit arrives)."""
+        """The custody a link of ``run_id`` is for: ours (waiting while it is built: a
+        neighbour that built its own sooner may hand over the first model before ours
+        is ready), or that of the view we acknowledged (its first blob may show that
+        view holds before the leader's commit arrives)."""
         if self.custody is not None:
             return self.custody if self.custody.run_id == run_id else None
+        joined = self.formation.result
+        if joined is not None and joined.view.run_id == run_id:
+            # Formed, and our custody is still being built (its template): wait for it.
+            if remote not in joined.view.member_ids:
+                return None
+            return await self._custody_for(joined.signed)
         pending = self.formation.acked_view(run_id)
         if pending is None or remote not in pending.view.member_ids:
             return None

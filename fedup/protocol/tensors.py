@@ -42,6 +42,7 @@ __all__ = [
     "MAGIC",
     "WIRE_DTYPES",
     "DecodedState",
+    "LayoutRun",
     "StateLayout",
     "TensorDecodeError",
     "TensorSpec",
@@ -671,7 +672,7 @@ def _read_name(h: _Header, index: int, seen: set[str], limits: Limits) -> str:
 
 
 @attrs.frozen(eq=False)
-class _Run:
+class LayoutRun:
     """Consecutive tensors of one wire dtype, with the padding between them: one
     array to copy into and one to check (padding is zero, a harmless value)."""
 
@@ -716,7 +717,8 @@ class StateLayout:
         self.size = blob.nbytes
         self.names = tuple(e.name for e in entries)
         self._native = tuple(WIRE_DTYPES[e.wire].newbyteorder("=") for e in entries)
-        self._runs = _runs_of(self.entries, start)
+        self.runs = _runs_of(self.entries, start)
+        """The runs of tensors of one wire dtype, in order (:class:`LayoutRun`)."""
         inner = np.zeros(self.size, bool)
         inner[:start] = True
         for e in self.entries:
@@ -746,7 +748,7 @@ class StateLayout:
         whole[: len(prefix)] = np.frombuffer(prefix, np.uint8)
         out = whole[len(prefix) :]
         out[: self.start] = np.frombuffer(self.head, np.uint8)
-        for run in self._runs:
+        for run in self.runs:
             pieces: list[Array] = []
             for i, pad in zip(run.entries, run.pads, strict=True):
                 array = arrays[i]
@@ -810,7 +812,7 @@ class StateLayout:
 
     def _problem(self, mv: memoryview, max_abs: float | None, *, values: bool) -> str | None:
         """The first problem with the values (and bool bytes) of ``mv``, one run at a time."""
-        for run in self._runs:
+        for run in self.runs:
             dtype = WIRE_DTYPES[run.wire]
             whole = np.frombuffer(mv, dtype, (run.end - run.begin) // dtype.itemsize, run.begin)
             if run.wire == "bool":
@@ -820,7 +822,7 @@ class StateLayout:
                 return self._culprit(mv, run, max_abs)
         return None
 
-    def _culprit(self, mv: memoryview, run: _Run, max_abs: float | None) -> str:
+    def _culprit(self, mv: memoryview, run: LayoutRun, max_abs: float | None) -> str:
         """What is wrong with the first tensor of ``run`` at fault."""
         dtype = WIRE_DTYPES[run.wire]
         for i in run.entries:
@@ -851,9 +853,9 @@ def _run_problem(values: Array, wire: str, max_abs: float | None) -> bool:
     return magnitude_problem(values, wire, max_abs) is not None
 
 
-def _runs_of(entries: Sequence[_Entry], start: int) -> tuple[_Run, ...]:
-    """Group ``entries`` into runs of one wire dtype (see :class:`_Run`)."""
-    runs: list[_Run] = []
+def _runs_of(entries: Sequence[_Entry], start: int) -> tuple[LayoutRun, ...]:
+    """Group ``entries`` into runs of one wire dtype (see :class:`LayoutRun`)."""
+    runs: list[LayoutRun] = []
     group: list[int] = []
 
     def close() -> None:
@@ -862,13 +864,14 @@ def _runs_of(entries: Sequence[_Entry], start: int) -> tuple[_Run, ...]:
         first, last = entries[group[0]], entries[group[-1]]
         dtype = WIRE_DTYPES[first.wire]
         pads: list[Array | None] = []
-        for i, j in itertools.pairwise([*group, None]):
-            gap = 0 if j is None else entries[j].offset - entries[i].offset - entries[i].nbytes
+        for i, j in itertools.pairwise(group):
+            gap = entries[j].offset - entries[i].offset - entries[i].nbytes
             pads.append(np.zeros(gap // dtype.itemsize, dtype) if gap else None)
+        pads.append(None)  # after the run's last tensor, the padding lies outside it
         begin = start + first.offset
         end = start + last.offset + last.nbytes
         if end > begin:
-            runs.append(_Run(first.wire, begin, end, tuple(group), tuple(pads)))
+            runs.append(LayoutRun(first.wire, begin, end, tuple(group), tuple(pads)))
         group.clear()
 
     for i, e in enumerate(entries):

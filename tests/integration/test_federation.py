@@ -13,6 +13,7 @@ import functools
 import hashlib
 import itertools
 import json
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -440,6 +441,37 @@ async def _run_with_death(
                 nursery.start_soon(doomed_peer)
             else:
                 nursery.start_soon(run_peer, world, cfg, source, results)
+
+
+async def test_a_member_still_building_its_run_takes_the_first_model(
+    autojump_clock: trio.testing.MockClock,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """B builds its run's initial state slowly (the first optimizer of a process can
+    take seconds); A, formed with it, hands B the first model meanwhile.  B's link
+    waits for its run instead of refusing A's as not ours (A would try again later)."""
+    from fedup.peer.custody_driver import CustodyDriver
+
+    ids = identities(3)
+    slow = lender(101)
+    real = CustodyDriver.template_for.__func__  # type: ignore[attr-defined]
+
+    async def slow_template(cls: type[CustodyDriver], builder: Any, signed: Any) -> Any:
+        if builder.source is slow:
+            await trio.sleep(5.0)
+        return await real(cls, builder, signed)
+
+    monkeypatch.setattr(CustodyDriver, "template_for", classmethod(slow_template))
+    with caplog.at_level(logging.INFO):
+        results = await run_federation(tmp_path, ids, sources={1: slow})
+    summaries = [results[i.peer_id.text] for i in ids]
+    assert all(isinstance(s, RunSummary) and s.ok for s in summaries), summaries
+    check_same_model([s for s in summaries if isinstance(s, RunSummary)])
+    text = caplog.text
+    assert "which is not ours" not in text
+    assert "trying again" not in text
 
 
 async def test_a_member_that_dies_holding_the_model_is_skipped(

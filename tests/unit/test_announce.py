@@ -401,6 +401,29 @@ def test_core_events_counters_and_logging_once(caplog: pytest.LogCaptureFixture)
     )
 
 
+def test_a_newer_record_supersedes_the_copies_other_sources_carry() -> None:
+    core = DiscoveryCore(scope=SCOPE)
+    bob = Identity.generate()
+    core.observe("a", txt_of(record(5)), HOME, now=1.0)
+    core.observe("b", txt_of(record(5)), HOME, now=1.0)  # the same record, a second source
+    core.observe("bob", txt_of(record(5, ident=bob)), HOME, now=1.0)
+    core.observe("c", txt_of(record(7)), HOME, now=2.0)
+    for source in ("a", "b"):
+        old = core.sighting(source)
+        assert old is not None and not old.verified
+        assert old.reason is RejectReason.STALE_SEQ
+        assert old.detail == "superseded by seq 7 from c"
+    assert all(core.sighting(s).verified for s in ("c", "bob"))  # type: ignore[union-attr]
+    # superseded copies are not found again, and a goodbye withdraws the live copies
+    core.observe("d", txt_of(record(7)), HOME, now=3.0)
+    assert core.remove("c", cause=LostCause.GOODBYE)[0].kind is EventKind.LOST
+    withdrawn = core.sighting("d")
+    assert withdrawn is not None and not withdrawn.verified
+    assert withdrawn.detail == "record withdrawn by a goodbye from c"
+    assert core.sighting("a").detail == "superseded by seq 7 from c"  # type: ignore[union-attr]
+    assert core.sighting("bob").verified  # type: ignore[union-attr]
+
+
 def test_core_bounds_sources_evicting_refused_ones_first() -> None:
     core = DiscoveryCore(scope=SCOPE, max_sources=3)
     core.observe("good", txt_of(record()), HOME, now=0.0)

@@ -416,3 +416,65 @@ def test_decode_ring_blob_refuses_a_bf16_nan() -> None:
     data = encode_ring_blob(bad, view=VIEW, limits=LIMITS)
     with pytest.raises(BadStateError, match="'b'"):
         decode_ring_blob(bytearray(data), template, limits=LIMITS)
+
+
+# --------------------------------------------------------------------------
+# the sender's way: body once, checked, then framed
+
+
+@pytest.mark.parametrize("kind", ["real", "every dtype"])
+def test_a_body_frames_to_the_same_blob(
+    codec: RingCodec, trained: RingState, template: RingState, kind: str
+) -> None:
+    if kind == "every dtype":
+        codec, trained = mixed_codec(), RingState(mixed(), RingMeta(lap=1, hop=0))
+    body = codec.body(trained)
+    assert body is not None and codec.problem(trained, body) is None
+    framed = codec.encode(trained, view=VIEW, chain=(), body=body)
+    assert bytes(framed) == bytes(encode_ring_blob(trained, view=VIEW, limits=LIMITS))
+    assert same_tensors(codec.decode(bytearray(framed)).state.tensors, trained.tensors)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "what"),
+    [
+        ("model.0.weight", 1e30, "reaches 1e+30, beyond the bound 1e+08"),
+        ("optim.0.bias.exp_avg", float("-inf"), "contains NaN or Inf"),
+        ("best.4.bias", float("nan"), "contains NaN or Inf"),
+    ],
+)
+def test_problem_on_the_body_names_the_tensor_as_state_problem_does(
+    codec: RingCodec, trained: RingState, name: str, value: float, what: str
+) -> None:
+    bad = with_value(trained, name, value)
+    expected = f"ring state: tensor {name!r} {what} (Limits.max_weight_magnitude)"
+    assert codec.problem(bad, codec.body(bad)) == expected == state_problem(bad.tensors, BOUND)
+
+
+def test_mixed_runs_check_each_dtype_on_the_body() -> None:
+    codec = mixed_codec()
+    for name, tensor, what in [
+        ("b", torch.tensor([1.0, float("nan")], dtype=torch.bfloat16), "NaN or Inf"),
+        ("h", torch.tensor([float("inf"), 1.0], dtype=torch.float16), "NaN or Inf"),
+        ("i", torch.tensor([0, -(2**31)], dtype=torch.int32), "beyond the bound"),
+    ]:
+        bad = RingState(mixed(**{name: tensor}), RingMeta())
+        problem = codec.problem(bad, codec.body(bad))
+        assert problem is not None and f"tensor {name!r}" in problem and what in problem
+
+
+def test_a_state_that_does_not_fit_the_layout_has_no_body(
+    codec: RingCodec, trained: RingState
+) -> None:
+    wider = dict(trained.tensors)
+    wider["model.0.bias"] = torch.zeros(65)
+    doubles = dict(trained.tensors)
+    doubles["model.0.bias"] = doubles["model.0.bias"].double()
+    fewer = dict(trained.tensors)
+    del fewer["best.0.bias"]
+    for tensors in (wider, doubles, fewer):
+        state = RingState(tensors, trained.meta)
+        assert codec.body(state) is None
+        # without a body the values are still checked, tensor by tensor
+        assert codec.problem(state, None) is None
+        assert codec.problem(with_value(state, "model.0.weight", 1e30), None) is not None

@@ -206,6 +206,9 @@ class DiscoveryCore:
         self.drops = Counters()
         self._log = logger
         self._sightings: dict[str, Sighting] = {}
+        self._verified: dict[PeerId, set[str]] = {}
+        """The sources whose sighting is verified, by peer (kept by _put and _pop), so
+        that a new record supersedes the others without a scan of every source."""
         self._live: dict[PeerId, tuple[str, SignedPeerRecord]] = {}
         self._logged: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
 
@@ -281,7 +284,7 @@ class DiscoveryCore:
             verified = verify()
             signed = verified.signed
             if signed.peer_id == self.local_peer:
-                self._sightings.pop(source, None)
+                self._pop(source)
                 return Observation()
             fresh = admit_record(self.book, signed)
         except AnnouncementError as err:
@@ -289,7 +292,7 @@ class DiscoveryCore:
                 return Observation(retry=True)
             return Observation(sighting=self._reject(source, advertised, err, now))
         sighting = Sighting(source, advertised, True, None, None, signed, now)
-        self._sightings[source] = sighting
+        self._put(source, sighting)
         peer = signed.peer_id
         if fresh:
             self._supersede(peer, signed, source)
@@ -311,7 +314,7 @@ class DiscoveryCore:
 
     def remove(self, source: str, *, cause: LostCause) -> list[DiscoveryEvent]:
         """``source`` is gone (a goodbye, or its records expired)."""
-        gone = self._sightings.pop(source, None)
+        gone = self._pop(source)
         events = []
         for peer, (src, signed) in list(self._live.items()):
             if src != source:
@@ -338,26 +341,39 @@ class DiscoveryCore:
                 return s.source
         return None
 
+    def _put(self, source: str, sighting: Sighting) -> None:
+        self._pop(source)
+        self._sightings[source] = sighting
+        peer = sighting.peer_id
+        if sighting.verified and peer is not None:
+            self._verified.setdefault(peer, set()).add(source)
+
+    def _pop(self, source: str) -> Sighting | None:
+        old = self._sightings.pop(source, None)
+        peer = old.peer_id if old is not None else None
+        if peer is not None:
+            sources = self._verified.get(peer)
+            if sources is not None:
+                sources.discard(source)
+                if not sources:
+                    del self._verified[peer]
+        return old
+
     def _supersede(self, peer: PeerId, signed: SignedPeerRecord, source: str) -> None:
         """Older records of ``peer`` seen elsewhere no longer count as verified."""
-        for src, s in list(self._sightings.items()):
-            if src != source and s.verified and s.peer_id == peer:
-                self._sightings[src] = attrs.evolve(
-                    s,
-                    verified=False,
-                    reason=RejectReason.STALE_SEQ,
-                    detail=f"superseded by seq {signed.record.seq} from {source}",
-                )
+        detail = f"superseded by seq {signed.record.seq} from {source}"
+        self._unverify(peer, detail, keep=source)
 
     def _withdraw_copies(self, peer: PeerId, source: str) -> None:
-        for src, s in list(self._sightings.items()):
-            if s.verified and s.peer_id == peer:
-                self._sightings[src] = attrs.evolve(
-                    s,
-                    verified=False,
-                    reason=RejectReason.STALE_SEQ,
-                    detail=f"record withdrawn by a goodbye from {source}",
-                )
+        self._unverify(peer, f"record withdrawn by a goodbye from {source}")
+
+    def _unverify(self, peer: PeerId, detail: str, *, keep: str | None = None) -> None:
+        """Every verified sighting of ``peer`` but ``keep``'s is stale from now on."""
+        for src in sorted(self._verified.get(peer, set()) - {keep}):
+            stale = attrs.evolve(
+                self._sightings[src], verified=False, reason=RejectReason.STALE_SEQ, detail=detail
+            )
+            self._put(src, stale)
 
     def _make_room(self) -> bool:
         if len(self._sightings) < self.max_sources:
@@ -366,7 +382,7 @@ class DiscoveryCore:
         if not refused:
             return False
         oldest = min(refused, key=lambda s: s.seen_at)
-        del self._sightings[oldest.source]
+        self._pop(oldest.source)
         return True
 
     def _reject(
@@ -374,7 +390,7 @@ class DiscoveryCore:
     ) -> Sighting:
         self.rejections.add(err.code)
         sighting = Sighting(source, advertised, False, err.code, err.reason, err.record, now)
-        self._sightings[source] = sighting
+        self._put(source, sighting)
         key = (source, str(err.code))
         if key not in self._logged:
             self._logged[key] = None
