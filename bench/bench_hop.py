@@ -1,58 +1,61 @@
 """What the protocol costs per hop of ring training: everything but the training itself.
 
-Real peers (``fedup.Peer.open`` / ``peer.train()``) in one trio process, on
-loopback TCP with the real handshake and encryption, bootstrap addresses and
-no mDNS; each has a synthetic lender (2,000 rows) and the default tabular MLP,
-one torch thread, hops trained in a worker thread as ``fedup-peer start``
-does.  A fixed number of laps (``max_laps``, and ``patience`` as large so the
-run never stops early), for a ring of 3 peers and one of 6.
+Real peers (``fedup.Peer.open`` / ``peer.train()``) on loopback TCP with the
+real handshake and encryption, bootstrap addresses and no mDNS; each has a
+synthetic lender (2,000 rows) and the default tabular MLP, one torch thread,
+hops trained in a worker thread as ``fedup-peer start`` does.  A fixed number
+of laps (``max_laps``, and ``patience`` as large so the run never stops
+early), for a ring of 3 peers and one of 6, run two ways:
+
+* each peer in its own process (``hop_N_peers_*``), as peers run on separate
+  machines: one peer's bookkeeping (a sender reading its ACK and telling its
+  predecessor ``passed``) does not hold up the next peer's work;
+* all peers in this one trio process (``one_process_hop_N_peers_*``): they
+  share one thread for their I/O and crypto and one GIL, so work that separate
+  machines do at the same time queues here.
 
 How it is measured: one model travels round the ring, so at any moment either
 a peer is training it or it is in the protocol's hands.  The benchmark
-replaces ``train_hop`` in :mod:`fedup.peer.training` (where the peers look it
-up) with a wrapper that notes the wall clock when each hop's training starts
-and ends; the peers share the process, hence one clock.  A hop's *overhead*
-is the gap from the end of one peer's training to the start of the next
-peer's: logging the hop, encoding the state and the payload, sending the blob
-over the link to the successor (one connection per neighbour, dialled once per
-run), the receiver's checks (signature, digest, the custody machine's rules)
-and decoding, and the hand-offs to and from the training thread.  The
-custody ``passed`` message goes out after the model was handed on, alongside
-the next hop, so it counts only as far as it delays the ring.  The gaps of
-a lap add up to the lap's wall time minus its hops' training time (so
-``mean`` is that per hop), and they also give the spread.  The first lap is
-a warm-up and not counted; the evaluation-only lap and the hop that ends the
-run are.  The timed hops are checked against the hop lines of every peer's
-``metrics.jsonl`` (each seen once) and against each other (none overlapping).
+replaces ``train_hop`` in :mod:`fedup.peer.custody_driver` (where the peers
+look it up) with a wrapper that notes the time (``CLOCK_MONOTONIC``, one clock
+for every process of the machine) when each hop's training starts and ends.  A
+hop's *overhead* is the gap from the end of one peer's training to the start
+of the next peer's: checking and encoding the state, logging the hop, sending
+the blob over the link to the successor (one connection per neighbour,
+dialled once per run), the receiver's checks (signature, digest, the custody
+machine's rules) and decoding, and the hand-offs to and from the training
+thread.  The custody ``passed`` message goes out after the model was handed
+on, alongside the next hop, so it counts only as far as it delays the ring.
+The gaps of a lap add up to the lap's wall time minus its hops' training time
+(so ``mean`` is that per hop), and they also give the spread.  The first lap
+is a warm-up and not counted; the evaluation-only lap and the hop that ends
+the run are.  The timed hops are checked against the hop lines of every
+peer's ``metrics.jsonl`` (each seen once) and against each other (none
+overlapping).
 
-All peers share one thread for their I/O and crypto and one GIL, so work that
-separate machines would do in parallel queues here: a sender starting its
-``passed`` message to its predecessor while its successor receives, say.  The
-figures are an upper bound in that respect.
+Figures, for N = 3 and 6 peers: the overhead's median, p90 and mean in
+milliseconds, the hops counted, the median training time of a hop (for
+scale), and ``overhead_over_floor``: the median overhead divided by the
+floor's, measured the same way (two processes, or this one).
 
-Figures, for N = 3 and 6 peers (``hop_N_peers_*``): the overhead's median,
-p90 and mean in milliseconds, the hops counted, the median training time of a
-hop (for scale), and ``overhead_over_floor``: the median overhead divided by
-the floor's.
+The *floor*: one bare secure transfer of the same model state (the ring
+state's payload, ``blob_bytes``) between two identities over loopback TCP,
+with signed records in the handshake as peers send them: dial and handshake
+(``floor_dial_ms``), then the blob sent, verified and acknowledged and the
+connection closed (``floor_blob_ms``), together ``floor_transfer_ms``
+(medians).  What a hop does on top, CPU only and also measured here: encoding
+the state into its payload as a member does after training (``encode_ms``)
+and decoding and checking it (``decode_ms``).
 
-The *floor*, measured in the same run: one bare secure transfer of the same
-model state (the ring state's payload, ``blob_bytes``) between two identities
-over loopback TCP, with signed records in the handshake as peers send them:
-dial and handshake (``floor_dial_ms``), then the blob sent, verified and
-acknowledged and the connection closed (``floor_blob_ms``), together
-``floor_transfer_ms`` (medians).  What a hop does on top, CPU only and also
-measured here: encoding the state into its payload (``encode_ms``) and
-decoding and checking it (``decode_ms``).
-
-The run is ``ROUNDS`` rounds of (each ring, then the floor): on a shared
-virtual machine whose speed drifts during a run, both sides of a ratio move
-alike, and each ``..._over_floor`` is the median of the rounds' ratios.
+The run is ``ROUNDS`` rounds of (each ring, then the floor; in processes, then
+in one): on a shared virtual machine whose speed drifts during a run, both
+sides of a ratio move alike, and each ``..._over_floor`` is the median of the
+rounds' ratios.
 
 Goals: median overhead under 10 ms, flat in N (``overhead_6_over_3`` near 1), and
 within 1.25x the floor (``hop_N_peers_overhead_over_floor``; the landed code, which
-dialled and shook hands for every blob and every ``passed``, took 1.76x).
-Measured by hand before this benchmark existed: median 3.8 ms, p90 4.1 ms for
-3 peers, of which about 3.0 ms the blob send and 1 ms dial and handshake.
+dialled and shook hands for every blob and every ``passed``, took 1.76x in one
+process).
 
 Run ``python bench/bench_hop.py`` (``--sizes 3 --laps 5 --repeats 50`` for a
 quicker run); ``main()`` returns the figures as a dict.

@@ -32,10 +32,15 @@ def test_the_main_job_is_the_demo() -> None:
     assert quickstart_commands()[0].endswith("&& .venv/bin/fedup-peer demo")
 
 
-def test_constraints_pin_the_cpu_build_of_torch() -> None:
+def test_constraints_pin_torch_with_nothing_only_this_machine_serves() -> None:
+    """An exact release (an unpinned torch pulls a multi-GB CUDA build here), without a
+    local build label (``+cpu``: plain PyPI has none) and without an index URL, so that
+    the README's commands work here and on a machine with only plain PyPI."""
     pins = [
         line.split("#")[0].strip()
         for line in (ROOT / "constraints.txt").read_text().splitlines()
         if line.split("#")[0].strip()
     ]
-    assert any(p.startswith("torch==") and p.endswith("+cpu") for p in pins), pins
+    torch_pins = [p for p in pins if p.startswith("torch")]
+    assert len(torch_pins) == 1 and re.fullmatch(r"torch==\d+\.\d+\.\d+", torch_pins[0]), pins
+    assert not any(p.startswith("-") or "://" in p for p in pins), pins
