@@ -23,7 +23,7 @@ def _limit(default: Any, reason: str) -> Any:
     return attrs.field(default=default, metadata={"reason": reason})
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class Limits:
     """Sizes, counts and deadlines.  Sizes are bytes, deadlines seconds."""
 
@@ -34,7 +34,7 @@ class Limits:
         "with room; larger frames only buy bigger buffers per connection",
     )
     max_message_size: int = _limit(
-        256 * KiB,
+        512 * KiB,
         "one CBOR control message (records, views, acks, metrics): the largest, a "
         "membership view of max_members members with their ~300-byte records, fits",
     )
@@ -55,9 +55,9 @@ class Limits:
         64, "bytes of a network name (UTF-8); it travels in every record"
     )
     max_members: int = _limit(
-        256,
-        "members of one federation: the simulator's largest tested run has 200 peers; "
-        "bounds the view, the record book and every per-member table",
+        1024,
+        "members of one federation: the simulator's largest tested run has 1,000 peers; "
+        "bounds the view, the dead-notice chain and every per-member table",
     )
     # --- model blobs ----------------------------------------------------
     max_blob_size: int = _limit(
@@ -123,7 +123,15 @@ class Limits:
         5.0, "sending mDNS goodbyes and closing zeroconf; shutdown never hangs longer"
     )
     max_discovery_sources: int = _limit(
-        256, "distinct mDNS instances tracked at once; bounds memory under an announcement flood"
+        2048,
+        "distinct announcement sources tracked at once (about 1 KiB each); twice "
+        "max_members, so a federation of the largest size fits beside strangers, while "
+        "memory stays bounded under an announcement flood",
+    )
+    max_known_peers: int = _limit(
+        4096,
+        "peers whose newest record sequence number is remembered (a replay of an older "
+        "record is refused); four times max_members, a few hundred KiB at most",
     )
     discovery_queue_size: int = _limit(
         1024,

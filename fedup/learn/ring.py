@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from fedup.errors import LocalProtocolError, RemoteProtocolError
-from fedup.learn.task import AUC_BINS, EvalStats, Task, TrainBudget
+from fedup.learn.task import AUC_BINS, EvalStats, Task, TrainBudget, seed_cpu
 from fedup.protocol import cbor
 from fedup.protocol.laps import LapRecord, Progress, StopState
 from fedup.protocol.schema import FieldReader, MessageError
@@ -615,7 +615,7 @@ def train_hop(
 
     seed = hop_seed(settings, lap, hop)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        seed_cpu(seed)
         # One module: it evaluates the candidate, then takes the weights to train.
         model = model_with(task, tensors_under(tensors, "cand."))
         cand_eval = task.evaluate(model)

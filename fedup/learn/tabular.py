@@ -213,6 +213,29 @@ class Table:
 
 
 def _column(name: str, cells: list[str], force_categorical: bool) -> Column:
+    if not cells or max(map(len, cells)) > _ARRAY_CELL or "\0" in "".join(cells):
+        return _column_by_cell(name, cells, force_categorical)
+    # Short cells: the same rules on arrays (fixed-width text, so only when short).
+    texts = np.char.strip(np.asarray(cells, dtype=np.str_))
+    missing = np.isin(np.char.lower(texts), _MISSING_ARRAY)
+    if not force_categorical:
+        try:  # NumPy reads text as float() does: the same spellings are numbers
+            values = np.where(missing, "0", texts).astype(np.float64)
+        except ValueError:
+            pass
+        else:
+            if np.isfinite(values).all():
+                values[missing] = np.nan
+                return Column(name, NUMERIC, values)
+    return Column(name, CATEGORICAL, np.where(missing, "", texts))
+
+
+_ARRAY_CELL: Final = 64
+"""The longest cell that :func:`_column` handles as fixed-width array text."""
+_MISSING_ARRAY: Final = np.array(sorted(MISSING_TOKENS), dtype=np.str_)
+
+
+def _column_by_cell(name: str, cells: list[str], force_categorical: bool) -> Column:
     texts = [c.strip() for c in cells]
     missing = [t.lower() in MISSING_TOKENS for t in texts]
     if not force_categorical:
@@ -427,7 +450,9 @@ def encode(table: Table, schema: FeatureSchema) -> tuple[F32, F32]:
             k = len(spec.categories)
             if col.kind == CATEGORICAL:
                 index = {v: i for i, v in enumerate(spec.categories)}
-                pos = np.array([index.get(str(v), k) for v in col.values], dtype=np.intp)
+                seen, where = np.unique(col.values, return_inverse=True)
+                code = np.array([index.get(str(v), k) for v in seen.tolist()], dtype=np.intp)
+                pos = code[where.reshape(-1)] if len(seen) else np.zeros(n, dtype=np.intp)
                 rows = np.flatnonzero(~miss)
                 x[rows, at + pos[rows]] = 1.0
             at += k + 1

@@ -30,6 +30,7 @@ import trio
 from fedup.errors import RemoteProtocolError
 from fedup.identity import Identity
 from fedup.learn.task import Task
+from fedup.net.batches import batches
 from fedup.net.channel import SecureChannel
 from fedup.net.discovery import (
     BootstrapDiscovery,
@@ -258,8 +259,10 @@ class Peer:
         for signed in discovery.peers().values():
             self.formation.candidate(signed)
         async with events:
-            async for event in events:
-                self._discovered(event)
+            async for batch in batches(events):
+                for event in batch:
+                    self._discovered(event)
+                await trio.lowlevel.checkpoint()
 
     def _discovered(self, event: DiscoveryEvent) -> None:
         if event.kind is EventKind.LOST:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -398,8 +399,24 @@ def verify_announcement(
     Raises :class:`AnnouncementError` naming the first rule that failed;
     nothing else for any ``txt`` or ``advertised``.
     """
-    envelope = decode_txt(txt, limits=limits)
+    if isinstance(txt, (bytes, bytearray, memoryview)) and len(txt) <= _max_rdata(limits):
+        envelope = _decode_rdata_cached(bytes(txt), limits)
+    else:
+        envelope = decode_txt(txt, limits=limits)
     return verify_sighting(envelope, advertised, scope=scope, book=book, limits=limits)
+
+
+def _max_rdata(limits: Limits) -> int:
+    """The longest RDATA whose decoding is worth keeping (a record's base64 and keys)."""
+    return 2 * limits.max_record_size + 1024
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_rdata_cached(rdata: bytes, limits: Limits) -> bytes:
+    """:func:`decode_txt` of RDATA, kept by content: the same announcement reaches a
+    peer on every refresh, and every simulated peer of a process sees each one.  The
+    result depends on nothing but the bytes and the limits; failures are not kept."""
+    return decode_txt(rdata, limits=limits)
 
 
 def verify_sighting(
@@ -413,6 +430,28 @@ def verify_sighting(
     """The rules after the TXT encoding, for a signed record that came some other way
     (a bootstrap peer's list): as :func:`verify_announcement`, ``envelope`` instead of
     ``txt``; an empty or oversized one is ``bad-record``."""
+    if len(envelope) <= limits.max_record_size:
+        signed = _rules_cached(bytes(envelope), tuple(advertised), scope, limits)
+    else:
+        signed = _rules(envelope, tuple(advertised), scope, limits)
+    fresh = True if book is None else admit_record(book, signed)
+    return Verified(signed, fresh)
+
+
+@functools.lru_cache(maxsize=4096)
+def _rules_cached(
+    envelope: bytes, advertised: tuple[Address, ...], scope: NetworkScope, limits: Limits
+) -> SignedPeerRecord:
+    """:func:`_rules`, kept by content: they depend on nothing else, and every peer of a
+    simulation (or every refresh of one announcement) checks the same bytes.  Only a
+    record that passes is kept; freshness against a peer's book is checked apart."""
+    return _rules(envelope, advertised, scope, limits)
+
+
+def _rules(
+    envelope: bytes, advertised: tuple[Address, ...], scope: NetworkScope, limits: Limits
+) -> SignedPeerRecord:
+    """Rules 1 to 5 of a sighting (all but freshness); raises AnnouncementError."""
     signed = _verify_record(envelope, limits)
     record = signed.record
     peer = record.peer_id.text
@@ -458,5 +497,4 @@ def verify_sighting(
             peer=peer,
             record=signed,
         )
-    fresh = True if book is None else admit_record(book, signed)
-    return Verified(signed, fresh)
+    return signed

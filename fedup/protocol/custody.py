@@ -928,4 +928,6 @@ def _trained_ring(chain: DeadChain, sender: PeerId, progress: Progress) -> Ring:
     notices = list(chain.notices)
     while notices and notices[-1].claimer == sender and notices[-1].at == at:
         notices.pop()
+    if len(notices) == len(chain.notices):
+        return chain.ring  # no deaths declared on the way: the chain's own ring
     return Ring(chain.members, frozenset(n.dead for n in notices))

@@ -200,14 +200,20 @@ class DeadChain:
     members: tuple[PeerId, ...]
     """The view's members in ring order."""
     notices: tuple[DeadNotice, ...] = ()
+    _ring: Ring = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        dead = frozenset(n.dead for n in self.notices)
+        object.__setattr__(self, "_ring", Ring(self.members, dead))
 
     @property
     def dead(self) -> frozenset[PeerId]:
-        return frozenset(n.dead for n in self.notices)
+        return self._ring.dead
 
     @property
     def ring(self) -> Ring:
-        return Ring(self.members, self.dead)
+        """The ring with these dead (built once per chain: custody asks it often)."""
+        return self._ring
 
     @property
     def head(self) -> bytes:

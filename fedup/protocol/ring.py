@@ -31,10 +31,23 @@ def ring_order(members: Iterable[PeerId]) -> tuple[PeerId, ...]:
 
 @attrs.frozen
 class Ring:
-    """A view's ring with the members known to be dead."""
+    """A view's ring with the members known to be dead.
+
+    Every question is answered from tables built once per ring (a custody step
+    asks several, and a ring of a thousand members would otherwise be walked for
+    each)."""
 
     members: tuple[PeerId, ...]
     dead: frozenset[PeerId] = frozenset()
+    _index: dict[PeerId, int] = attrs.field(init=False, eq=False, repr=False)
+    _live: tuple[PeerId, ...] = attrs.field(init=False, eq=False, repr=False)
+    _live_index: dict[PeerId, int] = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        live = tuple(p for p in self.members if p not in self.dead)
+        object.__setattr__(self, "_index", {p: i for i, p in enumerate(self.members)})
+        object.__setattr__(self, "_live", live)
+        object.__setattr__(self, "_live_index", {p: i for i, p in enumerate(live)})
 
     @classmethod
     def of(cls, members: Iterable[PeerId], dead: Collection[PeerId] = ()) -> Ring:
@@ -47,42 +60,42 @@ class Ring:
     @property
     def live(self) -> tuple[PeerId, ...]:
         """Live members in ring order."""
-        return tuple(p for p in self.members if p not in self.dead)
+        return self._live
 
     @property
     def leader(self) -> PeerId:
         """The lowest live member."""
-        live = self.live
-        if not live:
+        if not self._live:
             raise LocalProtocolError("no live member left")
-        return live[0]
+        return self._live[0]
 
     def successor(self, peer: PeerId) -> PeerId:
         """The next live member after ``peer`` (which may itself be dead), wrapping."""
-        if peer not in self.members:
+        start = self._index.get(peer)
+        if start is None:
             raise LocalProtocolError(f"{peer} is not in the ring")
+        if not self._live:
+            raise LocalProtocolError("no live member left")
         n = len(self.members)
-        start = self.members.index(peer)
         for step in range(1, n + 1):
             candidate = self.members[(start + step) % n]
             if candidate not in self.dead:
                 return candidate
-        raise LocalProtocolError("no live member left")
+        raise AssertionError("a live member exists")  # pragma: no cover
 
     def successors(self, peer: PeerId) -> list[PeerId]:
         """Every other live member in the order ``peer`` should try them."""
-        out: list[PeerId] = []
+        start = self._index.get(peer)
+        if start is None:
+            raise LocalProtocolError(f"{peer} is not in the ring")
         n = len(self.members)
-        start = self.members.index(peer)
-        for step in range(1, n):
-            candidate = self.members[(start + step) % n]
-            if candidate not in self.dead:
-                out.append(candidate)
-        return out
+        return [
+            c for step in range(1, n) if (c := self.members[(start + step) % n]) not in self.dead
+        ]
 
     def position(self, peer: PeerId) -> int:
         """``peer``'s hop index within a lap: its index among the live members."""
-        live = self.live
-        if peer not in live:
+        at = self._live_index.get(peer)
+        if at is None:
             raise LocalProtocolError(f"{peer} is not a live member")
-        return live.index(peer)
+        return at

@@ -46,7 +46,7 @@ from fedup.protocol.records import Address, PeerRecordBook, SignedPeerRecord
 log = logging.getLogger("fedup.discovery")
 
 
-DEFAULT_EVENT_BUFFER = 256
+DEFAULT_EVENT_BUFFER = 4096
 """Events buffered per subscriber before further ones are dropped (and counted)."""
 
 _MAX_LOGGED = 1024  # (source, reason) pairs remembered so each is logged once
@@ -200,7 +200,7 @@ class DiscoveryCore:
         """Our own peer ID: announcements of it are ignored."""
         self.own_sources: set[str] = set()
         """Sources we announce ourselves: ignored when seen."""
-        self.book = book if book is not None else PeerRecordBook()
+        self.book = book if book is not None else PeerRecordBook(max_peers=limits.max_known_peers)
         self.max_sources = limits.max_discovery_sources if max_sources is None else max_sources
         self.rejections = Counters()
         self.drops = Counters()
@@ -306,7 +306,9 @@ class DiscoveryCore:
         if kind is None:
             return Observation(sighting=sighting)
         self._live[peer] = (source, signed)
-        if kind is EventKind.FOUND:
+        if not self._log.isEnabledFor(logging.INFO):
+            pass  # a simulation of many peers: no addresses formatted for nothing
+        elif kind is EventKind.FOUND:
             self._log.info("found peer %s at %s (%s)", peer, _addrs(signed), source)
         else:
             self._log.info("peer %s updated: seq %d at %s", peer, signed.record.seq, _addrs(signed))

@@ -26,6 +26,7 @@ import trio
 
 from fedup.config import DEFAULT_LIMITS, Limits
 from fedup.errors import LocalProtocolError
+from fedup.net.batches import batches
 from fedup.net.discovery.base import (
     Discovery,
     DiscoveryCore,
@@ -36,7 +37,7 @@ from fedup.protocol.announce import NetworkScope, encode_txt_rdata
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.records import Address, PeerRecordBook, SignedPeerRecord
 
-DEFAULT_INBOX_SIZE = 1024
+DEFAULT_INBOX_SIZE = 4096
 """Notices queued per member before further ones are dropped (counted as ``notices``)."""
 
 Delay = float | Callable[[str, str], float]
@@ -186,13 +187,15 @@ class MemoryDiscovery(Discovery):
             self._core.drops.add("notices")
 
     async def _run(self) -> None:
-        async for notice in self._receive:
-            if notice.deliver_at is not None:
-                await trio.sleep_until(notice.deliver_at)
-            if notice.cause is not None:
-                self._publish(self._core.remove(notice.source, cause=notice.cause))
-            else:
-                observation = self._core.observe(
-                    notice.source, notice.txt, notice.advertised, now=trio.current_time()
-                )
-                self._publish(observation.events)
+        async for batch in batches(self._receive):
+            for notice in batch:
+                if notice.deliver_at is not None and notice.deliver_at > trio.current_time():
+                    await trio.sleep_until(notice.deliver_at)
+                if notice.cause is not None:
+                    self._publish(self._core.remove(notice.source, cause=notice.cause))
+                else:
+                    observation = self._core.observe(
+                        notice.source, notice.txt, notice.advertised, now=trio.current_time()
+                    )
+                    self._publish(observation.events)
+            await trio.lowlevel.checkpoint()
