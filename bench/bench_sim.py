@@ -15,8 +15,15 @@ its own process so that peak memory is that run's:
 * ``total_s``: the whole simulation; ``peak_mib``: the process's peak RSS;
   ``lap_rss_mib``: RSS growth from the first lap to the last.
 
-Goal: 200 peers, 3 laps in under 60 s (data included), under 2 GiB, ``hop_ms``
-flat in N.  Run ``python bench/bench_sim.py`` (``--sizes 10,50``); ``main()``
+Between consecutive sizes it prints the *growth exponent* of formation, a lap
+and the whole run: log(time ratio) / log(size ratio), so 1 is linear and 2
+quadratic (a lap has N hops, so a lap's floor is 1; formation, where every peer
+hears of every other, is at least 1).
+
+Goals: 200 peers, 3 laps in under 60 s (data included) and under 2 GiB, ``hop_ms``
+flat in N; 1,000 peers, 3 laps in under 120 s and under 4 GiB, formation's
+exponent between 200 and 1,000 at most 1.3 and a lap's at most 1.1.  Run
+``python bench/bench_sim.py`` (``--sizes 10,50`` for a quick look); ``main()``
 returns the figures.
 """
 
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -32,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-SIZES = (10, 50, 100, 200)
+SIZES = (100, 200, 500, 1000)
 LAPS = 3
 
 
@@ -91,11 +99,34 @@ def main(sizes: tuple[int, ...] = SIZES) -> dict[str, Any]:
                 continue
             text = f"{value:.3f}" if isinstance(value, float) else str(value)
             print(f"sim_{n}_peers_{key}: {text}", flush=True)
+    done = [n for n in sizes if figures.get(f"sim_{n}")]
+    for a, b in itertools.pairwise(done):
+        for phase in ("formation_s", "lap_s", "total_s"):
+            x, y = figures[f"sim_{a}"][phase], figures[f"sim_{b}"][phase]
+            exponent = math.log(y / x) / math.log(b / a) if x > 0 and y > 0 else math.nan
+            figures[f"exponent_{phase[:-2]}_{a}_{b}"] = exponent
+            print(f"sim_exponent_{phase[:-2]}_{a}_to_{b}: {exponent:.2f}", flush=True)
     big = figures.get("sim_200")
     if big:
         goal = big["data_s"] + big["total_s"] < 60 and big["peak_mib"] < 2048 and big["same_model"]
         print(f"sim_goal_200_peers_3_laps_under_60s_2GiB: {'met' if goal else 'NOT met'}")
         figures["goal_met"] = goal
+    huge = figures.get("sim_1000")
+    if huge:
+        goal = huge["total_s"] < 120 and huge["peak_mib"] < 4096 and huge["same_model"]
+        print(f"sim_goal_1000_peers_3_laps_under_120s_4GiB: {'met' if goal else 'NOT met'}")
+        figures["goal_1000_met"] = goal
+    if big and huge:
+        grow = {
+            phase: math.log(huge[phase] / big[phase]) / math.log(5)
+            for phase in ("formation_s", "lap_s")
+        }
+        goal = grow["formation_s"] <= 1.3 and grow["lap_s"] <= 1.1
+        print(
+            f"sim_goal_growth_200_to_1000_formation_1.3_lap_1.1: {'met' if goal else 'NOT met'} "
+            f"({grow['formation_s']:.2f}, {grow['lap_s']:.2f})"
+        )
+        figures["goal_growth_met"] = goal
     return figures
 
 

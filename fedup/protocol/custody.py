@@ -548,7 +548,7 @@ class CustodyMachine:
             receipt.run_id != self.run_id
             or receipt.sender != kept.target
             or receipt.taker == kept.target
-            or receipt.taker not in self.chain.members
+            or receipt.taker not in self.chain.ring
             or receipt.position not in nexts
         ):
             return [
@@ -572,7 +572,7 @@ class CustodyMachine:
     def _precheck(
         self, sender: PeerId, kind: BlobKind, position: Position, epoch: int
     ) -> Refuse | None:
-        if sender not in self.chain.members:
+        if sender not in self.chain.ring:
             return Refuse(sender, RefusalCode.NOT_MEMBER, "not a member of the run")
         if self.phase is Phase.READY:
             return Refuse(sender, RefusalCode.BUSY, "training has not begun here yet")

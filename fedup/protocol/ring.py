@@ -57,6 +57,10 @@ class Ring:
             raise LocalProtocolError(f"dead peers not in the ring: {sorted(map(str, unknown))}")
         return cls(ring, frozenset(dead))
 
+    def __contains__(self, peer: object) -> bool:
+        """Whether ``peer`` is a member (live or dead)."""
+        return peer in self._index
+
     @property
     def live(self) -> tuple[PeerId, ...]:
         """Live members in ring order."""
