@@ -496,7 +496,8 @@ def _fill(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> nn.Module:
 
 def evaluate_state(task: Task, state: RingState) -> EvalStats:
     """Evaluate the state's final model (:func:`final_weights`) on the local validation split."""
-    return task.evaluate(model_with(task, final_weights(state)))
+    with task.scratch_model() as model:
+        return task.evaluate(_fill(model, final_weights(state)))
 
 
 def hop_seed(settings: RingSettings, lap: int, hop: int) -> int:
@@ -614,36 +615,37 @@ def train_hop(
             return RingState(tensors, m), metrics
 
     seed = hop_seed(settings, lap, hop)
-    with torch.random.fork_rng(devices=[]):
-        seed_cpu(seed)
-        # One module: it evaluates the candidate, then takes the weights to train.
-        model = model_with(task, tensors_under(tensors, "cand."))
-        cand_eval = task.evaluate(model)
-        _fill(model, tensors_under(tensors, "model."))
-        steps = samples = 0
-        loss_sum = 0.0
-        if train and lap < settings.max_laps:  # lap max_laps only evaluates
-            optimizer = task.make_optimizer(model)
-            if settings.travel_optimizer:
-                _load_optimizer(model, optimizer, tensors_under(tensors, "optim."))
-            anchor = None
-            if settings.prox_mu > 0:
-                anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
-            budget = TrainBudget(
-                epochs=settings.hop_epochs, seed=seed,
-                class_weights=_class_weights(task, settings, federation),
-                prox_mu=settings.prox_mu, anchor=anchor,
-            )  # fmt: skip
-            stats = task.train(model, optimizer, budget)
-            steps, samples, loss_sum = stats.steps, stats.samples, stats.loss_sum
-            if settings.travel_optimizer:
-                for k, v in _optimizer_tensors(model, optimizer):
-                    if k not in tensors:
-                        raise LocalProtocolError(f"the optimizer made an unexpected tensor {k!r}")
-                    tensors[k] = v.to(tensors[k].dtype)
-    weights = model.state_dict()
+    with task.scratch_model() as model:
+        with torch.random.fork_rng(devices=[]):
+            seed_cpu(seed)
+            # One module: it evaluates the candidate, then takes the weights to train.
+            _fill(model, tensors_under(tensors, "cand."))
+            cand_eval = task.evaluate(model)
+            _fill(model, tensors_under(tensors, "model."))
+            steps = samples = 0
+            loss_sum = 0.0
+            if train and lap < settings.max_laps:  # lap max_laps only evaluates
+                optimizer = task.make_optimizer(model)
+                if settings.travel_optimizer:
+                    _load_optimizer(model, optimizer, tensors_under(tensors, "optim."))
+                anchor = None
+                if settings.prox_mu > 0:
+                    anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+                budget = TrainBudget(
+                    epochs=settings.hop_epochs, seed=seed,
+                    class_weights=_class_weights(task, settings, federation),
+                    prox_mu=settings.prox_mu, anchor=anchor,
+                )  # fmt: skip
+                stats = task.train(model, optimizer, budget)
+                steps, samples, loss_sum = stats.steps, stats.samples, stats.loss_sum
+                if settings.travel_optimizer:
+                    for k, v in _optimizer_tensors(model, optimizer):
+                        if k not in tensors:
+                            raise LocalProtocolError(f"the optimizer made a new tensor {k!r}")
+                        tensors[k] = v.to(tensors[k].dtype)
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for k, v in weights.items():
-        tensors["model." + k] = v.detach().clone()
+        tensors["model." + k] = v
     avg_weight = m.avg_weight
     if settings.average_lap and samples > 0:
         avg_weight += samples

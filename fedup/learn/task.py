@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Final
 
 import attrs
@@ -187,6 +188,15 @@ class Task(ABC):
     @abstractmethod
     def build_model(self, seed: int) -> nn.Module:
         """A new model whose initial weights depend only on ``seed``."""
+
+    @contextmanager
+    def scratch_model(self) -> Iterator[nn.Module]:
+        """A model to load every weight into, for one use (a hop, an evaluation).
+
+        Here a new one each time: a model of the library user's may keep state
+        beyond its ``state_dict``.  A task whose models hold nothing else may lend
+        the same ones again (:class:`TabularTask` does)."""
+        yield self.build_model(0)
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """The optimizer every peer uses (its state travels): Adam, lr 1e-3."""
@@ -400,9 +410,27 @@ class TabularTask(TensorTask):
         self.schema = schema
         self.hidden = tuple(hidden)
         self.source = table.source
+        self._spare: list[nn.Module] = []
         super().__init__(
             torch.from_numpy(x_tr), torch.from_numpy(y_tr),
             torch.from_numpy(x_va), torch.from_numpy(y_va),
             model_fn=lambda seed: mlp(schema.width, self.hidden),
             loss_fn=_bce, batch_size=batch_size, lr=lr, binary=True,
         )  # fmt: skip
+
+    @contextmanager
+    def scratch_model(self) -> Iterator[nn.Module]:
+        """Lend a spare MLP (building one only when none is free): its parameters and
+        buffers are its whole state, every use loads all of them, and its gradients
+        are dropped when it comes back.  Building a model cost about a tenth of a
+        simulated hop."""
+        try:
+            model = self._spare.pop()
+        except IndexError:
+            model = self.build_model(0)
+        try:
+            yield model
+        finally:
+            for p in model.parameters():
+                p.grad = None
+            self._spare.append(model)

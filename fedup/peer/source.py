@@ -58,7 +58,9 @@ class TabularSource(TaskSource):
         self.target = target
         self.hidden = hidden
         # Only the training split's statistics are shared: the split TabularTask makes.
-        self._train, _ = split(table, val_fraction=VAL_FRACTION, seed=SPLIT_SEED)
+        # They are kept, not the split (a copy of most of the table, per peer).
+        train, _ = split(table, val_fraction=VAL_FRACTION, seed=SPLIT_SEED)
+        self._summary = summarize(train)
 
     @classmethod
     def from_csv(cls, path: Path, target: str) -> TabularSource:
@@ -76,10 +78,10 @@ class TabularSource(TaskSource):
         return cls.from_csv(path, "default")
 
     def summary(self) -> dict[str, object]:
-        return summarize(self._train).to_dict()
+        return self._summary.to_dict()
 
     def check_schema(self, schema: FeatureSchema) -> None:
-        fits(summarize(self._train), schema)
+        fits(self._summary, schema)
 
     def build(self, schema: FeatureSchema | None, settings: RunSettings) -> Task:
         if schema is None:
