@@ -146,7 +146,7 @@ class AnnouncementError(RemoteProtocolError):
         return f"{self.code}: {super().__str__()}"
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class NetworkScope:
     """Which network a sighting must belong to."""
 

@@ -63,7 +63,7 @@ def b58decode(text: str) -> bytes:
 
 
 @functools.total_ordering
-@attrs.frozen(eq=True, order=False, repr=False)
+@attrs.frozen(eq=True, order=False, repr=False, cache_hash=True)
 class PeerId:
     """A peer's identity: the 38-byte identity multihash of its public key.
 

@@ -61,7 +61,7 @@ def network_key_id(key: bytes) -> bytes:
     ).digest()
 
 
-@attrs.frozen(order=True)
+@attrs.frozen(order=True, cache_hash=True)
 class Address:
     """A TCP address: an IP literal (v4 or v6) and a port."""
 

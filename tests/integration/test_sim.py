@@ -7,6 +7,7 @@ periods, link delays and timeouts cost no real time) with small synthetic lender
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import itertools
 import json
@@ -34,7 +35,9 @@ from fedup.sim import (
     run_simulation,
     sim_identity,
 )
+from fedup.sim import simulate as run_simulate
 from fedup.sim.network import LinkStream, _Connection, _Pipe
+from fedup.sim.runner import GC_FIRST_THRESHOLD
 
 RUN = RunSettings(max_laps=4, patience=4)
 HOP_LATENCIES = 3
@@ -368,3 +371,20 @@ async def test_each_member_dials_its_successor_once_for_the_whole_run(
     calls = {(leader, member) for member in order[1:]}
     expected = {pair: int(pair in links) + int(pair in calls) for pair in links | calls}
     assert dict(result.connections) == expected
+
+
+def test_the_simulator_tunes_the_collector_only_while_it_runs(tmp_path: Path) -> None:
+    seen: list[tuple[int, int, int]] = []
+    before = gc.get_threshold()
+    sources = lenders(2)
+
+    class Watching(TabularSource):
+        def summary(self) -> dict[str, object]:
+            seen.append(gc.get_threshold())
+            return super().summary()
+
+    watched = [Watching(s.table, target=s.target) for s in sources]
+    result = run_simulate(watched, tmp_path, SimSettings(run=RunSettings(max_laps=1, patience=1)))
+    assert len(result.finished_peers) == 2
+    assert seen and all(t[0] == max(before[0], GC_FIRST_THRESHOLD) for t in seen)
+    assert gc.get_threshold() == before

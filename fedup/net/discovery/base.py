@@ -363,6 +363,9 @@ class DiscoveryCore:
 
     def _supersede(self, peer: PeerId, signed: SignedPeerRecord, source: str) -> None:
         """Older records of ``peer`` seen elsewhere no longer count as verified."""
+        sources = self._verified.get(peer)
+        if sources is None or sources == {source}:
+            return  # the usual case: one source per peer, and it is this one
         detail = f"superseded by seq {signed.record.seq} from {source}"
         self._unverify(peer, detail, keep=source)
 

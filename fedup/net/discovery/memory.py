@@ -188,14 +188,16 @@ class MemoryDiscovery(Discovery):
 
     async def _run(self) -> None:
         async for batch in batches(self._receive):
+            now = trio.current_time()  # the clock stands still until the next await
             for notice in batch:
-                if notice.deliver_at is not None and notice.deliver_at > trio.current_time():
+                if notice.deliver_at is not None and notice.deliver_at > now:
                     await trio.sleep_until(notice.deliver_at)
+                    now = trio.current_time()
                 if notice.cause is not None:
                     self._publish(self._core.remove(notice.source, cause=notice.cause))
                 else:
                     observation = self._core.observe(
-                        notice.source, notice.txt, notice.advertised, now=trio.current_time()
+                        notice.source, notice.txt, notice.advertised, now=now
                     )
                     self._publish(observation.events)
             await trio.lowlevel.checkpoint()
