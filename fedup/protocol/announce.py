@@ -400,9 +400,9 @@ def verify_announcement(
     nothing else for any ``txt`` or ``advertised``.
     """
     if isinstance(txt, (bytes, bytearray, memoryview)) and len(txt) <= _max_rdata(limits):
-        envelope = _decode_rdata_cached(bytes(txt), limits)
-    else:
-        envelope = decode_txt(txt, limits=limits)
+        signed = _announcement_cached(bytes(txt), tuple(advertised), scope, limits)
+        return Verified(signed, True if book is None else admit_record(book, signed))
+    envelope = decode_txt(txt, limits=limits)
     return verify_sighting(envelope, advertised, scope=scope, book=book, limits=limits)
 
 
@@ -412,11 +412,14 @@ def _max_rdata(limits: Limits) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _decode_rdata_cached(rdata: bytes, limits: Limits) -> bytes:
-    """:func:`decode_txt` of RDATA, kept by content: the same announcement reaches a
-    peer on every refresh, and every simulated peer of a process sees each one.  The
-    result depends on nothing but the bytes and the limits; failures are not kept."""
-    return decode_txt(rdata, limits=limits)
+def _announcement_cached(
+    rdata: bytes, advertised: tuple[Address, ...], scope: NetworkScope, limits: Limits
+) -> SignedPeerRecord:
+    """Rules 1 to 5 of a sighting given as RDATA, kept by content: the same announcement
+    reaches a peer on every refresh, and every simulated peer of a process sees each
+    one.  The outcome depends on nothing but these arguments; failures are not kept."""
+    envelope = decode_txt(rdata, limits=limits)  # at most max_record_size bytes
+    return _rules_cached(envelope, advertised, scope, limits)
 
 
 def verify_sighting(

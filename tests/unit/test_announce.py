@@ -270,6 +270,28 @@ def test_freshness_with_a_book() -> None:
     rejected(RejectReason.BOOK_FULL, txt_of(record(ident=MALLORY)), book=full)
 
 
+def test_a_kept_outcome_never_skips_a_rule_that_depends_on_the_observer() -> None:
+    """Rules 1-5 are kept by content; freshness, the scope and the addresses are not
+    shortcut: the same bytes judged for other books, scopes and addresses."""
+    txt = txt_of(record(7))
+    older, newer = PeerRecordBook(), PeerRecordBook()
+    verify_announcement(txt_of(record(9)), HOME, scope=SCOPE, book=newer)
+    assert verify_announcement(txt, HOME, scope=SCOPE, book=older).fresh
+    assert "not newer" in rejected(RejectReason.STALE_SEQ, txt, book=newer)
+    assert verify_announcement(txt, HOME, scope=SCOPE, book=older).fresh is False  # a repeat
+    rejected(RejectReason.OTHER_NETWORK, txt, scope=NetworkScope("hospitals", KEY_ID))
+    rejected(RejectReason.ADDRESS_MISMATCH, txt, (Address("192.168.1.66", 4100),))
+    assert verify_announcement(txt, HOME, scope=SCOPE).signed == record(7)
+
+
+def test_a_refused_announcement_is_judged_again_not_remembered() -> None:
+    envelope = bytearray(record(11).envelope)
+    envelope[-5] ^= 1
+    bad = txt_of(bytes(envelope))
+    for _ in range(3):  # the same bytes: refused each time, with the same reason
+        assert "bad signature" in rejected(RejectReason.BAD_SIGNATURE, bad)
+
+
 def test_rules_apply_in_order() -> None:
     # a bad signature on a record of another network, from a wrong address: bad-signature
     envelope = bytearray(record(network="x").envelope)

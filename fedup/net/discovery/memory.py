@@ -83,6 +83,11 @@ class MemoryDiscoveryHub:
         """
         entry = (txt, tuple(advertised))
         self._announcements[source] = entry
+        if not callable(self.delay) and self.delay <= 0:  # one notice serves every member
+            notice = _Notice(None, source, txt, entry[1], None)
+            for member in list(self._members.values()):
+                member._deliver(notice)
+            return
         for member in list(self._members.values()):
             member._deliver(self._notice(source, member, txt, entry[1], None))
 
