@@ -186,7 +186,12 @@ def _encode(value: object, out: bytearray, depth: int) -> None:
         _check_encode_depth(value, depth)
         _head(out, 4, len(value))
         for item in value:
-            _encode(item, out, depth + 1)
+            if type(item) is int and 0 <= item < 0x100:  # counts: the common array item
+                if item >= 24:
+                    out.append(0x18)
+                out.append(item)
+            else:
+                _encode(item, out, depth + 1)
     elif isinstance(value, dict):
         _check_encode_depth(value, depth)
         pairs: list[tuple[bytes, object]] = []
@@ -322,8 +327,15 @@ def _item(buf: bytes, pos: int, depth: int, max_depth: int) -> tuple[object, int
             raise CBORDecodeError(f"nesting deeper than {max_depth} (array at offset {start})")
         items: list[object] = []
         for _ in range(arg):
-            item, pos = _item(buf, pos, depth + 1, max_depth)
-            items.append(item)
+            if pos < end and buf[pos] < 0x18:  # a small unsigned integer, inline
+                items.append(buf[pos])
+                pos += 1
+            elif buf[pos : pos + 1] == b"\x18" and pos + 1 < end and buf[pos + 1] >= 24:
+                items.append(buf[pos + 1])  # one argument byte, in its shortest form
+                pos += 2
+            else:
+                item, pos = _item(buf, pos, depth + 1, max_depth)
+                items.append(item)
         return items, pos
     if major == 5:
         left = end - pos

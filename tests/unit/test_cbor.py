@@ -564,3 +564,21 @@ def test_cbor_like_random_bytes(data: bytes) -> None:
 @given(mutated())
 def test_mutated_valid_encodings(data: bytes) -> None:
     _check_hostile(data)
+
+
+def test_small_integers_inside_arrays_follow_the_same_rules() -> None:
+    """Arrays take their one-byte unsigned items without a call per item; the rules
+    (shortest form, no truncation, the same bytes as cbor2) stay the same."""
+    counts = [0, 1, 23, 24, 255, 256, 70000, -1, 2**40]
+    data = encode(counts)
+    assert data == cbor2.dumps(counts)
+    assert decode(data, max_size=100, max_depth=1) == counts
+    small = decode(bytes([0x83, 0x17, 0x18, 0x18, 0x18, 0xFF]), max_size=9, max_depth=1)
+    assert small == [23, 24, 255]
+    for bad in (
+        b"\x82\x18\x05\x01",  # 5 written in two bytes
+        b"\x82\x01",  # one item missing
+        b"\x81\x18",  # an argument byte missing
+    ):
+        with pytest.raises(CBORDecodeError):
+            decode(bad, max_size=9, max_depth=1)
