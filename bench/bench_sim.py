@@ -114,7 +114,11 @@ def main(sizes: tuple[int, ...] = SIZES) -> dict[str, Any]:
     huge = figures.get("sim_1000")
     if huge:
         goal = huge["total_s"] < 120 and huge["peak_mib"] < 4096 and huge["same_model"]
-        print(f"sim_goal_1000_peers_3_laps_under_120s_4GiB: {'met' if goal else 'NOT met'}")
+        with_data = huge["data_s"] + huge["total_s"]
+        print(
+            f"sim_goal_1000_peers_3_laps_under_120s_4GiB: {'met' if goal else 'NOT met'} "
+            f"(the simulation; {with_data:.1f} s with the data generation)"
+        )
         figures["goal_1000_met"] = goal
     if big and huge:
         grow = {
