@@ -1,11 +1,14 @@
 """The ring blob codec: a :class:`~fedup.learn.ring.RingState` to bytes and back, checked.
 
-Encoding copies the tensors once, into one buffer behind the payload's framing
-(:func:`fedup.protocol.payload.payload_prefix`).  Decoding views the received
-buffer (no copy when it is writable, as the blob receiver's is) and checks the
-tensors once against the expected layout (names, order, dtypes, shapes: the
-``template``, :func:`fedup.learn.ring.initial_state`), then their values
-(:func:`state_problem`: finite, and within ``Limits.max_weight_magnitude``).
+Encoding copies the tensors into one buffer behind the payload's framing
+(:func:`fedup.protocol.payload.payload_prefix`); a member that already encoded
+and checked its trained state (:meth:`RingCodec.body`) copies those bytes behind
+the framing instead of encoding again.  Decoding views the received buffer (no
+copy when it is writable, as the blob receiver's is), checks it once against the
+expected layout (names, order, dtypes, shapes: the ``template``,
+:func:`fedup.learn.ring.initial_state`) and checks every value in one pass per
+run of one dtype (finite, and within ``Limits.max_weight_magnitude``: the rule
+:func:`state_problem` applies to a state before it is sent).
 
 Every failure is a :class:`~fedup.errors.RemoteProtocolError` with a ``code``
 (:class:`~fedup.protocol.refusal.RefusalCode`) the receiver sends back.
@@ -71,13 +74,12 @@ class RingBlob:
     chain: tuple[bytes, ...]
     origin: PeerId | None
     seal: bytes | None
-    payload: HopPayload | None = None
+    payload: HopPayload
+    """The framing it came in (its content digest is computed from it on demand)."""
 
     @property
     def content(self) -> bytes:
-        """The content digest (what a final model's seal covers), computed on demand."""
-        if self.payload is None:
-            return content_of_parts(self.state)
+        """The content digest (what a final model's seal covers)."""
         return self.payload.content
 
 
@@ -95,13 +97,6 @@ def encode_ring_blob(
         state.meta.to_dict(), view=view, chain=chain, origin=origin, seal=seal
     )
     return state_to_bytes(state.tensors, limits=limits, prefix=prefix)
-
-
-def content_of_parts(state: RingState) -> bytes:
-    """The content digest of ``state`` with the default limits (a changed blob's)."""
-    from fedup.config import DEFAULT_LIMITS
-
-    return content_of(state, limits=DEFAULT_LIMITS)
 
 
 def content_of(state: RingState, *, limits: Limits) -> bytes:
@@ -175,8 +170,9 @@ class RingCodec:
     tensors of one dtype at a time: one pass for a float32 model.
 
     A member checks the state it trained on its encoded tensors (:meth:`body`,
-    :meth:`problem`) and hands the same bytes on (``encode(..., body=)``), so the
-    tensors are copied once per hop and checked once on each side.
+    :meth:`problem`) and hands those bytes on (``encode(..., body=)`` copies them
+    once more, behind the framing), so each side checks the values once and the
+    tensors are never encoded twice.
     """
 
     def __init__(self, template: RingState, *, limits: Limits) -> None:

@@ -294,7 +294,6 @@ def load_safetensors(
     *,
     like: StateLike | None = None,
     limits: Limits = DEFAULT_LIMITS,
-    max_abs: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load a ``.safetensors`` file, checking it as strictly as a peer's blob.
 

@@ -418,8 +418,7 @@ def _announcement_cached(
     """Rules 1 to 5 of a sighting given as RDATA, kept by content: the same announcement
     reaches a peer on every refresh, and every simulated peer of a process sees each
     one.  The outcome depends on nothing but these arguments; failures are not kept."""
-    envelope = decode_txt(rdata, limits=limits)  # at most max_record_size bytes
-    return _rules_cached(envelope, advertised, scope, limits)
+    return _rules(decode_txt(rdata, limits=limits), advertised, scope, limits)
 
 
 def verify_sighting(
@@ -432,29 +431,17 @@ def verify_sighting(
 ) -> Verified:
     """The rules after the TXT encoding, for a signed record that came some other way
     (a bootstrap peer's list): as :func:`verify_announcement`, ``envelope`` instead of
-    ``txt``; an empty or oversized one is ``bad-record``."""
-    if len(envelope) <= limits.max_record_size:
-        signed = _rules_cached(bytes(envelope), tuple(advertised), scope, limits)
-    else:
-        signed = _rules(envelope, tuple(advertised), scope, limits)
-    fresh = True if book is None else admit_record(book, signed)
-    return Verified(signed, fresh)
-
-
-@functools.lru_cache(maxsize=4096)
-def _rules_cached(
-    envelope: bytes, advertised: tuple[Address, ...], scope: NetworkScope, limits: Limits
-) -> SignedPeerRecord:
-    """:func:`_rules`, kept by content: they depend on nothing else, and every peer of a
-    simulation (or every refresh of one announcement) checks the same bytes.  Only a
-    record that passes is kept; freshness against a peer's book is checked apart."""
-    return _rules(envelope, advertised, scope, limits)
+    ``txt``; an empty or oversized one is ``bad-record``.  (The signature check is
+    kept by content in :func:`~fedup.protocol.records.verify_peer_record`.)"""
+    signed = _rules(envelope, tuple(advertised), scope, limits)
+    return Verified(signed, True if book is None else admit_record(book, signed))
 
 
 def _rules(
     envelope: bytes, advertised: tuple[Address, ...], scope: NetworkScope, limits: Limits
 ) -> SignedPeerRecord:
-    """Rules 1 to 5 of a sighting (all but freshness); raises AnnouncementError."""
+    """Rules 2 to 5 of a sighting (after the TXT, before freshness); raises
+    AnnouncementError."""
     signed = _verify_record(envelope, limits)
     record = signed.record
     peer = record.peer_id.text

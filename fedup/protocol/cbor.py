@@ -327,11 +327,14 @@ def _item(buf: bytes, pos: int, depth: int, max_depth: int) -> tuple[object, int
             raise CBORDecodeError(f"nesting deeper than {max_depth} (array at offset {start})")
         items: list[object] = []
         for _ in range(arg):
-            if pos < end and buf[pos] < 0x18:  # a small unsigned integer, inline
-                items.append(buf[pos])
+            # A one-byte unsigned integer (the usual array item) is read inline; any
+            # other item, or a non-shortest or truncated one, goes through _item.
+            head = buf[pos] if pos < end else 0xFF
+            if head < 0x18:
+                items.append(head)
                 pos += 1
-            elif buf[pos : pos + 1] == b"\x18" and pos + 1 < end and buf[pos + 1] >= 24:
-                items.append(buf[pos + 1])  # one argument byte, in its shortest form
+            elif head == 0x18 and pos + 1 < end and buf[pos + 1] >= 24:
+                items.append(buf[pos + 1])
                 pos += 2
             else:
                 item, pos = _item(buf, pos, depth + 1, max_depth)

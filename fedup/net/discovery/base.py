@@ -306,12 +306,12 @@ class DiscoveryCore:
         if kind is None:
             return Observation(sighting=sighting)
         self._live[peer] = (source, signed)
-        if not self._log.isEnabledFor(logging.INFO):
-            pass  # a simulation of many peers: no addresses formatted for nothing
-        elif kind is EventKind.FOUND:
-            self._log.info("found peer %s at %s (%s)", peer, _addrs(signed), source)
-        else:
-            self._log.info("peer %s updated: seq %d at %s", peer, signed.record.seq, _addrs(signed))
+        if self._log.isEnabledFor(logging.INFO):  # addresses are not formatted for nothing
+            if kind is EventKind.FOUND:
+                self._log.info("found peer %s at %s (%s)", peer, _addrs(signed), source)
+            else:
+                seq = signed.record.seq
+                self._log.info("peer %s updated: seq %d at %s", peer, seq, _addrs(signed))
         return Observation((DiscoveryEvent(kind, peer, signed, source),), sighting)
 
     def remove(self, source: str, *, cause: LostCause) -> list[DiscoveryEvent]:
@@ -363,11 +363,7 @@ class DiscoveryCore:
 
     def _supersede(self, peer: PeerId, signed: SignedPeerRecord, source: str) -> None:
         """Older records of ``peer`` seen elsewhere no longer count as verified."""
-        sources = self._verified.get(peer)
-        if sources is None or sources == {source}:
-            return  # the usual case: one source per peer, and it is this one
-        detail = f"superseded by seq {signed.record.seq} from {source}"
-        self._unverify(peer, detail, keep=source)
+        self._unverify(peer, f"superseded by seq {signed.record.seq} from {source}", keep=source)
 
     def _withdraw_copies(self, peer: PeerId, source: str) -> None:
         self._unverify(peer, f"record withdrawn by a goodbye from {source}")
