@@ -33,6 +33,12 @@ class Limits:
         "one length-prefixed frame: a 1 MiB blob chunk plus its seal and header fits "
         "with room; larger frames only buy bigger buffers per connection",
     )
+    max_handshake_frame_size: int = _limit(
+        8 * KiB,
+        "one frame before the peer has authenticated (the handshake): the largest, msg2 or "
+        "msg3 with a max_record_size record, is under 3 KiB; far below max_frame_size, so "
+        "that a connection without the network key costs a few KiB, not megabytes",
+    )
     max_message_size: int = _limit(
         512 * KiB,
         "one CBOR control message (records, views, acks, metrics): the largest, a "
@@ -181,6 +187,28 @@ class Limits:
     )
     max_pending_handshakes: int = _limit(
         16, "handshakes in progress at once; caps the cost of a connection flood"
+    )
+    max_handshakes_per_host: int = _limit(
+        4,
+        "handshakes in progress at once from one source address that has never completed "
+        "one with us; a flood from one host takes these, not every handshake slot",
+    )
+    reserved_connections: int = _limit(
+        16,
+        "connections (and handshakes) beyond max_connections (and max_pending_handshakes) "
+        "kept for addresses that have completed a handshake with us before (members, known "
+        "peers), so that a flood of new connections cannot lock them out",
+    )
+    max_trusted_hosts: int = _limit(
+        4096,
+        "source addresses remembered as having completed a handshake (the oldest is "
+        "forgotten first); four times max_members",
+    )
+    first_frame_timeout: float = _limit(
+        2.0,
+        "a dialer sends its first handshake message right after connecting; a connection "
+        "silent this long is closed instead of holding a slot for the whole "
+        "handshake_timeout",
     )
 
     @classmethod

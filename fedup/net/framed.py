@@ -44,9 +44,21 @@ class FramedStream:
         self.limits = limits
         self.max_frame_size = limits.max_frame_size if max_frame_size is None else max_frame_size
         self._decoder = FrameDecoder(max_size=self.max_frame_size)
+        self._receive_size = min(RECEIVE_SIZE, self.max_frame_size + 4)
         self._frame_started: float | None = None
         self._eof = False
         self._sending = trio.Lock()
+
+    def raise_max_frame_size(self, max_frame_size: int) -> None:
+        """Accept and send frames of up to ``max_frame_size`` bytes from now on.
+
+        A handshake runs under ``Limits.max_handshake_frame_size`` (and reads in
+        pieces no larger), so that a connection that has not authenticated costs
+        little memory; the channel raises the cap once it has.
+        """
+        self.max_frame_size = max(self.max_frame_size, max_frame_size)
+        self._decoder.raise_max_size(self.max_frame_size)
+        self._receive_size = min(RECEIVE_SIZE, self.max_frame_size + 4)
 
     async def send_frame(self, payload: bytes | bytearray | memoryview) -> None:
         """Send one frame; raises PeerTimeoutError if the peer does not take it in time.
@@ -120,7 +132,7 @@ class FramedStream:
             what = f"sent nothing for {self.limits.idle_timeout:g} s"
         try:
             with trio.fail_at(deadline if math.isfinite(deadline) else math.inf):
-                data = await self.stream.receive_some(RECEIVE_SIZE)
+                data = await self.stream.receive_some(self._receive_size)
         except trio.TooSlowError:
             raise PeerTimeoutError(what, peer=self.peer) from None
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

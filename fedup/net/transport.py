@@ -25,10 +25,20 @@ and runs ``await handler(channel)`` in its own task for every authenticated
 connection, closing the channel when the handler returns.  Caps:
 
 * more than ``Limits.max_connections`` open connections: a new one is closed
-  at once, before any byte is read;
+  at once, before any byte is read, unless it comes from a *trusted* address
+  (one from which a handshake has completed before, or that we completed one
+  with): those may use ``Limits.reserved_connections`` more, so that a flood
+  of new connections cannot lock members out;
+* more than ``Limits.max_handshakes_per_host`` handshakes in progress from one
+  untrusted address: a new connection from it is closed at once, so a flood
+  from one host cannot take every handshake slot;
 * more than ``Limits.max_pending_handshakes`` handshakes in progress: a new
   connection gets the abort ``busy`` (after its msg1 is read, so that closing
   does not reset the connection under the abort) and is closed.
+
+Before authentication a connection costs little: its frames are capped at
+``Limits.max_handshake_frame_size`` (read in pieces no larger), and its first
+frame must arrive within ``Limits.first_frame_timeout``.
 
 Each overload episode is logged once (warning), not once per connection.
 Every failure of one connection (bad handshake, wrong network key, bad
@@ -77,6 +87,7 @@ __all__ = [
     "MemoryTransport",
     "TcpTransport",
     "Transport",
+    "TrustedHosts",
     "dial_tcp",
     "upgrade_inbound",
     "upgrade_outbound",
@@ -160,7 +171,7 @@ async def upgrade_outbound(
     except BaseException:  # LocalProtocolError: unusable credentials
         await trio.aclose_forcefully(stream)
         raise
-    framed = FramedStream(stream, peer=peer, limits=limits)
+    framed = _handshake_framing(stream, peer, limits)
 
     async def steps() -> HandshakeResult:
         await framed.send_frame(handshake.start())
@@ -184,13 +195,25 @@ async def upgrade_inbound(
     except BaseException:  # LocalProtocolError: unusable credentials
         await trio.aclose_forcefully(stream)
         raise
-    framed = FramedStream(stream, peer=peer, limits=limits)
+    framed = _handshake_framing(stream, peer, limits)
 
     async def steps() -> HandshakeResult:
-        await framed.send_frame(handshake.receive_msg1(await framed.receive_frame()))
+        with trio.move_on_after(limits.first_frame_timeout) as first:
+            msg1 = await framed.receive_frame()
+        if first.cancelled_caught:
+            raise PeerTimeoutError(
+                f"sent no handshake within {limits.first_frame_timeout:g} s", peer=peer
+            )
+        await framed.send_frame(handshake.receive_msg1(msg1))
         return handshake.receive_msg3(await framed.receive_frame())
 
     return SecureChannel(framed, await _drive(framed, steps, limits, deadline))
+
+
+def _handshake_framing(stream: trio.abc.Stream, peer: str, limits: Limits) -> FramedStream:
+    """Framing under the small pre-authentication cap; :func:`_drive` raises it after."""
+    cap = min(limits.max_handshake_frame_size, limits.max_frame_size)
+    return FramedStream(stream, peer=peer, limits=limits, max_frame_size=cap)
 
 
 async def _drive(
@@ -203,7 +226,9 @@ async def _drive(
         deadline = trio.current_time() + limits.handshake_timeout
     try:
         with trio.fail_at(deadline):
-            return await steps()
+            result = await steps()
+        framed.raise_max_frame_size(limits.max_frame_size)
+        return result
     except HandshakeError as exc:
         if exc.abort is not None:
             with trio.move_on_at(deadline):
@@ -230,8 +255,8 @@ def _check_credentials(credentials: Credentials, limits: Limits) -> None:
 
 async def _refuse_busy(stream: trio.abc.Stream, peer: str, limits: Limits) -> None:
     """Read msg1 (so closing does not reset the connection), answer ``busy``, close."""
-    framed = FramedStream(stream, peer=peer, limits=limits)
-    with trio.move_on_after(limits.handshake_timeout):
+    framed = _handshake_framing(stream, peer, limits)
+    with trio.move_on_after(min(limits.first_frame_timeout, limits.handshake_timeout)):
         try:
             await framed.receive_frame()
             await framed.send_frame(
@@ -250,6 +275,8 @@ class Transport(Protocol):
 
     credentials: Credentials
     limits: Limits
+    trusted_hosts: TrustedHosts
+    """Addresses that completed a handshake with us (listeners keep slots for them)."""
 
     async def dial(self, address: Address, *, expected_peer: PeerId | None = None) -> SecureChannel:
         """Connect to ``address`` and authenticate; see the module docstring for errors."""
@@ -260,7 +287,8 @@ class Transport(Protocol):
         ...
 
 
-Accept = Callable[[], Awaitable[tuple[trio.abc.Stream, str]]]
+Accept = Callable[[], Awaitable[tuple[trio.abc.Stream, str, str]]]
+"""Waits for the next connection: ``(stream, name of the peer, its source host)``."""
 
 
 class Listener:
@@ -275,7 +303,8 @@ class Listener:
         self._handler = handler
         self._connections = 0
         self._pending = 0
-        self._refused = {"connections": 0, "handshakes": 0}
+        self._pending_by_host: dict[str, int] = {}
+        self._refused = {"connections": 0, "handshakes": 0, "host": 0}
 
     @property
     def connections(self) -> int:
@@ -288,60 +317,95 @@ class Listener:
         return self._pending
 
     async def _accept_loop(self, accept: Accept, nursery: trio.Nursery) -> None:
-        limits = self._transport.limits
         while True:
             try:
-                stream, peer = await accept()
+                stream, peer, host = await accept()
             except OSError as exc:
                 if exc.errno not in _ACCEPT_ERRNOS:
                     raise
                 log.error("accept failed (%s); retrying in %g s", exc, _ACCEPT_RETRY)
                 await trio.sleep(_ACCEPT_RETRY)
                 continue
-            if self._connections >= limits.max_connections:
-                self._refuse(
-                    "connections",
-                    "closing new connections: %d open (max_connections); first refused: %s",
-                    limits.max_connections,
-                    peer,
-                )
+            if not self._admit(peer, host):
                 await trio.aclose_forcefully(stream)
                 continue
             self._connections += 1
-            nursery.start_soon(self._serve_connection, stream, peer)
+            self._pending_by_host[host] = self._pending_by_host.get(host, 0) + 1
+            nursery.start_soon(self._serve_connection, stream, peer, host)
 
-    async def _serve_connection(self, stream: trio.abc.Stream, peer: str) -> None:
+    def _admit(self, peer: str, host: str) -> bool:
+        """Whether a new connection from ``host`` gets a slot (checked before any byte)."""
+        limits = self._transport.limits
+        trusted = self._transport.trusted_hosts.contains(host)
+        cap = limits.max_connections + (limits.reserved_connections if trusted else 0)
+        if self._connections >= cap:
+            self._refuse(
+                "connections",
+                "closing new connections: %d open (max_connections); first refused: %s",
+                limits.max_connections,
+                peer,
+            )
+            return False
+        if not trusted and self._pending_by_host.get(host, 0) >= limits.max_handshakes_per_host:
+            self._refuse(
+                "host",
+                "closing new connections from an address with %d handshakes in progress "
+                "(max_handshakes_per_host); first refused: %s",
+                limits.max_handshakes_per_host,
+                peer,
+            )
+            return False
+        return True
+
+    async def _serve_connection(self, stream: trio.abc.Stream, peer: str, host: str) -> None:
         limits = self._transport.limits
         try:
-            if self._pending >= limits.max_pending_handshakes:
-                self._refuse(
-                    "handshakes",
-                    "answering 'busy' to new connections: %d handshakes in progress "
-                    "(max_pending_handshakes); first refused: %s",
-                    limits.max_pending_handshakes,
-                    peer,
-                )
-                await _refuse_busy(stream, peer, limits)
-                return
-            self._pending += 1
             try:
-                channel = await upgrade_inbound(
-                    stream, peer=peer, credentials=self._transport.credentials, limits=limits
-                )
-            except RemoteProtocolError as exc:
-                _warn("handshake with", peer, exc)
-                return
-            except Exception:  # a bug: loud, but it must not stop the listener
-                log.exception("handshake with %s raised", peer)
-                return
+                trusted = self._transport.trusted_hosts.contains(host)
+                reserve = limits.reserved_connections if trusted else 0
+                if self._pending >= limits.max_pending_handshakes + reserve:
+                    self._refuse(
+                        "handshakes",
+                        "answering 'busy' to new connections: %d handshakes in progress "
+                        "(max_pending_handshakes); first refused: %s",
+                        limits.max_pending_handshakes,
+                        peer,
+                    )
+                    await _refuse_busy(stream, peer, limits)
+                    return
+                channel = await self._handshake(stream, peer)
             finally:
-                self._pending -= 1
-                self._recovered("handshakes", self._pending < limits.max_pending_handshakes)
+                self._pending_by_host[host] -= 1
+                if not self._pending_by_host[host]:
+                    del self._pending_by_host[host]
+                self._recovered(
+                    "host",
+                    max(self._pending_by_host.values(), default=0) < limits.max_handshakes_per_host,
+                )
+            if channel is None:
+                return
+            self._transport.trusted_hosts.add(host)
             log.debug("accepted %s from %s", channel.remote_peer.text, peer)
             await self._run_handler(channel)
         finally:
             self._connections -= 1
             self._recovered("connections", self._connections < limits.max_connections)
+
+    async def _handshake(self, stream: trio.abc.Stream, peer: str) -> SecureChannel | None:
+        limits = self._transport.limits
+        self._pending += 1
+        try:
+            return await upgrade_inbound(
+                stream, peer=peer, credentials=self._transport.credentials, limits=limits
+            )
+        except RemoteProtocolError as exc:
+            _warn("handshake with", peer, exc)
+        except Exception:  # a bug: loud, but it must not stop the listener
+            log.exception("handshake with %s raised", peer)
+        finally:
+            self._pending -= 1
+            self._recovered("handshakes", self._pending < limits.max_pending_handshakes)
+        return None
 
     async def _run_handler(self, channel: SecureChannel) -> None:
         try:
@@ -369,6 +433,32 @@ class Listener:
         if below_cap and self._refused[kind]:
             log.info("%s back below the cap after %d refusal(s)", kind, self._refused[kind])
             self._refused[kind] = 0
+
+
+class TrustedHosts:
+    """Source addresses that have completed a handshake with us (bounded, oldest out first).
+
+    A listener keeps reserved slots for them and does not apply the per-host
+    handshake cap to them.  An address is only a hint (several peers may share
+    one, and a stranger may share a member's), so trust here buys a slot to try
+    a handshake in, never anything the handshake itself decides.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._hosts: dict[str, None] = {}
+
+    def add(self, host: str) -> None:
+        self._hosts.pop(host, None)
+        self._hosts[host] = None
+        if len(self._hosts) > self._limit:
+            del self._hosts[next(iter(self._hosts))]
+
+    def contains(self, host: str) -> bool:
+        return host in self._hosts
+
+    def __len__(self) -> int:
+        return len(self._hosts)
 
 
 def _warn(what: str, peer: str, exc: RemoteProtocolError) -> None:
@@ -443,10 +533,13 @@ class TcpTransport:
     def __init__(self, credentials: Credentials, *, limits: Limits = DEFAULT_LIMITS) -> None:
         self.credentials = credentials
         self.limits = limits
+        self.trusted_hosts = TrustedHosts(limits.max_trusted_hosts)
 
     async def dial(self, address: Address, *, expected_peer: PeerId | None = None) -> SecureChannel:
         """Connect to ``address`` and authenticate; see the module docstring for errors."""
-        return await _dial_tcp(address, self.credentials, self.limits, expected_peer)
+        channel = await _dial_tcp(address, self.credentials, self.limits, expected_peer)
+        self.trusted_hosts.add(address.host)
+        return channel
 
     def listen(self, address: Address, handler: Handler) -> AbstractAsyncContextManager[Listener]:
         """Listen on ``address`` (port 0: any free port).
@@ -463,13 +556,13 @@ class TcpTransport:
         addresses = tuple(Address(*_split(s.socket.getsockname())) for s in sockets)
 
         def acceptor(socket_listener: trio.SocketListener) -> Accept:
-            async def accept() -> tuple[trio.abc.Stream, str]:
+            async def accept() -> tuple[trio.abc.Stream, str, str]:
                 stream = await socket_listener.accept()
                 try:
-                    name = str(Address(*_split(stream.socket.getpeername())))
+                    host, port = _split(stream.socket.getpeername())
                 except OSError:
-                    name = "unknown address"
-                return stream, name
+                    return stream, "unknown address", "unknown address"
+                return stream, str(Address(host, port)), host
 
             return accept
 
@@ -589,6 +682,7 @@ class MemoryTransport:
         self.network = network
         self.credentials = credentials
         self.limits = limits
+        self.trusted_hosts = TrustedHosts(limits.max_trusted_hosts)
 
     async def dial(self, address: Address, *, expected_peer: PeerId | None = None) -> SecureChannel:
         """Connect to ``address`` and authenticate; see the module docstring for errors."""
@@ -616,8 +710,9 @@ class MemoryTransport:
     async def _listen(self, address: Address, handler: Handler) -> AsyncIterator[Listener]:
         bound, queue = self.network._bind(address)
 
-        async def accept() -> tuple[trio.abc.Stream, str]:
-            return await queue.receive()
+        async def accept() -> tuple[trio.abc.Stream, str, str]:
+            stream, name = await queue.receive()
+            return stream, name, name  # a memory dialer's name stands for its address
 
         async def close_all() -> None:
             self.network._unbind(bound)

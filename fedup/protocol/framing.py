@@ -94,6 +94,15 @@ class FrameDecoder:
         """The largest payload accepted, in bytes."""
         return self._max_size
 
+    def raise_max_size(self, max_size: int) -> None:
+        """Accept payloads of up to ``max_size`` bytes from now on (never lowers the cap).
+
+        A connection reads the handshake under a small cap and raises it once the
+        peer has authenticated.
+        """
+        _check_max_size(max_size)
+        self._max_size = max(self._max_size, max_size)
+
     @property
     def buffered(self) -> int:
         """Bytes fed but not yet returned as (part of) a frame."""

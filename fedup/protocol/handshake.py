@@ -497,7 +497,7 @@ class ResponderHandshake(_Side):
             raise _fail(
                 AbortCode.WRONG_NETWORK,
                 f"wrong network: the peer is in {network!r}, this peer in {self.network!r}",
-                why=f"this peer is in network {self.network!r}",
+                why="this peer is in another network",  # its name is not told to strangers
             )
         if netkey != self._netkey_id:
             problem = (

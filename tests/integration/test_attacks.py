@@ -434,6 +434,22 @@ async def test_oversized_frame_header_in_the_handshake(
         await assert_serves_legit(env, listener)
 
 
+async def test_handshake_frames_are_capped_far_below_channel_frames(
+    env: Env, clock: trio.testing.MockClock | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before authentication a frame may not be larger than max_handshake_frame_size."""
+    cap = env.limits.max_handshake_frame_size
+    assert cap * 4 <= env.limits.max_frame_size
+    async with serving(env) as (listener, _):
+        raw = await env.raw(listener.addresses[0])
+        await raw.send_all((cap + 1).to_bytes(4, "big") + bytes(64))
+        await settle(listener)
+        (warning,) = warnings_of(caplog)
+        assert f"FrameError: frame length {cap + 1} exceeds the limit of {cap}" in warning
+        await raw.aclose()
+        await assert_serves_legit(env, listener)
+
+
 async def test_slow_trickle(
     env: Env, clock: trio.testing.MockClock | None, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -468,7 +484,9 @@ async def test_slow_handshake(
     """msg1 arrives one byte at a time: the whole handshake has one deadline."""
     msg1 = encode_frame(InitiatorHandshake(MALLORY, network=NET).start(), max_size=1 << 16)
     timeout = env.limits.handshake_timeout
-    env.limits = attrs.evolve(env.limits, frame_timeout=timeout * 10)  # not the frame deadline
+    env.limits = attrs.evolve(  # neither the frame deadline nor the first frame's
+        env.limits, frame_timeout=timeout * 10, first_frame_timeout=timeout * 10
+    )
     async with serving(env) as (listener, _):
         raw = await env.raw(listener.addresses[0])
         start = trio.current_time()
@@ -551,8 +569,15 @@ async def test_connection_flood(
 async def test_flood_of_connections_that_send_nothing(
     env: Env, clock: trio.testing.MockClock | None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Three times the cap in idle connections: none holds a slot past the handshake deadline."""
-    timeout = env.limits.handshake_timeout
+    """Three times the cap in idle connections: none holds a slot past the first frame's deadline
+    (or the handshake's, when that is shorter)."""
+    limits = env.limits
+    timeout = min(limits.first_frame_timeout, limits.handshake_timeout)
+    reason = (
+        f"sent no handshake within {timeout:g} s"
+        if limits.first_frame_timeout < limits.handshake_timeout
+        else f"handshake did not complete within {timeout:g} s"
+    )
     async with serving(env) as (listener, _):
         attackers = [await env.raw(listener.addresses[0]) for _ in range(12)]
         start = trio.current_time()
@@ -570,7 +595,75 @@ async def test_flood_of_connections_that_send_nothing(
         messages = warnings_of(caplog)
         assert sum("closing new connections" in m for m in messages) == 1  # once per episode
         assert sum("answering 'busy'" in m for m in messages) == 1
-        assert sum("PeerTimeoutError: handshake did not complete" in m for m in messages) == 2
+        assert sum(f"PeerTimeoutError: {reason}" in m for m in messages) == 2
         await assert_serves_legit(env, listener)
         for stream in attackers:
             await trio.aclose_forcefully(stream)
+
+
+async def _raw_from(env: Env, address: Address, source: str) -> trio.abc.Stream:
+    """A raw connection to ``address`` from the source address ``source``."""
+    if env.kind == "memory":
+        return await env.net.connect(address, source=source)
+    return await trio.open_tcp_stream(address.host, address.port, local_address=source)
+
+
+async def test_a_flood_from_one_address_leaves_dials_working(
+    env: Env, clock: trio.testing.MockClock | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Twelve idle connections from one address take one handshake slot, not every slot."""
+    if env.kind == "tcp6":
+        pytest.skip("IPv6 loopback has a single address; the flood needs a second one")
+    env.limits = attrs.evolve(env.limits, max_handshakes_per_host=1, reserved_connections=2)
+    flooder = "10.66.66.66" if env.kind == "memory" else "127.0.0.2"
+    async with serving(env) as (listener, _):
+        address = listener.addresses[0]
+        attackers = [await _raw_from(env, address, flooder) for _ in range(12)]
+        with trio.fail_after(10):
+            while listener.connections < 1:
+                await trio.sleep(0.005)
+        await trio.sleep(0.05)  # let the listener take every connection it will
+        assert listener.connections == 1 and listener.pending_handshakes == 1
+        # A first-time dialer (its address never completed a handshake) gets in at once.
+        channel = await env.transport(LEGIT).dial(address, expected_peer=SERVER.peer_id)
+        await channel.send_all(b"ping")
+        assert await channel.receive_some() == b"ping"
+        answers = [await _first_frame_or_eof(stream) for stream in attackers[1:]]
+        assert answers == [None] * 11  # over the per-address cap: closed before a byte is read
+        messages = warnings_of(caplog)
+        assert sum("(max_handshakes_per_host)" in m for m in messages) == 1  # once per episode
+        await channel.aclose()
+        for stream in attackers:
+            await trio.aclose_forcefully(stream)
+        await settle(listener)
+
+
+async def test_trusted_addresses_keep_reserved_slots(
+    env: Env, clock: trio.testing.MockClock | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every ordinary slot held by a flood: an address that completed a handshake gets in."""
+    if env.kind != "tcp4":
+        pytest.skip("needs two addresses (tcp4); memory dialers have a fresh name each time")
+    env.limits = attrs.evolve(env.limits, max_handshakes_per_host=100)
+    async with serving(env) as (listener, _):
+        address = listener.addresses[0]
+        legit = env.transport(LEGIT)
+        first = await legit.dial(address, expected_peer=SERVER.peer_id)
+        await first.aclose()
+        await settle(listener)
+        cap = env.limits.max_connections
+        attackers = [await _raw_from(env, address, "127.0.0.2") for _ in range(cap + 4)]
+        with trio.fail_after(10):
+            while listener.connections < cap:
+                await trio.sleep(0.005)
+        await trio.sleep(0.05)
+        assert listener.connections == cap  # the flood holds every ordinary slot
+        stranger = await _raw_from(env, address, "127.0.0.3")  # a new address is shut out
+        assert await _first_frame_or_eof(stranger) is None
+        channel = await legit.dial(address, expected_peer=SERVER.peer_id)  # a known one is not
+        await channel.send_all(b"ping")
+        assert await channel.receive_some() == b"ping"
+        await channel.aclose()
+        for stream in attackers:
+            await trio.aclose_forcefully(stream)
+        await settle(listener)

@@ -27,7 +27,7 @@ from fedup.net.channel import (
 )
 from fedup.net.transport import Credentials, upgrade_inbound, upgrade_outbound
 from fedup.protocol.framing import FrameDecoder, FrameError, encode_frame
-from fedup.protocol.handshake import AbortCode, HandshakeError, encode_abort
+from fedup.protocol.handshake import AbortCode, HandshakeError, InitiatorHandshake, encode_abort
 from fedup.protocol.records import Address, PeerRecord
 
 ALICE = Identity(b"\x01" * 32)
@@ -287,8 +287,25 @@ async def test_trickle_after_an_idle_pause_gets_the_full_frame_deadline(
     assert trio.current_time() - start == pytest.approx(30.0), trio.current_time() - start
 
 
-async def test_handshake_timeout_responder(autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_dialer_that_says_nothing_is_cut_at_the_first_frame_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     _, right = trio.testing.memory_stream_pair()  # the dialer connects and says nothing
+    start = trio.current_time()
+    with pytest.raises(PeerTimeoutError) as info:
+        await upgrade_inbound(
+            right, peer="10.9.9.9:5000", credentials=Credentials(BOB, NET), limits=SHORT
+        )
+    assert SHORT.first_frame_timeout < SHORT.handshake_timeout
+    assert trio.current_time() - start == pytest.approx(SHORT.first_frame_timeout)
+    assert f"sent no handshake within {SHORT.first_frame_timeout:g} s" in info.value.reason
+    assert info.value.peer == "10.9.9.9:5000"
+
+
+async def test_handshake_timeout_responder(autojump_clock: trio.testing.MockClock) -> None:
+    left, right = trio.testing.memory_stream_pair()
+    msg1 = InitiatorHandshake(ALICE, network=NET).start()
+    await left.send_all(encode_frame(msg1, max_size=1 << 16))  # then nothing: no msg3
     start = trio.current_time()
     with pytest.raises(PeerTimeoutError) as info:
         await upgrade_inbound(

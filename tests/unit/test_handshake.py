@@ -284,6 +284,8 @@ def test_wrong_network_both_sides_report_it() -> None:
         ini.receive_msg2(info.value.abort or b"")
     assert remote.value.code == "wrong-network"
     assert "wrong network" in remote.value.reason
+    assert NET not in remote.value.reason  # a stranger is not told the network's name
+    assert NET.encode() not in (info.value.abort or b"")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,82 @@
+"""Strangers on the LAN against a real federation (in memory, virtual clock).
+
+A stranger has no membership and, here, no network key: all it can do is open
+connections.  The run must finish with the model it would have had anyway, in at
+most twice the virtual time of the same run without the stranger.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from fedup.net.transport import DialError, MemoryNetwork
+from fedup.peer import Peer, RunSummary
+from fedup.protocol.records import Address
+from fedup.sim.world import MemoryWorld
+from tests.integration.test_federation import (
+    check_same_model,
+    identities,
+    run_federation,
+    weights_digest,
+)
+from tests.integration.test_hostile import RUN
+
+FLOODER = "10.66.66.66"
+IDLE_CONNECTIONS = 70
+"""The issue's flood: 70 idle connections from one host filled every slot of the landed code."""
+
+
+async def hold_idle_connections(network: MemoryNetwork, address: Address) -> None:
+    """Keep one idle connection from FLOODER open to ``address``, reopening it when closed."""
+    while True:
+        try:
+            stream = await network.connect(address, source=FLOODER)
+        except DialError:
+            await trio.sleep(0.05)
+            continue
+        try:
+            while await stream.receive_some():
+                pass  # never answer; wait for the listener to close us
+        except trio.BrokenResourceError:
+            pass
+        await trio.aclose_forcefully(stream)
+        await trio.sleep(0.01)
+
+
+async def federate(tmp_path: Path, *, flood: bool) -> tuple[list[RunSummary], float]:
+    ids = identities(3)
+    world = MemoryWorld()
+    start = trio.current_time()
+    async with trio.open_nursery() as flooders:
+
+        def opening(peer: Peer) -> None:
+            if flood:
+                for address in peer.addresses:
+                    for _ in range(IDLE_CONNECTIONS):
+                        flooders.start_soon(hold_idle_connections, world.network, address)
+
+        results = await run_federation(tmp_path, ids, world=world, on_open=opening, run=RUN)
+        took = trio.current_time() - start
+        flooders.cancel_scope.cancel()
+    summaries = [results[i.peer_id.text] for i in ids]
+    assert all(isinstance(s, RunSummary) and s.ok for s in summaries), summaries
+    done = [s for s in summaries if isinstance(s, RunSummary)]
+    assert all(s.best_lap >= 0 for s in done)
+    check_same_model(done)
+    return done, took
+
+
+async def test_a_connection_flood_from_one_host_does_not_stall_the_run(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    base, base_time = await federate(tmp_path / "base", flood=False)
+    with caplog.at_level(logging.INFO, logger="fedup"):
+        flooded, took = await federate(tmp_path / "flooded", flood=True)
+    assert took <= 2 * base_time, (took, base_time)
+    assert weights_digest(flooded[0]) == weights_digest(base[0])
+    assert "(max_handshakes_per_host)" in caplog.text  # the flood was there, and refused
