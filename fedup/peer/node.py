@@ -292,11 +292,19 @@ class Peer:
         last: RemoteProtocolError | None = None
         for address in record.record.addresses:
             try:
-                return await self.transport.dial(address, expected_peer=peer)
+                channel = await self.transport.dial(address, expected_peer=peer)
             except RemoteProtocolError as exc:
                 last = exc
+            else:
+                self._proven(peer)
+                return channel
         assert last is not None
         raise last
+
+    def _proven(self, peer: PeerId) -> None:
+        """``peer`` completed a handshake with us: discovery keeps its place for it."""
+        for d in self.discoveries:
+            d.prove(peer)
 
     def _record_of(self, peer: PeerId) -> SignedPeerRecord | None:
         view = self.custody.view if self.custody is not None else None
@@ -316,6 +324,7 @@ class Peer:
         limits = self.config.limits
         remote = channel.remote_peer
         record = channel.remote_record
+        self._proven(remote)
         if record is not None:
             # Verified in the handshake (signature, peer ID, our network): a peer that
             # dialed us is a candidate even when no discovery backend saw it.

@@ -48,7 +48,7 @@ import enum
 import functools
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -56,6 +56,7 @@ import attrs
 from fedup.config import DEFAULT_LIMITS, Limits
 from fedup.errors import LocalProtocolError, RemoteProtocolError
 from fedup.protocol.envelope import SignatureError
+from fedup.protocol.peer_id import PeerId
 from fedup.protocol.records import (
     PROTOCOL_VERSION,
     Address,
@@ -364,13 +365,20 @@ def _verify_record(envelope: bytes, limits: Limits) -> SignedPeerRecord:
         raise AnnouncementError(RejectReason.BAD_RECORD, exc.reason) from exc
 
 
-def admit_record(book: PeerRecordBook, signed: SignedPeerRecord) -> bool:
+def admit_record(
+    book: PeerRecordBook,
+    signed: SignedPeerRecord,
+    *,
+    evictable: Callable[[PeerId], bool] | None = None,
+) -> bool:
     """Rule 6: store ``signed`` in ``book`` if fresh; True if newer, False if a repeat.
 
-    Raises :class:`AnnouncementError` (``stale-seq`` or ``book-full``).
+    ``evictable`` says which peers may make room in a full book (see
+    :meth:`PeerRecordBook.admit`).  Raises :class:`AnnouncementError`
+    (``stale-seq`` or ``book-full``).
     """
     try:
-        return book.admit(signed)
+        return book.admit(signed, evictable=evictable)
     except StaleRecordError as exc:
         raise AnnouncementError(
             RejectReason.STALE_SEQ, exc.reason, peer=signed.peer_id.text, record=signed

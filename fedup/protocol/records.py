@@ -24,7 +24,7 @@ import functools
 import hashlib
 import ipaddress
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import attrs
 
@@ -243,38 +243,59 @@ class PeerRecordBook:
 
     The highest ``seq`` seen of a peer is remembered even after the peer is
     forgotten, so an old record cannot be replayed after a goodbye.
-    ``max_peers`` bounds memory when someone floods us with identities.
+    ``max_peers`` bounds memory when someone floods us with identities: when
+    the book is full, a newcomer takes the place of the peer admitted least
+    recently among those ``admit``'s ``evictable`` allows (the discovery core
+    allows the ones not live now), so waves of identities that come and go
+    never lock newcomers out.  An evicted peer's old records could then be
+    replayed, which only announces an address where that peer is not: a
+    candidate that never completes a handshake (docs/federation.md).
     """
 
     def __init__(self, *, max_peers: int = 1024) -> None:
         self._records: dict[PeerId, SignedPeerRecord] = {}
         self._high_seq: dict[PeerId, int] = {}
+        """By admission, least recent first."""
         self._max_peers = max_peers
 
-    def admit(self, signed: SignedPeerRecord) -> bool:
+    def admit(
+        self, signed: SignedPeerRecord, *, evictable: Callable[[PeerId], bool] | None = None
+    ) -> bool:
         """Store ``signed`` if it is newer than anything seen of that peer.
 
         Returns True when stored, False when it is the very record we already
         hold (a harmless repeat).  Raises :class:`StaleRecordError` for a
         record whose ``seq`` is not above the highest seen, and
-        :class:`~fedup.errors.RemoteProtocolError` when the book is full.
+        :class:`~fedup.errors.RemoteProtocolError` when the book is full and
+        no peer in it may be evicted (``evictable``; by default: peers whose
+        record was forgotten).
         """
         peer = signed.peer_id
         current = self._records.get(peer)
         if current is not None and signed.envelope == current.envelope:
             return False
-        high = self._high_seq.get(peer)
+        high = self._high_seq.pop(peer, None)
         if high is not None and signed.record.seq <= high:
+            self._high_seq[peer] = high
             raise StaleRecordError(
                 f"record seq {signed.record.seq} is not newer than {high}", peer=peer.text
             )
-        if high is None and len(self._high_seq) >= self._max_peers:
+        if high is None and len(self._high_seq) >= self._max_peers and not self._evict(evictable):
             raise RemoteProtocolError(
                 f"record book is full ({self._max_peers} peers)", peer=peer.text
             )
         self._records[peer] = signed
         self._high_seq[peer] = signed.record.seq
         return True
+
+    def _evict(self, evictable: Callable[[PeerId], bool] | None) -> bool:
+        """Forget the least recently admitted evictable peer entirely; False if none."""
+        for old in self._high_seq:
+            if old not in self._records if evictable is None else evictable(old):
+                del self._high_seq[old]
+                self._records.pop(old, None)
+                return True
+        return False
 
     def get(self, peer: PeerId) -> SignedPeerRecord | None:
         """The current record of ``peer``, or None."""

@@ -460,6 +460,42 @@ def test_core_bounds_sources_evicting_refused_ones_first() -> None:
     assert full.drops.snapshot() == {"too-many-sources": 1}
 
 
+def test_a_flood_of_signed_fakes_cannot_push_out_a_proven_peer() -> None:
+    """Fakes signed with the sniffed fingerprint are verified sightings; when the sources
+    are full, a verified newcomer replaces the oldest one of a peer that never completed
+    a handshake, never a proven peer, and junk replaces nothing."""
+    core = DiscoveryCore(scope=SCOPE, max_sources=3)
+    member = Identity(b"\x61" * 32)
+    core.observe("member", txt_of(record(ident=member)), HOME, now=0.0)
+    core.prove(member.peer_id)
+    fakes = [Identity(bytes([0x70 + i]) * 32) for i in range(6)]
+    lost = []
+    for i, fake in enumerate(fakes):
+        obs = core.observe(f"fake{i}", txt_of(record(ident=fake)), HOME, now=1.0 + i)
+        lost += [e.peer_id for e in obs.events if e.kind is EventKind.LOST]
+        assert any(e.kind is EventKind.FOUND for e in obs.events)  # every newcomer got in
+    assert lost == [f.peer_id for f in fakes[:4]]  # oldest first, each reported lost
+    assert set(core.peers()) == {member.peer_id, fakes[4].peer_id, fakes[5].peer_id}
+    assert core.observe("junk", b"junk", HOME, now=9.0).events == ()
+    assert set(core.peers()) == {member.peer_id, fakes[4].peer_id, fakes[5].peer_id}
+    assert core.drops.snapshot() == {"evicted": 4, "too-many-sources": 1}
+
+
+def test_the_victim_of_a_full_name_table_is_never_a_proven_peer() -> None:
+    """mDNS tracks names before it resolves them; when the table is full it forgets the
+    oldest unresolved or refused name, else the oldest unproven peer's, never a proven one."""
+    core = DiscoveryCore(scope=SCOPE)
+    member, fake = Identity(b"\x61" * 32), Identity(b"\x71" * 32)
+    core.observe("member", txt_of(record(ident=member)), HOME, now=0.0)
+    core.observe("fake", txt_of(record(ident=fake)), HOME, now=1.0)
+    core.observe("junk", b"junk", HOME, now=2.0)
+    core.prove(member.peer_id)
+    assert core.victim(["member", "fake", "junk", "resolving"]) == "junk"
+    assert core.victim(["member", "resolving", "fake"]) == "resolving"
+    assert core.victim(["member", "fake"]) == "fake"
+    assert core.victim(["member"]) is None
+
+
 def test_a_bare_envelope_is_judged_by_the_same_rules() -> None:
     """A bootstrap list carries envelopes, not TXT: same verdicts, no TXT layer."""
     signed = record()

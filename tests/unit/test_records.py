@@ -226,6 +226,31 @@ def test_book_is_bounded() -> None:
         book.admit(verify_peer_record(record(ident=third).seal(third).envelope))
 
 
+def test_a_full_book_makes_room_from_peers_that_went_away() -> None:
+    """Waves of identities that come and go never lock newcomers out (the landed code
+    refused every new peer after four waves filled its sequence memory)."""
+    book = PeerRecordBook(max_peers=3)
+    waves = [[Identity(bytes([40 + 3 * w + i]) * 32) for i in range(3)] for w in range(4)]
+    for wave in waves:
+        for ident in wave:
+            assert book.admit(verify_peer_record(record(ident=ident).seal(ident).envelope))
+        for ident in wave:
+            book.forget(ident.peer_id)  # a goodbye
+    assert len(book) == 0
+    # Only forgotten peers make room by default: a book of live records stays full.
+    live = waves[0]
+    for ident in live:
+        book.admit(verify_peer_record(record(ident=ident, seq=9).seal(ident).envelope))
+    newcomer = Identity(b"\x77" * 32)
+    signed = verify_peer_record(record(ident=newcomer).seal(newcomer).envelope)
+    with pytest.raises(RemoteProtocolError, match="full"):
+        book.admit(signed)
+    # The caller may allow more: the least recently admitted allowed peer goes.
+    assert book.admit(signed, evictable=lambda peer: peer != live[0].peer_id)
+    assert book.get(live[0].peer_id) is not None and book.get(live[1].peer_id) is None
+    assert book.get(newcomer.peer_id) == signed
+
+
 def test_next_seq_grows() -> None:
     assert next_seq(0, now_ns=5_000_000) == 5000
     assert next_seq(9000, now_ns=5_000_000) == 9001

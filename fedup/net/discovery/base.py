@@ -24,7 +24,7 @@ import abc
 import collections
 import enum
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 import trio
@@ -210,6 +210,9 @@ class DiscoveryCore:
         """The sources whose sighting is verified, by peer (kept by _put and _pop), so
         that a new record supersedes the others without a scan of every source."""
         self._live: dict[PeerId, tuple[str, SignedPeerRecord]] = {}
+        self._proven: collections.OrderedDict[PeerId, None] = collections.OrderedDict()
+        """Peers that completed a handshake with us (most recent last): their sightings
+        are the last to make room for newcomers."""
         self._logged: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
 
     # --- queries --------------------------------------------------------------------
@@ -224,6 +227,13 @@ class DiscoveryCore:
 
     def sighting(self, source: str) -> Sighting | None:
         return self._sightings.get(source)
+
+    def prove(self, peer: PeerId) -> None:
+        """``peer`` completed a handshake with us under the network's rules."""
+        self._proven.pop(peer, None)
+        self._proven[peer] = None
+        if len(self._proven) > self.limits.max_known_peers:
+            self._proven.popitem(last=False)
 
     # --- notices --------------------------------------------------------------------
 
@@ -276,20 +286,43 @@ class DiscoveryCore:
     ) -> Observation:
         if source in self.own_sources:
             return Observation()
-        if source not in self._sightings and not self._make_room():
-            self.drops.add("too-many-sources")
-            return Observation()
         advertised = tuple(advertised)
+        outcome: Verified | AnnouncementError
         try:
-            verified = verify()
-            signed = verified.signed
-            if signed.peer_id == self.local_peer:
-                self._pop(source)
-                return Observation()
-            fresh = admit_record(self.book, signed)
+            outcome = verify()
         except AnnouncementError as err:
             if provisional and err.code is RejectReason.ADDRESS_MISMATCH:
                 return Observation(retry=True)
+            outcome = err
+        evicted: tuple[DiscoveryEvent, ...] = ()
+        if source not in self._sightings:
+            room = self._make_room(newcomer_verified=isinstance(outcome, Verified))
+            if room is None:
+                self.drops.add("too-many-sources")
+                return Observation()
+            evicted = room
+        observation = self._judge(source, advertised, outcome, now=now)
+        if evicted:
+            return attrs.evolve(observation, events=evicted + observation.events)
+        return observation
+
+    def _judge(
+        self,
+        source: str,
+        advertised: tuple[Address, ...],
+        outcome: Verified | AnnouncementError,
+        *,
+        now: float,
+    ) -> Observation:
+        try:
+            if isinstance(outcome, AnnouncementError):
+                raise outcome
+            signed = outcome.signed
+            if signed.peer_id == self.local_peer:
+                self._pop(source)
+                return Observation()
+            fresh = admit_record(self.book, signed, evictable=self._not_live)
+        except AnnouncementError as err:
             return Observation(sighting=self._reject(source, advertised, err, now))
         sighting = Sighting(source, advertised, True, None, None, signed, now)
         self._put(source, sighting)
@@ -376,15 +409,42 @@ class DiscoveryCore:
             )
             self._put(src, stale)
 
-    def _make_room(self) -> bool:
+    def victim(self, sources: Iterable[str]) -> str | None:
+        """Of ``sources`` (oldest first), the one a backend that tracks names forgets to
+        make room: the first unresolved or refused one, else the first verified one of a
+        peer that never completed a handshake with us; None if every one is proven."""
+        unproven = None
+        for source in sources:
+            sighting = self._sightings.get(source)
+            if sighting is None or not sighting.verified:
+                return source
+            if unproven is None and sighting.peer_id not in self._proven:
+                unproven = source
+        return unproven
+
+    def _not_live(self, peer: PeerId) -> bool:
+        return peer not in self._live
+
+    def _make_room(self, *, newcomer_verified: bool) -> tuple[DiscoveryEvent, ...] | None:
+        """Room for one more source: None if there is none to make, else the events of
+        the eviction.  The oldest refused sighting goes first; for a verified newcomer,
+        then the oldest verified one of a peer that never completed a handshake with us.
+        Peers that did keep their place: signed announcements with the network's public
+        fingerprint, which anyone can sniff, cannot push a member out."""
         if len(self._sightings) < self.max_sources:
-            return True
+            return ()
         refused = [s for s in self._sightings.values() if not s.verified]
-        if not refused:
-            return False
-        oldest = min(refused, key=lambda s: s.seen_at)
-        self._pop(oldest.source)
-        return True
+        if refused:
+            self._pop(min(refused, key=lambda s: s.seen_at).source)
+            return ()
+        if not newcomer_verified:
+            return None
+        unproven = [s for s in self._sightings.values() if s.peer_id not in self._proven]
+        if not unproven:
+            return None
+        oldest = min(unproven, key=lambda s: s.seen_at)
+        self.drops.add("evicted")
+        return tuple(self.remove(oldest.source, cause=LostCause.EXPIRED))
 
     def _reject(
         self, source: str, advertised: tuple[Address, ...], err: AnnouncementError, now: float
@@ -452,6 +512,10 @@ class Discovery(abc.ABC):
     def peers(self) -> dict[PeerId, SignedPeerRecord]:
         """The live verified peers (not ourselves) and their current records."""
         return self._core.peers()
+
+    def prove(self, peer: PeerId) -> None:
+        """``peer`` completed a handshake with us: keep its sightings when room is short."""
+        self._core.prove(peer)
 
     def sightings(self) -> list[Sighting]:
         """Every announcement held, verified or not (for ``fedup-peer peers``)."""

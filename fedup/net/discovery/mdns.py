@@ -460,8 +460,13 @@ class MdnsDiscovery(Discovery):
         if name in self._tracked:
             return True
         if len(self._tracked) >= self._core.max_sources:
-            self._core.drops.add("too-many-sources")
-            return False
+            victim = self._core.victim(self._tracked)
+            if victim is None:
+                self._core.drops.add("too-many-sources")
+                return False
+            del self._tracked[victim]  # unresolved, refused, or never proven: it may come back
+            self._core.drops.add("evicted")
+            self._publish(self._core.remove(victim, cause=LostCause.EXPIRED))
         self._tracked[name] = _Tracked(self._check_interval)
         return True
 
