@@ -27,7 +27,7 @@ from typing import Protocol
 import attrs
 import trio
 
-from fedup.errors import RemoteProtocolError
+from fedup.errors import PeerTimeoutError, RemoteProtocolError
 from fedup.identity import Identity
 from fedup.learn.task import Task
 from fedup.net.batches import batches
@@ -328,8 +328,15 @@ class Peer:
                 if isinstance(d, BootstrapDiscovery):
                     d.observe_inbound(record)
         framed = FramedStream(channel, peer=remote.text, limits=limits)
-        with trio.fail_after(limits.frame_timeout):
-            first = await framed.receive_frame()
+        try:
+            with trio.fail_after(limits.frame_timeout):
+                first = await framed.receive_frame()
+        except trio.TooSlowError:
+            # A peer that passed the handshake and then says nothing is refused like any
+            # other misbehaving peer: the listener logs one warning naming it.
+            raise PeerTimeoutError(
+                f"sent no request within {limits.frame_timeout:g} s", peer=remote.text
+            ) from None
         message = decode_message(first, limits=limits)
         if isinstance(message, GetPeers):
             await answer_peer_list(framed, self.known_peers(), self.record, limits=limits)
