@@ -3,6 +3,7 @@ secrets and the state directory are refused when others can touch them."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -195,6 +196,39 @@ def test_a_secret_behind_a_link_or_not_a_file_is_refused(tmp_path: Path) -> None
         read_private_file(tmp_path / "missing", "network key file", ConfigError, max_bytes=100)
 
 
+# -- another user's files (only root can make them here) ---------------------------------
+
+OTHER_UID = 54321
+needs_root = pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="only root can give a file away"
+)
+
+
+@needs_root
+def test_what_another_user_owns_is_refused(tmp_path: Path, victim: Path) -> None:
+    folder = tmp_path / "state"
+    folder.mkdir(mode=0o700)
+    os.chown(folder, OTHER_UID, OTHER_UID)
+    with pytest.raises(FileError, match="belongs to another user"):
+        check_private_dir(folder)
+    key = write_secret(tmp_path / "k", b"secret", 0o600)
+    os.chown(key, OTHER_UID, OTHER_UID)
+    with pytest.raises(ConfigError, match="belongs to another user"):
+        read_private_file(key, "network key file", ConfigError, max_bytes=100)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(b"")
+    os.chown(metrics, OTHER_UID, OTHER_UID)
+    with pytest.raises(FileError, match="belongs to another user"):
+        open_append(metrics)
+    link = tmp_path / "out"
+    (tmp_path / "elsewhere").mkdir()
+    link.symlink_to(tmp_path / "elsewhere")
+    make_dirs(link)  # the user's own link to a folder is followed
+    os.lchown(link, OTHER_UID, OTHER_UID)
+    with pytest.raises(FileError, match="symbolic link owned by another user"):
+        make_dirs(link)
+
+
 # -- the files FedUp writes, through their writers ------------------------------------------
 
 
@@ -217,7 +251,7 @@ def test_run_outputs_refuse_a_link_at_metrics_and_replace_links_elsewhere(
 ) -> None:
     import torch
 
-    from fedup.peer.outputs import RunOutputs
+    from fedup.peer.outputs import RunOutputs, RunSummary
 
     out = tmp_path / "run"
     plant_link(out / "metrics.jsonl", victim)
@@ -231,12 +265,20 @@ def test_run_outputs_refuse_a_link_at_metrics_and_replace_links_elsewhere(
     outputs = RunOutputs(out)
     outputs.log({"type": "hop", "lap": 0})
     outputs.save_federation({"run_id": "r"})
-    outputs.save_model({"w": torch.ones(2)}, {"format": "pt"})
+    sha = outputs.save_model({"w": torch.ones(2)}, {"format": "pt"})
+    outputs.save_summary(
+        RunSummary(
+            run_id="r", peer_id="p", leader="p", members=["p"], laps=1, converged=True,
+            stop_reason="converged", federated_val_loss=[0.5], federated_laps=[0],
+            best_lap=0, final_val_loss=0.5, final_val_accuracy=0.8, data_passes=1.0,
+            model_sha256=sha, dead=[], model_bytes_sent=0, out_dir=str(out),
+        )
+    )  # fmt: skip
     outputs.close()
     assert victim.read_bytes() == b"precious\n"
-    for name in ("metrics.jsonl", "model.safetensors", "federation.json"):
+    for name in ("metrics.jsonl", "model.safetensors", "federation.json", "summary.json"):
         assert not (out / name).is_symlink() and mode(out / name) == 0o600, name
-    assert (out / "summary.json").is_symlink()  # not written yet: still the planted link
+    assert json.loads((out / "summary.json").read_text())["model_sha256"] == sha
 
 
 def test_run_outputs_folder_and_parents_are_0700(tmp_path: Path) -> None:
