@@ -10,6 +10,7 @@ from fedup.config import DEFAULT_LIMITS, Limits
 from fedup.errors import (
     ConfigError,
     FedupError,
+    FileError,
     IdentityError,
     LocalProtocolError,
     RemoteProtocolError,
@@ -70,6 +71,7 @@ __all__ = [
     "ConfigError",
     "EvalStats",
     "FedupError",
+    "FileError",
     "FixedTaskSource",
     "FormationError",
     "Identity",

@@ -43,6 +43,12 @@ class IdentityError(FedupError):
     """The identity key file cannot be used: unreadable, corrupt or exposed."""
 
 
+class FileError(FedupError):
+    """A file or folder FedUp writes or keeps cannot be used safely: a symbolic link
+    where FedUp appends or creates a file, something other than a regular file, or a
+    folder others can write.  The message names the path and the fix."""
+
+
 class ConfigError(FedupError):
     """A setting is invalid; the message names the setting."""
 

@@ -9,23 +9,27 @@ Ed25519 seed as text::
 It is created on first use with mode 0600, atomically: the key is written to a
 private temporary file, flushed to disk, and hard-linked into place, which
 fails if another process created the file first (then that file is used).  A
-key file that cannot be read, is malformed, is not a regular file, or can be
-read or written by group or others is refused with :class:`IdentityError`;
-it is never silently replaced, because replacing it would change the peer's
-identity.
+key file that cannot be read, is malformed, is a symbolic link or not a regular
+file, belongs to another user, or can be read or written by group or others is
+refused with :class:`IdentityError`; it is never silently replaced, because
+replacing it would change the peer's identity.
+
+The state directory is created with mode 0700 (missing parents too).  One that
+belongs to another user, or that group or others can write (they could swap the
+key file), is refused with :class:`~fedup.errors.FileError`.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-import stat
 from pathlib import Path
 
 import nacl.signing
 import platformdirs
 
 from fedup.errors import IdentityError
+from fedup.files import check_private_dir, create_new, fsync_dir, make_dirs, read_private_file
 from fedup.protocol.peer_id import PeerId
 
 KEY_FILE_NAME = "identity.key"
@@ -72,12 +76,15 @@ def default_state_dir() -> Path:
 def load_or_create_identity(state_dir: Path) -> Identity:
     """Load the identity kept in ``state_dir``, creating it on first use.
 
-    Creates ``state_dir`` (mode 0700) if needed.  Raises :class:`IdentityError`
-    when the key file exists but is unusable, or when the directory or file
-    cannot be created; the message names the file and what to do.
+    Creates ``state_dir`` (mode 0700, missing parents too) if needed.  Raises
+    :class:`IdentityError` when the key file exists but is unusable, or when the
+    directory or file cannot be created, and :class:`~fedup.errors.FileError`
+    when the directory belongs to another user or group or others can write it;
+    the message names the file and what to do.
     """
     try:
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_dirs(state_dir)
+        check_private_dir(state_dir)
     except OSError as exc:
         raise IdentityError(f"cannot create state directory {state_dir}: {exc.strerror}") from exc
     path = state_dir / KEY_FILE_NAME
@@ -91,12 +98,10 @@ def _create_key_file(path: Path) -> None:
     body = f"{_MAGIC}\n{seed.hex()}\n".encode("ascii")
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, body)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with create_new(tmp) as f:  # 0600, never through a symbolic link
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
         try:
             os.link(tmp, path)  # fails if another process won the race: use theirs
         except FileExistsError:
@@ -108,44 +113,11 @@ def _create_key_file(path: Path) -> None:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def _read_key_file(path: Path) -> Identity:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise IdentityError(f"cannot read key file {path}: {exc.strerror}") from exc
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise IdentityError(f"key file {path} is not a regular file; refusing to use it")
-        if info.st_mode & 0o077:
-            raise IdentityError(
-                f"key file {path} is accessible by group or others "
-                f"(mode {stat.S_IMODE(info.st_mode):04o}); refusing to use it. "
-                f"If it has not leaked, restrict it with: chmod 600 {path}"
-            )
-        if hasattr(os, "getuid") and info.st_uid != os.getuid():
-            raise IdentityError(f"key file {path} belongs to another user; refusing to use it")
-        data = os.read(fd, 4096)
-    except OSError as exc:
-        raise IdentityError(f"cannot read key file {path}: {exc.strerror}") from exc
-    finally:
-        os.close(fd)
+    data = read_private_file(path, "key file", IdentityError, max_bytes=4096)
     return Identity(_parse_key_file(path, data))
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import trio
 
 from fedup.errors import ConfigError
+from fedup.files import read_private_file
 from fedup.identity import KEY_FILE_NAME, load_or_create_identity
 from fedup.net.discovery import MdnsDiscovery, NetworkScope, Sighting
 from fedup.protocol.peer_id import PeerId
@@ -91,12 +92,13 @@ def add_parser(
 
 
 def read_network_key(path: Path) -> bytes:
-    """Read a 32-byte network key: 64 hex digits (whitespace ignored) or 32 raw bytes."""
-    try:
-        with path.open("rb") as f:
-            data = f.read(4097)
-    except OSError as exc:
-        raise ConfigError(f"cannot read network key file {path}: {exc.strerror}") from exc
+    """Read a 32-byte network key: 64 hex digits (whitespace ignored) or 32 raw bytes.
+
+    The file is checked like the identity key (:func:`fedup.files.read_private_file`):
+    a symbolic link, another user's file, or one that group or others can read or
+    write is refused with :class:`~fedup.errors.ConfigError`, one line with the fix.
+    """
+    data = read_private_file(path, "network key file", ConfigError, max_bytes=4097)
     if len(data) == 32:
         return data
     try:

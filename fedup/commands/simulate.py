@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from fedup.commands.run_options import DEFAULTS, RUN_OPTIONS, run_settings
 from fedup.commands.tables import print_models
 from fedup.errors import ConfigError
+from fedup.files import make_dirs, write_atomic
 
 log = logging.getLogger("fedup")
 if TYPE_CHECKING:
@@ -204,14 +205,14 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     if out is None:
         out = args.state_dir / "sims" / time.strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     log.info("simulating %d peers into %s", len(sources), out)
     result = simulate(sources, out, settings)
     report = build_report(result, sources, baselines=args.baselines)
     report["partition"] = args.partition or ("iid" if args.data is not None else "lender")
     report["data_source"] = str(args.data) if args.data is not None else "synthetic"
     report["out"] = str(out)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_atomic(out / "report.json", (json.dumps(report, indent=2) + "\n").encode("utf-8"))
     if args.json:
         print(json.dumps(report))
     else:

@@ -232,12 +232,18 @@ def exit_code(summary: RunSummary) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from fedup.peer import Peer, TabularSource
+    from fedup.peer.outputs import RunOutputs
 
     _use_live_progress()
     values = resolve(args)
     config = build_config(args, values)
     identity = config.load_identity()
     state_dir = config.resolved_state_dir()
+    if config.out_dir is not None:  # refuse an unusable --out before joining anyone
+        try:
+            RunOutputs(config.out_dir).close()
+        except OSError as exc:
+            raise ConfigError(f"cannot use --out {config.out_dir}: {exc.strerror or exc}") from None
     if values["data"] is not None:
         source = TabularSource.from_csv(values["data"], values["target"])
     else:

@@ -3,16 +3,17 @@
 Each peer gets its own folder under ``OUT/peers/peerI`` holding its identity
 (created by the peer), its lender's loan book (``data/loans.csv``, generated
 here from the demo seed so a rerun sees the same lenders), its log and its
-run outputs (``run/``).  The peers share nothing but a fresh network name and
-a fresh 32-byte network key, so they never mix with other FedUp peers on the
-host, and find each other by mDNS on 127.0.0.1 (``--loopback``) or, with
-``mdns=False``, by dialing each other's listening ports (no multicast at all).
+run outputs (``run/``).  Folders are made with mode 0700 and files with 0600,
+none through a symbolic link (:mod:`fedup.files`).  The peers share nothing but
+a fresh network name and a fresh 32-byte network key, so they never mix with
+other FedUp peers on the host, and find each other by mDNS on 127.0.0.1
+(``--loopback``) or, with ``mdns=False``, by dialing each other's listening
+ports (no multicast at all).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import signal
 import socket
@@ -25,6 +26,7 @@ from typing import Any
 
 import attrs
 
+from fedup.files import create_new, make_dirs
 from fedup.learn.loans import generate_lender, lender_seed
 
 __all__ = [
@@ -101,9 +103,9 @@ def prepare_peers(out: Path, n: int, *, seed: int, rows: int | None) -> list[Dem
     for i in range(n):
         directory = out / "peers" / f"peer{i}"
         data = directory / "data" / "loans.csv"
-        data.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(data.parent)  # 0700: the peer refuses a state dir others can write
         lender = generate_lender(lender_seed(seed, i), rows)
-        data.write_bytes(lender.csv_bytes())
+        lender.write_csv(data)
         table = lender.table
         peers.append(
             DemoPeer(
@@ -119,10 +121,12 @@ def prepare_peers(out: Path, n: int, *, seed: int, rows: int | None) -> list[Dem
 
 
 def write_network_key(path: Path) -> None:
-    """A fresh random network key, readable by the owner only."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(secrets.token_hex(32) + "\n")
+    """A fresh random network key in a new file, readable by the owner only (0600).
+
+    Raises :class:`~fedup.errors.FileError` if anything is already at ``path``.
+    """
+    with create_new(path) as f:
+        f.write((secrets.token_hex(32) + "\n").encode("ascii"))
 
 
 def free_ports(n: int) -> list[int]:
@@ -197,7 +201,7 @@ def run_peers(
     ended: dict[int, float] = {}
     try:
         for p, cmd in zip(peers, commands, strict=True):
-            with p.log.open("wb") as log:
+            with create_new(p.log) as log:
                 procs.append(
                     subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
                 )

@@ -10,6 +10,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from fedup.files import atomic_writer
+
 __all__ = ["plot_loss_curves"]
 
 
@@ -48,7 +50,8 @@ def plot_loss_curves(report: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_writer(path) as f:  # 0600, replacing (never following) a link at path
+        fig.savefig(f, format="png")
 
 
 def _all(curves: dict[str, Any]) -> list[list[Any]]:

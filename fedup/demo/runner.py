@@ -23,6 +23,7 @@ from fedup.demo.peers import (
 )
 from fedup.demo.report import build_report
 from fedup.errors import ConfigError, FedupError
+from fedup.files import copy_atomic, make_dirs, write_atomic
 
 __all__ = ["MARKER", "DemoSettings", "run_demo"]
 
@@ -100,8 +101,8 @@ def _fresh_out(out: Path) -> None:
                     shutil.rmtree(target)
                 else:
                     target.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-        (out / MARKER).write_text("made by fedup-peer demo; a rerun replaces this folder\n")
+        make_dirs(out)
+        write_atomic(out / MARKER, b"made by fedup-peer demo; a rerun replaces this folder\n")
     except OSError as exc:
         raise ConfigError(f"cannot prepare the demo folder {out}: {exc}") from None
 
@@ -192,11 +193,11 @@ def run_demo(settings: DemoSettings, say: Say = print) -> dict[str, Any]:
     report["seed"] = settings.seed
     report["federation_seconds"] = elapsed
     first = next(o for o in outcomes if o.summary is not None)
-    shutil.copyfile(first.peer.run_dir / "model.safetensors", out / "model.safetensors")
-    shutil.copyfile(first.peer.run_dir / "federation.json", out / "federation.json")
+    copy_atomic(first.peer.run_dir / "model.safetensors", out / "model.safetensors")
+    copy_atomic(first.peer.run_dir / "federation.json", out / "federation.json")
     from fedup.demo.plot import plot_loss_curves  # matplotlib: only when drawing
 
     plot_loss_curves(report, out / "loss_curves.png")
     report["out"] = str(out)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_atomic(out / "report.json", (json.dumps(report, indent=2) + "\n").encode("utf-8"))
     return report

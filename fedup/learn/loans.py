@@ -44,6 +44,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
+from fedup.files import write_atomic
 from fedup.learn.tabular import DataError, Table
 
 __all__ = [
@@ -143,9 +144,12 @@ class LenderData:
         return out.getvalue().encode("utf-8")
 
     def write_csv(self, path: str | os.PathLike[str]) -> None:
-        """Write the rows as a CSV file (same seed, same bytes)."""
-        with open(path, "wb") as f:
-            f.write(self.csv_bytes())
+        """Write the rows as a CSV file (same seed, same bytes), mode 0600.
+
+        The file is replaced atomically (:func:`fedup.files.write_atomic`): a
+        symbolic link at ``path`` is replaced, not followed.
+        """
+        write_atomic(path, self.csv_bytes())
 
 
 def seed_from_peer_id(peer_id: str) -> int:

@@ -20,12 +20,10 @@ Nothing here unpickles or calls ``torch.load``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -38,6 +36,7 @@ from torch import nn
 
 from fedup.config import DEFAULT_LIMITS, Limits
 from fedup.errors import LocalProtocolError
+from fedup.files import atomic_writer
 from fedup.protocol.tensors import (
     TensorDecodeError,
     TensorSpec,
@@ -218,12 +217,14 @@ def save_safetensors(
 ) -> str:
     """Write a state to a ``.safetensors`` file atomically; return its SHA-256 (hex).
 
-    The file is written to a temporary file in the same directory, flushed,
-    fsynced and renamed over ``path`` (then the directory is fsynced), so a
-    reader sees the old file or the new one, never a partial one.  The new
-    file has mode 0600.  The bytes depend only on the tensors and metadata,
-    not on dict order or process: safetensors sorts tensors itself, and the
-    ``__metadata__`` keys, which it keeps in an unordered map, are sorted here.
+    The file is written to a new temporary file in the same directory
+    (:func:`fedup.files.atomic_writer`: mode 0600, never through a symbolic
+    link), flushed, fsynced and renamed over ``path`` (then the directory is
+    fsynced), so a reader sees the old file or the new one, never a partial
+    one, and a symbolic link at ``path`` is replaced, not followed.  The bytes
+    depend only on the tensors and metadata, not on dict order or process:
+    safetensors sorts tensors itself, and the ``__metadata__`` keys, which it
+    keeps in an unordered map, are sorted here.
 
     Raises :class:`~fedup.errors.LocalProtocolError` for a dtype outside the
     allow-list or metadata that is not ``str`` to ``str``; :class:`OSError`
@@ -247,28 +248,11 @@ def save_safetensors(
     raw = safetensors.torch.save(tensors, metadata=dict(metadata) if metadata else None)
     parts = _canonical_parts(raw) if metadata else [memoryview(raw)]
 
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for part in parts:
-                f.write(part)
-                digest.update(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # not every platform can fsync a directory
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    with atomic_writer(path, durable=True) as f:
+        for part in parts:
+            f.write(part)
+            digest.update(part)
     return digest.hexdigest()
 
 

@@ -27,7 +27,7 @@ from typing import Protocol
 import attrs
 import trio
 
-from fedup.errors import RemoteProtocolError
+from fedup.errors import FileError, PeerTimeoutError, RemoteProtocolError
 from fedup.identity import Identity
 from fedup.learn.task import Task
 from fedup.net.batches import batches
@@ -142,8 +142,9 @@ class Peer:
 
         With ``world``, the peer lives on an in-process network and discovery hub
         (the simulator); otherwise on TCP with mDNS and/or bootstrap peers.
-        Raises :class:`~fedup.errors.ConfigError` for unusable settings and
-        :class:`~fedup.errors.IdentityError` for an unusable key file.
+        Raises :class:`~fedup.errors.ConfigError` for unusable settings,
+        :class:`~fedup.errors.IdentityError` for an unusable key file and
+        :class:`~fedup.errors.FileError` for a state directory others can write.
         """
         identity = config.load_identity()
         source = task if isinstance(task, TaskSource) else FixedTaskSource(task)
@@ -337,15 +338,26 @@ class Peer:
                 if isinstance(d, BootstrapDiscovery):
                     d.observe_inbound(record)
         framed = FramedStream(channel, peer=remote.text, limits=limits)
-        with trio.fail_after(limits.frame_timeout):
-            first = await framed.receive_frame()
+        try:
+            with trio.fail_after(limits.frame_timeout):
+                first = await framed.receive_frame()
+        except trio.TooSlowError:
+            # A peer that passed the handshake and then says nothing is refused like any
+            # other misbehaving peer: the listener logs one warning naming it.
+            raise PeerTimeoutError(
+                f"sent no request within {limits.frame_timeout:g} s", peer=remote.text
+            ) from None
         message = decode_message(first, limits=limits)
         if isinstance(message, GetPeers):
             await answer_peer_list(framed, self.known_peers(), self.record, limits=limits)
         elif isinstance(message, Call):
             await self.formation.on_call(framed, channel, message)
         elif isinstance(message, Link):
-            custody = await self._custody_for_link(message.run_id, remote)
+            try:
+                custody = await self._custody_for_link(message.run_id, remote)
+            except FileError as exc:  # our own output folder, not the peer's doing
+                log.error("cannot take run %s from %s: %s", message.run_id.hex()[:8], remote, exc)
+                return
             if custody is None:
                 raise RemoteProtocolError(
                     f"opened a link for run {message.run_id.hex()[:8]}, which is not ours",
@@ -417,8 +429,9 @@ class Peer:
         Returns the run's summary (also written to ``summary.json``; its ``ok``
         says whether the run ended by its stopping rule with a trained model).
         Raises :class:`~fedup.peer.formation_driver.FormationError` if no
-        federation can be formed and :class:`~fedup.peer.custody_driver.RunError`
-        if the run fails here.
+        federation can be formed, :class:`~fedup.peer.custody_driver.RunError`
+        if the run fails here, and :class:`~fedup.errors.FileError` if the output
+        folder cannot be used (see :class:`~fedup.peer.outputs.RunOutputs`).
         """
         try:
             membership = await self.formation.form()

@@ -10,20 +10,25 @@
   starts: run ID, leader, members in ring order, the run settings and the
   merged feature schema (how rows become model inputs: needed to use the
   model, and to score it on the same encoding).
+
+The folder is created with mode 0700 and every file with mode 0600
+(:mod:`fedup.files`).  The model and the JSON files are replaced atomically (a
+symbolic link at their name is replaced, not followed); ``metrics.jsonl`` is
+opened for appending when the outputs are made, never through a symbolic link
+(one there is refused with :class:`~fedup.errors.FileError`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
 import attrs
 import torch
 
+from fedup.files import make_dirs, open_append, write_atomic
 from fedup.learn.weights import save_safetensors
 from fedup.protocol.view import RunSettings
 
@@ -80,31 +85,32 @@ def run_settings_json(run: RunSettings) -> dict[str, Any]:
 
 
 class RunOutputs:
-    """Writes a run's files into ``directory`` (created if needed)."""
+    """Writes a run's files into ``directory``.
+
+    Making one creates the folder (mode 0700) and opens ``metrics.jsonl`` for
+    appending, so that an unusable folder is refused before the run needs it:
+    :class:`~fedup.errors.FileError` (a symbolic link at ``metrics.jsonl``, say)
+    or :class:`OSError` (the folder cannot be created).
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
+        make_dirs(directory)
         self.metrics_path = directory / "metrics.jsonl"
         self.model_path = directory / "model.safetensors"
         self.summary_path = directory / "summary.json"
         self.federation_path = directory / "federation.json"
         self._laps_logged: set[int] = set()
-        self._metrics: TextIO | None = None
+        self._metrics: BinaryIO | None = open_append(self.metrics_path)
 
     def log(self, record: Mapping[str, Any]) -> None:
         """Append one metrics line (flushed, so progress is visible while training).
 
-        The file is opened once, for appending, never through a symbolic link.
+        After :meth:`close`, the file is opened again, never through a symbolic link.
         """
         if self._metrics is None:
-            fd = os.open(
-                self.metrics_path,
-                os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
-                0o644,
-            )
-            self._metrics = os.fdopen(fd, "a", encoding="utf-8")
-        self._metrics.write(json.dumps(record, allow_nan=True) + "\n")
+            self._metrics = open_append(self.metrics_path)
+        self._metrics.write((json.dumps(record, allow_nan=True) + "\n").encode("utf-8"))
         self._metrics.flush()
 
     def close(self) -> None:
@@ -133,8 +139,5 @@ class RunOutputs:
 
     def _write_json(self, path: Path, value: Mapping[str, Any]) -> None:
         """Replace ``path`` atomically: a reader never sees half a file."""
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{path.stem}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(value, f, indent=2, allow_nan=True)
-            f.write("\n")
-        os.replace(tmp, path)
+        text = json.dumps(value, indent=2, allow_nan=True) + "\n"
+        write_atomic(path, text.encode("utf-8"))

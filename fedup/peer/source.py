@@ -16,6 +16,7 @@ import abc
 import hashlib
 from pathlib import Path
 
+from fedup.files import make_dirs
 from fedup.learn.loans import generate_lender, seed_from_peer_id
 from fedup.learn.schema import FeatureSchema, fits, schema_from_dict
 from fedup.learn.tabular import Table, read_csv, split, summarize
@@ -70,9 +71,10 @@ class TabularSource(TaskSource):
     @classmethod
     def synthetic(cls, peer_id: str, directory: Path) -> TabularSource:
         """This peer's synthetic lender (deterministic from its peer ID), written to a CSV
-        in ``directory`` so the user can see what was used."""
+        in ``directory`` so the user can see what was used (folder 0700, file 0600; see
+        :mod:`fedup.files`)."""
         data = generate_lender(seed_from_peer_id(peer_id))
-        directory.mkdir(parents=True, exist_ok=True)
+        make_dirs(directory)
         path = directory / "synthetic-loans.csv"
         data.write_csv(path)
         return cls.from_csv(path, "default")

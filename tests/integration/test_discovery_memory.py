@@ -252,10 +252,13 @@ def test_peers_command_parser_and_output(tmp_path: Path) -> None:
             parser.parse_args(["peers", *bad])
 
     (tmp_path / "k").write_text("ab" * 32 + "\n")
+    (tmp_path / "k").chmod(0o600)  # a key file others can read is refused (test_files.py)
     assert peers.read_network_key(tmp_path / "k") == bytes.fromhex("ab" * 32)
     (tmp_path / "raw").write_bytes(b"\x07" * 32)
+    (tmp_path / "raw").chmod(0o600)
     assert peers.read_network_key(tmp_path / "raw") == b"\x07" * 32
     (tmp_path / "bad").write_text("nope")
+    (tmp_path / "bad").chmod(0o600)
     with pytest.raises(ConfigError, match="64 hex digits"):
         peers.read_network_key(tmp_path / "bad")
     with pytest.raises(ConfigError, match="cannot read"):

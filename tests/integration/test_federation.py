@@ -614,3 +614,55 @@ async def test_a_peer_that_finds_too_few_others_gives_up_with_a_reason(
         async with Peer.open(cfg, lender(1), world=MemoryWorld()) as peer:
             await peer.train()
     assert trio.current_time() - start == pytest.approx(45.0)
+
+
+# --- 7. a member's own files ------------------------------------------------------------
+
+
+async def test_a_member_whose_output_folder_holds_a_planted_link_stops_with_one_line(
+    autojump_clock: trio.testing.MockClock,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Someone planted ``metrics.jsonl -> another file`` in B's output folder: B
+    refuses it (FileError naming the link) and writes nothing through it, both when
+    the leader's first hand-over reaches B before B's own run is made (B learns of
+    its membership late here) and when B makes its run; no traceback is logged by
+    anyone, and the others carry on without B."""
+    from fedup.errors import FileError
+    from fedup.peer.formation_driver import FormationDriver
+
+    ids = identities(3)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    folder = tmp_path / ids[1].peer_id.text[-8:]
+    folder.mkdir()
+    (folder / "metrics.jsonl").symlink_to(victim)
+    real_form = FormationDriver.form
+
+    async def late_form(self: FormationDriver) -> Any:
+        joined = await real_form(self)
+        if self.me == ids[1].peer_id:
+            await trio.sleep(5.0)  # the leader's first hand-over arrives meanwhile
+        return joined
+
+    monkeypatch.setattr(FormationDriver, "form", late_form)
+    with caplog.at_level(logging.INFO):
+        results = await run_federation(tmp_path, ids)
+    refused = results[ids[1].peer_id.text]
+    assert isinstance(refused, FileError), refused
+    assert "metrics.jsonl is a symbolic link" in str(refused)
+    assert victim.read_text() == "precious\n"
+    assert not [r for r in caplog.records if r.exc_info is not None]
+    early = [r for r in caplog.records if r.getMessage().startswith("cannot take run")]
+    assert early, "the hand-over before B's run was made never reached B"
+    for record in early:  # one line per refused hand-over, naming the sender and the link
+        assert record.levelno == logging.ERROR
+        assert ids[0].peer_id.text in record.getMessage()
+        assert "metrics.jsonl is a symbolic link" in record.getMessage()
+    others = [results[i.peer_id.text] for i in (ids[0], ids[2])]
+    assert all(isinstance(s, RunSummary) for s in others), others
+    for s in others:
+        assert isinstance(s, RunSummary)
+        assert s.dead == [ids[1].peer_id.text]

@@ -25,6 +25,7 @@ FORBIDDEN = {
         "fedup.cli",
         "fedup.commands",
         "fedup.demo",
+        "fedup.files",  # pure: it writes no files
         "safetensors",
         "matplotlib",
     },
@@ -57,6 +58,24 @@ FORBIDDEN = {
     # The demo drives real peer processes: it never opens a federation socket itself.
     "fedup/demo": {"trio", "zeroconf", "fedup.net", "fedup.cli", "fedup.commands", "fedup.sim"},
     "fedup/config.py": {"trio", "torch", "zeroconf", "nacl"},
+    # Safe file creation: the standard library and fedup.errors, usable from every layer.
+    "fedup/files.py": {
+        "trio",
+        "torch",
+        "zeroconf",
+        "nacl",
+        "numpy",
+        "fedup.config",
+        "fedup.protocol",
+        "fedup.net",
+        "fedup.learn",
+        "fedup.peer",
+        "fedup.sim",
+        "fedup.demo",
+        "fedup.cli",
+        "fedup.commands",
+        "fedup.identity",
+    },
 }
 
 

@@ -94,3 +94,48 @@ def test_the_command_line_loads_torch_only_for_commands_that_train() -> None:
     code = "import sys; from fedup import Peer; print('torch' in sys.modules, Peer.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "Peer"]
+
+
+def test_network_key_file_others_can_read_is_one_line_error_before_any_network(
+    tmp_path: Path,
+) -> None:
+    key = tmp_path / "network.key"
+    key.write_text("ab" * 32 + "\n")
+    key.chmod(0o644)
+    proc = run_cli(
+        "start", "--state-dir", str(tmp_path / "state"), "--network-key-file", str(key),
+        "--no-mdns", "--bootstrap", "127.0.0.1:9",
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "accessible by group or others" in proc.stderr
+    assert f"chmod 600 {key}" in proc.stderr
+    assert not (tmp_path / "state").exists()  # refused before anything else happened
+
+
+def test_state_dir_others_can_write_is_one_line_error(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    assert main(["id", "--state-dir", str(state)]) == 0
+    state.chmod(0o777)
+    proc = run_cli("id", "--state-dir", str(state))
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert f"chmod 700 {state}" in proc.stderr
+
+
+def test_a_link_planted_at_metrics_stops_start_before_it_joins_anyone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").symlink_to(victim)
+    code = main(
+        ["start", "--state-dir", str(tmp_path / "state"), "--out", str(out),
+         "--no-mdns", "--bootstrap", "127.0.0.1:9"]
+    )  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "metrics.jsonl is a symbolic link" in err
+    assert victim.read_text() == "precious\n"

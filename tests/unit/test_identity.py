@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedup.errors import IdentityError
+from fedup.errors import FileError, IdentityError
 from fedup.identity import (
     KEY_FILE_NAME,
     Identity,
@@ -87,7 +87,7 @@ def test_key_path_that_is_a_directory_or_symlink_is_refused(tmp_path: Path) -> N
     load_or_create_identity(real)
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / KEY_FILE_NAME).symlink_to(real / KEY_FILE_NAME)
-    with pytest.raises(IdentityError, match="cannot read key file"):
+    with pytest.raises(IdentityError, match=r"cannot read key file .*: it is a symbolic link"):
         load_or_create_identity(tmp_path / "s")
 
 
@@ -112,3 +112,24 @@ def test_sign_verifies_with_embedded_key() -> None:
     sig = ident.sign(b"hello")
     nacl.signing.VerifyKey(ident.peer_id.public_key).verify(b"hello", sig)
     assert ident.seed != Identity.generate().seed
+
+
+@pytest.mark.parametrize("loose", [0o777, 0o775, 0o770, 0o1777])
+def test_state_dir_others_can_write_is_refused_with_the_fix(tmp_path: Path, loose: int) -> None:
+    state = tmp_path / "state"
+    load_or_create_identity(state)
+    key = state / KEY_FILE_NAME
+    before = key.read_bytes()
+    state.chmod(loose)
+    with pytest.raises(FileError, match=rf"writable by group or others.*chmod 700 {state}$"):
+        load_or_create_identity(state)
+    assert key.read_bytes() == before
+    state.chmod(0o755)  # others may look in, not write: accepted
+    load_or_create_identity(state)
+
+
+def test_state_dir_and_missing_parents_are_created_0700(tmp_path: Path) -> None:
+    state = tmp_path / "a" / "b" / "state"
+    load_or_create_identity(state)
+    for folder in (tmp_path / "a", tmp_path / "a" / "b", state):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
