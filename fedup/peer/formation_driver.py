@@ -36,6 +36,7 @@ from fedup.protocol import cbor
 from fedup.protocol import formation_events as fe
 from fedup.protocol.envelope import Signer, seal_envelope
 from fedup.protocol.formation import FormationMachine, Stage
+from fedup.protocol.handshake import AbortCode, HandshakeError
 from fedup.protocol.messages import (
     Ack,
     Call,
@@ -226,6 +227,9 @@ class FormationDriver:
         elif isinstance(a, fe.Call):
             for peer in a.peers:
                 self._spawn(self._call, peer, a.run_id)
+        elif isinstance(a, fe.Probe):
+            for peer in a.peers:
+                self._spawn(self._probe, peer)
         elif isinstance(a, fe.AnswerOffer):
             self._to(
                 a.leader, True, Offer(a.run_id, self._builder.summary(), self._builder.source.kind)
@@ -285,6 +289,27 @@ class FormationDriver:
             joined.leader.short,
         )
         self._done.set()
+
+    async def _probe(self, peer: PeerId) -> None:
+        """Handshake with ``peer`` and close: does a real peer of our network answer?"""
+        # Half a call's patience: a caller whose call we hold until our probes end still
+        # gets its answer within its call_timeout.
+        deadline = self._limits.call_timeout / 2
+        try:
+            with trio.fail_after(deadline):
+                channel = await self._dial(peer, self._records.get(peer))
+        except trio.TooSlowError:
+            self.feed(fe.ProbeDone(peer, False, f"no answer within {deadline:g} s"))
+            return
+        except HandshakeError as exc:
+            self.feed(fe.ProbeDone(peer, None if exc.code == AbortCode.BUSY else False, str(exc)))
+            return
+        except (RemoteProtocolError, OSError) as exc:
+            self.feed(fe.ProbeDone(peer, False, str(exc)))
+            return
+        with trio.move_on_after(self._limits.close_notify_timeout):
+            await channel.aclose()
+        self.feed(fe.ProbeDone(peer, True))
 
     # --- leading ------------------------------------------------------------------------
 

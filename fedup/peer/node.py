@@ -340,13 +340,16 @@ class Peer:
         framed = FramedStream(channel, peer=remote.text, limits=limits)
         try:
             with trio.fail_after(limits.frame_timeout):
-                first = await framed.receive_frame()
+                first = await framed.receive_frame_or_eof()
         except trio.TooSlowError:
             # A peer that passed the handshake and then says nothing is refused like any
             # other misbehaving peer: the listener logs one warning naming it.
             raise PeerTimeoutError(
                 f"sent no request within {limits.frame_timeout:g} s", peer=remote.text
             ) from None
+        if first is None:  # a probe: it authenticated and closed (formation checks candidates)
+            log.debug("%s closed after the handshake", remote)
+            return
         message = decode_message(first, limits=limits)
         if isinstance(message, GetPeers):
             await answer_peer_list(framed, self.known_peers(), self.record, limits=limits)

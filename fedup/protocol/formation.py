@@ -24,6 +24,14 @@ The rules (docs/federation.md, section 2):
    broke after its acknowledgement, when the first ring blob of the view's
    run arrives (the leader commits once it has every acknowledgement, so a
    lost ``commit`` cannot leave a member out of a ring that counts on it).
+   While it waits, every ``settle`` seconds it *probes* the candidates lower
+   than itself that have not proven themselves (at most ``MAX_PROBES`` at
+   once): a handshake under the network's rules, then close.  A record only
+   says that someone signed it with the network's public fingerprint, which
+   anyone can sniff; a candidate whose probe fails is *unreachable*: it is
+   neither elected nor called until it calls us or announces a new record.
+   So fake candidates cost formation one ``settle`` interval, not
+   ``formation_timeout`` each.
 5. A peer answers a call only from the lowest peer it knows; a higher caller
    gets ``follow``.  A leader called by a lower peer stands down.  A peer bound
    to a leader (offered, acknowledged or joined) refuses other callers.  A
@@ -69,6 +77,8 @@ from fedup.protocol.formation_events import (
     OfferArrived,
     PeerLost,
     PeerSeen,
+    Probe,
+    ProbeDone,
     Propose,
     RefuseArrived,
     RingBlobArrived,
@@ -91,9 +101,14 @@ __all__ = [
     "Stage",
 ]
 
-TIMERS = SETTLE, FOLLOW, CALLS, ACKS, VIEW_DUE, COMMIT_DUE, GIVE_UP = (
+MAX_PROBES = 8
+"""Candidates probed at once: enough to clear a handful of fakes below the real leader in
+one round; few enough that a follower's probes cost the peers below it little."""
+
+TIMERS = SETTLE, FOLLOW, PROBE, CALLS, ACKS, VIEW_DUE, COMMIT_DUE, GIVE_UP = (
     "settle",
     "follow",
+    "probe",
     "calls",
     "acks",
     "view-due",
@@ -107,6 +122,7 @@ TIMERS = SETTLE, FOLLOW, CALLS, ACKS, VIEW_DUE, COMMIT_DUE, GIVE_UP = (
 _ANY = {
     PeerSeen: "_seen",
     PeerLost: "_lost",
+    ProbeDone: "_probed",
     CallArrived: "_call",
     TimerFired: "_timer",
 }
@@ -172,6 +188,16 @@ class FormationMachine:
         """Lower peers that did not call us in time: elected around until they call."""
         self.distrusted: set[PeerId] = set()
         """Leaders whose view broke the rules: refused from now on."""
+        self.proven: set[PeerId] = set()
+        """Candidates that completed a handshake with us (a probe, or their call)."""
+        self.unreachable: set[PeerId] = set()
+        """Candidates whose probe failed: not elected or called until they call us or
+        announce a new record."""
+        self.probing: set[PeerId] = set()
+        """Probes in flight."""
+        self.held: dict[PeerId, bytes] = {}
+        """Calls (caller -> run ID) answered once the probes of the unproven candidates
+        below the caller are done: they are the only reason not to follow it."""
         self.settled = False
         """No new candidate appeared for ``settle`` seconds (with enough candidates)."""
         self.leader: PeerId | None = None
@@ -206,7 +232,7 @@ class FormationMachine:
     @property
     def electorate(self) -> set[PeerId]:
         """Who may lead, as we see it: the candidates and us, minus those we skip."""
-        return (self.candidates - self.ignored - self.distrusted) | {self.me}
+        return (self.candidates - self.ignored - self.distrusted - self.unreachable) | {self.me}
 
     def found(self) -> int:
         """Peers known (us included), for the give-up message."""
@@ -221,6 +247,7 @@ class FormationMachine:
         ]
 
     def _seen(self, event: PeerSeen) -> list[Action]:
+        self.unreachable.discard(event.peer)  # a new record: worth another probe
         if event.peer == self.me or event.peer in self.candidates:
             return []
         self.candidates.add(event.peer)
@@ -253,6 +280,8 @@ class FormationMachine:
                 ),
                 *self._elect(),
             ]
+        if name == PROBE and self.stage is Stage.FOLLOWING:
+            return self._probe()
         if name == CALLS and self.stage is Stage.LEADING:
             return self._calls_done()
         if name == ACKS and self.stage is Stage.PROPOSING:
@@ -290,9 +319,7 @@ class FormationMachine:
         return [*actions, *self._cancel_all(), Failed(why)]
 
     def _cancel_all(self) -> list[Action]:
-        return [
-            CancelTimer(n) for n in (SETTLE, FOLLOW, CALLS, ACKS, VIEW_DUE, COMMIT_DUE, GIVE_UP)
-        ]
+        return [CancelTimer(n) for n in TIMERS]
 
     def _elect(self) -> list[Action]:
         """Settled: lead if we are the lowest, else expect the lowest to call."""
@@ -306,12 +333,58 @@ class FormationMachine:
         return [
             Note("info", f"waiting for {leader} to call"),
             SetTimer(FOLLOW, self.limits.formation_timeout),
+            SetTimer(PROBE, self.settle),
         ]
+
+    def _unproven_below(self, peer: PeerId) -> list[PeerId]:
+        """The candidates we would rather follow than ``peer`` that never proved
+        themselves, lowest first."""
+        return sorted(p for p in self.electorate - {self.me} if p < peer and p not in self.proven)
+
+    def _probe_some(self, peers: list[PeerId]) -> list[Action]:
+        """Probe the lowest ``MAX_PROBES`` of ``peers`` that are not being probed already
+        (none: every one of them is)."""
+        todo = [p for p in peers if p not in self.probing][:MAX_PROBES]
+        self.probing.update(todo)
+        return [Probe(tuple(todo))] if todo else []
+
+    def _probe(self) -> list[Action]:
+        """Still following after ``settle``: check the unproven candidates below us."""
+        lower = self._unproven_below(self.me)
+        if not lower:
+            return []
+        return [*self._probe_some(lower), SetTimer(PROBE, self.settle)]
+
+    def _probed(self, event: ProbeDone) -> list[Action]:
+        peer = event.peer
+        self.probing.discard(peer)
+        actions: list[Action] = []
+        if event.alive:
+            self.proven.add(peer)
+        elif event.alive is False and peer in self.candidates and peer not in self.proven:
+            self.unreachable.add(peer)
+            actions.append(
+                Note("warning", f"candidate {peer} failed its probe ({event.why}); leaving it out")
+            )
+            if self.stage is Stage.FOLLOWING and self.leader == peer:
+                self.leader = None
+                self.stage = Stage.SETTLING
+                actions += [CancelTimer(FOLLOW), CancelTimer(PROBE), *self._elect()]
+        return actions + self._answer_held()
+
+    def _answer_held(self) -> list[Action]:
+        """Answer the held calls whose probes are all done (which may probe more)."""
+        actions: list[Action] = []
+        for caller, run_id in list(self.held.items()):
+            if not self.probing.intersection(self._unproven_below(caller)):
+                del self.held[caller]
+                actions += self._call(CallArrived(caller, run_id))
+        return actions
 
     # --- leading ------------------------------------------------------------------------
 
     def _lead(self) -> list[Action]:
-        peers = tuple(sorted(self.candidates - self.distrusted))
+        peers = tuple(sorted(self.candidates - self.distrusted - self.unreachable))
         self.stage = Stage.LEADING
         self.leader = self.me
         self.run_id = self._new_run_id()
@@ -349,7 +422,9 @@ class FormationMachine:
         actions: list[Action] = [Close(event.peer)]
         # A lower peer we already found silent (or distrust) does not make us stand down:
         # its followers will find it silent too, and our next call will find them free.
-        if event.leader < self.me and event.leader not in self.distrusted | self.ignored:
+        if event.leader < self.me and event.leader not in (
+            self.distrusted | self.ignored | self.unreachable
+        ):
             self.lower.add(event.leader)
             self.candidates.add(event.leader)
             actions.append(Note("info", f"{event.peer} follows {event.leader}, lower than us"))
@@ -406,6 +481,7 @@ class FormationMachine:
                 *actions,
                 Note("info", f"standing down: following {lower}"),
                 SetTimer(FOLLOW, self.limits.formation_timeout),
+                SetTimer(PROBE, self.settle),
             ]
         if len(self.offers) + 1 < self.min_peers:
             actions.append(
@@ -523,6 +599,8 @@ class FormationMachine:
 
     def _call(self, event: CallArrived) -> list[Action]:
         caller = event.leader
+        self.proven.add(caller)  # it authenticated to call
+        self.unreachable.discard(caller)
         no = [SendRefuse(caller, event.run_id, RefusalCode.COMMITTED, "", inbound=True)]
         if self.stage is Stage.JOINED:
             return [attrs.evolve(no[0], reason="already training in another run")]
@@ -541,6 +619,12 @@ class FormationMachine:
             return [attrs.evolve(no[0], reason=f"already in the federation of {self.leader}")]
         lowest = min(self.electorate | {caller})
         if caller != lowest:
+            unproven = self._unproven_below(caller)
+            if unproven and not any(p < caller for p in self.proven & self.electorate):
+                # Only candidates that never proved themselves stand before the caller
+                # (it just did): probe them before answering, within the caller's patience.
+                self.held[caller] = event.run_id
+                return self._probe_some(unproven) or self._answer_held()
             return [AnswerFollow(caller, event.run_id, lowest)]
         actions: list[Action] = []
         if self.stage in (Stage.LEADING, Stage.PROPOSING):
@@ -559,6 +643,7 @@ class FormationMachine:
         self.ignored.discard(leader)
         return [
             CancelTimer(FOLLOW),
+            CancelTimer(PROBE),
             CancelTimer(SETTLE),
             AnswerOffer(leader, run_id),
             SetTimer(VIEW_DUE, self.limits.call_timeout + self.limits.view_timeout),

@@ -94,6 +94,20 @@ class CallFailed:
 
 
 @attrs.frozen
+class ProbeDone:
+    """A probe of ``peer`` (a handshake under the network's rules, then close) ended.
+
+    ``alive``: True if the handshake completed, False if it failed (nothing listens
+    there, another peer answered, the network key differs, no answer in time), None
+    if it proved nothing either way (the peer was busy).
+    """
+
+    peer: PeerId
+    alive: bool | None
+    why: str = ""
+
+
+@attrs.frozen
 class ViewReady:
     """The driver admitted the offers and signed a view (after :class:`Propose`)."""
 
@@ -165,6 +179,7 @@ Event: TypeAlias = (
     | FollowArrived
     | RefuseArrived
     | CallFailed
+    | ProbeDone
     | ViewReady
     | ViewArrived
     | AckArrived
@@ -182,6 +197,13 @@ class Call:
     """Dial each of ``peers`` and send ``call`` for ``run_id``."""
 
     run_id: bytes
+    peers: tuple[PeerId, ...]
+
+
+@attrs.frozen
+class Probe:
+    """Handshake with each of ``peers`` (then close) and feed :class:`ProbeDone`."""
+
     peers: tuple[PeerId, ...]
 
 
@@ -293,6 +315,7 @@ class Ignored:
 
 Action: TypeAlias = (
     Call
+    | Probe
     | AnswerOffer
     | AnswerFollow
     | Propose

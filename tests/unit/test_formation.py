@@ -38,6 +38,8 @@ from fedup.protocol.formation_events import (
     Note,
     OfferArrived,
     PeerSeen,
+    Probe,
+    ProbeDone,
     Propose,
     RefuseArrived,
     RingBlobArrived,
@@ -86,7 +88,12 @@ class FormationWorld:
         self.timers: dict[tuple[PeerId, str], float] = {}
         self.log: list[tuple[float, PeerId, Action]] = []
         self.down: set[PeerId] = set()
-        """Crashed peers: calls to them fail, they do nothing."""
+        """Crashed peers (or fake records): calls and probes to them fail, they do nothing."""
+        self.mute: set[PeerId] = set()
+        """Peers that complete a handshake (a probe succeeds) but call nobody and answer no
+        call: a probe cannot tell them from a slow leader."""
+        self.probes: list[tuple[PeerId, PeerId]] = []
+        """(prober, probed), in order."""
         self.misfit: dict[PeerId, str] = {}
         """The leader's admission refuses these (their columns do not fit)."""
         self.view_problem: dict[PeerId, tuple[str, bool]] = {}
@@ -109,7 +116,7 @@ class FormationWorld:
                 self.queue.append((p, PeerSeen(q)))
 
     def feed(self, peer: PeerId, event: Event) -> None:
-        if peer in self.down:
+        if peer in self.down or peer in self.mute:
             return
         for action in self.machines[peer].handle(event):
             self.log.append((self.now, peer, action))
@@ -136,10 +143,16 @@ class FormationWorld:
             self.timers[(me, a.name)] = self.now + a.seconds
         elif isinstance(a, CancelTimer):
             self.timers.pop((me, a.name), None)
+        elif isinstance(a, Probe):
+            for p in a.peers:
+                self.probes.append((me, p))
+                self.queue.append((me, ProbeDone(p, p not in self.down, "nothing listens")))
         elif isinstance(a, Call):
             for p in a.peers:
                 if p in self.down:
                     self.queue.append((me, CallFailed(p, "nothing listens")))
+                elif p in self.mute:
+                    self.queue.append((me, CallFailed(p, "closed the connection")))
                 else:
                     self.queue.append((p, CallArrived(me, a.run_id)))
         elif isinstance(a, AnswerOffer):
@@ -237,9 +250,10 @@ def test_a_hidden_lowest_peer_still_leads() -> None:
 
 
 def test_a_silent_lowest_peer_is_elected_around() -> None:
+    """A lowest peer that answers probes but never calls: formation_timeout decides."""
     world = FormationWorld(4, min_peers=3)
     low = world.peers[0]
-    world.down.add(low)
+    world.mute.add(low)
     world.start()
     world.run()
     one_federation(world, world.peers[1:])
@@ -247,6 +261,60 @@ def test_a_silent_lowest_peer_is_elected_around() -> None:
     # others to find it silent too
     assert world.now <= 1.0 + LIMITS.formation_timeout + 1.0 + 1e-9
     assert any("did not call" in n for n in world.notes(world.peers[1]))
+    assert (world.peers[1], low) in world.probes  # probed, and it answered
+
+
+def test_fake_lowest_candidates_cost_one_settle_interval() -> None:
+    """Three records below every real peer whose owners never complete a handshake (the
+    landed code waited formation_timeout for each): all probed at once after one settle
+    interval, left out, and the lowest real peer leads."""
+    world = FormationWorld(6, min_peers=3)
+    fakes = world.peers[:3]
+    world.down.update(fakes)
+    world.start()
+    world.run()
+    one_federation(world, world.peers[3:])
+    settle = 1.0
+    assert world.now <= settle + settle + 1e-9  # settled, then one probe round
+    for real in world.peers[3:]:
+        assert {p for who, p in world.probes if who == real} == set(fakes)
+        assert world.machines[real].unreachable == set(fakes)
+        assert sum("failed its probe" in n for n in world.notes(real)) == 3
+    assert not any("did not call" in n for p in world.peers[3:] for n in world.notes(p))
+    # A call from the real leader that arrived before a follower's probes were done was
+    # held until they were, not answered with "follow" a fake.
+    assert not any(isinstance(a, AnswerFollow) and a.leader in fakes for _, _, a in world.log)
+
+
+def test_probes_are_bounded_and_only_below_us() -> None:
+    world = FormationWorld(13, min_peers=3)
+    fakes = world.peers[:10]
+    world.down.update(fakes)
+    world.start()
+    world.run()
+    one_federation(world, world.peers[10:])
+    top = world.peers[12]
+    rounds = [p for who, p in world.probes if who == top]
+    assert rounds[:8] == fakes[:8]  # MAX_PROBES lowest first, then the rest next round
+    assert set(rounds) == set(fakes)
+    assert all(p < who for who, p in world.probes)
+
+
+def test_a_new_record_of_an_unreachable_candidate_earns_it_another_probe() -> None:
+    world = FormationWorld(4, min_peers=3)
+    me, low = world.peers[3], world.peers[0]
+    m = world.machines[me]
+    m.handle(Start())
+    for p in world.peers[:3]:
+        m.handle(PeerSeen(p))
+    m.handle(TimerFired("settle"))
+    assert m.leader == low
+    m.handle(ProbeDone(low, False, "nothing listens"))
+    assert low in m.unreachable and m.leader == world.peers[1]
+    m.handle(PeerSeen(low))
+    assert low not in m.unreachable
+    m.handle(ProbeDone(world.peers[1], None, "busy"))  # proves nothing either way
+    assert world.peers[1] not in m.unreachable | m.proven
 
 
 def test_a_member_whose_model_differs_fails_and_the_others_join_the_next_epoch() -> None:
