@@ -103,7 +103,9 @@ def _fresh_out(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / MARKER).write_text("made by fedup-peer demo; a rerun replaces this folder\n")
     except OSError as exc:
-        raise ConfigError(f"cannot prepare the demo folder {out}: {exc}") from None
+        raise ConfigError(
+            f"cannot prepare the demo folder {out}: {exc}; choose another --out"
+        ) from None
 
 
 class _Progress:
