@@ -1,8 +1,12 @@
 """``fedup-peer``: the command line.  It parses, composes and prints; nothing else.
 
 Every failure the user can cause or meet (a bad key file, a bad setting, a
-peer misbehaving) ends in one line on stderr and a non-zero exit; a traceback
-means a bug in FedUp.
+port in use, an output folder it cannot write, a peer misbehaving) ends in one
+line on stderr naming the problem and the fix, with a non-zero exit: 2 for a
+command line that does not parse (an unknown option, a value out of its
+range), 1 for every other error.  Anything else that escapes a command is a
+bug in FedUp: it too is one line (``internal error``), and ``--debug`` (or
+``--log-level debug``) prints the traceback of any error, for a bug report.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from fedup import __version__
 from fedup.commands import demo as demo_command
@@ -23,6 +29,22 @@ from fedup.errors import FedupError
 from fedup.identity import STATE_DIR_ENV, default_state_dir, load_or_create_identity
 
 Command = Callable[[argparse.Namespace], int]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (exit 2), not the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        text = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {text}; see {self.prog} --help\n")
+
+
+def _debug(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="log at debug level and print the traceback of an error (for bug reports)",
+    )
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +61,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         choices=["debug", "info", "warning", "error"],
         help="how much to log on stderr (default: %(default)s)",
     )
+    _debug(parser)
 
 
 def cmd_id(args: argparse.Namespace) -> int:
@@ -61,7 +84,7 @@ def cmd_id(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="fedup-peer",
         description="FedUp: train one model together without sharing data. "
         "Each command has its own --help.",
@@ -83,13 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     peers_command.add_parser(sub, common=_common)
     start_command.add_parser(sub, common=_common)
     simulate_command.add_parser(sub, common=_common)
-    demo_command.add_parser(sub)
+    _debug(demo_command.add_parser(sub))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "debug", False):
+        args.log_level = "debug"
+    debug = getattr(args, "log_level", None) == "debug"
     logging.basicConfig(
         level=getattr(logging, str(getattr(args, "log_level", "info")).upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -100,12 +126,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Command = args.func
     try:
         return func(args)
-    except FedupError as exc:
-        print(f"fedup-peer: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("fedup-peer: interrupted", file=sys.stderr)
         return 130
+    except (Exception, BaseExceptionGroup) as exc:
+        return failed(exc, debug=debug)
+
+
+def failed(exc: BaseException, *, debug: bool) -> int:
+    """Report an error that ended a command in one line on stderr; return the exit code.
+
+    With ``debug``, the traceback comes first.  A :class:`FedupError` is the
+    user's to fix and says how; an ``OSError`` (a disk filling up, say) is
+    printed as the system reports it; anything else is a bug in FedUp.
+    """
+    leaf = _only(exc)
+    if isinstance(leaf, KeyboardInterrupt):
+        print("fedup-peer: interrupted", file=sys.stderr)
+        return 130
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    if isinstance(leaf, FedupError):
+        line = f"error: {leaf}"
+    elif isinstance(leaf, OSError):
+        line = f"error: {leaf}" + ("" if debug else " (--debug shows where)")
+    else:
+        line = f"internal error: {type(leaf).__name__}: {leaf}; a bug in FedUp" + (
+            "" if debug else ": rerun with --debug and report the traceback"
+        )
+    print("fedup-peer: " + " ".join(line.split()), file=sys.stderr)
+    return 1
+
+
+def _only(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-exception groups, else ``exc`` itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import shlex
 from pathlib import Path
 from typing import Any
 
 from fedup.commands.tables import print_models
+from fedup.commands.values import LENDER_ROWS, SETTLE, add_option, of_setting, real, whole
 from fedup.errors import ConfigError
 
 CLAIM = (
@@ -38,28 +40,21 @@ def add_parser(
         help="how much the demo logs on stderr (default: warning; each peer logs at info "
         "level to peers/peerI/peer.log)",
     )
-    p.add_argument("--peers", type=int, default=3, help="peer processes, 2 to 16 (default: 3)")
-    p.add_argument(
-        "--out", type=Path, default=Path("fedup-demo"), help="output folder (default: fedup-demo)"
-    )
-    p.add_argument("--seed", type=int, default=0, help="which synthetic lenders (default: 0)")
-    p.add_argument("--rows", type=int, default=None, help="loans per lender (default: varies)")
+    option = functools.partial(add_option, p)
+
+    option("--peers", whole(2, 16), 3, "peer processes")
+    option("--out", Path, Path("fedup-demo"), "output folder")
+    option("--seed", of_setting("seed"), 0, "which synthetic lenders")
+    option("--rows", LENDER_ROWS, None, "loans per lender", shown="1,500 to 5,000, per lender")
     p.add_argument(
         "--no-mdns",
         action="store_true",
         help="peers dial each other's ports instead of using mDNS (no multicast at all)",
     )
-    p.add_argument(
-        "--settle", type=float, default=2.0, help="formation settle seconds (default: 2)"
-    )
-    p.add_argument(
-        "--timeout", type=float, default=600.0, help="deadline for the federation, s (default: 600)"
-    )
-    p.add_argument(
-        "--peer-args",
-        default="",
-        help="extra 'fedup-peer start' options for every peer, e.g. \"--max-laps 40\"",
-    )
+    option("--settle", SETTLE, 2.0, "formation settle seconds")
+    option("--timeout", real(0, 86_400, open_lo=True), 600.0, "deadline for the federation, s")
+    option("--peer-args", str, "", "extra 'fedup-peer start' options for every peer, "
+           'e.g. "--max-laps 40"', shown="none")  # fmt: skip
     p.set_defaults(func=run)
     return p
 

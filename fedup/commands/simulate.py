@@ -11,6 +11,7 @@ table, or the report with ``--json``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -21,36 +22,44 @@ from typing import TYPE_CHECKING, Any
 
 from fedup.commands.run_options import DEFAULTS, RUN_OPTIONS, run_settings
 from fedup.commands.tables import print_models
+from fedup.commands.values import LENDER_ROWS, SETTLE, add_option, of_setting, real, whole
+from fedup.config import DEFAULT_LIMITS
 from fedup.errors import ConfigError
-from fedup.files import make_dirs, write_atomic
+from fedup.files import write_atomic
+
+PEERS = whole(1, DEFAULT_LIMITS.max_members)
+THREADS = whole(1, 256)
+SIM_OUTPUTS = ("report.json", "peers")
+"""What a simulation writes at the top of its folder: a folder holding either is refused."""
 
 log = logging.getLogger("fedup")
 if TYPE_CHECKING:
     from fedup.sim import Link, SimSettings
 
 
-def _ints(text: str, what: str, n: tuple[int, ...]) -> list[int]:
+def _ints(text: str, form: str, n: tuple[int, ...]) -> list[int]:
     parts = text.split(":")
-    if len(parts) not in n:
-        raise ConfigError(f"bad {what} {text!r}")
     try:
+        if len(parts) not in n:
+            raise ValueError
         return [int(p) for p in parts]
     except ValueError:
-        raise ConfigError(f"bad {what} {text!r}: numbers expected") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not {form} (whole numbers)") from None
 
 
 # The parsers return plain values; _settings makes the fault objects (fedup.sim, and
 # with it torch, is imported only when a simulation runs, not for every command line).
+# They raise ArgumentTypeError, which argparse prints as "argument --kill: ...".
 
 
 def parse_kill(text: str) -> list[int]:
     """``PEER:LAP:HOP``."""
-    return _ints(text, "--kill (PEER:LAP:HOP)", (3,))
+    return _ints(text, "PEER:LAP:HOP", (3,))
 
 
 def parse_drop(text: str) -> list[int]:
     """``SRC:DST`` or ``SRC:DST:LAP:HOP``."""
-    return _ints(text, "--drop (SRC:DST[:LAP:HOP])", (2, 4))
+    return _ints(text, "SRC:DST[:LAP:HOP]", (2, 4))
 
 
 def parse_slow(text: str) -> tuple[int, float]:
@@ -59,7 +68,7 @@ def parse_slow(text: str) -> tuple[int, float]:
     try:
         return int(peer), float(seconds)
     except ValueError:
-        raise ConfigError(f"bad --slow {text!r} (PEER:SECONDS)") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not PEER:SECONDS") from None
 
 
 def parse_link(text: str) -> tuple[int, int, float, float]:
@@ -71,7 +80,7 @@ def parse_link(text: str) -> tuple[int, int, float, float]:
         mbit = float(parts[3]) if len(parts) == 4 else math.inf
         return int(parts[0]), int(parts[1]), float(parts[2]), mbit
     except ValueError:
-        raise ConfigError(f"bad --link {text!r} (SRC:DST:MS[:MBIT])") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not SRC:DST:MS[:MBIT]") from None
 
 
 def _link(ms: float, mbit: float) -> Link:
@@ -96,39 +105,44 @@ def add_parser(
     )
     common(p)
     p.set_defaults(log_level="warning")
-    p.add_argument("--peers", type=int, default=5, help="simulated peers (default: 5)")
-    p.add_argument("--data", type=Path, default=None, help="CSV to deal out (default: synthetic)")
-    p.add_argument("--target", default="default", help="binary target column of --data")
-    p.add_argument(
+    option = functools.partial(add_option, p)
+
+    option("--peers", PEERS, 5, "simulated peers")
+    option("--data", Path, None, "CSV to deal out", shown="synthetic lenders")
+    option("--target", str, "default", "binary target column of --data")
+    option(
         "--partition",
-        default=None,
-        help="lender (synthetic only; its default), iid (the CSV default), dirichlet:ALPHA, "
-        "column:NAME (one peer per value)",
+        str,
+        None,
+        "lender (synthetic only), iid, dirichlet:ALPHA, column:NAME (one peer per value)",
+        shown="lender; iid for --data",
     )
-    p.add_argument("--rows", type=int, default=None, help="rows per synthetic lender")
+    option("--rows", LENDER_ROWS, None, "rows per synthetic lender", shown="drawn per lender")
     p.add_argument("--baselines", action="store_true", help="also centralized and local-only")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument(
+    option(
         "--out",
-        type=Path,
-        default=None,
-        help="output folder (default: <state dir>/sims/<date-time>)",
+        Path,
+        None,
+        "output folder; checked before anything runs",
+        shown="<state dir>/sims/<date-time>",
     )
-    p.add_argument("--seed", type=int, default=0, help="identities, data and run seed")
+    option("--seed", of_setting("seed"), 0, "identities, data and run seed")
     for name, kind, why in RUN_OPTIONS:
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(DEFAULTS, name),
-                       help=f"{why} (default: %(default)s)")  # fmt: skip
-    p.add_argument("--settle", type=float, default=1.0, help="formation settle seconds")
+        option("--" + name.replace("_", "-"), kind, getattr(DEFAULTS, name), why)
+    option("--settle", SETTLE, 1.0, "formation settle seconds")
     p.add_argument("--real-clock", action="store_true", help="wait in real time, not virtual")
-    p.add_argument("--latency", type=float, default=0.0, help="one-way link latency, ms")
-    p.add_argument("--bandwidth", type=float, default=math.inf, help="link bandwidth, Mbit/s")
+    option("--latency", real(0, 60_000), 0.0, "one-way link latency, ms")
+    option(
+        "--bandwidth", real(0, open_lo=True), math.inf, "link bandwidth, Mbit/s", shown="unlimited"
+    )
     p.add_argument(
         "--link",
         type=parse_link,
         action="append",
         default=[],
         metavar="S:D:MS[:MBIT]",
-        help="the link from peer S to peer D differs (repeatable)",
+        help="the link from peer S to peer D differs; repeatable (default: none)",
     )
     p.add_argument(
         "--kill",
@@ -136,7 +150,8 @@ def add_parser(
         action="append",
         default=[],
         metavar="P:LAP:HOP",
-        help="peer P crashes once ring position HOP of lap LAP was trained (repeatable)",
+        help="peer P crashes once ring position HOP of lap LAP was trained; repeatable "
+        "(default: none)",
     )
     p.add_argument(
         "--drop",
@@ -144,7 +159,8 @@ def add_parser(
         action="append",
         default=[],
         metavar="S:D[:LAP:HOP]",
-        help="the next connection from S to D (after that hop) breaks mid-way (repeatable)",
+        help="the next connection from S to D (after that hop) breaks mid-way; repeatable "
+        "(default: none)",
     )
     p.add_argument(
         "--slow",
@@ -152,9 +168,9 @@ def add_parser(
         action="append",
         default=[],
         metavar="P:SECONDS",
-        help="peer P takes SECONDS longer per hop it trains (repeatable)",
+        help="peer P takes SECONDS longer per hop it trains; repeatable (default: none)",
     )
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    option("--threads", THREADS, 1, "torch threads")
     p.set_defaults(func=run)
     return p
 
@@ -162,8 +178,6 @@ def add_parser(
 def _settings(args: argparse.Namespace) -> SimSettings:
     from fedup.sim import Drop, Faults, Kill, SimSettings, Slow
 
-    if args.peers < 1:
-        raise ConfigError("--peers must be at least 1")
     run = run_settings(vars(args))
     try:
         faults = Faults(
@@ -187,12 +201,17 @@ def _settings(args: argparse.Namespace) -> SimSettings:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from fedup.peer.outputs import check_out_dir
     from fedup.sim import simulate
     from fedup.sim.data import csv_tables, sources_of, synthetic_tables
     from fedup.sim.report import build_report
 
     settings = _settings(args)
-    torch.set_num_threads(max(1, args.threads))
+    out: Path = args.out
+    if out is None:
+        out = args.state_dir / "sims" / time.strftime("%Y%m%d-%H%M%S")
+    check_out_dir(out, outputs=SIM_OUTPUTS)
+    torch.set_num_threads(args.threads)
     if args.data is not None:
         tables = csv_tables(
             args.data, args.target, args.peers, args.partition or "iid", seed=args.seed
@@ -202,10 +221,6 @@ def run(args: argparse.Namespace) -> int:
             args.peers, args.partition or "lender", seed=args.seed, n_rows=args.rows
         )
     sources = sources_of(tables)
-    out: Path = args.out
-    if out is None:
-        out = args.state_dir / "sims" / time.strftime("%Y%m%d-%H%M%S")
-    make_dirs(out)
     log.info("simulating %d peers into %s", len(sources), out)
     result = simulate(sources, out, settings)
     report = build_report(result, sources, baselines=args.baselines)

@@ -1,15 +1,26 @@
 """``fedup-peer start``: discover, form, train and finish, with zero configuration on a LAN.
 
-Every setting but ``--state-dir`` and ``--log-level`` can come from, in order of
-precedence: the command line, an environment variable ``FEDUP_<NAME>`` (e.g.
-``FEDUP_MIN_PEERS=3``), a TOML file given with ``--config`` (keys as the long
-option names, with ``-`` or ``_``), or the default.  The state dir comes from
-``--state-dir`` or ``FEDUP_STATE_DIR``, the log level from ``--log-level``: a
-config file naming either is refused rather than silently ignored.  It prints
-the run's outcome as one JSON line and exits 0 only when the stopping rule
-ended the run with a trained model (``summary.json``'s ``ok``); a run that ended
-with ``members-lost``, or with a model from no trained lap, exits with
-:data:`EXIT_NOT_OK` (3); a failure prints one line and exits 1.
+Every setting but ``--state-dir``, ``--log-level`` and ``--debug`` can come
+from, in order of precedence: the command line, an environment variable
+``FEDUP_<NAME>`` (e.g. ``FEDUP_MIN_PEERS=3``), a TOML file given with
+``--config`` (keys as the long option names, with ``-`` or ``_``), or the
+default; each is checked against its range (``--help`` shows ranges and
+defaults).  The state dir comes from ``--state-dir`` or ``FEDUP_STATE_DIR``,
+the log level from ``--log-level``: a config file naming either is refused
+rather than silently ignored.
+
+Before it joins anything the peer locks its state directory
+(:mod:`fedup.state_lock`: one running peer per state directory), checks its
+output folder (:func:`fedup.peer.outputs.check_out_dir`) and binds its listen
+address.  With ``--no-mdns`` and no ``--bootstrap`` it is a rendezvous: it
+listens and waits for peers that bootstrap to it, and logs the ``--bootstrap``
+address they should use.
+
+It prints the run's outcome as one JSON line and exits 0 only when the stopping
+rule ended the run with a trained model (``summary.json``'s ``ok``); a run that
+ended with ``members-lost``, or with a model from no trained lap, exits with
+:data:`EXIT_NOT_OK` (3); a failure prints one line and exits 1 (2 for a command
+line argparse refuses).
 """
 
 from __future__ import annotations
@@ -29,8 +40,11 @@ import trio
 
 from fedup.commands.peers import read_network_key
 from fedup.commands.run_options import DEFAULTS, RUN_OPTIONS, run_settings
+from fedup.commands.values import SETTLE, address, described, listen_address, of_setting, whole
+from fedup.config import DEFAULT_LIMITS
 from fedup.errors import ConfigError
 from fedup.protocol.records import Address
+from fedup.state_lock import hold_state_dir
 
 if TYPE_CHECKING:
     from fedup.peer import PeerConfig
@@ -41,13 +55,6 @@ log = logging.getLogger("fedup")
 ENV_PREFIX = "FEDUP_"
 
 
-def _address(text: str) -> Address:
-    try:
-        return Address.parse(text)
-    except ValueError as exc:
-        raise ConfigError(f"bad address {text!r}: {exc}") from None
-
-
 def _flag(text: object) -> bool:
     if isinstance(text, bool):
         return text
@@ -56,37 +63,49 @@ def _flag(text: object) -> bool:
         return True
     if value in ("0", "false", "no", "off", ""):
         return False
-    raise ConfigError(f"{text!r} is not a yes/no value")
+    raise argparse.ArgumentTypeError(f"{text!r} is not a yes/no value")
 
 
 @attrs.frozen
 class Setting:
     name: str
     convert: Callable[[Any], Any]
+    """The option's argparse type; also applied to a value from the environment or file."""
     default: Any
     help: str
     repeat: bool = False
     flag: bool = False
+    shown: str | None = None
+    """The default as ``--help`` shows it, when not the value itself."""
 
 
 SETTINGS = [
-    Setting("data", Path, None, "CSV file of this peer's private data (default: synthetic loans)"),
-    Setting("target", str, "default", "the binary target column of --data (default: default)"),
-    Setting("out", Path, None, "output folder (default: a run folder under the state dir)"),
-    Setting("min_peers", int, 2, "members needed, this peer included (default: 2)"),
-    Setting("settle", float, 3.0, "seconds without a new peer before forming (default: 3)"),
+    Setting("data", Path, None, "CSV file of this peer's private data",
+            shown="synthetic loans made for this peer"),
+    Setting("target", str, "default", "the binary target column of --data"),
+    Setting("out", Path, None, "output folder; checked before the peer joins anything",
+            shown="a run folder under the state dir"),
+    Setting("min_peers", whole(1, DEFAULT_LIMITS.max_members), 2,
+            "members needed, this peer included"),
+    Setting("settle", SETTLE, 3.0, "seconds without a new peer before forming"),
     *(Setting(name, kind, getattr(DEFAULTS, name), why) for name, kind, why in RUN_OPTIONS),
-    Setting("seed", int, DEFAULTS.seed, "seed of the model's initialisation and shuffling"),
-    Setting("listen", _address, Address("0.0.0.0", 0), "TCP HOST:PORT to listen on"),
-    Setting("interface", str, None, "mDNS interface (name or IPv4); repeatable", repeat=True),
+    Setting("seed", of_setting("seed"), DEFAULTS.seed,
+            "seed of the model's initialisation and shuffling"),
+    Setting("listen", listen_address, Address("0.0.0.0", 0),
+            "TCP HOST:PORT to listen on; port 0 picks a free one"),
+    Setting("interface", str, None, "mDNS interface (name or IPv4); repeatable",
+            repeat=True, shown="the LAN interfaces that are up"),
     Setting("network", str, "fedup", "network name; peers of other networks are ignored"),
-    Setting("network_key_file", Path, None, "32-byte network key (64 hex digits or raw)"),
-    Setting("bootstrap", _address, None, "known peer HOST:PORT to dial; repeatable", repeat=True),
-    Setting("no_mdns", _flag, False, "do not use mDNS (then use --bootstrap)", flag=True),
-    Setting(
-        "loopback", _flag, False, "mDNS and TCP on 127.0.0.1 only (peers on one host)", flag=True
-    ),
-]
+    Setting("network_key_file", Path, None, "32-byte network key (64 hex digits or raw)",
+            shown="none: an open network"),
+    Setting("bootstrap", address, None, "known peer HOST:PORT to dial; repeatable",
+            repeat=True, shown="none"),
+    Setting("no_mdns", _flag, False, "do not use mDNS; without --bootstrap this peer is a "
+            "rendezvous: it listens and waits for peers that bootstrap to it", flag=True,
+            shown="off"),
+    Setting("loopback", _flag, False, "mDNS and TCP on 127.0.0.1 only (peers on one host)",
+            flag=True, shown="off"),
+]  # fmt: skip
 
 
 def add_parser(
@@ -100,19 +119,22 @@ def add_parser(
         "a federation, train the model around the ring on this peer's private data until "
         "it converges, and write model.safetensors, metrics.jsonl, summary.json and "
         "federation.json. Every "
-        "option but --state-dir and --log-level can also come from FEDUP_<NAME> environment "
-        "variables or a --config TOML file.",
+        "option but --state-dir, --log-level and --debug can also come from FEDUP_<NAME> "
+        "environment variables or a --config TOML file.",
     )
     common(p)
-    p.add_argument("--config", type=Path, default=None, help="TOML file with settings")
+    p.add_argument(
+        "--config", type=Path, default=None, help="TOML file with settings (default: none)"
+    )
     for s in SETTINGS:
         opt = "--" + s.name.replace("_", "-")
+        text = described(s.help, s.convert, s.default, s.shown)
         if s.flag:
-            p.add_argument(opt, action="store_const", const=True, default=None, help=s.help)
+            p.add_argument(opt, action="store_const", const=True, default=None, help=text)
         elif s.repeat:
-            p.add_argument(opt, action="append", default=None, help=s.help)
+            p.add_argument(opt, action="append", type=s.convert, default=None, help=text)
         else:
-            p.add_argument(opt, default=None, help=s.help)
+            p.add_argument(opt, type=s.convert, default=None, help=text)
     p.set_defaults(func=run)
     return p
 
@@ -133,8 +155,10 @@ def resolve(args: argparse.Namespace, environ: dict[str, str] | None = None) -> 
     out: dict[str, Any] = {}
     for s in SETTINGS:
         value: Any = getattr(args, s.name)
-        where = "--" + s.name.replace("_", "-")
-        if value is None and ENV_PREFIX + s.name.upper() in env:
+        if value is not None:  # from the command line: argparse converted and checked it
+            out[s.name] = value
+            continue
+        if ENV_PREFIX + s.name.upper() in env:
             value = env[ENV_PREFIX + s.name.upper()]
             value = value.split(",") if s.repeat else value
             where = ENV_PREFIX + s.name.upper()
@@ -150,7 +174,7 @@ def resolve(args: argparse.Namespace, environ: dict[str, str] | None = None) -> 
                 out[s.name] = [s.convert(v) for v in items]
             else:
                 out[s.name] = s.convert(value)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
             raise ConfigError(f"{where}: {exc}") from None
     return out
 
@@ -160,8 +184,6 @@ def build_config(args: argparse.Namespace, values: dict[str, Any]) -> PeerConfig
 
     key = read_network_key(values["network_key_file"]) if values["network_key_file"] else None
     run = run_settings(values, seed=values["seed"])
-    if values["no_mdns"] and not values["bootstrap"]:
-        raise ConfigError("with --no-mdns, give at least one --bootstrap HOST:PORT")
     return PeerConfig(
         state_dir=args.state_dir,
         out_dir=values["out"],
@@ -231,28 +253,35 @@ def exit_code(summary: RunSummary) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedup.peer import Peer, TabularSource
-    from fedup.peer.outputs import RunOutputs
-
     _use_live_progress()
     values = resolve(args)
     config = build_config(args, values)
+    with hold_state_dir(config.resolved_state_dir()):  # one running peer per state dir
+        return _run(config, values)
+
+
+def _run(config: PeerConfig, values: dict[str, Any]) -> int:
+    from fedup.peer import Peer, TabularSource
+
     identity = config.load_identity()
     state_dir = config.resolved_state_dir()
-    if config.out_dir is not None:  # refuse an unusable --out before joining anyone
-        try:
-            RunOutputs(config.out_dir).close()
-        except OSError as exc:
-            raise ConfigError(f"cannot use --out {config.out_dir}: {exc.strerror or exc}") from None
     if values["data"] is not None:
         source = TabularSource.from_csv(values["data"], values["target"])
     else:
         source = TabularSource.synthetic(identity.peer_id.text, state_dir / "data")
-        log.info("no --data given: using synthetic loans in %s", state_dir / "data")
     config = attrs.evolve(config, identity=identity)
 
     async def main() -> int:
         async with Peer.open(config, source) as peer:
+            # Logged once the peer is up: an error before that is the only line on stderr.
+            if values["data"] is None:
+                log.info("no --data given: using synthetic loans in %s", state_dir / "data")
+            if not config.mdns and not config.bootstrap:
+                log.info(
+                    "rendezvous: no mDNS and no --bootstrap, so this peer waits for peers that "
+                    "bootstrap to it: --bootstrap %s (peer %s)",
+                    " or --bootstrap ".join(str(a) for a in peer.addresses), peer.peer_id,
+                )  # fmt: skip
             summary = await peer.train()
         print(json.dumps({"out": summary.out_dir, "model_sha256": summary.model_sha256,
                           "laps": summary.laps, "stop_reason": summary.stop_reason,

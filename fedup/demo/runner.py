@@ -104,7 +104,9 @@ def _fresh_out(out: Path) -> None:
         make_dirs(out)
         write_atomic(out / MARKER, b"made by fedup-peer demo; a rerun replaces this folder\n")
     except OSError as exc:
-        raise ConfigError(f"cannot prepare the demo folder {out}: {exc}") from None
+        raise ConfigError(
+            f"cannot prepare the demo folder {out}: {exc}; choose another --out"
+        ) from None
 
 
 class _Progress:

@@ -19,6 +19,7 @@ their first frame and moves the peer through its lifecycle
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -27,7 +28,7 @@ from typing import Protocol
 import attrs
 import trio
 
-from fedup.errors import FileError, PeerTimeoutError, RemoteProtocolError
+from fedup.errors import ConfigError, FileError, PeerTimeoutError, RemoteProtocolError
 from fedup.identity import Identity
 from fedup.learn.task import Task
 from fedup.net.batches import batches
@@ -51,7 +52,7 @@ from fedup.peer import events as ev
 from fedup.peer.config import PeerConfig
 from fedup.peer.custody_driver import CustodyDriver, RunError
 from fedup.peer.formation_driver import FormationDriver, FormationError
-from fedup.peer.outputs import RunSummary
+from fedup.peer.outputs import RunSummary, check_out_dir
 from fedup.peer.source import FixedTaskSource, TaskSource
 from fedup.peer.tamper import Tamper
 from fedup.peer.tasks import TaskBuilder
@@ -84,6 +85,23 @@ class Environment(Protocol):
     def train_delay(self, peer: PeerId) -> float:
         """Seconds a simulated slow member's hops take on top of training (0: none)."""
         ...
+
+
+def _listen_error(address: Address, exc: OSError) -> ConfigError:
+    """Why ``address`` cannot be listened on, and what to pass instead."""
+    if exc.errno == errno.EADDRINUSE:
+        why = f"port {address.port} is in use by another program"
+        fix = "pass another --listen port, or 0 to pick a free one"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        why = f"this host has no address {address.host}"
+        fix = f"pass --listen with one of this host's addresses, or 0.0.0.0:{address.port}"
+    elif exc.errno == errno.EACCES:
+        why = f"not allowed to listen on port {address.port}"
+        fix = "pass a --listen port of 1024 or more, or 0 to pick a free one"
+    else:
+        why = exc.strerror or str(exc)
+        fix = "pass another --listen address"
+    return ConfigError(f"cannot listen on {address}: {why}; {fix}")
 
 
 class Peer:
@@ -142,11 +160,19 @@ class Peer:
 
         With ``world``, the peer lives on an in-process network and discovery hub
         (the simulator); otherwise on TCP with mDNS and/or bootstrap peers.
-        Raises :class:`~fedup.errors.ConfigError` for unusable settings,
+        The output folder is checked first (:func:`~fedup.peer.outputs.check_out_dir`;
+        without ``config.out_dir``, the state directory's ``runs`` folder), then the
+        peer listens, then it starts discovery.
+        Raises :class:`~fedup.errors.ConfigError` for unusable settings (an output
+        folder it cannot use, a listen address it cannot bind),
         :class:`~fedup.errors.IdentityError` for an unusable key file and
         :class:`~fedup.errors.FileError` for a state directory others can write.
         """
         identity = config.load_identity()
+        if config.out_dir is not None:
+            check_out_dir(config.out_dir)
+        else:
+            check_out_dir(config.resolved_state_dir() / "runs", outputs=())
         source = task if isinstance(task, TaskSource) else FixedTaskSource(task)
         credentials = Credentials(identity, config.network, config.network_key)
         transport: Transport = (
@@ -177,7 +203,10 @@ class Peer:
             listen = Address(world.new_host(), 0)
         elif config.loopback and listen.host == "0.0.0.0":
             listen = Address("127.0.0.1", listen.port)
-        listener = await stack.enter_async_context(transport.listen(listen, self._handle))
+        try:
+            listener = await stack.enter_async_context(transport.listen(listen, self._handle))
+        except OSError as exc:
+            raise _listen_error(listen, exc) from None
         self.addresses = self._advertised(listener.addresses, world)
         self.record = PeerRecord(
             self.peer_id, next_seq(), self.addresses, config.network, scope.key_id

@@ -11,6 +11,11 @@
   merged feature schema (how rows become model inputs: needed to use the
   model, and to score it on the same encoding).
 
+Before a peer joins anything, :func:`check_out_dir` makes sure it can write
+its output folder: one it can create, its own, writable, not a symbolic link,
+and holding no earlier run's files (which this run would overwrite, or append
+to in ``metrics.jsonl``) nor a symbolic link at one of their names.
+
 The folder is created with mode 0700 and every file with mode 0600
 (:mod:`fedup.files`).  The model and the JSON files are replaced atomically (a
 symbolic link at their name is replaced, not followed); ``metrics.jsonl`` is
@@ -21,16 +26,78 @@ opened for appending when the outputs are made, never through a symbolic link
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import os
+import stat
+import tempfile
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import attrs
 import torch
 
+from fedup.errors import ConfigError, FileError
 from fedup.files import make_dirs, open_append, write_atomic
 from fedup.learn.weights import save_safetensors
 from fedup.protocol.view import RunSettings
+
+RUN_FILES = ("metrics.jsonl", "model.safetensors", "summary.json", "federation.json")
+"""What a run writes into its output folder."""
+
+
+def check_out_dir(directory: Path, *, outputs: Collection[str] = RUN_FILES) -> None:
+    """Make sure a run can write into ``directory``; done before the peer joins anything.
+
+    Creates ``directory`` (and its parents) if needed.  Raises
+    :class:`~fedup.errors.ConfigError`, naming the folder and the fix, when it is
+    a symbolic link (the folder it points to must be given itself), not a
+    directory, cannot be created, belongs to another user, already holds one of
+    ``outputs`` (another run's files, which this run would overwrite or append
+    to), or is not writable (checked by creating and removing a file in it).
+    """
+    if directory.is_symlink():
+        raise ConfigError(
+            f"output directory {directory} is a symbolic link; "
+            f"pass the folder it points to ({directory.resolve()}) as --out"
+        )
+    if os.path.lexists(directory) and not directory.is_dir():
+        raise ConfigError(f"output path {directory} is not a directory; pass a folder as --out")
+    try:
+        make_dirs(directory)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create output directory {directory}: {exc.strerror}; "
+            "pass an --out where you can write"
+        ) from None
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode):  # replaced since the checks above
+        raise ConfigError(f"output path {directory} is not a directory; pass a folder as --out")
+    if info.st_uid != os.geteuid():
+        raise ConfigError(
+            f"output directory {directory} belongs to another user (uid {info.st_uid}); "
+            "pass an --out of your own"
+        )
+    held = sorted(name for name in outputs if os.path.lexists(directory / name))
+    links = [name for name in held if (directory / name).is_symlink()]
+    if links:
+        raise FileError(
+            f"{directory / links[0]} is a symbolic link; refusing to write through it. "
+            "Remove it, or pass a new --out"
+        )
+    if held:
+        raise ConfigError(
+            f"output directory {directory} already holds another run's files "
+            f"({', '.join(held)}); pass a new --out, or move them away"
+        )
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".fedup-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(
+            f"output directory {directory} is not writable ({exc.strerror}); "
+            "pass an --out where you can write"
+        ) from None
 
 
 @attrs.frozen

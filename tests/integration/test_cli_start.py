@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -94,8 +95,8 @@ def test_settings_precedence(tmp_path: Path) -> None:
 def test_bad_settings_are_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="FEDUP_MIN_PEERS"):
         resolve(parse(), environ={"FEDUP_MIN_PEERS": "many"})
-    with pytest.raises(ConfigError, match="bootstrap"):
-        build_config(parse("--no-mdns"), resolve(parse("--no-mdns"), environ={}))
+    with pytest.raises(ConfigError, match=r"FEDUP_SETTLE: must be <= 600 \(got 601\)"):
+        resolve(parse(), environ={"FEDUP_SETTLE": "601"})
     cfg = tmp_path / "bad.toml"
     cfg.write_text("colour = 'blue'\n")
     with pytest.raises(ConfigError, match="unknown settings"):
@@ -104,6 +105,20 @@ def test_bad_settings_are_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"unknown settings.*state_dir"):
         resolve(parse("--config", str(cfg)), environ={})
     os.environ.pop("FEDUP_MIN_PEERS", None)
+
+
+def test_no_mdns_without_bootstrap_is_a_rendezvous_config() -> None:
+    args = parse("--no-mdns", "--listen", "127.0.0.1:0")
+    config = build_config(args, resolve(args, environ={}))
+    assert not config.mdns and config.bootstrap == ()
+    assert config.listen == Address("127.0.0.1", 0)
+
+
+def test_a_config_file_value_out_of_range_is_named(tmp_path: Path) -> None:
+    cfg = tmp_path / "fedup.toml"
+    cfg.write_text("max-laps = 0\n")
+    with pytest.raises(ConfigError, match=r"max_laps in .*fedup.toml: must be >= 1 \(got 0\)"):
+        resolve(parse("--config", str(cfg)), environ={})
 
 
 def test_live_progress_rewrites_one_status_line() -> None:
@@ -126,3 +141,130 @@ def test_live_progress_rewrites_one_status_line() -> None:
     assert out.count("\r\x1b[K") == 3  # two status updates, then the line is cleared
     assert out.endswith("info: run finished\n")
     assert "\n" not in out[: out.index("info:")]
+
+
+# --- operational errors: one line, the fix, a non-zero exit, before joining anything ----
+
+
+def fails_at_once(*argv: str) -> str:
+    """Run ``fedup-peer ARGV`` (a rendezvous peer unless told otherwise, so that a check
+    that did not happen leaves it waiting and the test times out); return its one line."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedup.cli", *argv], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("fedup-peer: error: ")
+    return lines[0].removeprefix("fedup-peer: error: ")
+
+
+def rendezvous(state: Path, *extra: str) -> list[str]:
+    return ["start", "--state-dir", str(state), "--no-mdns", *extra]
+
+
+def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = fails_at_once(*rendezvous(tmp_path, "--listen", f"127.0.0.1:{port}"))
+    assert line == (
+        f"cannot listen on 127.0.0.1:{port}: port {port} is in use by another program; "
+        "pass another --listen port, or 0 to pick a free one"
+    )
+
+
+def test_an_address_the_host_does_not_have_is_one_line(tmp_path: Path) -> None:
+    line = fails_at_once(*rendezvous(tmp_path, "--listen", "192.0.2.1:7000"))  # TEST-NET-1
+    assert line == (
+        "cannot listen on 192.0.2.1:7000: this host has no address 192.0.2.1; "
+        "pass --listen with one of this host's addresses, or 0.0.0.0:7000"
+    )
+
+
+def test_an_output_folder_it_cannot_create_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x")
+    out = tmp_path / "a-file" / "out"
+    line = fails_at_once(*rendezvous(tmp_path / "state", "--out", str(out)))
+    assert line.startswith(f"cannot create output directory {out}: ")
+    assert line.endswith("; pass an --out where you can write")
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs Linux sysfs")
+def test_an_output_folder_under_sysfs_is_one_line_for_start_and_simulate(tmp_path: Path) -> None:
+    """Unwritable for every user, root included (the issue's 'unwritable place')."""
+    out = "/sys/kernel/fedup-out"
+    line = fails_at_once(*rendezvous(tmp_path, "--out", out))
+    assert line.startswith(f"cannot create output directory {out}: ")
+    line = fails_at_once("simulate", "--state-dir", str(tmp_path), "--peers", "2", "--out", out)
+    assert line.startswith(f"cannot create output directory {out}: ")
+
+
+def test_an_output_folder_of_another_run_or_user_is_one_line(tmp_path: Path) -> None:
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "summary.json").write_text("{}")
+    line = fails_at_once(*rendezvous(tmp_path / "state", "--out", str(used)))
+    assert line == (
+        f"output directory {used} already holds another run's files (summary.json); "
+        "pass a new --out, or move them away"
+    )
+    if os.geteuid() == 0:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir()
+        os.chown(theirs, 65534, 65534)
+    else:
+        theirs = Path("/")
+    line = fails_at_once(*rendezvous(tmp_path / "state", "--out", str(theirs)))
+    assert line.startswith(f"output directory {theirs} belongs to another user (uid ")
+
+
+def test_a_state_directory_in_use_is_one_line_naming_the_process(tmp_path: Path) -> None:
+    from fedup.state_lock import hold_state_dir
+
+    with hold_state_dir(tmp_path):
+        line = fails_at_once(*rendezvous(tmp_path))
+    assert line == (
+        f"state directory {tmp_path} is in use by another running peer (pid {os.getpid()}); "
+        "stop it or pass another --state-dir"
+    )
+
+
+# --- a rendezvous peer: --no-mdns and no --bootstrap --------------------------------------
+
+
+def test_a_rendezvous_peer_forms_a_federation_with_peers_that_bootstrap_to_it(
+    tmp_path: Path,
+) -> None:
+    """One peer only listens (``--no-mdns``, no ``--bootstrap``); two others know only its
+    address, so they learn of each other through it, and all three train one model."""
+    (port,) = free_ports(1)
+    tiny = ["--min-peers", "3", "--settle", "1", "--max-laps", "3", "--patience", "3"]
+    base = [sys.executable, "-m", "fedup.cli", "start", "--no-mdns", *tiny]
+    commands = [
+        [*base, "--state-dir", str(tmp_path / "r"), "--listen", f"127.0.0.1:{port}"],
+        *([*base, "--state-dir", str(tmp_path / f"j{i}"), "--listen", "127.0.0.1:0",
+           "--bootstrap", f"127.0.0.1:{port}"] for i in range(2)),
+    ]  # fmt: skip
+    procs = [
+        subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for c in commands
+    ]
+    try:
+        results = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    outs = [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
+    assert len({o["model_sha256"] for o in outs}) == 1
+    assert all(o["ok"] and o["laps"] >= 1 for o in outs)
+    summaries = [json.loads((Path(o["out"]) / "summary.json").read_text()) for o in outs]
+    assert len({s["run_id"] for s in summaries}) == 1
+    assert {s["peer_id"] for s in summaries} == set(summaries[0]["members"])
+    assert len(summaries[0]["members"]) == 3
+    assert f"waits for peers that bootstrap to it: --bootstrap 127.0.0.1:{port}" in results[0][1]

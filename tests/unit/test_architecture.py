@@ -53,6 +53,7 @@ FORBIDDEN = {
         "matplotlib",
     },
     "fedup/identity.py": {"trio", "torch", "zeroconf"},
+    "fedup/state_lock.py": {"trio", "torch", "zeroconf", "fedup.net", "fedup.peer"},
     "fedup/peer": {"fedup.cli", "fedup.commands", "fedup.sim", "fedup.demo", "matplotlib"},
     "fedup/sim": {"fedup.cli", "fedup.commands", "fedup.demo", "matplotlib"},
     # The demo drives real peer processes: it never opens a federation socket itself.

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -139,3 +140,153 @@ def test_a_link_planted_at_metrics_stops_start_before_it_joins_anyone(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "metrics.jsonl is a symbolic link" in err
     assert victim.read_text() == "precious\n"
+
+
+# --- one line per error, ranges and defaults in --help ----------------------------------
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    """The single line of stderr of a command that failed, checked to be just that."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["start", "--max-laps", "0"], "argument --max-laps: must be >= 1 (got 0)"),
+        (["start", "--local-epochs", "-1"], "argument --local-epochs: must be > 0 (got -1)"),
+        (["start", "--local-epochs", "0"], "argument --local-epochs: must be > 0 (got 0)"),
+        (["start", "--patience", "1.5"], "argument --patience: must be a whole number"),
+        (["start", "--min-peers", "0"], "argument --min-peers: must be >= 1 (got 0)"),
+        (["start", "--settle", "nan"], "argument --settle: must be a number (got nan)"),
+        (["start", "--tolerance", "1"], "argument --tolerance: must be <= 0.999 (got 1)"),
+        (["start", "--lr", "inf"], "argument --lr: must be <= 10 (got inf)"),
+        (["start", "--listen", "127.0.0.1"], "argument --listen: '127.0.0.1' is not HOST:PORT"),
+        (["simulate", "--peers", "0"], "argument --peers: must be >= 1 (got 0)"),
+        (["simulate", "--max-laps", "0"], "argument --max-laps: must be >= 1 (got 0)"),
+        (["simulate", "--rows", "10"], "argument --rows: must be >= 200 (got 10)"),
+        (["simulate", "--kill", "x"], "argument --kill: 'x' is not PEER:LAP:HOP"),
+        (["simulate", "--threads", "0"], "argument --threads: must be >= 1 (got 0)"),
+        (["demo", "--peers", "1"], "argument --peers: must be >= 2 (got 1)"),
+        (["demo", "--timeout", "0"], "argument --timeout: must be > 0 (got 0)"),
+        (["demo", "--seed", "-1"], "argument --seed: must be >= 0 (got -1)"),
+    ],
+)
+def test_a_value_out_of_range_is_one_line_naming_the_option(argv: list[str], message: str) -> None:
+    proc = run_cli(*argv)
+    assert proc.returncode == 2
+    line = one_line_error(proc)
+    assert line.startswith(f"fedup-peer {argv[0]}: error: {message}"), line
+    assert line.endswith(f"see fedup-peer {argv[0]} --help")
+
+
+def test_a_setting_out_of_range_from_the_environment_is_one_line(tmp_path: Path) -> None:
+    proc = run_cli("start", "--state-dir", str(tmp_path), env={"FEDUP_MAX_LAPS": "0"})
+    assert proc.returncode == 1
+    assert one_line_error(proc) == "fedup-peer: error: FEDUP_MAX_LAPS: must be >= 1 (got 0)"
+
+
+def value_options(command: str) -> list[argparse.Action]:
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return [
+        a
+        for a in sub.choices[command]._actions
+        if a.option_strings and a.nargs != 0 and a.dest not in ("help", "version")
+    ]
+
+
+@pytest.mark.parametrize("command", ["start", "simulate", "demo"])
+def test_help_shows_every_default_and_every_numeric_range(command: str) -> None:
+    from fedup.commands.values import Number
+
+    options = value_options(command)
+    assert len(options) >= 8
+    for action in options:
+        assert action.help and "default: " in action.help, action.option_strings
+        if isinstance(action.type, Number):
+            assert f"range {action.type.describe()}" in action.help, action.option_strings
+    text = " ".join(run_cli(command, "--help").stdout.split())  # unwrapped
+    assert "(range [1, 10000], default: 500)" in text or command == "demo"
+    assert text.count("default: ") >= len(options)
+
+
+def test_numbers_check_their_range_whatever_the_source() -> None:
+    from fedup.commands.values import Number, listen_address, of_setting, real, whole
+
+    laps = of_setting("max_laps")
+    assert laps("7") == 7 and laps(7) == 7  # text from argv or env, int from TOML
+    assert laps.describe() == "[1, 10000]"
+    for bad, why in [(0, ">= 1"), ("10001", "<= 10000"), (2.0, "whole"), (True, "number")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=why):
+            laps(bad)
+    epochs = of_setting("local_epochs")
+    assert epochs("0.5") == 0.5 and epochs.describe() == "(0, 100]"
+    with pytest.raises(argparse.ArgumentTypeError, match=r"must be > 0 \(got 0\)"):
+        epochs(0)
+    assert real(0, open_lo=True)("inf") == float("inf")  # an unbounded range admits inf
+    assert real(0, open_lo=True).describe() == "(0, inf)"
+    assert of_setting("seed").describe() == "[0, 2^63-1]"
+    assert whole(2, 16) == Number(integer=True, lo=2, hi=16)
+    assert str(listen_address("127.0.0.1:0")) == "127.0.0.1:0"  # 0: pick a free port
+    assert str(listen_address("[::1]:0")) == "[::1]:0"
+    assert str(listen_address("0.0.0.0:7000")) == "0.0.0.0:7000"
+    with pytest.raises(argparse.ArgumentTypeError, match="not an IP address"):
+        listen_address("example.org:0")
+
+
+def test_the_rows_range_is_the_demos() -> None:
+    from fedup.commands.values import LENDER_ROWS
+    from fedup.demo.runner import MAX_ROWS, MIN_ROWS
+
+    assert (LENDER_ROWS.lo, LENDER_ROWS.hi) == (MIN_ROWS, MAX_ROWS)
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_its_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import fedup.cli
+
+    def broken(state_dir: Path) -> None:
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(fedup.cli, "load_or_create_identity", broken)
+    assert main(["id", "--state-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("fedup-peer: internal error: RuntimeError: boom second line")
+    assert "rerun with --debug" in err
+    for flags in (["--debug"], ["--log-level", "debug"]):
+        assert main(["id", "--state-dir", str(tmp_path), *flags]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("Traceback (most recent call last)") and "in broken" in err
+        assert err.strip().splitlines()[-1].startswith("fedup-peer: internal error: RuntimeError")
+
+
+def test_debug_shows_the_traceback_of_a_users_error_too(tmp_path: Path) -> None:
+    main(["id", "--state-dir", str(tmp_path)])
+    (tmp_path / "identity.key").chmod(0o644)
+    proc = run_cli("id", "--state-dir", str(tmp_path), "--debug")
+    assert proc.returncode == 1 and "Traceback" in proc.stderr
+    assert "accessible by group or others" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_errors_inside_a_group_of_one_are_reported_as_themselves(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from fedup.cli import failed
+    from fedup.errors import ConfigError
+
+    group = ExceptionGroup("nursery", [ExceptionGroup("inner", [ConfigError("bad thing")])])
+    assert failed(group, debug=False) == 1
+    assert capsys.readouterr().err == "fedup-peer: error: bad thing\n"
+    assert failed(OSError(28, "No space left on device", "/x/model.safetensors"), debug=False) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device: '/x/model.safetensors'" in err
+    two = ExceptionGroup("nursery", [ValueError("a"), KeyError("b")])
+    assert failed(two, debug=False) == 1
+    assert capsys.readouterr().err.startswith("fedup-peer: internal error: ExceptionGroup")
