@@ -627,10 +627,11 @@ async def test_a_member_whose_output_folder_holds_a_planted_link_stops_with_one_
 ) -> None:
     """Someone planted ``metrics.jsonl -> another file`` in B's output folder after B
     checked it (a link planted before is refused when the peer opens:
-    test_a_link_planted_at_metrics_stops_start_before_it_joins_anyone): B refuses it (FileError naming the link) and
-    writes nothing through it, both when the leader's first hand-over reaches B before
-    B's own run is made (B learns of its membership late here) and when B makes its
-    run; no traceback is logged by anyone, and the others carry on without B."""
+    test_a_link_planted_at_metrics_stops_start_before_it_joins_anyone). B refuses it
+    (FileError naming the link) and writes nothing through it, both when the leader's
+    first hand-over reaches B before B's own run is made (B learns of its membership
+    late here) and when B makes its run; no traceback is logged by anyone, and the
+    others carry on without B."""
     from fedup.errors import FileError
     from fedup.peer.formation_driver import FormationDriver
 
