@@ -29,6 +29,7 @@ import attrs
 import torch
 from torch.nn import functional as F
 
+from fedup.learn.lap_sums import LapMasks
 from fedup.learn.loans import generate_population, partition
 from fedup.learn.ring import (
     FederationStats,
@@ -141,12 +142,13 @@ def simulate_ring(
     fed = federation or federation_of(tasks)
     state = initial_state(tasks[0], settings)
     history: list[LapResult] = []
+    masks = LapMasks()  # the sums travel masked, as between peers (hop 0 opens each lap)
     lap = 0
     while True:
         for hop, task in enumerate(tasks):
             # The candidate a hop judges is the one it received (train_hop replaces it).
             judged = _candidate(state) if on_lap is not None else None
-            state, metrics = train_hop(task, state, settings, lap, hop, fed)
+            state, metrics = train_hop(task, state, settings, lap, hop, fed, masks=masks)
             if metrics.closed is not None:
                 history.append(metrics.closed)
                 if on_lap is not None and judged is not None:

@@ -19,7 +19,9 @@ What a peer does in :func:`train_hop` (lap ``L``, ring position ``hop``):
    complete; it becomes ``best`` if lower; the convergence rule is applied;
    and the finished lap's average becomes the new candidate.
 2. The peer evaluates the candidate on its validation split and adds the
-   sums (loss, count, correct, score histograms) to the metadata.
+   sums (loss, count, correct, score histograms) to the metadata, masked
+   (:mod:`fedup.learn.lap_sums`): the lap's first hop starts them from a
+   random mask that only it removes when it closes the lap.
 3. The peer trains ``model.*`` for ``hop_epochs`` passes over its own data
    (so steps are proportional to its data size), with the optimizer state
    received, a loss weighted so its label mix counts as the federation's,
@@ -56,7 +58,16 @@ import torch
 from torch import nn
 
 from fedup.errors import LocalProtocolError, RemoteProtocolError
-from fedup.learn.task import AUC_BINS, EvalStats, Task, TrainBudget, seed_cpu
+from fedup.learn.lap_sums import (
+    MODULUS,
+    SUMS_LEN,
+    ZERO_SUMS,
+    LapMasks,
+    add_sums,
+    open_sums,
+    to_sums,
+)
+from fedup.learn.task import EvalStats, Task, TrainBudget, seed_cpu
 from fedup.protocol import cbor
 from fedup.protocol.laps import LapRecord, Progress, StopState
 from fedup.protocol.schema import FieldReader, MessageError
@@ -76,7 +87,7 @@ __all__ = [
     "train_hop",
 ]
 
-META_VERSION: Final = 1
+META_VERSION: Final = 2
 MAX_LAPS_CEILING: Final = int(SETTINGS_BOUNDS["max_laps"].hi)
 """Largest ``max_laps`` (the run settings' bound: one source)."""
 MAX_HISTORY: Final = 8
@@ -209,8 +220,9 @@ class RingMeta:
     """The lap whose output is in ``cand.*`` (-1: the initial model)."""
     cand_samples: int = 0
     """``samples`` at the end of ``cand_lap``."""
-    cand_eval: EvalStats = attrs.field(factory=lambda: EvalStats(0.0, 0))
-    """Sums of the candidate's evaluation by the peers so far this lap."""
+    cand_sums: tuple[int, ...] = ZERO_SUMS
+    """Sums of the candidate's evaluation by the peers so far this lap, masked by the
+    member that opened the lap (:mod:`fedup.learn.lap_sums`)."""
     best_lap: int = -2
     """The lap whose output is in ``best.*`` (-2: nothing evaluated yet)."""
     best_loss: float = math.inf
@@ -242,7 +254,7 @@ class RingMeta:
             "avg_weight": self.avg_weight,
             "cand_lap": self.cand_lap,
             "cand_samples": self.cand_samples,
-            "cand_eval": _eval_to_list(self.cand_eval),
+            "cand_sums": list(self.cand_sums),
             "best_lap": self.best_lap,
             "best_loss": None if math.isinf(self.best_loss) else self.best_loss,
             "ref_loss": None if math.isinf(self.ref_loss) else self.ref_loss,
@@ -267,7 +279,7 @@ class RingMeta:
             avg_weight = r.uint("avg_weight", max_value=2**62)
             cand_lap = _int(r, "cand_lap", -1, MAX_LAPS_CEILING)
             cand_samples = r.uint("cand_samples", max_value=2**62)
-            cand_eval = _eval_from(r.raw("cand_eval"))
+            cand_sums = _sums_from(r.raw("cand_sums"))
             best_lap = _int(r, "best_lap", -2, MAX_LAPS_CEILING)
             best_loss = _opt_float(r, "best_loss")
             ref_loss = _opt_float(r, "ref_loss")
@@ -280,7 +292,7 @@ class RingMeta:
         except MessageError as e:
             raise RingStateError(e.reason) from None
         return cls(
-            lap, hop, samples, avg_weight, cand_lap, cand_samples, cand_eval, best_lap,
+            lap, hop, samples, avg_weight, cand_lap, cand_samples, cand_sums, best_lap,
             best_loss, ref_loss, stale, done, tuple(history),
         )  # fmt: skip
 
@@ -303,31 +315,12 @@ def _opt_float(r: FieldReader, key: str) -> float:
     return math.inf if v is None else _finite(v, key)
 
 
-def _eval_to_list(e: EvalStats) -> list[Any]:
-    return [e.loss_sum, e.n, e.correct, list(e.pos_hist), list(e.neg_hist)]
-
-
-def _uint_list(v: object, what: str) -> tuple[int, ...]:
-    if not isinstance(v, list) or len(v) not in (0, AUC_BINS):
-        raise RingStateError(f"ring metadata: {what} must have 0 or {AUC_BINS} counts")
-    if any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < 2**62 for x in v):
-        raise RingStateError(f"ring metadata: {what} must hold counts")
+def _sums_from(v: object) -> tuple[int, ...]:
+    if not isinstance(v, list) or len(v) != SUMS_LEN:
+        raise RingStateError(f"ring metadata: cand_sums must have {SUMS_LEN} items")
+    if any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < MODULUS for x in v):
+        raise RingStateError("ring metadata: cand_sums must be integers below 2^62")
     return tuple(v)
-
-
-def _eval_from(v: object) -> EvalStats:
-    if not isinstance(v, list) or len(v) != 5:
-        raise RingStateError("ring metadata: cand_eval must be a 5-item array")
-    loss_sum = _finite(v[0], "cand_eval loss")
-    n, correct = (
-        x if isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**62 else -1
-        for x in v[1:3]
-    )
-    if n < 0 or correct < 0 or correct > n or loss_sum < 0:
-        raise RingStateError("ring metadata: cand_eval counts are invalid")
-    return EvalStats(
-        loss_sum, n, correct, _uint_list(v[3], "pos_hist"), _uint_list(v[4], "neg_hist")
-    )
 
 
 def _lap_result(v: object, label: str) -> LapResult:
@@ -511,18 +504,24 @@ def hop_seed(settings: RingSettings, lap: int, hop: int) -> int:
 
 
 def _close_lap(
-    m: RingMeta, settings: RingSettings, tensors: dict[str, torch.Tensor]
+    m: RingMeta,
+    settings: RingSettings,
+    tensors: dict[str, torch.Tensor],
+    masks: LapMasks | None,
 ) -> tuple[RingMeta, LapResult | None, bool]:
     """Finish the lap that ended: judge the candidate, maybe stop, make the next candidate.
 
-    Updates ``tensors`` in place (``best.*``, ``cand.*``).
+    Updates ``tensors`` in place (``best.*``, ``cand.*``).  The lap is judged only
+    when this member can remove the mask it put on the lap's sums (it opened the
+    lap; without ``masks`` the sums travel unmasked).
     """
     result = None
     improved = False
     stop = m.stop
     history = m.history
-    if m.cand_eval.n > 0:
-        e = m.cand_eval
+    mask = ZERO_SUMS if masks is None else masks.get(m.lap)
+    e = None if mask is None else open_sums(add_sums(m.cand_sums, mask, sign=-1))
+    if e is not None:
         result = LapResult(m.cand_lap, e.loss, e.accuracy, e.auc(), e.n, m.cand_samples)
         history = (*history, result)[-MAX_HISTORY:]
         new_stop, improved = stop.judge(result, tolerance=settings.tolerance)
@@ -540,7 +539,7 @@ def _close_lap(
         for k in [k for k in tensors if k.startswith(source)]:
             tensors["cand." + k[len(source) :]] = tensors[k].clone()
     meta = attrs.evolve(
-        m, avg_weight=0, cand_lap=m.lap, cand_samples=m.samples, cand_eval=EvalStats(0.0, 0),
+        m, avg_weight=0, cand_lap=m.lap, cand_samples=m.samples, cand_sums=ZERO_SUMS,
         best_lap=stop.best_lap, best_loss=stop.best_loss, ref_loss=stop.ref_loss,
         stale=stop.stale, done=done, history=history,
     )  # fmt: skip
@@ -573,6 +572,7 @@ def train_hop(
     federation: FederationStats,
     *,
     train: bool = True,
+    masks: LapMasks | None = None,
 ) -> tuple[RingState, HopMetrics]:
     """Do this peer's hop: close the previous lap if one ended, evaluate, train, accumulate.
 
@@ -582,6 +582,9 @@ def train_hop(
     inputs the output is bit-for-bit the same (on the same machine and
     thread count).  Torch's global RNG is seeded for the hop inside
     ``torch.random.fork_rng``, so the caller's RNG state is left as it was.
+
+    ``masks`` keeps the masks of the laps this member opens (one per member
+    and run; None: the sums travel unmasked, as in-process baselines may).
 
     With ``train=False`` the hop only closes and evaluates (what a member
     hands on when its own training gave a bad state: the state it received,
@@ -606,7 +609,7 @@ def train_hop(
     closed = None
     improved = False
     if lap != m.lap and m.lap >= 0:
-        m, closed, improved = _close_lap(m, settings, tensors)
+        m, closed, improved = _close_lap(m, settings, tensors, masks)
         if m.done:
             metrics = HopMetrics(
                 lap, hop, 0, 0, math.nan, None, closed, improved, True,
@@ -656,9 +659,17 @@ def train_hop(
                 tensors["avg." + k] = a + frac * (v.detach() - a)
             else:
                 tensors["avg." + k] = v.detach().clone()
+    if lap != m.lap:  # this hop opens the lap: its sums start from our mask
+        base = masks.open(lap) if masks is not None else ZERO_SUMS
+    else:
+        base = m.cand_sums
+    try:
+        own = to_sums(cand_eval)
+    except ValueError as e:
+        raise LocalProtocolError(f"our evaluation cannot be summed: {e}") from None
     meta = attrs.evolve(
         m, lap=lap, hop=hop, samples=m.samples + samples, avg_weight=avg_weight,
-        cand_eval=m.cand_eval + cand_eval,
+        cand_sums=add_sums(base, own),
     )  # fmt: skip
     metrics = HopMetrics(
         lap, hop, steps, samples, loss_sum / samples if samples else math.nan, cand_eval,

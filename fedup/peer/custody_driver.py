@@ -24,6 +24,7 @@ import trio
 
 from fedup.config import Limits
 from fedup.errors import FedupError, PeerTimeoutError, RemoteProtocolError
+from fedup.learn.lap_sums import LapMasks
 from fedup.learn.ring import (
     FederationStats,
     HopMetrics,
@@ -64,6 +65,12 @@ Dial = Callable[[PeerId], Awaitable[SecureChannel]]
 Confirm = Callable[[PeerId, bytes, bytes], bool]
 """``confirm(sender, run_id, view_digest)``: a blob arrived before our commit did: does it
 make the view hold?  (The formation driver's answer.)"""
+
+
+TWO_MEMBERS_LEFT = (
+    "two members are left: from now on each can work out the other's validation results "
+    "exactly (the lap totals minus its own); see docs/federation.md, 'What is shared'"
+)
 
 
 class RunError(FedupError):
@@ -147,6 +154,8 @@ class CustodyDriver:
         self.outputs = RunOutputs(out_dir)
         self._timers = Timers(self._fire)
         self._slots: dict[Position, RingState] = {}
+        self._lap_masks = LapMasks()
+        """The masks on the validation sums of the laps we open (fedup.learn.lap_sums)."""
         self._bodies: dict[Position, memoryview] = {}
         """The encoded tensors of the states we trained (checked, ready to send)."""
         self._inbox: RingState | None = None
@@ -316,6 +325,8 @@ class CustodyDriver:
             epoch,
         )
         self._counts.dead[n.dead] = f"{n.cause} (declared by {n.claimer})"
+        if len(self.members) - len(self._counts.dead) == 2:
+            log.warning("%s", TWO_MEMBERS_LEFT)
         self.outputs.log(
             {
                 "type": "dead",
@@ -332,8 +343,9 @@ class CustodyDriver:
 
     async def _train(self, position: Position, state: RingState) -> None:
         args = (self.task, state, self.ring_settings, position.lap, position.hop, self.federation)
+        masks = self._lap_masks
         try:
-            new, metrics = await self._builder.run(train_hop, *args)
+            new, metrics = await self._builder.run(lambda: train_hop(*args, masks=masks))
             good = True
             body = self.codec.body(new)
             problem = self.codec.problem(new, body)
@@ -344,7 +356,9 @@ class CustodyDriver:
                     problem,
                 )
                 good = False
-                new, metrics = await self._builder.run(lambda: train_hop(*args, train=False))
+                new, metrics = await self._builder.run(
+                    lambda: train_hop(*args, train=False, masks=masks)
+                )
                 body = self.codec.body(new)
                 if self.codec.problem(new, body) is not None:
                     raise RunError(f"the state received for {position} cannot be evaluated")

@@ -68,6 +68,14 @@ Dial = Callable[[PeerId], Awaitable[SecureChannel]]
 OUTBOX = 16
 
 
+TWO_MEMBERS = (
+    "this federation has two members: each can work out the other's exact data summary "
+    "(rows, positives, column means and deviations) from federation.json, and its "
+    "validation results from the lap history, by subtracting its own; with three or more "
+    "members only sums of the others are exposed (docs/federation.md, 'What is shared')"
+)
+
+
 class FormationError(FedupError):
     """The federation could not be formed (too few peers fit, or none answered)."""
 
@@ -288,6 +296,8 @@ class FormationDriver:
             joined.epoch,
             joined.leader.short,
         )
+        if len(signed.view.members) == 2:
+            log.warning("%s", TWO_MEMBERS)
         self._done.set()
 
     async def _probe(self, peer: PeerId) -> None:

@@ -11,6 +11,7 @@ import gc
 import hashlib
 import itertools
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -388,3 +389,38 @@ def test_the_simulator_tunes_the_collector_only_while_it_runs(tmp_path: Path) ->
     assert len(result.finished_peers) == 2
     assert seen and all(t[0] == max(before[0], GC_FIRST_THRESHOLD) for t in seen)
     assert gc.get_threshold() == before
+
+
+# --- what two members can work out about each other ------------------------------------
+
+
+async def test_two_members_are_told_before_training_what_each_can_work_out(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fedup.peer.custody_driver import TWO_MEMBERS_LEFT
+    from fedup.peer.formation_driver import TWO_MEMBERS
+
+    with caplog.at_level(logging.INFO, logger="fedup"):
+        await simulate(tmp_path / "two", n=2)
+    lines = [r.getMessage() for r in caplog.records]
+    warned = [i for i, m in enumerate(lines) if m == TWO_MEMBERS]
+    assert len(warned) == 2  # each member, once
+    first_hop = next(i for i, m in enumerate(lines) if "trained " in m)
+    assert max(warned) < first_hop  # both told before anyone trained
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fedup"):
+        await simulate(tmp_path / "four", n=4)
+    assert TWO_MEMBERS not in caplog.text and TWO_MEMBERS_LEFT not in caplog.text
+
+
+async def test_members_are_told_when_deaths_leave_two(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fedup.peer.custody_driver import TWO_MEMBERS_LEFT
+
+    victim = ring_order(3)[2]
+    with caplog.at_level(logging.WARNING, logger="fedup"):
+        result = await simulate(tmp_path, n=3, faults=Faults(kills=(Kill(victim, lap=1, hop=2),)))
+    survivors = [p for p in result.peers if p.index != victim]
+    assert all(p.summary is not None for p in survivors)
+    assert caplog.text.count(TWO_MEMBERS_LEFT) == 2  # each survivor, once

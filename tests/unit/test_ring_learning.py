@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fedup.learn import baselines, loans
+from fedup.learn.lap_sums import LOSS_SCALE, ZERO_SUMS, LapMasks, add_sums, open_sums, to_sums
 from fedup.learn.ring import (
     FederationStats,
     RingMeta,
@@ -23,7 +24,7 @@ from fedup.learn.ring import (
     initial_state,
     train_hop,
 )
-from fedup.learn.task import EvalStats, TabularTask, TrainBudget, roc_auc
+from fedup.learn.task import AUC_BINS, EvalStats, TabularTask, TrainBudget, roc_auc
 from fedup.learn.weights import bytes_to_state, state_to_bytes
 from fedup.protocol import cbor
 
@@ -183,10 +184,12 @@ def test_states_out_of_order_are_refused(tasks: list[TabularTask], fed: Federati
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("v", 9, "must be 1"),
+        ("v", 9, "must be 2"),
         ("lap", -5, "lap"),
-        ("cand_eval", [0.0, 1, 2, [], []], "invalid"),
-        ("cand_eval", [0.0, 1, 0, [1], []], "counts"),
+        ("cand_sums", [0.0, 1, 2, [], []], "must have 103 items"),
+        ("cand_sums", [2**62] + [0] * 102, "integers below 2\\^62"),
+        ("cand_sums", [-1] + [0] * 102, "integers below 2\\^62"),
+        ("cand_sums", [1.5] + [0] * 102, "integers below 2\\^62"),
         ("best_loss", math.inf, "finite"),
         ("history", [[0, 0.5, 0.5, None, 1]], "6-item"),
         ("extra", 1, "unknown field"),
@@ -240,7 +243,9 @@ def test_lap_closing_pools_validation_and_averages(
     closed = metrics.closed
     assert closed is not None and closed.lap == -1
     assert closed.n == sum(e.n for e in evals) == sum(t.n_val for t in tasks)
-    assert closed.loss == pytest.approx(sum(e.loss_sum for e in evals) / closed.n, rel=1e-12)
+    # The loss sums travel in fixed point: at most half a unit of rounding per member.
+    rounding = len(tasks) * 0.5 / LOSS_SCALE
+    assert abs(closed.loss * closed.n - sum(e.loss_sum for e in evals)) <= rounding
     assert state.meta.best_lap == -1 and state.meta.cand_lap == 0
     total = sum(n for n, _ in ends)
     for name, cand in state.group("cand.").items():
@@ -278,3 +283,65 @@ def test_short_ring_learns_and_nears_centralized(tasks: list[TabularTask]) -> No
     assert fed_score.loss < 1.1 * central.loss
     own = evaluate_state(tasks[2], result.state)
     assert own.n == tasks[2].n_val and math.isfinite(own.loss)
+
+
+# --- masked validation sums ---------------------------------------------------------------
+
+
+def test_a_neighbour_sees_masked_sums_and_the_lap_totals_are_exact(
+    tasks: list[TabularTask], fed: FederationStats
+) -> None:
+    """The member after the lap's first hop reads no exact figure of it: its sums come
+    masked; the member that opened the lap removes the mask when it closes the lap, and
+    the lap's result is the same as without masking."""
+    init_model = tasks[0].build_model(SETTINGS.seed)
+    own = to_sums(tasks[0].evaluate(init_model))
+    results = []
+    seen_by_hop1 = []
+    for masks in (LapMasks(), LapMasks(), None):
+        state = initial_state(tasks[0], SETTINGS)
+        for hop, task in enumerate(tasks):
+            state, _ = train_hop(task, state, SETTINGS, 0, hop, fed, masks=masks)
+            if hop == 0:
+                seen_by_hop1.append(state.meta.cand_sums)
+        state, metrics = train_hop(tasks[0], state, SETTINGS, 1, 0, fed, masks=masks)
+        results.append(metrics.closed)
+    masked_a, masked_b, clear = seen_by_hop1
+    assert clear == own  # unmasked, hop 1 would read hop 0's exact figures
+    assert masked_a != own and masked_b != own and masked_a != masked_b
+    assert sum(x == y for x, y in zip(masked_a, own, strict=True)) <= 2  # chance only
+    assert results[0] == results[1] == results[2]  # exact totals either way
+
+
+def test_a_lap_whose_opener_is_gone_is_not_judged(
+    tasks: list[TabularTask], fed: FederationStats
+) -> None:
+    """Only the member that opened a lap can remove its mask: if another member closes the
+    lap (the opener was skipped as dead), that lap is not judged, and the next one is."""
+    opener, closer = LapMasks(), LapMasks()
+    state = initial_state(tasks[0], SETTINGS)
+    state, _ = train_hop(tasks[0], state, SETTINGS, 0, 0, fed, masks=opener)
+    state, _ = train_hop(tasks[1], state, SETTINGS, 0, 1, fed, masks=closer)
+    state, metrics = train_hop(tasks[1], state, SETTINGS, 1, 0, fed, masks=closer)
+    assert metrics.closed is None and state.meta.history == ()
+    assert state.meta.best_lap == -2  # nothing judged yet
+    state, _ = train_hop(tasks[2], state, SETTINGS, 1, 1, fed, masks=opener)
+    state, metrics = train_hop(tasks[1], state, SETTINGS, 2, 0, fed, masks=closer)
+    assert metrics.closed is not None and metrics.closed.lap == 0  # the closer opened lap 1
+
+
+def test_sums_that_cannot_be_real_are_not_judged() -> None:
+    e = EvalStats(3.25, 10, 7, tuple([1] * AUC_BINS), tuple([0] * AUC_BINS))
+    assert open_sums(to_sums(e)) == EvalStats(3.25, 10, 7, e.pos_hist, e.neg_hist)
+    assert open_sums(to_sums(EvalStats(1.0, 4, 4))) == EvalStats(1.0, 4, 4)
+    assert open_sums(ZERO_SUMS) is None  # nobody evaluated
+    wrapped = add_sums(to_sums(e), to_sums(EvalStats(0.0, 11, 0)), sign=-1)  # n < 0 mod 2^62
+    assert open_sums(wrapped) is None
+    assert open_sums((0, 5, 6) + (0,) * (2 * AUC_BINS)) is None  # more correct than samples
+    with pytest.raises(ValueError, match="out of range"):
+        to_sums(EvalStats(-1.0, 1))
+    masks = LapMasks()
+    first = masks.open(0)
+    assert masks.get(0) == first and masks.get(1) is None
+    masks.open(1), masks.open(2)
+    assert masks.get(0) is None and masks.get(1) is not None  # only the last two kept

@@ -1,0 +1,92 @@
+"""The federation's validation sums, as they travel: masked, so no neighbour reads one member.
+
+Each hop adds its evaluation of the lap's candidate to sums that travel with the
+model (:mod:`fedup.learn.ring`).  In the clear, the member after the lap's first
+hop would read that member's exact figures (validation count, correct
+predictions, loss, score histograms), and each later member the sum of the
+members before it.  So the sums travel as integers modulo :data:`MODULUS`, and
+the member that opens a lap (its first hop) starts them from a random *mask*
+instead of zero; it alone subtracts the mask when the lap comes back to it to
+be closed.  Every value a member sees on the way is uniformly random; the lap's
+totals, which every member then reads in the lap history, are exact.
+
+If the member that opened a lap is gone when the lap is closed (the ring skipped
+it as dead), nobody can remove its mask: that lap is not judged (as a lap that
+nobody evaluated) and the next lap is judged as usual.
+
+The loss travels in fixed point (:data:`LOSS_SCALE` units per unit of loss sum),
+so that the sums are integers that add up exactly in any order; the rounding is
+at most half a unit per member.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Final
+
+from fedup.learn.task import AUC_BINS, EvalStats
+
+__all__ = ["MODULUS", "SUMS_LEN", "ZERO_SUMS", "LapMasks", "add_sums", "open_sums", "to_sums"]
+
+MODULUS: Final = 2**62
+"""Sums are kept modulo this (what the metadata decoder accepts as a count)."""
+LOSS_SCALE: Final = 2**20
+"""Fixed-point units per unit of loss sum: rounding costs under 1e-6 per member."""
+SUMS_LEN: Final = 3 + 2 * AUC_BINS
+"""loss sum, count, correct, then the positive and negative score histograms."""
+ZERO_SUMS: Final = (0,) * SUMS_LEN
+MAX_PLAUSIBLE: Final = 2**48
+"""Totals above this are not a real federation's (a wrapped or forged sum)."""
+KEPT_LAPS: Final = 2
+"""Masks a member keeps: the lap it opened last and the one before."""
+
+
+def to_sums(stats: EvalStats) -> tuple[int, ...]:
+    """One member's evaluation as a sums vector (raises ValueError if it cannot be one)."""
+    if not 0 <= stats.loss_sum < MAX_PLAUSIBLE:
+        raise ValueError(f"validation loss sum {stats.loss_sum} is out of range")
+    loss = round(stats.loss_sum * LOSS_SCALE)
+    return (loss, stats.n, stats.correct, *_bins(stats.pos_hist), *_bins(stats.neg_hist))
+
+
+def _bins(hist: tuple[int, ...]) -> tuple[int, ...]:
+    if not hist:
+        return (0,) * AUC_BINS
+    if len(hist) != AUC_BINS:
+        raise ValueError(f"a score histogram has {len(hist)} bins, not {AUC_BINS}")
+    return hist
+
+
+def add_sums(a: tuple[int, ...], b: tuple[int, ...], *, sign: int = 1) -> tuple[int, ...]:
+    """``a + sign * b`` element-wise, modulo :data:`MODULUS`."""
+    return tuple((x + sign * y) % MODULUS for x, y in zip(a, b, strict=True))
+
+
+def open_sums(sums: tuple[int, ...]) -> EvalStats | None:
+    """The evaluation the unmasked ``sums`` add up to; None if they cannot be real."""
+    loss, n, correct, *hists = sums
+    pos, neg = tuple(hists[:AUC_BINS]), tuple(hists[AUC_BINS:])
+    if any(v >= MAX_PLAUSIBLE for v in sums) or correct > n or n == 0:
+        return None
+    if not any(pos) and not any(neg):
+        pos = neg = ()
+    return EvalStats(loss / LOSS_SCALE, n, correct, pos, neg)
+
+
+class LapMasks:
+    """The masks of the laps a member opened, kept until it closes them."""
+
+    def __init__(self) -> None:
+        self._masks: dict[int, tuple[int, ...]] = {}
+
+    def open(self, lap: int) -> tuple[int, ...]:
+        """A fresh mask for ``lap`` (replacing one made for it before), remembered."""
+        mask = tuple(secrets.randbelow(MODULUS) for _ in range(SUMS_LEN))
+        self._masks[lap] = mask
+        for old in sorted(self._masks)[:-KEPT_LAPS]:
+            del self._masks[old]
+        return mask
+
+    def get(self, lap: int) -> tuple[int, ...] | None:
+        """The mask this member put on ``lap``, or None if it did not open that lap."""
+        return self._masks.get(lap)
