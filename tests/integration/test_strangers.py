@@ -7,6 +7,8 @@ most twice the virtual time of the same run without the stranger.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
 from pathlib import Path
 
@@ -14,9 +16,14 @@ import pytest
 import trio
 import trio.testing
 
+from fedup.identity import Identity
 from fedup.net.transport import DialError, MemoryNetwork
 from fedup.peer import Peer, RunSummary
-from fedup.protocol.records import Address
+from fedup.peer.config import DEFAULT_NETWORK
+from fedup.peer.events import Formed, PeerEvent
+from fedup.protocol.announce import encode_txt_rdata
+from fedup.protocol.peer_id import PeerId
+from fedup.protocol.records import Address, PeerRecord, next_seq
 from fedup.sim.world import MemoryWorld
 from tests.integration.test_federation import (
     check_same_model,
@@ -80,3 +87,62 @@ async def test_a_connection_flood_from_one_host_does_not_stall_the_run(
     assert took <= 2 * base_time, (took, base_time)
     assert weights_digest(flooded[0]) == weights_digest(base[0])
     assert "(max_handshakes_per_host)" in caplog.text  # the flood was there, and refused
+
+
+# --- fake candidates ---------------------------------------------------------------------
+
+
+def fakes_below(honest: list[Identity], n: int) -> list[Identity]:
+    """``n`` identities whose peer IDs are lower than every honest one (few tries needed)."""
+    lowest = min(i.peer_id for i in honest)
+    found: list[Identity] = []
+    for k in itertools.count():
+        ident = Identity(hashlib.sha256(b"fake-%d" % k).digest())
+        if ident.peer_id < lowest:
+            found.append(ident)
+            if len(found) == n:
+                return found
+    raise AssertionError("unreachable")
+
+
+async def formation_times(tmp_path: Path, fakes: list[Identity]) -> tuple[float, list[RunSummary]]:
+    """When the last member formed the federation (virtual seconds), and the summaries."""
+    ids = identities(3)
+    world = MemoryWorld()
+    for k, fake in enumerate(fakes):  # signed, with the network's public fingerprint
+        record = PeerRecord(
+            fake.peer_id, next_seq(), (Address(f"10.99.0.{k + 1}", 4000),), DEFAULT_NETWORK, None
+        ).seal(fake)
+        world.hub.publish(f"fake-{k}", encode_txt_rdata(record.envelope), record.record.addresses)
+    start = trio.current_time()
+    formed: dict[PeerId, float] = {}
+
+    def opening(peer: Peer) -> None:
+        def note(who: PeerId, at: float, event: PeerEvent) -> None:
+            if isinstance(event, Formed):
+                formed[who] = at - start
+
+        peer.events.watch(note)
+
+    results = await run_federation(tmp_path, ids, world=world, on_open=opening, run=RUN)
+    summaries = [results[i.peer_id.text] for i in ids]
+    assert all(isinstance(s, RunSummary) and s.ok for s in summaries), summaries
+    assert set(formed) == {i.peer_id for i in ids}
+    return max(formed.values()), [s for s in summaries if isinstance(s, RunSummary)]
+
+
+async def test_fake_candidates_with_the_sniffed_fingerprint_cost_one_settle_interval(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three signed records with peer IDs below every member's, pointing at nothing (the
+    landed code made every member wait 60 s per fake for it to call)."""
+    clean, base = await formation_times(tmp_path / "clean", [])
+    fakes = fakes_below(identities(3), 3)
+    with caplog.at_level(logging.INFO, logger="fedup"):
+        took, faked = await formation_times(tmp_path / "faked", fakes)
+    settle = 1.0  # tests.integration.test_federation.config
+    assert took <= clean + settle + 0.5, (took, clean)
+    assert weights_digest(faked[0]) == weights_digest(base[0])
+    assert all(s.members == base[0].members for s in faked)  # no fake is a member
+    for fake in fakes:
+        assert f"candidate {fake.peer_id} failed its probe" in caplog.text
