@@ -188,21 +188,29 @@ class Limits:
     max_pending_handshakes: int = _limit(
         16, "handshakes in progress at once; caps the cost of a connection flood"
     )
+    max_connections_per_host: int = _limit(
+        32,
+        "connections open at once from one source address (an IPv6 address counts by its "
+        "/64), handshaking or authenticated: several peers may share one address (a NAT, a "
+        "test host), while a flood from one host, even one that authenticates on an open "
+        "network, leaves the other half of max_connections",
+    )
     max_handshakes_per_host: int = _limit(
         4,
-        "handshakes in progress at once from one source address that has never completed "
-        "one with us; a flood from one host takes these, not every handshake slot",
+        "handshakes in progress at once from one untrusted source address; a flood from "
+        "one host takes these, not every handshake slot",
     )
     reserved_connections: int = _limit(
         16,
         "connections (and handshakes) beyond max_connections (and max_pending_handshakes) "
-        "kept for addresses that have completed a handshake with us before (members, known "
-        "peers), so that a flood of new connections cannot lock them out",
+        "kept for trusted addresses (members of our view; with a network key, addresses "
+        "that completed a handshake), so that a flood of new connections cannot lock them "
+        "out",
     )
     max_trusted_hosts: int = _limit(
         4096,
-        "source addresses remembered as having completed a handshake (the oldest is "
-        "forgotten first); four times max_members",
+        "source addresses remembered as trusted (the oldest is forgotten first); four "
+        "times max_members",
     )
     first_frame_timeout: float = _limit(
         2.0,

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fedup.errors import ConfigError
+from fedup.files import check_private_dir, make_dirs
 
 LOCK_FILE_NAME = "peer.lock"
 
@@ -29,14 +30,17 @@ LOCK_FILE_NAME = "peer.lock"
 def hold_state_dir(state_dir: Path) -> Iterator[Path]:
     """Hold ``state_dir``'s lock for the block; yields the lock file's path.
 
-    Creates ``state_dir`` (mode 0700) and the lock file (mode 0600, never
+    Creates ``state_dir`` and its missing parents (mode 0700), checks that
+    nobody else can write it (:func:`fedup.files.check_private_dir`, which
+    raises :class:`~fedup.errors.FileError`), and creates the lock file (mode 0600, never
     through a symbolic link) if needed.  Raises :class:`ConfigError` when
     another process holds the lock (naming its process ID) or when the
     directory or the lock file cannot be used.
     """
     path = state_dir / LOCK_FILE_NAME
     try:
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_dirs(state_dir)
+        check_private_dir(state_dir)  # before we create anything in it
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise ConfigError(

@@ -16,7 +16,12 @@ nobody evaluated) and the next lap is judged as usual.
 
 The loss travels in fixed point (:data:`LOSS_SCALE` units per unit of loss sum),
 so that the sums are integers that add up exactly in any order; the rounding is
-at most half a unit per member.
+at most half a unit per member.  Each member's figures are bounded so that the
+totals of :data:`~fedup.config.Limits.max_members` members stay below half the
+modulus (a loss sum above :data:`MAX_MEMBER_LOSS` counts as that much: a
+diverged model still reads as a very bad lap, never as a wrapped-around good
+one); totals at or above half the modulus cannot be a real federation's and
+leave the lap unjudged.
 """
 
 from __future__ import annotations
@@ -35,17 +40,25 @@ LOSS_SCALE: Final = 2**20
 SUMS_LEN: Final = 3 + 2 * AUC_BINS
 """loss sum, count, correct, then the positive and negative score histograms."""
 ZERO_SUMS: Final = (0,) * SUMS_LEN
-MAX_PLAUSIBLE: Final = 2**48
-"""Totals above this are not a real federation's (a wrapped or forged sum)."""
+MAX_MEMBER_LOSS: Final = 2**30
+"""A member's loss sum counts as at most this (about 1e9: 1e8 rows at a loss of 10)."""
+MAX_MEMBER_COUNT: Final = 2**40
+"""Validation rows of one member, at most (a trillion)."""
+MAX_TOTAL: Final = MODULUS // 2
+"""Totals at or above this are not a real federation's (a forged sum): 1,024 members'
+bounded figures stay below it (2^10 members * 2^30 * 2^20 = 2^60 for the loss)."""
 KEPT_LAPS: Final = 2
 """Masks a member keeps: the lap it opened last and the one before."""
 
 
 def to_sums(stats: EvalStats) -> tuple[int, ...]:
     """One member's evaluation as a sums vector (raises ValueError if it cannot be one)."""
-    if not 0 <= stats.loss_sum < MAX_PLAUSIBLE:
-        raise ValueError(f"validation loss sum {stats.loss_sum} is out of range")
-    loss = round(stats.loss_sum * LOSS_SCALE)
+    if not 0 <= stats.n < MAX_MEMBER_COUNT:
+        raise ValueError(f"a validation count of {stats.n} is out of range")
+    if stats.loss_sum < 0:
+        raise ValueError(f"validation loss sum {stats.loss_sum} is negative")
+    capped = stats.loss_sum if stats.loss_sum < MAX_MEMBER_LOSS else MAX_MEMBER_LOSS  # NaN too
+    loss = round(capped * LOSS_SCALE)
     return (loss, stats.n, stats.correct, *_bins(stats.pos_hist), *_bins(stats.neg_hist))
 
 
@@ -66,7 +79,7 @@ def open_sums(sums: tuple[int, ...]) -> EvalStats | None:
     """The evaluation the unmasked ``sums`` add up to; None if they cannot be real."""
     loss, n, correct, *hists = sums
     pos, neg = tuple(hists[:AUC_BINS]), tuple(hists[AUC_BINS:])
-    if any(v >= MAX_PLAUSIBLE for v in sums) or correct > n or n == 0:
+    if any(v >= MAX_TOTAL for v in sums) or correct > n or n == 0:
         return None
     if not any(pos) and not any(neg):
         pos = neg = ()

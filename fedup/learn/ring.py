@@ -579,8 +579,9 @@ def train_hop(
     ``lap`` and ``hop`` are the lap number and this peer's ring position; a
     state must arrive in order (from the same lap with a smaller ``hop``, or
     from the previous lap).  The input state is not modified.  With the same
-    inputs the output is bit-for-bit the same (on the same machine and
-    thread count).  Torch's global RNG is seeded for the hop inside
+    inputs the output's tensors are bit-for-bit the same (on the same machine
+    and thread count); its masked validation sums are not (the mask is random)
+    but open to the same totals.  Torch's global RNG is seeded for the hop inside
     ``torch.random.fork_rng``, so the caller's RNG state is left as it was.
 
     ``masks`` keeps the masks of the laps this member opens (one per member

@@ -26,12 +26,13 @@ connection, closing the channel when the handler returns.  Caps:
 
 * more than ``Limits.max_connections`` open connections: a new one is closed
   at once, before any byte is read, unless it comes from a *trusted* address
-  (one from which a handshake has completed before, or that we completed one
-  with): those may use ``Limits.reserved_connections`` more, so that a flood
-  of new connections cannot lock members out;
-* more than ``Limits.max_handshakes_per_host`` handshakes in progress from one
-  untrusted address: a new connection from it is closed at once, so a flood
-  from one host cannot take every handshake slot;
+  (a member of our view's; with a network key, one that completed a handshake
+  with us or that we completed one with): those may use
+  ``Limits.reserved_connections`` more;
+* more than ``Limits.max_connections_per_host`` open from its address (an IPv6
+  address counts by its /64), or, for an untrusted address, more than
+  ``Limits.max_handshakes_per_host`` handshakes in progress from it: closed at
+  once, so a flood from one host takes a share of the slots, not every slot;
 * more than ``Limits.max_pending_handshakes`` handshakes in progress: a new
   connection gets the abort ``busy`` (after its msg1 is read, so that closing
   does not reset the connection under the abort) and is closed.
@@ -50,7 +51,9 @@ at error level with its traceback.  The listener keeps serving in all cases.
 
 from __future__ import annotations
 
+import collections
 import errno
+import ipaddress
 import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -79,6 +82,7 @@ from fedup.protocol.peer_id import PeerId
 from fedup.protocol.records import Address, SignedPeerRecord
 
 __all__ = [
+    "ConnectTimeoutError",
     "Credentials",
     "DialError",
     "Handler",
@@ -106,6 +110,10 @@ _ACCEPT_RETRY = 0.1  # seconds to wait when out of file descriptors (as trio.ser
 
 class DialError(RemoteProtocolError):
     """Could not reach the address: nothing listens there, refused, or unreachable."""
+
+
+class ConnectTimeoutError(DialError, PeerTimeoutError):
+    """No connection within the deadline: unreachable (a dial error) and a timeout."""
 
 
 @attrs.frozen
@@ -303,8 +311,11 @@ class Listener:
         self._handler = handler
         self._connections = 0
         self._pending = 0
-        self._pending_by_host: dict[str, int] = {}
-        self._refused = {"connections": 0, "handshakes": 0, "host": 0}
+        self._open_by_host: collections.Counter[str] = collections.Counter()
+        self._pending_by_host: collections.Counter[str] = collections.Counter()
+        self._refused = {"connections": 0, "handshakes": 0, "host": 0, "host-handshakes": 0}
+        self._capped: dict[str, set[str]] = {"host": set(), "host-handshakes": set()}
+        """The source addresses refused by a per-address cap in the current episode."""
 
     @property
     def connections(self) -> int:
@@ -326,17 +337,19 @@ class Listener:
                 log.error("accept failed (%s); retrying in %g s", exc, _ACCEPT_RETRY)
                 await trio.sleep(_ACCEPT_RETRY)
                 continue
-            if not self._admit(peer, host):
+            source = source_key(host)
+            if not self._admit(peer, source):
                 await trio.aclose_forcefully(stream)
                 continue
             self._connections += 1
-            self._pending_by_host[host] = self._pending_by_host.get(host, 0) + 1
-            nursery.start_soon(self._serve_connection, stream, peer, host)
+            self._open_by_host[source] += 1
+            self._pending_by_host[source] += 1
+            nursery.start_soon(self._serve_connection, stream, peer, source)
 
-    def _admit(self, peer: str, host: str) -> bool:
-        """Whether a new connection from ``host`` gets a slot (checked before any byte)."""
+    def _admit(self, peer: str, source: str) -> bool:
+        """Whether a new connection from ``source`` gets a slot (checked before any byte)."""
         limits = self._transport.limits
-        trusted = self._transport.trusted_hosts.contains(host)
+        trusted = self._transport.trusted_hosts.contains(source)
         cap = limits.max_connections + (limits.reserved_connections if trusted else 0)
         if self._connections >= cap:
             self._refuse(
@@ -346,22 +359,29 @@ class Listener:
                 peer,
             )
             return False
-        if not trusted and self._pending_by_host.get(host, 0) >= limits.max_handshakes_per_host:
-            self._refuse(
-                "host",
-                "closing new connections from an address with %d handshakes in progress "
-                "(max_handshakes_per_host); first refused: %s",
-                limits.max_handshakes_per_host,
-                peer,
+        if self._open_by_host[source] >= limits.max_connections_per_host:
+            what = (
+                "closing new connections from an address with %d open "
+                "(max_connections_per_host); first refused: %s"
             )
+            self._refuse("host", what, limits.max_connections_per_host, peer)
+            self._capped["host"].add(source)
+            return False
+        if not trusted and self._pending_by_host[source] >= limits.max_handshakes_per_host:
+            what = (
+                "closing new connections from an address with %d handshakes in progress "
+                "(max_handshakes_per_host); first refused: %s"
+            )
+            self._refuse("host-handshakes", what, limits.max_handshakes_per_host, peer)
+            self._capped["host-handshakes"].add(source)
             return False
         return True
 
-    async def _serve_connection(self, stream: trio.abc.Stream, peer: str, host: str) -> None:
+    async def _serve_connection(self, stream: trio.abc.Stream, peer: str, source: str) -> None:
         limits = self._transport.limits
         try:
             try:
-                trusted = self._transport.trusted_hosts.contains(host)
+                trusted = self._transport.trusted_hosts.contains(source)
                 reserve = limits.reserved_connections if trusted else 0
                 if self._pending >= limits.max_pending_handshakes + reserve:
                     self._refuse(
@@ -375,21 +395,23 @@ class Listener:
                     return
                 channel = await self._handshake(stream, peer)
             finally:
-                self._pending_by_host[host] -= 1
-                if not self._pending_by_host[host]:
-                    del self._pending_by_host[host]
-                self._recovered(
-                    "host",
-                    max(self._pending_by_host.values(), default=0) < limits.max_handshakes_per_host,
+                _decrement(self._pending_by_host, source)
+                self._host_recovered(
+                    "host-handshakes", self._pending_by_host, limits.max_handshakes_per_host
                 )
             if channel is None:
                 return
-            self._transport.trusted_hosts.add(host)
+            if self._transport.credentials.network_key is not None:
+                # Only the network key makes a completed handshake mean anything: on an
+                # open network anyone completes one.
+                self._transport.trusted_hosts.add(source)
             log.debug("accepted %s from %s", channel.remote_peer.text, peer)
             await self._run_handler(channel)
         finally:
             self._connections -= 1
+            _decrement(self._open_by_host, source)
             self._recovered("connections", self._connections < limits.max_connections)
+            self._host_recovered("host", self._open_by_host, limits.max_connections_per_host)
 
     async def _handshake(self, stream: trio.abc.Stream, peer: str) -> SecureChannel | None:
         limits = self._transport.limits
@@ -429,10 +451,34 @@ class Listener:
             log.warning(message, cap, peer)
         self._refused[kind] += 1
 
+    def _host_recovered(self, kind: str, counter: collections.Counter[str], cap: int) -> None:
+        capped = self._capped[kind]
+        if capped and all(counter[s] < cap for s in capped):
+            capped.clear()
+            self._recovered(kind, True)
+
     def _recovered(self, kind: str, below_cap: bool) -> None:
         if below_cap and self._refused[kind]:
             log.info("%s back below the cap after %d refusal(s)", kind, self._refused[kind])
             self._refused[kind] = 0
+
+
+def _decrement(counter: collections.Counter[str], key: str) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
+
+
+def source_key(host: str) -> str:
+    """What the per-address caps count by: the address, or an IPv6 address's /64
+    (one host commonly holds a whole /64, so counting single addresses would give it
+    2^64 of them)."""
+    if ":" not in host:
+        return host
+    try:
+        return str(ipaddress.IPv6Network((host.partition("%")[0], 64), strict=False))
+    except ValueError:
+        return host
 
 
 class TrustedHosts:
@@ -497,7 +543,7 @@ async def _dial_tcp(
         with trio.fail_at(deadline):
             stream = await trio.open_tcp_stream(address.host, address.port)
     except trio.TooSlowError:
-        raise PeerTimeoutError(
+        raise ConnectTimeoutError(
             f"could not connect within {limits.handshake_timeout:g} s", peer=peer
         ) from None
     except OSError as exc:
@@ -538,7 +584,8 @@ class TcpTransport:
     async def dial(self, address: Address, *, expected_peer: PeerId | None = None) -> SecureChannel:
         """Connect to ``address`` and authenticate; see the module docstring for errors."""
         channel = await _dial_tcp(address, self.credentials, self.limits, expected_peer)
-        self.trusted_hosts.add(address.host)
+        if self.credentials.network_key is not None:  # see Listener._serve_connection
+            self.trusted_hosts.add(source_key(address.host))
         return channel
 
     def listen(self, address: Address, handler: Handler) -> AbstractAsyncContextManager[Listener]:

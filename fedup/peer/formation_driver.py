@@ -28,6 +28,7 @@ from fedup.learn.schema import DataSummary, FeatureSchema, SchemaMismatchError, 
 from fedup.net.channel import SecureChannel
 from fedup.net.framed import FramedStream
 from fedup.net.timers import Timers
+from fedup.net.transport import DialError
 from fedup.peer import events as ev
 from fedup.peer.events import EventHub
 from fedup.peer.tamper import Tamper
@@ -301,7 +302,13 @@ class FormationDriver:
         self._done.set()
 
     async def _probe(self, peer: PeerId) -> None:
-        """Handshake with ``peer`` and close: does a real peer of our network answer?"""
+        """Handshake with ``peer`` and close: does a real peer of our network answer?
+
+        Refused or unreachable, another peer or another network answering: it is not
+        one (``alive`` False).  ``busy``: nothing proved.  A handshake that timed out or a
+        connection closed at once (a listener at its cap closes without a word): nothing
+        proved, but it counts toward giving up on it (``strike``).
+        """
         # Half a call's patience: a caller whose call we hold until our probes end still
         # gets its answer within its call_timeout.
         deadline = self._limits.call_timeout / 2
@@ -309,13 +316,19 @@ class FormationDriver:
             with trio.fail_after(deadline):
                 channel = await self._dial(peer, self._records.get(peer))
         except trio.TooSlowError:
-            self.feed(fe.ProbeDone(peer, False, f"no answer within {deadline:g} s"))
+            self.feed(fe.ProbeDone(peer, None, f"no answer within {deadline:g} s", strike=True))
+            return
+        except DialError as exc:
+            self.feed(fe.ProbeDone(peer, False, str(exc)))
             return
         except HandshakeError as exc:
-            self.feed(fe.ProbeDone(peer, None if exc.code == AbortCode.BUSY else False, str(exc)))
+            if exc.code == AbortCode.BUSY:
+                self.feed(fe.ProbeDone(peer, None, str(exc)))
+            else:
+                self.feed(fe.ProbeDone(peer, False, str(exc)))
             return
         except (RemoteProtocolError, OSError) as exc:
-            self.feed(fe.ProbeDone(peer, False, str(exc)))
+            self.feed(fe.ProbeDone(peer, None, str(exc), strike=True))
             return
         with trio.move_on_after(self._limits.close_notify_timeout):
             await channel.aclose()

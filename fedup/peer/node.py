@@ -47,7 +47,13 @@ from fedup.net.discovery import (
 )
 from fedup.net.framed import FramedStream
 from fedup.net.groups import collapse_single_exception
-from fedup.net.transport import Credentials, MemoryNetwork, TcpTransport, Transport
+from fedup.net.transport import (
+    Credentials,
+    MemoryNetwork,
+    TcpTransport,
+    Transport,
+    source_key,
+)
 from fedup.peer import events as ev
 from fedup.peer.config import PeerConfig
 from fedup.peer.custody_driver import CustodyDriver, RunError
@@ -439,6 +445,9 @@ class Peer:
                 tamper=self.tamper,
                 train_delay=self.train_delay,
             )
+            for member in signed.view.members:  # their connections keep reserved slots
+                for address in member.record.addresses:
+                    self.transport.trusted_hosts.add(source_key(address.host))
             assert self._nursery is not None
             await self._nursery.start(custody.serve)
             self.custody = custody

@@ -105,10 +105,16 @@ MAX_PROBES = 8
 """Candidates probed at once: enough to clear a handful of fakes below the real leader in
 one round; few enough that a follower's probes cost the peers below it little."""
 
-TIMERS = SETTLE, FOLLOW, PROBE, CALLS, ACKS, VIEW_DUE, COMMIT_DUE, GIVE_UP = (
+MAX_STRIKES = 3
+"""Probes in a row that neither completed nor were refused cleanly (a handshake that timed
+out, a connection closed at once) after which a candidate counts as unreachable: a real
+peer overloaded for three settle intervals is elected around, as a silent one is."""
+
+TIMERS = SETTLE, FOLLOW, PROBE, HELD, CALLS, ACKS, VIEW_DUE, COMMIT_DUE, GIVE_UP = (
     "settle",
     "follow",
     "probe",
+    "held",
     "calls",
     "acks",
     "view-due",
@@ -195,6 +201,11 @@ class FormationMachine:
         announce a new record."""
         self.probing: set[PeerId] = set()
         """Probes in flight."""
+        self.inconclusive: set[PeerId] = set()
+        """Candidates whose last probe proved nothing (busy, timed out): probed again by the
+        PROBE timer, but no call is held for them."""
+        self.strikes: dict[PeerId, int] = {}
+        """Inconclusive probes in a row that count (:data:`MAX_STRIKES`)."""
         self.held: dict[PeerId, bytes] = {}
         """Calls (caller -> run ID) answered once the probes of the unproven candidates
         below the caller are done: they are the only reason not to follow it."""
@@ -221,6 +232,8 @@ class FormationMachine:
 
     def handle(self, event: Event) -> list[Action]:
         """Apply ``event`` and return what to do; never raises for input."""
+        if isinstance(event, ConnectionLost):
+            self.held.pop(event.peer, None)  # a caller that hung up needs no answer
         name = TRANSITIONS[self.stage].get(type(event))
         if name is None:
             return [
@@ -248,6 +261,8 @@ class FormationMachine:
 
     def _seen(self, event: PeerSeen) -> list[Action]:
         self.unreachable.discard(event.peer)  # a new record: worth another probe
+        self.inconclusive.discard(event.peer)
+        self.strikes.pop(event.peer, None)
         if event.peer == self.me or event.peer in self.candidates:
             return []
         self.candidates.add(event.peer)
@@ -282,6 +297,8 @@ class FormationMachine:
             ]
         if name == PROBE and self.stage is Stage.FOLLOWING:
             return self._probe()
+        if name == HELD:
+            return self._answer_held(force=True)
         if name == CALLS and self.stage is Stage.LEADING:
             return self._calls_done()
         if name == ACKS and self.stage is Stage.PROPOSING:
@@ -336,10 +353,12 @@ class FormationMachine:
             SetTimer(PROBE, self.settle),
         ]
 
-    def _unproven_below(self, peer: PeerId) -> list[PeerId]:
+    def _unproven_below(self, peer: PeerId, *, holding: bool = False) -> list[PeerId]:
         """The candidates we would rather follow than ``peer`` that never proved
-        themselves, lowest first."""
-        return sorted(p for p in self.electorate - {self.me} if p < peer and p not in self.proven)
+        themselves, lowest first (``holding``: not those whose last probe proved nothing,
+        which no call waits for)."""
+        skip = self.proven | self.inconclusive if holding else self.proven
+        return sorted(p for p in self.electorate - {self.me} if p < peer and p not in skip)
 
     def _probe_some(self, peers: list[PeerId]) -> list[Action]:
         """Probe the lowest ``MAX_PROBES`` of ``peers`` that are not being probed already
@@ -361,8 +380,19 @@ class FormationMachine:
         actions: list[Action] = []
         if event.alive:
             self.proven.add(peer)
-        elif event.alive is False and peer in self.candidates and peer not in self.proven:
+            self.inconclusive.discard(peer)
+            self.strikes.pop(peer, None)
+        elif peer not in self.candidates or peer in self.proven:
+            pass  # it proved itself meanwhile (it called us)
+        elif event.alive is None and not event.strike:
+            self.inconclusive.add(peer)  # busy: proves nothing, costs nothing
+        elif event.alive is None and self.strikes.get(peer, 0) + 1 < MAX_STRIKES:
+            self.strikes[peer] = self.strikes.get(peer, 0) + 1
+            self.inconclusive.add(peer)
+        else:
             self.unreachable.add(peer)
+            self.inconclusive.discard(peer)
+            self.strikes.pop(peer, None)
             actions.append(
                 Note("warning", f"candidate {peer} failed its probe ({event.why}); leaving it out")
             )
@@ -372,13 +402,26 @@ class FormationMachine:
                 actions += [CancelTimer(FOLLOW), CancelTimer(PROBE), *self._elect()]
         return actions + self._answer_held()
 
-    def _answer_held(self) -> list[Action]:
-        """Answer the held calls whose probes are all done (which may probe more)."""
+    def _hold_for(self, caller: PeerId) -> list[PeerId]:
+        """The candidates a call from ``caller`` waits on: the unproven ones (not found
+        inconclusive) below both the caller and us, and below every proven candidate there
+        (the answer cannot name anyone lower than those)."""
+        cut = min(self.me, caller)
+        proven = [p for p in self.proven & self.electorate if p < cut]
+        if proven:
+            cut = min(proven)
+        return self._unproven_below(cut, holding=True)
+
+    def _answer_held(self, *, force: bool = False) -> list[Action]:
+        """Answer the held calls whose probes are all done (all of them with ``force``,
+        the caller's patience being half spent)."""
         actions: list[Action] = []
         for caller, run_id in list(self.held.items()):
-            if not self.probing.intersection(self._unproven_below(caller)):
+            if force or not self.probing.intersection(self._hold_for(caller)):
                 del self.held[caller]
-                actions += self._call(CallArrived(caller, run_id))
+                actions += self._answer_call(caller, run_id, may_hold=False)
+                if not self.held:
+                    actions.append(CancelTimer(HELD))
         return actions
 
     # --- leading ------------------------------------------------------------------------
@@ -601,7 +644,12 @@ class FormationMachine:
         caller = event.leader
         self.proven.add(caller)  # it authenticated to call
         self.unreachable.discard(caller)
-        no = [SendRefuse(caller, event.run_id, RefusalCode.COMMITTED, "", inbound=True)]
+        self.inconclusive.discard(caller)
+        self.strikes.pop(caller, None)
+        return self._answer_call(caller, event.run_id, may_hold=True)
+
+    def _answer_call(self, caller: PeerId, run_id: bytes, *, may_hold: bool) -> list[Action]:
+        no = [SendRefuse(caller, run_id, RefusalCode.COMMITTED, "", inbound=True)]
         if self.stage is Stage.JOINED:
             return [attrs.evolve(no[0], reason="already training in another run")]
         if self.stage is Stage.FAILED:
@@ -613,25 +661,26 @@ class FormationMachine:
                 )
             ]
         if self.stage in (Stage.OFFERED, Stage.ACKED):
-            if caller == self.leader and event.run_id != self.run_id:
+            if caller == self.leader and run_id != self.run_id:
                 # Our leader starts a new proposal (it gave the old one up): take part.
-                return self._follow_caller(caller, event.run_id)
+                return self._follow_caller(caller, run_id)
             return [attrs.evolve(no[0], reason=f"already in the federation of {self.leader}")]
         lowest = min(self.electorate | {caller})
         if caller != lowest:
-            unproven = self._unproven_below(caller)
-            if unproven and not any(p < caller for p in self.proven & self.electorate):
-                # Only candidates that never proved themselves stand before the caller
-                # (it just did): probe them before answering, within the caller's patience.
-                self.held[caller] = event.run_id
-                return self._probe_some(unproven) or self._answer_held()
-            return [AnswerFollow(caller, event.run_id, lowest)]
+            waits_on = self._hold_for(caller) if may_hold else []
+            if waits_on:
+                # Candidates that never proved themselves stand before the caller (it just
+                # did): probe them, and answer within half the caller's patience.
+                timer = [] if self.held else [SetTimer(HELD, self.limits.call_timeout / 2)]
+                self.held[caller] = run_id
+                return timer + (self._probe_some(waits_on) or self._answer_held())
+            return [AnswerFollow(caller, run_id, lowest)]
         actions: list[Action] = []
         if self.stage in (Stage.LEADING, Stage.PROPOSING):
             actions.append(Note("info", f"{caller} is lower and called: standing down"))
             actions += self._release_candidates(RefusalCode.GIVEN_UP, "the leader stood down")
             actions += [CancelTimer(CALLS), CancelTimer(ACKS)]
-        return actions + self._follow_caller(caller, event.run_id)
+        return actions + self._follow_caller(caller, run_id)
 
     def _follow_caller(self, leader: PeerId, run_id: bytes) -> list[Action]:
         self.stage = Stage.OFFERED

@@ -105,6 +105,10 @@ class ProbeDone:
     peer: PeerId
     alive: bool | None
     why: str = ""
+    strike: bool = False
+    """With ``alive`` None: it may be the peer's fault (a handshake that timed out, a
+    connection closed at once), so it counts toward giving up on it; a ``busy`` answer
+    does not."""
 
 
 @attrs.frozen

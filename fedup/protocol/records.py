@@ -274,9 +274,8 @@ class PeerRecordBook:
         current = self._records.get(peer)
         if current is not None and signed.envelope == current.envelope:
             return False
-        high = self._high_seq.pop(peer, None)
+        high = self._high_seq.get(peer)
         if high is not None and signed.record.seq <= high:
-            self._high_seq[peer] = high
             raise StaleRecordError(
                 f"record seq {signed.record.seq} is not newer than {high}", peer=peer.text
             )
@@ -285,6 +284,7 @@ class PeerRecordBook:
                 f"record book is full ({self._max_peers} peers)", peer=peer.text
             )
         self._records[peer] = signed
+        self._high_seq.pop(peer, None)  # to the end: admitted most recently
         self._high_seq[peer] = signed.record.seq
         return True
 

@@ -34,6 +34,7 @@ from fedup.net.transport import (
     MemoryNetwork,
     TcpTransport,
     Transport,
+    source_key,
     upgrade_outbound,
 )
 from fedup.protocol import cbor
@@ -608,16 +609,32 @@ async def _raw_from(env: Env, address: Address, source: str) -> trio.abc.Stream:
     return await trio.open_tcp_stream(address.host, address.port, local_address=source)
 
 
+@pytest.mark.parametrize("authenticated", [False, True], ids=["stranger", "authenticated"])
 async def test_a_flood_from_one_address_leaves_dials_working(
-    env: Env, clock: trio.testing.MockClock | None, caplog: pytest.LogCaptureFixture
+    env: Env,
+    clock: trio.testing.MockClock | None,
+    caplog: pytest.LogCaptureFixture,
+    authenticated: bool,
 ) -> None:
-    """Twelve idle connections from one address take one handshake slot, not every slot."""
+    """Twelve idle connections from one address take one handshake slot, not every slot;
+    also when the flooder first completes a handshake (anyone can on an open network)."""
     if env.kind == "tcp6":
         pytest.skip("IPv6 loopback has a single address; the flood needs a second one")
-    env.limits = attrs.evolve(env.limits, max_handshakes_per_host=1, reserved_connections=2)
+    env.limits = attrs.evolve(
+        env.limits, max_handshakes_per_host=1, reserved_connections=2, max_connections_per_host=2
+    )
     flooder = "10.66.66.66" if env.kind == "memory" else "127.0.0.2"
     async with serving(env) as (listener, _):
         address = listener.addresses[0]
+        if authenticated:
+            first = await upgrade_outbound(
+                await _raw_from(env, address, flooder),
+                peer=str(address),
+                credentials=Credentials(MALLORY, NET),
+                limits=env.limits,
+            )
+            await first.aclose()
+            await settle(listener)
         attackers = [await _raw_from(env, address, flooder) for _ in range(12)]
         with trio.fail_after(10):
             while listener.connections < 1:
@@ -632,6 +649,7 @@ async def test_a_flood_from_one_address_leaves_dials_working(
         assert answers == [None] * 11  # over the per-address cap: closed before a byte is read
         messages = warnings_of(caplog)
         assert sum("(max_handshakes_per_host)" in m for m in messages) == 1  # once per episode
+        assert not listener._transport.trusted_hosts.contains(flooder)  # open network: no trust
         await channel.aclose()
         for stream in attackers:
             await trio.aclose_forcefully(stream)
@@ -641,13 +659,14 @@ async def test_a_flood_from_one_address_leaves_dials_working(
 async def test_trusted_addresses_keep_reserved_slots(
     env: Env, clock: trio.testing.MockClock | None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Every ordinary slot held by a flood: an address that completed a handshake gets in."""
+    """Every ordinary slot held by a flood: an address that completed a handshake under the
+    network key gets in (on an open network a handshake proves nothing: no trust)."""
     if env.kind != "tcp4":
         pytest.skip("needs two addresses (tcp4); memory dialers have a fresh name each time")
-    env.limits = attrs.evolve(env.limits, max_handshakes_per_host=100)
-    async with serving(env) as (listener, _):
+    env.limits = attrs.evolve(env.limits, max_handshakes_per_host=100, max_connections_per_host=100)
+    async with serving(env, key=KEY) as (listener, _):
         address = listener.addresses[0]
-        legit = env.transport(LEGIT)
+        legit = env.transport(LEGIT, key=KEY)
         first = await legit.dial(address, expected_peer=SERVER.peer_id)
         await first.aclose()
         await settle(listener)
@@ -667,3 +686,14 @@ async def test_trusted_addresses_keep_reserved_slots(
         for stream in attackers:
             await trio.aclose_forcefully(stream)
         await settle(listener)
+
+
+def test_an_ipv6_source_counts_by_its_64() -> None:
+    """One host commonly holds a whole /64: counting single addresses would give it 2^64."""
+    assert (
+        source_key("2001:db8:1:2::1") == source_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    )
+    assert source_key("2001:db8:1:3::1") != source_key("2001:db8:1:2::1")
+    assert source_key("fe80::1%eth0") == "fe80::/64"
+    assert source_key("192.0.2.7") == "192.0.2.7"
+    assert source_key("memory-dialer-3") == "memory-dialer-3"

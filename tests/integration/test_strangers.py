@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from fedup.identity import Identity
-from fedup.net.transport import DialError, MemoryNetwork
+from fedup.net.transport import Credentials, DialError, MemoryNetwork, upgrade_outbound
 from fedup.peer import Peer, RunSummary
 from fedup.peer.config import DEFAULT_NETWORK
 from fedup.peer.events import Formed, PeerEvent
@@ -55,15 +55,28 @@ async def hold_idle_connections(network: MemoryNetwork, address: Address) -> Non
         await trio.sleep(0.01)
 
 
-async def federate(tmp_path: Path, *, flood: bool) -> tuple[list[RunSummary], float]:
+async def authenticate_then_flood(network: MemoryNetwork, address: Address) -> None:
+    """On an open network anyone completes a handshake: do so once, then flood."""
+    stream = await network.connect(address, source=FLOODER)
+    creds = Credentials(Identity(b"\x66" * 32), DEFAULT_NETWORK)
+    channel = await upgrade_outbound(stream, peer=str(address), credentials=creds)
+    await channel.aclose()
+    async with trio.open_nursery() as nursery:
+        for _ in range(IDLE_CONNECTIONS):
+            nursery.start_soon(hold_idle_connections, network, address)
+
+
+async def federate(tmp_path: Path, *, flood: str | None) -> tuple[list[RunSummary], float]:
     ids = identities(3)
     world = MemoryWorld()
     start = trio.current_time()
     async with trio.open_nursery() as flooders:
 
         def opening(peer: Peer) -> None:
-            if flood:
-                for address in peer.addresses:
+            for address in peer.addresses:
+                if flood == "authenticated":
+                    flooders.start_soon(authenticate_then_flood, world.network, address)
+                elif flood == "stranger":
                     for _ in range(IDLE_CONNECTIONS):
                         flooders.start_soon(hold_idle_connections, world.network, address)
 
@@ -78,12 +91,16 @@ async def federate(tmp_path: Path, *, flood: bool) -> tuple[list[RunSummary], fl
     return done, took
 
 
+@pytest.mark.parametrize("flood", ["stranger", "authenticated"])
 async def test_a_connection_flood_from_one_host_does_not_stall_the_run(
-    autojump_clock: trio.testing.MockClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    autojump_clock: trio.testing.MockClock,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    flood: str,
 ) -> None:
-    base, base_time = await federate(tmp_path / "base", flood=False)
+    base, base_time = await federate(tmp_path / "base", flood=None)
     with caplog.at_level(logging.INFO, logger="fedup"):
-        flooded, took = await federate(tmp_path / "flooded", flood=True)
+        flooded, took = await federate(tmp_path / "flooded", flood=flood)
     assert took <= 2 * base_time, (took, base_time)
     assert weights_digest(flooded[0]) == weights_digest(base[0])
     assert "(max_handshakes_per_host)" in caplog.text  # the flood was there, and refused

@@ -17,7 +17,7 @@ import pytest
 
 from fedup.config import DEFAULT_LIMITS
 from fedup.identity import Identity
-from fedup.protocol.formation import TRANSITIONS, FormationMachine, Stage
+from fedup.protocol.formation import MAX_STRIKES, TRANSITIONS, FormationMachine, Stage
 from fedup.protocol.formation_events import (
     AckArrived,
     Action,
@@ -463,3 +463,66 @@ def test_a_joined_member_refuses_calls_as_committed() -> None:
     m = world.machines[world.peers[2]]
     [refuse] = m.handle(CallArrived(world.peers[1], b"n" * 16))
     assert isinstance(refuse, SendRefuse) and refuse.code is RefusalCode.COMMITTED
+
+
+def _following(n: int = 4) -> tuple[FormationWorld, FormationMachine]:
+    """The highest of ``n`` peers, settled and following the lowest (no probe yet)."""
+    world = FormationWorld(n, min_peers=3)
+    m = world.machines[world.peers[-1]]
+    m.handle(Start())
+    for p in world.peers[:-1]:
+        m.handle(PeerSeen(p))
+    m.handle(TimerFired("settle"))
+    assert m.stage is Stage.FOLLOWING and m.leader == world.peers[0]
+    return world, m
+
+
+def test_a_busy_answer_answers_the_held_call_instead_of_probing_again() -> None:
+    world, m = _following()
+    low, mid = world.peers[0], world.peers[1]
+    actions = m.handle(CallArrived(mid, b"r" * 16))  # held: low never proved itself
+    assert [a for a in actions if isinstance(a, Probe)] == [Probe((low,))]
+    assert mid in m.held
+    actions = m.handle(ProbeDone(low, None, "busy"))
+    assert not [a for a in actions if isinstance(a, Probe)]  # no loop on a busy peer
+    assert [a for a in actions if isinstance(a, AnswerFollow)] == [
+        AnswerFollow(mid, b"r" * 16, low)
+    ]
+    assert not m.held and low not in m.unreachable
+
+
+def test_a_held_call_is_dropped_when_its_caller_hangs_up_and_answered_at_the_deadline() -> None:
+    world, m = _following()
+    low, mid = world.peers[0], world.peers[1]
+    actions = m.handle(CallArrived(mid, b"r" * 16))
+    assert SetTimer("held", LIMITS.call_timeout / 2) in actions
+    m.handle(ConnectionLost(mid, "closed the connection"))
+    assert not m.held
+    actions = m.handle(ProbeDone(low, True))
+    assert not [a for a in actions if isinstance(a, AnswerFollow | AnswerOffer)]
+    assert m.stage is Stage.FOLLOWING  # not bound to a caller that left
+    # A call whose probe never ends is answered when half the caller's patience is spent.
+    world, m = _following(5)
+    low, caller = world.peers[0], world.peers[2]
+    m.handle(ProbeDone(low, True))  # low is real; second is not probed yet
+    m.handle(CallArrived(caller, b"s" * 16))
+    assert not m.held  # a proven peer below the caller: the answer is known
+    world, m = _following(5)
+    m.handle(CallArrived(world.peers[2], b"s" * 16))
+    assert world.peers[2] in m.held
+    actions = m.handle(TimerFired("held"))
+    assert [a for a in actions if isinstance(a, AnswerFollow)] == [
+        AnswerFollow(world.peers[2], b"s" * 16, world.peers[0])
+    ]
+
+
+def test_a_probe_closed_at_once_is_a_strike_not_a_verdict() -> None:
+    """A listener at its connection cap closes a probe without a word: that alone does not
+    make an honest leader unreachable; three such probes in a row do."""
+    world, m = _following()
+    low = world.peers[0]
+    for _ in range(MAX_STRIKES - 1):
+        m.handle(ProbeDone(low, None, "closed the connection", strike=True))
+        assert low not in m.unreachable and m.leader == low
+    m.handle(ProbeDone(low, None, "closed the connection", strike=True))
+    assert low in m.unreachable and m.leader != low

@@ -11,7 +11,16 @@ import pytest
 import torch
 
 from fedup.learn import baselines, loans
-from fedup.learn.lap_sums import LOSS_SCALE, ZERO_SUMS, LapMasks, add_sums, open_sums, to_sums
+from fedup.learn.lap_sums import (
+    LOSS_SCALE,
+    MAX_MEMBER_COUNT,
+    MAX_MEMBER_LOSS,
+    ZERO_SUMS,
+    LapMasks,
+    add_sums,
+    open_sums,
+    to_sums,
+)
 from fedup.learn.ring import (
     FederationStats,
     RingMeta,
@@ -338,8 +347,18 @@ def test_sums_that_cannot_be_real_are_not_judged() -> None:
     wrapped = add_sums(to_sums(e), to_sums(EvalStats(0.0, 11, 0)), sign=-1)  # n < 0 mod 2^62
     assert open_sums(wrapped) is None
     assert open_sums((0, 5, 6) + (0,) * (2 * AUC_BINS)) is None  # more correct than samples
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match="negative"):
         to_sums(EvalStats(-1.0, 1))
+    # A diverged member's huge (or NaN) loss counts as the cap: a very bad lap, never one
+    # that wraps around the modulus into a small, plausible loss.
+    for huge in (2.0**44 + 12345.678, math.inf, math.nan):
+        opened = open_sums(to_sums(EvalStats(huge, 10)))
+        assert opened is not None and opened.loss_sum == MAX_MEMBER_LOSS
+    many = [to_sums(EvalStats(math.inf, MAX_MEMBER_COUNT - 1, MAX_MEMBER_COUNT - 1))] * 1024
+    total = ZERO_SUMS
+    for one in many:
+        total = add_sums(total, one)
+    assert open_sums(total) is not None  # 1,024 members at every bound do not wrap
     masks = LapMasks()
     first = masks.open(0)
     assert masks.get(0) == first and masks.get(1) is None
