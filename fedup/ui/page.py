@@ -24,7 +24,9 @@ rebinding.
 The page shows what the board holds: the members, their addresses, the ring and
 the model's place, the federated results of every lap, the hops' training
 losses of the members it knows them of, the settings and the stop reason;
-never data, data summaries, nor a member's own validation results.
+never data, data summaries, nor a member's own validation results.  The files
+it links to are the member's own outputs and hold more (the merged schema, its
+own validation results): whoever can reach the page can fetch them.
 """
 
 from __future__ import annotations
