@@ -23,6 +23,7 @@ from typing import NoReturn
 from fedup import __version__
 from fedup.commands import demo as demo_command
 from fedup.commands import peers as peers_command
+from fedup.commands import show as show_command
 from fedup.commands import simulate as simulate_command
 from fedup.commands import start as start_command
 from fedup.errors import FedupError
@@ -47,6 +48,27 @@ def _debug(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _quiet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print only errors and the result: no progress display, no log lines below "
+        "error (overrides --log-level, not --debug)",
+    )
+
+
+def _logging(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="how much to log on stderr (default: %(default)s)",
+    )
+    _quiet(parser)
+    _debug(parser)
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state-dir",
@@ -55,13 +77,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help=f"where this peer keeps its identity and runs (default: ${STATE_DIR_ENV}, "
         f"else {default_state_dir()})",
     )
-    parser.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="how much to log on stderr (default: %(default)s)",
-    )
-    _debug(parser)
+    _logging(parser)
 
 
 def cmd_id(args: argparse.Namespace) -> int:
@@ -106,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     peers_command.add_parser(sub, common=_common)
     start_command.add_parser(sub, common=_common)
     simulate_command.add_parser(sub, common=_common)
-    _debug(demo_command.add_parser(sub))
+    demo = demo_command.add_parser(sub)
+    _quiet(demo)
+    _debug(demo)
+    show_command.add_parser(sub, common=_logging)
     return parser
 
 
@@ -115,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "debug", False):
         args.log_level = "debug"
+    elif getattr(args, "quiet", False):
+        args.log_level = "error"
     debug = getattr(args, "log_level", None) == "debug"
     logging.basicConfig(
         level=getattr(logging, str(getattr(args, "log_level", "info")).upper()),

@@ -1,4 +1,5 @@
-"""The limits and deadlines of transport, discovery and federation, each with a reason.
+"""The limits and deadlines of transport, discovery, federation and the federation page,
+each with a reason.
 
 (Caps that belong to one message's format are constants next to that format.)
 
@@ -217,6 +218,32 @@ class Limits:
         "a dialer sends its first handshake message right after connecting; a connection "
         "silent this long is closed instead of holding a slot for the whole "
         "handshake_timeout",
+    )
+    # --- the federation page (fedup-peer start --ui, fedup-peer show) ---------
+    ui_max_viewers: int = _limit(
+        16,
+        "live viewers of the federation page at once (each holds an event stream, a task "
+        "and its own updates); a page is for the few people watching a run, more get 503",
+    )
+    ui_update_interval: float = _limit(
+        0.5,
+        "a viewer gets at most one update per this many seconds: hops can come faster "
+        "than anyone reads, and each update costs a send",
+    )
+    ui_send_timeout: float = _limit(
+        10.0,
+        "a viewer that does not take an update within this is dropped, so one that stops "
+        "reading holds no viewer slot",
+    )
+    ui_keepalive: float = _limit(
+        15.0,
+        "an idle event stream sends a comment this often, so a viewer that went away is "
+        "noticed and proxies keep the stream open",
+    )
+    ui_event_buffer: int = _limit(
+        1024,
+        "events the display's subscription holds for it: a display that falls behind "
+        "misses events rather than ever holding up the peer",
     )
 
     @classmethod

@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from fedup.demo import DemoSettings, run_demo
+    from fedup.ui.board import RunBoard
+    from fedup.ui.display import TerminalDisplay, on_terminal
 
     try:
         peer_args = tuple(shlex.split(args.peer_args))
@@ -79,7 +81,15 @@ def run(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         peer_args=peer_args,
     )
-    report = run_demo(settings, say=lambda text: print(text, flush=True))
+    if args.quiet:
+        report = run_demo(settings, say=lambda text: None)
+    elif on_terminal():
+        board = RunBoard()
+        with TerminalDisplay(board) as display:  # the peers' progress, from their files
+            board.listen(display.refresh)
+            report = run_demo(settings, say=display.say, board=board)
+    else:
+        report = run_demo(settings, say=lambda text: print(text, flush=True))
     print_comparison(report)
     return 0 if report["same_model_everywhere"] else 1
 

@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +34,10 @@ SIM_OUTPUTS = ("report.json", "peers")
 
 log = logging.getLogger("fedup")
 if TYPE_CHECKING:
-    from fedup.sim import Link, SimSettings
+    from fedup.peer import TaskSource
+    from fedup.peer.events import PeerEvent
+    from fedup.protocol.peer_id import PeerId
+    from fedup.sim import Link, SimResult, SimSettings
 
 
 def _ints(text: str, form: str, n: tuple[int, ...]) -> list[int]:
@@ -202,7 +205,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from fedup.peer.outputs import check_out_dir
-    from fedup.sim import simulate
     from fedup.sim.data import csv_tables, sources_of, synthetic_tables
     from fedup.sim.report import build_report
 
@@ -222,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
         )
     sources = sources_of(tables)
     log.info("simulating %d peers into %s", len(sources), out)
-    result = simulate(sources, out, settings)
+    result = _simulate_watched(sources, out, settings, quiet=args.quiet)
     report = build_report(result, sources, baselines=args.baselines)
     report["partition"] = args.partition or ("iid" if args.data is not None else "lender")
     report["data_source"] = str(args.data) if args.data is not None else "synthetic"
@@ -233,6 +235,32 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_table(report)
     return 0 if report["simulation"]["finished"] else 1
+
+
+def _simulate_watched(
+    sources: Sequence[TaskSource], out: Path, settings: SimSettings, *, quiet: bool
+) -> SimResult:
+    """Simulate with a live display of the whole federation on a terminal (every peer's
+    events on one board: the ring, where the model is, every member's hops), else one
+    plain log line per lap result."""
+    from fedup.sim import simulate
+    from fedup.ui.board import RunBoard
+    from fedup.ui.display import TerminalDisplay, log_laps, on_terminal
+    from fedup.ui.follow import apply
+
+    board = RunBoard()
+
+    def watch(index: int, peer: PeerId, at: float, event: PeerEvent) -> None:
+        apply(board, peer, event)
+
+    if not on_terminal() or quiet:
+        log_laps(board)
+        return simulate(sources, out, settings, watch=watch)
+    with TerminalDisplay(board) as display:
+        board.listen(display.refresh)
+        result = simulate(sources, out, settings, watch=watch)
+        board.close()
+    return result
 
 
 def _print_table(report: dict[str, Any]) -> None:

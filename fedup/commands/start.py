@@ -26,10 +26,10 @@ line argparse refuses).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
-import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -40,15 +40,25 @@ import trio
 
 from fedup.commands.peers import read_network_key
 from fedup.commands.run_options import DEFAULTS, RUN_OPTIONS, run_settings
-from fedup.commands.values import SETTLE, address, described, listen_address, of_setting, whole
+from fedup.commands.values import (
+    SETTLE,
+    address,
+    described,
+    listen_address,
+    of_setting,
+    ui_address,
+    whole,
+)
 from fedup.config import DEFAULT_LIMITS
 from fedup.errors import ConfigError
 from fedup.protocol.records import Address
 from fedup.state_lock import hold_state_dir
 
 if TYPE_CHECKING:
-    from fedup.peer import PeerConfig
+    from fedup.peer import Peer, PeerConfig
     from fedup.peer.outputs import RunSummary
+    from fedup.ui.board import RunBoard
+    from fedup.ui.server import PageServer
 
 log = logging.getLogger("fedup")
 
@@ -105,6 +115,9 @@ SETTINGS = [
             shown="off"),
     Setting("loopback", _flag, False, "mDNS and TCP on 127.0.0.1 only (peers on one host)",
             flag=True, shown="off"),
+    Setting("ui", ui_address, None, "serve the read-only federation page on [HOST:]PORT; "
+            "HOST defaults to 127.0.0.1 (this machine only), port 0 picks a free one",
+            shown="off"),
 ]  # fmt: skip
 
 
@@ -200,42 +213,6 @@ def build_config(args: argparse.Namespace, values: dict[str, Any]) -> PeerConfig
     )
 
 
-class LiveProgress(logging.Handler):
-    """On a terminal: hop progress rewrites one status line; other messages scroll above it."""
-
-    def __init__(self, stream: Any) -> None:
-        super().__init__()
-        self.stream = stream
-        self._status = False
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            text = record.getMessage()
-            if record.name == "fedup.federation" and text.startswith("lap "):
-                self.stream.write("\r\x1b[K" + text[:200])
-                self._status = True
-            else:
-                prefix = "\r\x1b[K" if self._status else ""
-                self.stream.write(f"{prefix}{record.levelname.lower()}: {text}\n")
-                self._status = False
-            self.stream.flush()
-        except Exception:  # pragma: no cover - logging must never raise
-            self.handleError(record)
-
-
-def _use_live_progress() -> None:
-    """Replace the plain log lines with a live status line when stderr is a terminal."""
-    if not sys.stderr.isatty():
-        return
-    root = logging.getLogger()
-    level = root.level
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    live = LiveProgress(sys.stderr)
-    live.setLevel(level)
-    root.addHandler(live)
-
-
 EXIT_NOT_OK = 3
 """Exit code of a run that ended, but not by its stopping rule with a trained model."""
 
@@ -253,15 +230,17 @@ def exit_code(summary: RunSummary) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    _use_live_progress()
     values = resolve(args)
     config = build_config(args, values)
     with hold_state_dir(config.resolved_state_dir()):  # one running peer per state dir
-        return _run(config, values)
+        return _run(config, values, quiet=args.quiet)
 
 
-def _run(config: PeerConfig, values: dict[str, Any]) -> int:
+def _run(config: PeerConfig, values: dict[str, Any], *, quiet: bool = False) -> int:
     from fedup.peer import Peer, TabularSource
+    from fedup.ui.board import RunBoard
+    from fedup.ui.display import TerminalDisplay, log_laps, on_terminal
+    from fedup.ui.live import PeerView
 
     identity = config.load_identity()
     state_dir = config.resolved_state_dir()
@@ -270,19 +249,29 @@ def _run(config: PeerConfig, values: dict[str, Any]) -> int:
     else:
         source = TabularSource.synthetic(identity.peer_id.text, state_dir / "data")
     config = attrs.evolve(config, identity=identity)
+    board = RunBoard(me=identity.peer_id.text)
+
+    def folder() -> Path | None:
+        return config.run_dir(bytes.fromhex(board.run_id)) if board.run_id else None
 
     async def main() -> int:
-        async with Peer.open(config, source) as peer:
-            # Logged once the peer is up: an error before that is the only line on stderr.
-            if values["data"] is None:
-                log.info("no --data given: using synthetic loans in %s", state_dir / "data")
-            if not config.mdns and not config.bootstrap:
-                log.info(
-                    "rendezvous: no mDNS and no --bootstrap, so this peer waits for peers that "
-                    "bootstrap to it: --bootstrap %s (peer %s)",
-                    " or --bootstrap ".join(str(a) for a in peer.addresses), peer.peer_id,
-                )  # fmt: skip
-            summary = await peer.train()
+        async with trio.open_nursery() as nursery:
+            page = await _serve_page(nursery, board, folder, values["ui"], config)
+            with contextlib.ExitStack() as screen:
+                async with Peer.open(config, source) as peer:
+                    display = None
+                    if on_terminal() and not quiet:
+                        display = screen.enter_context(TerminalDisplay(board))
+                    else:
+                        log_laps(board)  # a plain line per lap result, among the other lines
+                    view = PeerView(board, folder=folder, display=display, limits=config.limits)
+                    view.start(nursery, peer.events)
+                    board.started(str(a) for a in peer.addresses)
+                    _say_hello(peer, config, values, state_dir)
+                    summary = await peer.train()
+                await view.finish()  # the peer closed its events: the last ones are in
+            if page is not None:
+                page.stop()  # the page's event streams end with the board's last change
         print(json.dumps({"out": summary.out_dir, "model_sha256": summary.model_sha256,
                           "laps": summary.laps, "stop_reason": summary.stop_reason,
                           "ended_by": summary.ended_by, "ok": summary.ok,
@@ -291,3 +280,36 @@ def _run(config: PeerConfig, values: dict[str, Any]) -> int:
         return exit_code(summary)
 
     return trio.run(main)
+
+
+async def _serve_page(
+    nursery: trio.Nursery,
+    board: RunBoard,
+    folder: Callable[[], Path | None],
+    address: Address | None,
+    config: PeerConfig,
+) -> PageServer | None:
+    """Bind and serve the federation page (``--ui``), before the peer joins anything."""
+    if address is None:
+        return None
+    from fedup.ui.page import make_app
+    from fedup.ui.server import PageServer
+
+    page = PageServer(
+        make_app(board, folder=folder, host=address.host, limits=config.limits), address
+    )
+    url = await page.start(nursery)
+    log.info("federation page: %s", url)
+    return page
+
+
+def _say_hello(peer: Peer, config: PeerConfig, values: dict[str, Any], state_dir: Path) -> None:
+    """Logged once the peer is up: an error before that is the only line on stderr."""
+    if values["data"] is None:
+        log.info("no --data given: using synthetic loans in %s", state_dir / "data")
+    if not config.mdns and not config.bootstrap:
+        log.info(
+            "rendezvous: no mDNS and no --bootstrap, so this peer waits for peers that "
+            "bootstrap to it: --bootstrap %s (peer %s)",
+            " or --bootstrap ".join(str(a) for a in peer.addresses), peer.peer_id,
+        )  # fmt: skip

@@ -105,6 +105,19 @@ def listen_address(text: Any) -> Address:
     return address(value)
 
 
+UI_HOST = "127.0.0.1"
+"""The federation page's host when ``--ui`` names only a port: this machine only."""
+
+
+def ui_address(text: Any) -> Address:
+    """``[HOST:]PORT`` of the federation page (``--ui``); the host defaults to
+    :data:`UI_HOST`, port 0 picks a free one."""
+    value = str(text).strip()
+    if value.isdigit():
+        value = f"{UI_HOST}:{value}"
+    return listen_address(value)
+
+
 def address(text: Any) -> Address:
     """``HOST:PORT`` or ``[V6HOST]:PORT`` of a peer."""
     try:

@@ -27,6 +27,7 @@ from typing import Any
 import attrs
 
 from fedup.files import create_new, make_dirs
+from fedup.identity import load_or_create_identity
 from fedup.learn.loans import generate_lender, lender_seed
 
 __all__ = [
@@ -58,6 +59,8 @@ class DemoPeer:
     """The archetype of its synthetic lender (see :mod:`fedup.learn.loans`)."""
     rows: int
     default_rate: float
+    peer_id: str = ""
+    """Its peer ID (the demo makes its identity when it prepares its folder)."""
 
     @property
     def run_dir(self) -> Path:
@@ -98,12 +101,15 @@ def _last_line(path: Path) -> str:
 
 
 def prepare_peers(out: Path, n: int, *, seed: int, rows: int | None) -> list[DemoPeer]:
-    """Create each peer's folder and write its lender's loan book (lender ``i`` of ``seed``)."""
+    """Create each peer's folder, its identity (what ``fedup-peer start`` would create on
+    first use: the demo then knows whose files are whose) and its lender's loan book
+    (lender ``i`` of ``seed``)."""
     peers = []
     for i in range(n):
         directory = out / "peers" / f"peer{i}"
         data = directory / "data" / "loans.csv"
         make_dirs(data.parent)  # 0700: the peer refuses a state dir others can write
+        identity = load_or_create_identity(directory)
         lender = generate_lender(lender_seed(seed, i), rows)
         lender.write_csv(data)
         table = lender.table
@@ -115,6 +121,7 @@ def prepare_peers(out: Path, n: int, *, seed: int, rows: int | None) -> list[Dem
                 lender=lender.profile.archetype,
                 rows=table.n_rows,
                 default_rate=table.n_positive / table.n_rows,
+                peer_id=identity.peer_id.text,
             )
         )
     return peers

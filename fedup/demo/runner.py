@@ -17,13 +17,14 @@ from fedup.demo.peers import (
     DemoPeer,
     peer_commands,
     prepare_peers,
-    read_json,
     run_peers,
     write_network_key,
 )
 from fedup.demo.report import build_report
 from fedup.errors import ConfigError, FedupError
 from fedup.files import copy_atomic, make_dirs, write_atomic
+from fedup.ui.board import RunBoard
+from fedup.ui.folder import RunFolder
 
 __all__ = ["MARKER", "DemoSettings", "run_demo"]
 
@@ -109,50 +110,48 @@ def _fresh_out(out: Path) -> None:
         ) from None
 
 
-class _Progress:
-    """Reports formation and every 10th lap from the first peer's files while waiting."""
+class _Following:
+    """Follows the peers' output folders onto a board while they run (the files as they
+    grow), and says when the federation formed."""
 
-    def __init__(self, peer: DemoPeer, say: Say) -> None:
-        self.peer = peer
+    def __init__(self, peers: list[DemoPeer], board: RunBoard, say: Say) -> None:
+        self.folders = [RunFolder(p.run_dir, board, p.peer_id) for p in peers]
+        self.board = board
         self.say = say
         self.formed = False
-        self.next_lap = 10
-        self.offset = 0
+        self.unreadable: set[int] = set()
 
     def tick(self) -> None:
-        run = self.peer.run_dir
-        if not self.formed:
-            federation = read_json(run / "federation.json")
-            if federation is None:
-                return
+        for i, folder in enumerate(self.folders):
+            if i in self.unreadable:
+                continue
+            try:
+                folder.read()
+            except FedupError as exc:  # a display problem: the run goes on
+                self.unreadable.add(i)
+                self.say(f"cannot follow peer {i}'s files any more: {exc}")
+        board = self.board
+        if not self.formed and board.run_id is not None:
             self.formed = True
-            ring = " -> ".join(m[-6:] for m in federation["members"])
-            self.say(f"formed run {federation['run_id'][:8]}: ring {ring}; training")
-        try:
-            with (run / "metrics.jsonl").open("rb") as f:
-                f.seek(self.offset)
-                chunk = f.read()
-        except OSError:
-            return
-        end = chunk.rfind(b"\n") + 1
-        self.offset += end
-        for line in chunk[:end].splitlines():
-            record = json.loads(line)
-            if record.get("type") == "lap" and record["lap"] + 1 >= self.next_lap:
-                self.next_lap += 10
-                self.say(
-                    f"lap {record['lap'] + 1}: federated validation loss "
-                    f"{record['federated_val_loss']:.4f}"
-                )
+            ring = " -> ".join(m[-6:] for m in board.members)
+            self.say(f"formed run {board.run_id[:8]}: ring {ring}; training")
 
 
-def run_demo(settings: DemoSettings, say: Say = print) -> dict[str, Any]:
+def run_demo(
+    settings: DemoSettings, say: Say = print, board: RunBoard | None = None
+) -> dict[str, Any]:
     """Run the whole demo into ``settings.out``; return the report (also ``report.json``).
 
-    Raises :class:`~fedup.errors.FedupError` when no peer finished.  Peers
-    that failed are listed in the report with their reason; the demo still
-    compares whatever model the others agreed on.
+    While the peers run, their output folders are followed onto ``board`` (every
+    member's hops, every lap result, the ring; a live display draws it); without
+    one, each lap result is said in one line.  Raises
+    :class:`~fedup.errors.FedupError` when no peer finished.  Peers that failed
+    are listed in the report with their reason; the demo still compares
+    whatever model the others agreed on.
     """
+    if board is None:
+        board = RunBoard()
+        board.on_lap(lambda point, line: say(line))
     out = settings.out
     _fresh_out(out)
     network = f"fedup-demo-{secrets.token_hex(4)}"
@@ -178,9 +177,10 @@ def run_demo(settings: DemoSettings, say: Say = print) -> dict[str, Any]:
         extra=settings.peer_args,
     )
     started = time.monotonic()
-    outcomes = run_peers(
-        peers, commands, timeout=settings.timeout, on_tick=_Progress(peers[0], say).tick
-    )
+    following = _Following(peers, board, say)
+    outcomes = run_peers(peers, commands, timeout=settings.timeout, on_tick=following.tick)
+    following.tick()  # what the peers wrote last
+    board.close()
     elapsed = time.monotonic() - started
     for o in outcomes:
         if o.error is not None:

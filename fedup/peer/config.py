@@ -71,6 +71,13 @@ class PeerConfig:
     def resolved_state_dir(self) -> Path:
         return self.state_dir if self.state_dir is not None else default_state_dir()
 
+    def run_dir(self, run_id: bytes) -> Path:
+        """Where the run ``run_id`` writes its outputs: ``out_dir``, else the state
+        directory's ``runs/<run id>``."""
+        if self.out_dir is not None:
+            return self.out_dir
+        return self.resolved_state_dir() / "runs" / run_id.hex()
+
     def load_identity(self) -> Identity:
         if self.identity is not None:
             return self.identity

@@ -342,6 +342,7 @@ class CustodyDriver:
     # --- training ---------------------------------------------------------------------
 
     async def _train(self, position: Position, state: RingState) -> None:
+        self._events.emit(ev.Training(position.lap, position.hop))
         args = (self.task, state, self.ring_settings, position.lap, position.hop, self.federation)
         masks = self._lap_masks
         try:
@@ -417,6 +418,8 @@ class CustodyDriver:
         """Note (and log once) every lap result the state carries: the whole history is
         ours to keep, the state carries only the last few."""
         for h in state.meta.history:
+            if h.lap not in self._history:
+                self._events.emit(ev.LapNoted(h.lap, h.loss, h.accuracy, h.auc, h.samples))
             self._history.setdefault(h.lap, h)
             self.outputs.log_lap(
                 {

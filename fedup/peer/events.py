@@ -17,7 +17,9 @@ import trio
 
 from fedup.protocol.lifecycle import Life
 from fedup.protocol.peer_id import PeerId
+from fedup.protocol.records import Address
 from fedup.protocol.refusal import RefusalCode
+from fedup.protocol.view import RunSettings
 
 __all__ = [
     "DeclaredDead",
@@ -30,9 +32,11 @@ __all__ = [
     "HandedOver",
     "HopTrained",
     "LapClosed",
+    "LapNoted",
     "LifeChanged",
     "PeerEvent",
     "Refused",
+    "Training",
 ]
 
 
@@ -56,6 +60,20 @@ class Formed:
     epoch: int
     leader: PeerId
     members: tuple[PeerId, ...]
+    """In ring order."""
+    addresses: tuple[tuple[Address, ...], ...] = ()
+    """Each member's addresses from its signed record in the view, in ring order."""
+    settings: RunSettings | None = None
+    """The run's settings, as the view fixes them."""
+
+
+@attrs.frozen
+class Training:
+    """This peer holds the model and trains (or, in the last lap, evaluates) hop
+    (``lap``, ``hop``) now."""
+
+    lap: int
+    hop: int
 
 
 @attrs.frozen
@@ -81,11 +99,27 @@ class LapClosed:
 
 
 @attrs.frozen
+class LapNoted:
+    """The federated results of ``lap`` became known here.  Every member notes every lap
+    once, from the lap history that travels with the model (:class:`LapClosed` comes
+    only from the member that closed the lap)."""
+
+    lap: int
+    loss: float
+    accuracy: float
+    auc: float
+    """NaN when it cannot be computed (a task that is not binary)."""
+    samples: int
+    """Training samples processed by the federation up to the end of that lap."""
+
+
+@attrs.frozen
 class HandedOver:
     kind: str
     to: PeerId
     lap: int
     hop: int
+    """``to`` holds the model for this position (lap, hop) now."""
     size: int
 
 
@@ -128,8 +162,10 @@ PeerEvent = (
     LifeChanged
     | FormationStage
     | Formed
+    | Training
     | HopTrained
     | LapClosed
+    | LapNoted
     | HandedOver
     | DeclaredDead
     | Excluded

@@ -429,9 +429,7 @@ class Peer:
             if self.custody is not None and self.custody.run_id == signed.view.run_id:
                 return self.custody
             template = await CustodyDriver.template_for(self.builder, signed)
-            out = self.config.out_dir
-            if out is None:
-                out = self.config.resolved_state_dir() / "runs" / signed.view.run_id.hex()
+            out = self.config.run_dir(signed.view.run_id)
             custody = CustodyDriver(
                 identity=self.identity,
                 signed=signed,
@@ -482,7 +480,12 @@ class Peer:
             raise
         self._step("joined")
         view = membership.view
-        self.events.emit(ev.Formed(view.run_id, view.epoch, view.leader, view.member_ids))
+        addresses = tuple(m.record.addresses for m in view.members)
+        self.events.emit(
+            ev.Formed(
+                view.run_id, view.epoch, view.leader, view.member_ids, addresses, view.settings
+            )
+        )
         custody = await self._custody_for(membership.signed)
         self.events.watch(self._on_event)
         custody.begin()

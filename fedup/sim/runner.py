@@ -37,7 +37,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -169,12 +169,20 @@ def sim_identity(seed: int, index: int) -> Identity:
     return Identity(hashlib.sha256(f"fedup-sim:{seed}:{index}".encode()).digest())
 
 
+Watcher = Callable[[int, PeerId, float, ev.PeerEvent], None]
+"""``watcher(index, peer, time, event)``: simulated peer ``index`` reported ``event``."""
+
+
 def simulate(
-    sources: Sequence[TaskSource], out_dir: Path, settings: SimSettings = SimSettings()
+    sources: Sequence[TaskSource],
+    out_dir: Path,
+    settings: SimSettings = SimSettings(),
+    *,
+    watch: Watcher | None = None,
 ) -> SimResult:
     """Run a whole simulation (its own ``trio.run``); see :func:`run_simulation`."""
     clock = trio.testing.MockClock(autojump_threshold=0) if settings.virtual_clock else None
-    job = functools.partial(run_simulation, sources, out_dir, settings)
+    job = functools.partial(run_simulation, sources, out_dir, settings, watch=watch)
     with _collector_for_many_objects():
         return trio.run(job, clock=clock)
 
@@ -198,17 +206,22 @@ def _collector_for_many_objects() -> Iterator[None]:
 
 
 async def run_simulation(
-    sources: Sequence[TaskSource], out_dir: Path, settings: SimSettings = SimSettings()
+    sources: Sequence[TaskSource],
+    out_dir: Path,
+    settings: SimSettings = SimSettings(),
+    *,
+    watch: Watcher | None = None,
 ) -> SimResult:
     """Run one real peer per source until every peer finished, failed or was killed.
 
     Peer ``i`` has data ``sources[i]`` and writes into ``out_dir/peers/NNN-<id>``.
+    ``watch`` is called at once for every event of every peer (a live display).
     Call it from a trio program (its clock is used as it is: run it under a
     ``MockClock`` for virtual time), or use :func:`simulate`.  Raises
     :class:`~fedup.errors.ConfigError` for unusable settings; a peer's failure
     is recorded in its :class:`PeerOutcome`, not raised.
     """
-    sim = _Simulation(sources, out_dir, settings)
+    sim = _Simulation(sources, out_dir, settings, watch)
     return await sim.run()
 
 
@@ -238,7 +251,13 @@ def weights_digest(path: Path) -> str:
 
 
 class _Simulation:
-    def __init__(self, sources: Sequence[TaskSource], out_dir: Path, settings: SimSettings) -> None:
+    def __init__(
+        self,
+        sources: Sequence[TaskSource],
+        out_dir: Path,
+        settings: SimSettings,
+        watch: Watcher | None = None,
+    ) -> None:
         n = len(sources)
         faults = settings.faults
         for k in faults.kills:
@@ -249,6 +268,7 @@ class _Simulation:
         for s in faults.slow:
             _check_index(s.peer, n, "slow")
         self.settings = settings
+        self.watch = watch
         self.sources = sources
         self.out_dir = out_dir
         self.run_settings = attrs.evolve(settings.run, seed=settings.seed)
@@ -359,6 +379,8 @@ class _Simulation:
                     async with Peer.open(config, self.sources[i], world=self.world) as peer:
                         self.peers[i] = peer
                         peer.events.watch(functools.partial(self.on_event, i))
+                        if self.watch is not None:
+                            peer.events.watch(functools.partial(self.watch, i))
                         self.summaries[i] = await peer.train()
                         if self.finished is None:
                             self.finished = trio.current_time() - self._start_clock

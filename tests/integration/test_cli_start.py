@@ -121,28 +121,6 @@ def test_a_config_file_value_out_of_range_is_named(tmp_path: Path) -> None:
         resolve(parse("--config", str(cfg)), environ={})
 
 
-def test_live_progress_rewrites_one_status_line() -> None:
-    import io
-    import logging
-
-    from fedup.commands.start import LiveProgress
-
-    stream = io.StringIO()
-    handler = LiveProgress(stream)
-    fed = logging.getLogger("fedup.federation")
-
-    def record(name: str, msg: str) -> logging.LogRecord:
-        return logging.LogRecord(name, logging.INFO, __file__, 1, msg, None, None)
-
-    handler.emit(record(fed.name, "lap 1 hop 0: trained 64 samples (loss 0.6)"))
-    handler.emit(record(fed.name, "lap 1 hop 1: trained 64 samples (loss 0.5)"))
-    handler.emit(record("fedup.peer", "run finished"))
-    out = stream.getvalue()
-    assert out.count("\r\x1b[K") == 3  # two status updates, then the line is cleared
-    assert out.endswith("info: run finished\n")
-    assert "\n" not in out[: out.index("info:")]
-
-
 # --- operational errors: one line, the fix, a non-zero exit, before joining anything ----
 
 

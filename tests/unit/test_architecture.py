@@ -56,6 +56,22 @@ FORBIDDEN = {
     "fedup/state_lock.py": {"trio", "torch", "zeroconf", "fedup.net", "fedup.peer"},
     "fedup/peer": {"fedup.cli", "fedup.commands", "fedup.sim", "fedup.demo", "matplotlib"},
     "fedup/sim": {"fedup.cli", "fedup.commands", "fedup.demo", "matplotlib"},
+    # What a person sees: drawn from a peer's events or a run's files, never from torch.
+    "fedup/ui": {
+        "torch",
+        "zeroconf",
+        "fedup.learn",
+        "fedup.net",
+        "fedup.sim",
+        "fedup.demo",
+        "fedup.cli",
+        "fedup.commands",
+        "matplotlib",
+        "safetensors",
+    },
+    # The board and a run's folder serve the demo, which must not import trio.
+    "fedup/ui/board.py": {"trio", "fedup.peer", "rich", "starlette", "hypercorn"},
+    "fedup/ui/folder.py": {"trio", "fedup.peer", "rich", "starlette", "hypercorn"},
     # The demo drives real peer processes: it never opens a federation socket itself.
     "fedup/demo": {"trio", "zeroconf", "fedup.net", "fedup.cli", "fedup.commands", "fedup.sim"},
     "fedup/config.py": {"trio", "torch", "zeroconf", "nacl"},
