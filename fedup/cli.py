@@ -19,6 +19,7 @@ from fedup.commands import demo as demo_command
 from fedup.commands import peers as peers_command
 from fedup.commands import simulate as simulate_command
 from fedup.commands import start as start_command
+from fedup.commands import verify as verify_command
 from fedup.errors import FedupError
 from fedup.identity import STATE_DIR_ENV, default_state_dir, load_or_create_identity
 
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     start_command.add_parser(sub, common=_common)
     simulate_command.add_parser(sub, common=_common)
     demo_command.add_parser(sub)
+    verify_command.add_parser(sub)
     return parser
 
 

@@ -229,24 +229,7 @@ def save_safetensors(
     allow-list or metadata that is not ``str`` to ``str``; :class:`OSError`
     if the file cannot be written.
     """
-    if metadata is not None:
-        for k, v in metadata.items():
-            if not isinstance(k, str) or not isinstance(v, str):
-                raise LocalProtocolError(f"metadata must map str to str, got {k!r}: {v!r}")
-    tensors: dict[str, torch.Tensor] = {}
-    storages: set[int] = set()
-    for name, t in _tensors(state).items():
-        _wire(name, t)
-        t = _cpu(t).contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in storages:  # tied weights: safetensors refuses shared storage
-            t = t.clone()
-        elif ptr:
-            storages.add(ptr)
-        tensors[name] = t
-    raw = safetensors.torch.save(tensors, metadata=dict(metadata) if metadata else None)
-    parts = _canonical_parts(raw) if metadata else [memoryview(raw)]
-
+    parts = safetensors_parts(state, metadata=metadata)
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     digest = hashlib.sha256()
@@ -269,6 +252,40 @@ def save_safetensors(
             os.fsync(dfd)
         finally:
             os.close(dfd)
+    return digest.hexdigest()
+
+
+def safetensors_parts(
+    state: StateLike, *, metadata: Mapping[str, str] | None = None
+) -> list[memoryview]:
+    """The exact bytes :func:`save_safetensors` writes for ``state``, in parts.
+
+    Raises :class:`~fedup.errors.LocalProtocolError` as :func:`save_safetensors` does.
+    """
+    if metadata is not None:
+        for k, v in metadata.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise LocalProtocolError(f"metadata must map str to str, got {k!r}: {v!r}")
+    tensors: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for name, t in _tensors(state).items():
+        _wire(name, t)
+        t = _cpu(t).contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in storages:  # tied weights: safetensors refuses shared storage
+            t = t.clone()
+        elif ptr:
+            storages.add(ptr)
+        tensors[name] = t
+    raw = safetensors.torch.save(tensors, metadata=dict(metadata) if metadata else None)
+    return _canonical_parts(raw) if metadata else [memoryview(raw)]
+
+
+def safetensors_sha256(state: StateLike, *, metadata: Mapping[str, str] | None = None) -> str:
+    """The SHA-256 (hex) of the file :func:`save_safetensors` would write, without writing it."""
+    digest = hashlib.sha256()
+    for part in safetensors_parts(state, metadata=metadata):
+        digest.update(part)
     return digest.hexdigest()
 
 

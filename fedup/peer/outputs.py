@@ -10,6 +10,9 @@
   starts: run ID, leader, members in ring order, the run settings and the
   merged feature schema (how rows become model inputs: needed to use the
   model, and to score it on the same encoding).
+* ``provenance.cbor``: the final model's provenance (the signed view, the dead
+  notices, every hop's signed statement and the final seal), written with the
+  model; ``fedup-peer verify`` checks it (:mod:`fedup.protocol.provenance`).
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ class RunOutputs:
         self.model_path = directory / "model.safetensors"
         self.summary_path = directory / "summary.json"
         self.federation_path = directory / "federation.json"
+        self.provenance_path = directory / "provenance.cbor"
         self._laps_logged: set[int] = set()
         self._metrics: TextIO | None = None
 
@@ -124,6 +128,13 @@ class RunOutputs:
     def save_model(self, weights: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> str:
         """Write ``model.safetensors``; returns its SHA-256 (hex)."""
         return save_safetensors(dict(weights), self.model_path, metadata=metadata)
+
+    def save_provenance(self, data: bytes) -> None:
+        """Write ``provenance.cbor`` (replaced atomically, like the JSON files)."""
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".provenance.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, self.provenance_path)
 
     def save_federation(self, record: Mapping[str, Any]) -> None:
         self._write_json(self.federation_path, record)

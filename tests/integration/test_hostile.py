@@ -25,8 +25,10 @@ import trio
 import trio.testing
 
 from fedup.identity import Identity
+from fedup.learn.ring import final_weights
 from fedup.learn.ring_payload import RingBlob, content_of
 from fedup.learn.tabular import Table
+from fedup.learn.weights import safetensors_sha256
 from fedup.peer import Peer, RunSummary, TabularSource
 from fedup.peer.events import Finished, PeerEvent
 from fedup.peer.tamper import OutgoingBlob, Tamper
@@ -247,10 +249,15 @@ class ForgedFinal(Attack):
                 tensors = {k: torch.zeros_like(v) for k, v in b.state.tensors.items()}
                 meta = attrs.evolve(b.state.meta, done=True, lap=0, hop=0)
                 state = attrs.evolve(b.state, tensors=tensors, meta=meta)
+                run_id = self.peer.custody.run_id  # type: ignore[union-attr]
+                model = safetensors_sha256(
+                    final_weights(state), metadata={"fedup_run_id": run_id.hex(), "format": "pt"}
+                )
                 seal = FinalSeal.seal(
                     self.identity,
-                    run_id=self.peer.custody.run_id,  # type: ignore[union-attr]
+                    run_id=run_id,
                     content=content_of(state, limits=LIMITS),
+                    model=bytes.fromhex(model),
                 ).envelope
                 return attrs.evolve(b, state=state, origin=self.identity.peer_id, seal=seal)
 

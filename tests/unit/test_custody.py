@@ -35,8 +35,10 @@ from fedup.protocol.custody_events import (
 )
 from fedup.protocol.laps import LapRecord, Position, Progress, StopState
 from fedup.protocol.notices import CustodyReceipt, DeadChain, FinalSeal
+from fedup.protocol.peer_id import PeerId
+from fedup.protocol.provenance import ChainRules, HopChain, HopStatement
 from fedup.protocol.refusal import RefusalCode
-from tests.unit.custody_world import RUN, VIEW, PureRing, Sent, content_of
+from tests.unit.custody_world import RUN, VIEW, PureRing, Sent, content_of, model_of
 
 LIMITS = attrs.evolve(DEFAULT_LIMITS, hop_timeout=20.0, excluded_wait=500.0)
 
@@ -53,7 +55,33 @@ def finished_alike(ring: PureRing, members: list[int] | None = None) -> Progress
     assert set(peers) <= ring.finished, [p.short for p in peers if p not in ring.finished]
     finals = {content_of(ring.finals[p][1]) for p in peers}
     assert len(finals) == 1
+    for p in peers:
+        check_provenance(ring, p)
     return ring.finals[peers[0]][1]
+
+
+def check_provenance(ring: PureRing, peer: PeerId) -> list[HopStatement]:
+    """``peer``'s final model has an unbroken chain of hop statements from the initial
+    model to the sealed one, every hop where the ring rules put it."""
+    finish, progress = ring.finals[peer]
+    dead_envelopes, hops, seal_bytes = ring.provenance[peer]
+    dead = DeadChain(RUN, VIEW, tuple(ring.peers)).extend_with(dead_envelopes, receiver=None)
+    rules = ChainRules(
+        RUN, VIEW, tuple(ring.peers), ring.rule.max_laps, content_of(Progress.initial())
+    )
+    chain = HopChain.start(rules).extend_with(hops, dead=dead)
+    seal = FinalSeal.open(seal_bytes)
+    assert chain.last is not None
+    assert (seal.origin, seal.content, seal.model) == (
+        chain.last.signer,
+        chain.last.sent,
+        model_of(progress),
+    )
+    assert seal.origin == finish.ended_by
+    statements = list(chain.statements())
+    trained = [(s.signer, s.position) for s in statements if s.samples]
+    assert set(trained) <= set(ring.trained)  # nobody claims a hop it did not train
+    return statements
 
 
 # --- whole rings ----------------------------------------------------------------------------
@@ -295,9 +323,23 @@ def test_a_forged_final_at_lap_0_is_refused_by_everyone() -> None:
     run_to_lap(ring, 1)
     m = ring.peers[1]
     fake = attrs.evolve(Progress.initial(), lap=0, hop=1, done=True)
-    seal = FinalSeal.seal(ring.ids[1], run_id=RUN, content=content_of(fake)).envelope
+    seal = FinalSeal.seal(
+        ring.ids[1], run_id=RUN, content=content_of(fake), model=model_of(fake)
+    ).envelope
     blobs = [
-        Sent(m, p, "final", Position(0, 0), 0, (), fake, m, seal, content_of(fake))
+        Sent(
+            m,
+            p,
+            "final",
+            Position(0, 0),
+            0,
+            (),
+            fake,
+            m,
+            seal,
+            content_of(fake),
+            model=model_of(fake),
+        )
         for p in ring.peers
         if p != m
     ]
@@ -314,8 +356,12 @@ def test_a_final_claiming_the_rule_holds_without_history_is_refused() -> None:
     a, m, c, _d = ring.peers
     # stale >= patience, but no lap results behind it: the rule does not give that
     fake = attrs.evolve(ring.machines[c].seen, done=True, stop=StopState(0, 0.1, 0.1, 3))
-    seal = FinalSeal.seal(ring.ids[0], run_id=RUN, content=content_of(fake)).envelope
-    blob = Sent(m, c, "final", Position(3, 0), 0, (), fake, a, seal, content_of(fake))
+    seal = FinalSeal.seal(
+        ring.ids[0], run_id=RUN, content=content_of(fake), model=model_of(fake)
+    ).envelope
+    blob = Sent(
+        m, c, "final", Position(3, 0), 0, (), fake, a, seal, content_of(fake), model=model_of(fake)
+    )
     [refusal] = attack(ring, 1, [blob])
     assert refusal.code is RefusalCode.NOT_FINAL  # a's seal is a forgery by m anyway
     ring.run()
@@ -419,7 +465,7 @@ def machine(phase: Phase) -> CustodyMachine:
 
 SAMPLES: list[Event] = [
     Begin(),
-    Trained(Position(0, 1), Progress.initial()),
+    Trained(Position(0, 1), Progress.initial(), content=b"c" * 32, samples=1),
     TrainFailed("boom"),
     HandedOver(99, b"", b""),
     HandOverFailed(
