@@ -79,9 +79,11 @@ __all__ = [
     "ProvenanceError",
     "VerifiedProvenance",
     "encode_provenance",
+    "join_chain",
     "max_chain_bytes",
     "max_provenance_size",
     "provenance_genesis",
+    "split_chain",
     "verify_provenance",
 ]
 
@@ -363,7 +365,7 @@ class HopChain:
         fingerprint = hasher.digest()
         key = (self.rules, dead.head, n, fingerprint)
         known = _VERIFIED.get(key)
-        if known is not None:
+        if known is not None and known.count <= limits.max_provenance_hops:
             return attrs.evolve(known, data=data, hasher=hasher)
         walk = _Walk(self, dead)
         for begin, end in _entries(view, self.nbytes, limits.max_provenance_hops - self.count):
@@ -425,6 +427,20 @@ class HopChain:
         )
         _remember((self.rules, dead.head, chain.nbytes, chain.fingerprint), chain)
         return chain
+
+
+def split_chain(data: bytes | memoryview, *, limits: Limits = DEFAULT_LIMITS) -> list[bytes]:
+    """The statement envelopes a chain's bytes hold, in order (not verified); raises
+    :class:`ProvenanceError` for bytes that are not a chain within ``limits``."""
+    view = memoryview(data)
+    if view.nbytes > max_chain_bytes(limits):
+        raise ProvenanceError("provenance chain exceeds Limits.max_provenance_hops")
+    return [bytes(view[a:b]) for a, b in _entries(view, 0, limits.max_provenance_hops)]
+
+
+def join_chain(envelopes: Sequence[bytes]) -> bytes:
+    """A chain's bytes from its statement envelopes, in order (:func:`split_chain`'s inverse)."""
+    return b"".join(e + len(e).to_bytes(LENGTH_SIZE, "big") for e in envelopes)
 
 
 def _hasher_over(data: bytes | memoryview) -> Any:
