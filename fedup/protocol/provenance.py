@@ -492,6 +492,8 @@ class _Walk:
         self.last = chain.last
         self._notices = sorted(((n.at, n.dead) for n in dead.notices), key=lambda x: x[0])
         self._rings: dict[frozenset[PeerId], Ring] = {}
+        if dead.members == self.rules.members:  # the dead chain's own ring, built once
+            self._rings[dead.dead] = dead.ring
 
     def _ring_after(self, position: Position | None) -> Ring:
         """The ring for the hop after ``position``: without those declared dead by then."""
