@@ -36,9 +36,14 @@ The member threat model (docs/federation.md) is enforced on every
 :class:`BlobArrived` before custody is taken (:meth:`CustodyMachine._check_model`,
 :meth:`_check_final`): a model is taken only from the live predecessor, at
 exactly the next position, at most ``max_laps + 1``, with a dead chain that
-extends ours and never names us, and metadata consistent with the header and
-with the history seen here; a final only when the stopping rule holds on what it
-carries, sealed by the member whose hop ended the run.  Only an unreachable
+extends ours and never names us, metadata consistent with the header and with
+the history seen here, and a chain of hop statements that extends ours and ends
+with the sender's statement about this very state (:meth:`_check_provenance`,
+:mod:`fedup.protocol.provenance`); a final only when the stopping rule holds on
+what it carries, sealed by the member whose hop ended the run over this content
+and the model file it makes, its chain ending with that member's statement.
+Every hop trained here is signed (:class:`Trained` carries the content digest
+and the samples), so the final model carries who trained it, hop by hop.  Only an unreachable
 member or one that timed out can be declared dead; a refusal for content never
 makes anyone dead.
 """

@@ -90,7 +90,7 @@ __all__ = [
 STATEMENT_DOMAIN = "fedup-hop-statement"
 STATEMENT_TYPE = "fedup/hop-statement/1"
 MAX_STATEMENT_SIZE = 512
-"""Largest hop-statement envelope (each is about 330 bytes); its length travels as a u16."""
+"""Largest hop-statement envelope (each is about 350 bytes); its length travels as a u16."""
 LENGTH_SIZE = 2
 DIGEST_SIZE = 32
 RUN_ID_SIZE = 16

@@ -28,6 +28,7 @@ from fedup.protocol.custody_events import (
     PassedArrived,
     Phase,
     Refuse,
+    Send,
     Take,
     TimerFired,
     Trained,
@@ -168,6 +169,25 @@ def test_a_slow_member_is_excluded_and_still_saves_the_final_model() -> None:
     assert ring.actions_of(c, Excluded)
     finish, _ = ring.finals[c]
     assert finish.excluded is not None and finish.excluded.dead == c
+
+
+def test_a_member_excluded_after_signing_its_hop_takes_the_final_chain_without_it() -> None:
+    """c signs its slow hop after b handed b's copy on past it: the run's chain never
+    holds c's statement, which the final model's chain shows; c checks that chain whole
+    (its own last statement is not in it) and saves the final model all the same."""
+    ring = PureRing(4, max_laps=6, patience=10, limits=LIMITS)
+    c = ring.peers[2]
+    for p in ring.peers:
+        ring.train_time[p] = 1.0
+    ring.train_time[c] = LIMITS.hop_timeout * 1.5
+    ring.start()
+    ring.run()
+    mine = [a for a in ring.actions_of(c, Send) if a.kind == "model"]
+    assert len(mine) == 1  # it did sign and try to hand on its hop, and was refused
+    assert ring.actions_of(c, Excluded)
+    assert ring.finals[c][0].excluded is not None
+    finished_alike(ring)  # c included, its provenance checked
+    assert c not in {s.signer for s in check_provenance(ring, c)}
 
 
 def test_a_hand_over_whose_ack_was_lost_is_taken_again_idempotently() -> None:
