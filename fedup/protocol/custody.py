@@ -238,8 +238,8 @@ class CustodyMachine:
         limits: Limits,
         initial: bytes,
     ) -> None:
-        """``initial`` is the content digest of the initial model (every member computes
-        the same from the view): what the first hop statement must say it received."""
+        """``initial`` is the content digest of this member's initial state: what its hop
+        statement says it received if it trains lap 0 hop 0 (as the leader)."""
         self.me = signer.peer_id
         if self.me not in members:
             raise LocalProtocolError("a custody machine needs its own member in the view")
@@ -251,7 +251,7 @@ class CustodyMachine:
         self.limits = limits
         self.chain = DeadChain(run_id, view_digest, tuple(sorted(set(members))))
         self.provenance = HopChain.start(
-            ChainRules(run_id, view_digest, self.chain.members, rule.max_laps, initial)
+            ChainRules(run_id, view_digest, self.chain.members, rule.max_laps)
         )
         """The hop statements as far as this member verified or signed them (their bytes
         only while it holds the model or distributes the final one)."""

@@ -18,8 +18,11 @@ The chain's rules (:class:`HopChain`; docs/federation.md, "Provenance"):
   statement before it: nothing can be removed, inserted or reordered;
 * every statement verifies (its own domain) and is signed by a member of the
   view, and names the run;
-* what a statement *received* is what the statement before it *sent* (the
-  first: the initial model, which every member computes itself from the view);
+* what a statement *received* is what the statement before it *sent*; the first
+  statement's *received* is the chain's origin, the initial model as the leader
+  built it (its own hop may change the model as any member's may, so no one
+  re-derives it: members agree on the model's layout, by the view's model
+  digest, not on its initial values across torch builds);
 * its place is the one the ring rules give after the statement before it
   (:func:`~fedup.protocol.laps.next_position` in the ring without the members
   the dead notices at or before that statement's position declared dead; the
@@ -161,7 +164,7 @@ class HopStatement:
     """The member that did the hop (and signed this)."""
     position: Position
     received: bytes
-    """The content digest of the model it received (the initial model for the first)."""
+    """The content digest of the model it received (the first: the leader's initial model)."""
     sent: bytes
     """The content digest of the model it handed on."""
     samples: int
@@ -269,16 +272,13 @@ def _open_statement(data: bytes) -> HopStatement:
 
 @attrs.frozen(cache_hash=True)
 class ChainRules:
-    """What a run's chain is checked against: its view, and where it starts."""
+    """What a run's chain is checked against: its view's run, digest, members and laps."""
 
     run_id: bytes
     view_digest: bytes
     members: tuple[PeerId, ...]
     """The view's members in ring order."""
     max_laps: int
-    initial: bytes | None = None
-    """The initial model's content digest (every member computes it from the view);
-    None when it cannot be computed (an offline check): then statement 0 says it."""
     _memberset: frozenset[PeerId] = attrs.field(init=False, eq=False, hash=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -528,10 +528,11 @@ class _Walk:
             )
         if not rules.is_member(s.signer):
             raise ProvenanceError(f"{where} is signed by {s.signer}, not a member of the view")
-        expected = self.last.sent if self.last is not None else rules.initial
-        if expected is not None and s.received != expected:
-            what = "the one the statement before it sent" if self.last else "the initial model"
-            raise ProvenanceError(f"{where} ({s.describe()}) received a model other than {what}")
+        if self.last is not None and s.received != self.last.sent:
+            raise ProvenanceError(
+                f"{where} ({s.describe()}) received a model other than the one the statement "
+                "before it sent"
+            )
         target, position = self.next_place()
         if (s.signer, s.position) != (target, position):
             raise ProvenanceError(

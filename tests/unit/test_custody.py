@@ -67,12 +67,12 @@ def check_provenance(ring: PureRing, peer: PeerId) -> list[HopStatement]:
     finish, progress = ring.finals[peer]
     dead_envelopes, hops, seal_bytes = ring.provenance[peer]
     dead = DeadChain(RUN, VIEW, tuple(ring.peers)).extend_with(dead_envelopes, receiver=None)
-    rules = ChainRules(
-        RUN, VIEW, tuple(ring.peers), ring.rule.max_laps, content_of(Progress.initial())
-    )
+    rules = ChainRules(RUN, VIEW, tuple(ring.peers), ring.rule.max_laps)
     chain = HopChain.start(rules).extend_with(hops, dead=dead)
     seal = FinalSeal.open(seal_bytes)
     assert chain.last is not None
+    first = next(chain.statements())  # the leader's, from the initial model it built
+    assert (first.signer, first.received) == (ring.peers[0], content_of(Progress.initial()))
     assert (seal.origin, seal.content, seal.model) == (
         chain.last.signer,
         chain.last.sent,

@@ -63,7 +63,7 @@ def signed_view(run_id: bytes = RUN) -> SignedView:
 
 VIEW = signed_view()
 MEMBERS = VIEW.view.member_ids
-RULES = ChainRules(RUN, VIEW.digest, MEMBERS, MAX_LAPS, INITIAL)
+RULES = ChainRules(RUN, VIEW.digest, MEMBERS, MAX_LAPS)
 NO_DEAD = DeadChain(RUN, VIEW.digest, MEMBERS)
 
 
@@ -305,7 +305,7 @@ def test_a_statement_of_another_run_is_refused() -> None:
 
 def test_a_chain_of_another_view_does_not_start_here() -> None:
     other_view = signed_view(OTHER_RUN)
-    rules = ChainRules(OTHER_RUN, other_view.digest, MEMBERS, MAX_LAPS, INITIAL)
+    rules = ChainRules(OTHER_RUN, other_view.digest, MEMBERS, MAX_LAPS)
     chain = honest(3, rules=rules, dead=DeadChain(OTHER_RUN, other_view.digest, MEMBERS))
     assert chain.data is not None
     refused(bytes(chain.data), "statement 0")
@@ -314,7 +314,6 @@ def test_a_chain_of_another_view_does_not_start_here() -> None:
 @pytest.mark.parametrize(
     ("index", "changes", "match"),
     [
-        (0, {"received": b"x" * 32}, "received a model other than the initial model"),
         (3, {"received": b"x" * 32}, "received a model other than the one the statement before"),
         (3, {"position": Position(0, 2)}, "ring puts"),
         (3, {"position": Position(1, 0)}, "ring puts"),
@@ -326,6 +325,17 @@ def test_each_field_out_of_place_is_refused(
 ) -> None:
     bad = resigned(STATEMENTS[index], **changes)
     refused(join([*STATEMENTS[:index], bad]), match)
+
+
+def test_the_first_statement_is_the_chain_s_origin() -> None:
+    """Statement 0's received model is the leader's word (its own hop may change the
+    model as any member's may): any digest is its origin, but only the leader's, at lap 0
+    hop 0, linked to the view."""
+    other = resigned(STATEMENTS[0], received=b"x" * 32)
+    assert check(join([other])).last == other
+    refused(join([resigned(STATEMENTS[0], signer=BY_PEER[MEMBERS[1]])]), "ring puts")
+    refused(join([resigned(STATEMENTS[0], position=Position(0, 1))]), "ring puts")
+    refused(join([resigned(STATEMENTS[0], prev=b"p" * 32)]), "statement 0 .* does not link")
 
 
 def test_a_member_out_of_turn_is_refused() -> None:
@@ -361,7 +371,7 @@ def test_a_member_declared_dead_is_skipped_from_the_hop_after_the_notice() -> No
 
 def test_beyond_the_last_lap_is_refused() -> None:
     # a run whose rules allow fewer laps than the chain has
-    short = ChainRules(RUN, VIEW.digest, MEMBERS, 0, INITIAL)
+    short = ChainRules(RUN, VIEW.digest, MEMBERS, 0)
     assert FULL.data is not None
     with pytest.raises(ProvenanceError, match=r"beyond the run's last lap|only evaluates"):
         HopChain.start(short).extend_with(FULL.data, dead=NO_DEAD)
