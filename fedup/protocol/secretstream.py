@@ -62,9 +62,9 @@ KEEP_BUFFER = 64 * 1024
 """PyNaCl keeps, in each stream state, an output buffer as large as the largest chunk
 the state handled; one larger than this is let go after its chunk, so an idle
 connection holds a few KiB, not the size of the last blob chunk (up to
-``Limits.blob_chunk_size``).  A simulation of a thousand peers holds two links per
-peer: kept buffers of blob chunks cost it gigabytes.  Letting one go costs an
-allocation per large chunk, small beside encrypting it."""
+``Limits.blob_chunk_size``).  A simulation holds two links per simulated peer: with
+blobs that grow by their hop statements, the kept buffers grew a 200-peer run's memory
+by 28 MiB a lap.  Letting one go costs an allocation per large chunk."""
 
 
 class SecretStreamError(RemoteProtocolError):
