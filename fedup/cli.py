@@ -26,6 +26,7 @@ from fedup.commands import peers as peers_command
 from fedup.commands import show as show_command
 from fedup.commands import simulate as simulate_command
 from fedup.commands import start as start_command
+from fedup.commands import verify as verify_command
 from fedup.errors import FedupError
 from fedup.identity import STATE_DIR_ENV, default_state_dir, load_or_create_identity
 
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     _quiet(demo)
     _debug(demo)
     show_command.add_parser(sub, common=_logging)
+    verify_command.add_parser(sub)
     return parser
 
 

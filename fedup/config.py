@@ -90,6 +90,14 @@ class Limits:
         "accepted or handed on: sane models stay far below it (Adam would need 1e8 steps), "
         "while finite but huge weights (1e30) made the next member's training overflow to NaN",
     )
+    max_provenance_hops: int = _limit(
+        524_288,
+        "signed hop statements in a model's provenance chain, which travels in every blob "
+        "(about 350 bytes each, so at most about 190 MB): a run of max_members members "
+        "needs at most (max_laps + 1) x members + 1 of them, so this holds 1,024 members "
+        "for 510 laps (the default max_laps is 500); a view whose run could need more is "
+        "refused",
+    )
     # --- deadlines --------------------------------------------------------
     handshake_timeout: float = _limit(
         10.0, "a whole handshake on a LAN takes milliseconds; 10 s tolerates a loaded host"

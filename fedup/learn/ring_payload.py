@@ -34,6 +34,7 @@ from fedup.learn.weights import (
     bytes_to_state,
     state_to_bytes,
 )
+from fedup.protocol import cbor
 from fedup.protocol.payload import HopPayload, content_digest, decode_payload, payload_prefix
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.refusal import RefusalCode
@@ -76,10 +77,12 @@ class RingBlob:
     seal: bytes | None
     payload: HopPayload
     """The framing it came in (its content digest is computed from it on demand)."""
+    provenance: bytes | memoryview = b""
+    """The chain of hop statements it carries (not yet checked)."""
 
     @property
     def content(self) -> bytes:
-        """The content digest (what a final model's seal covers)."""
+        """The content digest (what hop statements name and a final model's seal covers)."""
         return self.payload.content
 
 
@@ -90,11 +93,17 @@ def encode_ring_blob(
     chain: tuple[bytes, ...] = (),
     origin: PeerId | None = None,
     seal: bytes | None = None,
+    provenance: bytes | memoryview = b"",
     limits: Limits,
 ) -> memoryview:
     """The blob's bytes: the framing, then the tensors, copied once."""
     prefix, _ = payload_prefix(
-        state.meta.to_dict(), view=view, chain=chain, origin=origin, seal=seal
+        state.meta.to_dict(),
+        view=view,
+        chain=chain,
+        origin=origin,
+        seal=seal,
+        provenance=provenance,
     )
     return state_to_bytes(state.tensors, limits=limits, prefix=prefix)
 
@@ -125,7 +134,13 @@ def decode_ring_blob(
     except RingStateError as exc:
         raise BadMetaError(exc.reason) from None
     return RingBlob(
-        RingState(tensors, meta), payload.view, payload.chain, payload.origin, payload.seal, payload
+        RingState(tensors, meta),
+        payload.view,
+        payload.chain,
+        payload.origin,
+        payload.seal,
+        payload,
+        payload.provenance,
     )
 
 
@@ -218,6 +233,13 @@ class RingCodec:
         except LocalProtocolError:
             return None
 
+    def content(self, state: RingState, body: memoryview | None) -> bytes:
+        """The content digest of ``state`` (:func:`content_of`); ``body`` is its
+        :meth:`body`, hashed as it will be sent, not encoded again."""
+        if body is None:
+            return content_of(state, limits=self.limits)
+        return content_digest(cbor.encode(state.meta.to_dict()), body)
+
     def problem(self, state: RingState, body: memoryview | None) -> str | None:
         """Why ``state`` cannot travel (see :func:`state_problem`), or None; ``body``
         is its :meth:`body`, where the values are checked."""
@@ -237,12 +259,18 @@ class RingCodec:
         chain: tuple[bytes, ...] = (),
         origin: PeerId | None = None,
         seal: bytes | None = None,
+        provenance: bytes | memoryview = b"",
         body: memoryview | None = None,
     ) -> memoryview:
         """The blob's bytes: the framing, then the tensors (``body``, the state's
         :meth:`body`, if given: it is not encoded again)."""
         prefix, _ = payload_prefix(
-            state.meta.to_dict(), view=view, chain=chain, origin=origin, seal=seal
+            state.meta.to_dict(),
+            view=view,
+            chain=chain,
+            origin=origin,
+            seal=seal,
+            provenance=provenance,
         )
         if body is not None:
             whole = np.empty(len(prefix) + body.nbytes, np.uint8)
@@ -254,7 +282,13 @@ class RingCodec:
             return self.layout.encode(arrays, prefix=prefix)
         except LocalProtocolError:
             return encode_ring_blob(  # a state of another layout: say what is wrong
-                state, view=view, chain=chain, origin=origin, seal=seal, limits=self.limits
+                state,
+                view=view,
+                chain=chain,
+                origin=origin,
+                seal=seal,
+                provenance=provenance,
+                limits=self.limits,
             )
 
     def decode(self, data: memoryview | bytearray | bytes) -> RingBlob:
@@ -276,6 +310,7 @@ class RingCodec:
             payload.origin,
             payload.seal,
             payload,
+            payload.provenance,
         )
 
 

@@ -230,6 +230,22 @@ def save_safetensors(
     allow-list or metadata that is not ``str`` to ``str``; :class:`OSError`
     if the file cannot be written.
     """
+    parts = safetensors_parts(state, metadata=metadata)
+    digest = hashlib.sha256()
+    with atomic_writer(path, durable=True) as f:
+        for part in parts:
+            f.write(part)
+            digest.update(part)
+    return digest.hexdigest()
+
+
+def safetensors_parts(
+    state: StateLike, *, metadata: Mapping[str, str] | None = None
+) -> list[memoryview]:
+    """The exact bytes :func:`save_safetensors` writes for ``state``, in parts.
+
+    Raises :class:`~fedup.errors.LocalProtocolError` as :func:`save_safetensors` does.
+    """
     if metadata is not None:
         for k, v in metadata.items():
             if not isinstance(k, str) or not isinstance(v, str):
@@ -246,13 +262,14 @@ def save_safetensors(
             storages.add(ptr)
         tensors[name] = t
     raw = safetensors.torch.save(tensors, metadata=dict(metadata) if metadata else None)
-    parts = _canonical_parts(raw) if metadata else [memoryview(raw)]
+    return _canonical_parts(raw) if metadata else [memoryview(raw)]
 
+
+def safetensors_sha256(state: StateLike, *, metadata: Mapping[str, str] | None = None) -> str:
+    """The SHA-256 (hex) of the file :func:`save_safetensors` would write, without writing it."""
     digest = hashlib.sha256()
-    with atomic_writer(path, durable=True) as f:
-        for part in parts:
-            f.write(part)
-            digest.update(part)
+    for part in safetensors_parts(state, metadata=metadata):
+        digest.update(part)
     return digest.hexdigest()
 
 

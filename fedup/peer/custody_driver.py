@@ -37,6 +37,7 @@ from fedup.learn.ring import (
     train_hop,
 )
 from fedup.learn.ring_payload import RingCodec, content_of
+from fedup.learn.weights import safetensors_sha256
 from fedup.net.channel import SecureChannel
 from fedup.net.framed import FramedStream
 from fedup.net.links import OutboundLink, serve_link
@@ -54,6 +55,7 @@ from fedup.protocol.handshake import AbortCode, HandshakeError
 from fedup.protocol.laps import Position
 from fedup.protocol.messages import Message, Passed, encode_message
 from fedup.protocol.peer_id import PeerId
+from fedup.protocol.provenance import encode_provenance
 from fedup.protocol.refusal import RefusalCode
 from fedup.protocol.view import SignedView
 
@@ -150,6 +152,7 @@ class CustodyDriver:
                 max_laps=view.settings.max_laps,
             ),
             limits=limits,
+            initial=content_of(template, limits=limits),
         )
         self.outputs = RunOutputs(out_dir)
         self._timers = Timers(self._fire)
@@ -270,6 +273,8 @@ class CustodyDriver:
             self._spawn(self._finish, a)
         elif isinstance(a, ce.Finished):
             self.close_summary()
+            self._slots.clear()  # the final model is saved and handed on: free its buffers
+            self._bodies.clear()
             self._done.set()
         elif isinstance(a, ce.Failed):
             self.failure = a.reason
@@ -370,10 +375,15 @@ class CustodyDriver:
         self._slots[position] = new
         if body is not None:
             self._bodies[position] = body
+        content = self.codec.content(new, body)
         self._log_hop(new, metrics, good)
         if self._train_delay > 0:  # a simulated slow member holds the model longer
             await trio.sleep(self._train_delay)
-        self.feed(ce.Trained(position, new.meta.progress(), good))
+        self.feed(
+            ce.Trained(
+                position, new.meta.progress(), good, content=content, samples=metrics.samples
+            )
+        )
 
     def _log_hop(self, state: RingState, metrics: HopMetrics, good: bool) -> None:
         cand = metrics.candidate
@@ -467,6 +477,7 @@ class CustodyDriver:
             chain=a.chain,
             origin=a.origin,
             seal=a.seal,
+            provenance=a.provenance,
             body=self._bodies.get(a.copy),
         )
         limits = self._limits
@@ -594,7 +605,9 @@ class CustodyDriver:
             blob.state.meta.progress(),
             blob.origin,
             blob.seal,
-            blob.content if header.kind == "final" else b"",
+            blob.content,
+            blob.provenance,
+            self._model_sha256(blob.state) if header.kind == "final" else b"",
         )
         self._inbox = blob.state
         self._taking = True
@@ -622,12 +635,14 @@ class CustodyDriver:
         self._log_laps(state)
         own = await self._builder.run(evaluate_state, self.task, state)
         sha = await self._builder.run(
-            self.outputs.save_model,
-            final_weights(state),
-            {"fedup_run_id": self.run_id.hex(), "format": "pt"},
+            self.outputs.save_model, final_weights(state), self._model_metadata()
         )
-        if a.ended_by == self.me and a.reason != "members-lost":
-            self.machine.seal_final(content_of(state, limits=self._limits))
+        if a.ended_by == self.me:
+            content = self.codec.content(state, self._bodies.get(ce.FINAL))
+            self.machine.seal_final(content, bytes.fromhex(sha))
+        dead, hops, seal = self.machine.provenance_record()
+        provenance = encode_provenance(view=self.signed.envelope, dead=dead, hops=hops, seal=seal)
+        await self._builder.run(self.outputs.save_provenance, provenance)
         history = [self._history[lap] for lap in sorted(self._history)]
         best = self._history.get(meta.best_lap)
         trained_laps = max((h.lap for h in history), default=-1) + 1
@@ -668,6 +683,16 @@ class CustodyDriver:
         )
         self._events.emit(ev.Finished(a.reason, a.ended_by, sha))
         self.feed(ce.FinalSaved())
+
+    def _model_metadata(self) -> dict[str, str]:
+        """The metadata of ``model.safetensors`` (the same on every member)."""
+        return {"fedup_run_id": self.run_id.hex(), "format": "pt"}
+
+    def _model_sha256(self, state: RingState) -> bytes:
+        """The SHA-256 of the model file this member would save from a final ``state``."""
+        return bytes.fromhex(
+            safetensors_sha256(final_weights(state), metadata=self._model_metadata())
+        )
 
     def close_summary(self) -> RunSummary | None:
         """The summary with what was sent after the final model was saved (distribution)."""

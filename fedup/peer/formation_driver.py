@@ -58,6 +58,7 @@ from fedup.protocol.view import (
     MembershipView,
     RunSettings,
     SignedView,
+    provenance_capacity_problem,
     verify_view,
 )
 
@@ -412,6 +413,9 @@ class FormationDriver:
         try:
             schema, refused = await self._builder.run(self._admit, summaries)
             settings = await self._builder.run(self._builder.settings_for, schema, self._settings)
+            problem = provenance_capacity_problem(len(members) + 1, settings.max_laps, self._limits)
+            if problem is not None:
+                raise FormationError(f"cannot propose a view: {problem}")
         except FormationError as exc:
             log.error("%s", exc)
             self.failure = str(exc)

@@ -10,6 +10,9 @@
   starts: run ID, leader, members in ring order, the run settings and the
   merged feature schema (how rows become model inputs: needed to use the
   model, and to score it on the same encoding).
+* ``provenance.cbor``: the final model's provenance (the signed view, the dead
+  notices, every hop's signed statement and the final seal), written with the
+  model; ``fedup-peer verify`` checks it (:mod:`fedup.protocol.provenance`).
 
 Before a peer joins anything, :func:`check_out_dir` makes sure it can write
 its output folder: one it can create, its own, writable, not a symbolic link,
@@ -41,7 +44,13 @@ from fedup.files import make_dirs, open_append, write_atomic
 from fedup.learn.weights import save_safetensors
 from fedup.protocol.view import RunSettings
 
-RUN_FILES = ("metrics.jsonl", "model.safetensors", "summary.json", "federation.json")
+RUN_FILES = (
+    "metrics.jsonl",
+    "model.safetensors",
+    "summary.json",
+    "federation.json",
+    "provenance.cbor",
+)
 """What a run writes into its output folder."""
 
 
@@ -167,6 +176,7 @@ class RunOutputs:
         self.model_path = directory / "model.safetensors"
         self.summary_path = directory / "summary.json"
         self.federation_path = directory / "federation.json"
+        self.provenance_path = directory / "provenance.cbor"
         self._laps_logged: set[int] = set()
         self._metrics: BinaryIO | None = open_append(self.metrics_path)
 
@@ -197,6 +207,10 @@ class RunOutputs:
     def save_model(self, weights: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> str:
         """Write ``model.safetensors``; returns its SHA-256 (hex)."""
         return save_safetensors(dict(weights), self.model_path, metadata=metadata)
+
+    def save_provenance(self, data: bytes) -> None:
+        """Write ``provenance.cbor`` (replaced atomically, like the JSON files)."""
+        write_atomic(self.provenance_path, data)
 
     def save_federation(self, record: Mapping[str, Any]) -> None:
         self._write_json(self.federation_path, record)

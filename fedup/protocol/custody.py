@@ -36,9 +36,14 @@ The member threat model (docs/federation.md) is enforced on every
 :class:`BlobArrived` before custody is taken (:meth:`CustodyMachine._check_model`,
 :meth:`_check_final`): a model is taken only from the live predecessor, at
 exactly the next position, at most ``max_laps + 1``, with a dead chain that
-extends ours and never names us, and metadata consistent with the header and
-with the history seen here; a final only when the stopping rule holds on what it
-carries, sealed by the member whose hop ended the run.  Only an unreachable
+extends ours and never names us, metadata consistent with the header and with
+the history seen here, and a chain of hop statements that extends ours and ends
+with the sender's statement about this very state (:meth:`_check_provenance`,
+:mod:`fedup.protocol.provenance`); a final only when the stopping rule holds on
+what it carries, sealed by the member whose hop ended the run over this content
+and the model file it makes, its chain ending with that member's statement.
+Every hop trained here is signed (:class:`Trained` carries the content digest
+and the samples), so the final model carries who trained it, hop by hop.  Only an unreachable
 member or one that timed out can be declared dead; a refusal for content never
 makes anyone dead.
 """
@@ -102,6 +107,12 @@ from fedup.protocol.notices import (
     SealError,
 )
 from fedup.protocol.peer_id import PeerId
+from fedup.protocol.provenance import (
+    ChainForkError,
+    ChainRules,
+    HopChain,
+    ProvenanceError,
+)
 from fedup.protocol.refusal import RefusalCode
 from fedup.protocol.ring import Ring
 
@@ -131,6 +142,8 @@ class _Handover:
     chain: DeadChain
     """The chain the blob carries: ours plus the claims made while handing this one."""
     started: float
+    provenance: bytes | memoryview
+    """The hop statements the blob carries."""
     attempts: int = 1
 
 
@@ -142,6 +155,8 @@ class _Kept:
     target: PeerId
     position: Position
     """The position ``target`` took it at."""
+    provenance: bytes | memoryview
+    """The hop statements it was handed on with (to hand it on again)."""
 
 
 @attrs.frozen
@@ -221,7 +236,10 @@ class CustodyMachine:
         members: Sequence[PeerId],
         rule: StopRule,
         limits: Limits,
+        initial: bytes,
     ) -> None:
+        """``initial`` is the content digest of this member's initial state: what its hop
+        statement says it received if it trains lap 0 hop 0 (as the leader)."""
         self.me = signer.peer_id
         if self.me not in members:
             raise LocalProtocolError("a custody machine needs its own member in the view")
@@ -232,6 +250,13 @@ class CustodyMachine:
         self.rule = rule
         self.limits = limits
         self.chain = DeadChain(run_id, view_digest, tuple(sorted(set(members))))
+        self.provenance = HopChain.start(
+            ChainRules(run_id, view_digest, self.chain.members, rule.max_laps)
+        )
+        """The hop statements as far as this member verified or signed them (their bytes
+        only while it holds the model or distributes the final one)."""
+        self._received = initial
+        """The content digest of the state trained here (what our statement received)."""
         self.phase = Phase.READY
         self.last_lap = -1
         """The lap of the last position this member took (or trained first)."""
@@ -289,6 +314,16 @@ class CustodyMachine:
     def _trained(self, event: Trained, now: float) -> list[Action]:
         if event.position != self.holding:
             return [self._ignored(event, f"trained {event.position}, holding {self.holding}")]
+        self.provenance = self.provenance.append(
+            self._signer,
+            position=event.position,
+            received=self._received,
+            sent=event.content,
+            samples=event.samples,
+            dead=self.chain,
+            limits=self.limits,
+        )
+        self._received = event.content  # a federation of one trains it again next
         actions: list[Action] = []
         if not event.good:
             actions.append(
@@ -327,7 +362,15 @@ class CustodyMachine:
             return self._finish(copy, "members-lost", self.me)
         target, position = next_position(ring, self.me, copy)
         handover = _Handover(
-            self._new_id(), "forward", "model", copy, target, position, self.chain, now
+            self._new_id(),
+            "forward",
+            "model",
+            copy,
+            target,
+            position,
+            self.chain,
+            now,
+            self._chain_bytes(),
         )
         self.handovers[handover.id] = handover
         self.phase = Phase.HANDING
@@ -344,7 +387,19 @@ class CustodyMachine:
             h.copy,
             self._final_origin if h.kind == "final" else None,
             self._final_seal if h.kind == "final" else None,
+            h.provenance,
         )
+
+    def _chain_bytes(self) -> bytes | memoryview:
+        data = self.provenance.data
+        if data is None:
+            raise LocalProtocolError("no hop statements held here to hand on")
+        return data
+
+    def _release_chain(self) -> None:
+        """Drop the chain's bytes (hand-overs in progress keep their own reference)."""
+        if self.provenance.data is not None:
+            self.provenance = self.provenance.light()
 
     def _handed_over(self, event: HandedOver, now: float) -> list[Action]:
         h = self.handovers.get(event.handover)
@@ -362,11 +417,12 @@ class CustodyMachine:
                 actions.append(TellPassed(self.source, event.receipt))
             if self.kept is not None and self.kept.copy != h.copy:
                 actions.append(Forget(self.kept.copy))
-            self.kept = _Kept(h.copy, h.target, h.position)
+            self.kept = _Kept(h.copy, h.target, h.position, h.provenance)
             actions.append(SetTimer(WATCH, self.limits.hop_timeout))
             if h.purpose == "forward":
                 self.holding = None
                 self.source = None
+                self._release_chain()
                 self.phase = Phase.WAITING
                 actions.append(self._wait_timer())
             return actions
@@ -447,6 +503,7 @@ class CustodyMachine:
             actions.append(Forget(h.copy))
             self.holding = None
             self.source = None
+            self._release_chain()
             self.phase = Phase.WAITING
             return [*actions, self._wait_timer()]
         if h.purpose == "final":
@@ -516,7 +573,17 @@ class CustodyMachine:
         if len(chain.ring.live) < 2:
             return [Note("warning", f"{kept.target} is silent and no other member is left")]
         target, position = next_position(chain.ring, self.me, kept.copy)
-        h = _Handover(self._new_id(), "resend", "model", kept.copy, target, position, chain, now)
+        h = _Handover(
+            self._new_id(),
+            "resend",
+            "model",
+            kept.copy,
+            target,
+            position,
+            chain,
+            now,
+            kept.provenance,
+        )
         self.handovers[h.id] = h
         return [
             Note(
@@ -649,7 +716,12 @@ class CustodyMachine:
         if refusal is not None:
             return [refusal]
         assert chain is not None
+        refusal, provenance = self._check_provenance(event, chain)
+        if refusal is not None:
+            return [refusal]
+        assert provenance is not None
         actions = self._commit(chain)
+        self.provenance, self._received = provenance, event.content
         receipt = self._receipt(event)
         self.taken = _Taken(event.sender, "model", event.position, event.digest, receipt)
         self.last_lap = event.position.lap
@@ -753,8 +825,12 @@ class CustodyMachine:
         problem = self._check_final(event, chain)
         if problem is not None:
             return [Refuse(event.sender, RefusalCode.NOT_FINAL, problem)]
-        assert event.origin is not None and event.seal is not None
+        refusal, provenance = self._check_provenance(event, chain)
+        if refusal is not None:
+            return [refusal]
+        assert event.origin is not None and event.seal is not None and provenance is not None
         actions = self._commit(chain)
+        self.provenance = provenance
         receipt = self._receipt(event)
         self.final = _Taken(event.sender, "final", event.position, event.digest, receipt)
         self._final_origin, self._final_seal = event.origin, event.seal
@@ -783,6 +859,8 @@ class CustodyMachine:
             or seal.content != event.content
         ):
             return "the seal does not match this final model"
+        if seal.model != event.model:
+            return "the seal names another model file than the one this final model makes"
         ring = chain.ring
         if event.origin not in ring.members or ring.leader != event.origin:
             return (
@@ -792,6 +870,65 @@ class CustodyMachine:
         if event.sender in ring.dead:
             return f"{event.sender} is counted as dead and cannot hand on the final model"
         return check_final_progress(self.seen, event.progress, rule=self.rule)
+
+    def _check_provenance(
+        self, event: BlobArrived, chain: DeadChain
+    ) -> tuple[Refuse | None, HopChain | None]:
+        """The blob's hop statements, checked: they extend ours and end with the
+        statement of the member that made this state (:mod:`fedup.protocol.provenance`)."""
+        try:
+            provenance = self._extend_provenance(event, chain)
+        except ProvenanceError as exc:
+            return Refuse(event.sender, RefusalCode.BAD_PROVENANCE, exc.reason), None
+        problem = self._last_statement_problem(provenance, event, chain)
+        if problem is not None:
+            return Refuse(event.sender, RefusalCode.BAD_PROVENANCE, problem), None
+        return None, provenance
+
+    def _extend_provenance(self, event: BlobArrived, chain: DeadChain) -> HopChain:
+        try:
+            return self.provenance.extend_with(event.provenance, dead=chain, limits=self.limits)
+        except ChainForkError:
+            if event.kind != "final":
+                raise
+        # A final model, and hops of ours that the run did not keep (we were counted as
+        # dead while we trained): check its chain from the start.
+        return HopChain.start(self.provenance.rules).extend_with(
+            event.provenance, dead=chain, limits=self.limits
+        )
+
+    def _last_statement_problem(
+        self, provenance: HopChain, event: BlobArrived, chain: DeadChain
+    ) -> str | None:
+        last = provenance.last
+        if last is None:
+            return "the blob carries no hop statement"
+        if event.kind == "final":
+            if last.signer != event.origin:
+                return (
+                    f"the last hop statement is by {last.signer}, not by {event.origin}, "
+                    "which says it ended the run"
+                )
+        else:
+            if last.signer != event.sender:
+                return f"the last hop statement is by {last.signer}, not by the sender"
+            trained = Position(event.progress.lap, event.progress.hop)
+            if last.position != trained:
+                return (
+                    f"the last hop statement is about {last.position}, the metadata about {trained}"
+                )
+            try:
+                place = provenance.next_place(chain)
+            except ProvenanceError as exc:
+                return exc.reason
+            if place != (self.me, event.position):
+                return f"the ring puts {place[0]} at {place[1]} next, not us at {event.position}"
+        if last.sent != event.content:
+            return (
+                f"the last hop statement ({last.describe()}) names another model than the "
+                "blob carries"
+            )
+        return None
 
     def _proven_exclusion(self, proof: tuple[bytes, ...]) -> DeadNotice | None:
         """The notice naming us, if ``proof`` extends our chain validly up to it."""
@@ -810,6 +947,7 @@ class CustodyMachine:
     def _become_excluded(self, notice: DeadNotice) -> list[Action]:
         self.excluded = notice
         self.phase = Phase.EXCLUDED
+        self._release_chain()
         actions: list[Action] = [Excluded(notice)]
         for h in list(self.handovers.values()):
             del self.handovers[h.id]
@@ -839,6 +977,7 @@ class CustodyMachine:
     def _final_saved(self, event: FinalSaved, now: float) -> list[Action]:
         if self.excluded is not None or self.stop_reason == "members-lost":
             self.phase = Phase.DONE
+            self._release_chain()
             return [Finished()]
         if not self._received_final:
             # We ended the run: seal the final model (the driver supplied its content
@@ -846,22 +985,35 @@ class CustodyMachine:
             if self._final_seal is None:
                 raise LocalProtocolError("seal_final() must be called before FinalSaved")
         self.phase = Phase.DISTRIBUTING
+        self._final_chain = self._chain_bytes()
+        self._release_chain()
         return self._start_final_ring(now)
 
-    def seal_final(self, content: bytes) -> bytes:
-        """Sign the final model this member produced (its content digest); call on Finish."""
+    def seal_final(self, content: bytes, model: bytes) -> bytes:
+        """Sign the final model this member produced: its content digest and the SHA-256
+        of the model file saved from it; call on Finish (also for ``members-lost``, so
+        the saved model's provenance ends with a seal)."""
         if self.ended_by != self.me:
             raise LocalProtocolError("only the member that ended the run seals its final model")
-        seal = FinalSeal.seal(self._signer, run_id=self.run_id, content=content)
+        seal = FinalSeal.seal(self._signer, run_id=self.run_id, content=content, model=model)
         self._final_origin, self._final_seal = self.me, seal.envelope
         return seal.envelope
+
+    def provenance_record(self) -> tuple[tuple[bytes, ...], bytes | memoryview, bytes]:
+        """The final model's provenance, once :class:`Finish` was returned (and, by the
+        member that ended the run, :meth:`seal_final` called): the dead notices, the hop
+        statements and the seal.  Raises LocalProtocolError before then."""
+        data, seal = self.provenance.data, self._final_seal
+        if self.phase is not Phase.FINISHING or data is None or seal is None:
+            raise LocalProtocolError("the final model's provenance is not known here yet")
+        return self.chain.envelopes, data, seal
 
     def _final_position(self) -> Position:
         return Position(max(self.seen.lap, 0), 0)
 
     def _start_final_ring(self, now: float) -> list[Action]:
-        origin = self._final_origin
-        assert origin is not None
+        origin, final_chain = self._final_origin, self._final_chain
+        assert origin is not None and final_chain is not None
         successors = [p for p in self.chain.ring.successors(self.me)]
         if not successors or successors[0] == origin:
             return self._final_ring_done(now) + self._maybe_done()
@@ -874,6 +1026,7 @@ class CustodyMachine:
             self._final_position(),
             self.chain,
             now,
+            final_chain,
         )
         self.handovers[h.id] = h
         return [self._send(h)]
@@ -892,6 +1045,8 @@ class CustodyMachine:
         if self._final_origin != self.me or self._final_dead_sent:
             return []
         self._final_dead_sent = True
+        final_chain = self._final_chain
+        assert final_chain is not None, "the final model's hop statements are kept to send"
         actions: list[Action] = []
         for dead in sorted(self.chain.dead):
             h = _Handover(
@@ -903,18 +1058,22 @@ class CustodyMachine:
                 self._final_position(),
                 self.chain,
                 now,
+                final_chain,
             )
             self.handovers[h.id] = h
             actions.append(self._send(h))
         return actions
 
     _final_dead_sent = False
+    _final_chain: bytes | memoryview | None = None
+    """The final model's hop statements, while this member distributes it."""
     _finish_copy: Position = FINAL
     _received_final = False
 
     def _maybe_done(self) -> list[Action]:
         if self.phase is Phase.DISTRIBUTING and not self.handovers:
             self.phase = Phase.DONE
+            self._final_chain = None
             return [Finished()]
         return []
 

@@ -74,7 +74,12 @@ class BlobArrived:
     seal: bytes | None = None
     """A final model: the origin's seal over ``content``."""
     content: bytes = b""
-    """A final model: the digest of its tensors and metadata (the learning layer's)."""
+    """The digest of its tensors and metadata (the learning layer's): what the last hop
+    statement must say was sent, and what a final model's seal covers."""
+    provenance: bytes | memoryview = b""
+    """The chain of hop statements it carries (:mod:`fedup.protocol.provenance`)."""
+    model: bytes = b""
+    """A final model: the SHA-256 of the model file the receiver would save from it."""
 
 
 @attrs.frozen
@@ -85,6 +90,11 @@ class Trained:
     progress: Progress
     good: bool = True
     """False when training produced a bad state and the driver kept the last good one."""
+    content: bytes = attrs.field(kw_only=True)
+    """The content digest of the state trained (what this member's hop statement says
+    it sent)."""
+    samples: int = attrs.field(kw_only=True)
+    """Training samples the hop processed (0: it only evaluated)."""
 
 
 @attrs.frozen
@@ -203,6 +213,8 @@ class Send:
     copy: Position
     origin: PeerId | None = None
     seal: bytes | None = None
+    provenance: bytes | memoryview = b""
+    """The chain of hop statements the blob carries."""
 
 
 @attrs.frozen

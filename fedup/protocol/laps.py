@@ -64,6 +64,14 @@ def last_lap(max_laps: int) -> int:
     return max_laps + 1
 
 
+def max_hops(members: int, max_laps: int) -> int:
+    """The most hops a run of ``members`` members can make: every member at every lap
+    ``0 .. max_laps`` (the last only evaluates), and the hop ``(max_laps + 1, 0)`` that
+    closes the run.  Each hop signs one statement of the model's provenance
+    (:mod:`fedup.protocol.provenance`)."""
+    return (max_laps + 1) * members + 1
+
+
 @attrs.frozen
 class LapRecord:
     """The federated evaluation of one lap's output, as the ring metadata carries it."""

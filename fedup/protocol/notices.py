@@ -31,6 +31,8 @@ Wire forms (signed envelopes, :mod:`fedup.protocol.envelope`)::
     receipt      (domain fedup-custody-receipt, type fedup/custody-receipt/1)
       {"run": bstr(16), "kind": "model" / "final", "lap": uint, "hop": uint,
        "from": bstr(38), "by": bstr(38), "digest": bstr(32)}
+    final seal   (domain fedup-final-seal, type fedup/final-seal/2)
+      {"run": bstr(16), "origin": bstr(38), "content": bstr(32), "model": bstr(32)}
 """
 
 from __future__ import annotations
@@ -399,7 +401,7 @@ class CustodyReceipt:
 
 
 SEAL_DOMAIN = "fedup-final-seal"
-SEAL_TYPE = "fedup/final-seal/1"
+SEAL_TYPE = "fedup/final-seal/2"
 
 
 class SealError(RemoteProtocolError):
@@ -410,10 +412,13 @@ class SealError(RemoteProtocolError):
 
 @attrs.frozen
 class FinalSeal:
-    """The member whose hop ended the run signs the final state's content digest.
+    """The member whose hop ended the run signs the final state's content digest and
+    the SHA-256 of the model file every member saves from it.
 
     Every member forwards the final model's bytes unchanged, so a member on the
-    way cannot swap the weights (or the metadata) of the model the others save.
+    way cannot swap the weights (or the metadata) of the model the others save;
+    the file's digest ties ``model.safetensors`` to the last statement of the
+    model's provenance (:mod:`fedup.protocol.provenance`).
     """
 
     run_id: bytes
@@ -421,11 +426,17 @@ class FinalSeal:
     """The member whose hop ended the run (it signed this)."""
     content: bytes
     """The digest of the final state's tensors and metadata (the learning layer's)."""
+    model: bytes
+    """SHA-256 of ``model.safetensors`` as every member writes it from the final state."""
     envelope: bytes
 
     @classmethod
-    def seal(cls, signer: Signer, *, run_id: bytes, content: bytes) -> FinalSeal:
-        payload = cbor.encode({"run": run_id, "origin": signer.peer_id.raw, "content": content})
+    def seal(cls, signer: Signer, *, run_id: bytes, content: bytes, model: bytes) -> FinalSeal:
+        if len(content) != DIGEST_SIZE or len(model) != DIGEST_SIZE:
+            raise LocalProtocolError("a final seal signs two 32-byte digests")
+        payload = cbor.encode(
+            {"run": run_id, "origin": signer.peer_id.raw, "content": content, "model": model}
+        )
         envelope = seal_envelope(
             signer.sign,
             signer.public_key,
@@ -433,7 +444,7 @@ class FinalSeal:
             payload_type=SEAL_TYPE,
             payload=payload,
         ).to_cbor()
-        return cls(run_id, signer.peer_id, content, envelope)
+        return cls(run_id, signer.peer_id, content, model, envelope)
 
     @classmethod
     def open(cls, data: bytes) -> FinalSeal:
@@ -448,9 +459,10 @@ class FinalSeal:
             run_id = f.bytestr("run", size=RUN_ID_SIZE)
             origin = PeerId.from_bytes(f.bytestr("origin", size=RAW_SIZE))
             content = f.bytestr("content", size=DIGEST_SIZE)
+            model = f.bytestr("model", size=DIGEST_SIZE)
             f.done()
         except RemoteProtocolError as exc:
             raise SealError(f"final seal: {exc.reason}") from None
         if envelope.signer != origin:
             raise SealError(f"final seal names {origin} but is signed by {envelope.signer}")
-        return cls(run_id, origin, content, bytes(data))
+        return cls(run_id, origin, content, model, bytes(data))

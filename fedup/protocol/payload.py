@@ -2,7 +2,8 @@
 
 A blob's bytes (see ``docs/protocol-blob.md``) are, for ring training::
 
-    "FUHP" | u8 version (2) | 3 zero bytes | u32 BE length M | M bytes of CBOR meta
+    "FUHP" | u8 version (3) | 3 zero bytes | u32 BE length M | u32 BE length P
+           | M bytes of CBOR meta | P bytes of provenance
            | zero bytes up to the next multiple of 8 | state
 
 ``meta`` is a strict-CBOR map::
@@ -13,11 +14,17 @@ A blob's bytes (see ``docs/protocol-blob.md``) are, for ring training::
      "origin": bstr(38) / null,   ; a final model: the member whose hop ended the run
      "seal": bstr / null}         ; a final model: the origin's seal of its content
 
+``provenance`` is the chain of signed hop statements (:mod:`fedup.protocol.provenance`),
+at most ``Limits.max_provenance_hops`` of them: it grows by one statement a hop,
+so it lies outside the CBOR metadata (bounded by ``Limits.max_message_size``)
+and is checked statement by statement, only from where its receiver last saw it.
+
 ``state`` is the model-state encoding of ``docs/protocol-tensors.md``.  The whole
 blob is covered by the signed digest of the blob layer, so the metadata is as
-authenticated as the weights; the *content* of a final model (the ``ring``
-metadata's CBOR and the state, :func:`content_digest`) is sealed by its origin
-as well, so members that hand it on cannot change it.
+authenticated as the weights; the *content* of a state (the ``ring`` metadata's
+CBOR and the state, :func:`content_digest`) is what every hop statement names as
+received and sent, and what the origin of a final model seals, so members that
+hand a model on cannot change it.
 
 This module only splits and joins the parts; :mod:`fedup.learn.ring_payload`
 decodes the tensors against the model and the ring metadata.
@@ -34,12 +41,13 @@ from fedup.errors import RemoteProtocolError
 from fedup.protocol import cbor
 from fedup.protocol.notices import MAX_SIGNED_SIZE
 from fedup.protocol.peer_id import RAW_SIZE, PeerId
+from fedup.protocol.provenance import max_chain_bytes
 from fedup.protocol.refusal import RefusalCode
 from fedup.protocol.schema import FieldReader, MessageError
 
 MAGIC = b"FUHP"
-VERSION = 2
-_PREAMBLE = 12
+VERSION = 3
+_PREAMBLE = 16
 DIGEST_SIZE = 32
 
 
@@ -61,6 +69,8 @@ class HopPayload:
     seal: bytes | None
     state: memoryview
     """The model-state bytes (a view into the received buffer, writable if it was)."""
+    provenance: bytes | memoryview = b""
+    """The chain of hop statements (a view into the received buffer; not yet checked)."""
 
     @property
     def content(self) -> bytes:
@@ -84,6 +94,7 @@ def payload_prefix(
     chain: tuple[bytes, ...] = (),
     origin: PeerId | None = None,
     seal: bytes | None = None,
+    provenance: bytes | memoryview = b"",
 ) -> tuple[bytes, bytes]:
     """The bytes before the state (8-byte aligned) and the ring metadata's CBOR.
 
@@ -100,8 +111,19 @@ def payload_prefix(
             "seal": seal,
         }
     )
-    head = MAGIC + bytes([VERSION, 0, 0, 0]) + len(meta).to_bytes(4, "big") + meta
-    return head + bytes(-len(head) % 8), ring_cbor
+    size = len(meta) + len(provenance)
+    head = b"".join(
+        (
+            MAGIC,
+            bytes([VERSION, 0, 0, 0]),
+            len(meta).to_bytes(4, "big"),
+            len(provenance).to_bytes(4, "big"),
+            meta,
+            provenance,
+            bytes(-(_PREAMBLE + size) % 8),
+        )
+    )
+    return head, ring_cbor
 
 
 def decode_payload(
@@ -115,10 +137,17 @@ def decode_payload(
     size = int.from_bytes(data[8:12], "big")
     if size > limits.max_message_size or size > len(data) - _PREAMBLE:
         raise PayloadError(f"ring blob metadata of {size} bytes does not fit")
+    chain_size = int.from_bytes(data[12:16], "big")
+    if chain_size > max_chain_bytes(limits) or chain_size > len(data) - _PREAMBLE - size:
+        raise PayloadError(
+            f"ring blob provenance of {chain_size} bytes does not fit (Limits.max_provenance_hops)"
+        )
     view = memoryview(data)
     meta = view[_PREAMBLE : _PREAMBLE + size]
-    start = _PREAMBLE + size + (-(_PREAMBLE + size) % 8)
-    if start > len(data) or any(view[_PREAMBLE + size : start]):
+    end = _PREAMBLE + size + chain_size
+    provenance = view[_PREAMBLE + size : end]
+    start = end + (-end % 8)
+    if start > len(data) or any(view[end:start]):
         raise PayloadError("ring blob metadata is not followed by its zero padding")
     try:
         f = FieldReader(
@@ -135,7 +164,7 @@ def decode_payload(
         f.done()
     except RemoteProtocolError as exc:
         raise PayloadError(exc.reason) from None
-    return HopPayload(ring, digest, tuple(chain), origin, seal, view[start:])
+    return HopPayload(ring, digest, tuple(chain), origin, seal, view[start:], provenance)
 
 
 def _notice_item(value: object, label: str) -> bytes:

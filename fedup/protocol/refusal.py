@@ -44,6 +44,9 @@ class RefusalCode(enum.Enum):
     """A dead notice that is forged, out of order, or about someone it may not name."""
     NOT_FINAL = "not-final"
     """A final model whose metadata does not satisfy the stopping rule."""
+    BAD_PROVENANCE = "bad-provenance"
+    """A chain of hop statements that is forged, broken, out of the ring's order, or does
+    not end with the sender's statement about the model it sends."""
     TOO_LARGE = "too-large"
     """Beyond a size limit."""
     # --- state: the receiver is alive and cannot take it now or any more ---------------
@@ -89,6 +92,7 @@ _CONTENT = frozenset(
         RefusalCode.BAD_STATE,
         RefusalCode.BAD_CLAIM,
         RefusalCode.NOT_FINAL,
+        RefusalCode.BAD_PROVENANCE,
         RefusalCode.TOO_LARGE,
     }
 )

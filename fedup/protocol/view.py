@@ -16,9 +16,10 @@ envelope (domain ``fedup-membership-view``, payload type
     }
 
 Checks, in order: size, signature, decode (every field, at most ``max_members``
-members, settings in range), signer is ``leader``, every member record
-verifies, members strictly ascending (so no duplicates), the leader is a
-member and is the lowest member ID (the election rule).
+members, settings in range), signer is ``leader``, the run's hops fit a model's
+provenance (``Limits.max_provenance_hops``), every member record verifies,
+members strictly ascending (so no duplicates), the leader is a member and is
+the lowest member ID (the election rule).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from fedup.config import DEFAULT_LIMITS, Limits
 from fedup.errors import ConfigError, LocalProtocolError
 from fedup.protocol import cbor
 from fedup.protocol.envelope import Signer, open_envelope, seal_envelope
+from fedup.protocol.laps import max_hops
 from fedup.protocol.peer_id import RAW_SIZE, PeerId
 from fedup.protocol.records import SignedPeerRecord, verify_peer_record
 from fedup.protocol.schema import FieldReader, MessageError
@@ -253,6 +255,9 @@ def verify_view(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> SignedView:
         raise MessageError(
             f"membership view names leader {leader} but is signed by {envelope.signer}"
         )
+    problem = provenance_capacity_problem(len(raw_members), settings.max_laps, limits)
+    if problem is not None:
+        raise MessageError(f"membership view: {problem}")
     members = tuple(verify_peer_record(m, limits=limits) for m in raw_members)
     ids = [m.peer_id for m in members]
     if any(a >= b for a, b in itertools.pairwise(ids)):
@@ -265,6 +270,19 @@ def verify_view(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> SignedView:
         )
     view = MembershipView(run_id, epoch, leader, members, settings, schema)
     return SignedView(view, bytes(data))
+
+
+def provenance_capacity_problem(members: int, max_laps: int, limits: Limits) -> str | None:
+    """Why a run of ``members`` members and ``max_laps`` laps cannot keep its provenance
+    within ``Limits.max_provenance_hops`` (one signed statement per hop), or None."""
+    needed = max_hops(members, max_laps)
+    if needed <= limits.max_provenance_hops:
+        return None
+    return (
+        f"{members} members for max_laps {max_laps} could make {needed} hops, more than the "
+        f"{limits.max_provenance_hops} hop statements a model's provenance may hold "
+        "(Limits.max_provenance_hops); lower --max-laps"
+    )
 
 
 def _bytes_item(value: object, label: str) -> bytes:

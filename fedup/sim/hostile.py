@@ -14,7 +14,7 @@ Only an in-process world (:class:`~fedup.sim.world.MemoryWorld`) hosts hostile
 members; a peer on a real network never looks for a tamper.
 
 :func:`rewrite_blob` decodes a ring blob, lets a function change its state,
-metadata, dead chain or final-model fields, and encodes it again, so a
+metadata, dead chain, hop statements or final-model fields, and encodes it again, so a
 behaviour can be written in a few lines (see ``tests/integration/test_hostile.py``).
 """
 
@@ -46,6 +46,12 @@ def rewrite_blob(
     decoded = decode_ring_blob(bytearray(blob.data), template, limits=limits)
     new = change(decoded)
     data = encode_ring_blob(
-        new.state, view=new.view, chain=new.chain, origin=new.origin, seal=new.seal, limits=limits
+        new.state,
+        view=new.view,
+        chain=new.chain,
+        origin=new.origin,
+        seal=new.seal,
+        provenance=new.provenance,
+        limits=limits,
     )
     return attrs.evolve(blob, data=bytes(data), **header)

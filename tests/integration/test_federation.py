@@ -24,6 +24,7 @@ import pytest
 import trio
 import trio.testing
 
+from fedup.commands.verify import verify_model
 from fedup.config import DEFAULT_LIMITS, Limits
 from fedup.identity import Identity
 from fedup.learn.loans import generate_lender
@@ -98,13 +99,20 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def check_same_model(summaries: Sequence[RunSummary]) -> str:
-    """Every summary names the same model, and each file on disk hashes to it."""
+    """Every summary names the same model, each file on disk hashes to it, and each
+    member's provenance of it verifies (``fedup-peer verify``) with the same hops."""
     hashes = {s.model_sha256 for s in summaries}
     assert len(hashes) == 1, hashes
     digest = hashes.pop()
+    heads = set()
     for s in summaries:
         data = (Path(s.out_dir) / "model.safetensors").read_bytes()
         assert hashlib.sha256(data).hexdigest() == digest
+        _, verified = verify_model(Path(s.out_dir))
+        assert verified.seal.origin.text == s.ended_by
+        assert verified.view.view.run_id.hex() == s.run_id
+        heads.add(verified.chain.head)
+    assert len(heads) == 1, "members saved different provenance for one model"
     return digest
 
 

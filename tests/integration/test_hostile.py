@@ -25,13 +25,16 @@ import trio
 import trio.testing
 
 from fedup.identity import Identity
+from fedup.learn.ring import final_weights
 from fedup.learn.ring_payload import RingBlob, content_of
 from fedup.learn.tabular import Table
+from fedup.learn.weights import safetensors_sha256
 from fedup.peer import Peer, RunSummary, TabularSource
 from fedup.peer.events import Finished, PeerEvent
 from fedup.peer.tamper import OutgoingBlob, Tamper
 from fedup.protocol.notices import DeadChain, FinalSeal
 from fedup.protocol.peer_id import PeerId
+from fedup.protocol.provenance import HopStatement, join_chain, split_chain
 from fedup.protocol.view import RunSettings
 from fedup.sim.hostile import rewrite_blob
 from fedup.sim.world import MemoryWorld
@@ -247,10 +250,15 @@ class ForgedFinal(Attack):
                 tensors = {k: torch.zeros_like(v) for k, v in b.state.tensors.items()}
                 meta = attrs.evolve(b.state.meta, done=True, lap=0, hop=0)
                 state = attrs.evolve(b.state, tensors=tensors, meta=meta)
+                run_id = self.peer.custody.run_id  # type: ignore[union-attr]
+                model = safetensors_sha256(
+                    final_weights(state), metadata={"fedup_run_id": run_id.hex(), "format": "pt"}
+                )
                 seal = FinalSeal.seal(
                     self.identity,
-                    run_id=self.peer.custody.run_id,  # type: ignore[union-attr]
+                    run_id=run_id,
                     content=content_of(state, limits=LIMITS),
+                    model=bytes.fromhex(model),
                 ).envelope
                 return attrs.evolve(b, state=state, origin=self.identity.peer_id, seal=seal)
 
@@ -296,6 +304,56 @@ async def test_huge_weights_are_refused_before_custody(
     assert weights_digest(attacked[0]) == weights_digest(baseline[0])
     assert all(s.dead == [] for s in attacked)
     assert any("max_weight_magnitude" in line for line in refusals_naming(text, tamper.identity))
+
+
+class BrokenProvenance(Attack):
+    """Hands its successor the model with its chain of hop statements broken three ways
+    (the predecessor's new statement removed; the same statement signed by a key outside
+    the view; an old statement, which the successor already knew, removed), then complies.
+    A member cannot slip a broken chain into the final model of the honest ones."""
+
+    def attack(self, blob: OutgoingBlob) -> list[OutgoingBlob]:
+        stranger = Identity(b"\x66" * 32)
+
+        def with_hops(
+            change: Callable[[list[bytes]], list[bytes]],
+        ) -> Callable[[RingBlob], RingBlob]:
+            def rewrite(b: RingBlob) -> RingBlob:
+                return attrs.evolve(b, provenance=join_chain(change(split_chain(b.provenance))))
+
+            return rewrite
+
+        def foreign(hops: list[bytes]) -> list[bytes]:
+            s = HopStatement.open(hops[-2])  # our predecessor's, new to our successor
+            forged = HopStatement.seal(
+                stranger,
+                run_id=s.run_id,
+                prev=s.prev,
+                position=s.position,
+                received=s.received,
+                sent=s.sent,
+                samples=s.samples,
+            )
+            return [*hops[:-2], forged.envelope, hops[-1]]
+
+        return [
+            self.rewrite(blob, with_hops(lambda hops: [*hops[:-2], hops[-1]])),
+            self.rewrite(blob, with_hops(foreign)),
+            self.rewrite(blob, with_hops(lambda hops: [hops[0], *hops[2:]])),
+        ]
+
+
+async def test_a_broken_chain_of_hop_statements_is_refused_and_the_model_verifies(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tamper = BrokenProvenance()
+    baseline, attacked, text = await attacked_run(tmp_path, tamper, caplog)
+    assert weights_digest(attacked[0]) == weights_digest(baseline[0])
+    assert all(s.dead == [] and s.excluded is None for s in attacked)
+    lines = [x for x in refusals_naming(text, tamper.identity) if "bad-provenance" in x]
+    for why in ("does not link", "not a member of the view", "differs from the"):
+        assert any(why in line for line in lines), (why, lines)
+    # honest_finish (in attacked_run) checked that every member's provenance verifies
 
 
 class OverflowingSummary(TabularSource):

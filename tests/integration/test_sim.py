@@ -21,6 +21,7 @@ import trio.testing
 
 from fedup.cli import _common as cli_common
 from fedup.commands import simulate as simulate_command
+from fedup.commands.verify import verify_model
 from fedup.config import DEFAULT_LIMITS
 from fedup.learn.loans import generate_lender, lender_seed
 from fedup.peer import TabularSource
@@ -189,11 +190,19 @@ def check_excluded(result: SimResult, victim: int, why: str) -> None:
     assert digest is not None and excluded.model_sha256 == digest
     model = Path(excluded.out_dir) / "model.safetensors"
     assert hashlib.sha256(model.read_bytes()).hexdigest() == digest
+    heads = set()
     for p in result.peers:
         if p.index != victim:
             assert p.summary is not None and p.summary.excluded is None
             assert p.summary.dead == [result.peers[victim].peer_id]
             assert p.summary.model_sha256 == digest and p.summary.laps == RUN.max_laps
+        # every member's provenance verifies, the excluded one's too (its own last hop
+        # is not in the run's chain: it checked the final model's chain whole)
+        assert p.summary is not None
+        _, verified = verify_model(Path(p.summary.out_dir))
+        assert [n.dead.text for n in verified.dead.notices] == [result.peers[victim].peer_id]
+        heads.add(verified.chain.head)
+    assert len(heads) == 1
 
 
 async def test_a_member_slower_than_the_hop_timeout_is_excluded_but_gets_the_model(
@@ -354,6 +363,10 @@ async def test_a_run_whose_only_other_member_dies_at_once_does_not_end_ok(
     assert summary.stop_reason == "members-lost" and not summary.ok
     assert summary.best_lap < 0 and summary.ended_by == summary.peer_id
     assert exit_code(summary) == EXIT_NOT_OK
+    # what it saved is sealed by itself, after the hop it trained
+    _, verified = verify_model(Path(summary.out_dir))
+    assert verified.seal.origin.text == summary.peer_id
+    assert [s.signer.text for s in verified.chain.statements()] == [summary.peer_id]
 
 
 async def test_each_member_dials_its_successor_once_for_the_whole_run(

@@ -97,10 +97,14 @@ class Sent:
     seal: bytes | None = None
     content: bytes = b""
     view: bytes = VIEW
+    provenance: bytes | memoryview = b""
+    model: bytes = b""
 
     @property
     def digest(self) -> bytes:
-        return digest_of(self.sender, self.kind, self.position, self.progress, self.chain)
+        return digest_of(
+            self.sender, self.kind, self.position, self.progress, self.chain, bytes(self.provenance)
+        )
 
     def arrived(self) -> BlobArrived:
         return BlobArrived(
@@ -115,6 +119,8 @@ class Sent:
             self.origin,
             self.seal,
             self.content,
+            self.provenance,
+            self.model,
         )
 
 
@@ -151,6 +157,7 @@ class PureRing:
                 members=self.peers,
                 rule=self.rule,
                 limits=limits,
+                initial=content_of(Progress.initial()),
             )
             for i in self.ids
         }
@@ -165,6 +172,8 @@ class PureRing:
         self.train_time: dict[PeerId, float] = {}
         self.rewrite: dict[PeerId, Rewrite] = {}
         self.finals: dict[PeerId, tuple[Finish, Progress]] = {}
+        self.provenance: dict[PeerId, tuple[tuple[bytes, ...], bytes, bytes]] = {}
+        """What each member would write as its final model's provenance."""
         self.finished: set[PeerId] = set()
         self.failed: dict[PeerId, str] = {}
         self.log: list[tuple[float, PeerId, Action]] = []
@@ -259,20 +268,24 @@ class PureRing:
         if when == "after":
             self.crash(peer)
             return
+        samples = SAMPLES if position.lap < self.rule.max_laps and not after.done else 0
+        trained = Trained(position, after, content=content_of(after), samples=samples)
         delay = self.train_time.get(peer, 0.0)
         if delay == 0:
-            self.queue.append((peer, Trained(position, after)))
+            self.queue.append((peer, trained))
             return
         self._seq += 1
-        self.later.append((self.now + delay, self._seq, peer, Trained(position, after)))
+        self.later.append((self.now + delay, self._seq, peer, trained))
 
     def _finish(self, peer: PeerId, a: Finish) -> None:
         progress = self.slots[peer][a.copy] if a.copy != FINAL else self.inbox.pop(peer)
         self.finals[peer] = (a, progress)
         self.slots[peer][FINAL] = progress
         machine = self.machines[peer]
-        if a.ended_by == peer and a.reason != "members-lost":
-            machine.seal_final(content_of(progress))
+        if a.ended_by == peer:
+            machine.seal_final(content_of(progress), model_of(progress))
+        dead, hops, seal = machine.provenance_record()
+        self.provenance[peer] = (dead, bytes(hops), seal)
         self.queue.append((peer, FinalSaved()))
 
     def blob_of(self, peer: PeerId, a: Send) -> Sent:
@@ -287,7 +300,9 @@ class PureRing:
             progress,
             a.origin,
             a.seal,
-            content_of(progress) if a.kind == "final" else b"",
+            content_of(progress),
+            provenance=a.provenance,
+            model=model_of(progress) if a.kind == "final" else b"",
         )
 
     def _send(self, peer: PeerId, a: Send) -> None:
@@ -342,3 +357,12 @@ class PureRing:
 
 def content_of(progress: Progress) -> bytes:
     return digest_of("content", progress)
+
+
+def model_of(progress: Progress) -> bytes:
+    """What stands for the SHA-256 of the model file saved from a final state."""
+    return digest_of("model", progress)
+
+
+SAMPLES = 100
+"""Samples each training hop of the pure world claims."""

@@ -28,6 +28,7 @@ from fedup.protocol.custody_events import (
     PassedArrived,
     Phase,
     Refuse,
+    Send,
     Take,
     TimerFired,
     Trained,
@@ -35,8 +36,10 @@ from fedup.protocol.custody_events import (
 )
 from fedup.protocol.laps import LapRecord, Position, Progress, StopState
 from fedup.protocol.notices import CustodyReceipt, DeadChain, FinalSeal
+from fedup.protocol.peer_id import PeerId
+from fedup.protocol.provenance import ChainRules, HopChain, HopStatement
 from fedup.protocol.refusal import RefusalCode
-from tests.unit.custody_world import RUN, VIEW, PureRing, Sent, content_of
+from tests.unit.custody_world import RUN, VIEW, PureRing, Sent, content_of, model_of
 
 LIMITS = attrs.evolve(DEFAULT_LIMITS, hop_timeout=20.0, excluded_wait=500.0)
 
@@ -53,7 +56,33 @@ def finished_alike(ring: PureRing, members: list[int] | None = None) -> Progress
     assert set(peers) <= ring.finished, [p.short for p in peers if p not in ring.finished]
     finals = {content_of(ring.finals[p][1]) for p in peers}
     assert len(finals) == 1
+    for p in peers:
+        check_provenance(ring, p)
     return ring.finals[peers[0]][1]
+
+
+def check_provenance(ring: PureRing, peer: PeerId) -> list[HopStatement]:
+    """``peer``'s final model has an unbroken chain of hop statements from the initial
+    model to the sealed one, every hop where the ring rules put it."""
+    finish, progress = ring.finals[peer]
+    dead_envelopes, hops, seal_bytes = ring.provenance[peer]
+    dead = DeadChain(RUN, VIEW, tuple(ring.peers)).extend_with(dead_envelopes, receiver=None)
+    rules = ChainRules(RUN, VIEW, tuple(ring.peers), ring.rule.max_laps)
+    chain = HopChain.start(rules).extend_with(hops, dead=dead)
+    seal = FinalSeal.open(seal_bytes)
+    assert chain.last is not None
+    first = next(chain.statements())  # the leader's, from the initial model it built
+    assert (first.signer, first.received) == (ring.peers[0], content_of(Progress.initial()))
+    assert (seal.origin, seal.content, seal.model) == (
+        chain.last.signer,
+        chain.last.sent,
+        model_of(progress),
+    )
+    assert seal.origin == finish.ended_by
+    statements = list(chain.statements())
+    trained = [(s.signer, s.position) for s in statements if s.samples]
+    assert set(trained) <= set(ring.trained)  # nobody claims a hop it did not train
+    return statements
 
 
 # --- whole rings ----------------------------------------------------------------------------
@@ -140,6 +169,25 @@ def test_a_slow_member_is_excluded_and_still_saves_the_final_model() -> None:
     assert ring.actions_of(c, Excluded)
     finish, _ = ring.finals[c]
     assert finish.excluded is not None and finish.excluded.dead == c
+
+
+def test_a_member_excluded_after_signing_its_hop_takes_the_final_chain_without_it() -> None:
+    """c signs its slow hop after b handed b's copy on past it: the run's chain never
+    holds c's statement, which the final model's chain shows; c checks that chain whole
+    (its own last statement is not in it) and saves the final model all the same."""
+    ring = PureRing(4, max_laps=6, patience=10, limits=LIMITS)
+    c = ring.peers[2]
+    for p in ring.peers:
+        ring.train_time[p] = 1.0
+    ring.train_time[c] = LIMITS.hop_timeout * 1.5
+    ring.start()
+    ring.run()
+    mine = [a for a in ring.actions_of(c, Send) if a.kind == "model"]
+    assert len(mine) == 1  # it did sign and try to hand on its hop, and was refused
+    assert ring.actions_of(c, Excluded)
+    assert ring.finals[c][0].excluded is not None
+    finished_alike(ring)  # c included, its provenance checked
+    assert c not in {s.signer for s in check_provenance(ring, c)}
 
 
 def test_a_hand_over_whose_ack_was_lost_is_taken_again_idempotently() -> None:
@@ -295,9 +343,23 @@ def test_a_forged_final_at_lap_0_is_refused_by_everyone() -> None:
     run_to_lap(ring, 1)
     m = ring.peers[1]
     fake = attrs.evolve(Progress.initial(), lap=0, hop=1, done=True)
-    seal = FinalSeal.seal(ring.ids[1], run_id=RUN, content=content_of(fake)).envelope
+    seal = FinalSeal.seal(
+        ring.ids[1], run_id=RUN, content=content_of(fake), model=model_of(fake)
+    ).envelope
     blobs = [
-        Sent(m, p, "final", Position(0, 0), 0, (), fake, m, seal, content_of(fake))
+        Sent(
+            m,
+            p,
+            "final",
+            Position(0, 0),
+            0,
+            (),
+            fake,
+            m,
+            seal,
+            content_of(fake),
+            model=model_of(fake),
+        )
         for p in ring.peers
         if p != m
     ]
@@ -314,8 +376,12 @@ def test_a_final_claiming_the_rule_holds_without_history_is_refused() -> None:
     a, m, c, _d = ring.peers
     # stale >= patience, but no lap results behind it: the rule does not give that
     fake = attrs.evolve(ring.machines[c].seen, done=True, stop=StopState(0, 0.1, 0.1, 3))
-    seal = FinalSeal.seal(ring.ids[0], run_id=RUN, content=content_of(fake)).envelope
-    blob = Sent(m, c, "final", Position(3, 0), 0, (), fake, a, seal, content_of(fake))
+    seal = FinalSeal.seal(
+        ring.ids[0], run_id=RUN, content=content_of(fake), model=model_of(fake)
+    ).envelope
+    blob = Sent(
+        m, c, "final", Position(3, 0), 0, (), fake, a, seal, content_of(fake), model=model_of(fake)
+    )
     [refusal] = attack(ring, 1, [blob])
     assert refusal.code is RefusalCode.NOT_FINAL  # a's seal is a forgery by m anyway
     ring.run()
@@ -419,7 +485,7 @@ def machine(phase: Phase) -> CustodyMachine:
 
 SAMPLES: list[Event] = [
     Begin(),
-    Trained(Position(0, 1), Progress.initial()),
+    Trained(Position(0, 1), Progress.initial(), content=b"c" * 32, samples=1),
     TrainFailed("boom"),
     HandedOver(99, b"", b""),
     HandOverFailed(

@@ -501,14 +501,26 @@ def test_receipt_fed_split() -> None:
 
 
 def test_final_seal_round_trip() -> None:
-    seal = FinalSeal.seal(M3, run_id=RUN, content=b"c" * 32)
+    seal = FinalSeal.seal(M3, run_id=RUN, content=b"c" * 32, model=b"m" * 32)
     opened = FinalSeal.open(seal.envelope)
     assert opened == seal
-    assert (opened.run_id, opened.origin, opened.content) == (RUN, M3.peer_id, b"c" * 32)
+    assert (opened.run_id, opened.origin, opened.content, opened.model) == (
+        RUN,
+        M3.peer_id,
+        b"c" * 32,
+        b"m" * 32,
+    )
+    with pytest.raises(LocalProtocolError):
+        FinalSeal.seal(M3, run_id=RUN, content=b"c" * 32, model=b"m" * 31)
 
 
 def seal_bytes(ident: Identity = M3, **changes: Any) -> bytes:
-    fields: dict[str, Any] = {"run": RUN, "origin": ident.peer_id.raw, "content": b"c" * 32}
+    fields: dict[str, Any] = {
+        "run": RUN,
+        "origin": ident.peer_id.raw,
+        "content": b"c" * 32,
+        "model": b"m" * 32,
+    }
     fields.update(changes)
     return signed(ident, fields, domain=SEAL_DOMAIN, payload_type=SEAL_TYPE)
 
@@ -520,12 +532,20 @@ def seal_bytes(ident: Identity = M3, **changes: Any) -> bytes:
         (
             tampered(
                 seal_bytes(),
-                payload=cbor.encode({"run": RUN, "origin": M3.peer_id.raw, "content": b"x" * 32}),
+                payload=cbor.encode(
+                    {
+                        "run": RUN,
+                        "origin": M3.peer_id.raw,
+                        "content": b"x" * 32,
+                        "model": b"m" * 32,
+                    }
+                ),
             ),
             "bad signature",
         ),
         (seal_bytes(origin=M0.peer_id.raw), "signed by"),
         (seal_bytes(content=b"c" * 33), "content"),
+        (seal_bytes(model=b"m" * 31), "model"),
         (seal_bytes(extra=1), "unknown field"),
         (receipt_bytes(), "type"),
         (signed(M3, {"run": RUN}, domain=NOTICE_DOMAIN, payload_type=SEAL_TYPE), "signature"),

@@ -1,4 +1,5 @@
-"""Ring blob framing (version 2): the preamble, the CBOR meta, the padding and the state."""
+"""Ring blob framing (version 3): the preamble, the CBOR meta, the provenance, the padding
+and the state."""
 
 from __future__ import annotations
 
@@ -41,9 +42,20 @@ def blob(
     return prefix + state, prefix
 
 
-def framed(meta: bytes, state: bytes = b"", *, version: int = VERSION) -> bytes:
+def framed(
+    meta: bytes, state: bytes = b"", *, version: int = VERSION, provenance: bytes = b""
+) -> bytes:
     """A blob around raw meta bytes (which payload_prefix would never write)."""
-    head = MAGIC + bytes([version, 0, 0, 0]) + len(meta).to_bytes(4, "big") + meta
+    head = b"".join(
+        (
+            MAGIC,
+            bytes([version, 0, 0, 0]),
+            len(meta).to_bytes(4, "big"),
+            len(provenance).to_bytes(4, "big"),
+            meta,
+            provenance,
+        )
+    )
     return head + bytes(-len(head) % 8) + state
 
 
@@ -81,17 +93,41 @@ def test_defaults_are_a_model_in_training() -> None:
     data, _ = blob()
     got = decode_payload(data)
     assert (got.chain, got.origin, got.seal) == ((), None, None)
-    meta = cbor.decode(data[12 : 12 + int.from_bytes(data[8:12], "big")], max_size=1 << 16,
+    meta = cbor.decode(data[16 : 16 + int.from_bytes(data[8:12], "big")], max_size=1 << 16,
                        max_depth=8)  # fmt: skip
     assert meta == {"ring": RING, "view": VIEW, "chain": [], "origin": None, "seal": None}
+    assert bytes(got.provenance) == b""
 
 
 def test_preamble_layout() -> None:
-    data, prefix = blob()
-    assert data[:4] == b"FUHP" and data[4] == 2 and data[5:8] == b"\0\0\0"
+    data, prefix = blob(provenance=b"hops")
+    assert data[:4] == b"FUHP" and data[4] == 3 and data[5:8] == b"\0\0\0"
     size = int.from_bytes(data[8:12], "big")
-    assert 12 + size <= len(prefix) < 12 + size + 8
-    assert not any(prefix[12 + size :])
+    assert int.from_bytes(data[12:16], "big") == 4
+    assert data[16 + size : 20 + size] == b"hops"
+    assert 20 + size <= len(prefix) < 20 + size + 8
+    assert not any(prefix[20 + size :])
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray])
+def test_the_provenance_section_round_trips_as_a_view(kind: Any) -> None:
+    hops = bytes(range(256)) * 3
+    data, _ = blob(provenance=hops, chain=CHAIN)
+    got = decode_payload(kind(data))
+    assert bytes(got.provenance) == hops and isinstance(got.provenance, memoryview)
+    assert got.chain == CHAIN and bytes(got.state) == STATE
+    assert got.content == decode_payload(blob()[0]).content  # the chain is not content
+
+
+def test_a_provenance_section_beyond_its_limit_or_the_data() -> None:
+    hops = b"h" * 600
+    data, _ = blob(provenance=hops, state=b"")
+    tiny = attrs.evolve(DEFAULT_LIMITS, max_provenance_hops=1)  # 514 bytes at most
+    refused(data, "provenance of 600 bytes does not fit", limits=tiny)
+    assert bytes(decode_payload(data).provenance) == hops
+    size = int.from_bytes(data[8:12], "big")
+    for claim in (len(data) - 16 - size + 1, 2**32 - 1):
+        refused(data[:12] + claim.to_bytes(4, "big") + data[16:], "does not fit")
 
 
 def test_state_is_a_view_into_the_buffer() -> None:
@@ -171,7 +207,7 @@ def test_wrong_magic() -> None:
     refused(MAGIC + bytes(7), "does not start with FUHP")  # shorter than the preamble
 
 
-@pytest.mark.parametrize("version", [0, 1, 3, 255])
+@pytest.mark.parametrize("version", [0, 1, 2, 4, 255])
 def test_wrong_version(version: int) -> None:
     data, _ = blob()
     refused(data[:4] + bytes([version]) + data[5:], f"version {version} is not supported")
@@ -187,7 +223,7 @@ def test_reserved_bytes_must_be_zero(at: int) -> None:
 def test_meta_length_beyond_the_data() -> None:
     data, _ = blob(state=b"")
     size = int.from_bytes(data[8:12], "big")
-    for claim in (size + 1000, 2**32 - 1, len(data) - 12 + 1):
+    for claim in (size + 1000, 2**32 - 1, len(data) - 16 + 1):
         refused(data[:8] + claim.to_bytes(4, "big") + data[12:], "does not fit")
 
 
@@ -202,8 +238,8 @@ def test_meta_length_beyond_max_message_size() -> None:
 def test_padding_must_be_zero() -> None:
     data, prefix = blob()
     size = int.from_bytes(data[8:12], "big")
-    assert len(prefix) > 12 + size, "this meta needs padding"
-    for at in range(12 + size, len(prefix)):
+    assert len(prefix) > 16 + size, "this meta needs padding"
+    for at in range(16 + size, len(prefix)):
         bad = bytearray(data)
         bad[at] = 1
         refused(bad, "zero padding")
@@ -264,7 +300,7 @@ def test_meta_nested_beyond_the_depth_limit() -> None:
 
 
 def test_every_truncation_inside_the_prefix_is_refused() -> None:
-    data, prefix = blob(chain=CHAIN, origin=ORIGIN, seal=SEAL)
+    data, prefix = blob(chain=CHAIN, origin=ORIGIN, seal=SEAL, provenance=b"hops" * 5)
     for cut in range(len(prefix)):
         with pytest.raises(PayloadError):
             decode_payload(data[:cut])
@@ -273,7 +309,7 @@ def test_every_truncation_inside_the_prefix_is_refused() -> None:
 
 
 def test_every_single_byte_change_in_the_prefix_is_refused_or_harmless() -> None:
-    data, prefix = blob(chain=CHAIN, origin=ORIGIN, seal=SEAL)
+    data, prefix = blob(chain=CHAIN, origin=ORIGIN, seal=SEAL, provenance=b"hops" * 5)
     for at in range(len(prefix)):
         for value in (0x00, 0xFF, data[at] ^ 0x01):
             bad = bytearray(data)
@@ -295,7 +331,7 @@ def test_random_bytes(data: bytes) -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=200), st.integers(0, 300))
 def test_random_meta_behind_a_valid_preamble(meta: bytes, claim: int) -> None:
-    data = MAGIC + bytes([VERSION, 0, 0, 0]) + claim.to_bytes(4, "big") + meta
+    data = MAGIC + bytes([VERSION, 0, 0, 0]) + claim.to_bytes(4, "big") + bytes(4) + meta
     try:
         got = decode_payload(data)
     except PayloadError:

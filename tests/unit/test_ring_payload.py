@@ -113,7 +113,9 @@ def test_a_final_model_carries_origin_and_seal_over_its_content(
 ) -> None:
     final = RingState(trained.tensors, attrs.evolve(trained.meta, done=True))
     origin = IDS[2]
-    seal = FinalSeal.seal(origin, run_id=RUN, content=content_of(final, limits=LIMITS))
+    seal = FinalSeal.seal(
+        origin, run_id=RUN, content=content_of(final, limits=LIMITS), model=b"m" * 32
+    )
     data = codec.encode(final, view=VIEW, origin=origin.peer_id, seal=seal.envelope)
     assert bytes(data) == bytes(
         encode_ring_blob(final, view=VIEW, origin=origin.peer_id, seal=seal.envelope, limits=LIMITS)
@@ -146,6 +148,25 @@ def test_codec_agrees_with_decode_ring_blob(
     assert same_tensors(ours.state.tensors, theirs.state.tensors)
     assert ours.state.meta == theirs.state.meta and ours.chain == theirs.chain
     assert ours.content == theirs.content
+
+
+@pytest.mark.parametrize("which", ["template", "trained"])
+def test_the_content_a_member_signs_is_the_one_its_receiver_computes(
+    which: str, codec: RingCodec, request: pytest.FixtureRequest
+) -> None:
+    state: RingState = request.getfixturevalue(which)
+    body = codec.body(state)
+    assert body is not None
+    signed = codec.content(state, body)  # what the sender's hop statement says it sent
+    assert signed == codec.content(state, None) == content_of(state, limits=LIMITS)
+    hops = b"statements" * 40
+    data = codec.encode(state, view=VIEW, chain=chain_of_one(), provenance=hops, body=body)
+    assert bytes(data) == bytes(
+        encode_ring_blob(state, view=VIEW, chain=chain_of_one(), provenance=hops, limits=LIMITS)
+    )
+    blob = codec.decode(bytearray(data))
+    assert blob.content == signed and bytes(blob.provenance) == hops
+    assert same_tensors(blob.state.tensors, state.tensors)
 
 
 # --------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedup.config import DEFAULT_LIMITS
 from fedup.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from fedup.identity import Identity
 from fedup.protocol import cbor
@@ -27,7 +28,14 @@ from fedup.protocol.messages import (
 from fedup.protocol.records import Address, PeerRecord, SignedPeerRecord
 from fedup.protocol.refusal import RefusalCode
 from fedup.protocol.schema import MessageError
-from fedup.protocol.view import VIEW_DOMAIN, VIEW_TYPE, MembershipView, RunSettings, verify_view
+from fedup.protocol.view import (
+    VIEW_DOMAIN,
+    VIEW_TYPE,
+    MembershipView,
+    RunSettings,
+    provenance_capacity_problem,
+    verify_view,
+)
 from tests.conftest import make_identities
 
 IDS = sorted(make_identities(3), key=lambda i: i.peer_id)
@@ -118,6 +126,22 @@ def test_settings_out_of_bounds_are_refused_before_acknowledging(
     value["settings"] = {**value["settings"], **change}
     with pytest.raises(MessageError, match=match):
         verify_view(_forge(cbor.encode(value), IDS[0]))
+
+
+def test_a_view_whose_run_could_outgrow_a_models_provenance_is_refused() -> None:
+    """A run makes at most (max_laps + 1) x members + 1 hops, each signing one statement
+    that travels with the model: a view that could need more than a peer accepts is
+    refused before it is acknowledged."""
+    signed = view(settings=RunSettings(max_laps=10)).seal(IDS[0])  # 11 x 3 + 1 = 34 hops
+    fits = attrs.evolve(DEFAULT_LIMITS, max_provenance_hops=34)
+    assert verify_view(signed.envelope, limits=fits).digest == signed.digest
+    small = attrs.evolve(DEFAULT_LIMITS, max_provenance_hops=33)
+    with pytest.raises(MessageError, match=r"could make 34 hops.*max_provenance_hops"):
+        verify_view(signed.envelope, limits=small)
+    # the defaults hold the largest federation for more than the default max_laps
+    default_laps = RunSettings().max_laps
+    problem = provenance_capacity_problem(DEFAULT_LIMITS.max_members, default_laps, DEFAULT_LIMITS)
+    assert problem is None
 
 
 @pytest.mark.parametrize(

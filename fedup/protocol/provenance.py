@@ -1,0 +1,666 @@
+"""Provenance: every hop signs what it did, and the signed chain travels with the model.
+
+A member that trains a hop (or only evaluates it) signs a *hop statement*:
+"in run R, at lap L hop H, I received the model whose content digest is G, sent
+on the model whose content digest is S, and trained it on N samples; the
+statement before mine has digest P".  The statements form one hash chain per run
+that grows by one at every hop and travels in every ring blob.  The run's end is
+sealed (:class:`~fedup.protocol.notices.FinalSeal`) over the last statement's
+model and the SHA-256 of the model file every member saves, so anyone holding
+the signed view, the dead notices, the chain and the seal can check who trained
+the model, in which order, on how many samples, and that the file is the one
+the run produced (``fedup-peer verify``).
+
+The chain's rules (:class:`HopChain`; docs/federation.md, "Provenance"):
+
+* statement 0 names :func:`provenance_genesis` of the view's digest (so a chain
+  belongs to one view of one run) and every later one the digest of the
+  statement before it: nothing can be removed, inserted or reordered;
+* every statement verifies (its own domain) and is signed by a member of the
+  view, and names the run;
+* what a statement *received* is what the statement before it *sent*; the first
+  statement's *received* is the chain's origin, the initial model as the leader
+  built it (its own hop may change the model as any member's may, so no one
+  re-derives it: members agree on the model's layout, by the view's model
+  digest, not on its initial values across torch builds);
+* its place is the one the ring rules give after the statement before it
+  (:func:`~fedup.protocol.laps.next_position` in the ring without the members
+  the dead notices at or before that statement's position declared dead; the
+  first is the leader's, at lap 0 hop 0), never beyond the last lap, and a
+  statement of an evaluation-only lap trained no samples.
+
+A receiver verifies only what it has not seen: the chain must start with the
+exact bytes it knew (one BLAKE2b pass over that prefix), and each statement
+after them is checked.  A statement's signature is verified once per process
+(a bounded cache of successful verifications, keyed by the exact bytes), and a
+chain already verified in this process under the same view and dead notices is
+recognised by the digest of its bytes, so in the simulator, where every peer
+shares one process, each statement costs one verification in all.
+
+Wire forms::
+
+    hop statement   (envelope: domain fedup-hop-statement, type fedup/hop-statement/1)
+      {"run": bstr(16), "prev": bstr(32), "by": bstr(38), "lap": uint, "hop": uint,
+       "received": bstr(32), "sent": bstr(32), "samples": uint}
+    chain           the statements in order, each its envelope followed by the
+                    envelope's length as a big-endian u16 (so the last one can be
+                    read from the end); at most Limits.max_provenance_hops
+    provenance.cbor {"v": 1, "view": bstr, "dead": [bstr, ...], "hops": bstr,
+                     "seal": bstr}
+
+The content digests are the learning layer's (:func:`fedup.protocol.payload.content_digest`
+over the ring metadata and the tensors, never the chain itself).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import attrs
+
+from fedup.config import DEFAULT_LIMITS, Limits
+from fedup.errors import LocalProtocolError, RemoteProtocolError
+from fedup.protocol import cbor
+from fedup.protocol.envelope import Signer, open_envelope, seal_envelope
+from fedup.protocol.laps import Position, last_lap, next_position
+from fedup.protocol.notices import MAX_SIGNED_SIZE, DeadChain, FinalSeal, SealError
+from fedup.protocol.peer_id import RAW_SIZE, PeerId
+from fedup.protocol.refusal import RefusalCode
+from fedup.protocol.ring import Ring
+from fedup.protocol.schema import FieldReader, MessageError
+from fedup.protocol.view import SignedView, verify_view
+
+__all__ = [
+    "ChainForkError",
+    "ChainRules",
+    "HopChain",
+    "HopStatement",
+    "MemberShare",
+    "ProvenanceError",
+    "VerifiedProvenance",
+    "encode_provenance",
+    "join_chain",
+    "max_chain_bytes",
+    "max_provenance_size",
+    "provenance_genesis",
+    "split_chain",
+    "verify_provenance",
+]
+
+STATEMENT_DOMAIN = "fedup-hop-statement"
+STATEMENT_TYPE = "fedup/hop-statement/1"
+MAX_STATEMENT_SIZE = 512
+"""Largest hop-statement envelope (each is about 350 bytes); its length travels as a u16."""
+LENGTH_SIZE = 2
+DIGEST_SIZE = 32
+RUN_ID_SIZE = 16
+MAX_SAMPLES = 2**62
+"""The ring metadata's bound on sample counts."""
+FILE_VERSION = 1
+STATEMENT_CACHE = 8192
+"""Hop statements whose verification is remembered per process: in one process of
+1,000 peers a statement is checked again by every member for a lap after it was made."""
+CHAIN_CACHE = 4096
+"""Verified chains remembered per process (by the digest of their bytes, without them)."""
+
+
+class ProvenanceError(RemoteProtocolError):
+    """A chain of hop statements (or a provenance file) that is forged, broken or misplaced."""
+
+    code = RefusalCode.BAD_PROVENANCE
+
+
+class ChainForkError(ProvenanceError):
+    """A chain that does not start with the one known here: a hop known here is gone."""
+
+
+def _blake(data: bytes | memoryview, person: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_SIZE, person=person).digest()
+
+
+def provenance_genesis(view_digest: bytes) -> bytes:
+    """What hop statement 0 names as its predecessor: a digest of the run's view."""
+    return _blake(view_digest, b"fedup-hop-gen")
+
+
+def _bytes_hasher() -> Any:
+    """The digest of a chain's bytes (what a receiver compares the known prefix by)."""
+    return hashlib.blake2b(digest_size=DIGEST_SIZE, person=b"fedup-hop-bytes")
+
+
+EMPTY_FINGERPRINT = _bytes_hasher().digest()
+
+
+def max_chain_bytes(limits: Limits) -> int:
+    """The largest chain a peer accepts, in bytes."""
+    return limits.max_provenance_hops * (MAX_STATEMENT_SIZE + LENGTH_SIZE)
+
+
+def max_provenance_size(limits: Limits) -> int:
+    """The largest ``provenance.cbor``: a view, a dead chain, a hop chain and a seal."""
+    return (
+        limits.max_message_size
+        + limits.max_members * (MAX_SIGNED_SIZE + 3)
+        + max_chain_bytes(limits)
+        + MAX_SIGNED_SIZE
+        + 64
+    )
+
+
+# --- one statement ----------------------------------------------------------------------
+
+
+@attrs.frozen
+class HopStatement:
+    """A verified hop statement and the exact envelope bytes that carried it."""
+
+    run_id: bytes
+    prev: bytes
+    """The digest of the statement before it (or :func:`provenance_genesis`)."""
+    signer: PeerId
+    """The member that did the hop (and signed this)."""
+    position: Position
+    received: bytes
+    """The content digest of the model it received (the first: the leader's initial model)."""
+    sent: bytes
+    """The content digest of the model it handed on."""
+    samples: int
+    """Training samples this hop processed (0: it only evaluated)."""
+    envelope: bytes
+    digest: bytes
+    """What the next statement names as ``prev``."""
+
+    @property
+    def entry(self) -> bytes:
+        """Its bytes in a chain: the envelope, then its length."""
+        return self.envelope + len(self.envelope).to_bytes(LENGTH_SIZE, "big")
+
+    def describe(self) -> str:
+        return f"{self.signer} at {self.position} ({self.samples} samples)"
+
+    @classmethod
+    def seal(
+        cls,
+        signer: Signer,
+        *,
+        run_id: bytes,
+        prev: bytes,
+        position: Position,
+        received: bytes,
+        sent: bytes,
+        samples: int,
+    ) -> HopStatement:
+        """Sign a statement; raises LocalProtocolError for fields of the wrong size."""
+        if {len(prev), len(received), len(sent)} != {DIGEST_SIZE} or len(run_id) != RUN_ID_SIZE:
+            raise LocalProtocolError("a hop statement names a 16-byte run and 32-byte digests")
+        if not 0 <= samples < MAX_SAMPLES or position.lap < 0 or position.hop < 0:
+            raise LocalProtocolError(f"a hop statement cannot say {position}, {samples} samples")
+        payload = cbor.encode(
+            {
+                "run": run_id,
+                "prev": prev,
+                "by": signer.peer_id.raw,
+                "lap": position.lap,
+                "hop": position.hop,
+                "received": received,
+                "sent": sent,
+                "samples": samples,
+            }
+        )
+        envelope = seal_envelope(
+            signer.sign,
+            signer.public_key,
+            domain=STATEMENT_DOMAIN,
+            payload_type=STATEMENT_TYPE,
+            payload=payload,
+        ).to_cbor()
+        if len(envelope) > MAX_STATEMENT_SIZE:  # pragma: no cover - fixed-size fields
+            raise LocalProtocolError("a hop statement outgrew MAX_STATEMENT_SIZE")
+        digest = _blake(envelope, b"fedup-hop-stmt")
+        return cls(
+            run_id, prev, signer.peer_id, position, received, sent, samples, envelope, digest
+        )
+
+    @classmethod
+    def open(cls, data: bytes | memoryview) -> HopStatement:
+        """Verify the signature and decode the fields; raises :class:`ProvenanceError`.
+
+        Successful verifications are remembered per process (by the exact bytes);
+        the statement's place in a chain is :class:`HopChain`'s to check.
+        """
+        if len(data) > MAX_STATEMENT_SIZE:
+            raise ProvenanceError(
+                f"hop statement of {len(data)} bytes exceeds {MAX_STATEMENT_SIZE}"
+            )
+        return _open_statement(bytes(data))
+
+
+@functools.lru_cache(maxsize=STATEMENT_CACHE)
+def _open_statement(data: bytes) -> HopStatement:
+    try:
+        envelope = open_envelope(
+            data, domain=STATEMENT_DOMAIN, payload_type=STATEMENT_TYPE, max_size=MAX_STATEMENT_SIZE
+        )
+        f = FieldReader(
+            cbor.decode(envelope.payload, max_size=MAX_STATEMENT_SIZE, max_depth=1),
+            "hop statement",
+        )
+        run_id = f.bytestr("run", size=RUN_ID_SIZE)
+        prev = f.bytestr("prev", size=DIGEST_SIZE)
+        signer = PeerId.from_bytes(f.bytestr("by", size=RAW_SIZE))
+        lap = f.uint("lap", max_value=2**32 - 1)
+        hop = f.uint("hop", max_value=2**32 - 1)
+        received = f.bytestr("received", size=DIGEST_SIZE)
+        sent = f.bytestr("sent", size=DIGEST_SIZE)
+        samples = f.uint("samples", max_value=MAX_SAMPLES - 1)
+        f.done()
+    except RemoteProtocolError as exc:
+        raise ProvenanceError(exc.reason) from None
+    if envelope.signer != signer:
+        raise ProvenanceError(f"it names {signer} but is signed by {envelope.signer}")
+    digest = _blake(data, b"fedup-hop-stmt")
+    return HopStatement(
+        run_id, prev, signer, Position(lap, hop), received, sent, samples, data, digest
+    )
+
+
+# --- the chain --------------------------------------------------------------------------
+
+
+@attrs.frozen(cache_hash=True)
+class ChainRules:
+    """What a run's chain is checked against: its view's run, digest, members and laps."""
+
+    run_id: bytes
+    view_digest: bytes
+    members: tuple[PeerId, ...]
+    """The view's members in ring order."""
+    max_laps: int
+    _memberset: frozenset[PeerId] = attrs.field(init=False, eq=False, hash=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "_memberset", frozenset(self.members))
+
+    def is_member(self, peer: PeerId) -> bool:
+        return peer in self._memberset
+
+
+@attrs.frozen(eq=False)
+class HopChain:
+    """A verified chain of hop statements: what the next one must link to, and its bytes.
+
+    ``data`` is None once released (a member that handed the model on needs only
+    what to compare the next chain with: ``nbytes``, ``fingerprint``, ``head``).
+    """
+
+    rules: ChainRules
+    count: int
+    """Statements in the chain."""
+    nbytes: int
+    fingerprint: bytes
+    """The digest of the chain's bytes (a receiver compares the prefix it knew by it)."""
+    head: bytes
+    """The digest the next statement must name as ``prev``."""
+    last: HopStatement | None
+    data: bytes | memoryview | None
+    _hasher: Any = attrs.field(default=None, repr=False)
+    """The bytes digest's state after ``data`` (so a statement appends in O(1))."""
+
+    @classmethod
+    def start(cls, rules: ChainRules) -> HopChain:
+        """The empty chain of a run (no hop yet)."""
+        return cls(rules, 0, 0, EMPTY_FINGERPRINT, provenance_genesis(rules.view_digest), None, b"")
+
+    def light(self) -> HopChain:
+        """This chain without its bytes (enough to check the next one against)."""
+        return attrs.evolve(self, data=None, hasher=None)
+
+    def statements(self) -> Iterator[HopStatement]:
+        """Every statement, first to last (decoded again; verified when this chain was)."""
+        if self.data is None:
+            raise LocalProtocolError("this chain's bytes were released")
+        view = memoryview(self.data)
+        for begin, end in _entries(view, 0, self.count):
+            yield HopStatement.open(view[begin:end])
+
+    def next_place(self, dead: DeadChain) -> tuple[PeerId, Position]:
+        """Who must sign the next statement, and at which position (the ring rules)."""
+        return _Walk(self, dead).next_place()
+
+    def extend_with(
+        self, data: bytes | memoryview, *, dead: DeadChain, limits: Limits = DEFAULT_LIMITS
+    ) -> HopChain:
+        """The chain in ``data``, checked against this one (which it must extend).
+
+        ``data`` must start with this chain's bytes exactly (compared by their
+        digest) and every statement after them must fit its place (the module
+        docstring's rules), with the dead notices of ``dead`` deciding the ring at
+        each position.  Raises :class:`ChainForkError` when ``data`` does not start
+        with this chain, :class:`ProvenanceError` for every other problem, naming
+        the first statement at fault.  Only the new statements are checked.
+        """
+        view = memoryview(data)
+        n = view.nbytes
+        cap = max_chain_bytes(limits)
+        if n > cap:
+            raise ProvenanceError(
+                f"provenance chain of {n} bytes exceeds {cap} (Limits.max_provenance_hops)"
+            )
+        if n < self.nbytes:
+            raise ChainForkError(
+                f"provenance chain of {n} bytes is shorter than the {self.nbytes} known here "
+                "(a hop was removed)"
+            )
+        hasher = _bytes_hasher()
+        hasher.update(view[: self.nbytes])
+        if hasher.digest() != self.fingerprint:
+            raise ChainForkError(
+                f"provenance chain differs from the {self.count} statements known here "
+                "(a hop was changed, removed or reordered)"
+            )
+        hasher.update(view[self.nbytes :])
+        fingerprint = hasher.digest()
+        key = (self.rules, dead.head, n, fingerprint)
+        known = _VERIFIED.get(key)
+        if known is not None and known.count <= limits.max_provenance_hops:
+            return attrs.evolve(known, data=data, hasher=hasher)
+        walk = _Walk(self, dead)
+        for begin, end in _entries(view, self.nbytes, limits.max_provenance_hops - self.count):
+            try:
+                statement = HopStatement.open(view[begin:end])
+            except ProvenanceError as exc:
+                raise ProvenanceError(f"hop statement {walk.count}: {exc.reason}") from None
+            walk.take(statement)
+        chain = HopChain(self.rules, walk.count, n, fingerprint, walk.head, walk.last, data, hasher)
+        _remember(key, chain)
+        return chain
+
+    def append(
+        self,
+        signer: Signer,
+        *,
+        position: Position,
+        received: bytes,
+        sent: bytes,
+        samples: int,
+        dead: DeadChain,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> HopChain:
+        """This chain with ``signer``'s statement about the hop at ``position``.
+
+        Raises :class:`~fedup.errors.LocalProtocolError` if the chain's bytes were
+        released, it is full, or the statement would break the chain's rules (the
+        caller must train only where :meth:`next_place` says, on what it received).
+        """
+        if self.data is None:
+            raise LocalProtocolError("this chain's bytes were released; it cannot grow")
+        if self.count >= limits.max_provenance_hops:
+            raise LocalProtocolError(
+                f"the provenance chain holds {self.count} statements already "
+                "(Limits.max_provenance_hops)"
+            )
+        statement = HopStatement.seal(
+            signer,
+            run_id=self.rules.run_id,
+            prev=self.head,
+            position=position,
+            received=received,
+            sent=sent,
+            samples=samples,
+        )
+        walk = _Walk(self, dead)
+        try:
+            walk.take(statement)
+        except ProvenanceError as exc:
+            raise LocalProtocolError(
+                f"our own hop statement breaks the chain: {exc.reason}"
+            ) from None
+        entry = statement.entry
+        hasher = self._hasher.copy() if self._hasher is not None else _hasher_over(self.data)
+        hasher.update(entry)
+        data = b"".join((self.data, entry))
+        chain = HopChain(
+            self.rules, walk.count, len(data), hasher.digest(), walk.head, walk.last, data, hasher
+        )
+        _remember((self.rules, dead.head, chain.nbytes, chain.fingerprint), chain)
+        return chain
+
+
+def split_chain(data: bytes | memoryview, *, limits: Limits = DEFAULT_LIMITS) -> list[bytes]:
+    """The statement envelopes a chain's bytes hold, in order (not verified); raises
+    :class:`ProvenanceError` for bytes that are not a chain within ``limits``."""
+    view = memoryview(data)
+    if view.nbytes > max_chain_bytes(limits):
+        raise ProvenanceError("provenance chain exceeds Limits.max_provenance_hops")
+    return [bytes(view[a:b]) for a, b in _entries(view, 0, limits.max_provenance_hops)]
+
+
+def join_chain(envelopes: Sequence[bytes]) -> bytes:
+    """A chain's bytes from its statement envelopes, in order (:func:`split_chain`'s inverse)."""
+    return b"".join(e + len(e).to_bytes(LENGTH_SIZE, "big") for e in envelopes)
+
+
+def _hasher_over(data: bytes | memoryview) -> Any:
+    hasher = _bytes_hasher()
+    hasher.update(data)
+    return hasher
+
+
+def _entries(view: memoryview, start: int, max_count: int) -> list[tuple[int, int]]:
+    """Where each statement envelope after ``start`` lies, in chain order (read from the end)."""
+    out: list[tuple[int, int]] = []
+    end = view.nbytes
+    while end > start:
+        if end - start < LENGTH_SIZE:
+            raise ProvenanceError("provenance chain is cut short (a length is missing)")
+        size = int.from_bytes(view[end - LENGTH_SIZE : end], "big")
+        begin = end - LENGTH_SIZE - size
+        if size == 0 or size > MAX_STATEMENT_SIZE or begin < start:
+            raise ProvenanceError(
+                "provenance chain: a statement's length does not fit (the chain was cut or altered)"
+            )
+        if len(out) == max_count:
+            raise ProvenanceError(
+                "provenance chain holds more statements than Limits.max_provenance_hops"
+            )
+        out.append((begin, end - LENGTH_SIZE))
+        end = begin
+    out.reverse()
+    return out
+
+
+_VERIFIED: dict[tuple[ChainRules, bytes, int, bytes], HopChain] = {}
+
+
+def _remember(key: tuple[ChainRules, bytes, int, bytes], chain: HopChain) -> None:
+    """Note a chain verified in this process (without its bytes), oldest forgotten first."""
+    if len(_VERIFIED) >= CHAIN_CACHE:
+        del _VERIFIED[next(iter(_VERIFIED))]
+    _VERIFIED[key] = chain.light()
+
+
+class _Walk:
+    """Checks statements one after another against a chain's rules (see the module)."""
+
+    def __init__(self, chain: HopChain, dead: DeadChain) -> None:
+        self.rules = chain.rules
+        self.count = chain.count
+        self.head = chain.head
+        self.last = chain.last
+        self._notices = sorted(((n.at, n.dead) for n in dead.notices), key=lambda x: x[0])
+        self._rings: dict[frozenset[PeerId], Ring] = {}
+        if dead.members == self.rules.members:  # the dead chain's own ring, built once
+            self._rings[dead.dead] = dead.ring
+
+    def _ring_after(self, position: Position | None) -> Ring:
+        """The ring for the hop after ``position``: without those declared dead by then."""
+        dead = frozenset(
+            peer for at, peer in self._notices if position is not None and at <= position
+        )
+        ring = self._rings.get(dead)
+        if ring is None:
+            ring = self._rings[dead] = Ring(self.rules.members, dead)
+        return ring
+
+    def next_place(self) -> tuple[PeerId, Position]:
+        last = self.last
+        if last is None:
+            return self._ring_after(None).leader, Position(0, 0)
+        try:
+            return next_position(self._ring_after(last.position), last.signer, last.position)
+        except LocalProtocolError as exc:
+            raise ProvenanceError(f"no member can follow {last.describe()}: {exc}") from None
+
+    def take(self, s: HopStatement) -> None:
+        rules = self.rules
+        where = f"hop statement {self.count}"
+        if s.run_id != rules.run_id:
+            raise ProvenanceError(
+                f"{where} is from another run ({s.run_id.hex()[:8]}, not {rules.run_id.hex()[:8]})"
+            )
+        if s.prev != self.head:
+            raise ProvenanceError(
+                f"{where} ({s.describe()}) does not link to the statement before it "
+                "(a hop was removed, reordered or inserted)"
+            )
+        if not rules.is_member(s.signer):
+            raise ProvenanceError(f"{where} is signed by {s.signer}, not a member of the view")
+        if self.last is not None and s.received != self.last.sent:
+            raise ProvenanceError(
+                f"{where} ({s.describe()}) received a model other than the one the statement "
+                "before it sent"
+            )
+        target, position = self.next_place()
+        if (s.signer, s.position) != (target, position):
+            raise ProvenanceError(
+                f"{where} is by {s.signer} at {s.position}, but the ring puts {target} at "
+                f"{position} next"
+            )
+        if position.lap > last_lap(rules.max_laps):
+            raise ProvenanceError(f"{where} is at {position}, beyond the run's last lap")
+        if position.lap >= rules.max_laps and s.samples:
+            raise ProvenanceError(
+                f"{where} claims {s.samples} samples trained in lap {position.lap}, which only "
+                "evaluates"
+            )
+        self.count += 1
+        self.head = s.digest
+        self.last = s
+
+
+# --- the provenance of a saved model --------------------------------------------------------
+
+
+def encode_provenance(
+    *, view: bytes, dead: Sequence[bytes], hops: bytes | memoryview, seal: bytes
+) -> bytes:
+    """The bytes of ``provenance.cbor``: the signed view, dead notices, hop chain and seal."""
+    return cbor.encode(
+        {"v": FILE_VERSION, "view": view, "dead": list(dead), "hops": bytes(hops), "seal": seal}
+    )
+
+
+@attrs.frozen
+class MemberShare:
+    """What one member did for the model: hops signed, hops trained, samples trained."""
+
+    peer: PeerId
+    hops: int
+    trained: int
+    samples: int
+
+
+@attrs.frozen(eq=False)
+class VerifiedProvenance:
+    """A model's provenance, every check passed."""
+
+    view: SignedView
+    dead: DeadChain
+    chain: HopChain
+    seal: FinalSeal
+
+    @property
+    def initial(self) -> bytes:
+        """The content digest of the model the first hop started from."""
+        first = next(self.chain.statements())
+        return first.received
+
+    def shares(self) -> list[MemberShare]:
+        """Each member's part, in ring order (members that did nothing included)."""
+        counts = {p: [0, 0, 0] for p in self.view.view.member_ids}
+        for s in self.chain.statements():
+            c = counts[s.signer]
+            c[0] += 1
+            c[1] += s.samples > 0
+            c[2] += s.samples
+        return [MemberShare(p, *c) for p, c in counts.items()]
+
+
+def verify_provenance(
+    data: bytes, *, model_sha256: bytes, limits: Limits = DEFAULT_LIMITS
+) -> VerifiedProvenance:
+    """Check a ``provenance.cbor`` and the SHA-256 of the model file it is for.
+
+    In order: the file's size and shape; the view (:func:`~fedup.protocol.view.verify_view`);
+    the dead notices (:meth:`DeadChain.extend_with`); every hop statement (the
+    :class:`HopChain` rules, statement 0 starting from whatever model it names as
+    received); the seal verifies, is for the run, is by the signer of the last
+    statement, over the model that statement sent, and names ``model_sha256``.
+    Raises :class:`ProvenanceError` naming the first problem.
+    """
+    size = max_provenance_size(limits)
+    if len(data) > size:
+        raise ProvenanceError(f"provenance file of {len(data)} bytes exceeds {size}")
+    try:
+        f = FieldReader(cbor.decode(data, max_size=size, max_depth=2), "provenance file")
+        version = f.uint("v")
+        if version != FILE_VERSION:
+            raise f.fail("v", f"is {version}; this FedUp reads version {FILE_VERSION}")
+        view_bytes = f.bytestr("view", max_size=limits.max_message_size)
+        dead_bytes = f.array("dead", _signed_item, max_items=limits.max_members)
+        hops = f.bytestr("hops", max_size=max_chain_bytes(limits))
+        seal_bytes = f.bytestr("seal", max_size=MAX_SIGNED_SIZE)
+        f.done()
+        signed = verify_view(view_bytes, limits=limits)
+    except ProvenanceError:
+        raise
+    except RemoteProtocolError as exc:
+        raise ProvenanceError(exc.reason) from None
+    view = signed.view
+    try:
+        dead = DeadChain(view.run_id, signed.digest, view.member_ids).extend_with(
+            dead_bytes, receiver=None, limits=limits
+        )
+    except RemoteProtocolError as exc:
+        raise ProvenanceError(f"dead notices: {exc.reason}") from None
+    rules = ChainRules(view.run_id, signed.digest, view.member_ids, view.settings.max_laps)
+    chain = HopChain.start(rules).extend_with(hops, dead=dead, limits=limits)
+    last = chain.last
+    if last is None:
+        raise ProvenanceError("the provenance chain holds no hop statement")
+    try:
+        seal = FinalSeal.open(seal_bytes)
+    except SealError as exc:
+        raise ProvenanceError(exc.reason) from None
+    if seal.run_id != view.run_id:
+        raise ProvenanceError(f"the final seal is for another run ({seal.run_id.hex()[:8]})")
+    if seal.origin != last.signer or seal.content != last.sent:
+        raise ProvenanceError(
+            f"the final seal (by {seal.origin}) is not over the model the last hop statement "
+            f"({last.describe()}) sent"
+        )
+    if seal.model != model_sha256:
+        raise ProvenanceError(
+            f"the model file (SHA-256 {model_sha256.hex()[:16]}...) is not the one the run "
+            f"sealed ({seal.model.hex()[:16]}...)"
+        )
+    return VerifiedProvenance(signed, dead, chain, seal)
+
+
+def _signed_item(value: object, label: str) -> bytes:
+    if not isinstance(value, bytes) or len(value) > MAX_SIGNED_SIZE:
+        raise MessageError(f"{label} must be a signed notice of at most {MAX_SIGNED_SIZE} bytes")
+    return value
