@@ -27,11 +27,22 @@ leave the lap unjudged.
 from __future__ import annotations
 
 import secrets
+import struct
 from typing import Final
 
 from fedup.learn.task import AUC_BINS, EvalStats
 
-__all__ = ["MODULUS", "SUMS_LEN", "ZERO_SUMS", "LapMasks", "add_sums", "open_sums", "to_sums"]
+__all__ = [
+    "MODULUS",
+    "SUMS_LEN",
+    "ZERO_SUMS",
+    "LapMasks",
+    "add_sums",
+    "open_sums",
+    "pack_sums",
+    "to_sums",
+    "unpack_sums",
+]
 
 MODULUS: Final = 2**62
 """Sums are kept modulo this (what the metadata decoder accepts as a count)."""
@@ -49,6 +60,25 @@ MAX_TOTAL: Final = MODULUS // 2
 bounded figures stay below it (2^10 members * 2^30 * 2^20 = 2^60 for the loss)."""
 KEPT_LAPS: Final = 2
 """Masks a member keeps: the lap it opened last and the one before."""
+
+
+_PACKED = struct.Struct(f">{SUMS_LEN}Q")
+PACKED_SIZE: Final = _PACKED.size
+"""Bytes of the sums as they travel: one CBOR byte string, not 103 integers to encode."""
+
+
+def pack_sums(sums: tuple[int, ...]) -> bytes:
+    """The sums as 8-byte big-endian integers, one after the other."""
+    return _PACKED.pack(*sums)
+
+
+def unpack_sums(data: bytes) -> tuple[int, ...] | None:
+    """The sums packed in ``data``; None if it is not :data:`PACKED_SIZE` bytes of values
+    below :data:`MODULUS`."""
+    if len(data) != PACKED_SIZE:
+        return None
+    sums: tuple[int, ...] = _PACKED.unpack(data)
+    return sums if all(v < MODULUS for v in sums) else None
 
 
 def to_sums(stats: EvalStats) -> tuple[int, ...]:

@@ -59,13 +59,15 @@ from torch import nn
 
 from fedup.errors import LocalProtocolError, RemoteProtocolError
 from fedup.learn.lap_sums import (
-    MODULUS,
+    PACKED_SIZE,
     SUMS_LEN,
     ZERO_SUMS,
     LapMasks,
     add_sums,
     open_sums,
+    pack_sums,
     to_sums,
+    unpack_sums,
 )
 from fedup.learn.task import EvalStats, Task, TrainBudget, seed_cpu
 from fedup.protocol import cbor
@@ -254,7 +256,7 @@ class RingMeta:
             "avg_weight": self.avg_weight,
             "cand_lap": self.cand_lap,
             "cand_samples": self.cand_samples,
-            "cand_sums": list(self.cand_sums),
+            "cand_sums": pack_sums(self.cand_sums),
             "best_lap": self.best_lap,
             "best_loss": None if math.isinf(self.best_loss) else self.best_loss,
             "ref_loss": None if math.isinf(self.ref_loss) else self.ref_loss,
@@ -316,11 +318,13 @@ def _opt_float(r: FieldReader, key: str) -> float:
 
 
 def _sums_from(v: object) -> tuple[int, ...]:
-    if not isinstance(v, list) or len(v) != SUMS_LEN:
-        raise RingStateError(f"ring metadata: cand_sums must have {SUMS_LEN} items")
-    if any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < MODULUS for x in v):
-        raise RingStateError("ring metadata: cand_sums must be integers below 2^62")
-    return tuple(v)
+    sums = unpack_sums(v) if isinstance(v, bytes) else None
+    if sums is None:
+        raise RingStateError(
+            f"ring metadata: cand_sums must be {PACKED_SIZE} bytes: {SUMS_LEN} integers "
+            "below 2^62, 8 bytes each"
+        )
+    return sums
 
 
 def _lap_result(v: object, label: str) -> LapResult:

@@ -225,6 +225,9 @@ class CustodyDriver:
                 "epoch": self.view.epoch,
                 "leader": self.view.leader.text,
                 "members": [p.text for p in self.members],
+                "addresses": {
+                    m.peer_id.text: [str(a) for a in m.record.addresses] for m in self.view.members
+                },
                 "settings": run_settings_json(self.view.settings),
                 "schema": self.schema.to_dict() if self.schema is not None else None,
             }

@@ -73,6 +73,9 @@ async def test_show_serves_a_finished_runs_page_from_its_files(
         state = json.loads(body)
         assert state["live"] is False and state["stage"] == "finished"
         assert [m["id"] for m in state["members"]] == summary["members"]
+        federation = json.loads((folder / "federation.json").read_text())
+        assert all(m["addresses"] for m in state["members"])  # from federation.json
+        assert {m["id"]: m["addresses"] for m in state["members"]} == federation["addresses"]
         assert [lap[0] for lap in state["laps"]] == summary["federated_laps"]
         assert [lap[1] for lap in state["laps"]] == pytest.approx(summary["federated_val_loss"])
         assert state["progress"]["best_lap"] == summary["best_lap"]

@@ -271,7 +271,7 @@ def meta_dict(**changes: Any) -> dict[str, Any]:
         (meta_dict(lap=-5), "'lap'"),
         (meta_dict(extra=1), "unknown field"),
         ({k: v for k, v in meta_dict().items() if k != "done"}, "missing field 'done'"),
-        (meta_dict(cand_sums=[0, 1, 2]), "cand_sums"),
+        (meta_dict(cand_sums=b"\x00" * 3), "cand_sums"),
         (meta_dict(history=[[0, 1.0]]), "6-item"),
         ([1, 2, 3], "expected a map"),
         (None, "expected a map"),
