@@ -93,7 +93,8 @@ class Limits:
     max_provenance_hops: int = _limit(
         524_288,
         "signed hop statements in a model's provenance chain, which travels in every blob "
-        "(about 350 bytes each, so at most about 190 MB): a run of max_members members "
+        "(about 350 bytes each; with the largest allowed, at most about 270 MB): a run of "
+        "max_members members "
         "needs at most (max_laps + 1) x members + 1 of them, so this holds 1,024 members "
         "for 510 laps (the default max_laps is 500); a view whose run could need more is "
         "refused",

@@ -245,7 +245,7 @@ def _simulate_watched(
     plain log line per lap result."""
     from fedup.sim import simulate
     from fedup.ui.board import RunBoard
-    from fedup.ui.display import TerminalDisplay, log_laps, on_terminal
+    from fedup.ui.display import PROGRESS_LOGGER, TerminalDisplay, log_laps, on_terminal
     from fedup.ui.follow import apply
 
     board = RunBoard()
@@ -254,6 +254,8 @@ def _simulate_watched(
         apply(board, peer, event)
 
     if not on_terminal() or quiet:
+        if not logging.getLogger(PROGRESS_LOGGER).isEnabledFor(logging.INFO):
+            return simulate(sources, out, settings)  # nobody would see the lines: no board
         log_laps(board)
         return simulate(sources, out, settings, watch=watch)
     with TerminalDisplay(board) as display:

@@ -109,7 +109,8 @@ def encode_ring_blob(
 
 
 def content_of(state: RingState, *, limits: Limits) -> bytes:
-    """The content digest of ``state``: what the origin of a final model seals."""
+    """The content digest of ``state``: what hop statements name as received and sent,
+    and what the origin of a final model seals."""
     prefix, ring_cbor = payload_prefix(state.meta.to_dict(), view=b"\0" * 32)
     data = state_to_bytes(state.tensors, limits=limits, prefix=prefix)
     return content_digest(ring_cbor, data[len(prefix) :])
@@ -129,6 +130,11 @@ def decode_ring_blob(
         )
     except TensorDecodeError as exc:
         raise BadStateError(f"ring state: {exc.reason} (Limits.max_weight_magnitude)") from None
+    return _ring_blob(payload, tensors)
+
+
+def _ring_blob(payload: HopPayload, tensors: dict[str, torch.Tensor]) -> RingBlob:
+    """The blob of a decoded payload and its checked tensors (the metadata checked here)."""
     try:
         meta = RingMeta.from_dict(payload.ring)
     except RingStateError as exc:
@@ -299,19 +305,7 @@ class RingCodec:
         except TensorDecodeError as exc:
             raise BadStateError(f"ring state: {exc.reason} (Limits.max_weight_magnitude)") from None
         tensors = {n: _to_torch(a, decoded.dtypes[n]) for n, a in decoded.items()}
-        try:
-            meta = RingMeta.from_dict(payload.ring)
-        except RingStateError as exc:
-            raise BadMetaError(exc.reason) from None
-        return RingBlob(
-            RingState(tensors, meta),
-            payload.view,
-            payload.chain,
-            payload.origin,
-            payload.seal,
-            payload,
-            payload.provenance,
-        )
+        return _ring_blob(payload, tensors)
 
 
 _WIRE_TO_TORCH = {wire: dtype for dtype, wire in TORCH_TO_WIRE.items()}

@@ -364,16 +364,14 @@ class Listener:
                 "closing new connections from an address with %d open "
                 "(max_connections_per_host); first refused: %s"
             )
-            self._refuse("host", what, limits.max_connections_per_host, peer)
-            self._capped["host"].add(source)
+            self._refuse_from(source, "host", what, limits.max_connections_per_host, peer)
             return False
         if not trusted and self._pending_by_host[source] >= limits.max_handshakes_per_host:
             what = (
                 "closing new connections from an address with %d handshakes in progress "
                 "(max_handshakes_per_host); first refused: %s"
             )
-            self._refuse("host-handshakes", what, limits.max_handshakes_per_host, peer)
-            self._capped["host-handshakes"].add(source)
+            self._refuse_from(source, "host-handshakes", what, limits.max_handshakes_per_host, peer)
             return False
         return True
 
@@ -450,6 +448,12 @@ class Listener:
         if self._refused[kind] == 0:
             log.warning(message, cap, peer)
         self._refused[kind] += 1
+
+    def _refuse_from(self, source: str, kind: str, message: str, cap: int, peer: str) -> None:
+        """A per-address refusal: logged once per episode, the address remembered until it
+        is back below the cap."""
+        self._refuse(kind, message, cap, peer)
+        self._capped[kind].add(source)
 
     def _host_recovered(self, kind: str, counter: collections.Counter[str], cap: int) -> None:
         capped = self._capped[kind]

@@ -44,7 +44,7 @@ from fedup.net.links import OutboundLink, serve_link
 from fedup.net.timers import Timers
 from fedup.net.transport import DialError
 from fedup.peer import events as ev
-from fedup.peer.outputs import RunOutputs, RunSummary, run_settings_json
+from fedup.peer.outputs import RunOutputs, RunSummary
 from fedup.peer.tamper import OutgoingBlob, Tamper
 from fedup.peer.tasks import TaskBuilder
 from fedup.protocol import custody_events as ce
@@ -54,10 +54,11 @@ from fedup.protocol.envelope import Signer
 from fedup.protocol.handshake import AbortCode, HandshakeError
 from fedup.protocol.laps import Position
 from fedup.protocol.messages import Message, Passed, encode_message
+from fedup.protocol.notices import FinalSeal
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.provenance import encode_provenance
 from fedup.protocol.refusal import RefusalCode
-from fedup.protocol.view import SignedView
+from fedup.protocol.view import SignedView, run_settings_json
 
 __all__ = ["CustodyDriver", "RunError"]
 
@@ -644,6 +645,11 @@ class CustodyDriver:
             content = self.codec.content(state, self._bodies.get(ce.FINAL))
             self.machine.seal_final(content, bytes.fromhex(sha))
         dead, hops, seal = self.machine.provenance_record()
+        if FinalSeal.open(seal).model != bytes.fromhex(sha):  # checked on receipt: a bug here
+            self.failure = "the model file written differs from the one the final seal names"
+            log.error("run %s failed here: %s", self.run_id.hex()[:8], self.failure)
+            self._done.set()
+            return
         provenance = encode_provenance(view=self.signed.envelope, dead=dead, hops=hops, seal=seal)
         await self._builder.run(self.outputs.save_provenance, provenance)
         history = [self._history[lap] for lap in sorted(self._history)]

@@ -42,7 +42,6 @@ import torch
 from fedup.errors import ConfigError, FileError
 from fedup.files import make_dirs, open_append, write_atomic
 from fedup.learn.weights import save_safetensors
-from fedup.protocol.view import RunSettings
 
 RUN_FILES = (
     "metrics.jsonl",
@@ -153,11 +152,6 @@ class RunSummary:
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self)
-
-
-def run_settings_json(run: RunSettings) -> dict[str, Any]:
-    """The run settings as JSON (digests in hex)."""
-    return {k: v.hex() if isinstance(v, bytes) else v for k, v in attrs.asdict(run).items()}
 
 
 class RunOutputs:

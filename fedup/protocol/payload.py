@@ -74,7 +74,8 @@ class HopPayload:
 
     @property
     def content(self) -> bytes:
-        """The content digest: what a final model's origin seals (computed on demand)."""
+        """The content digest: what hop statements name and a final model's origin seals
+        (computed on demand)."""
         return content_digest(cbor.encode(self.ring), self.state)
 
 

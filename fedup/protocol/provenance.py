@@ -54,6 +54,7 @@ over the ring metadata and the tensors, never the chain itself).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 from collections.abc import Iterator, Sequence
@@ -86,6 +87,7 @@ __all__ = [
     "max_chain_bytes",
     "max_provenance_size",
     "provenance_genesis",
+    "shared_process",
     "split_chain",
     "verify_provenance",
 ]
@@ -94,6 +96,10 @@ STATEMENT_DOMAIN = "fedup-hop-statement"
 STATEMENT_TYPE = "fedup/hop-statement/1"
 MAX_STATEMENT_SIZE = 512
 """Largest hop-statement envelope (each is about 350 bytes); its length travels as a u16."""
+MIN_STATEMENT_SIZE = 320
+"""Smallest hop-statement envelope accepted: the smallest real one is 351 bytes (every
+field but three small integers has a fixed size).  A chain of tiny entries would cost a
+receiver a split per entry (1.6 MB of 3-byte entries blocked the event loop 0.4 s)."""
 LENGTH_SIZE = 2
 DIGEST_SIZE = 32
 RUN_ID_SIZE = 16
@@ -425,7 +431,8 @@ class HopChain:
         chain = HopChain(
             self.rules, walk.count, len(data), hasher.digest(), walk.head, walk.last, data, hasher
         )
-        _remember((self.rules, dead.head, chain.nbytes, chain.fingerprint), chain)
+        if _SHARED_PROCESS:  # the simulator: the receivers are in this process too
+            _remember((self.rules, dead.head, chain.nbytes, chain.fingerprint), chain)
         return chain
 
 
@@ -458,7 +465,7 @@ def _entries(view: memoryview, start: int, max_count: int) -> list[tuple[int, in
             raise ProvenanceError("provenance chain is cut short (a length is missing)")
         size = int.from_bytes(view[end - LENGTH_SIZE : end], "big")
         begin = end - LENGTH_SIZE - size
-        if size == 0 or size > MAX_STATEMENT_SIZE or begin < start:
+        if size < MIN_STATEMENT_SIZE or size > MAX_STATEMENT_SIZE or begin < start:
             raise ProvenanceError(
                 "provenance chain: a statement's length does not fit (the chain was cut or altered)"
             )
@@ -473,6 +480,21 @@ def _entries(view: memoryview, start: int, max_count: int) -> list[tuple[int, in
 
 
 _VERIFIED: dict[tuple[ChainRules, bytes, int, bytes], HopChain] = {}
+_SHARED_PROCESS = False
+
+
+@contextlib.contextmanager
+def shared_process() -> Iterator[None]:
+    """For the block, a chain a member extends with its own statement counts as verified
+    for the other members of this process (the simulator's peers), so that each statement
+    is checked once per process, not once per later holder.  Outside it (real peers, the
+    tests of peers in one process) every receiver checks the statements it has not seen."""
+    global _SHARED_PROCESS
+    before, _SHARED_PROCESS = _SHARED_PROCESS, True
+    try:
+        yield
+    finally:
+        _SHARED_PROCESS = before
 
 
 def _remember(key: tuple[ChainRules, bytes, int, bytes], chain: HopChain) -> None:

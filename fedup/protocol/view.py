@@ -164,6 +164,11 @@ class RunSettings:
         return cls(**values)  # type: ignore[arg-type]
 
 
+def run_settings_json(run: RunSettings) -> dict[str, Any]:
+    """The run settings as JSON (digests in hex), as ``federation.json`` has them."""
+    return {k: v.hex() if isinstance(v, bytes) else v for k, v in attrs.asdict(run).items()}
+
+
 _WIRE_NAMES = {
     "max_laps": "max_laps",
     "patience": "patience",

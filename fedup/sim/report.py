@@ -22,7 +22,7 @@ from fedup.learn.ring import RingSettings
 from fedup.learn.task import TensorTask
 from fedup.learn.weights import load_safetensors
 from fedup.peer import TaskSource
-from fedup.peer.outputs import run_settings_json
+from fedup.protocol.view import run_settings_json
 from fedup.sim.runner import SimResult
 
 __all__ = ["build_report"]

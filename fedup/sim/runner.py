@@ -54,6 +54,7 @@ from fedup.net.discovery import MemoryDiscoveryHub
 from fedup.peer import Peer, PeerConfig, RunSummary, TabularSource, TaskSource
 from fedup.peer import events as ev
 from fedup.protocol.peer_id import PeerId
+from fedup.protocol.provenance import shared_process
 from fedup.protocol.view import RunSettings
 from fedup.sim.faults import Drop, Faults, Kill
 from fedup.sim.network import SimNetwork
@@ -183,7 +184,7 @@ def simulate(
     """Run a whole simulation (its own ``trio.run``); see :func:`run_simulation`."""
     clock = trio.testing.MockClock(autojump_threshold=0) if settings.virtual_clock else None
     job = functools.partial(run_simulation, sources, out_dir, settings, watch=watch)
-    with _collector_for_many_objects():
+    with _collector_for_many_objects(), shared_process():  # one check per statement
         return trio.run(job, clock=clock)
 
 

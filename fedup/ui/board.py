@@ -160,6 +160,7 @@ class RunBoard:
         self.settings: dict[str, Any] = {}
         self.laps: list[LapPoint] = []
         self._lap_numbers: set[int] = set()
+        self._newest_lap: int | None = None
         self.stop = StopState()
         self.place: ModelPlace | None = None
         self.stop_reason: str | None = None
@@ -260,9 +261,14 @@ class RunBoard:
         """A lap's federated results (each lap counts once, whoever reports it)."""
         if point.lap in self._lap_numbers:
             return
+        newest = self._newest_lap
         self._lap_numbers.add(point.lap)
         self.laps.append(point)
-        self._replay()
+        self._newest_lap = point.lap if newest is None else max(newest, point.lap)
+        if newest is None or point.lap > newest:  # the usual case: judge just this lap
+            self.stop = self._judge(self.stop, point)
+        else:  # out of order (a member that learns old laps late): judge them all again
+            self._replay()
         self._lap_seen.setdefault(point.lap + 1, self._clock())
         line = self.lap_line(point)
         self._changed()
@@ -271,12 +277,15 @@ class RunBoard:
 
     def _replay(self) -> None:
         """The stopping rule's state: the laps judged in order, as the ring judges them."""
-        tolerance = float(self.settings.get("tolerance", 0.0))
         state = StopState()
         for p in sorted(self.laps, key=lambda p: p.lap):
-            record = LapRecord(p.lap, p.loss, p.accuracy, p.auc, 0, p.samples)
-            state, _ = state.judge(record, tolerance=tolerance)
+            state = self._judge(state, p)
         self.stop = state
+
+    def _judge(self, state: StopState, p: LapPoint) -> StopState:
+        tolerance = float(self.settings.get("tolerance", 0.0))
+        record = LapRecord(p.lap, p.loss, p.accuracy, p.auc, 0, p.samples)
+        return state.judge(record, tolerance=tolerance)[0]
 
     def declared_dead(self, peer: str, cause: str) -> None:
         self._member(peer).dead = cause

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedup.errors import ConfigError
+from fedup.protocol.view import settings_problem
 from fedup.ui.board import LapPoint, RunBoard
 
 __all__ = ["LINKED_FILES", "MAX_JSON_BYTES", "MAX_METRICS_BYTES", "RunFolder", "load_run"]
@@ -69,8 +70,8 @@ def _json(path: Path) -> dict[str, Any] | None:
         return None
     try:
         value = json.loads(data)
-    except ValueError:
-        return None  # being replaced right now (never, with atomic writes), or not ours
+    except (ValueError, RecursionError):  # FedUp writes these whole (atomic replace)
+        raise ConfigError(f"{path} is not JSON") from None
     if not isinstance(value, dict):
         raise ConfigError(f"{path} is not a JSON object")
     return value
@@ -143,16 +144,28 @@ class RunFolder:
             raise ConfigError(f"{where}: members is not a list of peer IDs")
         settings = federation.get("settings")
         if not isinstance(settings, dict) or not all(
-            isinstance(v, str | int | float | bool) for v in settings.values()
+            isinstance(v, str | bool) or (isinstance(v, int | float) and math.isfinite(v))
+            for v in settings.values()
         ):
-            raise ConfigError(f"{where}: settings is not a map of values")
+            raise ConfigError(f"{where}: settings is not a map of finite values")
+        problem = settings_problem(settings)
+        if problem is not None:
+            raise ConfigError(f"{where}: settings: {problem[0]} {problem[1]}")
         addresses = federation.get("addresses")
+        if addresses is not None and not (
+            isinstance(addresses, dict)
+            and all(
+                isinstance(v, list) and all(isinstance(a, str) for a in v)
+                for v in addresses.values()
+            )
+        ):
+            raise ConfigError(f"{where}: addresses is not a map of address lists")
         self.board.formed(
             run_id=_text(federation, "run_id", where),
             epoch=_int(federation, "epoch", where),
             leader=_text(federation, "leader", where),
             members=members,
-            addresses=addresses if isinstance(addresses, dict) else None,
+            addresses=addresses,
             settings={k: v for k, v in settings.items() if isinstance(k, str)},
         )
         self.formed = True
@@ -168,7 +181,7 @@ class RunFolder:
             where = f"{self.directory / 'metrics.jsonl'} line {self._line}"
             try:
                 record = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise ConfigError(f"{where} is not JSON") from None
             if not isinstance(record, dict):
                 raise ConfigError(f"{where} is not a JSON object")

@@ -9,23 +9,15 @@ each reports its own hops, so the board holds every member's.
 
 from __future__ import annotations
 
-from typing import Any
-
-import attrs
 import trio
 
 from fedup.peer import events as ev
 from fedup.protocol.lifecycle import Life
 from fedup.protocol.peer_id import PeerId
-from fedup.protocol.view import RunSettings
+from fedup.protocol.view import run_settings_json
 from fedup.ui.board import LapPoint, RunBoard
 
-__all__ = ["apply", "follow", "settings_json"]
-
-
-def settings_json(settings: RunSettings) -> dict[str, Any]:
-    """The run settings as JSON (digests in hex), as ``federation.json`` has them."""
-    return {k: v.hex() if isinstance(v, bytes) else v for k, v in attrs.asdict(settings).items()}
+__all__ = ["apply", "follow"]
 
 
 def apply(board: RunBoard, peer: PeerId, event: ev.PeerEvent) -> None:
@@ -51,7 +43,7 @@ def apply(board: RunBoard, peer: PeerId, event: ev.PeerEvent) -> None:
             leader=event.leader.text,
             members=members,
             addresses=addresses,
-            settings=settings_json(event.settings) if event.settings is not None else None,
+            settings=run_settings_json(event.settings) if event.settings is not None else None,
         )
     elif isinstance(event, ev.Training):
         board.training(me, event.lap, event.hop)

@@ -44,7 +44,6 @@ import trio
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -54,7 +53,7 @@ from fedup.config import DEFAULT_LIMITS, Limits
 from fedup.ui.board import Cursor, RunBoard
 from fedup.ui.folder import LINKED_FILES
 
-__all__ = ["Changes", "allowed_hosts", "make_app"]
+__all__ = ["Changes", "allowed_hosts", "host_allowed", "make_app"]
 
 STATIC = {
     "index.html": "text/html; charset=utf-8",
@@ -85,16 +84,17 @@ def _static(name: str) -> bytes:
 
 
 def allowed_hosts(host: str) -> list[str]:
-    """The ``Host`` values a page bound to ``host`` answers (``*``: any)."""
+    """The ``Host`` names a page bound to ``host`` answers; ``*``: any address of this
+    host, as an IP literal (never a domain name: see :func:`host_allowed`)."""
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return ["*"]
-    if ip.is_unspecified or ip.version == 6:
-        return ["*"]  # reachable under any of the host's names; IPv6 hosts carry brackets
+    if ip.is_unspecified:
+        return ["*"]  # reachable under any of the host's addresses
     if ip.is_loopback:
-        return [host, "localhost"]
-    return [host]
+        return [str(ip), "localhost"]
+    return [str(ip)]
 
 
 class Changes:
@@ -195,6 +195,45 @@ class EventStream(Response):
         return False
 
 
+def host_allowed(bind: str, header: str) -> bool:
+    """Whether a request whose ``Host`` is ``header`` may read a page bound to ``bind``.
+
+    A domain name is refused unless it is ``localhost`` (for a loopback bind) or the
+    name the page was bound to: DNS rebinding, a web page reading this one through a
+    domain it made point here, always needs a name.  An IP literal is taken when it is
+    the bound address (any address for a bind to all of them).
+    """
+    name = header.strip().lower()
+    if name.startswith("["):  # [v6]:port
+        name = name[1 : name.find("]")] if "]" in name else ""
+    elif name.count(":") == 1:  # name:port or v4:port
+        name = name.rsplit(":", 1)[0]
+    allowed = allowed_hosts(bind)
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return name in allowed and name != "*"
+    return "*" in allowed or name in allowed
+
+
+class _HostCheck:
+    """Answers 400 to a request whose ``Host`` is not one of this page's (:func:`host_allowed`)."""
+
+    def __init__(self, app: ASGIApp, host: str) -> None:
+        self.app = app
+        self.host = host
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            header = dict(scope.get("headers", [])).get(b"host", b"").decode("latin-1")
+            if not host_allowed(self.host, header):
+                await PlainTextResponse("Invalid host header", status_code=400)(
+                    scope, receive, send
+                )
+                return
+        await self.app(scope, receive, send)
+
+
 class _Headers:
     """Adds :data:`SECURITY_HEADERS` to every response."""
 
@@ -288,6 +327,6 @@ def make_app(
     ]
     middleware = [
         Middleware(_Headers),
-        Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host)),
+        Middleware(_HostCheck, host=host),
     ]
     return Starlette(routes=routes, middleware=middleware)

@@ -20,11 +20,13 @@ from fedup.config import DEFAULT_LIMITS
 from fedup.errors import LocalProtocolError
 from fedup.identity import Identity
 from fedup.protocol import cbor
+from fedup.protocol import provenance as provenance_module
 from fedup.protocol.envelope import seal_envelope
 from fedup.protocol.laps import Position, max_hops
 from fedup.protocol.notices import NOTICE_DOMAIN, DeadChain, FinalSeal
 from fedup.protocol.provenance import (
     MAX_STATEMENT_SIZE,
+    MIN_STATEMENT_SIZE,
     STATEMENT_DOMAIN,
     STATEMENT_TYPE,
     ChainForkError,
@@ -519,3 +521,35 @@ def test_every_single_byte_change_of_a_provenance_file_is_refused() -> None:
         bad[at] ^= 0x01
         with pytest.raises(ProvenanceError):
             verify_provenance(bytes(bad), model_sha256=MODEL_FILE)
+
+
+def test_outside_a_simulation_a_receiver_checks_a_chain_its_sender_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The chain its own statements made is not taken as verified by the process's other
+    peers (only the simulator shares that, :func:`shared_process`): the receiver walks and
+    checks every statement, so honest chains are really checked in the tests too."""
+    walked: list[HopStatement] = []
+    real = provenance_module._Walk.take
+
+    def counting(self: Any, statement: HopStatement) -> None:
+        walked.append(statement)
+        real(self, statement)
+
+    monkeypatch.setattr(provenance_module._Walk, "take", counting)
+    monkeypatch.setattr(provenance_module, "_VERIFIED", {})  # what earlier tests checked
+    chain = honest(FULL.count)  # built by its members' own appends, here
+    assert chain.data is not None
+    assert (chain.count, chain.head) == (FULL.count, FULL.head)
+    walked.clear()  # appending walks too
+    HopChain.start(RULES).extend_with(chain.data, dead=NO_DEAD)
+    assert len(walked) == FULL.count
+
+
+def test_a_chain_of_tiny_entries_is_refused_before_it_costs_anything() -> None:
+    """3-byte entries would make a 1.6 MB chain 524,288 entries to split (0.4 s of the
+    event loop); no real statement is shorter than MIN_STATEMENT_SIZE."""
+    tiny = b"\x00" + (1).to_bytes(2, "big")
+    with pytest.raises(ProvenanceError, match="length does not fit"):
+        HopChain.start(RULES).extend_with(tiny * 100_000, dead=NO_DEAD)
+    assert min(len(s.entry) for s in STATEMENTS) - 2 >= MIN_STATEMENT_SIZE

@@ -217,3 +217,39 @@ def test_a_folder_that_is_not_a_run_is_one_clear_error(tmp_path: Path) -> None:
         f.write('{"type": "lap", "lap": "three"}\n')
     with pytest.raises(ConfigError, match=r"metrics.jsonl line 6: lap is not a whole number"):
         load_run(tmp_path / "run")
+
+
+GOOD_FEDERATION = {
+    "run_id": "ab" * 16,
+    "epoch": 0,
+    "leader": "p1",
+    "members": ["p1", "p2"],
+    "settings": {"max_laps": 5, "patience": 2, "tolerance": 0.0},
+}
+
+
+@pytest.mark.parametrize(
+    ("federation", "metrics", "message"),
+    [
+        (b'{"run_id": ', b"", "federation.json is not JSON"),
+        (b"[" * 200_000, b"", "federation.json is not JSON"),  # too deep to parse
+        (None, b"[" * 200_000 + b"\n", "metrics.jsonl line 1 is not JSON"),
+        ({**GOOD_FEDERATION, "addresses": {"p1": 5}}, b"", "addresses is not a map"),
+        ({**GOOD_FEDERATION, "addresses": {"p1": [1, 2]}}, b"", "addresses is not a map"),
+        ({**GOOD_FEDERATION, "settings": {"max_laps": "x"}}, b"", "max_laps must be in"),
+        ({**GOOD_FEDERATION, "settings": {"tolerance": "x"}}, b"", "tolerance must be in"),
+        (b'{"settings": {"lr": NaN}, "members": []}', b"", "finite values"),
+    ],
+)
+def test_a_malformed_run_folder_is_a_one_line_error(
+    tmp_path: Path, federation: object, metrics: bytes, message: str
+) -> None:
+    """``fedup-peer show`` reads files from disk: anything malformed is a ConfigError
+    naming the file, never a crash (RecursionError, TypeError, a NaN in the page's JSON)."""
+    if federation is None:
+        federation = GOOD_FEDERATION
+    raw = federation if isinstance(federation, bytes) else json.dumps(federation).encode()
+    (tmp_path / "federation.json").write_bytes(raw)
+    (tmp_path / "metrics.jsonl").write_bytes(metrics)
+    with pytest.raises(ConfigError, match=message):
+        load_run(tmp_path)

@@ -11,11 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from fedup.config import Limits
 from fedup.ui.board import LapPoint, RunBoard
-from fedup.ui.page import allowed_hosts, make_app
+from fedup.ui.page import allowed_hosts, host_allowed, make_app
 
 A, B = "12D3KooWAaaaaaaaaaaa", "12D3KooWBbbbbbbbbbbb"
 
@@ -129,6 +130,20 @@ async def test_it_is_read_only_and_answers_only_its_own_host() -> None:
     assert allowed_hosts("127.0.0.1") == ["127.0.0.1", "localhost"]
     assert allowed_hosts("192.168.1.5") == ["192.168.1.5"]
     assert allowed_hosts("0.0.0.0") == ["*"]
+
+
+@pytest.mark.parametrize("bind", ["0.0.0.0", "::", "::1", "127.0.0.1"])
+async def test_a_domain_name_never_reads_the_page_whatever_the_bind(bind: str) -> None:
+    """DNS rebinding needs a domain name: refused for every bind, IPv6 and all-address
+    binds included (Starlette's host check let any Host through for those)."""
+    app = make_app(board_with_a_run(), folder=lambda: None, host=bind)
+    assert (await get(app, "/state", host=b"attacker.example:8000")).status == 400
+    assert (await get(app, "/state", host=b"attacker.example")).status == 400
+    literal = b"[::1]:8000" if ":" in bind else b"127.0.0.1:8000"
+    assert (await get(app, "/state", host=literal)).status == 200
+    assert host_allowed("::1", "[::1]:8000") and not host_allowed("::1", "[::2]:8000")
+    assert host_allowed("0.0.0.0", "10.1.2.3:80") and not host_allowed("0.0.0.0", "x.example")
+    assert not host_allowed("192.168.1.5", "localhost:80")
 
 
 async def test_the_event_stream_sends_the_board_then_only_what_is_new_then_ends() -> None:
