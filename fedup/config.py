@@ -177,8 +177,8 @@ class Limits:
     )
     formation_timeout: float = _limit(
         60.0,
-        "a peer that is not the lowest waits this long for a lower peer to call it, "
-        "then forgets the silent lower peers and re-elects",
+        "a peer waits this long for a lower peer (a coordinator) or the leader a draw "
+        "chose to call it, then forgets the silent one and starts again",
     )
     hop_timeout: float = _limit(
         300.0,

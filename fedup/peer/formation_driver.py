@@ -35,6 +35,16 @@ from fedup.peer.tamper import Tamper
 from fedup.peer.tasks import TaskBuilder
 from fedup.protocol import cbor
 from fedup.protocol import formation_events as fe
+from fedup.protocol.draw import (
+    MAX_ROSTER_EPOCH,
+    NONCE_SIZE,
+    DrawProof,
+    Roster,
+    SignedRoster,
+    commitment,
+    reveal_of,
+    verify_roster,
+)
 from fedup.protocol.envelope import Signer, seal_envelope
 from fedup.protocol.formation import FormationMachine, Stage
 from fedup.protocol.handshake import AbortCode, HandshakeError
@@ -46,12 +56,14 @@ from fedup.protocol.messages import (
     Message,
     Offer,
     Refuse,
+    RosterMessage,
     ViewMessage,
     decode_message,
     encode_message,
 )
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.records import SignedPeerRecord
+from fedup.protocol.refusal import RefusalCode
 from fedup.protocol.view import (
     VIEW_DOMAIN,
     VIEW_TYPE,
@@ -159,6 +171,9 @@ class FormationDriver:
         self._settings = settings
         self._limits = limits
         self._fixed_run_id = run_id
+        self.draw_nonces: Callable[[PeerId, bytes], bytes] | None = None
+        """Where our draw nonces come from, given the coordinator and run (None: random;
+        a simulation with a seed sets it)."""
         self.machine = FormationMachine(
             self.me, min_peers=min_peers, settle=settle, limits=limits, new_run_id=self._run_id
         )
@@ -167,10 +182,18 @@ class FormationDriver:
         self._outbound: dict[PeerId, _Conversation] = {}
         self._inbound: dict[PeerId, _Conversation] = {}
         self._summaries: dict[PeerId, DataSummary | None] = {}
-        self._proposals: dict[int, SignedView] = {}
-        """Leading: the view signed for each epoch of the current run."""
+        self._proposals: dict[int, SignedView | SignedRoster] = {}
+        """Leading: the view (or coordinating: the roster) signed for each epoch of the
+        current run."""
         self._received: dict[bytes, SignedView] = {}
         """Member: views we acknowledged, by digest."""
+        self._nonces: dict[tuple[PeerId, bytes], bytes] = {}
+        """Our draw nonces, by coordinator and run ID: fresh for every coordinator, so a
+        peer that saw our reveals in one draw cannot foresee them in the next."""
+        self._rosters: dict[bytes, SignedRoster] = {}
+        """Member: rosters we checked, by digest."""
+        self._proofs: dict[bytes, DrawProof] = {}
+        """Draws done (roster digest -> roster and reveals): shown if we were drawn."""
         self._schema_value: object = None
         self._nursery: trio.Nursery | None = None
         self._done = trio.Event()
@@ -235,29 +258,48 @@ class FormationDriver:
         elif isinstance(a, fe.CancelTimer):
             self._timers.cancel(a.name)
         elif isinstance(a, fe.Call):
+            proof = self._proofs[a.roster].to_cbor() if a.roster is not None else None
             for peer in a.peers:
-                self._spawn(self._call, peer, a.run_id)
+                self._spawn(self._call, peer, Call(a.run_id, proof))
         elif isinstance(a, fe.Probe):
             for peer in a.peers:
                 self._spawn(self._probe, peer)
         elif isinstance(a, fe.AnswerOffer):
-            self._to(
-                a.leader, True, Offer(a.run_id, self._builder.summary(), self._builder.source.kind)
-            )
+            kind = self._builder.source.kind
+            if a.draw:  # a coordinator learns no data: only a commitment to our draw nonces
+                nonces = self._nonces_for(a.leader, a.run_id)
+                offer = Offer(a.run_id, None, kind, commitment(nonces))
+            else:
+                offer = Offer(a.run_id, self._builder.summary(), kind)
+            self._to(a.leader, True, offer)
         elif isinstance(a, fe.AnswerFollow):
             self._to(a.caller, True, Follow(a.run_id, a.leader))
             self._close(a.caller, True)
         elif isinstance(a, fe.SendRefuse):
             self._to(a.peer, a.inbound, Refuse(a.run_id, a.code, a.reason))
         elif isinstance(a, fe.Propose):
-            self._spawn(self._propose, a.run_id, a.epoch, a.members)
+            if a.commits is not None:
+                self._sign_roster(a.run_id, a.epoch, a.commits)
+            else:
+                self._spawn(self._propose, a.run_id, a.epoch, a.members)
         elif isinstance(a, fe.SendView):
-            self._to(a.peer, False, ViewMessage(self._proposals[a.epoch].envelope))
-        elif isinstance(a, fe.SendAck):
-            self._to(a.leader, True, Ack(a.run_id, a.epoch, a.digest))
-        elif isinstance(a, fe.SendCommit):
             signed = self._proposals[a.epoch]
-            self._to(a.peer, False, Commit(signed.view.run_id, a.epoch, signed.digest))
+            if isinstance(signed, SignedRoster):
+                self._to(a.peer, False, RosterMessage(signed.envelope))
+            else:
+                self._to(a.peer, False, ViewMessage(signed.envelope))
+        elif isinstance(a, fe.SendAck):
+            reveal = None
+            if a.digest in self._rosters:  # with the nonce that opens our commitment
+                reveal = reveal_of(self._nonces_for(a.leader, a.run_id), a.epoch)
+            self._to(a.leader, True, Ack(a.run_id, a.epoch, a.digest, reveal))
+        elif isinstance(a, fe.SendCommit):
+            reveals = dict(a.reveals) if a.reveals is not None else None
+            if reveals is not None and a.digest not in self._proofs:
+                signed = self._proposals[a.epoch]
+                assert signed.digest == a.digest
+                self._proofs[a.digest] = DrawProof(signed.envelope, reveals)
+            self._to(a.peer, False, Commit(a.run_id, a.epoch, a.digest, reveals))
         elif isinstance(a, fe.Close):
             self._close(a.peer, a.inbound)
         elif isinstance(a, fe.Joined):
@@ -270,6 +312,14 @@ class FormationDriver:
             log.log(logging.WARNING if a.level == "warning" else logging.INFO, "%s", a.text)
         elif isinstance(a, fe.Ignored):
             log.debug("formation ignored %s when %s: %s", a.event, a.stage.value, a.why)
+
+    def _nonces_for(self, coordinator: PeerId, run_id: bytes) -> bytes:
+        key = (coordinator, run_id)
+        if key not in self._nonces:
+            size = NONCE_SIZE * (MAX_ROSTER_EPOCH + 1)
+            made = self.draw_nonces
+            self._nonces[key] = made(*key) if made is not None else secrets.token_bytes(size)
+        return self._nonces[key]
 
     def _spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
         assert self._nursery is not None, "serve() runs the driver"
@@ -287,7 +337,9 @@ class FormationDriver:
 
     def _joined(self, joined: fe.Joined) -> None:
         if joined.leader == self.me:
-            signed = self._proposals[joined.epoch]
+            proposed = self._proposals[joined.epoch]
+            assert isinstance(proposed, SignedView), "a roster is never joined"
+            signed = proposed
         else:
             signed = self._received[joined.digest]
         self.result = Membership(signed)
@@ -337,14 +389,15 @@ class FormationDriver:
 
     # --- leading ------------------------------------------------------------------------
 
-    async def _call(self, peer: PeerId, run_id: bytes) -> None:
+    async def _call(self, peer: PeerId, call: Call) -> None:
         """Dial ``peer``, call it, feed its answer, then read its acknowledgements."""
         limits = self._limits
+        run_id = call.run_id
         try:
             with trio.fail_after(limits.call_timeout):
                 channel = await self._dial(peer, self._records.get(peer))
                 framed = FramedStream(channel, peer=peer.text, limits=limits)
-                await framed.send_frame(encode_message(Call(run_id)))
+                await framed.send_frame(encode_message(call))
                 reply = decode_message(await framed.receive_frame(), limits=limits)
         except (RemoteProtocolError, trio.TooSlowError, OSError) as exc:
             why = str(exc) or f"no answer within {limits.call_timeout:g} s"
@@ -361,7 +414,7 @@ class FormationDriver:
             self._records[peer] = channel.remote_record
         if isinstance(reply, Offer) and reply.run_id == run_id:
             problem = await self._read_offer(peer, reply)
-            self.feed(fe.OfferArrived(peer, run_id, problem))
+            self.feed(fe.OfferArrived(peer, run_id, problem, reply.commit))
         elif isinstance(reply, Follow):
             self.feed(fe.FollowArrived(peer, reply.leader))
         elif isinstance(reply, Refuse):
@@ -374,6 +427,8 @@ class FormationDriver:
         """Why ``peer``'s offer cannot be used, or None (its summary is kept)."""
         if offer.task != self._builder.source.kind:
             return f"task {offer.task!r} is not {self._builder.source.kind!r}"
+        if offer.commit is not None:  # an answer to a draw's call: no summary is wanted
+            return None
         if offer.summary is None:
             self._summaries[peer] = None
             return None
@@ -396,7 +451,10 @@ class FormationDriver:
                 why = exc.reason
                 break
             if isinstance(message, Ack):
-                self.feed(fe.AckArrived(conv.peer, message.run_id, message.epoch, message.digest))
+                ack = fe.AckArrived(
+                    conv.peer, message.run_id, message.epoch, message.digest, message.reveal
+                )
+                self.feed(ack)
             elif isinstance(message, Refuse):
                 self.feed(fe.RefuseArrived(conv.peer, message.code, message.reason))
             else:
@@ -406,6 +464,18 @@ class FormationDriver:
             del self._outbound[conv.peer]
             conv.close()
             self.feed(fe.ConnectionLost(conv.peer, why))
+
+    def _sign_roster(
+        self, run_id: bytes, epoch: int, commits: tuple[tuple[PeerId, bytes], ...]
+    ) -> None:
+        """Sign the draw roster of ``epoch`` and feed ViewReady (a signature: no thread)."""
+        signed = Roster(run_id, epoch, self.me, commits).seal(self._identity)
+        self._proposals[epoch] = signed
+        members = frozenset(p for p, _ in commits)
+        self._spawn(self._feed_later, fe.ViewReady(run_id, epoch, signed.digest, members))
+
+    async def _feed_later(self, event: fe.Event) -> None:
+        self.feed(event)
 
     async def _propose(self, run_id: bytes, epoch: int, members: frozenset[PeerId]) -> None:
         """Admit the offers of ``members``, sign the view of ``epoch``, feed ViewReady."""
@@ -471,6 +541,21 @@ class FormationDriver:
         leader = channel.remote_peer
         if channel.remote_record is not None:
             self.candidate(channel.remote_record)
+        roster = None
+        if call.draw is not None:
+            try:
+                signed, drawn = DrawProof.check(call.draw, limits=self._limits)
+                if drawn != leader:
+                    raise RemoteProtocolError(f"the draw it shows chose {drawn}, not the caller")
+            except RemoteProtocolError as exc:
+                log.warning("refusing the call of %s: %s", leader, exc.reason)
+                with trio.move_on_after(self._limits.close_notify_timeout):
+                    reason = f"a bad draw: {exc.reason}"
+                    await framed.send_frame(
+                        encode_message(Refuse(call.run_id, RefusalCode.BAD_VIEW, reason))
+                    )
+                return
+            roster = signed.digest
         conv = _Conversation(leader, framed, inbound=True)
         old = self._inbound.pop(leader, None)
         if old is not None:
@@ -478,7 +563,7 @@ class FormationDriver:
         self._inbound[leader] = conv
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conv.write)
-            self.feed(fe.CallArrived(leader, call.run_id))
+            self.feed(fe.CallArrived(leader, call.run_id, roster))
             await self._read_leader(conv)
 
     async def _read_leader(self, conv: _Conversation) -> None:
@@ -494,9 +579,19 @@ class FormationDriver:
                 break
             if isinstance(message, ViewMessage):
                 self.feed(await self._check_view(conv.peer, message.envelope))
+            elif isinstance(message, RosterMessage):
+                self.feed(self._check_roster(conv.peer, message.envelope))
             elif isinstance(message, Commit):
+                reveals = None
+                if message.reveals is not None:
+                    reveals = tuple(sorted(message.reveals.items()))
+                    roster = self._rosters.get(message.digest)
+                    if roster is not None:
+                        self._proofs[message.digest] = DrawProof(roster.envelope, message.reveals)
                 self.feed(
-                    fe.CommitArrived(conv.peer, message.run_id, message.epoch, message.digest)
+                    fe.CommitArrived(
+                        conv.peer, message.run_id, message.epoch, message.digest, reveals
+                    )
                 )
             elif isinstance(message, Refuse):
                 self.feed(fe.RefuseArrived(conv.peer, message.code, message.reason))
@@ -520,6 +615,26 @@ class FormationDriver:
         if problem is None:
             self._received[signed.digest] = signed
         return fe.ViewArrived(leader, view.run_id, view.epoch, signed.digest, problem, ours)
+
+    def _check_roster(self, coordinator: PeerId, envelope: bytes) -> fe.ViewArrived:
+        """Verify a draw roster: signed by the caller, with our commitment in it."""
+        run_id = self.machine.run_id or b"\0" * 16
+        try:
+            signed = verify_roster(envelope, limits=self._limits)
+        except RemoteProtocolError as exc:
+            return fe.ViewArrived(coordinator, run_id, self.machine.epoch + 1, b"", exc.reason)
+        roster = signed.roster
+        nonces = self._nonces.get((coordinator, roster.run_id))
+        problem = None
+        if roster.coordinator != coordinator:
+            problem = "the roster is not signed by the peer that called us"
+        elif nonces is None or roster.commit_of(self.me) != commitment(nonces):
+            problem = "the roster does not carry my commitment"
+        else:
+            self._rosters[signed.digest] = signed
+        return fe.ViewArrived(
+            coordinator, roster.run_id, roster.epoch, signed.digest, problem, roster=roster
+        )
 
     def _fit(self, signed: SignedView, leader: PeerId) -> tuple[str | None, bool]:
         """Why we cannot take this view, and whether that is our own data's fault."""

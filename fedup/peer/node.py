@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Protocol
 
@@ -90,6 +90,10 @@ class Environment(Protocol):
 
     def train_delay(self, peer: PeerId) -> float:
         """Seconds a simulated slow member's hops take on top of training (0: none)."""
+        ...
+
+    def draw_nonces(self, peer: PeerId) -> Callable[[PeerId, bytes], bytes] | None:
+        """Where ``peer``'s draw nonces come from (None: random)."""
         ...
 
 
@@ -191,6 +195,7 @@ class Peer:
             self.tamper = world.tamper_for(self.peer_id)
             self.formation.tamper = self.tamper
             self.train_delay = world.train_delay(self.peer_id)
+            self.formation.draw_nonces = world.draw_nonces(self.peer_id)
         scope = NetworkScope(
             config.network,
             network_key_id(config.network_key) if config.network_key is not None else None,

@@ -56,6 +56,7 @@ from collections.abc import Callable
 import attrs
 
 from fedup.config import Limits
+from fedup.protocol.draw import MAX_ROSTER_EPOCH, DrawError, Roster, draw_leader, reveal_matches
 from fedup.protocol.formation_events import (
     AckArrived,
     Action,
@@ -97,6 +98,7 @@ from fedup.protocol.peer_id import PeerId
 from fedup.protocol.refusal import RefusalCode
 
 __all__ = [
+    "Drawn",
     "FormationMachine",
     "Stage",
 ]
@@ -121,6 +123,18 @@ TIMERS = SETTLE, FOLLOW, PROBE, HELD, CALLS, ACKS, VIEW_DUE, COMMIT_DUE, GIVE_UP
     "commit-due",
     "give-up",
 )
+
+
+@attrs.frozen
+class Drawn:
+    """The outcome of a draw: who leads the second round, among whom."""
+
+    leader: PeerId
+    members: frozenset[PeerId]
+    """The roster's members, the coordinator included (empty when we learnt the draw from
+    the leader's call rather than from the coordinator's commit: we do not lead then)."""
+    roster: bytes
+    """The digest of the roster drawn on."""
 
 
 # --- the machine -----------------------------------------------------------------------
@@ -227,6 +241,24 @@ class FormationMachine:
         """Leading: lower leaders our candidates follow."""
         self.joined: Joined | None = None
         self.failure: str | None = None
+        # The draw (fedup.protocol.draw): round 1 draws the leader, round 2 forms under it.
+        self.spent: set[PeerId] = set()
+        """Coordinators whose roster we revealed for (ourselves too, once a roster of ours
+        was sent): each coordinates at most one draw with us, so nobody gets to look at
+        draw after draw."""
+        self.commits: dict[PeerId, bytes] = {}
+        """Coordinating: the candidates' draw commitments."""
+        self.reveals: dict[PeerId, bytes] = {}
+        """Coordinating: the reveals for the roster being acknowledged."""
+        self.sent_roster = False
+        """Coordinating: a roster of this run went out (we may have seen reveals)."""
+        self.roster: Roster | None = None
+        """Member of round 1: the roster we acknowledged."""
+        self.revealed: bytes | None = None
+        """The digest of the last roster we revealed for (or coordinated): a leader that
+        shows the proof of its draw is followed."""
+        self.drawn: Drawn | None = None
+        """Round 2: the draw that chose our leader (None: round 1, drawing)."""
 
     # --- the public face --------------------------------------------------------------
 
@@ -286,6 +318,7 @@ class FormationMachine:
             silent = self.leader
             self.ignored.add(silent)
             self.leader = None
+            self.drawn = None
             self.stage = Stage.SETTLING
             return [
                 Note(
@@ -339,10 +372,15 @@ class FormationMachine:
         return [CancelTimer(n) for n in TIMERS]
 
     def _elect(self) -> list[Action]:
-        """Settled: lead if we are the lowest, else expect the lowest to call."""
+        """Settled: coordinate a draw if we are the lowest coordinator left, else expect that
+        one to call."""
         if not self.settled or len(self.electorate) < self.min_peers:
             return []
-        leader = min(self.electorate)
+        coordinators = self.electorate - self.spent
+        if not coordinators:  # every one of them coordinated a draw with us: start afresh
+            self.spent.clear()
+            coordinators = self.electorate
+        leader = min(coordinators)
         if leader == self.me:
             return self._lead()
         self.stage = Stage.FOLLOWING
@@ -398,6 +436,7 @@ class FormationMachine:
             )
             if self.stage is Stage.FOLLOWING and self.leader == peer:
                 self.leader = None
+                self.drawn = None
                 self.stage = Stage.SETTLING
                 actions += [CancelTimer(FOLLOW), CancelTimer(PROBE), *self._elect()]
         return actions + self._answer_held()
@@ -427,17 +466,25 @@ class FormationMachine:
     # --- leading ------------------------------------------------------------------------
 
     def _lead(self) -> list[Action]:
-        peers = tuple(sorted(self.candidates - self.distrusted - self.unreachable))
+        """Call the candidates: for a draw (round 1), or for their summaries (round 2)."""
+        if self.drawn is None:
+            peers = tuple(sorted(self.candidates - self.distrusted - self.unreachable))
+            note = f"coordinating a draw among {len(peers) + 1} candidates (I am {self.me})"
+        else:
+            peers = tuple(sorted(self.drawn.members - {self.me}))
+            note = f"the draw chose me ({self.me}) to lead {len(peers) + 1} members"
         self.stage = Stage.LEADING
         self.leader = self.me
         self.run_id = self._new_run_id()
         self.epoch = -1
         self.called = set(peers)
         self.offers, self.acked, self.lower = set(), set(), set()
-        note = Note("info", f"electing myself ({self.me}) among {len(peers) + 1} candidates")
+        self.commits, self.reveals, self.sent_roster = {}, {}, False
+        notes: list[Action] = [Note("info", note)]
         if not peers:
-            return [note, *self._calls_done()]
-        return [note, Call(self.run_id, peers), SetTimer(CALLS, self.limits.call_timeout)]
+            return [*notes, *self._calls_done()]
+        roster = self.drawn.roster if self.drawn is not None else None
+        return [*notes, Call(self.run_id, peers, roster), SetTimer(CALLS, self.limits.call_timeout)]
 
     def _answered(self, peer: PeerId, run_id: bytes) -> bool:
         if run_id != self.run_id or peer not in self.called:
@@ -455,6 +502,15 @@ class FormationMachine:
                 Close(event.peer),
                 *self._maybe_calls_done(),
             ]
+        if self.drawn is None:
+            if event.commit is None:
+                return [
+                    Note("warning", f"{event.peer} answered a draw's call without a commitment"),
+                    SendRefuse(event.peer, event.run_id, RefusalCode.MALFORMED, "no commitment"),
+                    Close(event.peer),
+                    *self._maybe_calls_done(),
+                ]
+            self.commits[event.peer] = event.commit
         self.offers.add(event.peer)
         return self._maybe_calls_done()
 
@@ -465,8 +521,10 @@ class FormationMachine:
         actions: list[Action] = [Close(event.peer)]
         # A lower peer we already found silent (or distrust) does not make us stand down:
         # its followers will find it silent too, and our next call will find them free.
-        if event.leader < self.me and event.leader not in (
-            self.distrusted | self.ignored | self.unreachable
+        if (
+            self.drawn is None
+            and event.leader < self.me
+            and event.leader not in (self.distrusted | self.ignored | self.unreachable | self.spent)
         ):
             self.lower.add(event.leader)
             self.candidates.add(event.leader)
@@ -536,9 +594,34 @@ class FormationMachine:
             )
             actions += self._release_candidates(RefusalCode.GIVEN_UP, "too few peers answered")
             return actions + self._settle_again()
+        if self.drawn is None and not self.offers:  # alone (min_peers 1): nothing to draw
+            return actions + self._drawn(Drawn(self.me, frozenset({self.me}), b""))
         self.stage = Stage.PROPOSING
         self.epoch = 0
-        return [*actions, Propose(self.run_id, 0, frozenset(self.offers))]
+        return [*actions, self._propose()]
+
+    def _propose(self) -> Propose:
+        assert self.run_id is not None
+        self.reveals = {}
+        if self.drawn is None:
+            commits = tuple(sorted((p, self.commits[p]) for p in self.offers))
+            return Propose(self.run_id, self.epoch, frozenset(self.offers), commits)
+        return Propose(self.run_id, self.epoch, frozenset(self.offers))
+
+    def _sign_again(self, why: str) -> list[Action]:
+        """Sign the proposal again without the members gone (a roster at most once)."""
+        if self.drawn is None and self.epoch >= MAX_ROSTER_EPOCH:
+            actions = self._release_candidates(RefusalCode.GIVEN_UP, f"the draw failed: {why}")
+            self._settle_again()
+            self.settled = True  # we had settled before: elect again at once
+            return [
+                Note("warning", f"giving the draw up ({why}); another peer coordinates the next"),
+                *actions,
+                *self._elect(),
+            ]
+        self.epoch += 1
+        self.digest = None
+        return [self._propose()]
 
     def _view_ready(self, event: ViewReady) -> list[Action]:
         if event.run_id != self.run_id or event.epoch != self.epoch:
@@ -563,11 +646,12 @@ class FormationMachine:
             actions += self._release_candidates(RefusalCode.GIVEN_UP, "the proposal was given up")
             return actions + self._settle_again()
         if event.members - self.offers:  # a member left while we signed: sign again
-            self.epoch += 1
-            return [*actions, Propose(event.run_id, self.epoch, frozenset(self.offers))]
+            return actions + self._sign_again("a member left while the roster was signed")
         self.digest = event.digest
         self.acked = set()
         self.in_view = set(event.members)
+        if self.drawn is None:
+            self.sent_roster = True
         actions += [SendView(p, event.epoch) for p in sorted(self.offers)]
         if not self.offers:
             return actions + self._commit_view()
@@ -578,6 +662,17 @@ class FormationMachine:
             return [self._ignored(event, f"acknowledges epoch {event.epoch}, not ours")]
         if event.peer not in self.offers:
             return [self._ignored(event, "not a member of the view")]
+        if self.drawn is None:
+            commit = self.commits[event.peer]
+            if event.reveal is None or not reveal_matches(commit, self.epoch, event.reveal):
+                self.offers.discard(event.peer)
+                return [
+                    Note("warning", f"{event.peer}'s reveal does not open its commitment"),
+                    SendRefuse(event.peer, event.run_id, RefusalCode.MALFORMED, "bad reveal"),
+                    Close(event.peer),
+                    *self._maybe_acks_done(),
+                ]
+            self.reveals[event.peer] = event.reveal
         self.acked.add(event.peer)
         return self._maybe_acks_done()
 
@@ -607,16 +702,58 @@ class FormationMachine:
         if len(self.offers) + 1 < self.min_peers:
             actions += self._release_candidates(RefusalCode.GIVEN_UP, "the proposal was given up")
             return actions + self._settle_again()
-        assert self.run_id is not None
-        self.epoch += 1
-        self.digest = None
-        return [*actions, Propose(self.run_id, self.epoch, frozenset(self.offers))]
+        return actions + self._sign_again("members did not acknowledge")
 
     def _commit_view(self) -> list[Action]:
         assert self.run_id is not None and self.digest is not None
-        actions: list[Action] = [SendCommit(p, self.epoch) for p in sorted(self.offers)]
+        if self.drawn is not None:
+            actions: list[Action] = [
+                SendCommit(p, self.run_id, self.epoch, self.digest) for p in sorted(self.offers)
+            ]
+            actions += [Close(p) for p in sorted(self.offers)]
+            return actions + self._join(self.me)
+        # Round 1: every candidate revealed; the draw is done.
+        roster = Roster(
+            self.run_id,
+            self.epoch,
+            self.me,
+            tuple(sorted((p, self.commits[p]) for p in self.in_view)),
+        )
+        try:
+            leader = draw_leader(roster, self.reveals)
+        except DrawError as exc:  # cannot happen: every reveal was checked when it came
+            return self._sign_again(exc.reason)
+        reveals = tuple(sorted(self.reveals.items()))
+        actions = [
+            SendCommit(p, self.run_id, self.epoch, self.digest, reveals)
+            for p in sorted(self.offers)
+        ]
         actions += [Close(p) for p in sorted(self.offers)]
-        return actions + self._join(self.me)
+        drawn = Drawn(leader, roster.member_ids, self.digest)
+        self._end_coordination()
+        return actions + self._drawn(drawn)
+
+    def _end_coordination(self) -> None:
+        """Our draw ends (done or given up): we coordinate none again with these peers."""
+        if self.drawn is None and self.leader == self.me and self.sent_roster:
+            self.spent.add(self.me)
+        self.sent_roster = False
+
+    def _drawn(self, drawn: Drawn) -> list[Action]:
+        """The draw is done: lead round 2, or wait for the drawn leader to call."""
+        self.drawn = drawn
+        self.revealed = drawn.roster
+        self.roster = None
+        self.run_id, self.digest, self.epoch = None, None, -1
+        self.offers, self.called, self.acked, self.lower = set(), set(), set(), set()
+        self.commits, self.reveals = {}, {}
+        timers: list[Action] = [CancelTimer(t) for t in (PROBE, VIEW_DUE, COMMIT_DUE, CALLS, ACKS)]
+        note = Note("info", f"the draw among {len(drawn.members)} chose {drawn.leader} to lead")
+        if drawn.leader == self.me:
+            return [note, *timers, *self._lead()]
+        self.stage = Stage.FOLLOWING
+        self.leader = drawn.leader
+        return [note, *timers, SetTimer(FOLLOW, self.limits.formation_timeout)]
 
     def _release_candidates(self, code: RefusalCode, why: str) -> list[Action]:
         """Leading: tell every candidate still held that the proposal is off."""
@@ -624,14 +761,18 @@ class FormationMachine:
             return []
         held = sorted(self.offers | self.called)
         self.offers, self.called, self.acked = set(), set(), set()
+        self._end_coordination()
         actions: list[Action] = []
         for peer in held:
             actions += [SendRefuse(peer, self.run_id, code, why), Close(peer)]
         return actions
 
     def _settle_again(self) -> list[Action]:
+        self._end_coordination()
         self.stage = Stage.SETTLING
         self.leader = None
+        self.drawn = None
+        self.roster = None
         self.run_id = None
         self.digest = None
         self.epoch = -1
@@ -646,26 +787,64 @@ class FormationMachine:
         self.unreachable.discard(caller)
         self.inconclusive.discard(caller)
         self.strikes.pop(caller, None)
+        if event.roster is not None:
+            return self._drawn_call(caller, event.run_id, event.roster)
         return self._answer_call(caller, event.run_id, may_hold=True)
+
+    def _refusal(self, caller: PeerId, run_id: bytes) -> SendRefuse | None:
+        """Why any call from ``caller`` is refused now, or None."""
+        no = SendRefuse(caller, run_id, RefusalCode.COMMITTED, "", inbound=True)
+        if self.stage is Stage.JOINED:
+            return attrs.evolve(no, reason="already training in another run")
+        if self.stage is Stage.FAILED:
+            return attrs.evolve(no, code=RefusalCode.GIVEN_UP, reason="formation failed here")
+        if caller in self.distrusted:
+            return attrs.evolve(
+                no, code=RefusalCode.BAD_VIEW, reason="your earlier view broke the rules"
+            )
+        return None
+
+    def _drawn_call(self, caller: PeerId, run_id: bytes, roster: bytes) -> list[Action]:
+        """A call from the leader a draw chose (the driver checked the proof it showed)."""
+        refusal = self._refusal(caller, run_id)
+        if refusal is not None:
+            return [refusal]
+        if roster != self.revealed:
+            reason = "a draw I did not reveal for (or not my latest)"
+            return [SendRefuse(caller, run_id, RefusalCode.COMMITTED, reason, inbound=True)]
+        actions: list[Action] = []
+        if self.stage in (Stage.OFFERED, Stage.ACKED):
+            if self.drawn is not None and caller == self.leader and run_id == self.run_id:
+                return [self._ignored(CallArrived(caller, run_id, roster), "called twice")]
+            if self.drawn is not None and caller != self.leader:
+                reason = f"already in the federation of {self.leader}"
+                return [SendRefuse(caller, run_id, RefusalCode.COMMITTED, reason, inbound=True)]
+            actions += self._leave_leader()  # a coordinator's round we had only offered to
+        if self.stage in (Stage.LEADING, Stage.PROPOSING):
+            actions.append(Note("info", f"{caller} was drawn to lead: standing down"))
+            actions += self._release_candidates(RefusalCode.GIVEN_UP, "the leader stood down")
+            actions += [CancelTimer(CALLS), CancelTimer(ACKS)]
+        if self.drawn is None or self.drawn.leader != caller:
+            self.drawn = Drawn(caller, frozenset(), roster)
+        return actions + self._follow_caller(caller, run_id)
 
     def _answer_call(self, caller: PeerId, run_id: bytes, *, may_hold: bool) -> list[Action]:
         no = [SendRefuse(caller, run_id, RefusalCode.COMMITTED, "", inbound=True)]
-        if self.stage is Stage.JOINED:
-            return [attrs.evolve(no[0], reason="already training in another run")]
-        if self.stage is Stage.FAILED:
-            return [attrs.evolve(no[0], code=RefusalCode.GIVEN_UP, reason="formation failed here")]
-        if caller in self.distrusted:
-            return [
-                attrs.evolve(
-                    no[0], code=RefusalCode.BAD_VIEW, reason="your earlier view broke the rules"
-                )
-            ]
+        refusal = self._refusal(caller, run_id)
+        if refusal is not None:
+            return [refusal]
+        if self.drawn is not None:
+            reason = f"bound to the draw that chose {self.drawn.leader}"
+            return [attrs.evolve(no[0], reason=reason)]
+        if caller in self.spent:
+            reason = "you coordinated a draw with me already: the next coordinator calls"
+            return [attrs.evolve(no[0], reason=reason)]
         if self.stage in (Stage.OFFERED, Stage.ACKED):
             if caller == self.leader and run_id != self.run_id:
                 # Our leader starts a new proposal (it gave the old one up): take part.
                 return self._follow_caller(caller, run_id)
             return [attrs.evolve(no[0], reason=f"already in the federation of {self.leader}")]
-        lowest = min(self.electorate | {caller})
+        lowest = min((self.electorate - self.spent) | {caller})
         if caller != lowest:
             waits_on = self._hold_for(caller) if may_hold else []
             if waits_on:
@@ -688,13 +867,14 @@ class FormationMachine:
         self.run_id = run_id
         self.epoch = -1
         self.digest = None
+        self.roster = None
         self.candidates.add(leader)
         self.ignored.discard(leader)
         return [
             CancelTimer(FOLLOW),
             CancelTimer(PROBE),
             CancelTimer(SETTLE),
-            AnswerOffer(leader, run_id),
+            AnswerOffer(leader, run_id, draw=self.drawn is None),
             SetTimer(VIEW_DUE, self.limits.call_timeout + self.limits.view_timeout),
         ]
 
@@ -706,6 +886,8 @@ class FormationMachine:
             problem = "the view is not for the run we were called to"
         if problem is None and event.epoch <= self.epoch:
             problem = f"view epoch {event.epoch} after epoch {self.epoch}"
+        if problem is None:
+            problem = self._roster_problem(event)
         if problem is not None:
             code = RefusalCode.MISFIT if event.ours else RefusalCode.BAD_VIEW
             refuse = SendRefuse(event.leader, event.run_id, code, problem, inbound=True)
@@ -725,11 +907,32 @@ class FormationMachine:
         self.stage = Stage.ACKED
         self.epoch = event.epoch
         self.digest = event.digest
+        if event.roster is not None:  # we reveal with the ack: this coordinator is spent
+            self.roster = event.roster
+            self.revealed = event.digest
+            self.spent.add(event.leader)
         return [
             CancelTimer(VIEW_DUE),
             SendAck(event.leader, event.run_id, event.epoch, event.digest),
             SetTimer(COMMIT_DUE, self.limits.view_timeout * 2),
         ]
+
+    def _roster_problem(self, event: ViewArrived) -> str | None:
+        """Why a roster (or a view) is not what this round takes, or None."""
+        roster = event.roster
+        if self.drawn is not None:
+            return "a draw roster after the draw" if roster is not None else None
+        if roster is None:
+            return "a view before the draw (a roster was due)"
+        if (roster.run_id, roster.epoch, roster.coordinator) != (
+            event.run_id,
+            event.epoch,
+            event.leader,
+        ):
+            return "the roster does not match its run, epoch or coordinator"
+        if self.roster is not None and not roster.member_ids <= self.roster.member_ids:
+            return "the roster signed again adds members"
+        return None
 
     def _commit(self, event: CommitArrived) -> list[Action]:
         if (event.leader, event.run_id, event.epoch, event.digest) != (
@@ -739,10 +942,23 @@ class FormationMachine:
             self.digest,
         ):
             return [self._ignored(event, "commits another view than the one we acknowledged")]
-        return [Close(event.leader, inbound=True), *self._join(event.leader)]
+        if self.drawn is not None:
+            return [Close(event.leader, inbound=True), *self._join(event.leader)]
+        assert self.roster is not None and self.digest is not None
+        try:
+            leader = draw_leader(self.roster, dict(event.reveals or ()))
+        except DrawError as exc:
+            return [
+                Close(event.leader, inbound=True),
+                *self._back_to_settling(
+                    f"the draw of {event.leader} is invalid: {exc.reason}", distrust=event.leader
+                ),
+            ]
+        drawn = Drawn(leader, self.roster.member_ids, self.digest)
+        return [Close(event.leader, inbound=True), *self._drawn(drawn)]
 
     def _ring_blob(self, event: RingBlobArrived) -> list[Action]:
-        if (event.run_id, event.digest) != (self.run_id, self.digest):
+        if self.drawn is None or (event.run_id, event.digest) != (self.run_id, self.digest):
             return [self._ignored(event, "a blob of another view")]
         assert self.leader is not None
         return [
@@ -769,7 +985,7 @@ class FormationMachine:
     def _leader_lost(self, event: ConnectionLost) -> list[Action]:
         if event.peer != self.leader:
             return [self._ignored(event, "not our leader's connection")]
-        if self.stage is Stage.ACKED:
+        if self.stage is Stage.ACKED and self.drawn is not None:
             # The commit may be on its way or lost with the connection: the run's
             # first blob will show whether the view holds (COMMIT_DUE bounds it).
             live = self.limits.hop_timeout * (len(self.candidates) + 2)

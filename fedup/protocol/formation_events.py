@@ -10,8 +10,12 @@ from typing import TypeAlias
 
 import attrs
 
+from fedup.protocol.draw import Roster
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.refusal import RefusalCode
+
+Reveals: TypeAlias = tuple[tuple[PeerId, bytes], ...]
+"""(candidate, nonce) pairs of a draw, ascending by peer ID."""
 
 
 class Stage(enum.Enum):
@@ -57,19 +61,26 @@ class TimerFired:
 
 @attrs.frozen
 class CallArrived:
-    """``leader`` dialed us and asks us to join run ``run_id``."""
+    """``leader`` dialed us and asks us to join run ``run_id``.
+
+    ``roster``: the digest of the draw roster whose draw chose ``leader`` (the driver
+    checked the proof the call carried); None for a coordinator's call.
+    """
 
     leader: PeerId
     run_id: bytes
+    roster: bytes | None = None
 
 
 @attrs.frozen
 class OfferArrived:
-    """A candidate we called offered its summary (``problem``: why the summary is unusable)."""
+    """A candidate we called offered its summary, or its draw commitment (``commit``);
+    ``problem``: why the offer is unusable."""
 
     peer: PeerId
     run_id: bytes
     problem: str | None = None
+    commit: bytes | None = None
 
 
 @attrs.frozen
@@ -138,6 +149,8 @@ class ViewArrived:
     digest: bytes
     problem: str | None = None
     ours: bool = False
+    roster: Roster | None = None
+    """The coordinator's draw roster (the driver verified it), instead of a view."""
 
 
 @attrs.frozen
@@ -146,6 +159,8 @@ class AckArrived:
     run_id: bytes
     epoch: int
     digest: bytes
+    reveal: bytes | None = None
+    """For a roster: the nonce the member revealed."""
 
 
 @attrs.frozen
@@ -154,6 +169,8 @@ class CommitArrived:
     run_id: bytes
     epoch: int
     digest: bytes
+    reveals: Reveals | None = None
+    """For a roster: every candidate's reveal."""
 
 
 @attrs.frozen
@@ -198,10 +215,12 @@ Event: TypeAlias = (
 
 @attrs.frozen
 class Call:
-    """Dial each of ``peers`` and send ``call`` for ``run_id``."""
+    """Dial each of ``peers`` and send ``call`` for ``run_id`` (with the proof of the draw
+    of ``roster``, a drawn leader's call)."""
 
     run_id: bytes
     peers: tuple[PeerId, ...]
+    roster: bytes | None = None
 
 
 @attrs.frozen
@@ -213,10 +232,12 @@ class Probe:
 
 @attrs.frozen
 class AnswerOffer:
-    """Answer ``leader``'s call with our summary."""
+    """Answer ``leader``'s call with our summary (``draw``: with a fresh draw commitment,
+    a coordinator's call)."""
 
     leader: PeerId
     run_id: bytes
+    draw: bool = False
 
 
 @attrs.frozen
@@ -230,11 +251,13 @@ class AnswerFollow:
 
 @attrs.frozen
 class Propose:
-    """Admit the offers of ``members`` and sign the view of ``epoch`` (answer: ViewReady)."""
+    """Admit the offers of ``members`` and sign the view of ``epoch`` (answer: ViewReady);
+    with ``commits``, sign a draw roster of them instead."""
 
     run_id: bytes
     epoch: int
     members: frozenset[PeerId]
+    commits: tuple[tuple[PeerId, bytes], ...] | None = None
 
 
 @attrs.frozen
@@ -256,7 +279,11 @@ class SendAck:
 @attrs.frozen
 class SendCommit:
     peer: PeerId
+    run_id: bytes
     epoch: int
+    digest: bytes
+    reveals: Reveals | None = None
+    """A roster's commit: every reveal, so each member computes the draw."""
 
 
 @attrs.frozen

@@ -8,12 +8,17 @@ dispatches on ``"t"`` and rejects unknown types.
 ============  ==============  ==================================================
 ``t``         direction       meaning
 ============  ==============  ==================================================
-``call``      leader->member  "I am forming run R; send me your data summary"
-``offer``     member->leader  the member's data summary (never rows)
-``follow``    member->leader  "I follow a lower leader" (reply to a call)
+``call``      leader->member  "I am forming run R": a coordinator's call for a draw, or a
+                              drawn leader's (with the draw's proof) for data summaries
+``offer``     member->leader  to a coordinator: a draw commitment; to a drawn leader: the
+                              member's data summary (never rows)
+``follow``    member->leader  "I follow a lower coordinator" (reply to a call)
+``roster``    leader->member  a signed draw roster (see fedup.protocol.draw)
 ``view``      leader->member  a signed membership view (see fedup.protocol.view)
-``ack``       member->leader  "I accept view (run, epoch, digest)"
-``commit``    leader->member  "every member acknowledged view (run, epoch, digest): it holds"
+``ack``       member->leader  "I accept roster or view (run, epoch, digest)"; for a roster,
+                              with the member's reveal
+``commit``    leader->member  "every member acknowledged (run, epoch, digest)": a view
+                              holds; a roster's draw is done (with every reveal)
 ``refuse``    either          "no", with a typed code and a reason
 ``link``      member->member  "I am your ring predecessor in run R": model blobs follow
                               on this connection, ``passed`` notices come back on it
@@ -31,6 +36,7 @@ import attrs
 
 from fedup.config import DEFAULT_LIMITS, Limits
 from fedup.protocol import cbor
+from fedup.protocol.draw import COMMIT_SIZE, NONCE_SIZE, decode_reveals, encode_reveals
 from fedup.protocol.peer_id import RAW_SIZE, PeerId
 from fedup.protocol.refusal import RefusalCode, cut_utf8, printable
 from fedup.protocol.schema import FieldReader, MessageError
@@ -44,22 +50,29 @@ MAX_RECEIPT = 1024
 
 @attrs.frozen
 class Call:
-    """Leader to candidate: join run ``run_id``; reply with an Offer, Follow or Refuse."""
+    """Leader to candidate: join run ``run_id``; reply with an Offer, Follow or Refuse.
+
+    A drawn leader's call carries ``draw``: the draw's proof
+    (:class:`fedup.protocol.draw.DrawProof`), checked by the receiver.
+    """
 
     TYPE: ClassVar[str] = "call"
     run_id: bytes
+    draw: bytes | None = None
 
     def fields(self) -> dict[str, Any]:
-        return {"run": self.run_id}
+        return {"run": self.run_id, **({"draw": self.draw} if self.draw is not None else {})}
 
     @classmethod
     def read(cls, f: FieldReader) -> Call:
-        return cls(f.bytestr("run", size=RUN_ID_SIZE))
+        run = f.bytestr("run", size=RUN_ID_SIZE)
+        return cls(run, f.bytestr("draw") if f.optional("draw") else None)
 
 
 @attrs.frozen
 class Offer:
-    """Candidate to leader: its data summary (column names, types, vocabularies, statistics)."""
+    """Candidate to leader: to a coordinator, its draw commitment (``summary`` None); to a
+    drawn leader, its data summary (column names, types, vocabularies, statistics)."""
 
     TYPE: ClassVar[str] = "offer"
     run_id: bytes
@@ -67,15 +80,19 @@ class Offer:
     """Checked by :func:`fedup.learn.schema.DataSummary.from_value`."""
     task: str
     """The kind of task (model family) this peer trains, e.g. ``tabular-mlp``."""
+    commit: bytes | None = None
+    """The draw commitment (:func:`fedup.protocol.draw.commitment`)."""
 
     def fields(self) -> dict[str, Any]:
-        return {"run": self.run_id, "summary": self.summary, "task": self.task}
+        fields = {"run": self.run_id, "summary": self.summary, "task": self.task}
+        return fields | ({"commit": self.commit} if self.commit is not None else {})
 
     @classmethod
     def read(cls, f: FieldReader) -> Offer:
-        return cls(
-            f.bytestr("run", size=RUN_ID_SIZE), f.raw("summary"), f.text("task", max_bytes=64)
-        )
+        run = f.bytestr("run", size=RUN_ID_SIZE)
+        summary, task = f.raw("summary"), f.text("task", max_bytes=64)
+        commit = f.bytestr("commit", size=COMMIT_SIZE) if f.optional("commit") else None
+        return cls(run, summary, task, commit)
 
 
 @attrs.frozen
@@ -96,6 +113,21 @@ class Follow:
 
 
 @attrs.frozen
+class RosterMessage:
+    """Coordinator to candidate: the signed draw roster (fedup.protocol.draw.verify_roster)."""
+
+    TYPE: ClassVar[str] = "roster"
+    envelope: bytes
+
+    def fields(self) -> dict[str, Any]:
+        return {"roster": self.envelope}
+
+    @classmethod
+    def read(cls, f: FieldReader) -> RosterMessage:
+        return cls(f.bytestr("roster"))
+
+
+@attrs.frozen
 class ViewMessage:
     """Leader to member: the signed view envelope (verified by fedup.protocol.view.verify_view)."""
 
@@ -112,23 +144,25 @@ class ViewMessage:
 
 @attrs.frozen
 class Ack:
-    """Member to leader: I accept the view with this digest."""
+    """Member to leader: I accept the view (or roster) with this digest; for a roster, with
+    the nonce that opens my commitment for its epoch."""
 
     TYPE: ClassVar[str] = "ack"
     run_id: bytes
     epoch: int
     digest: bytes
+    reveal: bytes | None = None
 
     def fields(self) -> dict[str, Any]:
-        return {"run": self.run_id, "epoch": self.epoch, "digest": self.digest}
+        fields = {"run": self.run_id, "epoch": self.epoch, "digest": self.digest}
+        return fields | ({"reveal": self.reveal} if self.reveal is not None else {})
 
     @classmethod
     def read(cls, f: FieldReader) -> Ack:
-        return cls(
-            f.bytestr("run", size=RUN_ID_SIZE),
-            f.uint("epoch"),
-            f.bytestr("digest", size=DIGEST_SIZE),
-        )
+        run, epoch = f.bytestr("run", size=RUN_ID_SIZE), f.uint("epoch")
+        digest = f.bytestr("digest", size=DIGEST_SIZE)
+        reveal = f.bytestr("reveal", size=NONCE_SIZE) if f.optional("reveal") else None
+        return cls(run, epoch, digest, reveal)
 
 
 def _wire_reason(reason: str) -> str:
@@ -137,23 +171,29 @@ def _wire_reason(reason: str) -> str:
 
 @attrs.frozen
 class Commit:
-    """Leader to member: every member acknowledged view (run, epoch, digest); it holds."""
+    """Leader to member: every member acknowledged view (run, epoch, digest); it holds.
+    For a roster, ``reveals`` carries every candidate's reveal: the draw is done."""
 
     TYPE: ClassVar[str] = "commit"
     run_id: bytes
     epoch: int
     digest: bytes
+    reveals: dict[PeerId, bytes] | None = None
 
     def fields(self) -> dict[str, Any]:
-        return {"run": self.run_id, "epoch": self.epoch, "digest": self.digest}
+        fields = {"run": self.run_id, "epoch": self.epoch, "digest": self.digest}
+        if self.reveals is not None:
+            fields["reveals"] = encode_reveals(self.reveals)
+        return fields
 
     @classmethod
-    def read(cls, f: FieldReader) -> Commit:
-        return cls(
-            f.bytestr("run", size=RUN_ID_SIZE),
-            f.uint("epoch"),
-            f.bytestr("digest", size=DIGEST_SIZE),
-        )
+    def read(cls, f: FieldReader, limits: Limits = DEFAULT_LIMITS) -> Commit:
+        run, epoch = f.bytestr("run", size=RUN_ID_SIZE), f.uint("epoch")
+        digest = f.bytestr("digest", size=DIGEST_SIZE)
+        reveals = None
+        if f.optional("reveals"):
+            reveals = decode_reveals(f.raw("reveals"), "commit message: reveals", limits=limits)
+        return cls(run, epoch, digest, reveals)
 
 
 @attrs.frozen
@@ -258,6 +298,7 @@ Message = (
     Call
     | Offer
     | Follow
+    | RosterMessage
     | ViewMessage
     | Ack
     | Commit
@@ -273,6 +314,7 @@ _TYPES: dict[str, Any] = {
         Call,
         Offer,
         Follow,
+        RosterMessage,
         ViewMessage,
         Ack,
         Commit,
@@ -300,6 +342,6 @@ def decode_message(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Message:
         raise MessageError(f"control message: unknown type {value['t']!r}")
     f = FieldReader(value, f"{value['t']} message")
     f.raw("t")
-    message: Message = cls.read(f)
+    message: Message = cls.read(f, limits) if cls is Commit else cls.read(f)
     f.done()
     return message

@@ -18,8 +18,9 @@ envelope (domain ``fedup-membership-view``, payload type
 Checks, in order: size, signature, decode (every field, at most ``max_members``
 members, settings in range), signer is ``leader``, the run's hops fit a model's
 provenance (``Limits.max_provenance_hops``), every member record verifies,
-members strictly ascending (so no duplicates), the leader is a member and is
-the lowest member ID (the election rule).
+members strictly ascending (so no duplicates), the leader is a member.  That the
+leader is the one a draw chose (fedup.protocol.draw) is each member's own check: it
+answers a leader's call only with the proof of the draw it revealed for.
 """
 
 from __future__ import annotations
@@ -269,10 +270,6 @@ def verify_view(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> SignedView:
         raise MessageError("membership view: members are not in strictly ascending peer-ID order")
     if leader not in ids:
         raise MessageError("membership view: the leader is not a member")
-    if ids[0] != leader:
-        raise MessageError(
-            f"membership view: leader {leader} is not the lowest member ID ({ids[0]} is lower)"
-        )
     view = MembershipView(run_id, epoch, leader, members, settings, schema)
     return SignedView(view, bytes(data))
 

@@ -283,6 +283,7 @@ class _Simulation:
             network=self.network,
             hub=MemoryDiscoveryHub(delay=settings.discovery_delay),
             slow={self.identities[s.peer].peer_id: s.delay for s in faults.slow},
+            draw_seed=f"fedup-sim-draw:{settings.seed}".encode(),
         )
         self.scopes = [trio.CancelScope() for _ in range(n)]
         self.peers: list[Peer | None] = [None] * n

@@ -57,7 +57,7 @@ def test_three_processes_finish_with_identical_models(tmp_path: Path) -> None:
                 "federated_val_loss", "model_sha256"):  # fmt: skip
         assert len({json.dumps(s[key]) for s in summaries}) == 1, key
     assert {s["peer_id"] for s in summaries} == set(summaries[0]["members"])
-    assert summaries[0]["leader"] == min(summaries[0]["members"])
+    assert summaries[0]["leader"] in summaries[0]["members"]  # the one the draw chose
     assert all(s["final_val_loss"] > 0 for s in summaries)
     # Each peer used its own synthetic lender, written where the user can see it.
     data = [(tmp_path / f"p{i}" / "data" / "synthetic-loans.csv").read_bytes() for i in range(3)]

@@ -36,6 +36,7 @@ from fedup.peer.events import FormationStage, PeerEvent
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.view import RunSettings
 from fedup.sim.world import MemoryWorld
+from tests.conftest import rig_draw
 
 LIMITS: Limits = attrs.evolve(
     DEFAULT_LIMITS,
@@ -56,6 +57,9 @@ def identities(n: int, first: int = 1) -> list[Identity]:
 
 def lender(seed: int, n_rows: int = 400) -> TabularSource:
     return TabularSource(generate_lender(seed, n_rows=n_rows).table, target="default")
+
+
+RIGGED_RUN = bytes(range(16))
 
 
 def config(ident: Identity, out: Path, **kw: Any) -> PeerConfig:
@@ -128,13 +132,13 @@ async def test_three_peers_form_train_and_agree(
     assert all(isinstance(s, RunSummary) for s in summaries), summaries
     done = [s for s in summaries if isinstance(s, RunSummary)]
     digest = check_same_model(done)
-    lowest = ids[0].peer_id.text
     members = [i.peer_id.text for i in ids]
+    assert done[0].leader in members  # the member the draw chose (the same for everyone)
     for ident, s in zip(ids, done, strict=True):
         on_disk = json.loads((Path(s.out_dir) / "summary.json").read_text())
         assert on_disk == s.to_json()
         assert on_disk["peer_id"] == ident.peer_id.text
-        assert on_disk["leader"] == lowest
+        assert on_disk["leader"] == done[0].leader
         assert on_disk["members"] == members == sorted(members)
         assert on_disk["run_id"] == done[0].run_id and len(on_disk["run_id"]) == 32
         assert on_disk["model_sha256"] == digest
@@ -182,15 +186,20 @@ async def run_federation(
     observe: list[str] | None = None,
     sources: dict[int, TabularSource] | None = None,
     on_open: Callable[[Peer], None] | None = None,
+    leader: int | None = None,
     **kw: Any,
 ) -> dict[str, RunSummary | BaseException]:
     """Run a peer per identity (lender data 100 + index unless ``sources`` says
     otherwise) until every one has ended.  ``opened`` collects the peers;
     ``observe`` the short IDs of the peers that elected themselves, in order;
     ``on_open`` is called with each peer once it listens; ``overrides`` (in ``kw``)
-    maps a position to config fields of that peer alone.
+    maps a position to config fields of that peer alone; ``leader``: the position of
+    the peer the first draw chooses (with every peer in it).
     """
     world = world if world is not None else MemoryWorld()
+    if leader is not None:
+        kw.setdefault("run_id", RIGGED_RUN)
+        rig_draw(world, [i.peer_id for i in ids], ids[leader].peer_id, kw["run_id"])
     results: dict[str, RunSummary | BaseException] = {}
     peers = opened if opened is not None else {}
 
@@ -265,7 +274,7 @@ async def test_discovery_order_does_not_change_the_federation(
             events[names.index(peer.peer_id)] = peer.discoveries[0].subscribe()
 
         results = await run_federation(
-            tmp_path / f"setup{k}", ids, world=world, start_at=start, on_open=watch
+            tmp_path / f"setup{k}", ids, world=world, start_at=start, on_open=watch, leader=0
         )
         done = [results[i.peer_id.text] for i in ids]
         assert all(isinstance(s, RunSummary) for s in done), done
@@ -324,7 +333,8 @@ async def test_a_hidden_lowest_peer_still_leads(
     assert all(isinstance(s, RunSummary) for s in summaries), summaries
     done = [s for s in summaries if isinstance(s, RunSummary)]
     check_same_model(done)
-    assert [index_of(ids, s) for s in done] == [(n, 0, (0, 1, 2, 3)) for n in range(4)]
+    lead = index_of(ids, done[0])[1]  # whoever the draw chose, the same for all
+    assert [index_of(ids, s) for s in done] == [(n, lead, (0, 1, 2, 3)) for n in range(4)]
     assert len({s.run_id for s in done}) == 1
     # Both A and B did try to lead.
     assert b.peer_id.short in elected and a.peer_id.short in elected
@@ -367,7 +377,8 @@ async def test_a_leader_called_by_a_lower_peer_stands_down(
     assert all(isinstance(s, RunSummary) for s in summaries), summaries
     done = [s for s in summaries if isinstance(s, RunSummary)]
     check_same_model(done)
-    assert [index_of(ids, s) for s in done] == [(n, 0, (0, 1, 2, 3)) for n in range(4)]
+    lead = index_of(ids, done[0])[1]
+    assert [index_of(ids, s) for s in done] == [(n, lead, (0, 1, 2, 3)) for n in range(4)]
     assert b.peer_id.short in elected and a.peer_id.short in elected
     # A waited call_timeout for E too, then formed without it.
     assert trio.current_time() < 0.5 + 2 * LIMITS.call_timeout + 5
@@ -573,12 +584,12 @@ async def test_a_peer_whose_columns_do_not_fit_is_refused(
     odd = 1  # not the leader (a leader whose own data do not fit fails on its own)
     table = change(generate_lender(100 + odd, n_rows=400).table)
     results = await run_federation(
-        tmp_path, ids, sources={odd: TabularSource(table, target="default")}
+        tmp_path, ids, sources={odd: TabularSource(table, target="default")}, leader=2
     )
     error = results[ids[odd].peer_id.text]
     assert isinstance(error, FormationError), error
     assert named in str(error)
-    assert ids[0].peer_id.text in str(error)  # who refused it
+    assert ids[2].peer_id.text in str(error)  # who refused it: the drawn leader
     others = [results[i.peer_id.text] for n, i in enumerate(ids) if n != odd]
     assert all(isinstance(s, RunSummary) for s in others), others
     done = [s for s in others if isinstance(s, RunSummary)]
@@ -598,7 +609,10 @@ async def test_a_member_that_cannot_accept_the_view_is_left_out_at_the_next_epoc
     odd = 3
     table = generate_lender(100 + odd, n_rows=400).table
     results = await run_federation(
-        tmp_path, ids, sources={odd: TabularSource(table, target="default", hidden=(16,))}
+        tmp_path,
+        ids,
+        sources={odd: TabularSource(table, target="default", hidden=(16,))},
+        leader=1,
     )
     error = results[ids[odd].peer_id.text]
     assert isinstance(error, FormationError), error

@@ -389,6 +389,7 @@ async def test_an_overflowing_summary_refuses_the_candidate_not_the_leader(
             None,
             min_peers=3,
             sources={hostile: OverflowingSummary(table, target="default")},
+            leader=0,
         )
     attacked = honest_finish(results, ids, hostile)
     assert [s.members for s in attacked] == [baseline[0].members] * 3
@@ -401,8 +402,8 @@ async def test_an_overflowing_summary_refuses_the_candidate_not_the_leader(
 
 
 class BoundlessLeader(Tamper):
-    """The lowest peer leads and proposes max_laps 20,000 (the landed code let members
-    acknowledge it and then crash)."""
+    """The drawn leader proposes max_laps 20,000 (the landed code let members acknowledge
+    it and then crash)."""
 
     def view(self, value: dict[str, Any]) -> dict[str, Any]:
         return {**value, "settings": {**value["settings"], "max_laps": 20_000}}
@@ -428,9 +429,11 @@ async def test_a_leader_proposing_settings_out_of_bounds_is_elected_around(
             BoundlessLeader(),
             min_peers=3,
             overrides=gives_up,
+            leader=hostile,  # the first draw chooses it
         )
     attacked = honest_finish(results, ids, hostile)
-    assert [s.leader for s in attacked] == [ids[1].peer_id.text] * 3
+    leader = attacked[0].leader
+    assert [s.leader for s in attacked] == [leader] * 3 and leader != ids[hostile].peer_id.text
     assert weights_digest(attacked[0]) == weights_digest(baseline[0])
     assert took <= 2 * base_time
     assert any(

@@ -374,16 +374,22 @@ async def test_each_member_dials_its_successor_once_for_the_whole_run(
 ) -> None:
     """One connection per neighbour: every blob and every ``passed`` of the run travel
     over one link per ring neighbour (the landed code dialled and shook hands for each
-    blob and each ``passed``).  Besides the links, the leader dialled each member once
-    to call it."""
+    blob and each ``passed``).  Besides the links, the coordinator (the lowest) dialled
+    each member once for the draw, and the drawn leader each member once for its call."""
     n = 4
     result = await simulate(tmp_path, n=n)
     assert result.model_sha256 is not None
     order = ring_order(n)
-    leader = order[0]
+    summary = result.peers[0].summary
+    assert summary is not None
+    [leader] = [i for i in range(n) if sim_identity(0, i).peer_id.text == summary.leader]
     links = {(order[k], order[(k + 1) % n]) for k in range(n)}
-    calls = {(leader, member) for member in order[1:]}
-    expected = {pair: int(pair in links) + int(pair in calls) for pair in links | calls}
+    draw = {(order[0], member) for member in order[1:]}
+    calls = {(leader, member) for member in order if member != leader}
+    expected = {
+        pair: int(pair in links) + int(pair in draw) + int(pair in calls)
+        for pair in links | draw | calls
+    }
     assert dict(result.connections) == expected
 
 

@@ -17,13 +17,17 @@ import trio
 import trio.testing
 
 from fedup.identity import Identity
+from fedup.net.framed import FramedStream
 from fedup.net.transport import Credentials, DialError, MemoryNetwork, upgrade_outbound
 from fedup.peer import Peer, RunSummary
 from fedup.peer.config import DEFAULT_NETWORK
 from fedup.peer.events import Formed, PeerEvent
 from fedup.protocol.announce import encode_txt_rdata
+from fedup.protocol.draw import DrawProof, Roster, commitment, reveal_of
+from fedup.protocol.messages import Call, Message, Offer, Refuse, decode_message, encode_message
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.records import Address, PeerRecord, next_seq
+from fedup.protocol.refusal import RefusalCode
 from fedup.sim.world import MemoryWorld
 from tests.integration.test_federation import (
     check_same_model,
@@ -163,3 +167,82 @@ async def test_fake_candidates_with_the_sniffed_fingerprint_cost_one_settle_inte
     assert all(s.members == base[0].members for s in faked)  # no fake is a member
     for fake in fakes:
         assert f"candidate {fake.peer_id} failed its probe" in caplog.text
+
+
+def ground_below(ids: list[Identity]) -> Identity:
+    """A key ground until its peer ID sorts below every one of ``ids`` (cheap here: a
+    real grinder aims for many leading zero bits, which buys exactly as much)."""
+    lowest = min(i.peer_id for i in ids)
+    for n in itertools.count():
+        ident = Identity(hashlib.sha256(b"grind %d" % n).digest())
+        if ident.peer_id < lowest:
+            return ident
+    raise AssertionError("unreachable")
+
+
+async def call_with(
+    network: MemoryNetwork, address: Address, caller: Identity, call: Call
+) -> Message:
+    """Dial ``address`` as ``caller`` on the open network, send ``call``, return the reply."""
+    stream = await network.connect(address, source="10.77.77.77")
+    creds = Credentials(caller, DEFAULT_NETWORK)
+    channel = await upgrade_outbound(stream, peer=str(address), credentials=creds)
+    framed = FramedStream(channel, peer=str(address))
+    await framed.send_frame(encode_message(call))
+    reply = decode_message(await framed.receive_frame())
+    await trio.aclose_forcefully(channel)
+    return reply
+
+
+async def test_an_id_grinder_does_not_lead_and_sees_no_data_summary(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """The issue's grinder: a key ground for the lowest ID, a real member of the run. It
+    coordinates the draw (the lowest does) but the draw chooses the leader: the grinder
+    learns commitments and nonces, and every data summary goes to the drawn leader. A
+    call that shows a draw of the grinder's own making (it signed the roster and chose
+    every nonce in it) is refused, and a plain call gets a commitment, never a summary."""
+    honest = identities(3)
+    grinder = ground_below(honest)
+    ids = [grinder, *honest]
+    world = MemoryWorld()
+    peers: dict[str, Peer] = {}
+    replies: list[Message] = []
+
+    async def attack(address: Address) -> None:
+        await trio.sleep(0.5)  # before anyone settled (settle is 1 s)
+        run = b"\x01" * 16
+        accomplice = Identity(b"\x99" * 32)  # a key of its own, for a draw it rigs
+        nonces = hashlib.sha512(b"mine").digest()
+        for n in itertools.count():  # grind the accomplice's nonce: the draw is its own
+            nonces = hashlib.sha512(b"mine %d" % n).digest()
+            commits = ((accomplice.peer_id, commitment(nonces)),)
+            signed = Roster(run, 0, grinder.peer_id, commits).seal(grinder)
+            proof = DrawProof(signed.envelope, {accomplice.peer_id: reveal_of(nonces, 0)})
+            if DrawProof.check(proof.to_cbor())[1] == grinder.peer_id:
+                break
+        forged = Call(run, proof.to_cbor())  # a valid proof of a draw nobody else was in
+        replies.append(await call_with(world.network, address, grinder, forged))
+        replies.append(await call_with(world.network, address, grinder, Call(run)))
+
+    async with trio.open_nursery() as nursery:
+
+        def opening(peer: Peer) -> None:
+            peers[peer.peer_id.text] = peer
+            if peer.peer_id == honest[0].peer_id:
+                nursery.start_soon(attack, peer.addresses[0])
+
+        results = await run_federation(tmp_path, ids, world=world, on_open=opening, leader=2)
+    done = [results[i.peer_id.text] for i in ids]
+    assert all(isinstance(s, RunSummary) and s.ok for s in done), done
+    summaries = [s for s in done if isinstance(s, RunSummary)]
+    check_same_model(summaries)
+    assert {s.leader for s in summaries} == {ids[2].peer_id.text} != {grinder.peer_id.text}
+    assert peers[grinder.peer_id.text].formation._summaries == {}  # no summary ever came
+    assert set(peers[ids[2].peer_id.text].formation._summaries) == {
+        i.peer_id for i in ids if i is not ids[2]
+    }
+    forged, plain = replies
+    assert isinstance(forged, Refuse) and forged.code is RefusalCode.COMMITTED, forged
+    assert "did not reveal for" in forged.reason
+    assert isinstance(plain, Offer) and plain.summary is None and plain.commit is not None

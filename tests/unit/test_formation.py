@@ -17,6 +17,7 @@ import pytest
 
 from fedup.config import DEFAULT_LIMITS
 from fedup.identity import Identity
+from fedup.protocol.draw import Roster, commitment, draw_leader, reveal_of
 from fedup.protocol.formation import MAX_STRIKES, TRANSITIONS, FormationMachine, Stage
 from fedup.protocol.formation_events import (
     AckArrived,
@@ -102,8 +103,37 @@ class FormationWorld:
         """Leaders whose views break the rules (every member finds a problem, not ours)."""
         self.lose_commit: set[PeerId] = set()
         """Members whose connection breaks right after their ack: no commit reaches them."""
+        self.lose_draw: set[PeerId] = set()
+        """The same for the draw's commit (round 1)."""
         self.views: dict[bytes, tuple[PeerId, bytes, int, frozenset[PeerId]]] = {}
+        self.rosters: dict[bytes, Roster] = {}
+        self.draws: list[tuple[Roster, PeerId]] = []
+        """Each draw a coordinator committed, with the leader its reveals choose."""
+        self.nonces: dict[PeerId, bytes] = {}
+        """A peer's draw nonces (for every run: the world's peers are honest)."""
         self.drop_on_propose: PeerId | None = None
+
+    def nonces_of(self, peer: PeerId, run_id: bytes) -> bytes:
+        seed = self.nonces.get(peer, peer.raw)
+        return hashlib.sha512(seed + run_id).digest()
+
+    def rig(self, leader: PeerId, members: list[PeerId] | None = None, run: int = 1) -> None:
+        """Pick the nonces of one candidate so that the first draw (run ``run``, epoch 0,
+        among ``members``, coordinated by the lowest) chooses ``leader``."""
+        members = members or self.peers
+        coordinator = min(members)
+        candidates = sorted(p for p in members if p != coordinator)
+        run_id = run.to_bytes(16, "big")
+        for i in range(10_000):
+            self.nonces[candidates[-1]] = i.to_bytes(4, "big")
+            nonces = {p: self.nonces_of(p, run_id) for p in candidates}
+            roster = Roster(
+                run_id, 0, coordinator, tuple((p, commitment(nonces[p])) for p in candidates)
+            )
+            reveals = {p: reveal_of(nonces[p], 0) for p in candidates}
+            if draw_leader(roster, reveals) == leader:
+                return
+        raise AssertionError("no nonce draws that leader")
 
     def _run_id(self) -> bytes:
         self._runs += 1
@@ -154,13 +184,19 @@ class FormationWorld:
                 elif p in self.mute:
                     self.queue.append((me, CallFailed(p, "closed the connection")))
                 else:
-                    self.queue.append((p, CallArrived(me, a.run_id)))
+                    self.queue.append((p, CallArrived(me, a.run_id, a.roster)))
         elif isinstance(a, AnswerOffer):
-            self.queue.append((a.leader, OfferArrived(me, a.run_id)))
+            commit = commitment(self.nonces_of(me, a.run_id)) if a.draw else None
+            self.queue.append((a.leader, OfferArrived(me, a.run_id, None, commit)))
         elif isinstance(a, AnswerFollow):
             self.queue.append((a.caller, FollowArrived(me, a.leader)))
         elif isinstance(a, SendRefuse):
             self.queue.append((a.peer, RefuseArrived(me, a.code, a.reason)))
+        elif isinstance(a, Propose) and a.commits is not None:
+            roster = Roster(a.run_id, a.epoch, me, a.commits)
+            digest = hashlib.sha256(roster.to_cbor()).digest()
+            self.rosters[digest] = roster
+            self.queue.append((me, ViewReady(a.run_id, a.epoch, digest, a.members)))
         elif isinstance(a, Propose):
             if self.drop_on_propose is not None:
                 self.down.add(self.drop_on_propose)
@@ -176,6 +212,12 @@ class FormationWorld:
         elif isinstance(a, SendView):
             machine = self.machines[me]
             assert machine.run_id is not None and machine.digest is not None
+            roster = self.rosters.get(machine.digest)
+            if roster is not None:
+                self.queue.append(
+                    (a.peer, ViewArrived(me, roster.run_id, a.epoch, machine.digest, roster=roster))
+                )
+                return
             problem, ours = self.view_problem.get(a.peer, (None, False))
             if me in self.bad_leader:
                 problem, ours = "max_laps must be in [1, 10000], got 20000", False
@@ -183,14 +225,21 @@ class FormationWorld:
                 (a.peer, ViewArrived(me, machine.run_id, a.epoch, machine.digest, problem, ours))
             )
         elif isinstance(a, SendAck):
-            self.queue.append((a.leader, AckArrived(me, a.run_id, a.epoch, a.digest)))
-            if me in self.lose_commit:
+            reveal = None
+            if a.digest in self.rosters:
+                reveal = reveal_of(self.nonces_of(me, a.run_id), a.epoch)
+            self.queue.append((a.leader, AckArrived(me, a.run_id, a.epoch, a.digest, reveal)))
+            if me in (self.lose_commit if reveal is None else self.lose_draw):
                 self.queue.append((me, ConnectionLost(a.leader, "connection ended")))
         elif isinstance(a, SendCommit):
-            if a.peer not in self.lose_commit:
-                m = self.machines[me]
-                assert m.run_id is not None and m.digest is not None
-                self.queue.append((a.peer, CommitArrived(me, m.run_id, a.epoch, m.digest)))
+            if a.peer not in (self.lose_commit if a.reveals is None else self.lose_draw):
+                commit = CommitArrived(me, a.run_id, a.epoch, a.digest, a.reveals)
+                self.queue.append((a.peer, commit))
+            if a.reveals is not None:
+                roster = self.rosters[a.digest]
+                drawn = (roster, draw_leader(roster, dict(a.reveals)))
+                if not self.draws or self.draws[-1] != drawn:
+                    self.draws.append(drawn)
         else:
             assert isinstance(a, Close | Joined | Failed | Note | Ignored), a
 
@@ -212,7 +261,9 @@ def one_federation(world: FormationWorld, members: list[PeerId]) -> Joined:
     assert len(views) == 1
     j = next(iter(joined.values()))
     assert world.members_of(j) == set(members)
-    assert j.leader == min(members)
+    roster, drawn = world.draws[-1]
+    assert j.leader == drawn  # the last draw chose the leader
+    assert set(members) <= roster.member_ids
     return j
 
 
@@ -321,6 +372,7 @@ def test_a_member_whose_model_differs_fails_and_the_others_join_the_next_epoch()
     world = FormationWorld(4, min_peers=3)
     odd = world.peers[3]
     world.view_problem[odd] = ("my model's layout differs from the leader's", True)
+    world.rig(world.peers[0])
     world.start()
     world.run()
     j = one_federation(world, world.peers[:3])
@@ -334,6 +386,7 @@ def test_a_misfit_candidate_is_refused_with_the_reason() -> None:
     world = FormationWorld(4, min_peers=3)
     odd = world.peers[2]
     world.misfit[odd] = "missing columns 'income'"
+    world.rig(world.peers[0])
     world.start()
     world.run()
     one_federation(world, [p for p in world.peers if p != odd])
@@ -345,10 +398,11 @@ def test_a_leader_proposing_settings_out_of_bounds_is_distrusted_and_elected_aro
     world = FormationWorld(4, min_peers=3)
     bad = world.peers[0]
     world.bad_leader.add(bad)
+    world.rig(bad)  # the draw chooses it (it coordinates too: the lowest)
     world.start()
     world.run()
     j = one_federation(world, world.peers[1:])
-    assert j.leader == world.peers[1]
+    assert j.leader != bad
     for p in world.peers[1:]:
         assert bad in world.machines[p].distrusted
         assert any("breaks the rules" in n for n in world.notes(p))
@@ -363,6 +417,7 @@ def test_a_lost_commit_is_replaced_by_the_first_ring_blob() -> None:
     world = FormationWorld(3)
     c = world.peers[2]
     world.lose_commit.add(c)
+    world.rig(world.peers[0])
     world.start()
     world.run(until=5.0)
     m = world.machines[c]
@@ -377,6 +432,7 @@ def test_a_ring_blob_of_another_view_does_not_join() -> None:
     world = FormationWorld(3)
     c = world.peers[2]
     world.lose_commit.add(c)
+    world.rig(world.peers[0])
     world.start()
     world.run(until=5.0)
     m = world.machines[c]
@@ -526,3 +582,161 @@ def test_a_probe_closed_at_once_is_a_strike_not_a_verdict() -> None:
         assert low not in m.unreachable and m.leader == low
     m.handle(ProbeDone(low, None, "closed the connection", strike=True))
     assert low in m.unreachable and m.leader != low
+
+
+# --- the draw -----------------------------------------------------------------------------
+
+
+def test_an_id_grinder_coordinates_but_the_draw_chooses_the_leader() -> None:
+    """The lowest ID (say, ground by key generation) coordinates the draw and learns only
+    commitments and nonces: every data summary goes to the leader the draw chose."""
+    world = FormationWorld(4)
+    grinder, drawn = world.peers[0], world.peers[2]
+    world.rig(drawn)
+    world.start()
+    world.run()
+    j = one_federation(world, world.peers)
+    assert j.leader == drawn
+    offers = [(p, a) for _, p, a in world.log if isinstance(a, AnswerOffer)]
+    assert {(p, a.leader) for p, a in offers if not a.draw} == {
+        (p, drawn) for p in world.peers if p != drawn
+    }
+    assert all(a.draw for _, a in offers if a.leader == grinder)
+    assert world.now == pytest.approx(1.0)  # the draw costs no waiting
+
+
+def _member_with_roster(n: int = 4) -> tuple[FormationWorld, FormationMachine, Roster, bytes]:
+    """The highest of ``n`` peers, called by the lowest for a draw, holding its roster."""
+    world = FormationWorld(n, min_peers=2)
+    coordinator, me = world.peers[0], world.peers[-1]
+    m = world.machines[me]
+    m.handle(Start())
+    for p in world.peers[:-1]:
+        m.handle(PeerSeen(p))
+    m.handle(TimerFired("settle"))
+    run = b"r" * 16
+    [*_, offer, _due] = m.handle(CallArrived(coordinator, run))
+    assert offer == AnswerOffer(coordinator, run, draw=True)
+    commits = tuple((p, commitment(world.nonces_of(p, run))) for p in world.peers[1:])
+    roster = Roster(run, 0, coordinator, commits)
+    digest = hashlib.sha256(roster.to_cbor()).digest()
+    actions = m.handle(ViewArrived(coordinator, run, 0, digest, roster=roster))
+    assert SendAck(coordinator, run, 0, digest) in actions
+    assert coordinator in m.spent and m.revealed == digest
+    return world, m, roster, digest
+
+
+def test_a_coordinator_that_gives_its_draw_up_after_the_reveals_coordinates_no_more() -> None:
+    world, m, _, _ = _member_with_roster()
+    coordinator = world.peers[0]
+    actions = m.handle(RefuseArrived(coordinator, RefusalCode.GIVEN_UP, "the draw failed"))
+    assert m.stage is Stage.FOLLOWING and m.leader == world.peers[1]
+    assert any("gave the proposal up" in a.text for a in actions if isinstance(a, Note))
+    [refuse] = m.handle(CallArrived(coordinator, b"s" * 16))  # a second look: refused
+    assert isinstance(refuse, SendRefuse) and refuse.code is RefusalCode.COMMITTED
+    assert "coordinated a draw with me already" in refuse.reason
+    # The next coordinator's call is answered (with a fresh commitment, not a summary).
+    actions = m.handle(CallArrived(world.peers[1], b"t" * 16))
+    assert AnswerOffer(world.peers[1], b"t" * 16, draw=True) in actions
+
+
+def test_a_drawn_leaders_call_is_taken_only_with_the_draw_we_revealed_for() -> None:
+    world, m, roster, digest = _member_with_roster()
+    coordinator, leader = world.peers[0], world.peers[1]
+    reveals = tuple((p, reveal_of(world.nonces_of(p, roster.run_id), 0)) for p, _ in roster.commits)
+    [refuse] = m.handle(CallArrived(leader, b"s" * 16, b"another roster".ljust(32)))
+    assert isinstance(refuse, SendRefuse) and refuse.code is RefusalCode.COMMITTED
+    drawn = draw_leader(roster, dict(reveals))
+    actions = m.handle(CommitArrived(coordinator, roster.run_id, 0, digest, reveals))
+    assert m.drawn is not None and m.drawn.leader == drawn
+    if drawn == m.me:
+        assert m.stage is Stage.LEADING
+        return
+    assert m.stage is Stage.FOLLOWING and m.leader == drawn
+    assert SetTimer("follow", LIMITS.formation_timeout) in actions
+    [refuse] = m.handle(CallArrived(world.peers[2], b"u" * 16))  # a coordinator's call
+    assert isinstance(refuse, SendRefuse) and "bound to the draw" in refuse.reason
+    actions = m.handle(CallArrived(drawn, b"v" * 16, digest))
+    assert AnswerOffer(drawn, b"v" * 16, draw=False) in actions
+
+
+def test_a_commit_whose_reveals_do_not_open_the_commitments_is_distrusted() -> None:
+    world, m, roster, digest = _member_with_roster()
+    coordinator = world.peers[0]
+    forged = tuple((p, b"\0" * 32) for p, _ in roster.commits)
+    actions = m.handle(CommitArrived(coordinator, roster.run_id, 0, digest, forged))
+    assert coordinator in m.distrusted and m.drawn is None
+    assert any("draw of" in a.text and "invalid" in a.text for a in actions if isinstance(a, Note))
+
+
+def test_a_roster_signed_again_with_new_members_is_refused() -> None:
+    world, m, roster, _ = _member_with_roster()
+    coordinator = world.peers[0]
+    outsider = Identity(b"\x77" * 32).peer_id
+    bigger = Roster(
+        roster.run_id, 1, coordinator, tuple(sorted((*roster.commits, (outsider, b"c" * 64))))
+    )
+    actions = m.handle(ViewArrived(coordinator, roster.run_id, 1, b"e" * 32, roster=bigger))
+    [refuse] = [a for a in actions if isinstance(a, SendRefuse)]
+    assert refuse.code is RefusalCode.BAD_VIEW and "adds members" in refuse.reason
+    assert coordinator in m.distrusted
+
+
+def _coordinating() -> tuple[FormationWorld, FormationMachine, bytes]:
+    """The lowest of 4 peers, coordinating a draw whose roster (epoch 0) went out."""
+    world = FormationWorld(4, min_peers=2)
+    m = world.machines[world.peers[0]]
+    m.handle(Start())
+    for p in world.peers[1:]:
+        m.handle(PeerSeen(p))
+    m.handle(TimerFired("settle"))
+    assert m.stage is Stage.LEADING and m.run_id is not None
+    run = m.run_id
+    for p in world.peers[1:]:
+        m.handle(OfferArrived(p, run, None, commitment(world.nonces_of(p, run))))
+    assert m.stage is Stage.PROPOSING
+    m.handle(ViewReady(run, 0, b"d" * 32, frozenset(world.peers[1:])))
+    return world, m, run
+
+
+def test_a_reveal_that_does_not_open_its_commitment_leaves_the_member_out() -> None:
+    world, m, run = _coordinating()
+    a, b, c = world.peers[1:]
+    actions = m.handle(AckArrived(a, run, 0, b"d" * 32, b"\0" * 32))
+    assert SendRefuse(a, run, RefusalCode.MALFORMED, "bad reveal") in actions
+    assert a not in m.offers
+    m.handle(AckArrived(b, run, 0, b"d" * 32, reveal_of(world.nonces_of(b, run), 0)))
+    actions = m.handle(AckArrived(c, run, 0, b"d" * 32, reveal_of(world.nonces_of(c, run), 0)))
+    [propose] = [x for x in actions if isinstance(x, Propose)]
+    assert propose.epoch == 1 and propose.members == {b, c}  # signed again, without a
+
+
+def test_a_draw_is_signed_again_at_most_once_then_given_up() -> None:
+    """A coordinator gets at most two looks at a draw (epochs 0 and 1), then is spent."""
+    world, m, run = _coordinating()
+    a, b, _never = world.peers[1:]
+    for p in (a, b):
+        m.handle(AckArrived(p, run, 0, b"d" * 32, reveal_of(world.nonces_of(p, run), 0)))
+    [propose] = [x for x in m.handle(TimerFired("acks")) if isinstance(x, Propose)]
+    assert propose.epoch == 1 and propose.members == {a, b}  # c never revealed
+    m.handle(ViewReady(run, 1, b"e" * 32, frozenset({a, b})))
+    m.handle(AckArrived(a, run, 1, b"e" * 32, reveal_of(world.nonces_of(a, run), 1)))
+    actions = m.handle(TimerFired("acks"))  # b never revealed for epoch 1
+    assert not [x for x in actions if isinstance(x, Propose)]
+    assert (
+        SendRefuse(a, run, RefusalCode.GIVEN_UP, "the draw failed: members did not acknowledge")
+        in actions
+    )
+    assert m.me in m.spent and m.stage is Stage.FOLLOWING and m.leader == a
+
+
+def test_a_member_that_lost_the_draws_commit_joins_on_the_drawn_leaders_call() -> None:
+    world = FormationWorld(3)
+    c = world.peers[2]
+    world.lose_draw.add(c)
+    world.rig(world.peers[1])  # neither the coordinator nor c
+    world.start()
+    world.run()
+    j = one_federation(world, world.peers)
+    assert j.leader == world.peers[1]
+    assert any("went silent" in n for n in world.notes(c))

@@ -21,6 +21,7 @@ from fedup.protocol.messages import (
     Passed,
     PeerList,
     Refuse,
+    RosterMessage,
     ViewMessage,
     decode_message,
     encode_message,
@@ -85,10 +86,12 @@ def test_view_signed_by_non_leader_rejected() -> None:
         verify_view(_forge(view().to_cbor(), IDS[1]))
 
 
-def test_leader_must_be_lowest_member() -> None:
-    bad = view(leader=IDS[1].peer_id)
-    with pytest.raises(MessageError, match="not the lowest"):
-        verify_view(_forge(bad.to_cbor(), IDS[1]))
+def test_the_leader_is_any_member_the_draw_chose_but_a_member() -> None:
+    drawn = view(leader=IDS[1].peer_id)  # not the lowest: the draw chooses the leader
+    assert verify_view(_forge(drawn.to_cbor(), IDS[1])).view.leader == IDS[1].peer_id
+    outsider = view(leader=IDS[2].peer_id, members=tuple(rec(i) for i in IDS[:2]))
+    with pytest.raises(MessageError, match="not a member"):
+        verify_view(_forge(outsider.to_cbor(), IDS[2]))
 
 
 def test_unsorted_or_duplicate_members_rejected() -> None:
@@ -154,7 +157,12 @@ def test_local_settings_out_of_bounds_are_a_config_error(change: dict[str, objec
 
 MESSAGES = [
     Call(RUN),
+    Call(RUN, b"proof"),
     Offer(RUN, {"columns": []}, "tabular-mlp"),
+    Offer(RUN, None, "tabular-mlp", b"c" * 64),
+    RosterMessage(b"xyz"),
+    Ack(RUN, 1, b"d" * 32, b"n" * 32),
+    Commit(RUN, 0, b"d" * 32, {IDS[1].peer_id: b"n" * 32, IDS[2].peer_id: b"m" * 32}),
     Follow(RUN, IDS[0].peer_id),
     ViewMessage(b"xyz"),
     Ack(RUN, 3, b"d" * 32),
