@@ -37,9 +37,10 @@ The member threat model (docs/federation.md) is enforced on every
 :meth:`_check_final`): a model is taken only from the live predecessor, at
 exactly the next position, at most ``max_laps + 1``, with a dead chain that
 extends ours and never names us, metadata consistent with the header and with
-the history seen here, and a chain of hop statements that extends ours and ends
-with the sender's statement about this very state (:meth:`_check_provenance`,
-:mod:`fedup.protocol.provenance`); a final only when the stopping rule holds on
+the history seen here, and hop statements that continue ours from its last one
+and end with the sender's statement about this very state (:meth:`_check_provenance`,
+:mod:`fedup.protocol.provenance`; a blob carries only the statements after its
+receiver's own last one, :meth:`HopChain.suffix_for`); a final only when the stopping rule holds on
 what it carries, sealed by the member whose hop ended the run over this content
 and the model file it makes, its chain ending with that member's statement.
 Every hop trained here is signed (:class:`Trained` carries the content digest
@@ -107,12 +108,7 @@ from fedup.protocol.notices import (
     SealError,
 )
 from fedup.protocol.peer_id import PeerId
-from fedup.protocol.provenance import (
-    ChainForkError,
-    ChainRules,
-    HopChain,
-    ProvenanceError,
-)
+from fedup.protocol.provenance import ChainRules, HopChain, ProvenanceError
 from fedup.protocol.refusal import RefusalCode
 from fedup.protocol.ring import Ring
 
@@ -142,8 +138,9 @@ class _Handover:
     chain: DeadChain
     """The chain the blob carries: ours plus the claims made while handing this one."""
     started: float
-    provenance: bytes | memoryview
-    """The hop statements the blob carries."""
+    provenance: HopChain
+    """The hop statements held when it started (the blob carries those its target has
+    not seen: :meth:`HopChain.suffix_for`, made again for each attempt and target)."""
     attempts: int = 1
 
 
@@ -155,7 +152,7 @@ class _Kept:
     target: PeerId
     position: Position
     """The position ``target`` took it at."""
-    provenance: bytes | memoryview
+    provenance: HopChain
     """The hop statements it was handed on with (to hand it on again)."""
 
 
@@ -253,8 +250,8 @@ class CustodyMachine:
         self.provenance = HopChain.start(
             ChainRules(run_id, view_digest, self.chain.members, rule.max_laps)
         )
-        """The hop statements as far as this member verified or signed them (their bytes
-        only while it holds the model or distributes the final one)."""
+        """The hop statements as far as this member verified or signed them: all of them
+        (a blob carries only those its receiver has not seen, so a member keeps its own)."""
         self._received = initial
         """The content digest of the state trained here (what our statement received)."""
         self.phase = Phase.READY
@@ -370,7 +367,7 @@ class CustodyMachine:
             position,
             self.chain,
             now,
-            self._chain_bytes(),
+            self.provenance,
         )
         self.handovers[handover.id] = handover
         self.phase = Phase.HANDING
@@ -387,19 +384,8 @@ class CustodyMachine:
             h.copy,
             self._final_origin if h.kind == "final" else None,
             self._final_seal if h.kind == "final" else None,
-            h.provenance,
+            h.provenance.suffix_for(h.target),
         )
-
-    def _chain_bytes(self) -> bytes | memoryview:
-        data = self.provenance.data
-        if data is None:
-            raise LocalProtocolError("no hop statements held here to hand on")
-        return data
-
-    def _release_chain(self) -> None:
-        """Drop the chain's bytes (hand-overs in progress keep their own reference)."""
-        if self.provenance.data is not None:
-            self.provenance = self.provenance.light()
 
     def _handed_over(self, event: HandedOver, now: float) -> list[Action]:
         h = self.handovers.get(event.handover)
@@ -422,7 +408,6 @@ class CustodyMachine:
             if h.purpose == "forward":
                 self.holding = None
                 self.source = None
-                self._release_chain()
                 self.phase = Phase.WAITING
                 actions.append(self._wait_timer())
             return actions
@@ -503,7 +488,6 @@ class CustodyMachine:
             actions.append(Forget(h.copy))
             self.holding = None
             self.source = None
-            self._release_chain()
             self.phase = Phase.WAITING
             return [*actions, self._wait_timer()]
         if h.purpose == "final":
@@ -877,25 +861,15 @@ class CustodyMachine:
         """The blob's hop statements, checked: they extend ours and end with the
         statement of the member that made this state (:mod:`fedup.protocol.provenance`)."""
         try:
-            provenance = self._extend_provenance(event, chain)
+            provenance = self.provenance.extend_with(
+                event.provenance, dead=chain, limits=self.limits, rewind=event.kind == "final"
+            )
         except ProvenanceError as exc:
-            return Refuse(event.sender, RefusalCode.BAD_PROVENANCE, exc.reason), None
+            return Refuse(event.sender, exc.code, exc.reason), None
         problem = self._last_statement_problem(provenance, event, chain)
         if problem is not None:
             return Refuse(event.sender, RefusalCode.BAD_PROVENANCE, problem), None
         return None, provenance
-
-    def _extend_provenance(self, event: BlobArrived, chain: DeadChain) -> HopChain:
-        try:
-            return self.provenance.extend_with(event.provenance, dead=chain, limits=self.limits)
-        except ChainForkError:
-            if event.kind != "final":
-                raise
-        # A final model, and hops of ours that the run did not keep (we were counted as
-        # dead while we trained): check its chain from the start.
-        return HopChain.start(self.provenance.rules).extend_with(
-            event.provenance, dead=chain, limits=self.limits
-        )
 
     def _last_statement_problem(
         self, provenance: HopChain, event: BlobArrived, chain: DeadChain
@@ -947,7 +921,6 @@ class CustodyMachine:
     def _become_excluded(self, notice: DeadNotice) -> list[Action]:
         self.excluded = notice
         self.phase = Phase.EXCLUDED
-        self._release_chain()
         actions: list[Action] = [Excluded(notice)]
         for h in list(self.handovers.values()):
             del self.handovers[h.id]
@@ -977,7 +950,6 @@ class CustodyMachine:
     def _final_saved(self, event: FinalSaved, now: float) -> list[Action]:
         if self.excluded is not None or self.stop_reason == "members-lost":
             self.phase = Phase.DONE
-            self._release_chain()
             return [Finished()]
         if not self._received_final:
             # We ended the run: seal the final model (the driver supplied its content
@@ -985,8 +957,7 @@ class CustodyMachine:
             if self._final_seal is None:
                 raise LocalProtocolError("seal_final() must be called before FinalSaved")
         self.phase = Phase.DISTRIBUTING
-        self._final_chain = self._chain_bytes()
-        self._release_chain()
+        self._final_chain = self.provenance
         return self._start_final_ring(now)
 
     def seal_final(self, content: bytes, model: bytes) -> bytes:
@@ -999,14 +970,14 @@ class CustodyMachine:
         self._final_origin, self._final_seal = self.me, seal.envelope
         return seal.envelope
 
-    def provenance_record(self) -> tuple[tuple[bytes, ...], bytes | memoryview, bytes]:
+    def provenance_record(self) -> tuple[tuple[bytes, ...], bytes, bytes]:
         """The final model's provenance, once :class:`Finish` was returned (and, by the
         member that ended the run, :meth:`seal_final` called): the dead notices, the hop
         statements and the seal.  Raises LocalProtocolError before then."""
-        data, seal = self.provenance.data, self._final_seal
-        if self.phase is not Phase.FINISHING or data is None or seal is None:
+        seal = self._final_seal
+        if self.phase is not Phase.FINISHING or seal is None:
             raise LocalProtocolError("the final model's provenance is not known here yet")
-        return self.chain.envelopes, data, seal
+        return self.chain.envelopes, self.provenance.data, seal
 
     def _final_position(self) -> Position:
         return Position(max(self.seen.lap, 0), 0)
@@ -1065,7 +1036,7 @@ class CustodyMachine:
         return actions
 
     _final_dead_sent = False
-    _final_chain: bytes | memoryview | None = None
+    _final_chain: HopChain | None = None
     """The final model's hop statements, while this member distributes it."""
     _finish_copy: Position = FINAL
     _received_final = False

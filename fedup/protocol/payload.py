@@ -2,7 +2,7 @@
 
 A blob's bytes (see ``docs/protocol-blob.md``) are, for ring training::
 
-    "FUHP" | u8 version (3) | 3 zero bytes | u32 BE length M | u32 BE length P
+    "FUHP" | u8 version (4) | 3 zero bytes | u32 BE length M | u32 BE length P
            | M bytes of CBOR meta | P bytes of provenance
            | zero bytes up to the next multiple of 8 | state
 
@@ -14,10 +14,13 @@ A blob's bytes (see ``docs/protocol-blob.md``) are, for ring training::
      "origin": bstr(38) / null,   ; a final model: the member whose hop ended the run
      "seal": bstr / null}         ; a final model: the origin's seal of its content
 
-``provenance`` is the chain of signed hop statements (:mod:`fedup.protocol.provenance`),
-at most ``Limits.max_provenance_hops`` of them: it grows by one statement a hop,
-so it lies outside the CBOR metadata (bounded by ``Limits.max_message_size``)
-and is checked statement by statement, only from where its receiver last saw it.
+``provenance`` is the part of the chain of signed hop statements
+(:mod:`fedup.protocol.provenance`) that the receiver has not seen: the statements
+after its own last one, fewer than a lap of the ring between live members, the
+whole chain at most (``Limits.max_provenance_hops`` statements: a final model to
+a member counted as dead long ago), so it lies outside the CBOR metadata (bounded
+by ``Limits.max_message_size``) and is checked statement by statement.  (Version 3
+carried the whole chain in every blob.)
 
 ``state`` is the model-state encoding of ``docs/protocol-tensors.md``.  The whole
 blob is covered by the signed digest of the blob layer, so the metadata is as
@@ -46,7 +49,7 @@ from fedup.protocol.refusal import RefusalCode
 from fedup.protocol.schema import FieldReader, MessageError
 
 MAGIC = b"FUHP"
-VERSION = 3
+VERSION = 4
 _PREAMBLE = 16
 DIGEST_SIZE = 32
 

@@ -4,7 +4,8 @@ A member that trains a hop (or only evaluates it) signs a *hop statement*:
 "in run R, at lap L hop H, I received the model whose content digest is G, sent
 on the model whose content digest is S, and trained it on N samples; the
 statement before mine has digest P".  The statements form one hash chain per run
-that grows by one at every hop and travels in every ring blob.  The run's end is
+that grows by one at every hop; every member keeps the chain it verified, and a
+ring blob carries the part its receiver has not seen.  The run's end is
 sealed (:class:`~fedup.protocol.notices.FinalSeal`) over the last statement's
 model and the SHA-256 of the model file every member saves, so anyone holding
 the signed view, the dead notices, the chain and the seal can check who trained
@@ -29,13 +30,27 @@ The chain's rules (:class:`HopChain`; docs/federation.md, "Provenance"):
   first is the leader's, at lap 0 hop 0), never beyond the last lap, and a
   statement of an evaluation-only lap trained no samples.
 
-A receiver verifies only what it has not seen: the chain must start with the
-exact bytes it knew (one BLAKE2b pass over that prefix), and each statement
-after them is checked.  A statement's signature is verified once per process
-(a bounded cache of successful verifications, keyed by the exact bytes), and a
-chain already verified in this process under the same view and dead notices is
-recognised by the digest of its bytes, so in the simulator, where every peer
-shares one process, each statement costs one verification in all.
+A blob carries only what its receiver has not seen (:meth:`HopChain.suffix_for`):
+the statements after the receiver's own last one in the sender's chain (all of
+them if it signed none yet).  The receiver holds the chain up to that statement
+(it verified the chain up to its predecessor's statement and signed its own), so
+the first statement carried must name its head as ``prev``
+(:meth:`HopChain.extend_with`); one that names an earlier statement of ours is
+refused (:class:`ChainForkError`), one that names a statement not held here
+says statements are missing (:class:`ChainGapError`, code ``missing-hops``).
+Only a final model may resume after an earlier statement of ours (``rewind``): a
+member counted as dead after it signed a hop holds a statement the run did not
+keep, and the chain it saves is the run's.  Each statement carried is checked
+exactly as if the whole chain had come.  Between the blobs of a ring without
+deaths, that is fewer than a lap of statements; a final blob to a member counted
+as dead carries everything since its last statement in the run's chain.
+
+A statement's signature is verified once per process (a bounded cache of
+successful verifications, keyed by the exact bytes), and a chain already
+verified in this process under the same view and dead notices is recognised by
+the digest of its bytes (the receiver's chain plus what the blob carries; each
+chain keeps the digest's state, not its bytes), so in the simulator, where every
+peer shares one process, each statement costs one verification in all.
 
 Wire forms::
 
@@ -57,7 +72,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-from collections.abc import Iterator, Sequence
+import types
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -76,6 +92,7 @@ from fedup.protocol.view import SignedView, verify_view
 
 __all__ = [
     "ChainForkError",
+    "ChainGapError",
     "ChainRules",
     "HopChain",
     "HopStatement",
@@ -120,7 +137,14 @@ class ProvenanceError(RemoteProtocolError):
 
 
 class ChainForkError(ProvenanceError):
-    """A chain that does not start with the one known here: a hop known here is gone."""
+    """Statements that do not continue the chain known here from its last statement but
+    from an earlier one (a hop known here would be gone)."""
+
+
+class ChainGapError(ProvenanceError):
+    """Statements that continue a statement not known here: the ones between are missing."""
+
+    code = RefusalCode.MISSING_HOPS
 
 
 def _blake(data: bytes | memoryview, person: bytes) -> bytes:
@@ -294,59 +318,117 @@ class ChainRules:
         return peer in self._memberset
 
 
+@attrs.frozen(eq=False, slots=True)
+class _Link:
+    """One statement of a chain and the link to the one before it (chains that share a
+    beginning share its links)."""
+
+    statement: HopStatement
+    entry: bytes
+    """Its bytes in a chain (:attr:`HopStatement.entry`, made once)."""
+    parent: _Link | None
+    index: int
+
+
 @attrs.frozen(eq=False)
 class HopChain:
-    """A verified chain of hop statements: what the next one must link to, and its bytes.
+    """A verified chain of hop statements: what the next one must link to, and every statement.
 
-    ``data`` is None once released (a member that handed the model on needs only
-    what to compare the next chain with: ``nbytes``, ``fingerprint``, ``head``).
+    The statements are held as links (a chain extended by one statement shares the
+    links of the chain it extends), so a member keeps the whole chain it verified
+    and a blob need carry only what its receiver has not seen (:meth:`suffix_for`,
+    :meth:`extend_with`).
     """
 
     rules: ChainRules
     count: int
     """Statements in the chain."""
     nbytes: int
+    """The chain's bytes (every statement's :attr:`HopStatement.entry`)."""
     fingerprint: bytes
-    """The digest of the chain's bytes (a receiver compares the prefix it knew by it)."""
+    """The digest of the chain's bytes (what the process's cache of verified chains is
+    keyed by)."""
     head: bytes
     """The digest the next statement must name as ``prev``."""
-    last: HopStatement | None
-    data: bytes | memoryview | None
+    tail: _Link | None
+    """The last statement's link (None: no statement yet)."""
+    last_by: Mapping[PeerId, int]
+    """Each signer's last statement's index (never changed once made)."""
     _hasher: Any = attrs.field(default=None, repr=False)
-    """The bytes digest's state after ``data`` (so a statement appends in O(1))."""
+    """The bytes digest's state after the chain (so a statement appends in O(1))."""
 
     @classmethod
     def start(cls, rules: ChainRules) -> HopChain:
         """The empty chain of a run (no hop yet)."""
-        return cls(rules, 0, 0, EMPTY_FINGERPRINT, provenance_genesis(rules.view_digest), None, b"")
+        return cls(
+            rules,
+            0,
+            0,
+            EMPTY_FINGERPRINT,
+            provenance_genesis(rules.view_digest),
+            None,
+            _NO_SIGNERS,
+            _bytes_hasher(),
+        )
 
-    def light(self) -> HopChain:
-        """This chain without its bytes (enough to check the next one against)."""
-        return attrs.evolve(self, data=None, hasher=None)
+    @property
+    def last(self) -> HopStatement | None:
+        """The last statement (None: no statement yet)."""
+        return self.tail.statement if self.tail is not None else None
+
+    @property
+    def data(self) -> bytes:
+        """The chain's bytes, first statement to last (made on demand)."""
+        return b"".join(link.entry for link in self._links(self.count))
 
     def statements(self) -> Iterator[HopStatement]:
-        """Every statement, first to last (decoded again; verified when this chain was)."""
-        if self.data is None:
-            raise LocalProtocolError("this chain's bytes were released")
-        view = memoryview(self.data)
-        for begin, end in _entries(view, 0, self.count):
-            yield HopStatement.open(view[begin:end])
+        """Every statement, first to last (verified when this chain was)."""
+        return (link.statement for link in self._links(self.count))
+
+    def _links(self, n: int) -> list[_Link]:
+        """The last ``n`` links, in chain order."""
+        out: list[_Link] = []
+        link = self.tail
+        for _ in range(n):
+            assert link is not None
+            out.append(link)
+            link = link.parent
+        out.reverse()
+        return out
+
+    def suffix_for(self, peer: PeerId) -> bytes:
+        """The bytes of the statements after ``peer``'s last one (all of them if it signed
+        none): what a blob to ``peer`` carries.  ``peer`` holds the chain up to its own
+        last statement (it verified it, then signed its own), so with its copy these are
+        the whole chain (:meth:`extend_with`)."""
+        start = self.last_by.get(peer, -1) + 1
+        return b"".join(link.entry for link in self._links(self.count - start))
 
     def next_place(self, dead: DeadChain) -> tuple[PeerId, Position]:
         """Who must sign the next statement, and at which position (the ring rules)."""
         return _Walk(self, dead).next_place()
 
     def extend_with(
-        self, data: bytes | memoryview, *, dead: DeadChain, limits: Limits = DEFAULT_LIMITS
+        self,
+        data: bytes | memoryview,
+        *,
+        dead: DeadChain,
+        limits: Limits = DEFAULT_LIMITS,
+        rewind: bool = False,
     ) -> HopChain:
-        """The chain in ``data``, checked against this one (which it must extend).
+        """This chain extended by the statements in ``data``, each checked.
 
-        ``data`` must start with this chain's bytes exactly (compared by their
-        digest) and every statement after them must fit its place (the module
-        docstring's rules), with the dead notices of ``dead`` deciding the ring at
-        each position.  Raises :class:`ChainForkError` when ``data`` does not start
-        with this chain, :class:`ProvenanceError` for every other problem, naming
-        the first statement at fault.  Only the new statements are checked.
+        ``data`` holds the statements that follow this chain's last one: its first
+        must name this chain's head as ``prev``.  With ``rewind`` (a final model, whose
+        chain may leave out statements of ours the run did not keep), it may instead
+        follow any statement of this chain (or none: it starts the chain), and the
+        statements after that one are dropped.  Every statement in ``data`` must fit
+        its place (the module docstring's rules), with the dead notices of ``dead``
+        deciding the ring at each position.  Raises :class:`ChainGapError` when the
+        first statement follows none held here (statements between are missing),
+        :class:`ChainForkError` when it follows an earlier one without ``rewind``,
+        :class:`ProvenanceError` for every other problem, naming the first statement
+        at fault.
         """
         view = memoryview(data)
         n = view.nbytes
@@ -355,34 +437,85 @@ class HopChain:
             raise ProvenanceError(
                 f"provenance chain of {n} bytes exceeds {cap} (Limits.max_provenance_hops)"
             )
-        if n < self.nbytes:
-            raise ChainForkError(
-                f"provenance chain of {n} bytes is shorter than the {self.nbytes} known here "
-                "(a hop was removed)"
-            )
-        hasher = _bytes_hasher()
-        hasher.update(view[: self.nbytes])
-        if hasher.digest() != self.fingerprint:
-            raise ChainForkError(
-                f"provenance chain differs from the {self.count} statements known here "
-                "(a hop was changed, removed or reordered)"
-            )
-        hasher.update(view[self.nbytes :])
-        fingerprint = hasher.digest()
-        key = (self.rules, dead.head, n, fingerprint)
+        if n == 0:
+            return self
+        hasher = (self._hasher or _hasher_over(self.data)).copy()
+        hasher.update(view)
+        key = (self.rules, dead.head, self.nbytes + n, hasher.digest())
         known = _VERIFIED.get(key)
         if known is not None and known.count <= limits.max_provenance_hops:
-            return attrs.evolve(known, data=data, hasher=hasher)
-        walk = _Walk(self, dead)
-        for begin, end in _entries(view, self.nbytes, limits.max_provenance_hops - self.count):
+            return attrs.evolve(known, hasher=hasher)
+        room = limits.max_provenance_hops - (0 if rewind else self.count)
+        spans = _entries(view, 0, room)
+        try:
+            first = HopStatement.open(view[spans[0][0] : spans[0][1]])
+        except ProvenanceError as exc:
+            raise ProvenanceError(f"hop statement {self.count}: {exc.reason}") from None
+        base = self._resume_after(first.prev, rewind)
+        if base.count + len(spans) > limits.max_provenance_hops:
+            raise ProvenanceError(
+                "provenance chain holds more statements than Limits.max_provenance_hops"
+            )
+        if base is not self:
+            hasher = (base._hasher or _hasher_over(base.data)).copy()
+            hasher.update(view)
+            key = (self.rules, dead.head, base.nbytes + n, hasher.digest())
+        walk = _Walk(base, dead)
+        walk.take(first, bytes(view[spans[0][0] : spans[0][1] + LENGTH_SIZE]))
+        for begin, end in spans[1:]:
             try:
                 statement = HopStatement.open(view[begin:end])
             except ProvenanceError as exc:
                 raise ProvenanceError(f"hop statement {walk.count}: {exc.reason}") from None
-            walk.take(statement)
-        chain = HopChain(self.rules, walk.count, n, fingerprint, walk.head, walk.last, data, hasher)
+            walk.take(statement, bytes(view[begin : end + LENGTH_SIZE]))
+        chain = walk.chain(base.nbytes + n, hasher)
         _remember(key, chain)
         return chain
+
+    def _resume_after(self, prev: bytes, rewind: bool) -> HopChain:
+        """The chain a statement naming ``prev`` continues: this one, or (``rewind``) this
+        one cut after the statement whose digest is ``prev``."""
+        if prev == self.head or self.count == 0:
+            return self  # (an empty chain: the walk says the first does not link)
+        link, genesis = self.tail, provenance_genesis(self.rules.view_digest)
+        while link is not None and link.statement.digest != prev:
+            link = link.parent
+        if link is None and prev != genesis:
+            raise ChainGapError(
+                f"provenance chain continues from a hop statement not known here: the "
+                f"statements after statement {self.count - 1}, the last known here, are "
+                "missing"
+            )
+        kept = link.index + 1 if link is not None else 0
+        if not rewind:
+            after = f"after statement {kept - 1}" if kept else "from the chain's start"
+            raise ChainForkError(
+                f"provenance chain resumes {after}, but the statements known here run to "
+                f"statement {self.count - 1}: it must start right after them"
+            )
+        return self._cut(kept)
+
+    def _cut(self, n: int) -> HopChain:
+        """This chain's first ``n`` statements."""
+        links = self._links(self.count)[:n]
+        last_by: dict[PeerId, int] = {}
+        hasher = _bytes_hasher()
+        for link in links:
+            last_by[link.statement.signer] = link.index
+            hasher.update(link.entry)
+        tail = links[-1] if links else None
+        return HopChain(
+            self.rules,
+            n,
+            sum(len(link.entry) for link in links),
+            hasher.digest(),
+            tail.statement.digest
+            if tail is not None
+            else provenance_genesis(self.rules.view_digest),
+            tail,
+            last_by,
+            hasher,
+        )
 
     def append(
         self,
@@ -397,12 +530,10 @@ class HopChain:
     ) -> HopChain:
         """This chain with ``signer``'s statement about the hop at ``position``.
 
-        Raises :class:`~fedup.errors.LocalProtocolError` if the chain's bytes were
-        released, it is full, or the statement would break the chain's rules (the
-        caller must train only where :meth:`next_place` says, on what it received).
+        Raises :class:`~fedup.errors.LocalProtocolError` if the chain is full or the
+        statement would break the chain's rules (the caller must train only where
+        :meth:`next_place` says, on what it received).
         """
-        if self.data is None:
-            raise LocalProtocolError("this chain's bytes were released; it cannot grow")
         if self.count >= limits.max_provenance_hops:
             raise LocalProtocolError(
                 f"the provenance chain holds {self.count} statements already "
@@ -417,20 +548,17 @@ class HopChain:
             sent=sent,
             samples=samples,
         )
+        entry = statement.entry
         walk = _Walk(self, dead)
         try:
-            walk.take(statement)
+            walk.take(statement, entry)
         except ProvenanceError as exc:
             raise LocalProtocolError(
                 f"our own hop statement breaks the chain: {exc.reason}"
             ) from None
-        entry = statement.entry
-        hasher = self._hasher.copy() if self._hasher is not None else _hasher_over(self.data)
+        hasher = (self._hasher or _hasher_over(self.data)).copy()
         hasher.update(entry)
-        data = b"".join((self.data, entry))
-        chain = HopChain(
-            self.rules, walk.count, len(data), hasher.digest(), walk.head, walk.last, data, hasher
-        )
+        chain = walk.chain(self.nbytes + len(entry), hasher)
         if _SHARED_PROCESS:  # the simulator: the receivers are in this process too
             _remember((self.rules, dead.head, chain.nbytes, chain.fingerprint), chain)
         return chain
@@ -480,6 +608,7 @@ def _entries(view: memoryview, start: int, max_count: int) -> list[tuple[int, in
 
 
 _VERIFIED: dict[tuple[ChainRules, bytes, int, bytes], HopChain] = {}
+_NO_SIGNERS: Mapping[PeerId, int] = types.MappingProxyType({})
 _SHARED_PROCESS = False
 
 
@@ -498,10 +627,11 @@ def shared_process() -> Iterator[None]:
 
 
 def _remember(key: tuple[ChainRules, bytes, int, bytes], chain: HopChain) -> None:
-    """Note a chain verified in this process (without its bytes), oldest forgotten first."""
+    """Note a chain verified in this process, oldest forgotten first (its links are
+    shared with the chains it extends, so a note costs little)."""
     if len(_VERIFIED) >= CHAIN_CACHE:
         del _VERIFIED[next(iter(_VERIFIED))]
-    _VERIFIED[key] = chain.light()
+    _VERIFIED[key] = attrs.evolve(chain, hasher=None)
 
 
 class _Walk:
@@ -512,6 +642,9 @@ class _Walk:
         self.count = chain.count
         self.head = chain.head
         self.last = chain.last
+        self.tail = chain.tail
+        self.last_by = chain.last_by
+        self._own_last_by = False
         self._notices = sorted(((n.at, n.dead) for n in dead.notices), key=lambda x: x[0])
         self._rings: dict[frozenset[PeerId], Ring] = {}
         if dead.members == self.rules.members:  # the dead chain's own ring, built once
@@ -536,7 +669,8 @@ class _Walk:
         except LocalProtocolError as exc:
             raise ProvenanceError(f"no member can follow {last.describe()}: {exc}") from None
 
-    def take(self, s: HopStatement) -> None:
+    def take(self, s: HopStatement, entry: bytes) -> None:
+        """Check ``s`` (whose bytes in the chain are ``entry``) and add it."""
         rules = self.rules
         where = f"hop statement {self.count}"
         if s.run_id != rules.run_id:
@@ -568,9 +702,26 @@ class _Walk:
                 f"{where} claims {s.samples} samples trained in lap {position.lap}, which only "
                 "evaluates"
             )
+        if not self._own_last_by:
+            self.last_by, self._own_last_by = dict(self.last_by), True
+        self.last_by[s.signer] = self.count  # type: ignore[index]
+        self.tail = _Link(s, entry, self.tail, self.count)
         self.count += 1
         self.head = s.digest
         self.last = s
+
+    def chain(self, nbytes: int, hasher: Any) -> HopChain:
+        """The chain the statements taken make (``nbytes`` long, ``hasher`` over them)."""
+        return HopChain(
+            self.rules,
+            self.count,
+            nbytes,
+            hasher.digest(),
+            self.head,
+            self.tail,
+            self.last_by,
+            hasher,
+        )
 
 
 # --- the provenance of a saved model --------------------------------------------------------

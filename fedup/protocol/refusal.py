@@ -47,6 +47,9 @@ class RefusalCode(enum.Enum):
     BAD_PROVENANCE = "bad-provenance"
     """A chain of hop statements that is forged, broken, out of the ring's order, or does
     not end with the sender's statement about the model it sends."""
+    MISSING_HOPS = "missing-hops"
+    """Hop statements that continue one the receiver does not hold: the sender left out
+    statements between the receiver's last one and them."""
     TOO_LARGE = "too-large"
     """Beyond a size limit."""
     # --- state: the receiver is alive and cannot take it now or any more ---------------
@@ -93,6 +96,7 @@ _CONTENT = frozenset(
         RefusalCode.BAD_CLAIM,
         RefusalCode.NOT_FINAL,
         RefusalCode.BAD_PROVENANCE,
+        RefusalCode.MISSING_HOPS,
         RefusalCode.TOO_LARGE,
     }
 )

@@ -307,10 +307,11 @@ async def test_huge_weights_are_refused_before_custody(
 
 
 class BrokenProvenance(Attack):
-    """Hands its successor the model with its chain of hop statements broken three ways
-    (the predecessor's new statement removed; the same statement signed by a key outside
-    the view; an old statement, which the successor already knew, removed), then complies.
-    A member cannot slip a broken chain into the final model of the honest ones."""
+    """Hands its successor the model with the hop statements it has not seen broken four
+    ways (the predecessor's statement removed; the same statement signed by a key outside
+    the view; the statements starting one early, with the successor's own last statement,
+    which it already knew; the first statement it lacks left out), then complies.  A
+    member cannot slip a broken chain into the final model of the honest ones."""
 
     def attack(self, blob: OutgoingBlob) -> list[OutgoingBlob]:
         stranger = Identity(b"\x66" * 32)
@@ -336,10 +337,16 @@ class BrokenProvenance(Attack):
             )
             return [*hops[:-2], forged.envelope, hops[-1]]
 
+        def one_early(hops: list[bytes]) -> list[bytes]:
+            assert self.peer is not None and self.peer.custody is not None
+            held = self.peer.custody.machine.provenance  # ours, up to our new statement
+            return [s.envelope for s in held.statements()][-len(hops) - 1 :]
+
         return [
             self.rewrite(blob, with_hops(lambda hops: [*hops[:-2], hops[-1]])),
             self.rewrite(blob, with_hops(foreign)),
-            self.rewrite(blob, with_hops(lambda hops: [hops[0], *hops[2:]])),
+            self.rewrite(blob, with_hops(one_early)),
+            self.rewrite(blob, with_hops(lambda hops: hops[1:])),
         ]
 
 
@@ -351,8 +358,10 @@ async def test_a_broken_chain_of_hop_statements_is_refused_and_the_model_verifie
     assert weights_digest(attacked[0]) == weights_digest(baseline[0])
     assert all(s.dead == [] and s.excluded is None for s in attacked)
     lines = [x for x in refusals_naming(text, tamper.identity) if "bad-provenance" in x]
-    for why in ("does not link", "not a member of the view", "differs from the"):
+    for why in ("does not link", "not a member of the view", "must start right after them"):
         assert any(why in line for line in lines), (why, lines)
+    missing = [x for x in refusals_naming(text, tamper.identity) if "missing-hops" in x]
+    assert any("are missing" in line for line in missing), missing
     # honest_finish (in attacked_run) checked that every member's provenance verifies
 
 

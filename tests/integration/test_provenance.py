@@ -5,7 +5,8 @@ module; each test copies one member's output folder and alters it: a byte of the
 model, a byte of ``provenance.cbor``, a hop removed or reordered, a foreign
 signature in a member's place, a statement from another run.  ``fedup-peer verify``
 must say why in one line on stderr and exit 1, or report who trained how much and
-exit 0.
+exit 0.  The blobs of that run are recorded: each carries only the hop statements its
+receiver has not seen.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -23,8 +25,17 @@ from fedup.cli import main
 from fedup.commands.verify import VerifyFailure, verify_model
 from fedup.identity import Identity
 from fedup.peer import RunSummary
+from fedup.peer.tamper import OutgoingBlob, Tamper
 from fedup.protocol import cbor
-from fedup.protocol.provenance import HopStatement, encode_provenance, join_chain, split_chain
+from fedup.protocol.payload import decode_payload
+from fedup.protocol.provenance import (
+    MAX_STATEMENT_SIZE,
+    HopStatement,
+    encode_provenance,
+    join_chain,
+    split_chain,
+)
+from fedup.sim.world import MemoryWorld
 from tests.integration.test_federation import check_same_model, identities, run_federation
 
 IDS = identities(3)
@@ -32,13 +43,45 @@ BY_PEER = {i.peer_id: i for i in IDS}
 STRANGER = Identity(b"\x66" * 32)
 
 
+@attrs.frozen
+class BlobSeen:
+    kind: str
+    lap: int
+    hop: int
+    hops: list[bytes]
+    """The statement envelopes it carried."""
+    nbytes: int
+
+
+class Recorder(Tamper):
+    """Changes nothing; notes what each blob a member sends carries."""
+
+    def __init__(self, seen: list[BlobSeen]) -> None:
+        self.seen = seen
+
+    def blobs(self, blob: OutgoingBlob) -> list[OutgoingBlob]:
+        chain = decode_payload(bytearray(blob.data)).provenance
+        self.seen.append(
+            BlobSeen(blob.kind, blob.lap, blob.hop, split_chain(chain), memoryview(chain).nbytes)
+        )
+        return [blob]
+
+
+SENT: list[BlobSeen] = []
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The output folder of one member after a whole run (the others hold the same)."""
+    """The output folder of one member after a whole run (the others hold the same);
+    what every blob carried is in ``SENT``."""
     tmp = tmp_path_factory.mktemp("federation")
+    world = MemoryWorld()
+    SENT.clear()
+    for ident in IDS:
+        world.tampers[ident.peer_id] = Recorder(SENT)
 
     async def federate() -> dict[str, RunSummary | BaseException]:
-        return await run_federation(tmp, IDS)
+        return await run_federation(tmp, IDS, world=world)
 
     results = trio.run(federate, clock=trio.testing.MockClock(autojump_threshold=0))
     summaries = [results[i.peer_id.text] for i in IDS]
@@ -114,6 +157,35 @@ def test_a_run_s_outputs_verify_and_say_who_trained_how_much(
         lines = (folder / "metrics.jsonl").read_text().splitlines()
         logged += sum(r["samples"] for r in map(json.loads, lines) if r["type"] == "hop")
     assert sum(m["samples"] for m in report["members"]) == logged
+
+
+def test_blobs_carry_less_than_a_lap_of_statements_and_every_member_the_whole_chain(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A blob carries the statements made since its receiver's own last one (fewer than
+    a lap of the ring), not the chain since the run began; every member's
+    ``provenance.cbor`` still holds the whole chain, and verifies."""
+    whole = statements(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert len(whole) == (summary["laps"] + 1) * len(IDS) + 1  # laps 0 .. max_laps, closing
+    assert len(whole) > 3 * len(IDS)  # so carrying it whole would exceed the bound below
+    models = [b for b in SENT if b.kind == "model"]
+    finals = [b for b in SENT if b.kind == "final"]
+    assert len(models) == len(whole) - 1 and len(finals) == len(IDS) - 1
+    lap = len(IDS) * MAX_STATEMENT_SIZE
+    for blob in SENT:
+        assert 1 <= len(blob.hops) < len(IDS), blob  # under a lap of statements
+        assert blob.nbytes < 2 * lap
+        # each is a run of the whole chain, ending with the statement of its state
+        start = whole.index(blob.hops[0])
+        assert whole[start : start + len(blob.hops)] == blob.hops
+    last = max(models, key=lambda b: (b.lap, b.hop))
+    assert last.hops == whole[-len(IDS) : -1]  # the last model blob: before the closing hop
+    assert sum(b.nbytes for b in SENT) < len(SENT) * 2 * lap
+    for folder in run_dir.parent.iterdir():  # every member: the whole chain, verified
+        assert statements(folder) == whole
+        assert main(["verify", str(folder)]) == 0
+    capsys.readouterr()
 
 
 def test_missing_files_fail_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

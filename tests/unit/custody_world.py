@@ -175,6 +175,8 @@ class PureRing:
         self.provenance: dict[PeerId, tuple[tuple[bytes, ...], bytes, bytes]] = {}
         """What each member would write as its final model's provenance."""
         self.finished: set[PeerId] = set()
+        self.sent: list[Sent] = []
+        """Every blob a machine asked to send (before a hostile member's rewrite)."""
         self.failed: dict[PeerId, str] = {}
         self.log: list[tuple[float, PeerId, Action]] = []
         self.trained: list[tuple[PeerId, Position]] = []
@@ -307,6 +309,7 @@ class PureRing:
 
     def _send(self, peer: PeerId, a: Send) -> None:
         blobs = [self.blob_of(peer, a)]
+        self.sent.append(blobs[0])
         hook = self.rewrite.get(peer)
         if hook is not None:
             blobs = hook(self, blobs[0])

@@ -37,7 +37,13 @@ from fedup.protocol.custody_events import (
 from fedup.protocol.laps import LapRecord, Position, Progress, StopState
 from fedup.protocol.notices import CustodyReceipt, DeadChain, FinalSeal
 from fedup.protocol.peer_id import PeerId
-from fedup.protocol.provenance import ChainRules, HopChain, HopStatement
+from fedup.protocol.provenance import (
+    ChainRules,
+    HopChain,
+    HopStatement,
+    join_chain,
+    split_chain,
+)
 from fedup.protocol.refusal import RefusalCode
 from tests.unit.custody_world import RUN, VIEW, PureRing, Sent, content_of, model_of
 
@@ -173,8 +179,9 @@ def test_a_slow_member_is_excluded_and_still_saves_the_final_model() -> None:
 
 def test_a_member_excluded_after_signing_its_hop_takes_the_final_chain_without_it() -> None:
     """c signs its slow hop after b handed b's copy on past it: the run's chain never
-    holds c's statement, which the final model's chain shows; c checks that chain whole
-    (its own last statement is not in it) and saves the final model all the same."""
+    holds c's statement, which the final model's chain shows; the final blob to c carries
+    the statements after c's last one in the run's chain, so c drops its own (rewinds its
+    chain to there), checks the rest and saves the final model all the same."""
     ring = PureRing(4, max_laps=6, patience=10, limits=LIMITS)
     c = ring.peers[2]
     for p in ring.peers:
@@ -188,6 +195,83 @@ def test_a_member_excluded_after_signing_its_hop_takes_the_final_chain_without_i
     assert ring.finals[c][0].excluded is not None
     finished_alike(ring)  # c included, its provenance checked
     assert c not in {s.signer for s in check_provenance(ring, c)}
+    [final] = [b for b in ring.sent if b.target == c and b.kind == "final"]
+    # c's lap-0 statement was left out too: the final blob to it starts the chain
+    c_last = max((i for i, s in enumerate(check_provenance(ring, c)) if s.signer == c), default=-1)
+    assert split_chain(final.provenance) == [
+        s.envelope for s in check_provenance(ring, c)[c_last + 1 :]
+    ]
+
+
+def statements_in(blob: Sent) -> list[HopStatement]:
+    return [HopStatement.open(e) for e in split_chain(blob.provenance)]
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_a_blob_carries_only_the_statements_its_receiver_has_not_seen(n: int) -> None:
+    """Model blobs and the final's ring carry the statements made since the receiver's
+    own last one (fewer than a lap), not the chain since the run began; every member
+    still ends with the whole chain, the same for all."""
+    ring = PureRing(n, max_laps=6, patience=10, limits=LIMITS)
+    ring.start()
+    ring.run()
+    finished_alike(ring)
+    whole = check_provenance(ring, ring.peers[0])
+    assert len(whole) == 7 * n + 1
+    for blob in ring.sent:
+        got = statements_in(blob)
+        assert 1 <= len(got) <= n - 1, (blob.kind, blob.position, len(got))
+        mine = [i for i, s in enumerate(whole) if s.signer == blob.target]
+        before = [i for i in mine if whole.index(got[0]) > i]
+        assert whole.index(got[0]) == (max(before) + 1 if before else 0)
+    assert {ring.provenance[p][1] for p in ring.peers} == {ring.provenance[ring.peers[0]][1]}
+
+
+def test_a_re_routed_ring_sends_each_receiver_the_statements_it_lacks() -> None:
+    """d crashes holding lap 1's model: c hands its copy to e, whose last statement is
+    its lap-0 one; the blob to e carries the three made since (a, b and c at lap 1)."""
+    ring = PureRing(5, max_laps=4, patience=10, limits=LIMITS)
+    d, e = ring.peers[3], ring.peers[4]
+    ring.crash_when[(d, Position(1, 3))] = "before"
+    ring.start()
+    ring.run()
+    finished_alike(ring)
+    whole = check_provenance(ring, e)
+    resent = [b for b in ring.sent if b.target == e and b.sender == ring.peers[2]]
+    got = statements_in(resent[0])
+    e_lap0 = whole.index(next(s for s in whole if s.signer == e))
+    assert got == whole[e_lap0 + 1 : e_lap0 + 1 + len(got)] and got[-1].signer == ring.peers[2]
+    assert [s.signer for s in got] == [ring.peers[0], ring.peers[1], ring.peers[2]]
+
+
+def test_a_blob_missing_statements_or_resuming_early_is_refused_with_a_code() -> None:
+    ring = hostile_ring(5, max_laps=4, patience=10)
+    _a, b, c, _d, _e = ring.peers
+
+    def rewrite(world: PureRing, blob: Sent) -> list[Sent]:
+        if blob.position != Position(2, 2):
+            return [blob]
+        hops = split_chain(blob.provenance)
+        history = [s.envelope for s in world.machines[b].provenance.statements()]
+        c_last = len(history) - len(hops) - 1
+        return [
+            attrs.evolve(blob, provenance=join_chain(hops[1:])),  # c lacks the first
+            attrs.evolve(blob, provenance=join_chain(history[c_last:])),  # c's own again
+            attrs.evolve(blob, provenance=b""),
+            blob,
+        ]
+
+    ring.rewrite[b] = rewrite
+    ring.run()
+    finished_alike(ring)
+    reasons = [r for r in ring.refusals_by(c) if r.peer == b]
+    assert [r.code for r in reasons] == [
+        RefusalCode.MISSING_HOPS,
+        RefusalCode.BAD_PROVENANCE,
+        RefusalCode.BAD_PROVENANCE,
+    ]
+    assert "are missing" in reasons[0].reason
+    assert "it must start right after them" in reasons[1].reason
 
 
 def test_a_hand_over_whose_ack_was_lost_is_taken_again_idempotently() -> None:

@@ -1,4 +1,4 @@
-"""Ring blob framing (version 3): the preamble, the CBOR meta, the provenance, the padding
+"""Ring blob framing (version 4): the preamble, the CBOR meta, the provenance, the padding
 and the state."""
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def test_defaults_are_a_model_in_training() -> None:
 
 def test_preamble_layout() -> None:
     data, prefix = blob(provenance=b"hops")
-    assert data[:4] == b"FUHP" and data[4] == 3 and data[5:8] == b"\0\0\0"
+    assert data[:4] == b"FUHP" and data[4] == 4 and data[5:8] == b"\0\0\0"
     size = int.from_bytes(data[8:12], "big")
     assert int.from_bytes(data[12:16], "big") == 4
     assert data[16 + size : 20 + size] == b"hops"
@@ -207,7 +207,7 @@ def test_wrong_magic() -> None:
     refused(MAGIC + bytes(7), "does not start with FUHP")  # shorter than the preamble
 
 
-@pytest.mark.parametrize("version", [0, 1, 2, 4, 255])
+@pytest.mark.parametrize("version", [0, 1, 2, 3, 255])
 def test_wrong_version(version: int) -> None:
     data, _ = blob()
     refused(data[:4] + bytes([version]) + data[5:], f"version {version} is not supported")

@@ -30,12 +30,14 @@ from fedup.protocol.provenance import (
     STATEMENT_DOMAIN,
     STATEMENT_TYPE,
     ChainForkError,
+    ChainGapError,
     ChainRules,
     HopChain,
     HopStatement,
     ProvenanceError,
     encode_provenance,
     provenance_genesis,
+    split_chain,
     verify_provenance,
 )
 from fedup.protocol.records import Address, PeerRecord
@@ -247,23 +249,165 @@ def test_an_honest_chain_follows_the_ring_and_verifies_from_scratch() -> None:
     assert [s.samples for s in STATEMENTS if s.position.lap >= MAX_LAPS] == [0] * 5
 
 
-def test_a_receiver_checks_only_what_follows_the_chain_it_knew() -> None:
-    mine = honest(6).light()  # what a member remembers after handing the model on
-    assert mine.data is None
-    later = mine.extend_with(join(STATEMENTS), dead=NO_DEAD)
+def test_a_receiver_checks_only_what_follows_the_chain_it_knew(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    walked = counting_walks(monkeypatch)
+    mine = honest(6)  # what a member keeps after handing the model on
+    walked.clear()
+    later = mine.extend_with(join(STATEMENTS[6:]), dead=NO_DEAD)
     assert later.count == FULL.count and later.head == FULL.head
-    # the same bytes, checked again: nothing new to check, the same answer
-    assert later.extend_with(join(STATEMENTS), dead=NO_DEAD).head == FULL.head
+    assert walked == STATEMENTS[6:]
+    # the whole chain again, as a final model may carry it: the same answer
+    assert later.extend_with(join(STATEMENTS), dead=NO_DEAD, rewind=True).head == FULL.head
+    assert later.extend_with(b"", dead=NO_DEAD) is later  # nothing new
 
 
 def test_a_chain_that_does_not_start_with_the_one_known_here_is_a_fork() -> None:
-    mine = honest(6).light()
-    with pytest.raises(ChainForkError, match="shorter"):
+    mine = honest(6)
+    with pytest.raises(ChainForkError, match="resumes from the chain's start") as info:
         mine.extend_with(join(STATEMENTS[:5]), dead=NO_DEAD)
+    assert info.value.code is RefusalCode.BAD_PROVENANCE
     changed = resigned(STATEMENTS[2], samples=999)
     forged = join([*STATEMENTS[:2], changed, *STATEMENTS[3:]])
-    with pytest.raises(ChainForkError, match="differs"):
+    with pytest.raises(ChainForkError, match="resumes from the chain's start"):
         mine.extend_with(forged, dead=NO_DEAD)
+    # a final model may rewind the chain known here, but not past a changed statement
+    with pytest.raises(ProvenanceError, match=r"statement 3 .* does not link"):
+        mine.extend_with(forged, dead=NO_DEAD, rewind=True)
+
+
+# --- only what the receiver has not seen -----------------------------------------------------
+
+
+def counting_walks(monkeypatch: pytest.MonkeyPatch) -> list[HopStatement]:
+    """The statements walked (checked one by one) from now on, none taken from the cache
+    of chains verified in this process."""
+    walked: list[HopStatement] = []
+    real = provenance_module._Walk.take
+
+    def counting(self: Any, statement: HopStatement, entry: bytes) -> None:
+        walked.append(statement)
+        real(self, statement, entry)
+
+    monkeypatch.setattr(provenance_module._Walk, "take", counting)
+    monkeypatch.setattr(provenance_module, "_VERIFIED", {})  # what earlier tests checked
+    return walked
+
+
+def test_the_suffix_for_a_member_starts_after_its_own_last_statement() -> None:
+    # lap 0: member 2 has signed nothing yet, so it gets everything
+    assert honest(2).suffix_for(MEMBERS[2]) == join(STATEMENTS[:2])
+    # later: the statements after its own last one, at most a lap
+    assert honest(6).suffix_for(MEMBERS[2]) == join(STATEMENTS[3:6])  # after statement 2
+    assert honest(9).suffix_for(MEMBERS[3]) == join(STATEMENTS[8:9])  # after statement 7
+    assert honest(9).suffix_for(MEMBERS[1]) == join(STATEMENTS[6:9])  # after statement 5
+    assert FULL.suffix_for(MEMBERS[0]) == b""
+
+
+def test_an_honest_suffix_makes_the_whole_chain_the_old_way_made() -> None:
+    """Each member keeps the chain up to its own last statement; handing on, it sends
+    only the statements after its successor's last one; every member ends with the
+    chain, byte for byte, that carrying the whole chain in every blob made."""
+    held = {p: HopChain.start(RULES) for p in MEMBERS}
+    biggest = 0
+    peer = MEMBERS[0]
+    for position in [s.position for s in STATEMENTS]:
+        chain = held[peer]
+        held[peer] = chain.append(
+            BY_PEER[peer],
+            position=position,
+            received=chain.last.sent if chain.last is not None else INITIAL,
+            sent=sent_at(position),
+            samples=samples_at(position),
+            dead=NO_DEAD,
+        )
+        if held[peer].count == FULL.count:
+            break
+        successor = MEMBERS[(MEMBERS.index(peer) + 1) % len(MEMBERS)]
+        suffix = held[peer].suffix_for(successor)
+        biggest = max(biggest, len(split_chain(suffix)))
+        held[successor] = held[successor].extend_with(suffix, dead=NO_DEAD)
+        peer = successor
+    assert biggest == len(MEMBERS) - 1  # the others' statements since its own: under a lap
+    final = held[MEMBERS[0]]
+    assert (final.data, final.fingerprint, final.head) == (FULL.data, FULL.fingerprint, FULL.head)
+    for member in MEMBERS[1:]:  # the final model goes round with the suffix each lacks
+        held[member] = held[member].extend_with(final.suffix_for(member), dead=NO_DEAD, rewind=True)
+        assert held[member].data == FULL.data
+        assert held[member].fingerprint == FULL.fingerprint
+
+
+def test_a_receiver_missing_statements_refuses_with_its_own_code() -> None:
+    mine = honest(6)
+    for suffix in (STATEMENTS[7:], STATEMENTS[8:10]):
+        for rewind in (False, True):
+            with pytest.raises(ChainGapError, match=r"after statement 5.* are missing") as info:
+                mine.extend_with(join(suffix), dead=NO_DEAD, rewind=rewind)
+            assert info.value.code is RefusalCode.MISSING_HOPS
+    assert mine.count == 6  # unchanged
+    # an empty chain has nothing to continue: the first statement must start the chain
+    refused(join(STATEMENTS[3:]), "statement 0 .* does not link")
+
+
+def test_a_suffix_starting_at_the_wrong_place_is_refused() -> None:
+    mine = honest(6)
+    # one statement early: statement 5, known here, again
+    with pytest.raises(ChainForkError, match="resumes after statement 4"):
+        mine.extend_with(join(STATEMENTS[5:]), dead=NO_DEAD)
+    # the next statement left out (a gap), and one that links but is out of its place
+    with pytest.raises(ChainGapError):
+        mine.extend_with(join(STATEMENTS[7:]), dead=NO_DEAD)
+    out_of_place = resigned(STATEMENTS[6], position=Position(1, 3))
+    with pytest.raises(ProvenanceError, match=r"statement 6 is by .* ring puts"):
+        mine.extend_with(join([out_of_place]), dead=NO_DEAD)
+    # the right place: taken
+    assert mine.extend_with(join(STATEMENTS[6:8]), dead=NO_DEAD).head == STATEMENTS[7].digest
+
+
+def test_a_final_model_rewinds_a_dead_member_s_own_statement() -> None:
+    """Member 1 trained lap 1 hop 1, but member 0 had declared it dead (it timed out):
+    the run went on without its statement, so the final model's chain forks from the one
+    it holds after statement 4.  The suffix sent to it starts after its last statement
+    in the run's chain (statement 1); it keeps statements up to 4 and checks the rest."""
+    late = NO_DEAD.claim(BY_PEER[MEMBERS[0]], "timed-out", Position(1, 0))
+    mine = honest(5)
+    orphan = mine.append(
+        BY_PEER[MEMBERS[1]],
+        position=Position(1, 1),
+        received=STATEMENTS[4].sent,
+        sent=b"o" * 32,
+        samples=1,
+        dead=NO_DEAD,
+    )
+    run = honest(9, dead=late)
+    assert list(run.statements())[:5] == STATEMENTS[:5]
+    assert MEMBERS[1] not in {s.signer for s in list(run.statements())[5:]}
+    suffix = run.suffix_for(MEMBERS[1])
+    assert suffix == join(list(run.statements())[2:])
+    with pytest.raises(ChainForkError, match="resumes after statement 1"):
+        orphan.extend_with(suffix, dead=late)
+    got = orphan.extend_with(suffix, dead=late, rewind=True)
+    assert (got.data, got.fingerprint, got.count) == (run.data, run.fingerprint, run.count)
+    assert got.suffix_for(MEMBERS[1]) == suffix  # its own statement is not in it
+
+
+def test_in_the_simulator_a_receiver_takes_a_chain_its_sender_built_as_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only under :func:`shared_process`: the receiver's chain plus the suffix, compared
+    by the digest of their bytes, is the chain its sender built and checked."""
+    walked = counting_walks(monkeypatch)
+    mine = honest(6)
+    with provenance_module.shared_process():
+        sender = honest(9)
+        walked.clear()
+        got = mine.extend_with(sender.suffix_for(MEMBERS[1]), dead=NO_DEAD)
+        assert walked == []
+        assert (got.data, got.fingerprint, got.count) == (sender.data, sender.fingerprint, 9)
+        # a suffix that is not the sender's chain is walked (and refused)
+        with pytest.raises(ChainGapError):
+            mine.extend_with(join(STATEMENTS[7:9]), dead=NO_DEAD)
 
 
 def test_append_keeps_the_rules_for_our_own_statements() -> None:
@@ -273,8 +417,6 @@ def test_append_keeps_the_rules_for_our_own_statements() -> None:
     kw: dict[str, Any] = {"received": chain.last.sent, "sent": INITIAL, "samples": 1}  # type: ignore[union-attr]
     with pytest.raises(LocalProtocolError, match="ring puts"):
         chain.append(IDS[0], position=position, dead=NO_DEAD, **kw)
-    with pytest.raises(LocalProtocolError, match="released"):
-        chain.light().append(BY_PEER[peer], position=position, dead=NO_DEAD, **kw)
     full = attrs.evolve(DEFAULT_LIMITS, max_provenance_hops=3)
     with pytest.raises(LocalProtocolError, match="max_provenance_hops"):
         chain.append(BY_PEER[peer], position=position, dead=NO_DEAD, limits=full, **kw)
@@ -529,15 +671,7 @@ def test_outside_a_simulation_a_receiver_checks_a_chain_its_sender_built(
     """The chain its own statements made is not taken as verified by the process's other
     peers (only the simulator shares that, :func:`shared_process`): the receiver walks and
     checks every statement, so honest chains are really checked in the tests too."""
-    walked: list[HopStatement] = []
-    real = provenance_module._Walk.take
-
-    def counting(self: Any, statement: HopStatement) -> None:
-        walked.append(statement)
-        real(self, statement)
-
-    monkeypatch.setattr(provenance_module._Walk, "take", counting)
-    monkeypatch.setattr(provenance_module, "_VERIFIED", {})  # what earlier tests checked
+    walked = counting_walks(monkeypatch)
     chain = honest(FULL.count)  # built by its members' own appends, here
     assert chain.data is not None
     assert (chain.count, chain.head) == (FULL.count, FULL.head)
