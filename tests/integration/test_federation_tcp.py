@@ -90,7 +90,7 @@ async def test_three_peers_over_loopback_tcp(tmp_path: Path, first: int) -> None
         data = (Path(s.out_dir) / "model.safetensors").read_bytes()
         assert hashlib.sha256(data).hexdigest() == s.model_sha256
         on_disk = json.loads((Path(s.out_dir) / "summary.json").read_text())
-        assert on_disk["leader"] == ids[0].peer_id.text
+        assert on_disk["leader"] == summaries[0].leader  # the one the draw chose
         assert on_disk["members"] == [i.peer_id.text for i in ids]
         assert on_disk["dead"] == [] and on_disk["laps"] == RUN.max_laps
     assert len({s.run_id for s in summaries}) == 1
