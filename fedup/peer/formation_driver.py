@@ -258,9 +258,11 @@ class FormationDriver:
         elif isinstance(a, fe.CancelTimer):
             self._timers.cancel(a.name)
         elif isinstance(a, fe.Call):
-            proof = self._proofs[a.roster].to_cbor() if a.roster is not None else None
+            call = Call(a.run_id)
+            if a.roster is not None:
+                call = Call(a.run_id, self._proofs[a.roster].to_cbor(), a.roster)
             for peer in a.peers:
-                self._spawn(self._call, peer, Call(a.run_id, proof))
+                self._spawn(self._call, peer, call)
         elif isinstance(a, fe.Probe):
             for peer in a.peers:
                 self._spawn(self._probe, peer)
@@ -541,21 +543,13 @@ class FormationDriver:
         leader = channel.remote_peer
         if channel.remote_record is not None:
             self.candidate(channel.remote_record)
-        roster = None
-        if call.draw is not None:
-            try:
-                signed, drawn = DrawProof.check(call.draw, limits=self._limits)
-                if drawn != leader:
-                    raise RemoteProtocolError(f"the draw it shows chose {drawn}, not the caller")
-            except RemoteProtocolError as exc:
-                log.warning("refusing the call of %s: %s", leader, exc.reason)
-                with trio.move_on_after(self._limits.close_notify_timeout):
-                    reason = f"a bad draw: {exc.reason}"
-                    await framed.send_frame(
-                        encode_message(Refuse(call.run_id, RefusalCode.BAD_VIEW, reason))
-                    )
-                return
-            roster = signed.digest
+        problem = self._draw_problem(leader, call)
+        if problem is not None:
+            log.warning("refusing the call of %s: %s", leader, problem)
+            with trio.move_on_after(self._limits.close_notify_timeout):
+                refuse = Refuse(call.run_id, RefusalCode.BAD_VIEW, f"a bad draw: {problem}")
+                await framed.send_frame(encode_message(refuse))
+            return
         conv = _Conversation(leader, framed, inbound=True)
         old = self._inbound.pop(leader, None)
         if old is not None:
@@ -563,8 +557,26 @@ class FormationDriver:
         self._inbound[leader] = conv
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conv.write)
-            self.feed(fe.CallArrived(leader, call.run_id, roster))
+            self.feed(fe.CallArrived(leader, call.run_id, call.roster))
             await self._read_leader(conv)
+
+    def _draw_problem(self, leader: PeerId, call: Call) -> str | None:
+        """Why the draw a leader's call shows does not choose it, or None (a draw we
+        computed ourselves from the coordinator's commit is not checked again)."""
+        known = self.machine.drawn
+        if call.draw is None or (
+            known is not None and (known.leader, known.roster) == (leader, call.roster)
+        ):
+            return None
+        try:
+            signed, drawn = DrawProof.check(call.draw, limits=self._limits)
+        except RemoteProtocolError as exc:
+            return exc.reason
+        if signed.digest != call.roster:
+            return "the proof is of another roster than it names"
+        if drawn != leader:
+            return f"the draw it shows chose {drawn}, not the caller"
+        return None
 
     async def _read_leader(self, conv: _Conversation) -> None:
         why = "closed the connection"
@@ -584,7 +596,7 @@ class FormationDriver:
             elif isinstance(message, Commit):
                 reveals = None
                 if message.reveals is not None:
-                    reveals = tuple(sorted(message.reveals.items()))
+                    reveals = tuple(message.reveals.items())  # ascending: decode_reveals checked
                     roster = self._rosters.get(message.digest)
                     if roster is not None:
                         self._proofs[message.digest] = DrawProof(roster.envelope, message.reveals)

@@ -128,7 +128,7 @@ class Roster:
                 "run": self.run_id,
                 "epoch": self.epoch,
                 "coordinator": self.coordinator.raw,
-                "members": [[p.raw, c] for p, c in self.commits],
+                "members": b"".join(p.raw + c for p, c in self.commits),
             }
         )
 
@@ -170,22 +170,21 @@ def _check_order(roster: Roster) -> None:
         raise MessageError(f"draw roster: epoch {roster.epoch} is above {MAX_ROSTER_EPOCH}")
 
 
-def _pair(value: object, label: str, second: str, size: int) -> tuple[PeerId, bytes]:
-    """``[peer ID, bstr(size)]``, as rosters and reveals carry them."""
-    if (
-        not isinstance(value, list)
-        or len(value) != 2
-        or not isinstance(value[0], bytes)
-        or len(value[0]) != RAW_SIZE
-        or not isinstance(value[1], bytes)
-        or len(value[1]) != size
-    ):
-        raise MessageError(f"{label} must be [peer ID ({RAW_SIZE} bytes), {second} ({size} bytes)]")
-    return PeerId.from_bytes(value[0]), value[1]
-
-
-def _commit_item(value: object, label: str) -> tuple[PeerId, bytes]:
-    return _pair(value, label, "commitment", COMMIT_SIZE)
+def _unpack(data: bytes, size: int, what: str, *, max_items: int) -> list[tuple[PeerId, bytes]]:
+    """Packed ``peer ID || bstr(size)`` entries (how rosters and reveals travel: one byte
+    string, strictly ascending by peer ID), checked for shape, order and count."""
+    step = RAW_SIZE + size
+    if len(data) % step:
+        raise MessageError(f"{what} must be a multiple of {step} bytes, got {len(data)}")
+    if len(data) // step > max_items:
+        raise MessageError(f"{what} holds {len(data) // step} entries, more than {max_items}")
+    items = [
+        (PeerId.from_bytes(data[i : i + RAW_SIZE]), data[i + RAW_SIZE : i + step])
+        for i in range(0, len(data), step)
+    ]
+    if any(a[0] >= b[0] for a, b in itertools.pairwise(items)):
+        raise MessageError(f"{what}: entries are not in strictly ascending peer-ID order")
+    return items
 
 
 def verify_roster(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> SignedRoster:
@@ -202,8 +201,12 @@ def verify_roster(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> SignedRost
     run_id = f.bytestr("run", size=RUN_ID_SIZE)
     epoch = f.uint("epoch", max_value=MAX_ROSTER_EPOCH)
     coordinator = PeerId.from_bytes(f.bytestr("coordinator", size=RAW_SIZE))
-    commits = f.array("members", _commit_item, max_items=limits.max_members - 1, min_items=1)
+    commits = _unpack(
+        f.bytestr("members"), COMMIT_SIZE, "draw roster: members", max_items=limits.max_members - 1
+    )
     f.done()
+    if not commits:
+        raise MessageError("draw roster: no candidates")
     if envelope.signer != coordinator:
         raise MessageError(
             f"draw roster names coordinator {coordinator} but is signed by {envelope.signer}"
@@ -232,24 +235,14 @@ def draw_leader(roster: Roster, reveals: Mapping[PeerId, bytes]) -> PeerId:
     return min(roster.member_ids, key=lambda p: _hash(seed + p.raw, b"fedup-draw-rank"))
 
 
-def _reveal_item(value: object, label: str) -> tuple[PeerId, bytes]:
-    return _pair(value, label, "nonce", NONCE_SIZE)
+def encode_reveals(reveals: Mapping[PeerId, bytes]) -> bytes:
+    """Reveals as they travel: ``peer ID || nonce`` entries, ascending by peer ID."""
+    return b"".join(p.raw + reveals[p] for p in sorted(reveals))
 
 
-def encode_reveals(reveals: Mapping[PeerId, bytes]) -> list[list[bytes]]:
-    """Reveals as they travel: ``[[peer ID, nonce], ...]`` in ascending peer-ID order."""
-    return [[p.raw, reveals[p]] for p in sorted(reveals)]
-
-
-def decode_reveals(value: object, what: str, *, limits: Limits) -> dict[PeerId, bytes]:
-    """Reveals from outside (shape and sizes only; :func:`draw_leader` checks them)."""
-    f = FieldReader({"reveals": value}, what)
-    items = f.array("reveals", _reveal_item, max_items=limits.max_members)
-    f.done()
-    reveals = dict(items)
-    if len(reveals) != len(items):
-        raise MessageError(f"{what}: a peer's reveal appears twice")
-    return reveals
+def decode_reveals(data: bytes, what: str, *, limits: Limits) -> dict[PeerId, bytes]:
+    """Reveals from outside (shape, order and sizes; :func:`draw_leader` checks them)."""
+    return dict(_unpack(data, NONCE_SIZE, what, max_items=limits.max_members))
 
 
 @attrs.frozen
@@ -266,9 +259,9 @@ class DrawProof:
     @classmethod
     def check(cls, data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> tuple[SignedRoster, PeerId]:
         """Verify a proof from outside: the roster it names and the leader it draws."""
-        value = cbor.decode(data, max_size=limits.max_message_size, max_depth=8)
+        value = cbor.decode(data, max_size=limits.max_message_size, max_depth=4)
         f = FieldReader(value, "draw proof")
         signed = verify_roster(f.bytestr("roster"), limits=limits)
-        reveals = decode_reveals(f.raw("reveals"), "draw proof: reveals", limits=limits)
+        reveals = decode_reveals(f.bytestr("reveals"), "draw proof: reveals", limits=limits)
         f.done()
         return signed, draw_leader(signed.roster, reveals)

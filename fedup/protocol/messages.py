@@ -52,21 +52,27 @@ MAX_RECEIPT = 1024
 class Call:
     """Leader to candidate: join run ``run_id``; reply with an Offer, Follow or Refuse.
 
-    A drawn leader's call carries ``draw``: the draw's proof
-    (:class:`fedup.protocol.draw.DrawProof`), checked by the receiver.
+    A drawn leader's call carries ``draw``, the draw's proof
+    (:class:`fedup.protocol.draw.DrawProof`), and ``roster``, the digest of the roster
+    drawn on (a receiver that computed that draw itself need not check the proof again).
     """
 
     TYPE: ClassVar[str] = "call"
     run_id: bytes
     draw: bytes | None = None
+    roster: bytes | None = None
 
     def fields(self) -> dict[str, Any]:
-        return {"run": self.run_id, **({"draw": self.draw} if self.draw is not None else {})}
+        if self.draw is None or self.roster is None:
+            return {"run": self.run_id}
+        return {"run": self.run_id, "draw": self.draw, "roster": self.roster}
 
     @classmethod
     def read(cls, f: FieldReader) -> Call:
         run = f.bytestr("run", size=RUN_ID_SIZE)
-        return cls(run, f.bytestr("draw") if f.optional("draw") else None)
+        if not f.optional("draw"):
+            return cls(run)
+        return cls(run, f.bytestr("draw"), f.bytestr("roster", size=DIGEST_SIZE))
 
 
 @attrs.frozen
@@ -192,7 +198,7 @@ class Commit:
         digest = f.bytestr("digest", size=DIGEST_SIZE)
         reveals = None
         if f.optional("reveals"):
-            reveals = decode_reveals(f.raw("reveals"), "commit message: reveals", limits=limits)
+            reveals = decode_reveals(f.bytestr("reveals"), "commit message: reveals", limits=limits)
         return cls(run, epoch, digest, reveals)
 
 

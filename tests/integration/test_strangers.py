@@ -221,7 +221,7 @@ async def test_an_id_grinder_does_not_lead_and_sees_no_data_summary(
             proof = DrawProof(signed.envelope, {accomplice.peer_id: reveal_of(nonces, 0)})
             if DrawProof.check(proof.to_cbor())[1] == grinder.peer_id:
                 break
-        forged = Call(run, proof.to_cbor())  # a valid proof of a draw nobody else was in
+        forged = Call(run, proof.to_cbor(), signed.digest)  # a valid proof of its own draw
         replies.append(await call_with(world.network, address, grinder, forged))
         replies.append(await call_with(world.network, address, grinder, Call(run)))
 

@@ -90,7 +90,8 @@ def _value(roster: Roster) -> dict[str, object]:
         ({"epoch": 2}, 0, "epoch"),
         ({"members": "reversed"}, 0, "ascending"),
         ({"members": "coordinator"}, 0, "coordinator is listed"),
-        ({"members": "short commit"}, 0, "commitment"),
+        ({"members": "short commit"}, 0, "multiple of 102 bytes"),
+        ({"members": "none"}, 0, "no candidates"),
         ({"extra": 1}, 0, "unknown field"),
     ],
 )
@@ -99,14 +100,18 @@ def test_a_bad_roster_is_refused_naming_the_problem(
 ) -> None:
     value = _value(roster_of(IDS))
     members = value["members"]
-    assert isinstance(members, list)
+    assert isinstance(members, bytes)
+    step = 38 + COMMIT_SIZE
+    entries = [members[i : i + step] for i in range(0, len(members), step)]
     for key, what in change.items():
         if what == "reversed":
-            value[key] = list(reversed(members))
+            value[key] = b"".join(reversed(entries))
         elif what == "coordinator":
-            value[key] = [[IDS[0].peer_id.raw, b"c" * COMMIT_SIZE], *members]
+            value[key] = IDS[0].peer_id.raw + b"c" * COMMIT_SIZE + members
         elif what == "short commit":
-            value[key] = [[members[0][0], b"c" * 10]]
+            value[key] = entries[0][:-1]
+        elif what == "none":
+            value[key] = b""
         else:
             value[key] = what
     with pytest.raises(MessageError, match=match):
@@ -164,7 +169,7 @@ def test_a_proof_shows_the_roster_and_the_leader() -> None:
     with pytest.raises(DrawError, match="does not open"):
         DrawProof.check(forged.to_cbor())
     with pytest.raises(RemoteProtocolError):
-        DrawProof.check(cbor.encode({"roster": signed.envelope, "reveals": [[b"x", b"y"]]}))
-    twice = cbor.encode({"roster": signed.envelope, "reveals": [[peer.raw, reveals[peer]]] * 2})
-    with pytest.raises(MessageError, match="twice"):
+        DrawProof.check(cbor.encode({"roster": signed.envelope, "reveals": b"xy"}))
+    twice = cbor.encode({"roster": signed.envelope, "reveals": (peer.raw + reveals[peer]) * 2})
+    with pytest.raises(MessageError, match="ascending"):
         DrawProof.check(twice)

@@ -157,7 +157,7 @@ def test_local_settings_out_of_bounds_are_a_config_error(change: dict[str, objec
 
 MESSAGES = [
     Call(RUN),
-    Call(RUN, b"proof"),
+    Call(RUN, b"proof", b"r" * 32),
     Offer(RUN, {"columns": []}, "tabular-mlp"),
     Offer(RUN, None, "tabular-mlp", b"c" * 64),
     RosterMessage(b"xyz"),
