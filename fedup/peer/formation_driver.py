@@ -182,6 +182,8 @@ class FormationDriver:
         self._outbound: dict[PeerId, _Conversation] = {}
         self._inbound: dict[PeerId, _Conversation] = {}
         self._summaries: dict[PeerId, DataSummary | None] = {}
+        self.summaries_from: set[PeerId] = set()
+        """Every peer whose data summary reached us (only a drawn leader gets any)."""
         self._proposals: dict[int, SignedView | SignedRoster] = {}
         """Leading: the view (or coordinating: the roster) signed for each epoch of the
         current run."""
@@ -354,6 +356,11 @@ class FormationDriver:
         )
         if len(signed.view.members) == 2:
             log.warning("%s", TWO_MEMBERS)
+        # Formation is over: what it kept (rosters, proofs, nonces, summaries) goes.
+        for kept in (self._proposals, self._received, self._rosters, self._proofs):
+            kept.clear()
+        self._nonces.clear()
+        self._summaries.clear()
         self._done.set()
 
     async def _probe(self, peer: PeerId) -> None:
@@ -434,6 +441,7 @@ class FormationDriver:
         if offer.summary is None:
             self._summaries[peer] = None
             return None
+        self.summaries_from.add(peer)
         try:
             self._summaries[peer] = DataSummary.from_dict(offer.summary)
         except RemoteProtocolError as exc:

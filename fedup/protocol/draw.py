@@ -28,9 +28,11 @@ Pure: no I/O.  The signed forms travel in messages (fedup.protocol.messages).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import itertools
+import operator
 from collections.abc import Mapping
 
 import attrs
@@ -188,7 +190,16 @@ def _unpack(data: bytes, size: int, what: str, *, max_items: int) -> list[tuple[
 
 
 def verify_roster(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> SignedRoster:
-    """Verify a roster from outside; raises a RemoteProtocolError subclass naming the problem."""
+    """Verify a roster from outside; raises a RemoteProtocolError subclass naming the problem.
+
+    The same bytes are verified once per process (a roster reaches every candidate, and
+    the simulator runs them all in one process); a failure is not remembered.
+    """
+    return _verified_roster(bytes(data), limits)
+
+
+@functools.lru_cache(maxsize=16)
+def _verified_roster(data: bytes, limits: Limits) -> SignedRoster:
     envelope = open_envelope(
         data, domain=ROSTER_DOMAIN, payload_type=ROSTER_TYPE, max_size=limits.max_message_size
     )
@@ -220,8 +231,18 @@ def draw_leader(roster: Roster, reveals: Mapping[PeerId, bytes]) -> PeerId:
     """The member of ``roster`` that leads, given every candidate's reveal.
 
     Raises :class:`DrawError` naming the first candidate whose reveal is missing or does
-    not open its commitment.
+    not open its commitment.  The same draw is computed once per process.
     """
+    return _drawn(roster, tuple(sorted(reveals.items(), key=_by_peer)))
+
+
+def _by_peer(pair: tuple[PeerId, bytes]) -> bytes:
+    return pair[0].raw
+
+
+@functools.lru_cache(maxsize=16)
+def _drawn(roster: Roster, pairs: tuple[tuple[PeerId, bytes], ...]) -> PeerId:
+    reveals = dict(pairs)
     beacon = hashlib.blake2b(digest_size=HASH_SIZE, person=b"fedup-draw-seed")
     beacon.update(roster.run_id + roster.epoch.to_bytes(8, "big") + roster.coordinator.raw)
     for peer, commit in roster.commits:
@@ -237,7 +258,10 @@ def draw_leader(roster: Roster, reveals: Mapping[PeerId, bytes]) -> PeerId:
 
 def encode_reveals(reveals: Mapping[PeerId, bytes]) -> bytes:
     """Reveals as they travel: ``peer ID || nonce`` entries, ascending by peer ID."""
-    return b"".join(p.raw + reveals[p] for p in sorted(reveals))
+    return b"".join(p.raw + reveals[p] for p in sorted(reveals, key=_raw))
+
+
+_raw = operator.attrgetter("raw")
 
 
 def decode_reveals(data: bytes, what: str, *, limits: Limits) -> dict[PeerId, bytes]:

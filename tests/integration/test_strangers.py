@@ -238,8 +238,8 @@ async def test_an_id_grinder_does_not_lead_and_sees_no_data_summary(
     summaries = [s for s in done if isinstance(s, RunSummary)]
     check_same_model(summaries)
     assert {s.leader for s in summaries} == {ids[2].peer_id.text} != {grinder.peer_id.text}
-    assert peers[grinder.peer_id.text].formation._summaries == {}  # no summary ever came
-    assert set(peers[ids[2].peer_id.text].formation._summaries) == {
+    assert peers[grinder.peer_id.text].formation.summaries_from == set()  # none ever came
+    assert peers[ids[2].peer_id.text].formation.summaries_from == {
         i.peer_id for i in ids if i is not ids[2]
     }
     forged, plain = replies
