@@ -42,6 +42,7 @@ from fedup.protocol.draw import (
     Roster,
     SignedRoster,
     commitment,
+    draw_leader,
     reveal_of,
     verify_roster,
 )
@@ -62,7 +63,7 @@ from fedup.protocol.messages import (
     encode_message,
 )
 from fedup.protocol.peer_id import PeerId
-from fedup.protocol.records import SignedPeerRecord
+from fedup.protocol.records import SignedPeerRecord, verify_peer_record
 from fedup.protocol.refusal import RefusalCode
 from fedup.protocol.view import (
     VIEW_DOMAIN,
@@ -299,11 +300,15 @@ class FormationDriver:
             self._to(a.leader, True, Ack(a.run_id, a.epoch, a.digest, reveal))
         elif isinstance(a, fe.SendCommit):
             reveals = dict(a.reveals) if a.reveals is not None else None
-            if reveals is not None and a.digest not in self._proofs:
+            records = None
+            if reveals is not None:
                 signed = self._proposals[a.epoch]
-                assert signed.digest == a.digest
-                self._proofs[a.digest] = DrawProof(signed.envelope, reveals)
-            self._to(a.peer, False, Commit(a.run_id, a.epoch, a.digest, reveals))
+                assert isinstance(signed, SignedRoster) and signed.digest == a.digest
+                self._proofs.setdefault(a.digest, DrawProof(signed.envelope, reveals))
+                if draw_leader(signed.roster, reveals) == a.peer:  # it calls them all next
+                    held = (self._records.get(p) for p in signed.roster.member_ids)
+                    records = (self._record().envelope, *(r.envelope for r in held if r))
+            self._to(a.peer, False, Commit(a.run_id, a.epoch, a.digest, reveals, records))
         elif isinstance(a, fe.Close):
             self._close(a.peer, a.inbound)
         elif isinstance(a, fe.Joined):
@@ -608,6 +613,7 @@ class FormationDriver:
                     roster = self._rosters.get(message.digest)
                     if roster is not None:
                         self._proofs[message.digest] = DrawProof(roster.envelope, message.reveals)
+                        self._learn_records(roster.roster, message.records or ())
                 self.feed(
                     fe.CommitArrived(
                         conv.peer, message.run_id, message.epoch, message.digest, reveals
@@ -635,6 +641,25 @@ class FormationDriver:
         if problem is None:
             self._received[signed.digest] = signed
         return fe.ViewArrived(leader, view.run_id, view.epoch, signed.digest, problem, ours)
+
+    def _learn_records(self, roster: Roster, envelopes: tuple[bytes, ...]) -> None:
+        """Keep the records of the roster's members that came with our draw's commit (we
+        were drawn and call them next); one that does not verify is skipped."""
+        members = roster.member_ids
+        for envelope in envelopes:
+            try:
+                signed = verify_peer_record(envelope, limits=self._limits)
+            except RemoteProtocolError as exc:
+                log.info("a record with the draw's commit is unusable: %s", exc.reason)
+                continue
+            peer = signed.peer_id
+            held = self._records.get(peer)
+            if (
+                peer in members
+                and peer != self.me
+                and (held is None or held.record.seq < signed.record.seq)
+            ):
+                self._records[peer] = signed
 
     def _check_roster(self, coordinator: PeerId, envelope: bytes) -> fe.ViewArrived:
         """Verify a draw roster: signed by the caller, with our commitment in it."""

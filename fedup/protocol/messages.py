@@ -178,18 +178,23 @@ def _wire_reason(reason: str) -> str:
 @attrs.frozen
 class Commit:
     """Leader to member: every member acknowledged view (run, epoch, digest); it holds.
-    For a roster, ``reveals`` carries every candidate's reveal: the draw is done."""
+    For a roster, ``reveals`` carries every candidate's reveal: the draw is done; and the
+    commit to the member the draw chose carries ``records``, the signed peer records of
+    the roster's members (it calls them next, and may not have found them all itself)."""
 
     TYPE: ClassVar[str] = "commit"
     run_id: bytes
     epoch: int
     digest: bytes
     reveals: dict[PeerId, bytes] | None = None
+    records: tuple[bytes, ...] | None = None
 
     def fields(self) -> dict[str, Any]:
         fields = {"run": self.run_id, "epoch": self.epoch, "digest": self.digest}
         if self.reveals is not None:
             fields["reveals"] = encode_reveals(self.reveals)
+        if self.records is not None:
+            fields["records"] = list(self.records)
         return fields
 
     @classmethod
@@ -199,7 +204,10 @@ class Commit:
         reveals = None
         if f.optional("reveals"):
             reveals = decode_reveals(f.bytestr("reveals"), "commit message: reveals", limits=limits)
-        return cls(run, epoch, digest, reveals)
+        records = None
+        if f.optional("records"):
+            records = tuple(f.array("records", _envelope_item, max_items=limits.max_members))
+        return cls(run, epoch, digest, reveals, records)
 
 
 @attrs.frozen

@@ -341,6 +341,31 @@ async def test_a_hidden_lowest_peer_still_leads(
     assert trio.current_time() < 60  # nobody waited for the late announcement
 
 
+async def test_the_drawn_leader_calls_members_it_never_discovered(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """The draw chooses C, whose discovery never finds D (bootstrap-only networks see
+    partial views): the coordinator, which called D, hands C the roster's records with
+    the draw's commit, and C calls D with them (the first form of the draw left D out)."""
+    ids = identities(4)
+    # Join order A, B, C, D: the hub's sources are fedup-1 (A) ... fedup-4 (D).
+    world = MemoryWorld(
+        hub=MemoryDiscoveryHub(
+            delay=lambda s, m: 10_000.0 if (s, m) == ("fedup-4", "fedup-3") else 0
+        )
+    )
+    opened: dict[str, Peer] = {}
+    results = await run_federation(
+        tmp_path, ids, world=world, start_at=[0.0, 0.01, 0.02, 0.03], opened=opened, leader=2
+    )
+    done = [results[i.peer_id.text] for i in ids]
+    assert all(isinstance(s, RunSummary) for s in done), done
+    summaries = [s for s in done if isinstance(s, RunSummary)]
+    check_same_model(summaries)
+    assert [index_of(ids, s) for s in summaries] == [(n, 2, (0, 1, 2, 3)) for n in range(4)]
+    assert ids[3].peer_id not in opened[ids[2].peer_id.text].known_peers()  # never found
+
+
 async def test_a_leader_called_by_a_lower_peer_stands_down(
     autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:

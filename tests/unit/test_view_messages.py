@@ -163,6 +163,7 @@ MESSAGES = [
     RosterMessage(b"xyz"),
     Ack(RUN, 1, b"d" * 32, b"n" * 32),
     Commit(RUN, 0, b"d" * 32, {IDS[1].peer_id: b"n" * 32, IDS[2].peer_id: b"m" * 32}),
+    Commit(RUN, 0, b"d" * 32, {IDS[1].peer_id: b"n" * 32}, (rec(IDS[1]).envelope,)),
     Follow(RUN, IDS[0].peer_id),
     ViewMessage(b"xyz"),
     Ack(RUN, 3, b"d" * 32),
