@@ -819,7 +819,8 @@ class FormationMachine:
             if self.drawn is not None and caller != self.leader:
                 reason = f"already in the federation of {self.leader}"
                 return [SendRefuse(caller, run_id, RefusalCode.COMMITTED, reason, inbound=True)]
-            actions += self._leave_leader()  # a coordinator's round we had only offered to
+            if caller != self.leader:  # (its new call replaced its old connection)
+                actions += self._leave_leader()  # a coordinator's round we were part of
         if self.stage in (Stage.LEADING, Stage.PROPOSING):
             actions.append(Note("info", f"{caller} was drawn to lead: standing down"))
             actions += self._release_candidates(RefusalCode.GIVEN_UP, "the leader stood down")

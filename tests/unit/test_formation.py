@@ -649,9 +649,7 @@ def test_a_drawn_leaders_call_is_taken_only_with_the_draw_we_revealed_for() -> N
     drawn = draw_leader(roster, dict(reveals))
     actions = m.handle(CommitArrived(coordinator, roster.run_id, 0, digest, reveals))
     assert m.drawn is not None and m.drawn.leader == drawn
-    if drawn == m.me:
-        assert m.stage is Stage.LEADING
-        return
+    assert drawn != m.me  # (the world's nonces draw another member)
     assert m.stage is Stage.FOLLOWING and m.leader == drawn
     assert SetTimer("follow", LIMITS.formation_timeout) in actions
     [refuse] = m.handle(CallArrived(world.peers[2], b"u" * 16))  # a coordinator's call
@@ -740,3 +738,21 @@ def test_a_member_that_lost_the_draws_commit_joins_on_the_drawn_leaders_call() -
     j = one_federation(world, world.peers)
     assert j.leader == world.peers[1]
     assert any("went silent" in n for n in world.notes(c))
+
+
+def test_a_drawn_leader_that_calls_again_for_a_new_run_is_answered_on_its_new_call() -> None:
+    """The drawn leader gave its first proposal up and calls again: the member answers on
+    the new connection and does not close it (it replaced the old one)."""
+    world, m, roster, digest = _member_with_roster()
+    coordinator = world.peers[0]
+    reveals = tuple((p, reveal_of(world.nonces_of(p, roster.run_id), 0)) for p, _ in roster.commits)
+    m.handle(CommitArrived(coordinator, roster.run_id, 0, digest, reveals))
+    assert m.drawn is not None
+    drawn = m.drawn.leader
+    assert drawn != m.me  # (the world's nonces draw another member)
+    m.handle(CallArrived(drawn, b"v" * 16, digest))
+    assert m.stage is Stage.OFFERED and m.leader == drawn
+    actions = m.handle(CallArrived(drawn, b"w" * 16, digest))
+    assert AnswerOffer(drawn, b"w" * 16, draw=False) in actions
+    assert not [a for a in actions if isinstance(a, Close)]
+    assert m.run_id == b"w" * 16
