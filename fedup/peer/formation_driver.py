@@ -42,7 +42,7 @@ from fedup.protocol.draw import (
     Roster,
     SignedRoster,
     commitment,
-    draw_leader,
+    proof_problem,
     reveal_of,
     verify_roster,
 )
@@ -305,7 +305,7 @@ class FormationDriver:
                 signed = self._proposals[a.epoch]
                 assert isinstance(signed, SignedRoster) and signed.digest == a.digest
                 self._proofs.setdefault(a.digest, DrawProof(signed.envelope, reveals))
-                if draw_leader(signed.roster, reveals) == a.peer:  # it calls them all next
+                if a.peer == a.drawn:  # it calls them all next
                     held = (self._records.get(p) for p in signed.roster.member_ids)
                     records = (self._record().envelope, *(r.envelope for r in held if r))
             self._to(a.peer, False, Commit(a.run_id, a.epoch, a.digest, reveals, records))
@@ -577,19 +577,11 @@ class FormationDriver:
         """Why the draw a leader's call shows does not choose it, or None (a draw we
         computed ourselves from the coordinator's commit is not checked again)."""
         known = self.machine.drawn
-        if call.draw is None or (
-            known is not None and (known.leader, known.roster) == (leader, call.roster)
-        ):
+        if call.draw is None or call.roster is None:
             return None
-        try:
-            signed, drawn = DrawProof.check(call.draw, limits=self._limits)
-        except RemoteProtocolError as exc:
-            return exc.reason
-        if signed.digest != call.roster:
-            return "the proof is of another roster than it names"
-        if drawn != leader:
-            return f"the draw it shows chose {drawn}, not the caller"
-        return None
+        if known is not None and (known.leader, known.roster) == (leader, call.roster):
+            return None
+        return proof_problem(call.draw, call.roster, leader, limits=self._limits)
 
     async def _read_leader(self, conv: _Conversation) -> None:
         why = "closed the connection"

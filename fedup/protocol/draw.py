@@ -55,6 +55,7 @@ __all__ = [
     "SignedRoster",
     "commitment",
     "draw_leader",
+    "proof_problem",
     "reveal_matches",
     "reveal_of",
     "verify_roster",
@@ -289,3 +290,19 @@ class DrawProof:
         reveals = decode_reveals(f.bytestr("reveals"), "draw proof: reveals", limits=limits)
         f.done()
         return signed, draw_leader(signed.roster, reveals)
+
+
+def proof_problem(
+    proof: bytes, roster: bytes, caller: PeerId, *, limits: Limits = DEFAULT_LIMITS
+) -> str | None:
+    """Why a call's draw proof does not show ``caller`` drawn on the roster whose digest
+    is ``roster`` (a bad proof, another roster, another leader), or None."""
+    try:
+        signed, drawn = DrawProof.check(proof, limits=limits)
+    except RemoteProtocolError as exc:
+        return exc.reason
+    if signed.digest != roster:
+        return "the proof is of another roster than it names"
+    if drawn != caller:
+        return f"the draw it shows chose {drawn}, not the caller"
+    return None

@@ -725,7 +725,7 @@ class FormationMachine:
             return self._sign_again(exc.reason)
         reveals = tuple(sorted(self.reveals.items()))
         actions = [
-            SendCommit(p, self.run_id, self.epoch, self.digest, reveals)
+            SendCommit(p, self.run_id, self.epoch, self.digest, reveals, leader)
             for p in sorted(self.offers)
         ]
         actions += [Close(p) for p in sorted(self.offers)]

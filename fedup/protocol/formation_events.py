@@ -284,6 +284,8 @@ class SendCommit:
     digest: bytes
     reveals: Reveals | None = None
     """A roster's commit: every reveal, so each member computes the draw."""
+    drawn: PeerId | None = None
+    """A roster's commit: the member the draw chose (its commit carries the records)."""
 
 
 @attrs.frozen

@@ -68,7 +68,7 @@ class Call:
         return {"run": self.run_id, "draw": self.draw, "roster": self.roster}
 
     @classmethod
-    def read(cls, f: FieldReader) -> Call:
+    def read(cls, f: FieldReader, limits: Limits) -> Call:
         run = f.bytestr("run", size=RUN_ID_SIZE)
         if not f.optional("draw"):
             return cls(run)
@@ -94,7 +94,7 @@ class Offer:
         return fields | ({"commit": self.commit} if self.commit is not None else {})
 
     @classmethod
-    def read(cls, f: FieldReader) -> Offer:
+    def read(cls, f: FieldReader, limits: Limits) -> Offer:
         run = f.bytestr("run", size=RUN_ID_SIZE)
         summary, task = f.raw("summary"), f.text("task", max_bytes=64)
         commit = f.bytestr("commit", size=COMMIT_SIZE) if f.optional("commit") else None
@@ -113,7 +113,7 @@ class Follow:
         return {"run": self.run_id, "leader": self.leader.raw}
 
     @classmethod
-    def read(cls, f: FieldReader) -> Follow:
+    def read(cls, f: FieldReader, limits: Limits) -> Follow:
         run = f.bytestr("run", size=RUN_ID_SIZE)
         return cls(run, PeerId.from_bytes(f.bytestr("leader", size=RAW_SIZE)))
 
@@ -129,7 +129,7 @@ class RosterMessage:
         return {"roster": self.envelope}
 
     @classmethod
-    def read(cls, f: FieldReader) -> RosterMessage:
+    def read(cls, f: FieldReader, limits: Limits) -> RosterMessage:
         return cls(f.bytestr("roster"))
 
 
@@ -144,7 +144,7 @@ class ViewMessage:
         return {"view": self.envelope}
 
     @classmethod
-    def read(cls, f: FieldReader) -> ViewMessage:
+    def read(cls, f: FieldReader, limits: Limits) -> ViewMessage:
         return cls(f.bytestr("view"))
 
 
@@ -164,7 +164,7 @@ class Ack:
         return fields | ({"reveal": self.reveal} if self.reveal is not None else {})
 
     @classmethod
-    def read(cls, f: FieldReader) -> Ack:
+    def read(cls, f: FieldReader, limits: Limits) -> Ack:
         run, epoch = f.bytestr("run", size=RUN_ID_SIZE), f.uint("epoch")
         digest = f.bytestr("digest", size=DIGEST_SIZE)
         reveal = f.bytestr("reveal", size=NONCE_SIZE) if f.optional("reveal") else None
@@ -198,7 +198,7 @@ class Commit:
         return fields
 
     @classmethod
-    def read(cls, f: FieldReader, limits: Limits = DEFAULT_LIMITS) -> Commit:
+    def read(cls, f: FieldReader, limits: Limits) -> Commit:
         run, epoch = f.bytestr("run", size=RUN_ID_SIZE), f.uint("epoch")
         digest = f.bytestr("digest", size=DIGEST_SIZE)
         reveals = None
@@ -227,7 +227,7 @@ class Refuse:
         return {"run": self.run_id, "code": self.code.value, "why": self.reason}
 
     @classmethod
-    def read(cls, f: FieldReader) -> Refuse:
+    def read(cls, f: FieldReader, limits: Limits) -> Refuse:
         run = f.bytestr("run", size=RUN_ID_SIZE)
         text = f.text("code", max_bytes=32)
         code = RefusalCode.parse(text)
@@ -248,7 +248,7 @@ class Link:
         return {"run": self.run_id}
 
     @classmethod
-    def read(cls, f: FieldReader) -> Link:
+    def read(cls, f: FieldReader, limits: Limits) -> Link:
         return cls(f.bytestr("run", size=RUN_ID_SIZE))
 
 
@@ -265,7 +265,7 @@ class Passed:
         return {"run": self.run_id, "receipt": self.receipt}
 
     @classmethod
-    def read(cls, f: FieldReader) -> Passed:
+    def read(cls, f: FieldReader, limits: Limits) -> Passed:
         return cls(f.bytestr("run", size=RUN_ID_SIZE), f.bytestr("receipt", max_size=MAX_RECEIPT))
 
 
@@ -279,7 +279,7 @@ class GetPeers:
         return {}
 
     @classmethod
-    def read(cls, f: FieldReader) -> GetPeers:
+    def read(cls, f: FieldReader, limits: Limits) -> GetPeers:
         return cls()
 
 
@@ -294,7 +294,7 @@ class PeerList:
         return {"records": list(self.records)}
 
     @classmethod
-    def read(cls, f: FieldReader) -> PeerList:
+    def read(cls, f: FieldReader, limits: Limits) -> PeerList:
         return cls(tuple(f.array("records", _envelope_item, max_items=MAX_PEER_LIST)))
 
 
@@ -356,6 +356,6 @@ def decode_message(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Message:
         raise MessageError(f"control message: unknown type {value['t']!r}")
     f = FieldReader(value, f"{value['t']} message")
     f.raw("t")
-    message: Message = cls.read(f, limits) if cls is Commit else cls.read(f)
+    message: Message = cls.read(f, limits)
     f.done()
     return message

@@ -17,6 +17,7 @@ from fedup.protocol.draw import (
     Roster,
     commitment,
     draw_leader,
+    proof_problem,
     reveal_matches,
     reveal_of,
     verify_roster,
@@ -173,3 +174,23 @@ def test_a_proof_shows_the_roster_and_the_leader() -> None:
     twice = cbor.encode({"roster": signed.envelope, "reveals": (peer.raw + reveals[peer]) * 2})
     with pytest.raises(MessageError, match="ascending"):
         DrawProof.check(twice)
+
+
+def test_a_call_shows_its_caller_drawn_on_the_roster_it_names_or_is_refused() -> None:
+    """A member replaying the real proof of a draw that chose someone else, a proof of
+    another roster than the one named, or garbage: each is a problem, named."""
+    roster = roster_of(IDS)
+    signed = roster.seal(IDS[0])
+    reveals = reveals_of(roster)
+    proof = DrawProof(signed.envelope, reveals).to_cbor()
+    leader = draw_leader(roster, reveals)
+    other = next(i.peer_id for i in IDS if i.peer_id != leader)
+    assert proof_problem(proof, signed.digest, leader) is None
+    assert proof_problem(proof, signed.digest, other) == (
+        f"the draw it shows chose {leader}, not the caller"
+    )
+    assert proof_problem(proof, b"\0" * 32, leader) == (
+        "the proof is of another roster than it names"
+    )
+    problem = proof_problem(b"\xa0", signed.digest, leader)
+    assert problem is not None and "roster" in problem
