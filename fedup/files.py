@@ -1,7 +1,9 @@
 """The files and folders FedUp makes, and the secrets it reads, on a shared machine.
 
 Another user of the host may plant a symbolic link where FedUp is about to write,
-or loosen a key file's mode.  Every file FedUp writes goes through this module:
+or loosen a key file's mode.  Every file FedUp writes goes through this module (the
+state lock, ``peer.lock``, is opened by :mod:`fedup.state_lock`, in the state folder
+checked by :func:`check_private_dir`):
 
 * **Folders** FedUp creates get mode 0700, missing parents included
   (:func:`make_dirs`).  An existing folder is used as it is, but a symbolic link
@@ -21,6 +23,10 @@ or loosen a key file's mode.  Every file FedUp writes goes through this module:
     ``O_CREAT | O_EXCL | O_NOFOLLOW``; anything already at the name, a symbolic
     link included, is refused.
 
+* **Run files read back** (``fedup-peer show``, the page's downloads, ``verify``, the
+  demo following its peers) are opened by :func:`open_regular` / :func:`read_bounded`:
+  never through a symbolic link, never blocking on a FIFO planted at the name, only a
+  regular file, and never more than a stated size.
 * **Secrets** (the identity key, the network key) are read by
   :func:`read_private_file`: the name must be a regular file, not a symbolic link,
   owned by the current user, that group and others can neither read nor write.
@@ -54,6 +60,8 @@ __all__ = [
     "fsync_dir",
     "make_dirs",
     "open_append",
+    "open_regular",
+    "read_bounded",
     "read_private_file",
     "write_atomic",
 ]
@@ -245,6 +253,42 @@ def _is_regular(path: StrPath) -> bool:
 
 def _not_regular(path: StrPath) -> FileError:
     return FileError(f"{path} is not a regular file; refusing to write to it")
+
+
+def open_regular(path: StrPath) -> tuple[BinaryIO, int] | None:
+    """Open regular file ``path`` to read: ``(file, size)``, or None if nothing is there.
+
+    Never through a symbolic link (refused), never blocking on a FIFO or device planted
+    at the name (opened without waiting, then refused): anything but a regular file is
+    a :class:`~fedup.errors.FileError` naming the path.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | _NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        why = "it is a symbolic link" if _is_link(path) else exc.strerror
+        raise FileError(f"cannot read {path}: {why}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise FileError(f"{path} is not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb"), info.st_size
+
+
+def read_bounded(path: StrPath, limit: int, *, offset: int = 0) -> bytes | None:
+    """The bytes of regular file ``path`` from ``offset`` (None if it is not there), read
+    as :func:`open_regular` opens it; a file larger than ``limit`` is a FileError."""
+    opened = open_regular(path)
+    if opened is None:
+        return None
+    f, size = opened
+    with f:
+        if size > limit:
+            raise FileError(f"{path} is larger than it may be ({limit:,} bytes)")
+        f.seek(offset)
+        return f.read(limit - offset)
 
 
 def fsync_dir(folder: StrPath) -> None:

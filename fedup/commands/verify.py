@@ -15,10 +15,11 @@ import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from fedup.config import DEFAULT_LIMITS, Limits
-from fedup.errors import RemoteProtocolError
+from fedup.errors import FileError, RemoteProtocolError
+from fedup.files import open_regular, read_bounded
 from fedup.protocol.provenance import VerifiedProvenance, max_provenance_size, verify_provenance
 from fedup.protocol.refusal import printable
 
@@ -101,23 +102,37 @@ def verify_model(path: Path, *, limits: Limits = DEFAULT_LIMITS) -> tuple[Path, 
 
 
 def _sha256(path: Path, limit: int) -> bytes:
+    opened = _opened(path)
     digest = hashlib.sha256()
-    with path.open("rb") as f:
-        size = 0
-        while chunk := f.read(1 << 20):
-            size += len(chunk)
-            if size > limit:
-                raise VerifyFailure(f"{path} is larger than a model may be ({limit} bytes)")
+    f, size = opened
+    with f:
+        if size > limit:
+            raise VerifyFailure(f"{path} is larger than a model may be ({limit} bytes)")
+        while chunk := f.read(min(1 << 20, size)):
             digest.update(chunk)
+            size -= len(chunk)
     return digest.digest()
 
 
 def _read(path: Path, limit: int) -> bytes:
-    with path.open("rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise VerifyFailure(f"{path} is larger than a provenance file may be ({limit} bytes)")
+    try:
+        data = read_bounded(path, limit)
+    except FileError as exc:
+        raise VerifyFailure(str(exc)) from None
+    if data is None:
+        raise VerifyFailure(f"{path} does not exist")
     return data
+
+
+def _opened(path: Path) -> tuple[BinaryIO, int]:
+    """``path`` opened as a regular file (no symbolic link, no FIFO), and its size."""
+    try:
+        opened = open_regular(path)
+    except FileError as exc:
+        raise VerifyFailure(str(exc)) from None
+    if opened is None:
+        raise VerifyFailure(f"{path} does not exist")
+    return opened
 
 
 def describe(model: Path, verified: VerifiedProvenance) -> dict[str, Any]:

@@ -26,7 +26,8 @@ from typing import Any
 
 import attrs
 
-from fedup.files import create_new, make_dirs
+from fedup.errors import FedupError
+from fedup.files import create_new, make_dirs, open_regular, read_bounded
 from fedup.identity import load_or_create_identity
 from fedup.learn.loans import generate_lender, lender_seed
 
@@ -93,10 +94,18 @@ class PeerOutcome:
 
 
 def _last_line(path: Path) -> str:
+    """The last line of a peer's log (its error), read from the log's last 64 KiB."""
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
-    except OSError:
+        opened = open_regular(path)
+        if opened is None:
+            return ""
+        f, size = opened
+        with f:
+            f.seek(max(0, size - 65536))
+            tail = f.read(65536)
+    except (FedupError, OSError):
         return ""
+    lines = tail.decode("utf-8", errors="replace").strip().splitlines()
     return lines[-1][:300] if lines else ""
 
 
@@ -237,9 +246,14 @@ def run_peers(
     ]
 
 
+MAX_SUMMARY_BYTES = 16 * 1024 * 1024
+"""A peer's ``summary.json`` is a few KiB; a larger file is not one."""
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = read_bounded(path, MAX_SUMMARY_BYTES)
+        value = json.loads(data) if data is not None else None
+    except (FedupError, OSError, ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedup.errors import ConfigError
+from fedup.errors import ConfigError, FileError
+from fedup.files import read_bounded
 from fedup.protocol.view import settings_problem
 from fedup.ui.board import LapPoint, RunBoard
 
@@ -49,19 +48,9 @@ are 160 MB."""
 def _read_bounded(path: Path, limit: int, offset: int = 0) -> bytes | None:
     """The bytes of regular file ``path`` from ``offset`` (None if it is not there yet)."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(f"{path} is not a regular file")
-        if info.st_size > limit:
-            raise ConfigError(f"{path} is larger than a run's file may be ({limit:,} bytes)")
-        f.seek(offset)
-        return f.read(limit - offset)
+        return read_bounded(path, limit, offset=offset)
+    except FileError as exc:  # a symbolic link, a FIFO, too large: this run folder's fault
+        raise ConfigError(str(exc)) from None
 
 
 def _json(path: Path) -> dict[str, Any] | None:

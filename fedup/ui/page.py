@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
-import stat
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from pathlib import Path
@@ -50,6 +48,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fedup.config import DEFAULT_LIMITS, Limits
+from fedup.errors import FileError
+from fedup.files import open_regular
 from fedup.ui.board import Cursor, RunBoard
 from fedup.ui.folder import LINKED_FILES
 
@@ -249,22 +249,21 @@ class _Headers:
         await self.app(scope, receive, with_headers)
 
 
-def _open_file(directory: Path, name: str) -> tuple[int, int] | None:
-    """An open descriptor of regular file ``directory/name`` (no symbolic link) and its
-    size, or None."""
+def _open_file(directory: Path, name: str) -> tuple[BinaryIO, int] | None:
+    """Regular file ``directory/name``, open, and its size (None: not there, or not a
+    regular file: a symbolic link or a FIFO is never followed or waited on)."""
     try:
-        fd = os.open(directory / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
+        return open_regular(directory / name)
+    except (FileError, OSError):
         return None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        return None
-    return fd, info.st_size
 
 
-async def _chunks(f: BinaryIO) -> AsyncIterator[bytes]:
-    while chunk := await trio.to_thread.run_sync(f.read, CHUNK):
+async def _chunks(f: BinaryIO, size: int) -> AsyncIterator[bytes]:
+    """The file's first ``size`` bytes (the length announced: a growing file's new lines
+    are not sent past it)."""
+    left = size
+    while left > 0 and (chunk := await trio.to_thread.run_sync(f.read, min(CHUNK, left))):
+        left -= len(chunk)
         yield chunk
 
 
@@ -302,19 +301,18 @@ def make_app(
         opened = _open_file(directory, name)
         if opened is None:
             return PlainTextResponse("no such file", 404)
-        fd, size = opened
+        f, size = opened
         suffix = Path(name).suffix
         headers = {"content-length": str(size)}
         if suffix not in CONTENT_TYPES:
             headers["content-disposition"] = f'attachment; filename="{name}"'
         media = CONTENT_TYPES.get(suffix, "application/octet-stream")
         if request.method == "HEAD":
-            os.close(fd)
+            f.close()
             return Response(b"", headers=headers, media_type=media)
-        f = os.fdopen(fd, "rb")
         # Closed once the response is over, however it ends (the viewer may leave first).
         return StreamingResponse(
-            _chunks(f), headers=headers, media_type=media, background=BackgroundTask(f.close)
+            _chunks(f, size), headers=headers, media_type=media, background=BackgroundTask(f.close)
         )
 
     routes = [

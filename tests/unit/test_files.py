@@ -18,6 +18,7 @@ from fedup.files import (
     create_new,
     make_dirs,
     open_append,
+    read_bounded,
     read_private_file,
     write_atomic,
 )
@@ -107,6 +108,27 @@ def test_append_refuses_a_fifo_without_blocking(tmp_path: Path) -> None:
     os.mkfifo(target)
     with pytest.raises(FileError, match="not a regular file"):
         open_append(target)
+
+
+def test_a_run_file_is_read_only_when_regular_and_within_its_bound(
+    tmp_path: Path, victim: Path
+) -> None:
+    """What ``show``, the page, ``verify`` and the demo read back: never a FIFO (which
+    would block the reader for ever), never through a link, never past the bound."""
+    fifo = tmp_path / "metrics.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(FileError, match="not a regular file"):
+        read_bounded(fifo, 1024)
+    link = tmp_path / "summary.json"
+    link.symlink_to(victim)
+    with pytest.raises(FileError, match="symbolic link"):
+        read_bounded(link, 1024)
+    big = tmp_path / "model.safetensors"
+    big.write_bytes(b"x" * 2048)
+    with pytest.raises(FileError, match="larger than it may be"):
+        read_bounded(big, 1024)
+    assert read_bounded(big, 4096, offset=2000) == b"x" * 48
+    assert read_bounded(tmp_path / "absent", 10) is None
 
 
 def test_create_new_refuses_what_is_there(tmp_path: Path, victim: Path) -> None:

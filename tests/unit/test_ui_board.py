@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -226,6 +227,15 @@ GOOD_FEDERATION = {
     "members": ["p1", "p2"],
     "settings": {"max_laps": 5, "patience": 2, "tolerance": 0.0},
 }
+
+
+def test_a_fifo_in_a_run_folder_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    """``fedup-peer show`` on a folder with a FIFO planted at metrics.jsonl: a one-line
+    error (it waited for ever before)."""
+    (tmp_path / "federation.json").write_text(json.dumps(GOOD_FEDERATION))
+    os.mkfifo(tmp_path / "metrics.jsonl")
+    with pytest.raises(ConfigError, match=r"metrics\.jsonl is not a regular file"):
+        load_run(tmp_path)
 
 
 @pytest.mark.parametrize(
