@@ -860,9 +860,12 @@ class CustodyMachine:
     ) -> tuple[Refuse | None, HopChain | None]:
         """The blob's hop statements, checked: they extend ours and end with the
         statement of the member that made this state (:mod:`fedup.protocol.provenance`)."""
+        # Only a member counted as dead may see its own last statements dropped (the run
+        # did not keep them); anyone else's chain is extended, never cut back.
+        rewind = event.kind == "final" and chain.notice_about(self.me) is not None
         try:
             provenance = self.provenance.extend_with(
-                event.provenance, dead=chain, limits=self.limits, rewind=event.kind == "final"
+                event.provenance, dead=chain, limits=self.limits, rewind=rewind
             )
         except ProvenanceError as exc:
             return Refuse(event.sender, exc.code, exc.reason), None
@@ -877,20 +880,15 @@ class CustodyMachine:
         last = provenance.last
         if last is None:
             return "the blob carries no hop statement"
-        if event.kind == "final":
-            if last.signer != event.origin:
-                return (
-                    f"the last hop statement is by {last.signer}, not by {event.origin}, "
-                    "which says it ended the run"
-                )
-        else:
-            if last.signer != event.sender:
-                return f"the last hop statement is by {last.signer}, not by the sender"
-            trained = Position(event.progress.lap, event.progress.hop)
-            if last.position != trained:
-                return (
-                    f"the last hop statement is about {last.position}, the metadata about {trained}"
-                )
+        author = event.origin if event.kind == "final" else event.sender
+        if last.signer != author:
+            return f"the last hop statement is by {last.signer}, not by {author}, which made it"
+        trained = Position(event.progress.lap, event.progress.hop)
+        if event.kind == "final":  # the head's hop that closed the last lap came after it
+            trained = Position(event.progress.lap + 1, 0)
+        if last.position != trained:
+            return f"the last hop statement is about {last.position}, the metadata about {trained}"
+        if event.kind != "final":
             try:
                 place = provenance.next_place(chain)
             except ProvenanceError as exc:

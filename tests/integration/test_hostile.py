@@ -24,6 +24,7 @@ import torch
 import trio
 import trio.testing
 
+from fedup.commands.verify import verify_model
 from fedup.identity import Identity
 from fedup.learn.ring import final_weights
 from fedup.learn.ring_payload import RingBlob, content_of
@@ -363,6 +364,50 @@ async def test_a_broken_chain_of_hop_statements_is_refused_and_the_model_verifie
     missing = [x for x in refusals_naming(text, tamper.identity) if "missing-hops" in x]
     assert any("are missing" in line for line in missing), missing
     # honest_finish (in attacked_run) checked that every member's provenance verifies
+
+
+class RewrittenHistory(Attack):
+    """The ring's head ends the run and first hands on the final model with a chain of its
+    own making: one statement at lap 0 hop 0, from the initial model straight to the final
+    one, as if it had trained alone (each member would have cut its chain back to it and
+    saved a provenance crediting the head alone), then complies."""
+
+    def blobs(self, blob: OutgoingBlob) -> list[OutgoingBlob]:
+        if blob.kind != "final":
+            return [blob]
+        self.done = True
+        assert self.peer is not None and self.peer.custody is not None
+        first = next(iter(self.peer.custody.machine.provenance.statements()))
+
+        def alone(b: RingBlob) -> RingBlob:
+            last = HopStatement.open(split_chain(b.provenance)[-1])
+            forged = HopStatement.seal(
+                self.identity,
+                run_id=first.run_id,
+                prev=first.prev,
+                position=first.position,
+                received=first.received,
+                sent=last.sent,
+                samples=first.samples,
+            )
+            return attrs.evolve(b, provenance=join_chain([forged.envelope]))
+
+        return [self.rewrite(blob, alone), blob]
+
+
+async def test_the_head_cannot_rewrite_the_history_of_the_final_model(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tamper = RewrittenHistory()
+    baseline, attacked, text = await attacked_run(tmp_path, tamper, caplog, hostile=0)
+    assert weights_digest(attacked[0]) == weights_digest(baseline[0])
+    lines = [x for x in refusals_naming(text, tamper.identity) if "bad-provenance" in x]
+    assert lines, refusals_naming(text, tamper.identity)
+    for s in attacked:  # each saved the whole chain: every member trained hops in it
+        _, verified = verify_model(Path(s.out_dir))
+        assert {share.peer for share in verified.shares()} == {
+            PeerId.from_text(m) for m in s.members
+        }
 
 
 class OverflowingSummary(TabularSource):
