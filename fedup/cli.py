@@ -27,7 +27,7 @@ from fedup.commands import show as show_command
 from fedup.commands import simulate as simulate_command
 from fedup.commands import start as start_command
 from fedup.commands import verify as verify_command
-from fedup.errors import FedupError
+from fedup.errors import FedupError, innermost_single
 from fedup.identity import STATE_DIR_ENV, default_state_dir, load_or_create_identity
 
 Command = Callable[[argparse.Namespace], int]
@@ -163,7 +163,7 @@ def failed(exc: BaseException, *, debug: bool) -> int:
     user's to fix and says how; an ``OSError`` (a disk filling up, say) is
     printed as the system reports it; anything else is a bug in FedUp.
     """
-    leaf = _only(exc)
+    leaf = innermost_single(exc)
     if isinstance(leaf, KeyboardInterrupt):
         print("fedup-peer: interrupted", file=sys.stderr)
         return 130
@@ -179,13 +179,6 @@ def failed(exc: BaseException, *, debug: bool) -> int:
         )
     print("fedup-peer: " + " ".join(line.split()), file=sys.stderr)
     return 1
-
-
-def _only(exc: BaseException) -> BaseException:
-    """The one exception inside nested single-exception groups, else ``exc`` itself."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 if __name__ == "__main__":  # pragma: no cover

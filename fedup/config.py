@@ -178,7 +178,8 @@ class Limits:
     formation_timeout: float = _limit(
         60.0,
         "a peer waits this long for a lower peer (a coordinator) or the leader a draw "
-        "chose to call it, then forgets the silent one and starts again",
+        "chose to call it, then forgets the silent one and starts again; and settles after "
+        "this long even if new candidates keep appearing",
     )
     hop_timeout: float = _limit(
         300.0,

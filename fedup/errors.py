@@ -59,3 +59,11 @@ class PeerTimeoutError(RemoteProtocolError):
 
 class ConnectionLostError(RemoteProtocolError):
     """The connection ended: the peer closed it, reset it, or it broke mid-message."""
+
+
+def innermost_single(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-exception groups (hypercorn's nurseries wrap
+    a bind error twice), else ``exc`` itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

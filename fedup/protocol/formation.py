@@ -112,8 +112,9 @@ MAX_STRIKES = 3
 out, a connection closed at once) after which a candidate counts as unreachable: a real
 peer overloaded for three settle intervals is elected around, as a silent one is."""
 
-TIMERS = SETTLE, FOLLOW, PROBE, HELD, CALLS, ACKS, VIEW_DUE, COMMIT_DUE, GIVE_UP = (
+TIMERS = SETTLE, SETTLE_MAX, FOLLOW, PROBE, HELD, CALLS, ACKS, VIEW_DUE, COMMIT_DUE, GIVE_UP = (
     "settle",
+    "settle-max",
     "follow",
     "probe",
     "held",
@@ -289,6 +290,7 @@ class FormationMachine:
         return [
             SetTimer(GIVE_UP, self.limits.peer_wait_timeout),
             SetTimer(SETTLE, self.settle),
+            SetTimer(SETTLE_MAX, self.limits.formation_timeout),
         ]
 
     def _seen(self, event: PeerSeen) -> list[Action]:
@@ -305,6 +307,9 @@ class FormationMachine:
 
     def _lost(self, event: PeerLost) -> list[Action]:
         self.candidates.discard(event.peer)
+        self.unreachable.discard(event.peer)  # (a new record would clear these anyway)
+        self.inconclusive.discard(event.peer)
+        self.strikes.pop(event.peer, None)
         return []
 
     def _timer(self, event: TimerFired) -> list[Action]:
@@ -314,6 +319,16 @@ class FormationMachine:
         if name == SETTLE and self.stage is Stage.SETTLING:
             self.settled = True
             return self._elect()
+        if name == SETTLE_MAX and self.stage is Stage.SETTLING and not self.settled:
+            # New candidates keep appearing (a stranger can mint a record every few
+            # seconds): settling is not put off past formation_timeout for them.
+            self.settled = True
+            note = Note(
+                "info",
+                f"new candidates kept appearing for {self.limits.formation_timeout:g} s; "
+                "electing now",
+            )
+            return [note, CancelTimer(SETTLE), *self._elect()]
         if name == FOLLOW and self.stage is Stage.FOLLOWING and self.leader is not None:
             silent = self.leader
             self.ignored.add(silent)
@@ -366,7 +381,8 @@ class FormationMachine:
         actions += self._leave_leader()
         self.stage = Stage.FAILED
         self.failure = why
-        return [*actions, *self._cancel_all(), Failed(why)]
+        held = self._answer_held(force=True)  # callers we held get their refusal now
+        return [*actions, *self._cancel_all(), *held, Failed(why)]
 
     def _cancel_all(self) -> list[Action]:
         return [CancelTimer(n) for n in TIMERS]
@@ -777,7 +793,7 @@ class FormationMachine:
         self.digest = None
         self.epoch = -1
         self.settled = False
-        return [SetTimer(SETTLE, self.settle)]
+        return [SetTimer(SETTLE, self.settle), SetTimer(SETTLE_MAX, self.limits.formation_timeout)]
 
     # --- answering a call ---------------------------------------------------------------
 
@@ -971,7 +987,7 @@ class FormationMachine:
         assert self.run_id is not None and self.digest is not None
         self.stage = Stage.JOINED
         self.joined = Joined(leader, self.run_id, self.epoch, self.digest)
-        return [*self._cancel_all(), self.joined]
+        return [*self._cancel_all(), *self._answer_held(force=True), self.joined]
 
     def _leader_refused(self, event: RefuseArrived) -> list[Action]:
         if event.peer != self.leader:

@@ -109,21 +109,20 @@ class RunFolder:
     def read(self) -> None:
         """Read what is new; raises :class:`~fedup.errors.ConfigError` for a bad file."""
         board = self.board
-        if self.peer_id is None:
+        summary = None
+        if self.peer_id is None or not self.done:  # read once for both uses below
             summary = _json(self.directory / "summary.json")
-            if summary is not None:
-                self.peer_id = _text(summary, "peer_id", "summary.json")
+        if self.peer_id is None and summary is not None:
+            self.peer_id = _text(summary, "peer_id", "summary.json")
         if not self.formed:
             federation = _json(self.directory / "federation.json")
             if federation is None:
                 return
             self._formed(federation)
         self._metrics()
-        if not self.done:
-            summary = _json(self.directory / "summary.json")
-            if summary is not None:
-                self.done = True
-                self._summary(summary)
+        if not self.done and summary is not None:
+            self.done = True
+            self._summary(summary)
         board.set_files(name for name in LINKED_FILES if (self.directory / name).is_file())
 
     def _formed(self, federation: Mapping[str, Any]) -> None:
@@ -197,7 +196,9 @@ class RunFolder:
                 )
             )
         elif kind == "dead":
-            board.declared_dead(_text(record, "peer", where), _text(record, "why", where))
+            peer = _text(record, "peer", where)
+            if peer in board.members:  # a line naming anyone else adds no member to the page
+                board.declared_dead(peer, _text(record, "why", where))
 
     def _summary(self, summary: Mapping[str, Any]) -> None:
         where = str(self.directory / "summary.json")

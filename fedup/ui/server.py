@@ -16,7 +16,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 from starlette.applications import Starlette
 
-from fedup.errors import ConfigError
+from fedup.errors import ConfigError, innermost_single
 from fedup.protocol.records import Address
 
 __all__ = ["PageServer"]
@@ -37,14 +37,6 @@ def _bind_error(address: Address, exc: OSError) -> ConfigError:
     else:
         why, fix = exc.strerror or str(exc), "pass another --ui address"
     return ConfigError(f"cannot serve the federation page on {address}: {why}; {fix}")
-
-
-def _only(exc: BaseException) -> BaseException:
-    """The one exception inside nested single-exception groups (hypercorn's nurseries wrap
-    a bind error twice), else ``exc`` itself."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 class PageServer:
@@ -88,7 +80,7 @@ class PageServer:
         try:
             binds: list[str] = await nursery.start(run)
         except (OSError, BaseExceptionGroup) as exc:
-            bind = _only(exc)
+            bind = innermost_single(exc)
             if not isinstance(bind, OSError):
                 raise
             raise _bind_error(self.address, bind) from None

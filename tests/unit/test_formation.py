@@ -756,3 +756,33 @@ def test_a_drawn_leader_that_calls_again_for_a_new_run_is_answered_on_its_new_ca
     assert AnswerOffer(drawn, b"w" * 16, draw=False) in actions
     assert not [a for a in actions if isinstance(a, Close)]
     assert m.run_id == b"w" * 16
+
+
+def test_a_held_call_is_refused_at_once_when_formation_ends() -> None:
+    """A caller whose call we held (its probes pending) is told when we give up, instead of
+    waiting out its whole call_timeout."""
+    world, m = _following(5)
+    caller = world.peers[2]
+    m.handle(CallArrived(caller, b"s" * 16))
+    assert caller in m.held
+    actions = m.handle(TimerFired("give-up"))
+    [refuse] = [a for a in actions if isinstance(a, SendRefuse)]
+    assert (refuse.peer, refuse.code) == (caller, RefusalCode.GIVEN_UP) and refuse.inbound
+    assert not m.held and m.stage is Stage.FAILED
+
+
+def test_a_trickle_of_new_candidates_cannot_put_settling_off() -> None:
+    """A stranger minting a new record before each settle interval ends kept every peer
+    settling until it gave up; settling now ends after formation_timeout regardless."""
+    world = FormationWorld(3)
+    m = world.machines[world.peers[2]]
+    actions = m.handle(Start())
+    assert SetTimer("settle-max", LIMITS.formation_timeout) in actions
+    for p in world.peers[:2]:
+        m.handle(PeerSeen(p))
+    for n in range(20):  # a fresh fake identity every 0.9 settle intervals
+        m.handle(PeerSeen(Identity(bytes([200, n]) * 16).peer_id))
+        assert m.stage is Stage.SETTLING and not m.settled
+    actions = m.handle(TimerFired("settle-max"))
+    assert m.settled and m.stage is not Stage.SETTLING
+    assert any("kept appearing" in a.text for a in actions if isinstance(a, Note))

@@ -229,6 +229,15 @@ GOOD_FEDERATION = {
 }
 
 
+def test_a_dead_line_naming_no_member_adds_nobody_to_the_page(tmp_path: Path) -> None:
+    (tmp_path / "federation.json").write_text(json.dumps(GOOD_FEDERATION))
+    lines = [{"type": "dead", "peer": p, "why": "unreachable"} for p in ("p2", "x1", "x2")]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    board = load_run(tmp_path)
+    assert set(board.members) == {"p1", "p2"}
+    assert board.members["p2"].dead == "unreachable" and board.members["p1"].dead is None
+
+
 def test_a_fifo_in_a_run_folder_is_an_error_not_a_hang(tmp_path: Path) -> None:
     """``fedup-peer show`` on a folder with a FIFO planted at metrics.jsonl: a one-line
     error (it waited for ever before)."""
