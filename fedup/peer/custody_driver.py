@@ -44,7 +44,7 @@ from fedup.net.links import OutboundLink, serve_link
 from fedup.net.timers import Timers
 from fedup.net.transport import DialError
 from fedup.peer import events as ev
-from fedup.peer.outputs import RunOutputs, RunSummary
+from fedup.peer.outputs import RunOutputs, RunSummary, federation_json
 from fedup.peer.tamper import OutgoingBlob, Tamper
 from fedup.peer.tasks import TaskBuilder
 from fedup.protocol import custody_events as ce
@@ -58,7 +58,7 @@ from fedup.protocol.notices import FinalSeal
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.provenance import encode_provenance
 from fedup.protocol.refusal import RefusalCode
-from fedup.protocol.view import SignedView, run_settings_json
+from fedup.protocol.view import SignedView
 
 __all__ = ["CustodyDriver", "RunError"]
 
@@ -214,25 +214,14 @@ class CustodyDriver:
         if self.begun:
             return
         self.begun = True
-        log.info(
-            "run %s: %d members, ring %s",
-            self.run_id.hex()[:8],
-            len(self.members),
-            " -> ".join(p.short for p in self.members),
-        )
-        self.outputs.save_federation(
-            {
-                "run_id": self.run_id.hex(),
-                "epoch": self.view.epoch,
-                "leader": self.view.leader.text,
-                "members": [p.text for p in self.members],
-                "addresses": {
-                    m.peer_id.text: [str(a) for a in m.record.addresses] for m in self.view.members
-                },
-                "settings": run_settings_json(self.view.settings),
-                "schema": self.schema.to_dict() if self.schema is not None else None,
-            }
-        )
+        if log.isEnabledFor(logging.INFO):  # a thousand members' names: not for nothing
+            log.info(
+                "run %s: %d members, ring %s",
+                self.run_id.hex()[:8],
+                len(self.members),
+                " -> ".join(p.short for p in self.members),
+            )
+        self.outputs.save_federation(federation_json(self.signed, self.schema))
         self.feed(ce.Begin())
 
     async def run(self) -> RunSummary:

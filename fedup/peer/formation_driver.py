@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import attrs
 import trio
@@ -232,13 +232,24 @@ class FormationDriver:
 
     def candidate(self, record: SignedPeerRecord) -> None:
         """A verified record of a peer of our network (discovery, or it dialed us)."""
-        peer = record.peer_id
-        if peer == self.me:
-            return
-        current = self._records.get(peer)
-        if current is None or current.record.seq < record.record.seq:
-            self._records[peer] = record
-        self.feed(fe.PeerSeen(peer))
+        self.candidates((record,))
+
+    def candidates(self, records: Iterable[SignedPeerRecord]) -> None:
+        """Verified records of peers of our network, taken as one event (a batch of
+        discovery's news)."""
+        peers = []
+        for record in records:
+            peer = record.peer_id
+            if peer == self.me:
+                continue
+            current = self._records.get(peer)
+            if current is None or current.record.seq < record.record.seq:
+                self._records[peer] = record
+            peers.append(peer)
+        if len(peers) == 1:
+            self.feed(fe.PeerSeen(peers[0]))
+        elif peers:
+            self.feed(fe.PeersSeen(tuple(peers)))
 
     def lost(self, peer: PeerId) -> None:
         self.feed(fe.PeerLost(peer))

@@ -297,20 +297,25 @@ class Peer:
     async def _follow_discovery(self, discovery: Discovery) -> None:
         """Hand discovery's news to formation as it comes (no polling)."""
         events = discovery.subscribe()
-        for signed in discovery.peers().values():
-            self.formation.candidate(signed)
+        self.formation.candidates(discovery.peers().values())
         async with events:
             async for batch in batches(events):
-                for event in batch:
-                    self._discovered(event)
+                self._discovered(batch)
                 await trio.lowlevel.checkpoint()
 
-    def _discovered(self, event: DiscoveryEvent) -> None:
-        if event.kind is EventKind.LOST:
+    def _discovered(self, batch: Sequence[DiscoveryEvent]) -> None:
+        """Discovery's news in the order it came; the records found or updated in a row
+        go to formation as one batch."""
+        found: list[SignedPeerRecord] = []
+        for event in batch:
+            if event.kind is not EventKind.LOST:
+                found.append(event.record)
+                continue
+            self.formation.candidates(found)
+            found = []
             if event.peer_id not in self.known_peers():
                 self.formation.lost(event.peer_id)
-        else:
-            self.formation.candidate(event.record)
+        self.formation.candidates(found)
 
     # --- what the parts need ------------------------------------------------------------
 

@@ -41,7 +41,9 @@ import torch
 
 from fedup.errors import ConfigError, FileError
 from fedup.files import make_dirs, open_append, write_atomic
+from fedup.learn.schema import FeatureSchema
 from fedup.learn.weights import save_safetensors
+from fedup.protocol.view import SignedView, run_settings_json
 
 RUN_FILES = (
     "metrics.jsonl",
@@ -206,13 +208,49 @@ class RunOutputs:
         """Write ``provenance.cbor`` (replaced atomically, like the JSON files)."""
         write_atomic(self.provenance_path, data)
 
-    def save_federation(self, record: Mapping[str, Any]) -> None:
-        self._write_json(self.federation_path, record)
+    def save_federation(self, text: bytes) -> None:
+        """Write ``federation.json`` from its encoded text (:func:`federation_json`)."""
+        write_atomic(self.federation_path, text)
 
     def save_summary(self, summary: RunSummary) -> None:
         self._write_json(self.summary_path, summary.to_json())
 
     def _write_json(self, path: Path, value: Mapping[str, Any]) -> None:
         """Replace ``path`` atomically: a reader never sees half a file."""
-        text = json.dumps(value, indent=2, allow_nan=True) + "\n"
-        write_atomic(path, text.encode("utf-8"))
+        write_atomic(path, encode_json(value))
+
+
+def encode_json(value: Mapping[str, Any]) -> bytes:
+    """The text of one of the JSON files, indented for people to read."""
+    return (json.dumps(value, indent=2, allow_nan=True) + "\n").encode("utf-8")
+
+
+_federation_texts: dict[tuple[bytes, str | None], bytes] = {}
+_FEDERATION_TEXTS_KEPT = 4
+
+
+def federation_json(signed: SignedView, schema: FeatureSchema | None) -> bytes:
+    """The text of ``federation.json`` for a view (the run, the members and their
+    addresses, the settings, the schema): the same for every member, so made once per
+    process and view (the simulator's thousand members share one)."""
+    key = (signed.envelope, schema.digest() if schema is not None else None)
+    text = _federation_texts.get(key)
+    if text is None:
+        view = signed.view
+        text = encode_json(
+            {
+                "run_id": view.run_id.hex(),
+                "epoch": view.epoch,
+                "leader": view.leader.text,
+                "members": [m.peer_id.text for m in view.members],
+                "addresses": {
+                    m.peer_id.text: [str(a) for a in m.record.addresses] for m in view.members
+                },
+                "settings": run_settings_json(view.settings),
+                "schema": schema.to_dict() if schema is not None else None,
+            }
+        )
+        while len(_federation_texts) >= _FEDERATION_TEXTS_KEPT:
+            del _federation_texts[next(iter(_federation_texts))]
+        _federation_texts[key] = text
+    return text

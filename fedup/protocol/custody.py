@@ -110,7 +110,7 @@ from fedup.protocol.notices import (
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.provenance import ChainRules, HopChain, ProvenanceError
 from fedup.protocol.refusal import RefusalCode
-from fedup.protocol.ring import Ring
+from fedup.protocol.ring import Ring, ring_order
 
 __all__ = ["TRANSITIONS", "CustodyMachine", "StopRule"]
 
@@ -246,7 +246,7 @@ class CustodyMachine:
         self.view_epoch = view_epoch
         self.rule = rule
         self.limits = limits
-        self.chain = DeadChain(run_id, view_digest, tuple(sorted(set(members))))
+        self.chain = DeadChain(run_id, view_digest, ring_order(members))
         self.provenance = HopChain.start(
             ChainRules(run_id, view_digest, self.chain.members, rule.max_laps)
         )

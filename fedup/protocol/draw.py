@@ -173,18 +173,30 @@ def _check_order(roster: Roster) -> None:
         raise MessageError(f"draw roster: epoch {roster.epoch} is above {MAX_ROSTER_EPOCH}")
 
 
-def _unpack(data: bytes, size: int, what: str, *, max_items: int) -> list[tuple[PeerId, bytes]]:
+def _unpack(
+    data: bytes, size: int, what: str, *, max_items: int
+) -> tuple[tuple[PeerId, bytes], ...]:
     """Packed ``peer ID || bstr(size)`` entries (how rosters and reveals travel: one byte
-    string, strictly ascending by peer ID), checked for shape, order and count."""
+    string, strictly ascending by peer ID), checked for shape, order and count.
+
+    The same bytes are unpacked once per process (every member gets the same reveals,
+    and the simulator runs them all in one process); a failure is not remembered."""
+    return _unpacked(bytes(data), size, what, max_items)
+
+
+@functools.lru_cache(maxsize=16)
+def _unpacked(
+    data: bytes, size: int, what: str, max_items: int
+) -> tuple[tuple[PeerId, bytes], ...]:
     step = RAW_SIZE + size
     if len(data) % step:
         raise MessageError(f"{what} must be a multiple of {step} bytes, got {len(data)}")
     if len(data) // step > max_items:
         raise MessageError(f"{what} holds {len(data) // step} entries, more than {max_items}")
-    items = [
+    items = tuple(
         (PeerId.from_bytes(data[i : i + RAW_SIZE]), data[i + RAW_SIZE : i + step])
         for i in range(0, len(data), step)
-    ]
+    )
     if any(a[0] >= b[0] for a, b in itertools.pairwise(items)):
         raise MessageError(f"{what}: entries are not in strictly ascending peer-ID order")
     return items

@@ -78,6 +78,7 @@ from fedup.protocol.formation_events import (
     OfferArrived,
     PeerLost,
     PeerSeen,
+    PeersSeen,
     Probe,
     ProbeDone,
     Propose,
@@ -142,6 +143,7 @@ class Drawn:
 
 _ANY = {
     PeerSeen: "_seen",
+    PeersSeen: "_seen_many",
     PeerLost: "_lost",
     ProbeDone: "_probed",
     CallArrived: "_call",
@@ -294,15 +296,27 @@ class FormationMachine:
         ]
 
     def _seen(self, event: PeerSeen) -> list[Action]:
-        self.unreachable.discard(event.peer)  # a new record: worth another probe
-        self.inconclusive.discard(event.peer)
-        self.strikes.pop(event.peer, None)
-        if event.peer == self.me or event.peer in self.candidates:
-            return []
-        self.candidates.add(event.peer)
+        return self._quiet_again() if self._candidate(event.peer) else []
+
+    def _seen_many(self, event: PeersSeen) -> list[Action]:
+        new = [peer for peer in event.peers if self._candidate(peer)]
+        return self._quiet_again() if new else []
+
+    def _candidate(self, peer: PeerId) -> bool:
+        """Note a verified record of ``peer``; True if it is a new candidate."""
+        self.unreachable.discard(peer)  # a new record: worth another probe
+        self.inconclusive.discard(peer)
+        self.strikes.pop(peer, None)
+        if peer == self.me or peer in self.candidates:
+            return False
+        self.candidates.add(peer)
+        return True
+
+    def _quiet_again(self) -> list[Action]:
+        """A new candidate: settling waits for quiet from now."""
         if self.stage is Stage.SETTLING:
             self.settled = False
-            return [SetTimer(SETTLE, self.settle)]  # quiet again from now
+            return [SetTimer(SETTLE, self.settle)]
         return []
 
     def _lost(self, event: PeerLost) -> list[Action]:

@@ -50,6 +50,14 @@ class PeerSeen:
 
 
 @attrs.frozen
+class PeersSeen:
+    """Several verified candidates appeared (or changed) at once: one batch of discovery's
+    news, taken as one event (a thousand peers' announcements cost one timer restart)."""
+
+    peers: tuple[PeerId, ...]
+
+
+@attrs.frozen
 class PeerLost:
     peer: PeerId
 
@@ -193,6 +201,7 @@ class RingBlobArrived:
 Event: TypeAlias = (
     Start
     | PeerSeen
+    | PeersSeen
     | PeerLost
     | TimerFired
     | CallArrived

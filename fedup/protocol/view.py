@@ -25,6 +25,7 @@ answers a leader's call only with the proof of the draw it revealed for.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import math
@@ -240,7 +241,16 @@ class SignedView:
 
 
 def verify_view(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> SignedView:
-    """Verify a view from outside; raises a RemoteProtocolError subclass naming the problem."""
+    """Verify a view from outside; raises a RemoteProtocolError subclass naming the problem.
+
+    The same bytes are verified once per process (a view reaches every member, and the
+    simulator runs them all in one process); a failure is not remembered.
+    """
+    return _verified_view(bytes(data), limits)
+
+
+@functools.lru_cache(maxsize=16)
+def _verified_view(data: bytes, limits: Limits) -> SignedView:
     envelope = open_envelope(
         data, domain=VIEW_DOMAIN, payload_type=VIEW_TYPE, max_size=limits.max_message_size
     )
@@ -271,7 +281,7 @@ def verify_view(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> SignedView:
     if leader not in ids:
         raise MessageError("membership view: the leader is not a member")
     view = MembershipView(run_id, epoch, leader, members, settings, schema)
-    return SignedView(view, bytes(data))
+    return SignedView(view, data)
 
 
 def provenance_capacity_problem(members: int, max_laps: int, limits: Limits) -> str | None:

@@ -286,7 +286,7 @@ def test_run_outputs_refuse_a_link_at_metrics_and_replace_links_elsewhere(
         plant_link(out / name, victim)
     outputs = RunOutputs(out)
     outputs.log({"type": "hop", "lap": 0})
-    outputs.save_federation({"run_id": "r"})
+    outputs.save_federation(b'{"run_id": "r"}\n')
     sha = outputs.save_model({"w": torch.ones(2)}, {"format": "pt"})
     outputs.save_summary(
         RunSummary(

@@ -39,6 +39,7 @@ from fedup.protocol.formation_events import (
     Note,
     OfferArrived,
     PeerSeen,
+    PeersSeen,
     Probe,
     ProbeDone,
     Propose,
@@ -366,6 +367,28 @@ def test_a_new_record_of_an_unreachable_candidate_earns_it_another_probe() -> No
     assert low not in m.unreachable
     m.handle(ProbeDone(world.peers[1], None, "busy"))  # proves nothing either way
     assert world.peers[1] not in m.unreachable | m.proven
+
+
+def test_a_batch_of_records_acts_as_each_record_alone_with_one_timer_restart() -> None:
+    world = FormationWorld(6, min_peers=3)
+    me = world.peers[5]
+    alone = world.machines[me]
+    batched = FormationMachine(me, min_peers=3, settle=1.0, limits=LIMITS, new_run_id=bytes)
+    alone.handle(Start())
+    batched.handle(Start())
+    alone.handle(ProbeDone(world.peers[0], False, "nothing listens"))
+    batched.handle(ProbeDone(world.peers[0], False, "nothing listens"))
+    seen = [*world.peers[:5], me, world.peers[1]]  # ourselves and a repeat among them
+    restarts = [a for p in seen for a in alone.handle(PeerSeen(p)) if isinstance(a, SetTimer)]
+    actions = batched.handle(PeersSeen(tuple(seen)))
+    assert actions == [SetTimer("settle", 1.0)]
+    assert len(restarts) == 5  # one per new candidate, one in all for the batch
+    assert batched.candidates == alone.candidates == set(world.peers[:5])
+    assert batched.unreachable == alone.unreachable == set()
+    assert batched.handle(PeersSeen(tuple(world.peers[:5]))) == []  # nothing new: no restart
+    for m in (alone, batched):
+        m.handle(TimerFired("settle"))
+    assert batched.leader == alone.leader == world.peers[0]
 
 
 def test_a_member_whose_model_differs_fails_and_the_others_join_the_next_epoch() -> None:

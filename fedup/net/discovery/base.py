@@ -396,6 +396,9 @@ class DiscoveryCore:
 
     def _supersede(self, peer: PeerId, signed: SignedPeerRecord, source: str) -> None:
         """Older records of ``peer`` seen elsewhere no longer count as verified."""
+        sources = self._verified.get(peer)
+        if sources is None or sources == {source}:
+            return  # the usual case: nothing else to mark (and no text to format)
         self._unverify(peer, f"superseded by seq {signed.record.seq} from {source}", keep=source)
 
     def _withdraw_copies(self, peer: PeerId, source: str) -> None:
