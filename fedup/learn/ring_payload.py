@@ -199,6 +199,8 @@ class RingCodec:
     def __init__(self, template: RingState, *, limits: Limits) -> None:
         self.template = template
         self.limits = limits
+        self._metas: list[tuple[RingMeta, bytes]] = []
+        """The CBOR of the last few metadata encoded (:meth:`meta_cbor`)."""
         wires = {n: _wire(n, t) for n, t in template.tensors.items()}
         self._wires = wires
         arrays = [(n, _as_numpy(_cpu(t), wires[n])) for n, t in template.tensors.items()]
@@ -239,12 +241,27 @@ class RingCodec:
         except LocalProtocolError:
             return None
 
+    def meta_cbor(self, meta: RingMeta) -> bytes:
+        """The CBOR of ``meta`` (``meta.to_dict()``), encoded once per metadata object.
+
+        A member encodes its trained state's metadata for the content digest
+        (:meth:`content`) and again in the blob's framing (:meth:`encode`); the
+        metadata is frozen, so the bytes of the last few objects are kept and
+        reused (looked up by identity, the object held with its bytes).
+        """
+        for known, data in self._metas:
+            if known is meta:
+                return data
+        data = cbor.encode(meta.to_dict())
+        self._metas = [(meta, data), *self._metas[: _META_CACHE - 1]]
+        return data
+
     def content(self, state: RingState, body: memoryview | None) -> bytes:
         """The content digest of ``state`` (:func:`content_of`); ``body`` is its
         :meth:`body`, hashed as it will be sent, not encoded again."""
         if body is None:
             return content_of(state, limits=self.limits)
-        return content_digest(cbor.encode(state.meta.to_dict()), body)
+        return content_digest(self.meta_cbor(state.meta), body)
 
     def problem(self, state: RingState, body: memoryview | None) -> str | None:
         """Why ``state`` cannot travel (see :func:`state_problem`), or None; ``body``
@@ -271,7 +288,7 @@ class RingCodec:
         """The blob's bytes: the framing, then the tensors (``body``, the state's
         :meth:`body`, if given: it is not encoded again)."""
         prefix, _ = payload_prefix(
-            state.meta.to_dict(),
+            cbor.Encoded(self.meta_cbor(state.meta)),
             view=view,
             chain=chain,
             origin=origin,
@@ -307,6 +324,10 @@ class RingCodec:
         tensors = {n: _to_torch(a, decoded.dtypes[n]) for n, a in decoded.items()}
         return _ring_blob(payload, tensors)
 
+
+_META_CACHE = 4
+"""Metadata objects whose CBOR a codec keeps (a member's trained state's, between its
+content digest and its hand-over; the final's and a resent one's besides)."""
 
 _WIRE_TO_TORCH = {wire: dtype for dtype, wire in TORCH_TO_WIRE.items()}
 

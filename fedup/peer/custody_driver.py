@@ -404,6 +404,8 @@ class CustodyDriver:
         closed = metrics.closed
         if closed is not None:
             self._events.emit(ev.LapClosed(closed.lap, closed.loss, state.meta.best_lap))
+        if not log.isEnabledFor(logging.INFO):
+            return  # the line below is formatted only for a handler that shows it
         trained = (
             f"trained {metrics.samples} samples (loss {metrics.train_loss:.4f})"
             if metrics.samples
@@ -421,9 +423,10 @@ class CustodyDriver:
         """Note (and log once) every lap result the state carries: the whole history is
         ours to keep, the state carries only the last few."""
         for h in state.meta.history:
-            if h.lap not in self._history:
-                self._events.emit(ev.LapNoted(h.lap, h.loss, h.accuracy, h.auc, h.samples))
-            self._history.setdefault(h.lap, h)
+            if h.lap in self._history:
+                continue  # noted and logged when it first came by (a lap line is written once)
+            self._events.emit(ev.LapNoted(h.lap, h.loss, h.accuracy, h.auc, h.samples))
+            self._history[h.lap] = h
             self.outputs.log_lap(
                 {
                     "lap": h.lap,

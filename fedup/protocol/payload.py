@@ -103,9 +103,11 @@ def payload_prefix(
     """The bytes before the state (8-byte aligned) and the ring metadata's CBOR.
 
     The caller encodes the state behind them into the same buffer (one copy:
-    :func:`fedup.learn.weights.state_to_bytes` with ``prefix=``).
+    :func:`fedup.learn.weights.state_to_bytes` with ``prefix=``).  ``ring`` may be
+    a :class:`~fedup.protocol.cbor.Encoded` item (the metadata's CBOR, made by
+    :func:`~fedup.protocol.cbor.encode` once for its content digest too).
     """
-    ring_cbor = cbor.encode(ring)
+    ring_cbor = ring.data if isinstance(ring, cbor.Encoded) else cbor.encode(ring)
     meta = cbor.encode(
         {
             "ring": cbor.Encoded(ring_cbor),

@@ -30,6 +30,7 @@ from fedup.learn.ring_payload import (
 )
 from fedup.learn.task import TabularTask
 from fedup.learn.weights import state_to_bytes
+from fedup.protocol import cbor
 from fedup.protocol.laps import Position
 from fedup.protocol.notices import DeadChain, FinalSeal
 from fedup.protocol.payload import PayloadError, payload_prefix
@@ -167,6 +168,41 @@ def test_the_content_a_member_signs_is_the_one_its_receiver_computes(
     blob = codec.decode(bytearray(data))
     assert blob.content == signed and bytes(blob.provenance) == hops
     assert same_tensors(blob.state.tensors, state.tensors)
+
+
+def test_the_metadata_is_encoded_once_per_state_and_never_stale(
+    template: RingState, trained: RingState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    codec = RingCodec(template, limits=LIMITS)  # its own: nothing encoded yet
+    encoded: list[object] = []
+    real = cbor.encode
+
+    def counting(value: object) -> bytes:
+        encoded.append(value)
+        return real(value)
+
+    monkeypatch.setattr(cbor, "encode", counting)
+    body = codec.body(trained)
+    content = codec.content(trained, body)
+    data = bytes(codec.encode(trained, view=VIEW, body=body))
+    rings = [v for v in encoded if v == trained.meta.to_dict()]
+    assert len(rings) == 1  # for the content digest, reused in the framing
+    # Another state's metadata is its own, however the two alternate.
+    for state in (template, trained, template):
+        assert codec.meta_cbor(state.meta) == real(state.meta.to_dict())
+    assert codec.decode(bytearray(data)).content == content
+    changed = attrs.evolve(trained, meta=attrs.evolve(trained.meta, lap=trained.meta.lap + 1))
+    assert codec.meta_cbor(changed.meta) == real(changed.meta.to_dict())
+    assert codec.decode(bytearray(codec.encode(changed, view=VIEW))).state.meta == changed.meta
+
+
+def test_a_pre_encoded_ring_gives_the_same_prefix() -> None:
+    ring = {"v": 1, "lap": 3, "history": [1.5, None]}
+    plain = payload_prefix(ring, view=VIEW, chain=chain_of_one(), provenance=b"p" * 5)
+    pre = payload_prefix(
+        cbor.Encoded(cbor.encode(ring)), view=VIEW, chain=chain_of_one(), provenance=b"p" * 5
+    )
+    assert pre == plain
 
 
 # --------------------------------------------------------------------------
