@@ -30,6 +30,7 @@ from fedup.net.batches import batches
 from fedup.net.discovery.base import (
     Discovery,
     DiscoveryCore,
+    DiscoveryEvent,
     LostCause,
 )
 from fedup.net.groups import collapse_single_exception
@@ -194,15 +195,19 @@ class MemoryDiscovery(Discovery):
     async def _run(self) -> None:
         async for batch in batches(self._receive):
             now = trio.current_time()  # the clock stands still until the next await
+            events: list[DiscoveryEvent] = []  # published once per batch, in order
             for notice in batch:
                 if notice.deliver_at is not None and notice.deliver_at > now:
+                    self._publish(events)
+                    events = []
                     await trio.sleep_until(notice.deliver_at)
                     now = trio.current_time()
                 if notice.cause is not None:
-                    self._publish(self._core.remove(notice.source, cause=notice.cause))
+                    events += self._core.remove(notice.source, cause=notice.cause)
                 else:
                     observation = self._core.observe(
                         notice.source, notice.txt, notice.advertised, now=now
                     )
-                    self._publish(observation.events)
+                    events += observation.events
+            self._publish(events)
             await trio.lowlevel.checkpoint()
