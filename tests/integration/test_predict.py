@@ -305,6 +305,15 @@ def test_a_folder_without_a_finished_run_is_refused(folder: Path) -> None:
         load_model(folder / "nowhere")
 
 
+def test_a_run_without_a_feature_schema_is_refused(folder: Path) -> None:
+    path = folder / "federation.json"
+    record = json.loads(path.read_text())
+    record["schema"] = None
+    path.write_text(json.dumps(record))
+    with pytest.raises(ModelError, match="the run has no feature schema"):
+        load_model(folder)
+
+
 # --- the command -------------------------------------------------------------------
 
 
@@ -331,6 +340,19 @@ def test_cli_writes_one_score_per_row_to_out(
     # Without --out the same CSV goes to stdout.
     assert main(["predict", str(run_dir), "--data", str(path)]) == 0
     assert capsys.readouterr().out == out.read_text()
+
+
+def test_cli_warns_when_the_run_did_not_end_by_its_stopping_rule(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    summary = json.loads((folder / "summary.json").read_text())
+    summary.update(ok=False, stop_reason="members-lost")
+    (folder / "summary.json").write_text(json.dumps(summary))
+    path = write_rows(tmp_path / "rows.csv", *lender_rows(0, 4))
+    assert main(["predict", str(folder), "--data", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 5
+    assert "warning: the run did not end by its stopping rule (members-lost)" in err
 
 
 @pytest.mark.parametrize(
