@@ -21,6 +21,8 @@ from fedup.protocol.records import Address
 from fedup.protocol.view import RunSettings
 
 if TYPE_CHECKING:
+    from fedup.learn.new_rows import RowReport
+    from fedup.learn.predict import ModelError, Predictions, SavedModel, load_model, predict
     from fedup.learn.task import EvalStats, TabularTask, Task, TensorTask, TrainBudget, TrainStats
     from fedup.peer import (
         FixedTaskSource,
@@ -47,7 +49,10 @@ _PEER_NAMES = (
     "TabularSource",
     "TaskSource",
 )
+_PREDICT_NAMES = ("ModelError", "Predictions", "SavedModel", "load_model", "predict")
 _LAZY = {
+    **dict.fromkeys(_PREDICT_NAMES, "fedup.learn.predict"),
+    "RowReport": "fedup.learn.new_rows",
     **dict.fromkeys(_TASK_NAMES, "fedup.learn.task"),
     **dict.fromkeys(_PEER_NAMES, "fedup.peer"),
     "MemoryWorld": "fedup.sim.world",
@@ -79,13 +84,17 @@ __all__ = [
     "Limits",
     "LocalProtocolError",
     "MemoryWorld",
+    "ModelError",
     "Peer",
     "PeerConfig",
     "PeerId",
+    "Predictions",
     "RemoteProtocolError",
+    "RowReport",
     "RunError",
     "RunSettings",
     "RunSummary",
+    "SavedModel",
     "TabularSource",
     "TabularTask",
     "Task",
@@ -95,5 +104,7 @@ __all__ = [
     "TrainStats",
     "__version__",
     "default_state_dir",
+    "load_model",
     "load_or_create_identity",
+    "predict",
 ]

@@ -23,6 +23,7 @@ from typing import NoReturn
 from fedup import __version__
 from fedup.commands import demo as demo_command
 from fedup.commands import peers as peers_command
+from fedup.commands import predict as predict_command
 from fedup.commands import show as show_command
 from fedup.commands import simulate as simulate_command
 from fedup.commands import start as start_command
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     _debug(demo)
     show_command.add_parser(sub, common=_logging)
     verify_command.add_parser(sub)
+    _debug(predict_command.add_parser(sub))
     return parser
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "Column",
     "DataError",
     "Table",
+    "csv_records",
     "encode",
     "parse_target",
     "read_csv",
@@ -350,16 +351,7 @@ def read_csv(
         raise DataError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise DataError(f"{source}: cannot read the file: {e.strerror or e}") from None
-    if not text.strip():
-        raise DataError(f"{source}: the file is empty")
-    if delimiter is None:
-        first = text.split("\n", 1)[0]
-        delimiter = max(_DELIMITERS, key=lambda d: (first.count(d), d == ","))
-    try:
-        records = list(csv.reader(io.StringIO(text), delimiter=delimiter))
-    except csv.Error as e:
-        raise DataError(f"{source}: not a valid CSV file: {e}") from None
-    lines = [r for r in records if any(c.strip() for c in r)]  # skip blank lines
+    lines = csv_records(text, source, delimiter=delimiter)
     return Table.from_rows(
         lines[0],
         lines[1:],
@@ -370,6 +362,25 @@ def read_csv(
         drop=drop,
         limits=limits,
     )
+
+
+def csv_records(text: str, source: str, *, delimiter: str | None = None) -> list[list[str]]:
+    """The non-blank records of a CSV file's text, the header first.
+
+    ``delimiter`` defaults to whichever of ``, ; TAB |`` occurs most in the
+    first line.  Raises :class:`DataError` for an empty text or one the
+    ``csv`` module cannot parse.
+    """
+    if not text.strip():
+        raise DataError(f"{source}: the file is empty")
+    if delimiter is None:
+        first = text.split("\n", 1)[0]
+        delimiter = max(_DELIMITERS, key=lambda d: (first.count(d), d == ","))
+    try:
+        records = list(csv.reader(io.StringIO(text), delimiter=delimiter))
+    except csv.Error as e:
+        raise DataError(f"{source}: not a valid CSV file: {e}") from None
+    return [r for r in records if any(c.strip() for c in r)]  # skip blank lines
 
 
 def summarize(

@@ -50,7 +50,9 @@ __all__ = [
     "StateLike",
     "WeightsFileError",
     "bytes_to_state",
+    "layout_digest",
     "load_safetensors",
+    "load_safetensors_bytes",
     "save_safetensors",
     "state_specs",
     "state_to_bytes",
@@ -134,6 +136,18 @@ def state_specs(state: StateLike) -> dict[str, TensorSpec]:
     Raises :class:`~fedup.errors.LocalProtocolError` for a dtype that cannot travel.
     """
     return {n: TensorSpec(_wire(n, t), tuple(t.shape)) for n, t in _tensors(state).items()}
+
+
+def layout_digest(state: StateLike) -> bytes:
+    """SHA-256 of a state's tensor layout (names in order, wire dtypes, shapes).
+
+    Members agree on it before training (``RunSettings.model_digest``), so a saved
+    model can be checked against the layout its run agreed on.  Raises
+    :class:`~fedup.errors.LocalProtocolError` for a dtype that cannot travel.
+    """
+    specs = state_specs(state)
+    text = ";".join(f"{name}:{spec.dtype}:{list(spec.shape)}" for name, spec in specs.items())
+    return hashlib.sha256(text.encode()).digest()
 
 
 def state_to_bytes(
@@ -338,6 +352,50 @@ def load_safetensors(
         except TensorDecodeError as e:
             raise WeightsFileError(f"{path}: {e.reason}") from e
     return tensors
+
+
+def load_safetensors_bytes(
+    data: bytes,
+    *,
+    like: StateLike,
+    source: str = "<model>",
+    limits: Limits = DEFAULT_LIMITS,
+) -> dict[str, torch.Tensor]:
+    """Load a ``.safetensors`` file's bytes, already read, checking them as
+    :func:`load_safetensors` checks a file.
+
+    For a caller that has checked the bytes themselves (their SHA-256, say) and must
+    use exactly those, not a file that may have changed since.  ``data`` may be at
+    most ``limits.max_blob_size`` bytes and must hold exactly ``like``'s tensors
+    (names in any order, dtypes, shapes), finite; they come back in ``like``'s order.
+    ``source`` names the bytes in messages.  Raises :class:`WeightsFileError`.
+    """
+    if len(data) > limits.max_blob_size:
+        raise WeightsFileError(
+            f"{source}: {len(data)} bytes exceeds max_blob_size={limits.max_blob_size}"
+        )
+    expected = state_specs(like)
+    try:
+        loaded = safetensors.torch.load(data)
+    except safetensors.SafetensorError as e:
+        raise WeightsFileError(f"{source}: not a valid safetensors file: {e}") from e
+    if len(loaded) > limits.max_tensors:
+        raise WeightsFileError(
+            f"{source}: {len(loaded)} tensors exceed max_tensors={limits.max_tensors}"
+        )
+    specs: dict[str, TensorSpec] = {}
+    for name, t in loaded.items():
+        wire = TORCH_TO_WIRE.get(t.dtype)
+        if wire is None:
+            raise WeightsFileError(f"{source}: tensor {name!r}: dtype {t.dtype} is not allowed")
+        specs[name] = TensorSpec(wire, tuple(t.shape))
+    try:
+        check_specs(specs, expected, ordered=False)
+        for name, t in loaded.items():
+            check_finite(name, _as_numpy(t, specs[name].dtype), specs[name].dtype)
+    except TensorDecodeError as e:
+        raise WeightsFileError(f"{source}: {e.reason}") from e
+    return {name: loaded[name] for name in expected}
 
 
 def _file_specs(f: Any, path: str, limits: Limits) -> dict[str, TensorSpec]:

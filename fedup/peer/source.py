@@ -13,7 +13,6 @@ the federation's schema and settings.
 from __future__ import annotations
 
 import abc
-import hashlib
 from pathlib import Path
 
 from fedup.files import make_dirs
@@ -21,7 +20,7 @@ from fedup.learn.loans import generate_lender, seed_from_peer_id
 from fedup.learn.schema import FeatureSchema, fits, schema_from_dict
 from fedup.learn.tabular import Table, read_csv, split, summarize
 from fedup.learn.task import SPLIT_SEED, VAL_FRACTION, TabularTask, Task
-from fedup.learn.weights import state_specs
+from fedup.learn.weights import layout_digest
 from fedup.protocol.view import RunSettings
 
 
@@ -114,6 +113,4 @@ class FixedTaskSource(TaskSource):
 
 def model_digest(task: Task, seed: int) -> bytes:
     """SHA-256 of the model's tensor layout (names, dtypes, shapes): members must agree."""
-    specs = state_specs(task.build_model(seed).state_dict())
-    text = ";".join(f"{name}:{spec.dtype}:{list(spec.shape)}" for name, spec in specs.items())
-    return hashlib.sha256(text.encode()).digest()
+    return layout_digest(task.build_model(seed).state_dict())

@@ -21,7 +21,9 @@ from fedup.learn.weights import (
     TORCH_TO_WIRE,
     WeightsFileError,
     bytes_to_state,
+    layout_digest,
     load_safetensors,
+    load_safetensors_bytes,
     save_safetensors,
     state_specs,
     state_to_bytes,
@@ -248,6 +250,39 @@ def test_load_safetensors_rejects_bad_files(tmp_path: Path) -> None:
         load_safetensors(path)
     with pytest.raises(FileNotFoundError):
         load_safetensors(tmp_path / "missing.safetensors")
+
+
+def test_load_safetensors_bytes_checks_as_the_file_loader_does(tmp_path: Path) -> None:
+    model = make_model()
+    path = tmp_path / "m.safetensors"
+    save_safetensors(model, path)
+    data = path.read_bytes()
+    state = load_safetensors_bytes(data, like=model, source="the model")
+    assert_same_state(state, load_safetensors(path, like=model))
+    with pytest.raises(WeightsFileError, match=r"the model: expected tensor '0\.weight'"):
+        load_safetensors_bytes(data, like=make_model(width=5), source="the model")
+    with pytest.raises(WeightsFileError, match="max_blob_size"):
+        load_safetensors_bytes(data, like=model, limits=Limits(max_blob_size=100))
+    with pytest.raises(WeightsFileError, match="max_tensors"):
+        load_safetensors_bytes(data, like=model, limits=Limits(max_tensors=3))
+    for cut in (0, 7, 8, 20, len(data) - 1):
+        with pytest.raises(WeightsFileError, match="not a valid safetensors file"):
+            load_safetensors_bytes(data[:cut], like=model)
+    w = {"w": torch.tensor([1.0, float("nan")])}
+    with pytest.raises(WeightsFileError, match="tensor 'w' contains NaN or Inf"):
+        load_safetensors_bytes(safetensors.torch.save(w), like={"w": torch.ones(2)})
+    c = {"w": torch.zeros(2, dtype=torch.complex64)}
+    with pytest.raises(WeightsFileError, match=r"dtype torch\.complex64 is not allowed"):
+        load_safetensors_bytes(safetensors.torch.save(c), like={"w": torch.ones(2)})
+
+
+def test_layout_digest_depends_on_names_dtypes_and_shapes_only() -> None:
+    assert layout_digest(make_model(seed=0)) == layout_digest(make_model(seed=1))
+    assert layout_digest(make_model(width=4)) != layout_digest(make_model(width=5))
+    half = {
+        n: t.half() if t.is_floating_point() else t for n, t in make_model().state_dict().items()
+    }
+    assert layout_digest(half) != layout_digest(make_model())
 
 
 def test_save_is_atomic_and_replaces(tmp_path: Path) -> None:
