@@ -113,6 +113,21 @@ def add_parser(
     option("--peers", PEERS, 5, "simulated peers")
     option("--data", Path, None, "CSV to deal out", shown="synthetic lenders")
     option("--target", str, "default", "binary target column of --data")
+    p.add_argument(
+        "--drop-column",
+        action="append",
+        default=[],
+        metavar="COLUMN",
+        help="a column of --data to leave out before anything reads it (an ID, free text); "
+        "repeatable (default: none; --drop is a broken connection here)",
+    )
+    option(
+        "--positive-label",
+        str,
+        None,
+        "the value of --target that is the positive class",
+        shown="inferred: 1, yes, true, default, bad, charged off, ...",
+    )
     option(
         "--partition",
         str,
@@ -209,6 +224,11 @@ def run(args: argparse.Namespace) -> int:
     from fedup.sim.report import build_report
 
     settings = _settings(args)
+    if args.data is None and (args.drop_column or args.positive_label is not None):
+        raise ConfigError(
+            "--drop-column and --positive-label apply to --data; the synthetic lenders "
+            "have no such columns to leave out and spell their target 0/1"
+        )
     out: Path = args.out
     if out is None:
         out = args.state_dir / "sims" / time.strftime("%Y%m%d-%H%M%S")
@@ -216,7 +236,13 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if args.data is not None:
         tables = csv_tables(
-            args.data, args.target, args.peers, args.partition or "iid", seed=args.seed
+            args.data,
+            args.target,
+            args.peers,
+            args.partition or "iid",
+            seed=args.seed,
+            drop=args.drop_column,
+            positive_label=args.positive_label,
         )
     else:
         tables = synthetic_tables(

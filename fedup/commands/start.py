@@ -93,6 +93,10 @@ SETTINGS = [
     Setting("data", Path, None, "CSV file of this peer's private data",
             shown="synthetic loans made for this peer"),
     Setting("target", str, "default", "the binary target column of --data"),
+    Setting("drop", str, None, "a column of --data to leave out before anything reads it "
+            "(an ID, free text); repeatable", repeat=True, shown="none"),
+    Setting("positive_label", str, None, "the value of --target that is the positive class",
+            shown="inferred: 1, yes, true, default, bad, charged off, ..."),
     Setting("out", Path, None, "output folder; checked before the peer joins anything",
             shown="a run folder under the state dir"),
     Setting("min_peers", whole(1, DEFAULT_LIMITS.max_members), 2,
@@ -238,16 +242,21 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(config: PeerConfig, values: dict[str, Any], *, quiet: bool = False) -> int:
     from fedup.peer import Peer, TabularSource
+    from fedup.peer.outputs import json_safe
     from fedup.ui.board import RunBoard
     from fedup.ui.display import TerminalDisplay, log_laps, on_terminal
     from fedup.ui.live import PeerView
 
     identity = config.load_identity()
     state_dir = config.resolved_state_dir()
+    table_options: dict[str, Any] = {
+        "drop": values["drop"] or (),
+        "positive_label": values["positive_label"],
+    }
     if values["data"] is not None:
-        source = TabularSource.from_csv(values["data"], values["target"])
+        source = TabularSource.from_csv(values["data"], values["target"], **table_options)
     else:
-        source = TabularSource.synthetic(identity.peer_id.text, state_dir / "data")
+        source = TabularSource.synthetic(identity.peer_id.text, state_dir / "data", **table_options)
     config = attrs.evolve(config, identity=identity)
     board = RunBoard(me=identity.peer_id.text)
 
@@ -272,11 +281,11 @@ def _run(config: PeerConfig, values: dict[str, Any], *, quiet: bool = False) -> 
                 await view.finish()  # the peer closed its events: the last ones are in
             if page is not None:
                 page.stop()  # the page's event streams end with the board's last change
-        print(json.dumps({"out": summary.out_dir, "model_sha256": summary.model_sha256,
+        print(json.dumps(json_safe({"out": summary.out_dir, "model_sha256": summary.model_sha256,
                           "laps": summary.laps, "stop_reason": summary.stop_reason,
                           "ended_by": summary.ended_by, "ok": summary.ok,
                           "final_val_loss": summary.final_val_loss,
-                          "excluded": summary.excluded}))  # fmt: skip
+                          "excluded": summary.excluded})))  # fmt: skip
         return exit_code(summary)
 
     return trio.run(main)

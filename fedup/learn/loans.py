@@ -411,4 +411,4 @@ def _dirichlet(
 
 
 def _named(table: Table, source: str) -> Table:
-    return Table(table.columns, table.target, table.target_name, source)
+    return attrs.evolve(table, source=source)

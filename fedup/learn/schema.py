@@ -35,9 +35,18 @@ with the reason.
 
 Rules of the merge:
 
-* A column is in the schema when more than half of the summaries have it.
-  Its kind is the majority kind among the summaries that have non-missing
-  values for it (a tie makes it categorical).  Columns are sorted by name.
+* A column is in the schema when every summary has it: a column only some
+  members have is not used by anyone (each member logs which of its columns
+  the federation leaves out; :func:`unused_columns`), and it is no reason to
+  refuse a member.  Its kind is the majority kind among the summaries that
+  have non-missing values for it (a tie makes it categorical); a member
+  whose values are of the other kind is refused.  Columns are sorted by name.
+* The target's labels: each summary says how its file spells 0 and 1; the
+  schema lists every spelling of each class.  No spelling may mean 0 to one
+  member and 1 to another (``--positive-label good`` at one lender, ``bad``
+  read as the positive class at another, say): :func:`admit` refuses the
+  member that contradicts the ones before it (the leader first), so members
+  never train opposite targets under one name.
 * Numeric statistics are pooled exactly: counts add, and the pooled mean and
   the pooled sum of squared deviations are computed in rational arithmetic
   (every finite float is an integer times a power of two, so the sums are
@@ -56,7 +65,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Final
 
@@ -82,6 +91,7 @@ __all__ = [
     "admit",
     "fits",
     "merge_summaries",
+    "unused_columns",
 ]
 
 NUMERIC: Final = "numeric"
@@ -108,6 +118,10 @@ class SummaryLimits:
     max_m2: float = 1e200
     """A numeric column's sum of squared deviations: with ``max_abs_mean`` and counts of
     at most 2**53, pooling 256 summaries gives at most 2.4e218, a finite float."""
+    max_labels: int = 16
+    """Spellings of each target class a schema lists (members may spell 1 as ``1``,
+    ``yes``, ``default``, ...): a few in practice; :func:`admit` refuses a member
+    whose spellings would add more."""
 
 
 DEFAULT_SUMMARY_LIMITS: Final = SummaryLimits()
@@ -150,9 +164,9 @@ class PoolingError(SummaryError):
 class SchemaMismatchError(RemoteProtocolError):
     """A peer's data do not fit the federation's schema.
 
-    ``missing``, ``extra`` and ``conflicts`` name the columns that are absent
-    from the peer's data, present only there, or of another kind there;
-    ``target`` is true when the target column differs.
+    ``missing`` and ``conflicts`` name the columns that are absent from the
+    peer's data or of another kind there; ``target`` is true when the target
+    column differs or a target label means the other class there.
     """
 
     def __init__(
@@ -161,13 +175,11 @@ class SchemaMismatchError(RemoteProtocolError):
         *,
         peer: str | None = None,
         missing: Sequence[str] = (),
-        extra: Sequence[str] = (),
         conflicts: Sequence[str] = (),
         target: bool = False,
     ) -> None:
         super().__init__(reason, peer=peer)
         self.missing = tuple(missing)
-        self.extra = tuple(extra)
         self.conflicts = tuple(conflicts)
         self.target = target
 
@@ -176,7 +188,6 @@ class SchemaMismatchError(RemoteProtocolError):
             self.reason,
             peer=peer,
             missing=self.missing,
-            extra=self.extra,
             conflicts=self.conflicts,
             target=self.target,
         )
@@ -325,6 +336,11 @@ class DataSummary:
     """Rows whose target is the positive label (1)."""
     columns: tuple[ColumnSummary, ...]
     """Feature columns in the file's order (the target is not among them)."""
+    negative_label: str | None = None
+    """How this peer's file spells the target's 0 (None: not known)."""
+    positive_label: str | None = None
+    """How it spells 1 (None: not known).  Members must not read one spelling as
+    opposite classes: see :func:`admit`."""
 
     def column(self, name: str) -> ColumnSummary | None:
         for c in self.columns:
@@ -333,13 +349,18 @@ class DataSummary:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "v": SCHEMA_VERSION,
             "target": self.target,
             "n_rows": self.n_rows,
             "n_positive": self.n_positive,
             "columns": [c.to_dict() for c in self.columns],
         }
+        if self.negative_label is not None:
+            out["negative_label"] = self.negative_label
+        if self.positive_label is not None:
+            out["positive_label"] = self.positive_label
+        return out
 
     @classmethod
     def from_dict(cls, obj: object, *, limits: SummaryLimits | None = None) -> DataSummary:
@@ -363,7 +384,15 @@ class DataSummary:
                 lambda v, label: ColumnSummary.from_dict(v, what=label, limits=lim),
                 max_items=lim.max_columns,
             )
+            negative, positive = (
+                r.text(key, max_bytes=lim.max_text) if r.optional(key) else None
+                for key in ("negative_label", "positive_label")
+            )
             r.done()
+        if negative is not None and negative == positive:
+            raise SummaryError(
+                f"data summary: {negative!r} is both the negative and positive label"
+            )
         names = [c.name for c in cols]
         if len(set(names)) != len(names):
             raise SummaryError("data summary: repeated column name")
@@ -372,7 +401,7 @@ class DataSummary:
         for c in cols:
             if c.count + c.n_missing != n_rows:
                 raise SummaryError(f"data summary: column {c.name!r} does not have n_rows values")
-        return cls(target, n_rows, n_positive, tuple(cols))
+        return cls(target, n_rows, n_positive, tuple(cols), negative, positive)
 
 
 # --------------------------------------------------------------------------
@@ -436,6 +465,11 @@ class FeatureSchema:
     n_summaries: int
     columns: tuple[FeatureColumn, ...]
     """Sorted by name."""
+    negative_labels: tuple[str, ...] = ()
+    """Every spelling of the target's 0 among the members (sorted); none is also in
+    ``positive_labels``, so no two members train opposite targets under one spelling."""
+    positive_labels: tuple[str, ...] = ()
+    """Every spelling of 1 among the members (sorted)."""
 
     @property
     def width(self) -> int:
@@ -452,7 +486,7 @@ class FeatureSchema:
         return [n for c in self.columns for n in c.feature_names()]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "v": SCHEMA_VERSION,
             "target": self.target,
             "n_rows": self.n_rows,
@@ -460,6 +494,10 @@ class FeatureSchema:
             "n_summaries": self.n_summaries,
             "columns": [c.to_dict() for c in self.columns],
         }
+        if self.negative_labels or self.positive_labels:
+            out["negative_labels"] = list(self.negative_labels)
+            out["positive_labels"] = list(self.positive_labels)
+        return out
 
     def digest(self) -> str:
         """SHA-256 (hex) of the schema's deterministic CBOR encoding."""
@@ -477,13 +515,16 @@ def merge_summaries(
     See the module docstring for the rules.  The result does not depend on
     the order of ``summaries``.  Summaries whose target is not ``target``
     still count (call :func:`fits` or use :func:`admit` to refuse them).
-    Raises :class:`~fedup.errors.LocalProtocolError` for an empty list, and
-    :class:`PoolingError` naming the column if a column's statistics cannot
-    be pooled into finite floats (never for summaries within the default
-    :class:`SummaryLimits`; :func:`admit` refuses the summaries that cause it).
+    Raises :class:`~fedup.errors.LocalProtocolError` for an empty list,
+    :class:`SchemaMismatchError` if a target label means 0 to one summary and
+    1 to another, and :class:`PoolingError` naming the column if a column's
+    statistics cannot be pooled into finite floats (never for summaries
+    within the default :class:`SummaryLimits`).  :func:`admit` refuses the
+    summaries that cause either.
     """
     if not summaries:
         raise LocalProtocolError("merge_summaries needs at least one summary")
+    negative, positive = _labels(summaries)
     by_name: dict[str, list[ColumnSummary]] = {}
     for s in summaries:
         for c in s.columns:
@@ -491,8 +532,8 @@ def merge_summaries(
     columns = []
     for name in sorted(by_name):
         present = by_name[name]
-        if 2 * len(present) <= len(summaries):
-            continue
+        if len(present) < len(summaries):
+            continue  # not every member has it: nobody uses it
         kind = _majority_kind(present)
         agreeing = [c for c in present if c.kind == kind and c.count > 0]
         missing = any(c.n_missing > 0 for c in present)
@@ -514,7 +555,23 @@ def merge_summaries(
         n_positive=sum(s.n_positive for s in summaries),
         n_summaries=len(summaries),
         columns=tuple(columns),
+        negative_labels=negative,
+        positive_labels=positive,
     )
+
+
+def _labels(summaries: Sequence[DataSummary]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The summaries' spellings of 0 and of 1, sorted; :class:`SchemaMismatchError` if a
+    spelling means 0 to one and 1 to another (:func:`admit` refuses such a member)."""
+    negative = {s.negative_label for s in summaries if s.negative_label is not None}
+    positive = {s.positive_label for s in summaries if s.positive_label is not None}
+    both = negative & positive
+    if both:
+        raise SchemaMismatchError(
+            f"the target label {min(both)!r} is positive for some summaries, negative for others",
+            target=True,
+        )
+    return tuple(sorted(negative)), tuple(sorted(positive))
 
 
 def _majority_kind(present: Iterable[ColumnSummary]) -> str:
@@ -578,24 +635,27 @@ def _vocabulary(columns: Sequence[ColumnSummary], cap: int) -> tuple[str, ...]:
 def fits(summary: DataSummary, schema: FeatureSchema) -> None:
     """Check that a peer's data fit the schema; raise :class:`SchemaMismatchError` if not.
 
-    The peer must have the same target, every schema column, no other
-    column, and each column of the schema's kind (a column with no
-    non-missing values fits either kind).  The error names every offending
-    column at once.
+    The peer must have the same target, spell neither class as the other
+    class is spelled in the schema, have every schema column, and have each
+    column of the schema's kind (a column with no non-missing values fits
+    either kind).  Columns the schema does not list are no problem: the
+    federation does not use them (:func:`unused_columns` names them).  The
+    error names every offending column at once.
     """
     problems: list[str] = []
     wrong_target = summary.target != schema.target
     if wrong_target:
         problems.append(f"target is {summary.target!r}, the federation's is {schema.target!r}")
+    label_problem = _label_problem(summary, schema.negative_labels, schema.positive_labels)
+    if label_problem is not None:
+        problems.append(label_problem)
+        wrong_target = True
     have = {c.name: c for c in summary.columns}
     want = {c.name: c for c in schema.columns}
     missing = [n for n in want if n not in have]
-    extra = [n for n in have if n not in want]
     conflicts = [n for n, c in have.items() if n in want and c.count > 0 and c.kind != want[n].kind]
     if missing:
         problems.append(f"missing columns {_names(missing)}")
-    if extra:
-        problems.append(f"extra columns {_names(extra)} (not in most peers' data)")
     if conflicts:
         detail = ", ".join(
             f"{n!r} ({have[n].kind} here, {want[n].kind} in the federation)" for n in conflicts
@@ -605,10 +665,33 @@ def fits(summary: DataSummary, schema: FeatureSchema) -> None:
         raise SchemaMismatchError(
             "data do not fit the federation's schema: " + "; ".join(problems),
             missing=missing,
-            extra=extra,
             conflicts=conflicts,
             target=wrong_target,
         )
+
+
+def _label_problem(
+    summary: DataSummary, negative: Collection[str], positive: Collection[str]
+) -> str | None:
+    """Why ``summary``'s target labels contradict the given spellings, or None."""
+    if summary.positive_label is not None and summary.positive_label in negative:
+        return (
+            f"the target's positive label here is {summary.positive_label!r}, which is the "
+            "negative label in the federation; give the positive label the others use"
+        )
+    if summary.negative_label is not None and summary.negative_label in positive:
+        return (
+            f"the target's negative label here is {summary.negative_label!r}, which is the "
+            "positive label in the federation; give the positive label the others use"
+        )
+    return None
+
+
+def unused_columns(summary: DataSummary, schema: FeatureSchema) -> list[str]:
+    """The columns of ``summary`` the schema does not list, in the summary's order: not
+    every member has them, so the federation does not use them."""
+    used = {c.name for c in schema.columns}
+    return [c.name for c in summary.columns if c.name not in used]
 
 
 def _names(names: Iterable[str]) -> str:
@@ -634,10 +717,16 @@ def admit(
 ) -> Admission:
     """Merge, refuse the peers that do not fit, and merge again without them.
 
-    Repeats until every remaining peer fits, so the schema's statistics come
-    only from admitted peers.  Deterministic given the summaries and their
-    order (indices in the result refer to that order; the schema itself does
-    not depend on it).  Raises :class:`SchemaMismatchError` if no peer fits.
+    First, in order (see :func:`_disagreeing`), a summary is refused for
+    another target, a target label that means the other class to a summary
+    before it, or no column in common with the summaries before it.  Then
+    the rest are merged (the schema keeps the columns all of them have) and
+    those whose columns are of the other kind are refused.  Repeats until
+    every remaining peer fits, so the schema's statistics come only from
+    admitted peers.  Deterministic given the summaries and their order
+    (indices in the result refer to that order; the schema itself does not
+    depend on it unless a summary is refused for its labels or for having
+    no column in common).  Raises :class:`SchemaMismatchError` if no peer fits.
 
     ``summaries[0]`` is the caller's own (the leader's).  A summary whose
     statistics cannot be pooled (:class:`PoolingError`) is refused like one
@@ -650,6 +739,9 @@ def admit(
     admitted = list(range(len(summaries)))
     refused: dict[int, SchemaMismatchError] = {}
     while True:
+        disagree = _disagreeing(summaries, admitted, target)
+        refused.update(disagree)
+        admitted = [i for i in admitted if i not in disagree]
         if not admitted:
             raise SchemaMismatchError("no peer's data fit a common schema")
         schema, unpoolable = _merge_refusing(summaries, admitted, target, max_categories)
@@ -668,6 +760,56 @@ def admit(
             return Admission(schema, tuple(admitted), refused)
         refused.update(newly)
         admitted = [i for i in admitted if i not in newly]
+
+
+def _disagreeing(
+    summaries: Sequence[DataSummary], indices: Sequence[int], target: str
+) -> dict[int, SchemaMismatchError]:
+    """The summaries of ``indices`` that cannot join the ones before them, and why.
+
+    Taken in order (the caller's own first), each summary is refused if its
+    target is not ``target``, if one of its target labels means the other
+    class to a summary kept before it, if it would bring the spellings of a
+    class beyond :attr:`SummaryLimits.max_labels`, or if it has no column in
+    common with the summaries kept before it (the schema keeps only the
+    columns every member has: one with nothing in common would leave it no
+    feature).  So the labels of the kept summaries never contradict each
+    other, and they have at least one column in common.
+    """
+    lim = DEFAULT_SUMMARY_LIMITS
+    refused: dict[int, SchemaMismatchError] = {}
+    common: set[str] | None = None
+    negative: set[str] = set()
+    positive: set[str] = set()
+    for i in indices:
+        s = summaries[i]
+        names = {c.name for c in s.columns}
+        label_problem = _label_problem(s, negative, positive)
+        problem = label_problem
+        if s.target != target:
+            problem = f"target is {s.target!r}, the federation's is {target!r}"
+        elif problem is None and (
+            len(negative | _present(s.negative_label)) > lim.max_labels
+            or len(positive | _present(s.positive_label)) > lim.max_labels
+        ):
+            problem = f"the members spell a target class in more than {lim.max_labels} ways"
+        elif problem is None and common is not None and not common & names:
+            shown = _names(sorted(common)[:8]) + (", ..." if len(common) > 8 else "")
+            problem = f"no column in common with the federation's ({shown})"
+        if problem is not None:
+            refused[i] = SchemaMismatchError(
+                f"data do not fit the federation's schema: {problem}",
+                target=s.target != target or label_problem is not None,
+            )
+            continue
+        common = names if common is None else common & names
+        negative |= _present(s.negative_label)
+        positive |= _present(s.positive_label)
+    return refused
+
+
+def _present(label: str | None) -> set[str]:
+    return set() if label is None else {label}
 
 
 def _merge_refusing(
@@ -798,13 +940,25 @@ def schema_from_dict(obj: object, *, limits: SummaryLimits | None = None) -> Fea
         n_rows = r.uint("n_rows", max_value=n_summaries * _MAX_COUNT)
         n_positive = r.uint("n_positive", max_value=n_summaries * _MAX_COUNT)
         columns = r.array("columns", _feature_column(lim), max_items=lim.max_columns)
+        negative: list[str] = []
+        positive: list[str] = []
+        if r.optional("negative_labels"):
+            negative = r.array("negative_labels", _text_item(lim), max_items=lim.max_labels)
+            positive = r.array("positive_labels", _text_item(lim), max_items=lim.max_labels)
         r.done()
     names = [c.name for c in columns]
     if names != sorted(set(names)):
         raise SummaryError("feature schema: columns must be unique and sorted by name")
     if n_positive > n_rows:
         raise SummaryError("feature schema: more positives than rows")
-    return FeatureSchema(target, n_rows, n_positive, n_summaries, tuple(columns))
+    for labels in (negative, positive):
+        if labels != sorted(set(labels)):
+            raise SummaryError("feature schema: target labels must be unique and sorted")
+    if set(negative) & set(positive):
+        raise SummaryError("feature schema: a target label is both negative and positive")
+    return FeatureSchema(
+        target, n_rows, n_positive, n_summaries, tuple(columns), tuple(negative), tuple(positive)
+    )
 
 
 def _feature_column(lim: SummaryLimits) -> Any:

@@ -9,7 +9,8 @@
 with a message the user can act on.
 
 A peer shares only :func:`summarize`'s :class:`~fedup.learn.schema.DataSummary`
-(counts, means, variances, frequent category values), never rows.  Once the
+(counts, means, variances, frequent category values, how the target's two
+classes are spelled), never rows.  Once the
 federation has merged the summaries into a
 :class:`~fedup.learn.schema.FeatureSchema`, :func:`encode` turns the rows into
 the model's float32 inputs the same way on every peer: numeric columns are
@@ -110,6 +111,12 @@ class Table:
     target_name: str
     source: str = "<table>"
     """Where the rows came from (a path), for messages."""
+    negative_label: str | None = None
+    """How the file the rows came from spells the target's 0 (None: no row of it, or
+    unknown).  Shared in the summary, so members can check they mean the same class."""
+    positive_label: str | None = None
+    """How it spells 1: the ``positive_label`` the user named (even when no row has it:
+    a peer may have no positives), else the value rows read as positive."""
 
     @property
     def n_rows(self) -> int:
@@ -132,6 +139,8 @@ class Table:
             self.target[idx],
             self.target_name,
             self.source,
+            self.negative_label,
+            self.positive_label,
         )
 
     @staticmethod
@@ -145,7 +154,16 @@ class Table:
                 raise DataError(f"column {c.name!r} has different kinds in the tables pooled")
             cols.append(Column(c.name, c.kind, np.concatenate([p.values for p in parts])))
         target = np.concatenate([t.target for t in tables])
-        return Table(tuple(cols), target, first.target_name, source)
+        negative = {t.negative_label for t in tables}
+        positive = {t.positive_label for t in tables}
+        return Table(
+            tuple(cols),
+            target,
+            first.target_name,
+            source,
+            negative.pop() if len(negative) == 1 else None,  # spelled alike, else unknown
+            positive.pop() if len(positive) == 1 else None,
+        )
 
     @classmethod
     def from_rows(
@@ -164,9 +182,13 @@ class Table:
         """Build a table from text cells (what :func:`read_csv` does after parsing).
 
         ``categorical`` forces columns to be categorical even if they look
-        numeric (codes such as ZIP codes); ``drop`` ignores columns (IDs).
+        numeric (codes such as ZIP codes); ``drop`` removes columns before
+        anything else reads them (IDs, free text): their cells are never
+        parsed, summarized or encoded.  ``positive_label`` names the target's
+        value that is the positive class (see :func:`parse_target`).
         ``first_line`` is the line number of ``rows[0]`` in messages.
-        Raises :class:`DataError`.
+        Raises :class:`DataError`, naming a column ``drop`` or ``categorical``
+        gives that the header does not have (and the columns it has).
         """
         header = [h.strip() for h in header]
         if not rows:
@@ -193,7 +215,13 @@ class Table:
         forced = set(categorical)
         unknown = sorted((dropped | forced) - seen)
         if unknown:
-            raise DataError(f"{source}: no column named {', '.join(repr(u) for u in unknown)}")
+            present = ", ".join(repr(h) for h in header)
+            raise DataError(
+                f"{source}: no column named {', '.join(repr(u) for u in unknown)}; "
+                f"the columns are {present}"
+            )
+        if target in dropped:
+            raise DataError(f"{source}: {target!r} is the target; it cannot be dropped")
         features = [j for j, h in enumerate(header) if h != target and h not in dropped]
         if not features:
             raise DataError(f"{source}: no feature columns besides the target {target!r}")
@@ -210,7 +238,23 @@ class Table:
         columns = tuple(
             _column(header[j], [row[j] for row in rows], header[j] in forced) for j in features
         )
-        return cls(columns, y, target, source)
+        spelled = [_first_label(rows, y, j_target, k) for k in (0, 1)]
+        return cls(
+            columns,
+            y,
+            target,
+            source,
+            spelled[0],
+            positive_label if positive_label is not None else spelled[1],
+        )
+
+
+def _first_label(
+    rows: Sequence[Sequence[str]], y: npt.NDArray[np.int8], j: int, label: int
+) -> str | None:
+    """The target cell (stripped) of the first row whose class is ``label``, or None."""
+    at = np.flatnonzero(y == label)
+    return rows[int(at[0])][j].strip() if len(at) else None
 
 
 def _column(name: str, cells: list[str], force_categorical: bool) -> Column:
@@ -273,10 +317,15 @@ def parse_target(
     Accepted: numbers equal to 0 and 1; yes/no, y/n, true/false, t/f and a
     few credit spellings (default / non-default, bad / good, charged off /
     fully paid), case-insensitive; or any two labels with ``positive_label``
-    naming the one that becomes 1.  A column with a single label is fine
-    (a peer may have no defaults).  Raises :class:`DataError` for a missing
-    target cell (naming the line), more than two labels (naming them), or
-    two unknown labels without ``positive_label``.
+    naming the one that becomes 1 (as spelled in the file).  A column with a
+    single label is fine (a peer may have no defaults); with ``positive_label``
+    that label becomes 0 unless it is ``positive_label`` itself.  Raises
+    :class:`DataError` for a missing target cell (naming the line), more
+    than two labels (naming them), two unknown labels without
+    ``positive_label``, or a ``positive_label`` that is not one of the
+    column's values when the column has two values, or when its only value
+    reads as positive (``yes``, ``1``, ...: a misspelled ``positive_label``
+    would make every row negative).
     """
     texts = [c.strip() for c in cells]
     for i, t in enumerate(texts):
@@ -291,10 +340,13 @@ def parse_target(
             f"{source}: target {name!r} is not binary: it has {len(labels)} values ({shown})"
         )
     if positive_label is not None:
-        if positive_label not in labels and len(labels) == 2:
+        if positive_label not in labels and (
+            len(labels) == 2 or (labels and _label_meaning(labels[0]) == 1)
+        ):
+            shown = ", ".join(repr(v) for v in labels)
             raise DataError(
                 f"{source}: positive label {positive_label!r} is not one of the target's "
-                f"values {labels[0]!r}, {labels[1]!r}"
+                f"values {shown}; give one of them"
             )
         return np.array([t == positive_label for t in texts], dtype=np.int8)
     meaning = {label: _label_meaning(label) for label in labels}
@@ -429,7 +481,22 @@ def summarize(
                     other_count=other,
                 )
             )
-    return DataSummary(table.target_name, table.n_rows, table.n_positive, tuple(out))
+    return DataSummary(
+        table.target_name,
+        table.n_rows,
+        table.n_positive,
+        tuple(out),
+        _shareable(table.negative_label, limits),
+        _shareable(table.positive_label, limits),
+    )
+
+
+def _shareable(label: str | None, limits: SummaryLimits) -> str | None:
+    """A target label as the summary carries it: None when there is none, or when it is
+    longer than a summary's text may be (then the others cannot check it)."""
+    if label is None or not label or len(label.encode("utf-8")) > limits.max_text:
+        return None
+    return label
 
 
 def encode(table: Table, schema: FeatureSchema) -> tuple[F32, F32]:

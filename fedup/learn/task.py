@@ -41,16 +41,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedup.learn.schema import FeatureSchema
-from fedup.learn.tabular import Table, encode, split
+from fedup.learn.tabular import DataError, Table, encode, split
 
 __all__ = [
     "AUC_BINS",
+    "MIN_ROWS",
     "EvalStats",
     "TabularTask",
     "Task",
     "TensorTask",
     "TrainBudget",
     "TrainStats",
+    "check_rows",
     "roc_auc",
 ]
 
@@ -381,6 +383,25 @@ VAL_FRACTION: Final = 0.2
 """Share of each peer's rows held out for validation."""
 SPLIT_SEED: Final = 0
 """Seed of the (stratified) train/validation split."""
+MIN_ROWS: Final = 5
+"""Rows a peer's table needs to train.  The split holds out ``round(VAL_FRACTION *
+count)`` of each label's rows: with fewer than 5 rows some label mixes hold out none
+(2 and 2 rows: none of either), and a peer with no validation row has no validation
+loss to report (``summary.json`` would have no figure).  From 5 rows on, the larger
+label has at least 3 rows, so one is held out and the rest train, whatever the mix.
+A peer needs no row of each label: one with no defaults is a normal lender."""
+
+
+def check_rows(table: Table) -> None:
+    """Raise :class:`~fedup.learn.tabular.DataError` if ``table`` has fewer than
+    :data:`MIN_ROWS` rows (one line: the file, its rows, the minimum and why)."""
+    if table.n_rows < MIN_ROWS:
+        rows = "1 row" if table.n_rows == 1 else f"{table.n_rows} rows"
+        raise DataError(
+            f"{table.source}: {rows}, too few to train: a peer needs at least {MIN_ROWS} "
+            f"(a {VAL_FRACTION:.0%} share of each label is held out for validation); "
+            "add rows"
+        )
 
 
 class TabularTask(TensorTask):

@@ -10,6 +10,8 @@
   starts: run ID, leader, members in ring order, the run settings and the
   merged feature schema (how rows become model inputs: needed to use the
   model, and to score it on the same encoding).
+* The JSON files are strict JSON: a figure that does not exist (NaN or
+  infinity in Python) is ``null``.
 * ``provenance.cbor``: the final model's provenance (the signed view, the dead
   notices, every hop's signed statement and the final seal), written with the
   model; ``fedup-peer verify`` checks it (:mod:`fedup.protocol.provenance`).
@@ -29,6 +31,7 @@ opened for appending when the outputs are made, never through a symbolic link
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 import tempfile
@@ -129,7 +132,9 @@ class RunSummary:
     federated_laps: list[int]
     best_lap: int
     final_val_loss: float
-    """The final model on this peer's own validation split."""
+    """The final model on this peer's own validation split (``null`` in ``summary.json``
+    if it has no validation row: :data:`~fedup.learn.task.MIN_ROWS` rules that out for a
+    table, not for a library task)."""
     final_val_accuracy: float
     data_passes: float
     """Passes over the federation's data until the best lap ended."""
@@ -183,7 +188,7 @@ class RunOutputs:
         """
         if self._metrics is None:
             self._metrics = open_append(self.metrics_path)
-        self._metrics.write((json.dumps(record, allow_nan=True) + "\n").encode("utf-8"))
+        self._metrics.write((json.dumps(json_safe(record), allow_nan=False) + "\n").encode())
         self._metrics.flush()
 
     def close(self) -> None:
@@ -221,8 +226,23 @@ class RunOutputs:
 
 
 def encode_json(value: Mapping[str, Any]) -> bytes:
-    """The text of one of the JSON files, indented for people to read."""
-    return (json.dumps(value, indent=2, allow_nan=True) + "\n").encode("utf-8")
+    """The text of one of the JSON files, indented for people to read.
+
+    JSON has no NaN or infinity: a figure that does not exist (a loss over no
+    validation rows, say) is written as ``null`` (:func:`json_safe`).
+    """
+    return (json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n").encode("utf-8")
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (in dicts, lists, tuples) made None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 _federation_texts: dict[tuple[bytes, str | None], bytes] = {}

@@ -13,13 +13,14 @@ the federation's schema and settings.
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterable
 from pathlib import Path
 
 from fedup.files import make_dirs
 from fedup.learn.loans import generate_lender, seed_from_peer_id
-from fedup.learn.schema import FeatureSchema, fits, schema_from_dict
+from fedup.learn.schema import FeatureSchema, fits, schema_from_dict, unused_columns
 from fedup.learn.tabular import Table, read_csv, split, summarize
-from fedup.learn.task import SPLIT_SEED, VAL_FRACTION, TabularTask, Task
+from fedup.learn.task import SPLIT_SEED, VAL_FRACTION, TabularTask, Task, check_rows
 from fedup.learn.weights import layout_digest
 from fedup.protocol.view import RunSettings
 
@@ -43,6 +44,10 @@ class TaskSource(abc.ABC):
     def check_schema(self, schema: FeatureSchema) -> None:  # noqa: B027 (optional hook)
         """Raise :class:`~fedup.learn.schema.SchemaMismatchError` if the local data do not fit."""
 
+    def unused_columns(self, schema: FeatureSchema) -> list[str]:
+        """The local columns ``schema`` leaves out (not every member has them)."""
+        return []
+
     def parse_schema(self, value: object) -> FeatureSchema | None:
         """Rebuild the schema carried by a view (raises SummaryError)."""
         return None if value is None else schema_from_dict(value)
@@ -54,6 +59,9 @@ class TabularSource(TaskSource):
     kind = "tabular-mlp"
 
     def __init__(self, table: Table, *, target: str, hidden: tuple[int, ...] = (64, 32)) -> None:
+        """Raises :class:`~fedup.learn.tabular.DataError` for a table with fewer than
+        :data:`~fedup.learn.task.MIN_ROWS` rows (too few to split for validation)."""
+        check_rows(table)
         self.table = table
         self.target = target
         self.hidden = hidden
@@ -63,26 +71,50 @@ class TabularSource(TaskSource):
         self._summary = summarize(train)
 
     @classmethod
-    def from_csv(cls, path: Path, target: str) -> TabularSource:
-        """Read a CSV; raises :class:`~fedup.learn.tabular.DataError` with a clear reason."""
-        return cls(read_csv(path, target), target=target)
+    def from_csv(
+        cls,
+        path: Path,
+        target: str,
+        *,
+        drop: Iterable[str] = (),
+        positive_label: str | None = None,
+    ) -> TabularSource:
+        """Read a CSV without the ``drop`` columns, ``positive_label`` being the target's
+        positive class (default: inferred, see :func:`~fedup.learn.tabular.parse_target`).
+
+        Raises :class:`~fedup.learn.tabular.DataError` with a clear reason (a ``drop``
+        column the file does not have, a ``positive_label`` the target does not have,
+        too few rows, ...).
+        """
+        table = read_csv(path, target, drop=drop, positive_label=positive_label)
+        return cls(table, target=target)
 
     @classmethod
-    def synthetic(cls, peer_id: str, directory: Path) -> TabularSource:
+    def synthetic(
+        cls,
+        peer_id: str,
+        directory: Path,
+        *,
+        drop: Iterable[str] = (),
+        positive_label: str | None = None,
+    ) -> TabularSource:
         """This peer's synthetic lender (deterministic from its peer ID), written to a CSV
         in ``directory`` so the user can see what was used (folder 0700, file 0600; see
-        :mod:`fedup.files`)."""
+        :mod:`fedup.files`), then read like :meth:`from_csv`."""
         data = generate_lender(seed_from_peer_id(peer_id))
         make_dirs(directory)
         path = directory / "synthetic-loans.csv"
         data.write_csv(path)
-        return cls.from_csv(path, "default")
+        return cls.from_csv(path, "default", drop=drop, positive_label=positive_label)
 
     def summary(self) -> dict[str, object]:
         return self._summary.to_dict()
 
     def check_schema(self, schema: FeatureSchema) -> None:
         fits(self._summary, schema)
+
+    def unused_columns(self, schema: FeatureSchema) -> list[str]:
+        return unused_columns(self._summary, schema)
 
     def build(self, schema: FeatureSchema | None, settings: RunSettings) -> Task:
         if schema is None:

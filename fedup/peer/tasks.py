@@ -10,6 +10,7 @@ trains in threads (the simulator, on a virtual clock, runs it inline).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -23,6 +24,7 @@ from fedup.protocol.view import RunSettings
 
 __all__ = ["TaskBuilder"]
 
+log = logging.getLogger("fedup.peer")
 T = TypeVar("T")
 ZERO = b"\0" * 32
 
@@ -53,12 +55,22 @@ class TaskBuilder:
         return self._summary
 
     def task_for(self, schema: FeatureSchema | None, settings: RunSettings) -> Task:
-        """The task under ``schema`` and ``settings`` (the digests do not matter), built once."""
+        """The task under ``schema`` and ``settings`` (the digests do not matter), built once.
+
+        Building under a new schema logs the local columns the schema leaves out (not
+        every member has them, so the federation does not use them)."""
         key = (
             schema.digest() if schema is not None else None,
             attrs.evolve(settings, model_digest=ZERO, schema_digest=ZERO),
         )
         if self._task is None or self._task[0] != key:
+            if schema is not None and (self._task is None or self._task[0][0] != key[0]):
+                unused = self.source.unused_columns(schema)
+                if unused:
+                    log.info(
+                        "the federation does not use my columns %s: not every member has them",
+                        ", ".join(repr(n) for n in unused),
+                    )
             self._task = (key, self.source.build(schema, settings))
         return self._task[1]
 

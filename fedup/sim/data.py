@@ -13,7 +13,7 @@ Partition specs (see :func:`fedup.learn.loans.partition`):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from fedup.learn.loans import generate_lender, lender_seed, partition
@@ -39,17 +39,25 @@ def synthetic_tables(
 
 
 def csv_tables(
-    path: Path, target: str, n_peers: int, spec: str = "iid", *, seed: int = 0
+    path: Path,
+    target: str,
+    n_peers: int,
+    spec: str = "iid",
+    *,
+    seed: int = 0,
+    drop: Iterable[str] = (),
+    positive_label: str | None = None,
 ) -> list[Table]:
     """The rows of one CSV dealt out to ``n_peers`` peers by ``spec`` (not ``lender``).
 
+    ``drop`` and ``positive_label`` are :func:`~fedup.learn.tabular.read_csv`'s.
     Raises :class:`~fedup.learn.tabular.DataError` for an unusable file or spec.
     """
     if spec == "lender":
         raise DataError(
             "partition 'lender' is for synthetic data; use iid, dirichlet:A or column:NAME"
         )
-    table = read_csv(path, target)
+    table = read_csv(path, target, drop=drop, positive_label=positive_label)
     return partition([table], spec, n_peers, seed=seed)
 
 

@@ -246,3 +246,48 @@ def test_a_rendezvous_peer_forms_a_federation_with_peers_that_bootstrap_to_it(
     assert {s["peer_id"] for s in summaries} == set(summaries[0]["members"])
     assert len(summaries[0]["members"]) == 3
     assert f"waits for peers that bootstrap to it: --bootstrap 127.0.0.1:{port}" in results[0][1]
+
+
+def start_error(tmp_path: Path, *args: str) -> str:
+    """The one line ``start`` prints for a data error (exit 1), before any network."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedup.cli", "start", "--state-dir", str(tmp_path / "state"),
+         "--no-mdns", "--bootstrap", "127.0.0.1:9", *args],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    return proc.stderr.strip()
+
+
+def test_data_errors_of_drop_positive_label_and_size_are_one_line(tmp_path: Path) -> None:
+    data = tmp_path / "loans.csv"
+    data.write_text("id,income,status\n1,10,late\n2,20,ok\n3,30,ok\n4,40,late\n5,50,ok\n")
+    line = start_error(tmp_path, "--data", str(data), "--target", "status", "--drop", "ID",
+                       "--positive-label", "late")  # fmt: skip
+    assert line.endswith(
+        f"{data}: no column named 'ID'; the columns are 'id', 'income', 'status'"
+    ), line
+    line = start_error(tmp_path, "--data", str(data), "--target", "status",
+                       "--positive-label", "Late")  # fmt: skip
+    assert line.endswith(
+        f"{data}: positive label 'Late' is not one of the target's values 'late', 'ok'; "
+        "give one of them"
+    ), line
+    tiny = tmp_path / "tiny.csv"
+    tiny.write_text("x,default\n1,1\n")
+    line = start_error(tmp_path, "--data", str(tiny))
+    assert line.endswith(
+        f"{tiny}: 1 row, too few to train: a peer needs at least 5 (a 20% share of each "
+        "label is held out for validation); add rows"
+    ), line
+
+
+def test_drop_and_positive_label_come_from_every_source_of_settings(tmp_path: Path) -> None:
+    args = parse("--drop", "id", "--drop", "note", "--positive-label", "late")
+    values = resolve(args, environ={})
+    assert values["drop"] == ["id", "note"] and values["positive_label"] == "late"
+    env = resolve(parse(), environ={"FEDUP_DROP": "id,note", "FEDUP_POSITIVE_LABEL": "bad"})
+    assert env["drop"] == ["id", "note"] and env["positive_label"] == "bad"
+    assert resolve(parse(), environ={})["drop"] is None

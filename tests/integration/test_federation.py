@@ -592,11 +592,23 @@ def age_as_text(table: Table) -> Table:
     )
 
 
+def inverted_as_the_leader_spells_it(table: Table) -> Table:
+    """The target read the other way round (``--positive-label`` naming the 0), spelled
+    as the leader (lender 102) spells its target: one spelling, opposite classes."""
+    leader = generate_lender(102, n_rows=400).table
+    return attrs.evolve(
+        table,
+        target=(1 - table.target).astype(np.int8),
+        negative_label=leader.positive_label,
+        positive_label=leader.negative_label,
+    )
+
+
 @pytest.mark.parametrize(
     ("change", "named"),
     [
-        (without_income, "missing columns 'income'"),
         (age_as_text, "type conflicts 'age' (categorical here, numeric in the federation)"),
+        (inverted_as_the_leader_spells_it, "which is the negative label in the federation"),
     ],
 )
 async def test_a_peer_whose_columns_do_not_fit_is_refused(
@@ -622,6 +634,24 @@ async def test_a_peer_whose_columns_do_not_fit_is_refused(
     members = [i.peer_id.text for n, i in enumerate(ids) if n != odd]
     assert all(s.members == members and s.dead == [] for s in done)
     assert not (tmp_path / ids[odd].peer_id.text[-8:] / "summary.json").exists()
+
+
+async def test_a_column_some_members_lack_is_left_out_and_every_member_trains(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """It used to get the member refused ("missing columns 'income'")."""
+    ids = identities(4)
+    odd = 1
+    table = without_income(generate_lender(100 + odd, n_rows=400).table)
+    results = await run_federation(
+        tmp_path, ids, sources={odd: TabularSource(table, target="default")}, leader=2
+    )
+    done = [results[i.peer_id.text] for i in ids]
+    assert all(isinstance(s, RunSummary) for s in done), done
+    check_same_model([s for s in done if isinstance(s, RunSummary)])
+    federation = json.loads((Path(done[0].out_dir) / "federation.json").read_text())
+    names = [c["name"] for c in federation["schema"]["columns"]]
+    assert "income" not in names and "age" in names
 
 
 async def test_a_member_that_cannot_accept_the_view_is_left_out_at_the_next_epoch(

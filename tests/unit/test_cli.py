@@ -290,3 +290,34 @@ def test_errors_inside_a_group_of_one_are_reported_as_themselves(
     two = ExceptionGroup("nursery", [ValueError("a"), KeyError("b")])
     assert failed(two, debug=False) == 1
     assert capsys.readouterr().err.startswith("fedup-peer: internal error: ExceptionGroup")
+
+
+def test_simulate_data_errors_of_drop_column_positive_label_and_size_are_one_line(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "loans.csv"
+    data.write_text("id,income,status\n" + "".join(f"{i},{i * 10},{'late' if i % 3 else 'ok'}\n"
+                                                   for i in range(12)))  # fmt: skip
+
+    def error(*args: str) -> str:
+        proc = run_cli("simulate", "--state-dir", str(tmp_path / "state"), "--out",
+                       str(tmp_path / f"sim{len(args)}"), *args)  # fmt: skip
+        assert proc.returncode == 1, proc.stderr
+        assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
+        return proc.stderr.strip()
+
+    common = ["--data", str(data), "--target", "status", "--positive-label", "late"]
+    assert error(*common, "--drop-column", "ID").endswith(
+        f"{data}: no column named 'ID'; the columns are 'id', 'income', 'status'"
+    )
+    assert error(*common[:4], "--positive-label", "Late", "--peers", "2").endswith(
+        "positive label 'Late' is not one of the target's values 'late', 'ok'; give one of them"
+    )
+    # 12 rows dealt to 3 peers: 4 each, one fewer than a peer needs.
+    assert error(*common, "--drop-column", "id", "--peers", "3").endswith(
+        "peer 0: 4 rows, too few to train: a peer needs at least 5 (a 20% share of each "
+        "label is held out for validation); add rows"
+    )
+    assert "--drop-column and --positive-label apply to --data" in error(
+        "--drop-column", "id", "--peers", "2"
+    )

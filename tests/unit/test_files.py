@@ -361,3 +361,34 @@ def test_demo_plot_replaces_a_planted_link(tmp_path: Path, victim: Path) -> None
     plot_loss_curves(report, png)
     assert victim.read_bytes() == b"precious\n"
     assert png.read_bytes().startswith(b"\x89PNG") and mode(png) == 0o600
+
+
+def test_figures_that_do_not_exist_are_null_in_the_json_files(tmp_path: Path) -> None:
+    """JSON has no NaN or infinity: a strict reader must be able to read every file."""
+    import math
+
+    from fedup.peer.outputs import RunOutputs, RunSummary
+
+    def strict(text: str) -> object:
+        def refuse(word: str) -> float:
+            raise ValueError(f"not JSON: {word}")
+
+        return json.loads(text, parse_constant=refuse)
+
+    outputs = RunOutputs(tmp_path / "run")
+    outputs.log({"type": "lap", "lap": 0, "federated_val_loss": math.nan, "n": [math.inf]})
+    outputs.save_summary(
+        RunSummary(
+            run_id="r", peer_id="p", leader="p", members=["p"], laps=1, converged=False,
+            stop_reason="max-laps", federated_val_loss=[math.nan, 0.5], federated_laps=[-1, 0],
+            best_lap=0, final_val_loss=math.nan, final_val_accuracy=-math.inf,
+            data_passes=1.0, model_sha256="00", dead=[], model_bytes_sent=0, out_dir="x",
+        )
+    )  # fmt: skip
+    outputs.close()
+    summary = strict((tmp_path / "run" / "summary.json").read_text())
+    assert isinstance(summary, dict)
+    assert summary["final_val_loss"] is None and summary["final_val_accuracy"] is None
+    assert summary["federated_val_loss"] == [None, 0.5] and summary["data_passes"] == 1.0
+    (line,) = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert strict(line) == {"type": "lap", "lap": 0, "federated_val_loss": None, "n": [None]}

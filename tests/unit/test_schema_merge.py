@@ -20,6 +20,8 @@ from fedup.learn.schema import (
     admit,
     fits,
     merge_summaries,
+    schema_from_dict,
+    unused_columns,
 )
 from fedup.protocol import cbor
 
@@ -108,22 +110,23 @@ def test_missing_indicator_and_empty_columns() -> None:
     fits(empty, merged)
 
 
-def test_majority_decides_columns_and_kinds() -> None:
+def test_common_columns_make_the_schema_and_the_majority_decides_kinds() -> None:
     good = summary(3, numeric("age", np.ones(3)), categorical("region", {"n": 3}))
     extra = summary(3, numeric("age", np.ones(3)), categorical("region", {"n": 3}),
                     numeric("secret", np.ones(3)))  # fmt: skip
     missing = summary(3, numeric("age", np.ones(3)))
     words = summary(3, categorical("age", {"old": 3}), categorical("region", {"s": 3}))
-    schema = merge_summaries([good, good, extra, missing, words], "y")
-    assert [c.name for c in schema.columns] == ["age", "region"]
+    schema = merge_summaries([good, good, extra, words], "y")
+    assert [c.name for c in schema.columns] == ["age", "region"]  # 'secret': one has it
     assert [c.kind for c in schema.columns] == [NUMERIC, CATEGORICAL]
     fits(good, schema)
-    with pytest.raises(SchemaMismatchError, match="extra columns 'secret'") as e1:
-        fits(extra, schema)
-    assert e1.value.extra == ("secret",)
+    fits(extra, schema)  # a column the federation does not use is no reason to refuse
+    assert unused_columns(extra, schema) == ["secret"]
+    assert unused_columns(good, schema) == []
     with pytest.raises(SchemaMismatchError, match="missing columns 'region'") as e2:
         fits(missing, schema)
     assert e2.value.missing == ("region",)
+    assert [c.name for c in merge_summaries([good, extra, missing], "y").columns] == ["age"]
     with pytest.raises(
         SchemaMismatchError, match=r"type conflicts 'age' \(categorical here, numeric in the"
     ) as e3:
@@ -140,13 +143,14 @@ def test_majority_decides_columns_and_kinds() -> None:
 
 
 def test_admit_refuses_and_merges_without_the_refused() -> None:
-    a = summary(4, numeric("x", np.array([0.0, 1.0, 2.0, 3.0])))
-    b = summary(2, numeric("x", np.array([4.0, 5.0])))
-    odd = summary(2, numeric("x", np.array([1e9, 1e9])), numeric("leak", np.ones(2)))
+    a = summary(4, numeric("x", np.array([0.0, 1.0, 2.0, 3.0])), numeric("z", np.ones(4)))
+    b = summary(2, numeric("x", np.array([4.0, 5.0])), numeric("z", np.ones(2)))
+    odd = summary(2, numeric("x", np.array([1e9, 1e9])), categorical("z", {"words": 2}),
+                  numeric("leak", np.ones(2)))  # fmt: skip
     result = admit([a, odd, b], "y")
     assert result.admitted == (0, 2)
     assert list(result.refused) == [1]
-    assert result.refused[1].extra == ("leak",)
+    assert result.refused[1].conflicts == ("z",)
     col = result.schema.column("x")
     assert col is not None and col.mean == 2.5  # the refused peer's numbers are not pooled
     assert result.schema == merge_summaries([a, b], "y")
@@ -209,6 +213,9 @@ DELETE = object()
         (["columns", 1, "categories"], [["", 3]], "value must be"),
         (["columns", 1, "categories"], [[3, "a"]], "pair"),
         (["columns", 1, "categories"], [[f"v{i}", 1] for i in range(65)], "0 to 64 items"),
+        (["positive_label"], 1, "'positive_label' must be a text string"),
+        (["negative_label"], "n" * 129, "'negative_label' must be at most 128 bytes"),
+        (["negative_label"], "", "'negative_label' must not be empty"),
     ],
 )
 def test_untrusted_dicts_are_checked(path: list[Any], value: Any, message: str) -> None:
@@ -223,3 +230,89 @@ def test_limits_bound_sizes() -> None:
     assert DataSummary.from_dict(d) == DataSummary.from_dict(good_dict())
     with pytest.raises(SummaryError, match="expected a map"):
         DataSummary.from_dict([1, 2])
+
+
+def test_a_column_only_some_members_have_is_left_out_not_refused() -> None:
+    a = summary(4, numeric("x", np.arange(4.0)), numeric("id", np.arange(4.0)))
+    b = summary(3, numeric("x", np.arange(3.0)))
+    c = summary(5, numeric("x", np.arange(5.0)), categorical("note", {"k": 5}))
+    result = admit([a, b, c], "y")
+    assert result.admitted == (0, 1, 2) and result.refused == {}
+    assert [col.name for col in result.schema.columns] == ["x"]
+    assert result.schema.n_rows == 12  # every member's rows count
+    assert unused_columns(a, result.schema) == ["id"]
+    assert unused_columns(c, result.schema) == ["note"]
+
+
+def test_a_member_with_no_column_in_common_is_refused_not_the_schema_emptied() -> None:
+    a = summary(4, numeric("x", np.arange(4.0)), numeric("z", np.arange(4.0)))
+    b = summary(3, numeric("x", np.arange(3.0)))
+    c = summary(3, numeric("z", np.arange(3.0)))  # nothing in common with a and b together
+    stranger = summary(3, numeric("other", np.arange(3.0)))
+    result = admit([a, b, c, stranger], "y")
+    assert result.admitted == (0, 1)
+    assert "no column in common with the federation's ('x')" in result.refused[2].reason
+    assert "no column in common" in result.refused[3].reason
+    assert [col.name for col in result.schema.columns] == ["x"]
+
+
+def labelled(positive: str | None, negative: str | None, n: int = 4) -> DataSummary:
+    return DataSummary("y", n, 1, (numeric("x", np.arange(float(n))),), negative, positive)
+
+
+def test_members_who_read_a_label_as_opposite_classes_do_not_train_together() -> None:
+    leader = labelled("bad", "good")
+    same = labelled("bad", "good")
+    other_spelling = labelled("1", "0")  # spelled differently: nothing to contradict
+    inverted = labelled("good", "bad")  # --positive-label good: the opposite target
+    half = labelled("good", None)  # no negatives here, but 'good' is 1 to it
+    result = admit([leader, same, other_spelling, inverted, half], "y")
+    assert result.admitted == (0, 1, 2)
+    assert "positive label here is 'good', which is the negative label" in (
+        result.refused[3].reason
+    )
+    assert result.refused[3].target and result.refused[4].target
+    assert result.schema.positive_labels == ("1", "bad")
+    assert result.schema.negative_labels == ("0", "good")
+    with pytest.raises(SchemaMismatchError, match="positive label here is 'good'"):
+        fits(inverted, result.schema)
+    with pytest.raises(SchemaMismatchError, match="negative label here is 'bad'"):
+        fits(labelled(None, "bad"), result.schema)
+    fits(same, result.schema)
+    with pytest.raises(SchemaMismatchError, match="'bad' is positive for some"):
+        merge_summaries([leader, inverted], "y")
+    # The labels travel in the summary and the schema, and the schema's digest covers them.
+    wire = cbor.decode(cbor.encode(inverted.to_dict()), max_size=1 << 20, max_depth=8)
+    assert DataSummary.from_dict(wire) == inverted
+    back = schema_from_dict(cbor.decode(cbor.encode(result.schema.to_dict()), max_size=1 << 20,
+                                        max_depth=8))  # fmt: skip
+    assert back == result.schema
+    unlabelled = merge_summaries([labelled(None, None)], "y")
+    assert unlabelled.digest() != merge_summaries([labelled("1", "0")], "y").digest()
+    assert "negative_labels" not in unlabelled.to_dict()  # as before labels were shared
+
+
+def test_too_many_spellings_of_a_class_refuse_the_member_that_adds_one() -> None:
+    many = [labelled(f"yes{i}", f"no{i}") for i in range(20)]
+    result = admit(many, "y")
+    assert len(result.admitted) == 16
+    assert "in more than 16 ways" in result.refused[16].reason
+
+
+def test_untrusted_labels_are_checked() -> None:
+    both = {**good_dict(), "negative_label": "x", "positive_label": "x"}
+    with pytest.raises(SummaryError, match="'x' is both the negative and positive label"):
+        DataSummary.from_dict(both)
+    schema = merge_summaries([labelled("1", "0")], "y").to_dict()
+    for change, message in [
+        ({"positive_labels": ["0"]}, "both negative and positive"),
+        ({"positive_labels": ["b", "a"]}, "unique and sorted"),
+        ({"positive_labels": [f"v{i:02}" for i in range(17)]}, "0 to 16 items"),
+        ({"positive_labels": [3]}, "must be text"),
+    ]:
+        with pytest.raises(SummaryError, match=message):
+            schema_from_dict({**schema, **change})
+    lone = dict(schema)
+    del lone["positive_labels"]
+    with pytest.raises(SummaryError, match="missing field 'positive_labels'"):
+        schema_from_dict(lone)

@@ -20,6 +20,7 @@ from fedup.learn.tabular import (
     split,
     summarize,
 )
+from fedup.learn.task import MIN_ROWS, SPLIT_SEED, VAL_FRACTION, check_rows
 
 
 def write(tmp_path: Path, text: str, name: str = "data.csv") -> Path:
@@ -267,3 +268,92 @@ def test_options_must_name_real_columns(tmp_path: Path) -> None:
     path = write(tmp_path, "x,default\n1,0\n")
     with pytest.raises(DataError, match="no column named 'id', 'zip'"):
         read_csv(path, categorical=["zip"], drop=["id"])
+
+
+def test_an_unknown_drop_column_names_the_columns_there_and_the_target_stays(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, "id,x,default\n1,2,0\n")
+    with pytest.raises(DataError, match=r"no column named 'ID'; the columns are 'id', 'x', 'def"):
+        read_csv(path, drop=["ID"])
+    with pytest.raises(DataError, match="'default' is the target; it cannot be dropped"):
+        read_csv(path, drop=["default"])
+
+
+def test_a_dropped_column_is_never_parsed_nor_summarized(tmp_path: Path) -> None:
+    # An ID: one value per row, which would otherwise become a feature of its own.
+    rows = "".join(f"{'k' * 300}{i},{i},{i % 2}\n" for i in range(10))
+    table = read_csv(write(tmp_path, "id,x,default\n" + rows), drop=["id"])
+    assert [c.name for c in table.columns] == ["x"]
+    assert [c.name for c in summarize(table).columns] == ["x"]
+
+
+# --------------------------------------------------------------------------
+# the positive label
+
+
+def test_the_spelling_of_each_class_is_kept_and_summarized(tmp_path: Path) -> None:
+    path = write(tmp_path, "x,status\n1,late\n2,ok\n3,late\n")
+    table = read_csv(path, "status", positive_label="ok")
+    assert table.target.tolist() == [0, 1, 0]
+    assert (table.negative_label, table.positive_label) == ("late", "ok")
+    s = summarize(table)
+    assert (s.negative_label, s.positive_label) == ("late", "ok")
+    inferred = read_csv(write(tmp_path, "x,default\n1, Yes \n2,no\n", "b.csv"))
+    assert (inferred.negative_label, inferred.positive_label) == ("no", "Yes")
+    # The spellings survive taking rows, and pooling tables that spell alike.
+    part = inferred.take(np.array([1]))
+    assert (part.negative_label, part.positive_label) == ("no", "Yes")
+    mixed = Table.concat([inferred, read_csv(write(tmp_path, "x,default\n1,1\n2,0\n", "c.csv"))])
+    assert (mixed.negative_label, mixed.positive_label) == (None, None)
+
+
+def test_a_positive_label_not_in_the_target_is_refused_in_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "x,default\n1,yes\n2,no\n")
+    with pytest.raises(DataError, match=r"'Yes' is not one of the target's values 'no', 'yes'"):
+        read_csv(path, positive_label="Yes")
+    # One value that reads as positive: a misspelled label would make every row negative.
+    only_yes = write(tmp_path, "x,default\n1,yes\n2,yes\n", "b.csv")
+    with pytest.raises(DataError, match="'Yes' is not one of the target's values 'yes'"):
+        read_csv(only_yes, positive_label="Yes")
+    # One value that is not positive: a lender with no defaults, 'default' being absent.
+    only_ok = read_csv(write(tmp_path, "x,status\n1,ok\n2,ok\n", "c.csv"), "status",
+                       positive_label="default")  # fmt: skip
+    assert only_ok.target.tolist() == [0, 0]
+    assert (only_ok.negative_label, only_ok.positive_label) == ("ok", "default")
+
+
+# --------------------------------------------------------------------------
+# the smallest table that trains
+
+
+def test_min_rows_always_leave_a_validation_row_and_a_training_row() -> None:
+    def parts(n_neg: int, n_pos: int) -> tuple[int, int]:
+        t = Table((), np.array([0] * n_neg + [1] * n_pos, dtype=np.int8), "y")
+        train, val = split(t, val_fraction=VAL_FRACTION, seed=SPLIT_SEED)
+        return train.n_rows, val.n_rows
+
+    for n in range(MIN_ROWS, 60):
+        for n_pos in range(n + 1):
+            n_train, n_val = parts(n - n_pos, n_pos)
+            assert n_train >= 1 and n_val >= 1, (n - n_pos, n_pos)
+    assert any(parts(MIN_ROWS - 1 - k, k)[1] == 0 for k in range(MIN_ROWS))  # it is the least
+
+
+def test_a_table_too_small_to_train_is_refused_naming_file_rows_and_minimum(
+    tmp_path: Path,
+) -> None:
+    from fedup.peer.source import TabularSource
+
+    path = write(tmp_path, "x,default\n1,1\n")
+    with pytest.raises(DataError) as e:
+        TabularSource.from_csv(path, "default")
+    assert str(e.value) == (
+        f"{path}: 1 row, too few to train: a peer needs at least 5 (a 20% share of each "
+        "label is held out for validation); add rows"
+    )
+    four = write(tmp_path, "x,default\n1,1\n2,1\n3,0\n4,0\n", "four.csv")
+    with pytest.raises(DataError, match="4 rows, too few to train"):
+        check_rows(read_csv(four))
+    five = write(tmp_path, "x,default\n1,1\n2,1\n3,0\n4,0\n5,0\n", "five.csv")
+    assert TabularSource.from_csv(five, "default").table.n_rows == 5
