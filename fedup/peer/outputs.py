@@ -32,7 +32,7 @@ import json
 import os
 import stat
 import tempfile
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -41,7 +41,7 @@ import torch
 
 from fedup.errors import ConfigError, FileError
 from fedup.files import make_dirs, open_append, write_atomic
-from fedup.learn.weights import save_safetensors
+from fedup.learn.weights import save_safetensors, write_safetensors_parts
 
 RUN_FILES = (
     "metrics.jsonl",
@@ -151,7 +151,12 @@ class RunSummary:
     ``start`` command exits with code 0 only when this is true."""
 
     def to_json(self) -> dict[str, Any]:
-        return attrs.asdict(self)
+        """Its fields as a dict (what :func:`attrs.asdict` gives: the lists copied); built
+        field by field, as every member writes it twice with a list of every member."""
+        return {
+            f.name: list(v) if isinstance(v := getattr(self, f.name), list) else v
+            for f in attrs.fields(RunSummary)
+        }
 
 
 class RunOutputs:
@@ -201,6 +206,11 @@ class RunOutputs:
     def save_model(self, weights: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> str:
         """Write ``model.safetensors``; returns its SHA-256 (hex)."""
         return save_safetensors(dict(weights), self.model_path, metadata=metadata)
+
+    def save_model_file(self, parts: Sequence[bytes | memoryview]) -> str:
+        """Write ``model.safetensors`` from the bytes
+        :func:`~fedup.learn.weights.safetensors_parts` made; returns its SHA-256 (hex)."""
+        return write_safetensors_parts(parts, self.model_path)
 
     def save_provenance(self, data: bytes) -> None:
         """Write ``provenance.cbor`` (replaced atomically, like the JSON files)."""
