@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import numpy as np
@@ -244,7 +244,14 @@ def save_safetensors(
     allow-list or metadata that is not ``str`` to ``str``; :class:`OSError`
     if the file cannot be written.
     """
-    parts = safetensors_parts(state, metadata=metadata)
+    return write_safetensors_parts(safetensors_parts(state, metadata=metadata), path)
+
+
+def write_safetensors_parts(
+    parts: Sequence[bytes | memoryview], path: str | os.PathLike[str]
+) -> str:
+    """Write the bytes :func:`safetensors_parts` made as :func:`save_safetensors` does
+    (atomically, fsynced); return the file's SHA-256 (hex)."""
     digest = hashlib.sha256()
     with atomic_writer(path, durable=True) as f:
         for part in parts:

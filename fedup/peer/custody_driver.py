@@ -14,6 +14,7 @@ final model, and the blob just taken (until it is trained).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -37,7 +38,7 @@ from fedup.learn.ring import (
     train_hop,
 )
 from fedup.learn.ring_payload import RingCodec, content_of
-from fedup.learn.weights import safetensors_sha256
+from fedup.learn.weights import safetensors_parts
 from fedup.net.channel import SecureChannel
 from fedup.net.framed import FramedStream
 from fedup.net.links import OutboundLink, serve_link
@@ -56,7 +57,7 @@ from fedup.protocol.laps import Position
 from fedup.protocol.messages import Message, Passed, encode_message
 from fedup.protocol.notices import FinalSeal
 from fedup.protocol.peer_id import PeerId
-from fedup.protocol.provenance import encode_provenance
+from fedup.protocol.provenance import provenance_file
 from fedup.protocol.refusal import RefusalCode
 from fedup.protocol.view import SignedView
 
@@ -180,6 +181,8 @@ class CustodyDriver:
         while the ACK goes out (a blob taken is trained whether or not its ACK
         arrives)."""
         self._after_ack: tuple[Position, RingState] | None = None
+        self._final_file: tuple[RingState, list[memoryview], bytes] | None = None
+        """A final state, the bytes of the model file made from it, and their SHA-256."""
 
     @classmethod
     async def template_for(cls, builder: TaskBuilder, signed: SignedView) -> RingState:
@@ -268,6 +271,7 @@ class CustodyDriver:
             self.close_summary()
             self._slots.clear()  # the final model is saved and handed on: free its buffers
             self._bodies.clear()
+            self._final_file = None
             self._done.set()
         elif isinstance(a, ce.Failed):
             self.failure = a.reason
@@ -631,8 +635,9 @@ class CustodyDriver:
         self._log_laps(state)
         own = await self._builder.run(evaluate_state, self.task, state)
         sha = await self._builder.run(
-            self.outputs.save_model, final_weights(state), self._model_metadata()
+            lambda: self.outputs.save_model_file(self._model_file(state)[0])
         )
+        self._final_file = None
         if a.ended_by == self.me:
             content = self.codec.content(state, self._bodies.get(ce.FINAL))
             self.machine.seal_final(content, bytes.fromhex(sha))
@@ -642,7 +647,7 @@ class CustodyDriver:
             log.error("run %s failed here: %s", self.run_id.hex()[:8], self.failure)
             self._done.set()
             return
-        provenance = encode_provenance(view=self.signed.envelope, dead=dead, hops=hops, seal=seal)
+        provenance = provenance_file(view=self.signed.envelope, dead=dead, chain=hops, seal=seal)
         await self._builder.run(self.outputs.save_provenance, provenance)
         history = [self._history[lap] for lap in sorted(self._history)]
         best = self._history.get(meta.best_lap)
@@ -691,9 +696,21 @@ class CustodyDriver:
 
     def _model_sha256(self, state: RingState) -> bytes:
         """The SHA-256 of the model file this member would save from a final ``state``."""
-        return bytes.fromhex(
-            safetensors_sha256(final_weights(state), metadata=self._model_metadata())
-        )
+        return self._model_file(state)[1]
+
+    def _model_file(self, state: RingState) -> tuple[list[memoryview], bytes]:
+        """The bytes of the model file this member would save from a final ``state``, and
+        their SHA-256; made once per state (a final model received is checked against its
+        seal by this digest, then saved from these bytes)."""
+        known = self._final_file
+        if known is not None and known[0] is state:
+            return known[1], known[2]
+        parts = safetensors_parts(final_weights(state), metadata=self._model_metadata())
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(part)
+        self._final_file = (state, parts, digest.digest())
+        return parts, self._final_file[2]
 
     def close_summary(self) -> RunSummary | None:
         """The summary with what was sent after the final model was saved (distribution)."""

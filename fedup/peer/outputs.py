@@ -35,7 +35,7 @@ import math
 import os
 import stat
 import tempfile
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -45,7 +45,7 @@ import torch
 from fedup.errors import ConfigError, FileError
 from fedup.files import make_dirs, open_append, write_atomic
 from fedup.learn.schema import FeatureSchema
-from fedup.learn.weights import save_safetensors
+from fedup.learn.weights import save_safetensors, write_safetensors_parts
 from fedup.protocol.view import SignedView, run_settings_json
 
 RUN_FILES = (
@@ -158,7 +158,12 @@ class RunSummary:
     ``start`` command exits with code 0 only when this is true."""
 
     def to_json(self) -> dict[str, Any]:
-        return attrs.asdict(self)
+        """Its fields as a dict (what :func:`attrs.asdict` gives: the lists copied); built
+        field by field, as every member writes it twice with a list of every member."""
+        return {
+            f.name: list(v) if isinstance(v := getattr(self, f.name), list) else v
+            for f in attrs.fields(RunSummary)
+        }
 
 
 class RunOutputs:
@@ -209,6 +214,11 @@ class RunOutputs:
         """Write ``model.safetensors``; returns its SHA-256 (hex)."""
         return save_safetensors(dict(weights), self.model_path, metadata=metadata)
 
+    def save_model_file(self, parts: Sequence[bytes | memoryview]) -> str:
+        """Write ``model.safetensors`` from the bytes
+        :func:`~fedup.learn.weights.safetensors_parts` made; returns its SHA-256 (hex)."""
+        return write_safetensors_parts(parts, self.model_path)
+
     def save_provenance(self, data: bytes) -> None:
         """Write ``provenance.cbor`` (replaced atomically, like the JSON files)."""
         write_atomic(self.provenance_path, data)
@@ -231,7 +241,11 @@ def encode_json(value: Mapping[str, Any]) -> bytes:
     JSON has no NaN or infinity: a figure that does not exist (a loss over no
     validation rows, say) is written as ``null`` (:func:`json_safe`).
     """
-    return (json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n").encode("utf-8")
+    try:
+        text = json.dumps(value, indent=2, allow_nan=False)
+    except ValueError:  # a NaN or infinity somewhere (rare): walk the value once
+        text = json.dumps(json_safe(value), indent=2, allow_nan=False)
+    return (text + "\n").encode("utf-8")
 
 
 def json_safe(value: Any) -> Any:

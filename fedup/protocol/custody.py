@@ -968,14 +968,14 @@ class CustodyMachine:
         self._final_origin, self._final_seal = self.me, seal.envelope
         return seal.envelope
 
-    def provenance_record(self) -> tuple[tuple[bytes, ...], bytes, bytes]:
+    def provenance_record(self) -> tuple[tuple[bytes, ...], HopChain, bytes]:
         """The final model's provenance, once :class:`Finish` was returned (and, by the
-        member that ended the run, :meth:`seal_final` called): the dead notices, the hop
-        statements and the seal.  Raises LocalProtocolError before then."""
+        member that ended the run, :meth:`seal_final` called): the dead notices, the chain
+        of hop statements and the seal.  Raises LocalProtocolError before then."""
         seal = self._final_seal
         if self.phase is not Phase.FINISHING or seal is None:
             raise LocalProtocolError("the final model's provenance is not known here yet")
-        return self.chain.envelopes, self.provenance.data, seal
+        return self.chain.envelopes, self.provenance, seal
 
     def _final_position(self) -> Position:
         return Position(max(self.seen.lap, 0), 0)

@@ -103,6 +103,7 @@ __all__ = [
     "join_chain",
     "max_chain_bytes",
     "max_provenance_size",
+    "provenance_file",
     "provenance_genesis",
     "shared_process",
     "split_chain",
@@ -616,7 +617,8 @@ _SHARED_PROCESS = False
 def shared_process() -> Iterator[None]:
     """For the block, a chain a member extends with its own statement counts as verified
     for the other members of this process (the simulator's peers), so that each statement
-    is checked once per process, not once per later holder.  Outside it (real peers, the
+    is checked once per process, not once per later holder, and the members that save the
+    same provenance share its bytes (:func:`provenance_file`).  Outside it (real peers, the
     tests of peers in one process) every receiver checks the statements it has not seen."""
     global _SHARED_PROCESS
     before, _SHARED_PROCESS = _SHARED_PROCESS, True
@@ -624,6 +626,7 @@ def shared_process() -> Iterator[None]:
         yield
     finally:
         _SHARED_PROCESS = before
+        _FILES.clear()
 
 
 def _remember(key: tuple[ChainRules, bytes, int, bytes], chain: HopChain) -> None:
@@ -734,6 +737,31 @@ def encode_provenance(
     return cbor.encode(
         {"v": FILE_VERSION, "view": view, "dead": list(dead), "hops": bytes(hops), "seal": seal}
     )
+
+
+_FileKey = tuple[bytes, tuple[bytes, ...], ChainRules, int, bytes, bytes]
+_FILES: dict[_FileKey, bytes] = {}
+"""The last ``provenance.cbor`` made in a shared process (every member of a run saves the
+same one, about 1 MB at 1,000 members)."""
+
+
+def provenance_file(*, view: bytes, dead: Sequence[bytes], chain: HopChain, seal: bytes) -> bytes:
+    """:func:`encode_provenance` of ``chain``'s bytes.
+
+    Under :func:`shared_process` the bytes are made once per content (the key: the view's
+    bytes, the dead notices, the chain's rules, length and fingerprint, the seal) and the
+    same object is returned to every member of the process that asks for that content;
+    elsewhere they are made on each call.
+    """
+    if not _SHARED_PROCESS:
+        return encode_provenance(view=view, dead=dead, hops=chain.data, seal=seal)
+    key = (view, tuple(dead), chain.rules, chain.nbytes, chain.fingerprint, seal)
+    data = _FILES.get(key)
+    if data is None:
+        data = encode_provenance(view=view, dead=dead, hops=chain.data, seal=seal)
+        _FILES.clear()
+        _FILES[key] = data
+    return data
 
 
 @attrs.frozen

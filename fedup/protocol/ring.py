@@ -97,6 +97,9 @@ class Ring:
         start = self._index.get(peer)
         if start is None:
             raise LocalProtocolError(f"{peer} is not in the ring")
+        at = self._live_index.get(peer)
+        if at is not None:  # slices of the live ring (every member asks, once per lap's end)
+            return [*self._live[at + 1 :], *self._live[:at]]
         n = len(self.members)
         return [
             c for step in range(1, n) if (c := self.members[(start + step) % n]) not in self.dead

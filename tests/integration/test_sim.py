@@ -410,6 +410,29 @@ def test_the_simulator_tunes_the_collector_only_while_it_runs(tmp_path: Path) ->
     assert gc.get_threshold() == before
 
 
+def test_members_in_one_process_each_save_their_own_whole_provenance(tmp_path: Path) -> None:
+    """The simulator encodes the run's provenance once (:func:`shared_process`), yet every
+    member's folder holds its own private ``provenance.cbor`` (a file of its own, not a
+    link to another's) that ``fedup-peer verify`` accepts, naming every member's hops."""
+    settings = SimSettings(run=RunSettings(max_laps=2, patience=2))
+    result = run_simulate(lenders(4), tmp_path, settings)
+    assert [p.error for p in result.peers] == [None] * 4
+    files = [Path(p.out_dir) / "provenance.cbor" for p in result.peers]
+    assert len({f.read_bytes() for f in files}) == 1
+    assert len({f.stat().st_ino for f in files}) == 4
+    assert all(f.stat().st_nlink == 1 and f.stat().st_mode & 0o777 == 0o600 for f in files)
+    for p in result.peers:
+        assert p.summary is not None
+        model, verified = verify_model(p.out_dir)
+        assert model == p.out_dir / "model.safetensors"
+        assert verified.seal.model.hex() == p.summary.model_sha256 == result.model_sha256
+        assert verified.chain.count == (settings.run.max_laps + 1) * 4 + 1
+        shares = {s.peer.text: s for s in verified.shares()}
+        assert set(shares) == {q.peer_id for q in result.peers}
+        laps = settings.run.max_laps + 1  # and the hop that closed the last one
+        assert sorted(s.hops for s in shares.values()) == [laps, laps, laps, laps + 1]
+
+
 # --- what two members can work out about each other ------------------------------------
 
 

@@ -287,7 +287,7 @@ class PureRing:
         if a.ended_by == peer:
             machine.seal_final(content_of(progress), model_of(progress))
         dead, hops, seal = machine.provenance_record()
-        self.provenance[peer] = (dead, bytes(hops), seal)
+        self.provenance[peer] = (dead, hops.data, seal)
         self.queue.append((peer, FinalSaved()))
 
     def blob_of(self, peer: PeerId, a: Send) -> Sent:

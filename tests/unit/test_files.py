@@ -303,6 +303,34 @@ def test_run_outputs_refuse_a_link_at_metrics_and_replace_links_elsewhere(
     assert json.loads((out / "summary.json").read_text())["model_sha256"] == sha
 
 
+def test_a_model_file_from_its_parts_is_the_file_save_model_writes(
+    tmp_path: Path, victim: Path
+) -> None:
+    import attrs
+    import torch
+
+    from fedup.learn.weights import safetensors_parts
+    from fedup.peer.outputs import RunOutputs, RunSummary
+
+    weights, metadata = {"w": torch.arange(6.0), "b": torch.ones(2)}, {"format": "pt", "z": "1"}
+    first, second = RunOutputs(tmp_path / "a"), RunOutputs(tmp_path / "b")
+    plant_link(second.model_path, victim)
+    sha = first.save_model(weights, metadata)
+    assert second.save_model_file(safetensors_parts(weights, metadata=metadata)) == sha
+    assert victim.read_bytes() == b"precious\n"
+    assert not second.model_path.is_symlink() and mode(second.model_path) == 0o600
+    assert second.model_path.read_bytes() == first.model_path.read_bytes()
+    summary = RunSummary(
+        run_id="r", peer_id="p", leader="p", members=["p", "q"], laps=1, converged=True,
+        stop_reason="converged", federated_val_loss=[0.5], federated_laps=[0],
+        best_lap=0, final_val_loss=0.5, final_val_accuracy=0.8, data_passes=1.0,
+        model_sha256=sha, dead=["q"], model_bytes_sent=0, out_dir=str(tmp_path),
+    )  # fmt: skip
+    fields = summary.to_json()
+    assert fields == attrs.asdict(summary) and list(fields) == list(attrs.asdict(summary))
+    assert fields["members"] is not summary.members  # a copy, as attrs.asdict makes
+
+
 def test_run_outputs_folder_and_parents_are_0700(tmp_path: Path) -> None:
     from fedup.peer.outputs import RunOutputs
 

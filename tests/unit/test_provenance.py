@@ -36,6 +36,7 @@ from fedup.protocol.provenance import (
     HopStatement,
     ProvenanceError,
     encode_provenance,
+    provenance_file,
     provenance_genesis,
     split_chain,
     verify_provenance,
@@ -678,6 +679,41 @@ def test_outside_a_simulation_a_receiver_checks_a_chain_its_sender_built(
     walked.clear()  # appending walks too
     HopChain.start(RULES).extend_with(chain.data, dead=NO_DEAD)
     assert len(walked) == FULL.count
+
+
+def test_the_provenance_file_is_made_once_per_content_only_in_the_simulator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every member of a run saves the same provenance (about 1 MB at 1,000 members): in
+    one process of simulated peers it is encoded once and its bytes shared; elsewhere it
+    is encoded for each call.  Either way it is the file :func:`verify_provenance` reads."""
+    encoded: list[int] = []
+    real = provenance_module.encode_provenance
+
+    def counting(**kw: Any) -> bytes:
+        encoded.append(1)
+        return real(**kw)
+
+    monkeypatch.setattr(provenance_module, "encode_provenance", counting)
+    fields: dict[str, Any] = {"view": VIEW.envelope, "dead": (), "seal": SEAL.envelope}
+    whole = provenance()
+    first = provenance_file(chain=FULL, **fields)
+    again = provenance_file(chain=honest(FULL.count), **fields)
+    assert first == again == whole and first is not again and len(encoded) == 2
+    with provenance_module.shared_process():
+        first = provenance_file(chain=FULL, **fields)
+        assert provenance_file(chain=honest(FULL.count), **fields) is first == whole
+        assert len(encoded) == 3
+        other_seal = seal_of(STATEMENTS, model=hashlib.sha256(b"another").digest())
+        other = provenance_file(chain=FULL, **{**fields, "seal": other_seal.envelope})
+        shorter = provenance_file(chain=honest(FULL.count - 1), **fields)
+        assert len(encoded) == 5 and len({first, other, shorter}) == 3
+        assert other == provenance(seal=other_seal)
+        assert shorter == provenance(STATEMENTS[:-1])
+    assert provenance_file(chain=FULL, **fields) is not first  # forgotten on leaving
+    assert len(encoded) == 6
+    verified = verify_provenance(first, model_sha256=MODEL_FILE)
+    assert (verified.chain.count, verified.chain.head) == (FULL.count, FULL.head)
 
 
 def test_a_chain_of_tiny_entries_is_refused_before_it_costs_anything() -> None:

@@ -45,6 +45,27 @@ def test_agreement_property(keys: list[bytes], rnd: random.Random) -> None:
     assert peer == a.leader and sorted(seen) == sorted(members)
 
 
+@given(
+    st.lists(st.binary(min_size=32, max_size=32), min_size=2, max_size=20, unique=True),
+    st.randoms(),
+)
+def test_successors_are_the_live_members_in_the_order_successor_walks(
+    keys: list[bytes], rnd: random.Random
+) -> None:
+    members = [PeerId.from_public_key(k) for k in keys]
+    dead = rnd.sample(members, rnd.randrange(len(members)))
+    ring = Ring.of(members, dead=dead)
+    for peer in members:
+        walked, at = [], peer
+        for _ in members:
+            at = ring.successor(at)
+            if at == peer or at in walked:
+                break
+            walked.append(at)
+        assert ring.successors(peer) == walked
+        assert peer not in walked and set(walked) == set(ring.live) - {peer}
+
+
 def test_dead_members_are_skipped_and_leadership_moves() -> None:
     m = sorted(ids(4))
     ring = Ring.of(m)
