@@ -9,7 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from fedup.commands.tables import print_models
-from fedup.commands.values import LENDER_ROWS, SETTLE, add_option, of_setting, real, whole
+from fedup.commands.values import (
+    DEVICE_HELP,
+    LENDER_ROWS,
+    SETTLE,
+    add_option,
+    device_spec,
+    of_setting,
+    real,
+    whole,
+)
 from fedup.errors import ConfigError
 
 CLAIM = (
@@ -53,6 +62,8 @@ def add_parser(
     )
     option("--settle", SETTLE, 2.0, "formation settle seconds")
     option("--timeout", real(0, 86_400, open_lo=True), 600.0, "deadline for the federation, s")
+    option("--device", device_spec, "auto", DEVICE_HELP.replace("this peer", "every peer "
+           "and the baselines"))  # fmt: skip
     option("--peer-args", str, "", "extra 'fedup-peer start' options for every peer, "
            'e.g. "--max-laps 40"', shown="none")  # fmt: skip
     p.set_defaults(func=run)
@@ -80,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         settle=args.settle,
         timeout=args.timeout,
         peer_args=peer_args,
+        device=args.device,
     )
     if args.quiet:
         report = run_demo(settings, say=lambda text: None)

@@ -22,7 +22,16 @@ from typing import TYPE_CHECKING, Any
 
 from fedup.commands.run_options import DEFAULTS, RUN_OPTIONS, run_settings
 from fedup.commands.tables import print_models
-from fedup.commands.values import LENDER_ROWS, SETTLE, add_option, of_setting, real, whole
+from fedup.commands.values import (
+    DEVICE_HELP,
+    LENDER_ROWS,
+    SETTLE,
+    add_option,
+    device_spec,
+    of_setting,
+    real,
+    whole,
+)
 from fedup.config import DEFAULT_LIMITS
 from fedup.errors import ConfigError
 from fedup.files import write_atomic
@@ -189,6 +198,7 @@ def add_parser(
         help="peer P takes SECONDS longer per hop it trains; repeatable (default: none)",
     )
     option("--threads", THREADS, 1, "torch threads")
+    option("--device", device_spec, "auto", DEVICE_HELP.replace("this peer", "every peer"))
     p.set_defaults(func=run)
     return p
 
@@ -219,11 +229,13 @@ def _settings(args: argparse.Namespace) -> SimSettings:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from fedup.learn.device import choose_device, describe_device
     from fedup.peer.outputs import check_out_dir
     from fedup.sim.data import csv_tables, sources_of, synthetic_tables
     from fedup.sim.report import build_report
 
     settings = _settings(args)
+    device = choose_device(args.device)  # CUDA asked for and absent: one line, exit 1
     if args.data is None and (args.drop_column or args.positive_label is not None):
         raise ConfigError(
             "--drop-column and --positive-label apply to --data; the synthetic lenders "
@@ -248,8 +260,11 @@ def run(args: argparse.Namespace) -> int:
         tables = synthetic_tables(
             args.peers, args.partition or "lender", seed=args.seed, n_rows=args.rows
         )
-    sources = sources_of(tables)
-    log.info("simulating %d peers into %s", len(sources), out)
+    sources = sources_of(tables, device=device)
+    log.info(
+        "simulating %d peers into %s, training on %s (--device %s)",
+        len(sources), out, describe_device(device), args.device,
+    )  # fmt: skip
     result = _simulate_watched(sources, out, settings, quiet=args.quiet)
     report = build_report(result, sources, baselines=args.baselines)
     report["partition"] = args.partition or ("iid" if args.data is not None else "lender")

@@ -9,7 +9,9 @@ defaults).  The state dir comes from ``--state-dir`` or ``FEDUP_STATE_DIR``,
 the log level from ``--log-level``: a config file naming either is refused
 rather than silently ignored.
 
-Before it joins anything the peer locks its state directory
+Before it joins anything the peer checks that this machine has the device
+``--device`` names (:func:`fedup.learn.device.choose_device`: ``cuda`` without a
+CUDA device is one line and exit 1), locks its state directory
 (:mod:`fedup.state_lock`: one running peer per state directory), checks its
 output folder (:func:`fedup.peer.outputs.check_out_dir`) and binds its listen
 address.  With ``--no-mdns`` and no ``--bootstrap`` it is a rendezvous: it
@@ -41,9 +43,11 @@ import trio
 from fedup.commands.peers import read_network_key
 from fedup.commands.run_options import DEFAULTS, RUN_OPTIONS, run_settings
 from fedup.commands.values import (
+    DEVICE_HELP,
     SETTLE,
     address,
     described,
+    device_spec,
     listen_address,
     of_setting,
     ui_address,
@@ -55,6 +59,8 @@ from fedup.protocol.records import Address
 from fedup.state_lock import hold_state_dir
 
 if TYPE_CHECKING:
+    import torch
+
     from fedup.peer import Peer, PeerConfig
     from fedup.peer.outputs import RunSummary
     from fedup.ui.board import RunBoard
@@ -105,6 +111,7 @@ SETTINGS = [
     *(Setting(name, kind, getattr(DEFAULTS, name), why) for name, kind, why in RUN_OPTIONS),
     Setting("seed", of_setting("seed"), DEFAULTS.seed,
             "seed of the model's initialisation and shuffling"),
+    Setting("device", device_spec, "auto", DEVICE_HELP),
     Setting("listen", listen_address, Address("0.0.0.0", 0),
             "TCP HOST:PORT to listen on; port 0 picks a free one"),
     Setting("interface", str, None, "mDNS interface (name or IPv4); repeatable",
@@ -234,13 +241,18 @@ def exit_code(summary: RunSummary) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedup.learn.device import choose_device
+
     values = resolve(args)
     config = build_config(args, values)
+    device = choose_device(values["device"])  # CUDA asked for and absent: one line, exit 1
     with hold_state_dir(config.resolved_state_dir()):  # one running peer per state dir
-        return _run(config, values, quiet=args.quiet)
+        return _run(config, values, device, quiet=args.quiet)
 
 
-def _run(config: PeerConfig, values: dict[str, Any], *, quiet: bool = False) -> int:
+def _run(
+    config: PeerConfig, values: dict[str, Any], device: torch.device, *, quiet: bool = False
+) -> int:
     from fedup.peer import Peer, TabularSource
     from fedup.peer.outputs import json_safe
     from fedup.ui.board import RunBoard
@@ -252,6 +264,7 @@ def _run(config: PeerConfig, values: dict[str, Any], *, quiet: bool = False) -> 
     table_options: dict[str, Any] = {
         "drop": values["drop"] or (),
         "positive_label": values["positive_label"],
+        "device": device,
     }
     if values["data"] is not None:
         source = TabularSource.from_csv(values["data"], values["target"], **table_options)
@@ -276,7 +289,7 @@ def _run(config: PeerConfig, values: dict[str, Any], *, quiet: bool = False) -> 
                     view = PeerView(board, folder=folder, display=display, limits=config.limits)
                     view.start(nursery, peer.events)
                     board.started(str(a) for a in peer.addresses)
-                    _say_hello(peer, config, values, state_dir)
+                    _say_hello(peer, config, values, state_dir, device)
                     summary = await peer.train()
                 await view.finish()  # the peer closed its events: the last ones are in
             if page is not None:
@@ -312,8 +325,16 @@ async def _serve_page(
     return page
 
 
-def _say_hello(peer: Peer, config: PeerConfig, values: dict[str, Any], state_dir: Path) -> None:
+def _say_hello(
+    peer: Peer, config: PeerConfig, values: dict[str, Any], state_dir: Path, device: torch.device
+) -> None:
     """Logged once the peer is up: an error before that is the only line on stderr."""
+    from fedup.learn.device import describe_device
+
+    log.info(
+        "training on %s (--device %s; a local choice, not part of the federation)",
+        describe_device(device), values["device"],
+    )  # fmt: skip
     if values["data"] is None:
         log.info("no --data given: using synthetic loans in %s", state_dir / "data")
     if not config.mdns and not config.bootstrap:

@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 
+from fedup.learn.device import parse_device
 from fedup.protocol.records import Address
 from fedup.protocol.view import SETTINGS_BOUNDS
 
@@ -94,6 +95,22 @@ load test)."""
 SETTLE = real(0, 600)
 """Formation settle seconds: 10 minutes at most (a peer gives up forming after 15,
 ``Limits.peer_wait_timeout``, so a longer settle could never form)."""
+
+
+DEVICE_HELP = (
+    "where this peer trains: auto (the first CUDA device if torch sees one, else the "
+    "CPU), cpu, cuda (the first CUDA device) or cuda:N; a local choice that never "
+    "travels: members with and without a GPU federate together"
+)
+
+
+def device_spec(text: Any) -> str:
+    """``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, its form checked without
+    torch (whether this machine has that device is checked when the command runs)."""
+    try:
+        return parse_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def listen_address(text: Any) -> Address:

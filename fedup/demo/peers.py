@@ -164,9 +164,10 @@ def peer_commands(
     key_file: Path,
     settle: float,
     mdns: bool,
+    device: str = "auto",
     extra: Sequence[str] = (),
 ) -> list[list[str]]:
-    """The ``fedup-peer start`` command line of each peer."""
+    """The ``fedup-peer start`` command line of each peer (training on ``device``)."""
     ports = [] if mdns else free_ports(len(peers))
     commands = []
     for p in peers:
@@ -175,7 +176,7 @@ def peer_commands(
             "--state-dir", str(p.directory), "--log-level", "info",
             "--data", str(p.data), "--target", "default", "--out", str(p.run_dir),
             "--min-peers", str(len(peers)), "--settle", str(settle),
-            "--network", network, "--network-key-file", str(key_file),
+            "--network", network, "--network-key-file", str(key_file), "--device", device,
         ]  # fmt: skip
         if mdns:
             cmd.append("--loopback")

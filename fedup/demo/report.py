@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import torch
 
 from fedup.demo.peers import PeerOutcome
 from fedup.errors import FedupError
@@ -55,15 +56,18 @@ def run_settings_from_json(settings: dict[str, Any]) -> RunSettings:
 
 
 def rebuild_tasks(
-    outcomes: Sequence[PeerOutcome], federation: dict[str, Any]
+    outcomes: Sequence[PeerOutcome],
+    federation: dict[str, Any],
+    *,
+    device: str | torch.device = "cpu",
 ) -> tuple[list[TensorTask], RunSettings, FeatureSchema]:
-    """Each peer's task as the peer built it, from its CSV and ``federation.json``;
-    also the run settings and the schema read from there."""
+    """Each peer's task as the peer built it, from its CSV and ``federation.json``, on
+    ``device``; also the run settings and the schema read from there."""
     schema = schema_from_dict(federation["schema"])
     run = run_settings_from_json(federation["settings"])
     tasks = []
     for o in outcomes:
-        task = TabularSource.from_csv(o.peer.data, "default").build(schema, run)
+        task = TabularSource.from_csv(o.peer.data, "default", device=device).build(schema, run)
         assert isinstance(task, TensorTask)
         tasks.append(task)
     return tasks, run, schema
@@ -79,8 +83,14 @@ def federated_curve(metrics: Path, n_rows: int) -> list[tuple[float, float]]:
     return [laps[k] for k in sorted(laps)]
 
 
-def build_report(outcomes: Sequence[PeerOutcome], *, baselines: bool = True) -> dict[str, Any]:
-    """The JSON-ready report: peers, federated, centralized, local-only, curves, claim.
+def build_report(
+    outcomes: Sequence[PeerOutcome],
+    *,
+    baselines: bool = True,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """The JSON-ready report: peers, federated, centralized, local-only, curves, claim
+    (the baselines trained and every model scored on ``device``).
 
     Raises :class:`~fedup.errors.FedupError` if no peer finished, or if the
     demo's recomputation disagrees with what a peer reported.
@@ -91,7 +101,7 @@ def build_report(outcomes: Sequence[PeerOutcome], *, baselines: bool = True) -> 
     first = done[0]
     assert first.summary is not None
     federation = json.loads((first.peer.run_dir / "federation.json").read_text("utf-8"))
-    tasks, run, schema = rebuild_tasks(outcomes, federation)
+    tasks, run, schema = rebuild_tasks(outcomes, federation, device=device)
     settings = RingSettings.for_run(run)
     weights = load_safetensors(first.peer.run_dir / "model.safetensors")
     fed_per_peer = [

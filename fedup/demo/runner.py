@@ -56,6 +56,8 @@ class DemoSettings:
     baselines: bool = True
     peer_args: tuple[str, ...] = ()
     """Extra ``fedup-peer start`` options for every peer (e.g. ``--max-laps 40``)."""
+    device: str = "auto"
+    """Where every peer and the baselines train (``--device``: auto, cpu, cuda, cuda:N)."""
 
     def __attrs_post_init__(self) -> None:
         if not 2 <= self.peers <= 16:
@@ -149,6 +151,9 @@ def run_demo(
     are listed in the report with their reason; the demo still compares
     whatever model the others agreed on.
     """
+    from fedup.learn.device import choose_device, describe_device
+
+    device = choose_device(settings.device)  # CUDA asked for and absent: before any peer
     if board is None:
         board = RunBoard()
         board.on_lap(lambda point, line: say(line))
@@ -174,8 +179,10 @@ def run_demo(
         key_file=key_file,
         settle=settings.settle,
         mdns=settings.mdns,
+        device=str(device),
         extra=settings.peer_args,
     )
+    say(f"every peer and the baselines train on {describe_device(device)}")
     started = time.monotonic()
     following = _Following(peers, board, say)
     outcomes = run_peers(peers, commands, timeout=settings.timeout, on_tick=following.tick)
@@ -189,7 +196,7 @@ def run_demo(
         hint = " (if mDNS on 127.0.0.1 does not work here, try --no-mdns)" if settings.mdns else ""
         raise FedupError(f"no peer finished the federation; see {out}/peers/*/peer.log{hint}")
     say(f"federation done in {elapsed:.1f} s; computing the baselines on the pooled data")
-    report = build_report(outcomes, baselines=settings.baselines)
+    report = build_report(outcomes, baselines=settings.baselines, device=device)
     report["network"] = network
     report["mdns"] = settings.mdns
     report["seed"] = settings.seed

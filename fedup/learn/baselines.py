@@ -179,8 +179,8 @@ def score(weights: dict[str, torch.Tensor], tasks: Sequence[TensorTask]) -> Scor
     logits = []
     labels = []
     for t in tasks:
-        logits.append(t.outputs(model_with(t, weights)).reshape(-1))
-        labels.append(t.y_val.reshape(-1))
+        logits.append(t.outputs(model_with(t, weights)).reshape(-1).cpu())  # scored on the CPU
+        labels.append(t.y_val.reshape(-1).cpu())
     z = torch.cat(logits).double()
     y = torch.cat(labels).double()
     loss = float(F.binary_cross_entropy_with_logits(z, y))

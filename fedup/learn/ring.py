@@ -42,6 +42,12 @@ Training stops when ``patience`` consecutive evaluated laps did not improve,
 or after ``max_laps`` training laps (then lap ``max_laps`` only evaluates).
 The final model is ``best.*`` (:func:`final_weights`): the evaluated lap
 output with the lowest federated validation loss, which every peer receives.
+
+**Devices**: a :class:`RingState`'s tensors are always CPU tensors.  A hop loads
+them into the task's model on the task's device (:attr:`Task.device
+<fedup.learn.task.Task.device>`), trains there, and copies the trained weights and
+optimizer state back to the CPU; closing a lap and averaging happen on the CPU.
+So what travels and what is saved is the same whatever device trained it.
 """
 
 from __future__ import annotations
@@ -69,7 +75,7 @@ from fedup.learn.lap_sums import (
     to_sums,
     unpack_sums,
 )
-from fedup.learn.task import EvalStats, Task, TrainBudget, seed_cpu
+from fedup.learn.task import EvalStats, Task, TrainBudget, seeded
 from fedup.protocol import cbor
 from fedup.protocol.laps import LapRecord, Progress, StopState
 from fedup.protocol.schema import FieldReader, MessageError
@@ -418,7 +424,7 @@ def _optimizer_tensors(
     for idx in sorted(sd["state"]):
         for key, value in sorted(sd["state"][idx].items()):
             t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-            yield f"optim.{index_to_name[idx]}.{key}", t.detach().clone()
+            yield f"optim.{index_to_name[idx]}.{key}", _cpu_copy(t)
 
 
 def _load_optimizer(
@@ -445,6 +451,11 @@ def _fresh_optimizer_state(task: Task, model: nn.Module) -> list[tuple[str, torc
     return [(k, torch.zeros_like(v)) for k, v in _optimizer_tensors(scratch, opt)]
 
 
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    """A detached copy of ``t`` on the CPU (a clone when it is there already)."""
+    return t.detach().clone() if t.is_cpu else t.detach().cpu()
+
+
 def _clone(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {prefix + k: v.detach().clone() for k, v in state.items()}
 
@@ -452,12 +463,14 @@ def _clone(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
 def initial_state(task: Task, settings: RingSettings) -> RingState:
     """The state before lap 0: the initial model (from ``settings.seed``) as candidate.
 
-    Every peer computes the same initial state, and every later state has
-    the same tensor names, dtypes and shapes, so ``initial_state(...).tensors``
-    is the ``like=`` template for decoding received blobs.
+    Built on the CPU (:meth:`Task.build_model <fedup.learn.task.Task.build_model>`),
+    whatever the task's device.  Every peer computes the same initial state, and
+    every later state has the same tensor names, dtypes and shapes, so
+    ``initial_state(...).tensors`` is the ``like=`` template for decoding received
+    blobs.
     """
     model = task.build_model(settings.seed)
-    weights = model.state_dict()
+    weights = {k: _cpu_copy(v) for k, v in model.state_dict().items()}
     tensors = _clone(weights, "model.")
     if settings.travel_optimizer:
         tensors.update(_fresh_optimizer_state(task, model))
@@ -478,12 +491,13 @@ def final_weights(state: RingState) -> dict[str, torch.Tensor]:
 
 
 def model_with(task: Task, weights: Mapping[str, torch.Tensor]) -> nn.Module:
-    """A model of the task holding ``weights``."""
-    return _fill(task.build_model(0), weights)
+    """A model of the task on its device holding ``weights`` (CPU tensors will do)."""
+    return _fill(task.build_model(0).to(task.device), weights)
 
 
 def _fill(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Put ``weights`` (every parameter and buffer) into ``model``."""
+    """Put ``weights`` (every parameter and buffer) into ``model``, copied to the
+    model's device."""
     try:
         model.load_state_dict(dict(weights), strict=True)
     except RuntimeError as e:
@@ -584,9 +598,11 @@ def train_hop(
     state must arrive in order (from the same lap with a smaller ``hop``, or
     from the previous lap).  The input state is not modified.  With the same
     inputs the output's tensors are bit-for-bit the same (on the same machine
-    and thread count); its masked validation sums are not (the mask is random)
-    but open to the same totals.  Torch's global RNG is seeded for the hop inside
-    ``torch.random.fork_rng``, so the caller's RNG state is left as it was.
+    and thread count, training on the CPU; CUDA kernels may differ in the last
+    bits from one run to the next); its masked validation sums are not (the mask is random)
+    but open to the same totals.  Torch's global RNG (and a CUDA device's) is seeded
+    for the hop inside ``torch.random.fork_rng``, so the caller's RNG state is left
+    as it was.
 
     ``masks`` keeps the masks of the laps this member opens (one per member
     and run; None: the sums travel unmasked, as in-process baselines may).
@@ -624,8 +640,7 @@ def train_hop(
 
     seed = hop_seed(settings, lap, hop)
     with task.scratch_model() as model:
-        with torch.random.fork_rng(devices=[]):
-            seed_cpu(seed)
+        with seeded(seed, task.device):
             # One module: it evaluates the candidate, then takes the weights to train.
             _fill(model, tensors_under(tensors, "cand."))
             cand_eval = task.evaluate(model)
@@ -651,7 +666,7 @@ def train_hop(
                         if k not in tensors:
                             raise LocalProtocolError(f"the optimizer made a new tensor {k!r}")
                         tensors[k] = v.to(tensors[k].dtype)
-        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        weights = {k: _cpu_copy(v) for k, v in model.state_dict().items()}
     for k, v in weights.items():
         tensors["model." + k] = v
     avg_weight = m.avg_weight

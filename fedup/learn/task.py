@@ -20,6 +20,13 @@ how much each peer trains per hop; it calls the task through four methods:
   the local validation split and its size, so a federation can pool them
   exactly (sample-weighted), plus optional accuracy and score histograms.
 
+A task also says where it trains (:attr:`Task.device`, the CPU unless it says
+otherwise): the models it lends (:meth:`Task.scratch_model`) live there and
+:meth:`Task.train` and :meth:`Task.evaluate` run there.  :meth:`Task.build_model`
+builds on the CPU (the initial weights, the same on every member) and the ring
+state that travels is CPU tensors (:mod:`fedup.learn.ring`), so the device is a
+local choice: it is in no digest and members on different devices federate.
+
 :class:`TensorTask` implements all of this for data that fits in memory as
 tensors and a per-sample loss; :class:`TabularTask` is the tabular credit
 model (an MLP on :func:`~fedup.learn.tabular.encode`'d rows).
@@ -156,6 +163,24 @@ def roc_auc(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
     return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
 
 
+@contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Torch's global generators seeded with ``seed`` for the block and restored after:
+    the CPU's (as ``fork_rng(devices=[])`` and :func:`seed_cpu`: the CPU path is exactly
+    that) and, for a CUDA ``device``, that device's too (dropout on a GPU draws there)."""
+    if device.type != "cuda":
+        with torch.random.fork_rng(devices=[]):
+            seed_cpu(seed)
+            yield
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with torch.random.fork_rng(devices=[index], device_type="cuda"):
+        seed_cpu(seed)
+        with torch.cuda.device(index):
+            torch.cuda.manual_seed(seed)
+        yield
+
+
 def seed_cpu(seed: int) -> None:
     """Seed torch's CPU generator, the one ``fork_rng(devices=[])`` saves and restores.
 
@@ -187,18 +212,25 @@ class Task(ABC):
         """
         return None
 
+    @property
+    def device(self) -> torch.device:
+        """Where this peer trains and evaluates (the CPU here).  A local choice: models
+        are built on the CPU and the state that travels is CPU tensors."""
+        return torch.device("cpu")
+
     @abstractmethod
     def build_model(self, seed: int) -> nn.Module:
-        """A new model whose initial weights depend only on ``seed``."""
+        """A new model, on the CPU, whose initial weights depend only on ``seed``."""
 
     @contextmanager
     def scratch_model(self) -> Iterator[nn.Module]:
-        """A model to load every weight into, for one use (a hop, an evaluation).
+        """A model on :attr:`device` to load every weight into, for one use (a hop,
+        an evaluation).
 
         Here a new one each time: a model of the library user's may keep state
         beyond its ``state_dict``.  A task whose models hold nothing else may lend
         the same ones again (:class:`TabularTask` does)."""
-        yield self.build_model(0)
+        yield self.build_model(0).to(self.device)
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """The optimizer every peer uses (its state travels): Adam, lr 1e-3."""
@@ -225,6 +257,8 @@ class TensorTask(Task):
     returns one loss per sample.  ``binary=True`` means one logit per sample
     and 0/1 targets: then evaluation also counts correct predictions and
     fills the score histograms, and :attr:`label_counts` is known.
+    ``device`` is where the data are kept and the model trains (default: where
+    ``x_train`` is); the four tensors are moved there once, here.
     """
 
     def __init__(
@@ -240,15 +274,24 @@ class TensorTask(Task):
         lr: float = 1e-3,
         binary: bool = False,
         eval_batch: int = 8192,
+        device: torch.device | str | None = None,
     ) -> None:
-        self.x_train, self.y_train = x_train, y_train
-        self.x_val, self.y_val = x_val, y_val
+        where = torch.device(device) if device is not None else x_train.device
+        if where.type == "cuda" and where.index is None:
+            where = torch.device("cuda", torch.cuda.current_device())
+        self._device = where
+        self.x_train, self.y_train = x_train.to(where), y_train.to(where)
+        self.x_val, self.y_val = x_val.to(where), y_val.to(where)
         self.model_fn = model_fn
         self.loss_fn = loss_fn
         self.batch_size = batch_size
         self.lr = lr
         self.binary = binary
         self.eval_batch = eval_batch
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
 
     @property
     def n_train(self) -> int:
@@ -297,7 +340,7 @@ class TensorTask(Task):
         need = steps * self.batch_size
         order = torch.cat(
             [torch.randperm(self.n_train, generator=gen) for _ in range(-(-need // self.n_train))]
-        )
+        ).to(self.device)  # drawn on the CPU (the same order everywhere), used where the data are
         anchor = None
         if budget.prox_mu > 0:
             if budget.anchor is None:
@@ -342,8 +385,8 @@ class TensorTask(Task):
         loss_sum = float(self.loss_fn(out, self.y_val).double().sum())
         if not self.binary:
             return EvalStats(loss_sum, self.n_val)
-        prob = torch.sigmoid(out.reshape(-1).double()).numpy()
-        y = self.y_val.reshape(-1).numpy() > 0.5
+        prob = torch.sigmoid(out.reshape(-1).double()).cpu().numpy()
+        y = self.y_val.reshape(-1).cpu().numpy() > 0.5
         correct = int(((prob >= 0.5) == y).sum())
         bins = np.minimum((prob * AUC_BINS).astype(np.int64), AUC_BINS - 1)
         pos = np.bincount(bins[y], minlength=AUC_BINS)
@@ -354,8 +397,10 @@ class TensorTask(Task):
 
     @staticmethod
     def pooled(tasks: Sequence[TensorTask], **kwargs: Any) -> TensorTask:
-        """One task over the union of the tasks' splits (the centralized baseline)."""
+        """One task over the union of the tasks' splits (the centralized baseline), on
+        the first task's device unless ``kwargs`` names one."""
         first = tasks[0]
+        kwargs.setdefault("device", first.device)
         return TensorTask(
             torch.cat([t.x_train for t in tasks]), torch.cat([t.y_train for t in tasks]),
             torch.cat([t.x_val for t in tasks]), torch.cat([t.y_val for t in tasks]),
@@ -411,7 +456,7 @@ class TabularTask(TensorTask):
     encoded with the federation's ``schema``; the model is
     ``schema.width -> hidden... -> 1`` with ReLU, trained with Adam on the
     binary cross-entropy of the logit.  Every peer must use the same
-    ``hidden``, ``lr`` and ``batch_size``.
+    ``hidden``, ``lr`` and ``batch_size``; ``device`` is its own (default: the CPU).
     """
 
     def __init__(
@@ -424,6 +469,7 @@ class TabularTask(TensorTask):
         hidden: Sequence[int] = (64, 32),
         batch_size: int = 64,
         lr: float = 1e-3,
+        device: torch.device | str | None = None,
     ) -> None:
         train_rows, val_rows = split(table, val_fraction=val_fraction, seed=split_seed)
         x_tr, y_tr = encode(train_rows, schema)
@@ -436,19 +482,19 @@ class TabularTask(TensorTask):
             torch.from_numpy(x_tr), torch.from_numpy(y_tr),
             torch.from_numpy(x_va), torch.from_numpy(y_va),
             model_fn=lambda seed: mlp(schema.width, self.hidden),
-            loss_fn=_bce, batch_size=batch_size, lr=lr, binary=True,
+            loss_fn=_bce, batch_size=batch_size, lr=lr, binary=True, device=device,
         )  # fmt: skip
 
     @contextmanager
     def scratch_model(self) -> Iterator[nn.Module]:
-        """Lend a spare MLP (building one only when none is free): its parameters and
-        buffers are its whole state, every use loads all of them, and its gradients
-        are dropped when it comes back.  Building a model cost about a tenth of a
+        """Lend a spare MLP on :attr:`device` (building one only when none is free):
+        its parameters and buffers are its whole state, every use loads all of them,
+        and its gradients are dropped when it comes back.  Building a model cost about a tenth of a
         simulated hop."""
         try:
             model = self._spare.pop()
         except IndexError:
-            model = self.build_model(0)
+            model = self.build_model(0).to(self.device)
         try:
             yield model
         finally:

@@ -8,6 +8,11 @@ the federation's schema and settings.
 
 * :class:`TabularSource`: a CSV (or the synthetic lender data) and the small MLP.
 * :class:`FixedTaskSource`: a task the library user built (any ``nn.Module``).
+
+Where a task trains (the CPU or a CUDA device, :mod:`fedup.learn.device`) is the
+source's own choice (``TabularSource(device=...)``; a built task's
+:attr:`~fedup.learn.task.Task.device`): it is no part of the summary, the view or
+the model digest, so members with and without a GPU federate together.
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ import abc
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
+
 from fedup.files import make_dirs
+from fedup.learn.device import choose_device
 from fedup.learn.loans import generate_lender, seed_from_peer_id
 from fedup.learn.schema import FeatureSchema, fits, schema_from_dict, unused_columns
 from fedup.learn.tabular import Table, read_csv, split, summarize
@@ -54,14 +62,28 @@ class TaskSource(abc.ABC):
 
 
 class TabularSource(TaskSource):
-    """A table with a binary target, trained with the built-in MLP."""
+    """A table with a binary target, trained with the built-in MLP on ``device``."""
 
     kind = "tabular-mlp"
 
-    def __init__(self, table: Table, *, target: str, hidden: tuple[int, ...] = (64, 32)) -> None:
-        """Raises :class:`~fedup.learn.tabular.DataError` for a table with fewer than
-        :data:`~fedup.learn.task.MIN_ROWS` rows (too few to split for validation)."""
+    def __init__(
+        self,
+        table: Table,
+        *,
+        target: str,
+        hidden: tuple[int, ...] = (64, 32),
+        device: str | torch.device = "cpu",
+    ) -> None:
+        """``device`` is where this peer trains: ``cpu`` (the default here; the
+        command line's ``--device`` defaults to ``auto``), ``auto``, ``cuda`` or
+        ``cuda:N`` (see :func:`~fedup.learn.device.choose_device`), chosen now.
+
+        Raises :class:`~fedup.learn.tabular.DataError` for a table with fewer than
+        :data:`~fedup.learn.task.MIN_ROWS` rows (too few to split for validation),
+        :class:`~fedup.learn.device.DeviceError` for a CUDA device this machine does
+        not have and ``ValueError`` for a ``device`` of no known form."""
         check_rows(table)
+        self.device = choose_device(device)
         self.table = table
         self.target = target
         self.hidden = hidden
@@ -78,16 +100,18 @@ class TabularSource(TaskSource):
         *,
         drop: Iterable[str] = (),
         positive_label: str | None = None,
+        device: str | torch.device = "cpu",
     ) -> TabularSource:
         """Read a CSV without the ``drop`` columns, ``positive_label`` being the target's
-        positive class (default: inferred, see :func:`~fedup.learn.tabular.parse_target`).
+        positive class (default: inferred, see :func:`~fedup.learn.tabular.parse_target`),
+        to train on ``device`` (see :class:`TabularSource`).
 
         Raises :class:`~fedup.learn.tabular.DataError` with a clear reason (a ``drop``
         column the file does not have, a ``positive_label`` the target does not have,
         too few rows, ...).
         """
         table = read_csv(path, target, drop=drop, positive_label=positive_label)
-        return cls(table, target=target)
+        return cls(table, target=target, device=device)
 
     @classmethod
     def synthetic(
@@ -97,6 +121,7 @@ class TabularSource(TaskSource):
         *,
         drop: Iterable[str] = (),
         positive_label: str | None = None,
+        device: str | torch.device = "cpu",
     ) -> TabularSource:
         """This peer's synthetic lender (deterministic from its peer ID), written to a CSV
         in ``directory`` so the user can see what was used (folder 0700, file 0600; see
@@ -105,7 +130,9 @@ class TabularSource(TaskSource):
         make_dirs(directory)
         path = directory / "synthetic-loans.csv"
         data.write_csv(path)
-        return cls.from_csv(path, "default", drop=drop, positive_label=positive_label)
+        return cls.from_csv(
+            path, "default", drop=drop, positive_label=positive_label, device=device
+        )
 
     def summary(self) -> dict[str, object]:
         return self._summary.to_dict()
@@ -125,6 +152,7 @@ class TabularSource(TaskSource):
             hidden=self.hidden,
             batch_size=settings.batch_size,
             lr=settings.lr,
+            device=self.device,
         )
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import torch
+
 from fedup.learn.loans import generate_lender, lender_seed, partition
 from fedup.learn.tabular import DataError, Table, read_csv
 from fedup.peer import TabularSource
@@ -62,7 +64,11 @@ def csv_tables(
 
 
 def sources_of(
-    tables: Sequence[Table], *, hidden: tuple[int, ...] = (64, 32)
+    tables: Sequence[Table],
+    *,
+    hidden: tuple[int, ...] = (64, 32),
+    device: str | torch.device = "cpu",
 ) -> list[TabularSource]:
-    """One :class:`~fedup.peer.TabularSource` (the built-in MLP) per table."""
-    return [TabularSource(t, target=t.target_name, hidden=hidden) for t in tables]
+    """One :class:`~fedup.peer.TabularSource` (the built-in MLP) per table, each
+    training on ``device`` (see :func:`~fedup.learn.device.choose_device`)."""
+    return [TabularSource(t, target=t.target_name, hidden=hidden, device=device) for t in tables]

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedup.cli import build_parser
 from fedup.commands.start import build_config, resolve
@@ -40,6 +41,10 @@ def test_three_processes_finish_with_identical_models(tmp_path: Path) -> None:
         out, err = proc.communicate(timeout=240)
         assert proc.returncode == 0, err[-3000:]
         outs.append(json.loads(out.strip().splitlines()[-1]))
+        # The device chosen, logged once (--device auto: the CPU without CUDA).
+        assert err.count(" training on ") == 1
+        if not torch.cuda.is_available():
+            assert " training on cpu (--device auto; " in err
     hashes = {o["model_sha256"] for o in outs}
     assert len(hashes) == 1
     summaries = []
