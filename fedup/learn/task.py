@@ -107,7 +107,9 @@ class EvalStats:
     n: int
     """Validation samples."""
     correct: int = 0
-    """Correct predictions (binary tasks: probability >= 0.5 vs label)."""
+    """Correct predictions (binary tasks: probability >= 0.5 vs label; a multi-class
+    task counts its own, e.g. the largest logit's class vs label, as demo/images.py
+    does).  The federation pools it like the loss, as ``accuracy`` in each lap."""
     pos_hist: tuple[int, ...] = ()
     """Binary tasks: histogram of predicted probabilities of positive samples."""
     neg_hist: tuple[int, ...] = ()
