@@ -139,8 +139,8 @@ class CustodyDriver:
         n = len(self.members)
         if self.schema is not None:
             rows, positive = self.schema.n_rows, self.schema.n_positive
-        else:  # a custom task shares no counts: assume members of this one's size
-            rows, positive = self.task.n_train * n, 0
+        else:  # a custom task shares no counts: the union's size is not known here
+            rows, positive = 0, 0
         self.federation = FederationStats(n, rows, positive)
         self.machine = CustodyMachine(
             identity,

@@ -78,7 +78,11 @@ def test_every_peer_ends_with_the_same_model(comparison: Any) -> None:
     for s in summaries:
         data = (Path(s.out_dir) / "model.safetensors").read_bytes()
         assert hashlib.sha256(data).hexdigest() == s.model_sha256
-        assert json.loads((Path(s.out_dir) / "summary.json").read_text())["laps"] <= BUDGET.max_laps
+        written = json.loads((Path(s.out_dir) / "summary.json").read_text())
+        assert written["laps"] <= BUDGET.max_laps
+        # A library task shares no row counts: passes over the union are not known to a
+        # member (it once guessed from its own size, a different figure on each member).
+        assert written["data_passes"] is None
 
 
 def test_the_federation_pools_the_tasks_multi_class_accuracy(comparison: Any) -> None:
