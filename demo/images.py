@@ -229,8 +229,8 @@ def run_federation(
     first = Path(summaries[0].out_dir)
     model = tasks[0].build_model(0)
     model.load_state_dict(load_safetensors(first / "model.safetensors"))
-    # A library task shares no row counts, so the summary's data_passes assumes every
-    # member has this one's size; the lap records count the samples trained exactly.
+    # A library task shares no row counts, so the summary's data_passes is null; the lap
+    # records count the samples trained exactly, and this script knows every member's size.
     records = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]
     best = next(r for r in records if r["type"] == "lap" and r["lap"] == summaries[0].best_lap)
     epochs = best["samples"] / sum(t.n_train for t in tasks)
