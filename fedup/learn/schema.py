@@ -529,12 +529,13 @@ def merge_summaries(
     for s in summaries:
         for c in s.columns:
             by_name.setdefault(c.name, []).append(c)
+    firsts = {c.name: c for c in summaries[0].columns}
     columns = []
     for name in sorted(by_name):
         present = by_name[name]
         if len(present) < len(summaries):
             continue  # not every member has it: nobody uses it
-        kind = _majority_kind(present)
+        kind = _majority_kind(present, firsts.get(name))
         agreeing = [c for c in present if c.kind == kind and c.count > 0]
         missing = any(c.n_missing > 0 for c in present)
         if kind == NUMERIC:
@@ -561,24 +562,50 @@ def merge_summaries(
 
 
 def _labels(summaries: Sequence[DataSummary]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The summaries' spellings of 0 and of 1, sorted; :class:`SchemaMismatchError` if a
-    spelling means 0 to one and 1 to another (:func:`admit` refuses such a member)."""
+    """The summaries' spellings of 0 and of 1, sorted, at most
+    :attr:`SummaryLimits.max_labels` of each (the first summary's always among them).
+
+    A spelling that means 0 to one summary and 1 to another (compared as
+    :func:`label_key` does: case and number format aside) is left out of both: the
+    lists only let a member check that it does not read a spelling the other way
+    round (:func:`fits`), and :func:`admit` refuses a member that contradicts the
+    leader, the first summary; two other members that disagree only decide their own
+    rows' meaning, which each member decides anyway."""
     negative = {s.negative_label for s in summaries if s.negative_label is not None}
     positive = {s.positive_label for s in summaries if s.positive_label is not None}
-    both = negative & positive
-    if both:
-        raise SchemaMismatchError(
-            f"the target label {min(both)!r} is positive for some summaries, negative for others",
-            target=True,
-        )
-    return tuple(sorted(negative)), tuple(sorted(positive))
+    ambiguous = {label_key(x) for x in negative} & {label_key(x) for x in positive}
+    first = summaries[0]
+    lim = DEFAULT_SUMMARY_LIMITS
+
+    def kept(labels: set[str], own: str | None) -> tuple[str, ...]:
+        clear = sorted(x for x in labels if label_key(x) not in ambiguous and x != own)
+        mine = [own] if own is not None and label_key(own) not in ambiguous else []
+        return tuple(sorted([*mine, *clear[: lim.max_labels - len(mine)]]))
+
+    return kept(negative, first.negative_label), kept(positive, first.positive_label)
 
 
-def _majority_kind(present: Iterable[ColumnSummary]) -> str:
+def label_key(label: str) -> str:
+    """A target label as :func:`fedup.learn.tabular.parse_target` reads it: case and
+    surrounding space aside, and a number by its value (``1``, ``1.0`` and ``01`` are one
+    spelling)."""
+    text = label.strip().casefold()
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return repr(value) if math.isfinite(value) else text
+
+
+def _majority_kind(present: Sequence[ColumnSummary], first: ColumnSummary | None) -> str:
+    """The kind most summaries give the column; a tie goes to ``first`` (the first
+    summary's, the leader's in :func:`admit`), else to categorical."""
     votes = {NUMERIC: 0, CATEGORICAL: 0}
     for c in present:
         if c.count > 0:
             votes[c.kind] += 1
+    if votes[NUMERIC] == votes[CATEGORICAL] and first is not None and first.count > 0:
+        return first.kind
     return NUMERIC if votes[NUMERIC] > votes[CATEGORICAL] else CATEGORICAL
 
 
@@ -674,12 +701,14 @@ def _label_problem(
     summary: DataSummary, negative: Collection[str], positive: Collection[str]
 ) -> str | None:
     """Why ``summary``'s target labels contradict the given spellings, or None."""
-    if summary.positive_label is not None and summary.positive_label in negative:
+    negative = {label_key(x) for x in negative}
+    positive = {label_key(x) for x in positive}
+    if summary.positive_label is not None and label_key(summary.positive_label) in negative:
         return (
             f"the target's positive label here is {summary.positive_label!r}, which is the "
             "negative label in the federation; give the positive label the others use"
         )
-    if summary.negative_label is not None and summary.negative_label in positive:
+    if summary.negative_label is not None and label_key(summary.negative_label) in positive:
         return (
             f"the target's negative label here is {summary.negative_label!r}, which is the "
             "positive label in the federation; give the positive label the others use"
@@ -707,6 +736,9 @@ class Admission:
     """Indices (into the summaries given) of the peers that fit."""
     refused: dict[int, SchemaMismatchError]
     """Index -> the reason that peer does not fit (or its statistics cannot be pooled)."""
+    left_out: dict[str, tuple[int, ...]] = attrs.field(factory=dict)
+    """The first summary's columns the schema leaves out -> the admitted peers that lack
+    them (so the leader can say who narrowed the federation's features)."""
 
 
 def admit(
@@ -717,16 +749,15 @@ def admit(
 ) -> Admission:
     """Merge, refuse the peers that do not fit, and merge again without them.
 
-    First, in order (see :func:`_disagreeing`), a summary is refused for
-    another target, a target label that means the other class to a summary
-    before it, or no column in common with the summaries before it.  Then
-    the rest are merged (the schema keeps the columns all of them have) and
-    those whose columns are of the other kind are refused.  Repeats until
-    every remaining peer fits, so the schema's statistics come only from
-    admitted peers.  Deterministic given the summaries and their order
-    (indices in the result refer to that order; the schema itself does not
-    depend on it unless a summary is refused for its labels or for having
-    no column in common).  Raises :class:`SchemaMismatchError` if no peer fits.
+    First (see :func:`_disagreeing`), a summary is refused for another
+    target, a target label that means the other class to the caller's, or
+    columns that would leave the federation none.  Then the rest are merged
+    (the schema keeps the columns all of them have; a kind most of them give
+    a column, a tie going to the caller's) and those whose columns are of
+    the other kind are refused.  Repeats until every remaining peer fits, so
+    the schema's statistics come only from admitted peers.  Deterministic
+    given the summaries and their order (indices in the result refer to that
+    order).  Raises :class:`SchemaMismatchError` if no peer fits.
 
     ``summaries[0]`` is the caller's own (the leader's).  A summary whose
     statistics cannot be pooled (:class:`PoolingError`) is refused like one
@@ -757,54 +788,72 @@ def admit(
             except SchemaMismatchError as e:
                 newly[i] = e
         if not newly:
-            return Admission(schema, tuple(admitted), refused)
+            return Admission(
+                schema, tuple(admitted), refused, _left_out(summaries, admitted, schema)
+            )
         refused.update(newly)
         admitted = [i for i in admitted if i not in newly]
+
+
+def _left_out(
+    summaries: Sequence[DataSummary], admitted: Sequence[int], schema: FeatureSchema
+) -> dict[str, tuple[int, ...]]:
+    used = {c.name for c in schema.columns}
+    names = {i: {c.name for c in summaries[i].columns} for i in admitted}
+    return {
+        c.name: tuple(i for i in admitted if c.name not in names[i])
+        for c in summaries[0].columns
+        if c.name not in used
+    }
 
 
 def _disagreeing(
     summaries: Sequence[DataSummary], indices: Sequence[int], target: str
 ) -> dict[int, SchemaMismatchError]:
-    """The summaries of ``indices`` that cannot join the ones before them, and why.
+    """The summaries of ``indices`` that cannot join the first one's, and why.
 
-    Taken in order (the caller's own first), each summary is refused if its
-    target is not ``target``, if one of its target labels means the other
-    class to a summary kept before it, if it would bring the spellings of a
-    class beyond :attr:`SummaryLimits.max_labels`, or if it has no column in
-    common with the summaries kept before it (the schema keeps only the
-    columns every member has: one with nothing in common would leave it no
-    feature).  So the labels of the kept summaries never contradict each
-    other, and they have at least one column in common.
+    The first (the caller's own, the leader's) is the reference; nothing another
+    member claims about its own data can get a third member refused.  A summary is
+    refused if its target is not ``target``, if one of its target labels means the
+    other class to the reference (:func:`label_key`: case and number format aside),
+    or if it would leave the federation no column: the schema keeps only the columns
+    every member has, so the others are taken by how many of the reference's columns
+    they share (most first, then in order), and one whose columns would empty what
+    the members before it share is refused.  A member that lacks some columns still
+    narrows the schema (docs/federation.md, what a member can still do).
     """
-    lim = DEFAULT_SUMMARY_LIMITS
     refused: dict[int, SchemaMismatchError] = {}
-    common: set[str] | None = None
-    negative: set[str] = set()
-    positive: set[str] = set()
+    if not indices:
+        return refused
+    reference = summaries[indices[0]]
+    ref_names = {c.name for c in reference.columns}
+    ref_negative = _present(reference.negative_label)
+    ref_positive = _present(reference.positive_label)
+    candidates = []
     for i in indices:
         s = summaries[i]
-        names = {c.name for c in s.columns}
-        label_problem = _label_problem(s, negative, positive)
+        label_problem = None if i == indices[0] else _label_problem(s, ref_negative, ref_positive)
         problem = label_problem
         if s.target != target:
             problem = f"target is {s.target!r}, the federation's is {target!r}"
-        elif problem is None and (
-            len(negative | _present(s.negative_label)) > lim.max_labels
-            or len(positive | _present(s.positive_label)) > lim.max_labels
-        ):
-            problem = f"the members spell a target class in more than {lim.max_labels} ways"
-        elif problem is None and common is not None and not common & names:
-            shown = _names(sorted(common)[:8]) + (", ..." if len(common) > 8 else "")
-            problem = f"no column in common with the federation's ({shown})"
         if problem is not None:
             refused[i] = SchemaMismatchError(
-                f"data do not fit the federation's schema: {problem}",
-                target=s.target != target or label_problem is not None,
+                f"data do not fit the federation's schema: {problem}", target=True
+            )
+        else:
+            candidates.append(i)
+    overlap = {i: len(ref_names & {c.name for c in summaries[i].columns}) for i in candidates}
+    common: set[str] | None = None
+    for i in sorted(candidates, key=lambda i: (i != indices[0], -overlap[i], i)):
+        names = {c.name for c in summaries[i].columns}
+        if common is not None and not common & names:
+            shown = _names(sorted(common)[:8]) + (", ..." if len(common) > 8 else "")
+            refused[i] = SchemaMismatchError(
+                f"data do not fit the federation's schema: no column in common with the "
+                f"federation's ({shown})"
             )
             continue
         common = names if common is None else common & names
-        negative |= _present(s.negative_label)
-        positive |= _present(s.positive_label)
     return refused
 
 

@@ -558,6 +558,10 @@ class FormationDriver:
             for i, (p, _) in enumerate(present, start=1)
             if i not in admission.admitted
         ]
+        for column, lacking in sorted(admission.left_out.items()):
+            who = ", ".join(str(present[i - 1][0]) for i in lacking[:4])
+            more = f" and {len(lacking) - 4} more" if len(lacking) > 4 else ""
+            log.warning("the federation leaves out column %r: %s%s lack it", column, who, more)
         return admission.schema, refused
 
     # --- answering a call (runs in the connection handler's task) -----------------------

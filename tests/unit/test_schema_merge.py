@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from fedup.learn.schema import (
     SummaryLimits,
     admit,
     fits,
+    label_key,
     merge_summaries,
     schema_from_dict,
     unused_columns,
@@ -279,8 +281,10 @@ def test_members_who_read_a_label_as_opposite_classes_do_not_train_together() ->
     with pytest.raises(SchemaMismatchError, match="negative label here is 'bad'"):
         fits(labelled(None, "bad"), result.schema)
     fits(same, result.schema)
-    with pytest.raises(SchemaMismatchError, match="'bad' is positive for some"):
-        merge_summaries([leader, inverted], "y")
+    # Merged anyway (admit refuses whoever contradicts the leader), a spelling read both
+    # ways is in neither list: it checks nothing any more.
+    both_ways = merge_summaries([leader, inverted], "y")
+    assert both_ways.positive_labels == both_ways.negative_labels == ()
     # The labels travel in the summary and the schema, and the schema's digest covers them.
     wire = cbor.decode(cbor.encode(inverted.to_dict()), max_size=1 << 20, max_depth=8)
     assert DataSummary.from_dict(wire) == inverted
@@ -292,11 +296,75 @@ def test_members_who_read_a_label_as_opposite_classes_do_not_train_together() ->
     assert "negative_labels" not in unlabelled.to_dict()  # as before labels were shared
 
 
-def test_too_many_spellings_of_a_class_refuse_the_member_that_adds_one() -> None:
-    many = [labelled(f"yes{i}", f"no{i}") for i in range(20)]
+def test_many_spellings_of_a_class_refuse_nobody_and_the_schema_keeps_the_leaders() -> None:
+    many = [labelled(f"yes{i:02}", f"no{i:02}") for i in reversed(range(20))]
     result = admit(many, "y")
-    assert len(result.admitted) == 16
-    assert "in more than 16 ways" in result.refused[16].reason
+    assert result.admitted == tuple(range(20)) and result.refused == {}
+    positive = result.schema.positive_labels
+    assert len(positive) == 16 and "yes19" in positive  # the leader's spelling stays
+    assert positive == tuple(sorted(positive))
+
+
+# --- what a member's lies about its own data can and cannot do --------------------------
+
+
+def test_a_member_cannot_get_another_refused_by_a_lie_about_its_labels() -> None:
+    leader = labelled("1", "0")
+    liar = labelled("1", "yes")  # says 'yes' means 0 here: the honest member reads it as 1
+    honest = labelled("yes", "no")
+    result = admit([leader, liar, honest], "y")
+    assert result.admitted == (0, 1, 2) and result.refused == {}
+    assert "yes" not in result.schema.negative_labels + result.schema.positive_labels
+    fits(honest, result.schema)  # and the honest member takes the view the leader sends
+
+
+def test_a_member_cannot_get_others_refused_by_sharing_one_column_with_the_leader() -> None:
+    names = ["a", "b", "c", "d"]
+    leader = summary(4, *(numeric(n, np.arange(4.0)) for n in [*names, "x"]))
+    liar = summary(4, numeric("x", np.arange(4.0)))  # only the leader's 'x'
+    honest = [summary(4, *(numeric(n, np.arange(4.0)) for n in names)) for _ in range(2)]
+    result = admit([leader, liar, *honest], "y")
+    assert result.admitted == (0, 2, 3)
+    assert "no column in common" in result.refused[1].reason
+    assert [c.name for c in result.schema.columns] == names
+
+
+def test_a_member_that_lacks_columns_narrows_the_schema_and_the_leader_can_tell() -> None:
+    """Documented in docs/federation.md (what a member can still do): a member that
+    withholds columns is admitted, and the schema keeps only what every member has."""
+    leader = summary(4, numeric("a", np.arange(4.0)), numeric("b", np.arange(4.0)))
+    narrow = summary(4, numeric("a", np.arange(4.0)))
+    result = admit([leader, narrow], "y")
+    assert result.admitted == (0, 1)
+    assert [c.name for c in result.schema.columns] == ["a"]
+    assert result.left_out == {"b": (1,)}
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "problem"),
+    [
+        (("yes", "no"), ("No", "Yes"), "positive label here is 'No'"),  # case aside
+        (("1", "0"), ("0.0", "1.0"), "positive label here is '0.0'"),  # a number by value
+        (("yes", "no"), (" no ", None), "positive label here is ' no '"),
+    ],
+)
+def test_labels_are_compared_as_the_reader_reads_them(
+    ours: tuple[str, str], theirs: tuple[str, str | None], problem: str
+) -> None:
+    result = admit([labelled(*ours), labelled(*theirs)], "y")
+    assert result.admitted == (0,) and problem in result.refused[1].reason
+    with pytest.raises(SchemaMismatchError, match=re.escape(problem)):
+        fits(labelled(*theirs), merge_summaries([labelled(*ours)], "y"))
+    assert label_key("1") == label_key("1.0") == label_key(" 01 ") != label_key("10")
+
+
+def test_a_tie_of_kinds_goes_to_the_leader_not_against_it() -> None:
+    leader = summary(4, numeric("age", np.arange(4.0)))
+    liar = summary(4, categorical("age", {"old": 2, "young": 2}))
+    result = admit([leader, liar], "y")
+    assert result.admitted == (0,)
+    assert "'age' (categorical here, numeric in the federation)" in result.refused[1].reason
+    assert admit([liar, leader], "y").admitted == (0,)  # led by the other: its kind
 
 
 def test_untrusted_labels_are_checked() -> None:
