@@ -244,7 +244,9 @@ def verify_view(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> SignedView:
     """Verify a view from outside; raises a RemoteProtocolError subclass naming the problem.
 
     The same bytes are verified once per process (a view reaches every member, and the
-    simulator runs them all in one process); a failure is not remembered.
+    simulator runs them all in one process); a failure is not remembered.  The view
+    returned is shared by every caller with those bytes: its ``schema`` (the decoded
+    CBOR value) is read, never changed, by everything that uses it.
     """
     return _verified_view(bytes(data), limits)
 

@@ -68,6 +68,19 @@ def test_view_round_trip() -> None:
     assert again.view.member_ids == tuple(i.peer_id for i in IDS)
 
 
+def test_a_view_is_verified_once_per_process_and_bytes_and_limits() -> None:
+    data = view(epoch=41).seal(IDS[0]).envelope
+    assert verify_view(data) is verify_view(bytearray(data))  # the same bytes: one check
+    tight = attrs.evolve(DEFAULT_LIMITS, max_members=2)
+    for _ in range(2):  # a failure is not remembered, and the limits are part of the key
+        with pytest.raises(MessageError, match="members"):
+            verify_view(data, limits=tight)
+    assert verify_view(data).view.epoch == 41
+    forged = _forge(view(epoch=41).to_cbor(), IDS[1])  # other bytes: checked on their own
+    with pytest.raises(MessageError, match="signed by"):
+        verify_view(forged)
+
+
 def test_only_the_leader_signs_and_members_sorted() -> None:
     with pytest.raises(LocalProtocolError):
         view().seal(IDS[1])
