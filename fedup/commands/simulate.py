@@ -206,7 +206,8 @@ def add_parser(
         action="append",
         default=[],
         metavar="P",
-        help="only peer P trains with --dp-epsilon; repeatable (range [0, inf); default: every peer)",
+        help="only peer P trains with --dp-epsilon; repeatable "
+        "(range [0, inf); default: every peer)",
     )
     option("--threads", THREADS, 1, "torch threads")
     option("--device", device_spec, "auto", DEVICE_HELP.replace("this peer", "every peer"))
