@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fedup.commands.values import Number, of_setting
+from fedup.commands.values import Number, of_setting, real
 from fedup.errors import ConfigError
+from fedup.learn.privacy import MAX_CLIP, MAX_DELTA, MAX_EPSILON, DpBudget
 from fedup.protocol.view import RunSettings
 
 DEFAULTS = RunSettings()
@@ -30,3 +31,32 @@ def run_settings(values: Mapping[str, Any], **more: Any) -> RunSettings:
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(exc)) from None
     # RunSettings raises ConfigError itself for a value outside SETTINGS_BOUNDS
+
+
+DP_OPTIONS: tuple[tuple[str, Number, float | None, str], ...] = (
+    ("dp_epsilon", real(0, MAX_EPSILON, open_lo=True), None,
+     "train with differential privacy (DP-SGD) within this epsilon for the whole run; "
+     "a local choice, needs --dp-delta and Opacus (pip install 'fedup[dp]')"),
+    ("dp_delta", real(0, MAX_DELTA, open_lo=True), None,
+     "the delta of that budget (well below 1 / this peer's rows, e.g. 1e-5)"),
+    ("dp_clip", real(0, MAX_CLIP, open_lo=True), 1.0,
+     "DP: each row's gradient is clipped to this norm"),
+)  # fmt: skip
+"""``(name, type, default, help)`` of the differential privacy options: each member's own
+budget, in no digest and not in the view (:mod:`fedup.learn.privacy`)."""
+
+
+def dp_budget(values: Mapping[str, Any]) -> DpBudget | None:
+    """The DP budget the options ask for, or None without ``--dp-epsilon``; one-line
+    :class:`ConfigError` when ``--dp-epsilon`` and ``--dp-delta`` do not come together."""
+    epsilon, delta = values.get("dp_epsilon"), values.get("dp_delta")
+    if epsilon is None and delta is None:
+        return None
+    if epsilon is None:
+        raise ConfigError(
+            "--dp-delta needs --dp-epsilon: give both, or neither to train without DP"
+        )
+    if delta is None:
+        raise ConfigError("--dp-epsilon needs --dp-delta (e.g. 1e-5, well below 1 / rows)")
+    clip = values.get("dp_clip")
+    return DpBudget(float(epsilon), float(delta), 1.0 if clip is None else float(clip))

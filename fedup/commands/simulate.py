@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedup.commands.run_options import DEFAULTS, RUN_OPTIONS, run_settings
+from fedup.commands.run_options import DEFAULTS, DP_OPTIONS, RUN_OPTIONS, dp_budget, run_settings
 from fedup.commands.tables import print_models
 from fedup.commands.values import (
     DEVICE_HELP,
@@ -197,6 +197,18 @@ def add_parser(
         metavar="P:SECONDS",
         help="peer P takes SECONDS longer per hop it trains; repeatable (default: none)",
     )
+    for name, kind, default, why in DP_OPTIONS:
+        shown = "off" if default is None else None
+        option("--" + name.replace("_", "-"), kind, default, why, shown)
+    p.add_argument(
+        "--dp-peer",
+        type=whole(0),
+        action="append",
+        default=[],
+        metavar="P",
+        help="only peer P trains with --dp-epsilon; repeatable "
+        "(range [0, inf); default: every peer)",
+    )
     option("--threads", THREADS, 1, "torch threads")
     option("--device", device_spec, "auto", DEVICE_HELP.replace("this peer", "every peer"))
     p.set_defaults(func=run)
@@ -260,7 +272,17 @@ def run(args: argparse.Namespace) -> int:
         tables = synthetic_tables(
             args.peers, args.partition or "lender", seed=args.seed, n_rows=args.rows
         )
-    sources = sources_of(tables, device=device)
+    budget = dp_budget(vars(args))
+    if args.dp_peer and budget is None:
+        raise ConfigError("--dp-peer needs --dp-epsilon and --dp-delta")
+    if any(p >= len(tables) for p in args.dp_peer):
+        raise ConfigError(f"--dp-peer names a peer beyond the {len(tables)} simulated (0-based)")
+    private = set(args.dp_peer) if args.dp_peer else set(range(len(tables)))
+    sources = sources_of(
+        tables,
+        device=device,
+        privacy=[budget if i in private else None for i in range(len(tables))],
+    )
     log.info(
         "simulating %d peers into %s, training on %s (--device %s)",
         len(sources), out, describe_device(device), args.device,

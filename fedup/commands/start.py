@@ -41,7 +41,7 @@ import attrs
 import trio
 
 from fedup.commands.peers import read_network_key
-from fedup.commands.run_options import DEFAULTS, RUN_OPTIONS, run_settings
+from fedup.commands.run_options import DEFAULTS, DP_OPTIONS, RUN_OPTIONS, dp_budget, run_settings
 from fedup.commands.values import (
     DEVICE_HELP,
     SETTLE,
@@ -112,6 +112,8 @@ SETTINGS = [
     Setting("seed", of_setting("seed"), DEFAULTS.seed,
             "seed of the model's initialisation and shuffling"),
     Setting("device", device_spec, "auto", DEVICE_HELP),
+    *(Setting(name, kind, default, why, shown="off" if default is None else None)
+      for name, kind, default, why in DP_OPTIONS),
     Setting("listen", listen_address, Address("0.0.0.0", 0),
             "TCP HOST:PORT to listen on; port 0 picks a free one"),
     Setting("interface", str, None, "mDNS interface (name or IPv4); repeatable",
@@ -265,6 +267,7 @@ def _run(
         "drop": values["drop"] or (),
         "positive_label": values["positive_label"],
         "device": device,
+        "privacy": dp_budget(values),
     }
     if values["data"] is not None:
         source = TabularSource.from_csv(values["data"], values["target"], **table_options)

@@ -38,7 +38,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import numpy as np
@@ -49,6 +49,9 @@ from torch.nn import functional as F
 
 from fedup.learn.schema import FeatureSchema
 from fedup.learn.tabular import DataError, Table, encode, split
+
+if TYPE_CHECKING:
+    from fedup.learn.privacy import PrivateTraining
 
 __all__ = [
     "AUC_BINS",
@@ -220,6 +223,11 @@ class Task(ABC):
         are built on the CPU and the state that travels is CPU tensors."""
         return torch.device("cpu")
 
+    def privacy_report(self) -> dict[str, Any] | None:
+        """This member's differential privacy so far (:meth:`PrivateTraining.report
+        <fedup.learn.privacy.PrivateTraining.report>`), or None when it trains without."""
+        return None
+
     @abstractmethod
     def build_model(self, seed: int) -> nn.Module:
         """A new model, on the CPU, whose initial weights depend only on ``seed``."""
@@ -260,7 +268,9 @@ class TensorTask(Task):
     and 0/1 targets: then evaluation also counts correct predictions and
     fills the score histograms, and :attr:`label_counts` is known.
     ``device`` is where the data are kept and the model trains (default: where
-    ``x_train`` is); the four tensors are moved there once, here.
+    ``x_train`` is); the four tensors are moved there once, here.  ``privacy``
+    (a local choice, in no digest) makes every hop train with DP-SGD
+    (:mod:`fedup.learn.privacy`; call its ``plan`` before the run).
     """
 
     def __init__(
@@ -277,7 +287,9 @@ class TensorTask(Task):
         binary: bool = False,
         eval_batch: int = 8192,
         device: torch.device | str | None = None,
+        privacy: PrivateTraining | None = None,
     ) -> None:
+        self.privacy = privacy
         where = torch.device(device) if device is not None else x_train.device
         if where.type == "cuda" and where.index is None:
             where = torch.device("cuda", torch.cuda.current_device())
@@ -294,6 +306,9 @@ class TensorTask(Task):
     @property
     def device(self) -> torch.device:
         return self._device
+
+    def privacy_report(self) -> dict[str, Any] | None:
+        return self.privacy.report() if self.privacy is not None else None
 
     @property
     def n_train(self) -> int:
@@ -339,6 +354,8 @@ class TensorTask(Task):
         steps = self.steps_for(budget.epochs, gen)
         if steps == 0:
             return TrainStats(0, 0, 0.0)
+        if self.privacy is not None:
+            return self._train_private(self.privacy, model, optimizer, budget, steps)
         need = steps * self.batch_size
         order = torch.cat(
             [torch.randperm(self.n_train, generator=gen) for _ in range(-(-need // self.n_train))]
@@ -370,6 +387,24 @@ class TensorTask(Task):
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
         return TrainStats(steps, samples, total)
+
+    def _train_private(
+        self,
+        privacy: PrivateTraining,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        budget: TrainBudget,
+        steps: int,
+    ) -> TrainStats:
+        if budget.prox_mu > 0:
+            raise ValueError("DP training has no proximal term: set prox_mu to 0")
+        model.train()
+        done, samples, total = privacy.train(
+            model, optimizer, steps=steps, x=self.x_train, y=self.y_train,
+            loss_fn=self.loss_fn, batch_size=self.batch_size,
+            class_weights=budget.class_weights,
+        )  # fmt: skip
+        return TrainStats(done, samples, total)
 
     @torch.no_grad()
     def outputs(self, model: nn.Module, x: torch.Tensor | None = None) -> torch.Tensor:
@@ -472,6 +507,7 @@ class TabularTask(TensorTask):
         batch_size: int = 64,
         lr: float = 1e-3,
         device: torch.device | str | None = None,
+        privacy: PrivateTraining | None = None,
     ) -> None:
         train_rows, val_rows = split(table, val_fraction=val_fraction, seed=split_seed)
         x_tr, y_tr = encode(train_rows, schema)
@@ -485,6 +521,7 @@ class TabularTask(TensorTask):
             torch.from_numpy(x_va), torch.from_numpy(y_va),
             model_fn=lambda seed: mlp(schema.width, self.hidden),
             loss_fn=_bce, batch_size=batch_size, lr=lr, binary=True, device=device,
+            privacy=privacy,
         )  # fmt: skip
 
     @contextmanager

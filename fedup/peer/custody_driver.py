@@ -397,6 +397,7 @@ class CustodyDriver:
                 "seconds": metrics.seconds,
                 "epoch": self.machine.ring_epoch,
                 "good": good,
+                **self._dp_figures(),
             }
         )
         self._log_laps(state)
@@ -415,13 +416,24 @@ class CustodyDriver:
             if metrics.samples
             else "evaluated only"
         )
+        dp = self._dp_figures()
         log.info(
-            "lap %d hop %d: %s%s",
+            "lap %d hop %d: %s%s%s",
             metrics.lap,
             metrics.hop,
             trained,
+            f"; DP epsilon spent {dp['dp_epsilon_spent']:.3f} of {dp['dp_epsilon']:g}"
+            if dp
+            else "",
             f"; federated val loss of lap {closed.lap}: {closed.loss:.4f}" if closed else "",
         )
+
+    def _dp_figures(self) -> dict[str, float]:
+        """This member's DP spending for its hop lines ({} without DP)."""
+        report = self.task.privacy_report()
+        if report is None:
+            return {}
+        return {"dp_epsilon_spent": report["epsilon_spent"], "dp_epsilon": report["epsilon"]}
 
     def _log_laps(self, state: RingState) -> None:
         """Note (and log once) every lap result the state carries: the whole history is
@@ -676,6 +688,7 @@ class CustodyDriver:
             excluded=a.excluded.describe() if a.excluded is not None else None,
             ended_by=a.ended_by.text,
             ok=ok,
+            dp=self.task.privacy_report(),
         )
         self.outputs.save_summary(self.summary)
         log.info(

@@ -156,6 +156,10 @@ class RunSummary:
     """The run ended by its stopping rule (``converged`` or ``max-laps``) with a trained
     model; False for ``members-lost`` or a final model from no trained lap.  The
     ``start`` command exits with code 0 only when this is true."""
+    dp: dict[str, Any] | None = None
+    """This member's differential privacy (``epsilon_spent``, ``epsilon``, ``delta``,
+    ``noise_multiplier``, ``clip``, ...: :meth:`fedup.learn.privacy.PrivateTraining.report`),
+    or None when it trained without.  A local figure: the other members' differ."""
 
     def to_json(self) -> dict[str, Any]:
         """Its fields as a dict (what :func:`attrs.asdict` gives: the lists copied); built

@@ -13,6 +13,11 @@ Where a task trains (the CPU or a CUDA device, :mod:`fedup.learn.device`) is the
 source's own choice (``TabularSource(device=...)``; a built task's
 :attr:`~fedup.learn.task.Task.device`): it is no part of the summary, the view or
 the model digest, so members with and without a GPU federate together.
+
+Differential privacy is the same kind of local choice (``TabularSource(privacy=
+DpBudget(...))``, :mod:`fedup.learn.privacy`): the budget and the accountant stay in
+the source, for the whole run, and nothing of them is in the summary, the view or the
+model digest.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from fedup.files import make_dirs
 from fedup.learn.device import choose_device
 from fedup.learn.loans import generate_lender, seed_from_peer_id
+from fedup.learn.privacy import DpBudget, PrivateTraining
 from fedup.learn.schema import FeatureSchema, fits, schema_from_dict, unused_columns
 from fedup.learn.tabular import Table, read_csv, split, summarize
 from fedup.learn.task import SPLIT_SEED, VAL_FRACTION, TabularTask, Task, check_rows
@@ -73,6 +79,7 @@ class TabularSource(TaskSource):
         target: str,
         hidden: tuple[int, ...] = (64, 32),
         device: str | torch.device = "cpu",
+        privacy: DpBudget | None = None,
     ) -> None:
         """``device`` is where this peer trains: ``cpu`` (the default here; the
         command line's ``--device`` defaults to ``auto``), ``auto``, ``cuda`` or
@@ -81,8 +88,13 @@ class TabularSource(TaskSource):
         Raises :class:`~fedup.learn.tabular.DataError` for a table with fewer than
         :data:`~fedup.learn.task.MIN_ROWS` rows (too few to split for validation),
         :class:`~fedup.learn.device.DeviceError` for a CUDA device this machine does
-        not have and ``ValueError`` for a ``device`` of no known form."""
+        not have and ``ValueError`` for a ``device`` of no known form.
+
+        ``privacy`` makes this member train every hop with DP-SGD within that budget
+        (:mod:`fedup.learn.privacy`; :class:`~fedup.learn.privacy.DpError` when Opacus
+        is not installed)."""
         check_rows(table)
+        self.privacy = PrivateTraining(privacy) if privacy is not None else None
         self.device = choose_device(device)
         self.table = table
         self.target = target
@@ -101,6 +113,7 @@ class TabularSource(TaskSource):
         drop: Iterable[str] = (),
         positive_label: str | None = None,
         device: str | torch.device = "cpu",
+        privacy: DpBudget | None = None,
     ) -> TabularSource:
         """Read a CSV without the ``drop`` columns, ``positive_label`` being the target's
         positive class (default: inferred, see :func:`~fedup.learn.tabular.parse_target`),
@@ -111,7 +124,7 @@ class TabularSource(TaskSource):
         too few rows, ...).
         """
         table = read_csv(path, target, drop=drop, positive_label=positive_label)
-        return cls(table, target=target, device=device)
+        return cls(table, target=target, device=device, privacy=privacy)
 
     @classmethod
     def synthetic(
@@ -122,6 +135,7 @@ class TabularSource(TaskSource):
         drop: Iterable[str] = (),
         positive_label: str | None = None,
         device: str | torch.device = "cpu",
+        privacy: DpBudget | None = None,
     ) -> TabularSource:
         """This peer's synthetic lender (deterministic from its peer ID), written to a CSV
         in ``directory`` so the user can see what was used (folder 0700, file 0600; see
@@ -131,8 +145,9 @@ class TabularSource(TaskSource):
         path = directory / "synthetic-loans.csv"
         data.write_csv(path)
         return cls.from_csv(
-            path, "default", drop=drop, positive_label=positive_label, device=device
-        )
+            path, "default", drop=drop, positive_label=positive_label, device=device,
+            privacy=privacy,
+        )  # fmt: skip
 
     def summary(self) -> dict[str, object]:
         return self._summary.to_dict()
@@ -146,14 +161,23 @@ class TabularSource(TaskSource):
     def build(self, schema: FeatureSchema | None, settings: RunSettings) -> Task:
         if schema is None:
             raise ValueError("a tabular task needs the federation's schema")
-        return TabularTask(
+        task = TabularTask(
             self.table,
             schema,
             hidden=self.hidden,
             batch_size=settings.batch_size,
             lr=settings.lr,
             device=self.device,
+            privacy=self.privacy,
         )
+        if self.privacy is not None:
+            self.privacy.plan(
+                n_train=task.n_train,
+                batch_size=settings.batch_size,
+                hop_epochs=settings.local_epochs,
+                max_laps=settings.max_laps,
+            )
+        return task
 
 
 class FixedTaskSource(TaskSource):

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from fedup.learn.loans import generate_lender, lender_seed, partition
+from fedup.learn.privacy import DpBudget
 from fedup.learn.tabular import DataError, Table, read_csv
 from fedup.peer import TabularSource
 
@@ -68,7 +69,18 @@ def sources_of(
     *,
     hidden: tuple[int, ...] = (64, 32),
     device: str | torch.device = "cpu",
+    privacy: Sequence[DpBudget | None] = (),
 ) -> list[TabularSource]:
     """One :class:`~fedup.peer.TabularSource` (the built-in MLP) per table, each
-    training on ``device`` (see :func:`~fedup.learn.device.choose_device`)."""
-    return [TabularSource(t, target=t.target_name, hidden=hidden, device=device) for t in tables]
+    training on ``device`` (see :func:`~fedup.learn.device.choose_device`), the i-th
+    with the DP budget ``privacy[i]`` (none when absent or None)."""
+    return [
+        TabularSource(
+            t,
+            target=t.target_name,
+            hidden=hidden,
+            device=device,
+            privacy=privacy[i] if i < len(privacy) else None,
+        )
+        for i, t in enumerate(tables)
+    ]
