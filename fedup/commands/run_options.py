@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fedup.commands.values import Number, of_setting, real
+from fedup.commands.values import Number, of_setting, real, whole
 from fedup.errors import ConfigError
 from fedup.learn.privacy import MAX_CLIP, MAX_DELTA, MAX_EPSILON, DpBudget
 from fedup.protocol.view import RunSettings
@@ -60,3 +60,15 @@ def dp_budget(values: Mapping[str, Any]) -> DpBudget | None:
         raise ConfigError("--dp-epsilon needs --dp-delta (e.g. 1e-5, well below 1 / rows)")
     clip = values.get("dp_clip")
     return DpBudget(float(epsilon), float(delta), 1.0 if clip is None else float(clip))
+
+
+MLP_LAYERS = 3
+"""The built-in MLP's ``Linear`` layers (two hidden, one output): the most
+``--personal-layers`` can ask for."""
+
+PERSONAL_OPTION: tuple[str, Number, int, str] = (
+    "personal_layers", whole(0, MLP_LAYERS), 0,
+    "after the run, fine-tune the shared model's last K layers on this peer's own data "
+    "into personal.safetensors (never sent; a local choice); 0: off",
+)  # fmt: skip
+"""``(name, type, default, help)`` of ``--personal-layers`` (:mod:`fedup.peer.personal`)."""

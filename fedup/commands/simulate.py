@@ -20,7 +20,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedup.commands.run_options import DEFAULTS, DP_OPTIONS, RUN_OPTIONS, dp_budget, run_settings
+from fedup.commands.run_options import (
+    DEFAULTS,
+    DP_OPTIONS,
+    PERSONAL_OPTION,
+    RUN_OPTIONS,
+    dp_budget,
+    run_settings,
+)
 from fedup.commands.tables import print_models
 from fedup.commands.values import (
     DEVICE_HELP,
@@ -209,6 +216,8 @@ def add_parser(
         help="only peer P trains with --dp-epsilon; repeatable "
         "(range [0, inf); default: every peer)",
     )
+    option("--personal-layers", PERSONAL_OPTION[1], 0, PERSONAL_OPTION[3] + " (every peer)",
+           "0: off")  # fmt: skip
     option("--threads", THREADS, 1, "torch threads")
     option("--device", device_spec, "auto", DEVICE_HELP.replace("this peer", "every peer"))
     p.set_defaults(func=run)
@@ -282,6 +291,7 @@ def run(args: argparse.Namespace) -> int:
         tables,
         device=device,
         privacy=[budget if i in private else None for i in range(len(tables))],
+        personal_layers=args.personal_layers,
     )
     log.info(
         "simulating %d peers into %s, training on %s (--device %s)",

@@ -41,7 +41,14 @@ import attrs
 import trio
 
 from fedup.commands.peers import read_network_key
-from fedup.commands.run_options import DEFAULTS, DP_OPTIONS, RUN_OPTIONS, dp_budget, run_settings
+from fedup.commands.run_options import (
+    DEFAULTS,
+    DP_OPTIONS,
+    PERSONAL_OPTION,
+    RUN_OPTIONS,
+    dp_budget,
+    run_settings,
+)
 from fedup.commands.values import (
     DEVICE_HELP,
     SETTLE,
@@ -114,6 +121,8 @@ SETTINGS = [
     Setting("device", device_spec, "auto", DEVICE_HELP),
     *(Setting(name, kind, default, why, shown="off" if default is None else None)
       for name, kind, default, why in DP_OPTIONS),
+    Setting(PERSONAL_OPTION[0], PERSONAL_OPTION[1], PERSONAL_OPTION[2], PERSONAL_OPTION[3],
+            shown="0: off"),
     Setting("listen", listen_address, Address("0.0.0.0", 0),
             "TCP HOST:PORT to listen on; port 0 picks a free one"),
     Setting("interface", str, None, "mDNS interface (name or IPv4); repeatable",
@@ -268,6 +277,7 @@ def _run(
         "positive_label": values["positive_label"],
         "device": device,
         "privacy": dp_budget(values),
+        "personal_layers": values["personal_layers"],
     }
     if values["data"] is not None:
         source = TabularSource.from_csv(values["data"], values["target"], **table_options)

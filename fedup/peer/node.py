@@ -59,6 +59,7 @@ from fedup.peer.config import PeerConfig
 from fedup.peer.custody_driver import CustodyDriver, RunError
 from fedup.peer.formation_driver import FormationDriver, FormationError
 from fedup.peer.outputs import RunSummary, check_out_dir
+from fedup.peer.personal import personalize
 from fedup.peer.source import FixedTaskSource, TaskSource
 from fedup.peer.tamper import Tamper
 from fedup.peer.tasks import TaskBuilder
@@ -501,6 +502,9 @@ class Peer:
         custody.begin()
         try:
             summary = await custody.run()
+            summary = await personalize(
+                self.builder, custody.task, custody.outputs, summary, custody.view.settings
+            )
         except RunError:
             self._step("failed")
             raise

@@ -54,6 +54,7 @@ RUN_FILES = (
     "summary.json",
     "federation.json",
     "provenance.cbor",
+    "personal.safetensors",
 )
 """What a run writes into its output folder."""
 
@@ -160,6 +161,12 @@ class RunSummary:
     """This member's differential privacy (``epsilon_spent``, ``epsilon``, ``delta``,
     ``noise_multiplier``, ``clip``, ...: :meth:`fedup.learn.privacy.PrivateTraining.report`),
     or None when it trained without.  A local figure: the other members' differ."""
+    personal: dict[str, Any] | None = None
+    """This member's personal model (``personal.safetensors``, never sent): ``layers``
+    (K), ``own_val`` (the personal model), ``shared_own_val`` (the federation's) and
+    ``local_only_own_val`` (the same model trained on this member's data alone), each
+    ``{loss, auc, accuracy}`` on this member's own validation split, plus ``epochs``
+    and ``best_epoch`` of the fine-tuning (:mod:`fedup.peer.personal`); None without."""
 
     def to_json(self) -> dict[str, Any]:
         """Its fields as a dict (what :func:`attrs.asdict` gives: the lists copied); built

@@ -14,6 +14,9 @@ source's own choice (``TabularSource(device=...)``; a built task's
 :attr:`~fedup.learn.task.Task.device`): it is no part of the summary, the view or
 the model digest, so members with and without a GPU federate together.
 
+Personalization (``personal_layers``) is a local choice too: see
+:mod:`fedup.peer.personal`.
+
 Differential privacy is the same kind of local choice (``TabularSource(privacy=
 DpBudget(...))``, :mod:`fedup.learn.privacy`): the budget and the accountant stay in
 the source, for the whole run, and nothing of them is in the summary, the view or the
@@ -28,9 +31,11 @@ from pathlib import Path
 
 import torch
 
+from fedup.errors import ConfigError
 from fedup.files import make_dirs
 from fedup.learn.device import choose_device
 from fedup.learn.loans import generate_lender, seed_from_peer_id
+from fedup.learn.personal import layers_of
 from fedup.learn.privacy import DpBudget, PrivateTraining
 from fedup.learn.schema import FeatureSchema, fits, schema_from_dict, unused_columns
 from fedup.learn.tabular import Table, read_csv, split, summarize
@@ -46,6 +51,10 @@ class TaskSource(abc.ABC):
     """Task family; peers of different families do not federate."""
     target: str | None = None
     """The target column, for schema agreement (None: no schema)."""
+    personal_layers: int = 0
+    """This member's personal layers K (0: none): after the run it fine-tunes the shared
+    model's last K layers on its own data into ``personal.safetensors``
+    (:mod:`fedup.peer.personal`).  A local choice, in no view and no digest."""
 
     @abc.abstractmethod
     def summary(self) -> dict[str, object] | None:
@@ -80,6 +89,7 @@ class TabularSource(TaskSource):
         hidden: tuple[int, ...] = (64, 32),
         device: str | torch.device = "cpu",
         privacy: DpBudget | None = None,
+        personal_layers: int = 0,
     ) -> None:
         """``device`` is where this peer trains: ``cpu`` (the default here; the
         command line's ``--device`` defaults to ``auto``), ``auto``, ``cuda`` or
@@ -92,8 +102,16 @@ class TabularSource(TaskSource):
 
         ``privacy`` makes this member train every hop with DP-SGD within that budget
         (:mod:`fedup.learn.privacy`; :class:`~fedup.learn.privacy.DpError` when Opacus
-        is not installed)."""
+        is not installed).
+
+        ``personal_layers`` K > 0 makes this member fine-tune the shared model's last K
+        layers on its own data after the run (:mod:`fedup.peer.personal`); a one-line
+        :class:`~fedup.errors.ConfigError` when the MLP has fewer layers (it has
+        ``len(hidden) + 1``)."""
         check_rows(table)
+        self.personal_layers = check_personal_layers(
+            personal_layers, len(hidden) + 1, private=privacy is not None
+        )
         self.privacy = PrivateTraining(privacy) if privacy is not None else None
         self.device = choose_device(device)
         self.table = table
@@ -114,6 +132,7 @@ class TabularSource(TaskSource):
         positive_label: str | None = None,
         device: str | torch.device = "cpu",
         privacy: DpBudget | None = None,
+        personal_layers: int = 0,
     ) -> TabularSource:
         """Read a CSV without the ``drop`` columns, ``positive_label`` being the target's
         positive class (default: inferred, see :func:`~fedup.learn.tabular.parse_target`),
@@ -124,7 +143,9 @@ class TabularSource(TaskSource):
         too few rows, ...).
         """
         table = read_csv(path, target, drop=drop, positive_label=positive_label)
-        return cls(table, target=target, device=device, privacy=privacy)
+        return cls(
+            table, target=target, device=device, privacy=privacy, personal_layers=personal_layers
+        )
 
     @classmethod
     def synthetic(
@@ -136,6 +157,7 @@ class TabularSource(TaskSource):
         positive_label: str | None = None,
         device: str | torch.device = "cpu",
         privacy: DpBudget | None = None,
+        personal_layers: int = 0,
     ) -> TabularSource:
         """This peer's synthetic lender (deterministic from its peer ID), written to a CSV
         in ``directory`` so the user can see what was used (folder 0700, file 0600; see
@@ -146,7 +168,7 @@ class TabularSource(TaskSource):
         data.write_csv(path)
         return cls.from_csv(
             path, "default", drop=drop, positive_label=positive_label, device=device,
-            privacy=privacy,
+            privacy=privacy, personal_layers=personal_layers,
         )  # fmt: skip
 
     def summary(self) -> dict[str, object]:
@@ -185,14 +207,39 @@ class FixedTaskSource(TaskSource):
 
     kind = "custom"
 
-    def __init__(self, task: Task) -> None:
+    def __init__(self, task: Task, *, personal_layers: int = 0) -> None:
+        """``personal_layers``: see :attr:`TaskSource.personal_layers` (checked against
+        the model's ``Linear``/``Conv`` layers now)."""
         self.task = task
+        model = task.build_model(0) if personal_layers else None
+        self.personal_layers = check_personal_layers(
+            personal_layers, len(layers_of(model)) if model is not None else 0
+        )
 
     def summary(self) -> None:
         return None
 
     def build(self, schema: FeatureSchema | None, settings: RunSettings) -> Task:
         return self.task
+
+
+def check_personal_layers(k: int, layers: int, *, private: bool = False) -> int:
+    """``k`` if it is a layer count from 0 to ``layers``; else a one-line
+    :class:`~fedup.errors.ConfigError` (also for K > 0 with DP training, ``private``:
+    the fine-tuning would train outside the DP budget's plan)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ConfigError(f"--personal-layers {k!r}: give a whole number of layers, 0 for none")
+    if k and private:
+        raise ConfigError(
+            "--personal-layers with --dp-epsilon is not supported: personal fine-tuning "
+            "would spend beyond the DP budget's plan; drop one of them"
+        )
+    if k > layers:
+        raise ConfigError(
+            f"--personal-layers {k}: the model has {layers} Linear/Conv layers; "
+            f"give a number from 0 to {layers}"
+        )
+    return k
 
 
 def model_digest(task: Task, seed: int) -> bytes:

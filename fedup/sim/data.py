@@ -70,10 +70,12 @@ def sources_of(
     hidden: tuple[int, ...] = (64, 32),
     device: str | torch.device = "cpu",
     privacy: Sequence[DpBudget | None] = (),
+    personal_layers: int = 0,
 ) -> list[TabularSource]:
     """One :class:`~fedup.peer.TabularSource` (the built-in MLP) per table, each
     training on ``device`` (see :func:`~fedup.learn.device.choose_device`), the i-th
-    with the DP budget ``privacy[i]`` (none when absent or None)."""
+    with the DP budget ``privacy[i]`` (none when absent or None), each with
+    ``personal_layers`` (see :mod:`fedup.peer.personal`)."""
     return [
         TabularSource(
             t,
@@ -81,6 +83,7 @@ def sources_of(
             hidden=hidden,
             device=device,
             privacy=privacy[i] if i < len(privacy) else None,
+            personal_layers=personal_layers,
         )
         for i, t in enumerate(tables)
     ]

@@ -5,7 +5,9 @@ JSON-ready dict written as ``report.json``; the comparison itself (same
 held-out rows, same model, splits and epoch budget for every model) is
 :mod:`fedup.learn.comparison`, shared with ``fedup-peer demo``.  Bytes sent:
 what a peer sent over the simulated network (federated), the encoded rows it
-would hand to a central server (centralized), nothing (local-only).
+would hand to a central server (centralized), nothing (local-only).  With
+``--personal-layers``, ``personalized`` scores each member's personal model on its
+own split and on the union, beside its summary's shared and local-only figures.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any
 import torch
 
 from fedup.errors import FedupError
-from fedup.learn.comparison import centralized_entry, local_only_entry, model_entry
+from fedup.learn.baselines import score
+from fedup.learn.comparison import centralized_entry, local_only_entry, model_entry, scores
 from fedup.learn.ring import RingSettings
 from fedup.learn.task import TensorTask
 from fedup.learn.weights import load_safetensors
@@ -87,11 +90,43 @@ def build_report(
         for p in result.peers
     ]
     report["federated"] = model_entry(weights, tasks, fed_peers)
+    personal = _personal_entry(result, tasks)
+    if personal is not None:
+        report["personalized"] = personal
     if baselines:
         settings = RingSettings.for_run(result.run) if result.run is not None else RingSettings()
         report["centralized"], _ = centralized_entry(tasks, settings)
         report["local_only"], _, _ = local_only_entry(tasks, settings)
     return report
+
+
+def _personal_entry(result: SimResult, tasks: Sequence[TensorTask]) -> dict[str, Any] | None:
+    """Each finished member's personal model (``personal.safetensors``) on its own split
+    and on the union, with its summary's figures; None when no member made one."""
+    per_peer: list[dict[str, Any]] = []
+    for p, task in zip(result.peers, tasks, strict=True):
+        figures = p.summary.personal if p.summary is not None else None
+        if figures is None or p.summary is None:
+            continue
+        weights = load_safetensors(Path(p.summary.out_dir) / figures["file"])
+        entry: dict[str, Any] = {"peer": p.index, "layers": figures["layers"]}
+        entry.update(scores(score(weights, [task])))
+        entry["union"] = scores(score(weights, tasks))
+        entry["shared_own_val"] = figures["shared_own_val"]
+        entry["local_only_own_val"] = figures["local_only_own_val"]
+        per_peer.append(entry)
+    if not per_peer:
+        return None
+    local = [e for e in per_peer if e["local_only_own_val"] is not None]
+    return {
+        "per_peer": per_peer,
+        "peers_beating_local_only": sum(
+            e["val_loss"] < e["local_only_own_val"]["loss"] for e in local
+        ),
+        "peers_with_local_only": len(local),
+        "mean_own_val_loss": sum(e["val_loss"] for e in per_peer) / len(per_peer),
+        "mean_union_val_loss": sum(e["union"]["val_loss"] for e in per_peer) / len(per_peer),
+    }
 
 
 def _simulation(result: SimResult) -> dict[str, Any]:

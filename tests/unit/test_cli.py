@@ -171,6 +171,15 @@ def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
         (["simulate", "--rows", "10"], "argument --rows: must be >= 200 (got 10)"),
         (["simulate", "--kill", "x"], "argument --kill: 'x' is not PEER:LAP:HOP"),
         (["simulate", "--threads", "0"], "argument --threads: must be >= 1 (got 0)"),
+        (["start", "--personal-layers", "4"], "argument --personal-layers: must be <= 3 (got 4)"),
+        (
+            ["simulate", "--personal-layers", "-1"],
+            "argument --personal-layers: must be >= 0 (got -1)",
+        ),
+        (
+            ["simulate", "--personal-layers", "1.5"],
+            "argument --personal-layers: must be a whole number",
+        ),
         (["demo", "--peers", "1"], "argument --peers: must be >= 2 (got 1)"),
         (["demo", "--timeout", "0"], "argument --timeout: must be > 0 (got 0)"),
         (["demo", "--seed", "-1"], "argument --seed: must be >= 0 (got -1)"),
@@ -188,6 +197,35 @@ def test_a_setting_out_of_range_from_the_environment_is_one_line(tmp_path: Path)
     proc = run_cli("start", "--state-dir", str(tmp_path), env={"FEDUP_MAX_LAPS": "0"})
     assert proc.returncode == 1
     assert one_line_error(proc) == "fedup-peer: error: FEDUP_MAX_LAPS: must be >= 1 (got 0)"
+
+
+def test_personal_layers_from_the_environment_or_a_config_file_are_checked(
+    tmp_path: Path,
+) -> None:
+    env = {"FEDUP_PERSONAL_LAYERS": "9"}
+    proc = run_cli("start", "--state-dir", str(tmp_path), env=env)
+    assert proc.returncode == 1
+    assert one_line_error(proc) == "fedup-peer: error: FEDUP_PERSONAL_LAYERS: must be <= 3 (got 9)"
+    from fedup.commands.start import add_parser, resolve
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(), lambda p: None)
+    config = tmp_path / "peer.toml"
+    config.write_text("personal-layers = 2\n")
+    args = parser.parse_args(["start", "--config", str(config)])
+    assert resolve(args, environ={})["personal_layers"] == 2
+    assert resolve(args, environ={"FEDUP_PERSONAL_LAYERS": "1"})["personal_layers"] == 1
+    assert resolve(parser.parse_args(["start"]), environ={})["personal_layers"] == 0
+
+
+def test_personal_layers_with_dp_is_one_line(tmp_path: Path) -> None:
+    proc = run_cli(
+        "simulate", "--peers", "2", "--personal-layers", "1", "--dp-epsilon", "5",
+        "--dp-delta", "1e-5", "--out", str(tmp_path / "sim"), "--state-dir", str(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 1
+    line = one_line_error(proc)
+    assert line.startswith("fedup-peer: error: --personal-layers with --dp-epsilon"), line
 
 
 def value_options(command: str) -> list[argparse.Action]:
