@@ -45,9 +45,11 @@ __all__ = [
     "own_scores",
 ]
 
-MAX_EPOCHS = 20
-"""Passes over the member's own training split at most (a head is small: a few do)."""
-PATIENCE = 3
+MAX_EPOCHS = 1000
+"""Passes over the member's own training split at most: at the run's learning rate a
+head needs many to move far (a member whose split is almost all one class); early
+stopping usually ends it sooner."""
+PATIENCE = 20
 """Epochs without a lower own validation loss before fine-tuning stops."""
 
 LAYER_TYPES: tuple[type[nn.Module], ...] = (
