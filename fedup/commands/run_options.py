@@ -7,7 +7,7 @@ from typing import Any
 
 from fedup.commands.values import Number, of_setting, real, whole
 from fedup.errors import ConfigError
-from fedup.learn.privacy import MAX_CLIP, MAX_DELTA, MAX_EPSILON, DpBudget
+from fedup.learn.privacy import DEFAULT_CLIP, MAX_CLIP, MAX_DELTA, MAX_EPSILON, DpBudget
 from fedup.protocol.view import RunSettings
 
 DEFAULTS = RunSettings()
@@ -39,7 +39,7 @@ DP_OPTIONS: tuple[tuple[str, Number, float | None, str], ...] = (
      "a local choice, needs --dp-delta and Opacus (pip install 'fedup[dp]')"),
     ("dp_delta", real(0, MAX_DELTA, open_lo=True), None,
      "the delta of that budget (well below 1 / this peer's rows, e.g. 1e-5)"),
-    ("dp_clip", real(0, MAX_CLIP, open_lo=True), 1.0,
+    ("dp_clip", real(0, MAX_CLIP, open_lo=True), DEFAULT_CLIP,
      "DP: each row's gradient is clipped to this norm"),
 )  # fmt: skip
 """``(name, type, default, help)`` of the differential privacy options: each member's own
@@ -59,7 +59,7 @@ def dp_budget(values: Mapping[str, Any]) -> DpBudget | None:
     if delta is None:
         raise ConfigError("--dp-epsilon needs --dp-delta (e.g. 1e-5, well below 1 / rows)")
     clip = values.get("dp_clip")
-    return DpBudget(float(epsilon), float(delta), 1.0 if clip is None else float(clip))
+    return DpBudget(float(epsilon), float(delta), DEFAULT_CLIP if clip is None else float(clip))
 
 
 MLP_LAYERS = 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedup.learn.loans import generate_lender, lender_seed
-from fedup.learn.privacy import DpBudget
+from fedup.learn.privacy import DEFAULT_CLIP, DpBudget
 from fedup.peer import TabularSource
 from fedup.protocol.view import RunSettings
 from fedup.sim import SimSettings
@@ -44,6 +44,6 @@ def test_one_dp_member_federates_and_stays_within_its_budget(tmp_path: Path) -> 
     assert summaries[0] is not None and summaries[0].dp is not None
     dp = summaries[0].dp
     assert 0 < dp["epsilon_spent"] <= 8.0
-    assert dp["delta"] == 1e-5 and dp["clip"] == 1.0 and dp["noise_multiplier"] > 0
+    assert dp["delta"] == 1e-5 and dp["clip"] == DEFAULT_CLIP and dp["noise_multiplier"] > 0
     assert dp["steps"] > 0
     assert all(s is not None and s.dp is None for s in summaries[1:])  # a local choice

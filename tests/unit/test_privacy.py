@@ -11,7 +11,7 @@ from fedup.cli import build_parser
 from fedup.commands.run_options import dp_budget
 from fedup.errors import ConfigError
 from fedup.learn.loans import generate_lender, lender_seed
-from fedup.learn.privacy import DpBudget, DpError, PrivateTraining
+from fedup.learn.privacy import DEFAULT_CLIP, DpBudget, DpError, PrivateTraining
 from fedup.learn.ring import FederationStats, RingSettings, initial_state, train_hop
 from fedup.learn.schema import merge_summaries
 from fedup.learn.tabular import summarize
@@ -49,6 +49,8 @@ def test_dp_options_make_a_budget() -> None:
     args = vars(parse("--dp-epsilon", "8", "--dp-delta", "1e-5", "--dp-clip", "2"))
     assert dp_budget(args) == DpBudget(8.0, 1e-5, 2.0)
     assert dp_budget(vars(parse())) is None
+    default = dp_budget(vars(parse("--dp-epsilon", "8", "--dp-delta", "1e-5")))
+    assert default == DpBudget(8.0, 1e-5) and default.clip == DEFAULT_CLIP == 5.0
 
 
 @pytest.mark.parametrize("argv", [("--dp-epsilon", "8"), ("--dp-delta", "1e-5")])
@@ -93,6 +95,8 @@ def test_spent_epsilon_grows_and_never_passes_the_budget() -> None:
         spent.append(privacy.epsilon_spent)
     assert spent == sorted(spent) and spent[1] > 0
     assert spent[-1] <= 1.0
+    # the cached per-step accounting is Opacus' own over the same history
+    assert privacy.epsilon_spent == pytest.approx(privacy.accountant.get_epsilon(1e-5), rel=1e-12)
     assert trained[0] > 0 and trained[-1] == 0  # the budget is spent: the hop trains nothing
     assert privacy.report()["hops_refused"] >= 1
     # the hops that trained nothing still hand on a model of the same layout
