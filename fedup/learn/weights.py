@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,7 @@ from fedup.config import DEFAULT_LIMITS, Limits
 from fedup.errors import LocalProtocolError
 from fedup.files import atomic_writer
 from fedup.protocol.tensors import (
+    WIRE_DTYPES,
     TensorDecodeError,
     TensorSpec,
     check_finite,
@@ -383,26 +385,104 @@ def load_safetensors_bytes(
         )
     expected = state_specs(like)
     try:
-        loaded = safetensors.torch.load(data)
-    except safetensors.SafetensorError as e:
-        raise WeightsFileError(f"{source}: not a valid safetensors file: {e}") from e
-    if len(loaded) > limits.max_tensors:
-        raise WeightsFileError(
-            f"{source}: {len(loaded)} tensors exceed max_tensors={limits.max_tensors}"
-        )
-    specs: dict[str, TensorSpec] = {}
-    for name, t in loaded.items():
-        wire = TORCH_TO_WIRE.get(t.dtype)
-        if wire is None:
-            raise WeightsFileError(f"{source}: tensor {name!r}: dtype {t.dtype} is not allowed")
-        specs[name] = TensorSpec(wire, tuple(t.shape))
-    try:
-        check_specs(specs, expected, ordered=False)
-        for name, t in loaded.items():
-            check_finite(name, _as_numpy(t, specs[name].dtype), specs[name].dtype)
+        entries, body = _parse_safetensors(memoryview(data), limits)
+    except ValueError as e:
+        raise WeightsFileError(f"{source}: not a valid safetensors file: {e}") from None
     except TensorDecodeError as e:
         raise WeightsFileError(f"{source}: {e.reason}") from e
-    return {name: loaded[name] for name in expected}
+    specs = {name: spec for name, (spec, _) in entries.items()}
+    try:
+        check_specs(specs, expected, ordered=False)  # before any tensor is made
+        out: dict[str, torch.Tensor] = {}
+        for name in expected:
+            spec, start = entries[name]
+            array = np.frombuffer(
+                body, WIRE_DTYPES[spec.dtype], count=math.prod(spec.shape), offset=start
+            ).reshape(spec.shape)
+            check_finite(name, array, spec.dtype)
+            t = torch.from_numpy(array.copy())
+            out[name] = t.view(torch.bfloat16) if spec.dtype == "bf16" else t
+    except TensorDecodeError as e:
+        raise WeightsFileError(f"{source}: {e.reason}") from e
+    return out
+
+
+# safetensors' names of the dtypes that cannot travel (for the message that refuses one).
+_REFUSED_DTYPES: Final[Mapping[str, str]] = {
+    "C64": "torch.complex64",
+    "C128": "torch.complex128",
+    "U16": "torch.uint16",
+    "U32": "torch.uint32",
+    "U64": "torch.uint64",
+    "F8_E4M3": "torch.float8_e4m3fn",
+    "F8_E5M2": "torch.float8_e5m2",
+}
+_MAX_SAFETENSORS_HEADER: Final = 1 << 24
+"""Bytes a safetensors header may take before it is parsed (the format's own cap is 100 MB;
+a model of ``max_tensors`` tensors needs far less)."""
+
+
+def _parse_safetensors(
+    mv: memoryview, limits: Limits
+) -> tuple[dict[str, tuple[TensorSpec, int]], memoryview]:
+    """A safetensors file's tensors (spec and offset into the data) and its data, from
+    its bytes: the header is bounded and checked (names, count, dtypes, ranks, shapes,
+    and byte ranges that tile the data exactly) before anything is allocated for a
+    tensor.  Raises :class:`ValueError` for bytes that are not such a file and
+    :class:`TensorDecodeError` for a file beyond ``limits`` or with a refused dtype."""
+    if mv.nbytes < 8:
+        raise ValueError("shorter than its 8-byte header length")
+    (n,) = struct.unpack_from("<Q", mv, 0)
+    if n > min(mv.nbytes - 8, _MAX_SAFETENSORS_HEADER):
+        raise ValueError(f"a header of {n} bytes does not fit")
+    try:
+        header = json.loads(bytes(mv[8 : 8 + n]).decode("utf-8"))
+    except RecursionError:  # a header nested deeper than any real one
+        raise ValueError("the header is nested too deeply") from None
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    header.pop("__metadata__", None)
+    if len(header) > limits.max_tensors:
+        raise TensorDecodeError(f"{len(header)} tensors exceed max_tensors={limits.max_tensors}")
+    body = mv[8 + n :]
+    entries: dict[str, tuple[TensorSpec, int]] = {}
+    ranges = []
+    for name, entry in header.items():
+        if len(name.encode("utf-8", "surrogatepass")) > limits.max_tensor_name:
+            raise TensorDecodeError(f"tensor name {name[:64]!r}... is too long")
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise ValueError(f"tensor {name!r}: a malformed entry")
+        code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        wire = _SAFETENSORS_TO_WIRE.get(code) if isinstance(code, str) else None
+        if wire is None:
+            refused = _REFUSED_DTYPES.get(code, repr(code)) if isinstance(code, str) else code
+            raise TensorDecodeError(f"tensor {name!r}: dtype {refused} is not allowed")
+        if not (
+            isinstance(shape, list)
+            and all(type(d) is int and d >= 0 for d in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int for o in offsets)
+        ):
+            raise ValueError(f"tensor {name!r}: a malformed shape or byte range")
+        if len(shape) > limits.max_tensor_rank:
+            raise TensorDecodeError(
+                f"tensor {name!r}: rank {len(shape)} exceeds "
+                f"max_tensor_rank={limits.max_tensor_rank}"
+            )
+        begin, end = offsets
+        if end - begin != math.prod(shape) * WIRE_DTYPES[wire].itemsize:
+            raise ValueError(f"tensor {name!r}: its byte range does not match its shape")
+        entries[name] = (TensorSpec(wire, tuple(shape)), begin)
+        ranges.append((begin, end))
+    at = 0
+    for begin, end in sorted(ranges):
+        if begin != at:
+            raise ValueError("the tensors' byte ranges do not tile the data")
+        at = end
+    if at != body.nbytes:
+        raise ValueError("the tensors' byte ranges do not cover the data")
+    return entries, body
 
 
 def _file_specs(f: Any, path: str, limits: Limits) -> dict[str, TensorSpec]:

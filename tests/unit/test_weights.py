@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import struct
 import warnings
@@ -274,6 +275,37 @@ def test_load_safetensors_bytes_checks_as_the_file_loader_does(tmp_path: Path) -
     c = {"w": torch.zeros(2, dtype=torch.complex64)}
     with pytest.raises(WeightsFileError, match=r"dtype torch\.complex64 is not allowed"):
         load_safetensors_bytes(safetensors.torch.save(c), like={"w": torch.ones(2)})
+
+
+def _file(header: object, body: bytes = b"") -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + body
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (struct.pack("<Q", 1 << 40) + b"{}", "not a valid safetensors file: a header of"),
+        (_file([1, 2]), "not a JSON object"),
+        (struct.pack("<Q", 40_000) + b"[" * 40_000, "nested too deeply"),
+        (_file({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4),
+         "does not match its shape"),
+        (_file({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "v": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8),
+         "do not tile the data"),
+        (_file({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8),
+         "do not cover the data"),
+        (_file({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4),
+         "malformed shape"),
+        (_file({"w" * 5000: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+         "is too long"),
+    ],
+)  # fmt: skip
+def test_a_safetensors_header_is_checked_before_any_tensor_is_made(
+    data: bytes, message: str
+) -> None:
+    with pytest.raises(WeightsFileError, match=message):
+        load_safetensors_bytes(data, like={"w": torch.ones(1)})
 
 
 def test_layout_digest_depends_on_names_dtypes_and_shapes_only() -> None:
