@@ -186,6 +186,17 @@ class Limits:
         "from handing the model on to hearing it moved on: one hop's training plus one "
         "transfer; a successor silent longer is presumed dead and skipped",
     )
+    max_returns: int = _limit(
+        4,
+        "times one member may be taken back into a run after being counted as dead (a "
+        "restart, a cut-off link, a hop slower than hop_timeout); each return and the "
+        "death before it are two ~400-byte notices every ring blob carries",
+    )
+    return_interval: float = _limit(
+        15.0,
+        "a member counted as dead sends its return request to every member again this "
+        "often until it is taken back (a request sent while links were down is lost)",
+    )
     excluded_wait: float = _limit(
         3600.0,
         "a member the others counted as dead while it was alive trains no more and waits "

@@ -20,8 +20,10 @@ from typing import Any, BinaryIO
 from fedup.config import DEFAULT_LIMITS, Limits
 from fedup.errors import FileError, RemoteProtocolError
 from fedup.files import open_regular, read_bounded
+from fedup.protocol.notices import DeadNotice
 from fedup.protocol.provenance import VerifiedProvenance, max_provenance_size, verify_provenance
 from fedup.protocol.refusal import printable
+from fedup.protocol.returns import ReturnNotice
 
 MODEL_FILE = "model.safetensors"
 PROVENANCE_FILE = "provenance.cbor"
@@ -156,6 +158,12 @@ def describe(model: Path, verified: VerifiedProvenance) -> dict[str, Any]:
         "dead": [
             {"peer": n.dead.text, "by": n.claimer.text, "why": n.cause}
             for n in verified.dead.notices
+            if isinstance(n, DeadNotice)
+        ],
+        "returned": [
+            {"peer": n.back.text, "by": n.claimer.text, "at": [n.at.lap, n.at.hop]}
+            for n in verified.dead.notices
+            if isinstance(n, ReturnNotice)
         ],
         "members": [
             {"peer": s.peer.text, "hops": s.hops, "trained": s.trained, "samples": s.samples}

@@ -62,6 +62,7 @@ from fedup.protocol.custody_events import (
     FINAL,
     INITIAL,
     Action,
+    AskToReturn,
     Begin,
     BlobArrived,
     BlobKind,
@@ -84,6 +85,8 @@ from fedup.protocol.custody_events import (
     PassedArrived,
     Phase,
     Refuse,
+    ReturnAsked,
+    Returned,
     Send,
     SetTimer,
     Take,
@@ -98,6 +101,7 @@ from fedup.protocol.envelope import Signer
 from fedup.protocol.laps import Position, Progress, last_lap, next_position
 from fedup.protocol.notices import (
     ChainBehindError,
+    ChainNotice,
     CustodyReceipt,
     DeadChain,
     DeadNotice,
@@ -106,17 +110,19 @@ from fedup.protocol.notices import (
     NoticeError,
     ReceiptError,
     SealError,
+    dead_after,
 )
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.provenance import ChainRules, HopChain, ProvenanceError
 from fedup.protocol.refusal import RefusalCode
+from fedup.protocol.returns import ReturnNotice, ReturnRequest
 from fedup.protocol.ring import Ring, ring_order
 
 __all__ = ["TRANSITIONS", "CustodyMachine", "StopRule"]
 
 RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
 """Seconds before each retry of a refused or broken hand-over (the last one repeats)."""
-WAIT, WATCH, EXCLUDED_WAIT = "wait", "watch", "excluded"
+WAIT, WATCH, EXCLUDED_WAIT, ASK = "wait", "watch", "excluded", "ask"
 
 
 # --- the machine ------------------------------------------------------------------------
@@ -170,8 +176,14 @@ class _Taken:
 _Handler: TypeAlias = str
 
 TRANSITIONS: dict[Phase, dict[type, _Handler]] = {
-    Phase.READY: {Begin: "_begin", BlobOffered: "_offered", BlobArrived: "_arrived"},
+    Phase.READY: {
+        Begin: "_begin",
+        BlobOffered: "_offered",
+        BlobArrived: "_arrived",
+        ReturnAsked: "_return_asked",
+    },
     Phase.WAITING: {
+        ReturnAsked: "_return_asked",
         BlobOffered: "_offered",
         BlobArrived: "_arrived",
         HandedOver: "_handed_over",
@@ -180,6 +192,7 @@ TRANSITIONS: dict[Phase, dict[type, _Handler]] = {
         TimerFired: "_timer",
     },
     Phase.TRAINING: {
+        ReturnAsked: "_return_asked",
         Trained: "_trained",
         TrainFailed: "_train_failed",
         BlobOffered: "_offered",
@@ -190,6 +203,7 @@ TRANSITIONS: dict[Phase, dict[type, _Handler]] = {
         TimerFired: "_timer",
     },
     Phase.HANDING: {
+        ReturnAsked: "_return_asked",
         BlobOffered: "_offered",
         BlobArrived: "_arrived",
         HandedOver: "_handed_over",
@@ -198,23 +212,30 @@ TRANSITIONS: dict[Phase, dict[type, _Handler]] = {
         TimerFired: "_timer",
     },
     Phase.EXCLUDED: {
+        ReturnAsked: "_return_asked",
         BlobOffered: "_offered",
         BlobArrived: "_arrived",
         TimerFired: "_timer",
     },
     Phase.FINISHING: {
+        ReturnAsked: "_return_asked",
         FinalSaved: "_final_saved",
         BlobOffered: "_offered",
         BlobArrived: "_arrived",
     },
     Phase.DISTRIBUTING: {
+        ReturnAsked: "_return_asked",
         BlobOffered: "_offered",
         BlobArrived: "_arrived",
         HandedOver: "_handed_over",
         HandOverFailed: "_hand_over_failed",
         TimerFired: "_timer",
     },
-    Phase.DONE: {BlobOffered: "_offered", BlobArrived: "_arrived"},
+    Phase.DONE: {
+        ReturnAsked: "_return_asked",
+        BlobOffered: "_offered",
+        BlobArrived: "_arrived",
+    },
     Phase.FAILED: {},
 }
 """Which events each phase takes, and the method that decides; the rest are ignored."""
@@ -270,6 +291,13 @@ class CustodyMachine:
         self.ended_by: PeerId | None = None
         self.stop_reason: str | None = None
         self.excluded: DeadNotice | None = None
+        self.asks: dict[PeerId, ReturnRequest] = {}
+        """The latest return request of each member that asked (one per member)."""
+        self.asked = 0
+        """The counter of this member's own latest return request (0: none made)."""
+        self.returning = False
+        """This member asked to be taken back and has taken no model since: the next
+        model may come at any later lap (the ring went on without it)."""
         self._ids = 0
         self._final_origin: PeerId | None = None
         self._final_seal: bytes | None = None
@@ -355,6 +383,8 @@ class CustodyMachine:
             position = Position(copy.lap + 1, 0)
             self.holding, self.last_lap = position, position.lap
             return [Train(position, copy), Forget(copy)]
+        chain = self._taking_back(self.chain, copy)
+        ring = chain.ring
         if len(ring.live) < 2:
             return self._finish(copy, "members-lost", self.me)
         target, position = next_position(ring, self.me, copy)
@@ -365,13 +395,27 @@ class CustodyMachine:
             copy,
             target,
             position,
-            self.chain,
+            chain,
             now,
             self.provenance,
         )
         self.handovers[handover.id] = handover
         self.phase = Phase.HANDING
         return [self._send(handover)]
+
+    def _taking_back(self, chain: DeadChain, at: Position) -> DeadChain:
+        """``chain`` with every member that asked to return, and that this member now
+        precedes in the ring, taken back (:mod:`fedup.protocol.returns`)."""
+        if not self.asks or self.me in chain.dead:
+            return chain
+        asks = sorted(self.asks.values(), key=lambda r: r.peer.raw)
+        while True:
+            for request in asks:
+                if chain.may_take_back(self.me, request, limits=self.limits) is None:
+                    chain = chain.take_back(self._signer, request, at, limits=self.limits)
+                    break
+            else:
+                return chain
 
     def _send(self, h: _Handover) -> Send:
         return Send(
@@ -435,7 +479,7 @@ class CustodyMachine:
         """Adopt ``chain`` (an extension of ours) and report the notices new to us."""
         new = chain.notices[len(self.chain) :]
         self.chain = chain
-        return [Declared(n, n.claimer == self.me) for n in new]
+        return [_reported(n, n.claimer == self.me) for n in new]
 
     def _hand_over_failed(self, event: HandOverFailed, now: float) -> list[Action]:
         h = self.handovers.get(event.handover)
@@ -505,7 +549,7 @@ class CustodyMachine:
         if h.purpose == "final":
             return actions + self._next_final_target(h, now)
         cause: DeathCause = "unreachable" if f.kind is FailureKind.UNREACHABLE else "timed-out"
-        chain = h.chain.claim(self._signer, cause, h.copy)
+        chain = self._taking_back(h.chain.claim(self._signer, cause, h.copy), h.copy)
         ring = chain.ring
         if len(ring.live) < 2:
             del self.handovers[h.id]
@@ -536,6 +580,10 @@ class CustodyMachine:
             ]
         if name == WATCH:
             return self._watch_expired(now)
+        if name == ASK:
+            if not self.returning or self._ask is None:
+                return [self._ignored(event, "not asking to return")]
+            return [AskToReturn(self._ask), SetTimer(ASK, self.limits.return_interval)]
         if name.startswith("retry:"):
             h = self.handovers.get(int(name[6:]))
             if h is None:
@@ -553,7 +601,7 @@ class CustodyMachine:
                 Note("info", f"{kept.target} is not our successor any more; dropping our copy"),
                 *self._drop_kept(),
             ]
-        chain = self.chain.claim(self._signer, "timed-out", kept.copy)
+        chain = self._taking_back(self.chain.claim(self._signer, "timed-out", kept.copy), kept.copy)
         if len(chain.ring.live) < 2:
             return [Note("warning", f"{kept.target} is silent and no other member is left")]
         target, position = next_position(chain.ring, self.me, kept.copy)
@@ -638,10 +686,10 @@ class CustodyMachine:
             return None  # perhaps the same blob again (its ACK was lost): decided on its digest
         if self.phase in (Phase.FINISHING, Phase.DISTRIBUTING, Phase.DONE):
             return Refuse(sender, RefusalCode.FINISHED, "the run has ended here")
-        if self.phase is Phase.EXCLUDED:
+        if self.phase is Phase.EXCLUDED and not self.returning:
             return Refuse(sender, RefusalCode.OUT_OF_TURN, "excluded from the run here")
         notice = self.chain.notice_about(sender)
-        if notice is not None:
+        if notice is not None and epoch <= self.ring_epoch:  # a later epoch may take it back
             return self._excluded_refusal(sender, epoch, notice)
         if position.lap > last_lap(self.rule.max_laps) or (
             position.lap == last_lap(self.rule.max_laps) and position.hop != 0
@@ -657,13 +705,13 @@ class CustodyMachine:
                 RefusalCode.STALE,
                 f"{position} is not newer than lap {self.last_lap}, taken here",
             )
-        if position.lap != self.last_lap + 1:
+        if position.lap != self.last_lap + 1 and not self.returning:
             return Refuse(
                 sender,
                 RefusalCode.OUT_OF_TURN,
                 f"{position} is not the next lap here ({self.last_lap + 1})",
             )
-        if self.phase is not Phase.WAITING:  # our hand-over's ACK may still be on its way
+        if self.phase not in (Phase.WAITING, Phase.EXCLUDED):  # our ACK may be on its way
             return Refuse(sender, RefusalCode.BUSY, f"still holding the model of {self.holding}")
         return None
 
@@ -713,6 +761,12 @@ class CustodyMachine:
         self.holding = event.position
         self.source = event.sender
         self.phase = Phase.TRAINING
+        if self.returning:
+            self.returning = False
+            actions += [CancelTimer(ASK), CancelTimer(EXCLUDED_WAIT)]
+            if self.excluded is not None:
+                actions.append(Note("info", f"taken back into the run at {event.position}"))
+            self.excluded = None
         actions += self._drop_kept()  # it came round: the copy we handed on is obsolete
         for h in [h for h in self.handovers.values() if h.purpose == "resend"]:
             del self.handovers[h.id]  # so is handing it on again
@@ -860,9 +914,9 @@ class CustodyMachine:
     ) -> tuple[Refuse | None, HopChain | None]:
         """The blob's hop statements, checked: they extend ours and end with the
         statement of the member that made this state (:mod:`fedup.protocol.provenance`)."""
-        # Only a member counted as dead may see its own last statements dropped (the run
-        # did not keep them); anyone else's chain is extended, never cut back.
-        rewind = event.kind == "final" and chain.notice_about(self.me) is not None
+        # Only a member once counted as dead may see its own last statements dropped (the
+        # run did not keep them); anyone else's chain is extended, never cut back.
+        rewind = chain.was_dead(self.me)
         try:
             provenance = self.provenance.extend_with(
                 event.provenance, dead=chain, limits=self.limits, rewind=rewind
@@ -927,7 +981,64 @@ class CustodyMachine:
             self.holding = None
         actions += self._drop_kept()
         actions += [CancelTimer(WAIT), SetTimer(EXCLUDED_WAIT, self.limits.excluded_wait)]
+        return actions + self.ask_to_return()
+
+    # --- returning ------------------------------------------------------------------------
+
+    _ask: bytes | None = None
+    """This member's latest return request (repeated every ``return_interval``)."""
+
+    def ask_to_return(self) -> list[Action]:
+        """Ask the members to take this member back (after an exclusion, or a restart):
+        a new signed request, sent to every member and repeated until a model comes."""
+        earlier = self.chain.returns_of(self.me)
+        if earlier:
+            self.asked = max(self.asked, earlier[-1].request.counter)
+        self.asked += 1
+        self.returning = True
+        request = ReturnRequest.seal(self._signer, run_id=self.run_id, counter=self.asked)
+        self._ask = request.envelope
+        return [AskToReturn(request.envelope), SetTimer(ASK, self.limits.return_interval)]
+
+    def _return_asked(self, event: ReturnAsked, now: float) -> list[Action]:
+        r = event.request
+        if r.run_id != self.run_id or r.peer not in self.chain.ring or r.peer == self.me:
+            return [Refuse(r.peer, RefusalCode.BAD_CLAIM, "return request: not for this run")]
+        known = self.asks.get(r.peer)
+        if known is None or r.counter > known.counter:
+            self.asks[r.peer] = r
+        actions: list[Action] = [Note("info", f"{r.peer} asks to be taken back ({r.counter})")]
+        if self.phase in (Phase.DISTRIBUTING, Phase.DONE) and self._serves_final():
+            actions += self._send_final_to(r.peer, now)
         return actions
+
+    def _serves_final(self) -> bool:
+        """Whether this member holds the federation's final model to give a returner."""
+        return (
+            self._final_seal is not None
+            and self._final_chain is not None
+            and self.excluded is None
+            and self.stop_reason != "members-lost"
+        )
+
+    def _send_final_to(self, peer: PeerId, now: float) -> list[Action]:
+        if any(h.target == peer and h.kind == "final" for h in self.handovers.values()):
+            return []
+        assert self._final_chain is not None
+        h = _Handover(
+            self._new_id(),
+            "final-dead",
+            "final",
+            FINAL,
+            peer,
+            self._final_position(),
+            self.chain,
+            now,
+            self._final_chain,
+        )
+        self.handovers[h.id] = h
+        self.phase = Phase.DISTRIBUTING
+        return [Note("info", f"the run has ended: handing {peer} the final model"), self._send(h)]
 
     # --- finishing -----------------------------------------------------------------------
 
@@ -939,7 +1050,8 @@ class CustodyMachine:
         self.stop_reason = reason
         self._finish_copy = copy
         self._received_final = received
-        actions: list[Action] = [CancelTimer(WAIT), CancelTimer(WATCH)]
+        actions: list[Action] = [CancelTimer(WAIT), CancelTimer(WATCH), CancelTimer(ASK)]
+        self.returning = False
         if self.kept is not None and self.kept.copy != copy:
             actions.append(Forget(self.kept.copy))
             self.kept = None
@@ -1039,10 +1151,14 @@ class CustodyMachine:
     _finish_copy: Position = FINAL
     _received_final = False
 
+    _finished = False
+
     def _maybe_done(self) -> list[Action]:
         if self.phase is Phase.DISTRIBUTING and not self.handovers:
             self.phase = Phase.DONE
-            self._final_chain = None
+            if self._finished:
+                return []  # a final handed to a returner after the run
+            self._finished = True
             return [Finished()]
         return []
 
@@ -1051,11 +1167,19 @@ class CustodyMachine:
 
 
 def _trained_ring(chain: DeadChain, sender: PeerId, progress: Progress) -> Ring:
-    """The ring ``sender`` trained in: without the deaths it declared while handing on."""
+    """The ring ``sender`` trained in: without the deaths it declared (and the members
+    it took back) while handing on."""
     at = Position(progress.lap, progress.hop)
     notices = list(chain.notices)
     while notices and notices[-1].claimer == sender and notices[-1].at == at:
         notices.pop()
     if len(notices) == len(chain.notices):
-        return chain.ring  # no deaths declared on the way: the chain's own ring
-    return Ring(chain.members, frozenset(n.dead for n in notices))
+        return chain.ring  # no notices made on the way: the chain's own ring
+    return Ring(chain.members, dead_after(chain.members, notices))
+
+
+def _reported(notice: ChainNotice, ours: bool) -> Action:
+    """The action that reports ``notice``, new to this member."""
+    if isinstance(notice, ReturnNotice):
+        return Returned(notice, ours)
+    return Declared(notice, ours)

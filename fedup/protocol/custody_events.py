@@ -16,6 +16,7 @@ from fedup.protocol.laps import Position, Progress
 from fedup.protocol.notices import DeadNotice
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.refusal import RefusalCode
+from fedup.protocol.returns import ReturnNotice, ReturnRequest
 
 BlobKind: TypeAlias = Literal["model", "final"]
 INITIAL = Position(-1, -1)
@@ -157,6 +158,14 @@ class FinalSaved:
     """The driver saved the final model (after :class:`Finish`)."""
 
 
+@attrs.frozen
+class ReturnAsked:
+    """A member asks to be taken back (the driver verified that the request is signed
+    by the member that sent it: :mod:`fedup.protocol.returns`)."""
+
+    request: ReturnRequest
+
+
 Event: TypeAlias = (
     Begin
     | BlobOffered
@@ -168,6 +177,7 @@ Event: TypeAlias = (
     | PassedArrived
     | TimerFired
     | FinalSaved
+    | ReturnAsked
 )
 
 
@@ -241,6 +251,21 @@ class Declared:
 
 
 @attrs.frozen
+class Returned:
+    """``notice`` (a member taken back) is now part of the run's chain."""
+
+    notice: ReturnNotice
+    ours: bool
+
+
+@attrs.frozen
+class AskToReturn:
+    """Send ``request`` (this member's signed return request) to every other member."""
+
+    request: bytes
+
+
+@attrs.frozen
 class Excluded:
     """The others count this member as dead (``notice`` proves it); it trains no more."""
 
@@ -304,6 +329,8 @@ Action: TypeAlias = (
     | TellPassed
     | Forget
     | Declared
+    | Returned
+    | AskToReturn
     | Excluded
     | Finish
     | Finished

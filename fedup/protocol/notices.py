@@ -50,10 +50,13 @@ from fedup.protocol.envelope import Signer, open_envelope, seal_envelope
 from fedup.protocol.laps import Position
 from fedup.protocol.peer_id import RAW_SIZE, PeerId
 from fedup.protocol.refusal import RefusalCode
+from fedup.protocol.returns import NOTICE_TYPE as RETURN_TYPE
+from fedup.protocol.returns import ReturnError, ReturnNotice, ReturnRequest, max_chain_notices
 from fedup.protocol.ring import Ring
 from fedup.protocol.schema import FieldReader
 
 __all__ = [
+    "ChainNotice",
     "CustodyReceipt",
     "DeadChain",
     "DeadNotice",
@@ -116,6 +119,11 @@ class DeadNotice:
     envelope: bytes
 
     @property
+    def subject(self) -> PeerId:
+        """The member this notice is about."""
+        return self.dead
+
+    @property
     def digest(self) -> bytes:
         """What the next notice names as ``prev``."""
         return _digest(self.envelope, b"fedup-dead-note")
@@ -156,11 +164,15 @@ class DeadNotice:
         return cls(run_id, index, prev, signer.peer_id, dead, cause, at, envelope)
 
     @classmethod
-    def open(cls, data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> DeadNotice:
+    def open(
+        cls, data: bytes, *, limits: Limits = DEFAULT_LIMITS, max_index: int | None = None
+    ) -> DeadNotice:
         """Verify the signature and decode the fields; raises :class:`NoticeError`.
 
         The notice's place in a chain is :meth:`DeadChain.extend_with`'s to check.
         """
+        if max_index is None:
+            max_index = max_chain_notices(limits.max_members, limits)
         try:
             envelope = open_envelope(
                 data, domain=NOTICE_DOMAIN, payload_type=NOTICE_TYPE, max_size=MAX_SIGNED_SIZE
@@ -170,7 +182,7 @@ class DeadNotice:
                 "dead notice",
             )
             run_id = f.bytestr("run", size=RUN_ID_SIZE)
-            index = f.uint("index", max_value=limits.max_members)
+            index = f.uint("index", max_value=max_index)
             prev = f.bytestr("prev", size=DIGEST_SIZE)
             claimer = PeerId.from_bytes(f.bytestr("by", size=RAW_SIZE))
             dead = PeerId.from_bytes(f.bytestr("dead", size=RAW_SIZE))
@@ -193,20 +205,52 @@ def _uint_item(value: object, label: str) -> int:
     return value
 
 
+ChainNotice: TypeAlias = DeadNotice | ReturnNotice
+"""An entry of a run's chain: a member declared dead, or a member taken back."""
+
+
+def open_chain_notice(data: bytes, *, max_index: int, limits: Limits) -> ChainNotice:
+    """Verify and decode one chain entry of either kind; raises :class:`NoticeError`."""
+    try:
+        fields = cbor.decode(data, max_size=MAX_SIGNED_SIZE, max_depth=1)
+    except RemoteProtocolError as exc:
+        raise NoticeError(f"dead notice: {exc.reason}") from None
+    if isinstance(fields, dict) and fields.get("type") == RETURN_TYPE:
+        try:
+            return ReturnNotice.open(data, max_index=max_index)
+        except ReturnError as exc:
+            raise NoticeError(exc.reason) from None
+    return DeadNotice.open(data, limits=limits, max_index=max_index)
+
+
+def dead_after(members: Sequence[PeerId], notices: Sequence[ChainNotice]) -> frozenset[PeerId]:
+    """The members counted as dead after ``notices``, in order (a return undoes a death)."""
+    dead: set[PeerId] = set()
+    for n in notices:
+        if isinstance(n, DeadNotice):
+            dead.add(n.dead)
+        else:
+            dead.discard(n.back)
+    return frozenset(dead)
+
+
 @attrs.frozen
 class DeadChain:
-    """The members a run counts as dead, as the chain of notices that made them so."""
+    """The members a run counts as dead, as the chain of notices that made them so:
+    dead notices, and return notices that take a member back
+    (:mod:`fedup.protocol.returns`)."""
 
     run_id: bytes
     view_digest: bytes
     members: tuple[PeerId, ...]
     """The view's members in ring order."""
-    notices: tuple[DeadNotice, ...] = ()
+    notices: tuple[ChainNotice, ...] = ()
     _ring: Ring = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        dead = frozenset(n.dead for n in self.notices)
-        object.__setattr__(self, "_ring", Ring(self.members, dead))
+        object.__setattr__(
+            self, "_ring", Ring(self.members, dead_after(self.members, self.notices))
+        )
 
     @property
     def dead(self) -> frozenset[PeerId]:
@@ -230,7 +274,21 @@ class DeadChain:
         return len(self.notices)
 
     def notice_about(self, peer: PeerId) -> DeadNotice | None:
-        return next((n for n in self.notices if n.dead == peer), None)
+        """The notice that counts ``peer`` as dead now (None while it is live)."""
+        if peer not in self._ring.dead:
+            return None
+        for n in reversed(self.notices):
+            if isinstance(n, DeadNotice) and n.dead == peer:
+                return n
+        return None  # pragma: no cover - a dead member always has its notice
+
+    def was_dead(self, peer: PeerId) -> bool:
+        """Whether any notice ever declared ``peer`` dead (even if it was taken back)."""
+        return any(isinstance(n, DeadNotice) and n.dead == peer for n in self.notices)
+
+    def returns_of(self, peer: PeerId) -> tuple[ReturnNotice, ...]:
+        """The return notices that took ``peer`` back, in order."""
+        return tuple(n for n in self.notices if isinstance(n, ReturnNotice) and n.back == peer)
 
     def claim(self, signer: Signer, cause: DeathCause, at: Position) -> DeadChain:
         """The chain with a notice, signed by ``signer``, that its successor is dead.
@@ -255,6 +313,56 @@ class DeadChain:
         )
         return attrs.evolve(self, notices=(*self.notices, notice))
 
+    def may_take_back(
+        self, claimer: PeerId, request: ReturnRequest, *, limits: Limits = DEFAULT_LIMITS
+    ) -> str | None:
+        """Why ``claimer`` may not take ``request``'s member back now (None: it may)."""
+        ring = self.ring
+        back = request.peer
+        if request.run_id != self.run_id:
+            return f"the request is for run {request.run_id.hex()[:8]}"
+        if claimer not in ring.members or back not in ring.members:
+            return "it names a peer that is not a member"
+        if claimer in ring.dead:
+            return f"{claimer} is dead and cannot take anyone back"
+        if back not in ring.dead:
+            return f"{back} is not counted as dead"
+        earlier = self.returns_of(back)
+        if len(earlier) >= limits.max_returns:
+            return f"{back} came back {len(earlier)} times already (Limits.max_returns)"
+        if earlier and request.counter <= earlier[-1].request.counter:
+            return (
+                f"{back}'s request {request.counter} is not newer than the one used before "
+                f"({earlier[-1].request.counter})"
+            )
+        with_back = Ring(self.members, ring.dead - {back})
+        if with_back.successor(claimer) != back:
+            return f"only {back}'s live predecessor takes it back, not {claimer}"
+        return None
+
+    def take_back(
+        self,
+        signer: Signer,
+        request: ReturnRequest,
+        at: Position,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> DeadChain:
+        """The chain with a return notice, signed by ``signer``, that takes ``request``'s
+        member back; raises :class:`~fedup.errors.LocalProtocolError` if it may not."""
+        problem = self.may_take_back(signer.peer_id, request, limits=limits)
+        if problem is not None:
+            raise LocalProtocolError(f"cannot take {request.peer} back: {problem}")
+        notice = ReturnNotice.seal(
+            signer,
+            run_id=self.run_id,
+            index=len(self.notices),
+            prev=self.head,
+            request=request,
+            at=at,
+        )
+        return attrs.evolve(self, notices=(*self.notices, notice))
+
     def extend_with(
         self,
         envelopes: Sequence[bytes],
@@ -267,17 +375,20 @@ class DeadChain:
         The first ``len(self)`` envelopes must be this chain's, byte for byte;
         each further one must verify and fit its place: this run, the next
         index, the previous digest, a live member claiming its own successor
-        in the ring of the notices before it, and never naming ``receiver``
-        (pass None when a notice about the receiver is acceptable, as in a
-        final model sent to a member counted as dead).  Only the new notices'
-        signatures are checked.  Raises :class:`NoticeError` naming the first
-        problem; :class:`ChainBehindError` (a subclass) when ``envelopes`` is
-        a proper prefix of this chain: the sender has not learnt of some
-        deaths this member knows of.
+        in the ring of the notices before it (or taking back the dead member it
+        precedes, :meth:`may_take_back`), and the whole chain must leave
+        ``receiver`` live (pass None when a chain counting the receiver as dead
+        is acceptable, as in a final model sent to a member counted as dead).
+        Only the new notices' signatures are checked.  Raises
+        :class:`NoticeError` naming the first problem; :class:`ChainBehindError`
+        (a subclass) when ``envelopes`` is a proper prefix of this chain: the
+        sender has not learnt of some deaths this member knows of.
         """
-        if len(envelopes) > len(self.members):
+        bound = max_chain_notices(len(self.members), limits)
+        if len(envelopes) > bound:
             raise NoticeError(
-                f"dead chain of {len(envelopes)} notices for a view of {len(self.members)}"
+                f"chain of {len(envelopes)} notices for a view of {len(self.members)} "
+                f"(at most {bound})"
             )
         mine = self.envelopes
         shared = min(len(mine), len(envelopes))
@@ -291,17 +402,29 @@ class DeadChain:
             )
         chain = self
         for data in envelopes[len(mine) :]:
-            notice = DeadNotice.open(bytes(data), limits=limits)
-            chain._check_next(notice, receiver)
+            notice = open_chain_notice(bytes(data), max_index=bound, limits=limits)
+            chain._check_next(notice, limits)
             chain = attrs.evolve(chain, notices=(*chain.notices, notice))
+        if receiver is not None and len(chain) > len(self) and receiver in chain.dead:
+            last = chain.notice_about(receiver)
+            assert last is not None
+            raise NoticeError(
+                f"dead notice {last.index} declares the receiver itself dead ({last.describe()})"
+            )
         return chain
 
-    def _check_next(self, notice: DeadNotice, receiver: PeerId | None) -> None:
-        where = f"dead notice {len(self.notices)}"
+    def _check_next(self, notice: ChainNotice, limits: Limits) -> None:
+        kind = "return" if isinstance(notice, ReturnNotice) else "dead"
+        where = f"{kind} notice {len(self.notices)}"
         if notice.run_id != self.run_id:
             raise NoticeError(f"{where} is for run {notice.run_id.hex()[:8]}")
         if notice.index != len(self.notices) or notice.prev != self.head:
             raise NoticeError(f"{where} is out of place in the chain (index {notice.index})")
+        if isinstance(notice, ReturnNotice):
+            problem = self.may_take_back(notice.claimer, notice.request, limits=limits)
+            if problem is not None:
+                raise NoticeError(f"{where} ({notice.describe()}): {problem}")
+            return
         ring = self.ring
         if notice.claimer not in ring.members or notice.dead not in ring.members:
             raise NoticeError(f"{where} names a peer that is not a member")
@@ -314,14 +437,12 @@ class DeadChain:
                 f"{where}: {notice.claimer} may only declare its own successor "
                 f"{ring.successor(notice.claimer)} dead, not {notice.dead}"
             )
-        if receiver is not None and notice.dead == receiver:
-            raise NoticeError(f"{where} declares the receiver itself dead ({notice.describe()})")
 
 
 class ChainBehindError(NoticeError):
     """A blob's dead chain is a proper prefix of ours: its sender is behind."""
 
-    def __init__(self, reason: str, *, missing: tuple[DeadNotice, ...]) -> None:
+    def __init__(self, reason: str, *, missing: tuple[ChainNotice, ...]) -> None:
         super().__init__(reason)
         self.missing = missing
 

@@ -46,6 +46,7 @@ from fedup.protocol.notices import MAX_SIGNED_SIZE
 from fedup.protocol.peer_id import RAW_SIZE, PeerId
 from fedup.protocol.provenance import max_chain_bytes
 from fedup.protocol.refusal import RefusalCode
+from fedup.protocol.returns import max_chain_notices
 from fedup.protocol.schema import FieldReader, MessageError
 
 MAGIC = b"FUHP"
@@ -162,7 +163,9 @@ def decode_payload(
         )
         ring = f.raw("ring")
         digest = f.bytestr("view", size=DIGEST_SIZE)
-        chain = f.array("chain", _notice_item, max_items=limits.max_members)
+        chain = f.array(
+            "chain", _notice_item, max_items=max_chain_notices(limits.max_members, limits)
+        )
         origin = (
             PeerId.from_bytes(f.bytestr("origin", size=RAW_SIZE)) if f.optional("origin") else None
         )

@@ -83,9 +83,10 @@ from fedup.errors import LocalProtocolError, RemoteProtocolError
 from fedup.protocol import cbor
 from fedup.protocol.envelope import Signer, open_envelope, seal_envelope
 from fedup.protocol.laps import Position, last_lap, next_position
-from fedup.protocol.notices import MAX_SIGNED_SIZE, DeadChain, FinalSeal, SealError
+from fedup.protocol.notices import MAX_SIGNED_SIZE, DeadChain, FinalSeal, SealError, dead_after
 from fedup.protocol.peer_id import RAW_SIZE, PeerId
 from fedup.protocol.refusal import RefusalCode
+from fedup.protocol.returns import max_chain_notices
 from fedup.protocol.ring import Ring
 from fedup.protocol.schema import FieldReader, MessageError
 from fedup.protocol.view import SignedView, verify_view
@@ -174,7 +175,7 @@ def max_provenance_size(limits: Limits) -> int:
     """The largest ``provenance.cbor``: a view, a dead chain, a hop chain and a seal."""
     return (
         limits.max_message_size
-        + limits.max_members * (MAX_SIGNED_SIZE + 3)
+        + max_chain_notices(limits.max_members, limits) * (MAX_SIGNED_SIZE + 3)
         + max_chain_bytes(limits)
         + MAX_SIGNED_SIZE
         + 64
@@ -648,16 +649,18 @@ class _Walk:
         self.tail = chain.tail
         self.last_by = chain.last_by
         self._own_last_by = False
-        self._notices = sorted(((n.at, n.dead) for n in dead.notices), key=lambda x: x[0])
+        # In chain order, by position (a stable sort: notices at one position keep their
+        # order, so a death and the return after it fold in that order).
+        self._notices = sorted(dead.notices, key=lambda n: n.at)
         self._rings: dict[frozenset[PeerId], Ring] = {}
         if dead.members == self.rules.members:  # the dead chain's own ring, built once
             self._rings[dead.dead] = dead.ring
 
     def _ring_after(self, position: Position | None) -> Ring:
-        """The ring for the hop after ``position``: without those declared dead by then."""
-        dead = frozenset(
-            peer for at, peer in self._notices if position is not None and at <= position
-        )
+        """The ring for the hop after ``position``: without those counted as dead by
+        then (declared dead, and not taken back since)."""
+        notices = [] if position is None else [n for n in self._notices if n.at <= position]
+        dead = dead_after(self.rules.members, notices)
         ring = self._rings.get(dead)
         if ring is None:
             ring = self._rings[dead] = Ring(self.rules.members, dead)
@@ -821,7 +824,9 @@ def verify_provenance(
         if version != FILE_VERSION:
             raise f.fail("v", f"is {version}; this FedUp reads version {FILE_VERSION}")
         view_bytes = f.bytestr("view", max_size=limits.max_message_size)
-        dead_bytes = f.array("dead", _signed_item, max_items=limits.max_members)
+        dead_bytes = f.array(
+            "dead", _signed_item, max_items=max_chain_notices(limits.max_members, limits)
+        )
         hops = f.bytestr("hops", max_size=max_chain_bytes(limits))
         seal_bytes = f.bytestr("seal", max_size=MAX_SIGNED_SIZE)
         f.done()

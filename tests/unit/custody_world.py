@@ -26,6 +26,7 @@ from fedup.protocol.custody_events import (
     FINAL,
     INITIAL,
     Action,
+    AskToReturn,
     Begin,
     BlobArrived,
     BlobOffered,
@@ -46,6 +47,8 @@ from fedup.protocol.custody_events import (
     Note,
     PassedArrived,
     Refuse,
+    ReturnAsked,
+    Returned,
     Send,
     SetTimer,
     Take,
@@ -56,6 +59,7 @@ from fedup.protocol.custody_events import (
 )
 from fedup.protocol.laps import LapRecord, Position, Progress
 from fedup.protocol.peer_id import PeerId
+from fedup.protocol.returns import ReturnRequest
 
 VIEW = hashlib.sha256(b"view").digest()
 RUN = b"R" * 16
@@ -180,6 +184,8 @@ class PureRing:
         self.failed: dict[PeerId, str] = {}
         self.log: list[tuple[float, PeerId, Action]] = []
         self.trained: list[tuple[PeerId, Position]] = []
+        self.deliver_returns = True
+        """Whether a member's return requests reach the others (False: they are lost)."""
         self.crash_when: dict[tuple[PeerId, Position], str] = {}
         """Crash a member when it trains at a position: 'before' taking, or 'after' training."""
 
@@ -249,8 +255,14 @@ class PureRing:
             self.timers[(peer, a.name)] = self.now + a.seconds
         elif isinstance(a, CancelTimer):
             self.timers.pop((peer, a.name), None)
+        elif isinstance(a, AskToReturn):
+            if self.deliver_returns:
+                request = ReturnRequest.open(a.request)
+                for other in self.peers:
+                    if other != peer and other not in self.crashed:
+                        self.queue.append((other, ReturnAsked(request)))
         else:
-            assert isinstance(a, Take | Refuse | Declared | Excluded | Note | Ignored), a
+            assert isinstance(a, Take | Refuse | Declared | Returned | Excluded | Note | Ignored), a
 
     def _train(self, peer: PeerId, a: Train) -> None:
         position = a.position

@@ -34,6 +34,7 @@ from fedup.protocol.notices import (
     chain_genesis,
 )
 from fedup.protocol.refusal import RefusalCode
+from fedup.protocol.returns import max_chain_notices
 from fedup.protocol.ring import Ring
 
 IDS = sorted((Identity(bytes([i]) * 32) for i in range(1, 6)), key=lambda i: i.peer_id)
@@ -150,7 +151,7 @@ def test_notice_open_accepts_a_memoryview_and_keeps_bytes() -> None:
         (notice_bytes(by=M1.peer_id.raw), "signed by"),
         (notice_bytes(why="bored"), "cause 'bored'"),
         (notice_bytes(extra=1), "unknown field"),
-        (notice_bytes(index=DEFAULT_LIMITS.max_members + 1), "index"),
+        (notice_bytes(index=max_chain_notices(DEFAULT_LIMITS.max_members) + 1), "index"),
         (notice_bytes(run=b"R" * 15), "run"),
         (notice_bytes(prev=b"p" * 31), "prev"),
         (notice_bytes(dead=b"\0" * 38), "peer ID"),
@@ -399,8 +400,9 @@ def test_a_notice_about_the_receiver_is_refused_only_when_it_is_named() -> None:
 
 
 def test_a_chain_longer_than_the_view_is_refused_before_any_check() -> None:
-    junk = [b"junk"] * (len(MEMBERS) + 1)
-    with pytest.raises(NoticeError, match=f"of {len(MEMBERS) + 1} notices for a view of 5"):
+    bound = max_chain_notices(len(MEMBERS))  # every member dead, back and dead again
+    junk = [b"junk"] * (bound + 1)
+    with pytest.raises(NoticeError, match=f"of {bound + 1} notices for a view of 5"):
         empty_chain().extend_with(junk, receiver=None)
     # as many as the view is the limit; the junk is then what is refused
     with pytest.raises(NoticeError, match="dead notice") as info:

@@ -26,6 +26,7 @@ from fedup.protocol.payload import (
     payload_prefix,
 )
 from fedup.protocol.refusal import RefusalCode
+from fedup.protocol.returns import max_chain_notices
 
 ORIGIN = Identity(b"\x07" * 32).peer_id
 VIEW = hashlib.sha256(b"view").digest()
@@ -263,7 +264,10 @@ def test_a_chain_item_over_the_signed_size() -> None:
         (meta_map(view="text"), "'view' must be a byte string"),
         (meta_map(chain="notices"), "'chain' must be an array"),
         (meta_map(chain=[b"ok", 5]), r"chain\[1\]"),
-        (meta_map(chain=[b"n"] * (DEFAULT_LIMITS.max_members + 1)), "'chain' must have"),
+        (
+            meta_map(chain=[b"n"] * (max_chain_notices(DEFAULT_LIMITS.max_members) + 1)),
+            "'chain' must have",
+        ),
         (meta_map(origin=b"o" * 38), "peer ID"),
         (meta_map(origin=ORIGIN.raw[:-1]), "'origin' must be 38 bytes"),
         (meta_map(seal=b"s" * (MAX_SIGNED_SIZE + 1)), "'seal' must be at most"),
