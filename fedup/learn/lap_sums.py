@@ -130,6 +130,17 @@ class LapMasks:
             del self._masks[old]
         return mask
 
+    def export(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """The masks kept, by lap (for the run-state file)."""
+        return tuple(sorted(self._masks.items()))
+
+    def restore(self, masks: tuple[tuple[int, tuple[int, ...]], ...]) -> None:
+        """Take up masks saved before a restart (only well-formed ones: a wrong mask
+        would only spoil the lap's federated loss, which the head checks)."""
+        for lap, mask in masks[-KEPT_LAPS:]:
+            if len(mask) == SUMS_LEN and all(0 <= x < MODULUS for x in mask):
+                self._masks[lap] = mask
+
     def get(self, lap: int) -> tuple[int, ...] | None:
         """The mask this member put on ``lap``, or None if it did not open that lap."""
         return self._masks.get(lap)

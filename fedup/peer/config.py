@@ -78,6 +78,15 @@ class PeerConfig:
             return self.out_dir
         return self.resolved_state_dir() / "runs" / run_id.hex()
 
+    def run_state_path(self) -> Path | None:
+        """Where this peer saves its run to resume it after a restart: the state
+        directory's ``run-state.cbor``, when the identity comes from a state directory
+        or ``state_dir`` is given; None (nothing saved) for a peer given only an
+        identity (the simulator's peers, unless it gives them state directories)."""
+        if self.identity is not None and self.state_dir is None:
+            return None
+        return self.resolved_state_dir() / "run-state.cbor"
+
     def load_identity(self) -> Identity:
         if self.identity is not None:
             return self.identity

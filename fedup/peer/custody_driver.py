@@ -46,6 +46,7 @@ from fedup.net.timers import Timers
 from fedup.net.transport import DialError
 from fedup.peer import events as ev
 from fedup.peer.outputs import RunOutputs, RunSummary, federation_json
+from fedup.peer.run_state_file import RunStateFile
 from fedup.peer.tamper import OutgoingBlob, Tamper
 from fedup.peer.tasks import TaskBuilder
 from fedup.protocol import custody_events as ce
@@ -53,12 +54,14 @@ from fedup.protocol.blob import BlobHeader, BlobRefusedError
 from fedup.protocol.custody import CustodyMachine, StopRule
 from fedup.protocol.envelope import Signer
 from fedup.protocol.handshake import AbortCode, HandshakeError
-from fedup.protocol.laps import Position
-from fedup.protocol.messages import Message, Passed, encode_message
-from fedup.protocol.notices import FinalSeal
+from fedup.protocol.laps import Position, Progress
+from fedup.protocol.messages import Message, Passed, Return, encode_message
+from fedup.protocol.notices import DeadNotice, FinalSeal
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.provenance import provenance_file
 from fedup.protocol.refusal import RefusalCode
+from fedup.protocol.returns import ReturnError, ReturnRequest
+from fedup.protocol.run_state import Role, RunState, encode_run_state
 from fedup.protocol.view import SignedView
 
 __all__ = ["CustodyDriver", "RunError"]
@@ -116,6 +119,7 @@ class CustodyDriver:
         confirm: Confirm | None = None,
         tamper: Tamper | None = None,
         train_delay: float = 0.0,
+        state_file: RunStateFile | None = None,
     ) -> None:
         view = signed.view
         self.me = identity.peer_id
@@ -183,6 +187,15 @@ class CustodyDriver:
         self._after_ack: tuple[Position, RingState] | None = None
         self._final_file: tuple[RingState, list[memoryview], bytes] | None = None
         """A final state, the bytes of the model file made from it, and their SHA-256."""
+        self._state_file = state_file
+        self._saved_key: tuple[object, ...] | None = None
+        """What the run-state file last saved (phase, positions, counts): written again
+        when it changes."""
+        self._saved_state: tuple[int, Role, bytes] | None = None
+        """The ring state last saved: its object's id, its role and its encoding."""
+        self._held: RingState | None = None
+        """The state this member trains now (saved as ``held`` until it hands it on)."""
+        self._writes: trio.MemorySendChannel[bytes | None] | None = None
 
     @classmethod
     async def template_for(cls, builder: TaskBuilder, signed: SignedView) -> RingState:
@@ -203,6 +216,10 @@ class CustodyDriver:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._timers.run)
+            if self._state_file is not None and self._builder.in_thread:
+                send, receive = trio.open_memory_channel[bytes | None](math.inf)
+                self._writes = send
+                nursery.start_soon(self._write_states, receive)
             task_status.started()
             try:
                 await trio.sleep_forever()
@@ -243,11 +260,132 @@ class CustodyDriver:
         actions = self.machine.handle(event, trio.current_time())
         for action in actions:
             self._carry_out(action)
+        self._save_state()
         return actions
+
+    # --- the run-state file (fedup.peer.run_state_file) ---------------------------------
+
+    def _save_state(self) -> None:
+        """Write the run-state file again if custody changed (a blob taken, a hop
+        trained, a hand-over done, ``passed``, a notice learnt); delete it once the run
+        has ended here."""
+        if self._state_file is None:
+            return
+        m = self.machine
+        memory = m.memory()
+        if memory is None:
+            if m.phase in (ce.Phase.FINISHING, ce.Phase.DISTRIBUTING, ce.Phase.DONE):
+                if self._saved_key != ("ended",):
+                    self._saved_key = ("ended",)
+                    self._write(None)
+            return
+        kept = m.kept.copy if m.kept is not None else None
+        key = (m.phase, m.holding, kept, len(m.chain), m.provenance.count, m.asked, len(m.asks))
+        if key == self._saved_key:
+            return
+        self._saved_key = key
+        role, state, slot = self._state_to_save()
+        if state is None:
+            encoded = self._saved_state[2] if self._saved_state is not None else None
+        elif self._saved_state is not None and self._saved_state[:2] == (id(state), role):
+            encoded = self._saved_state[2]
+        else:
+            body = self._bodies.get(slot) if slot is not None else None
+            encoded = bytes(self.codec.encode(state, view=self.signed.digest, body=body))
+            self._saved_state = (id(state), role, encoded)
+        saved = RunState(
+            network=self._state_file.network,
+            peer=self.me,
+            out_dir=str(self.outputs.directory),
+            view=self.signed.envelope,
+            custody=memory,
+            state=encoded,
+            role=role if state is not None else "seen",
+            history=tuple(self._history[lap] for lap in sorted(self._history)),
+            masks=self._lap_masks.export(),
+            sent=self._counts.bytes_sent,
+            hops=self._counts.hops,
+        )
+        self._write(encode_run_state(saved))
+
+    def _state_to_save(self) -> tuple[Role, RingState | None, Position | None]:
+        """The ring state to save, its role, and its slot (None: keep the last saved)."""
+        m = self.machine
+        if m.phase is ce.Phase.TRAINING and self._held is not None:
+            return "held", self._held, None
+        if m.phase is ce.Phase.HANDING and m.holding is not None:
+            return "kept", self._slots.get(m.holding), m.holding
+        if m.kept is not None:
+            return "kept", self._slots.get(m.kept.copy), m.kept.copy
+        if m.phase is ce.Phase.READY:
+            return "seen", self.template, None
+        return "seen", None, None
+
+    def _write(self, data: bytes | None) -> None:
+        """Write ``data`` (None: delete the file), in order: inline in the simulator, in
+        a worker thread otherwise (the newest write wins; each is atomic)."""
+        assert self._state_file is not None
+        if self._writes is None:
+            self._write_now(data)
+        else:
+            self._writes.send_nowait(data)
+
+    def _write_now(self, data: bytes | None) -> None:
+        assert self._state_file is not None
+        try:
+            if data is None:
+                self._state_file.discard()
+            else:
+                self._state_file.save(data)
+        except OSError as exc:
+            log.error("cannot save the run state to %s: %s", self._state_file.path, exc)
+
+    async def _write_states(self, receive: trio.MemoryReceiveChannel[bytes | None]) -> None:
+        async with receive:
+            async for data in receive:
+                while True:  # only the newest of the writes queued meanwhile matters
+                    try:
+                        data = receive.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                await trio.to_thread.run_sync(self._write_now, data)
+
+    def resume(self, saved: RunState) -> None:
+        """Go on with the run saved before a restart (instead of :meth:`begin`)."""
+        self.begun = True
+        state = self.codec.decode(saved.state).state if saved.state is not None else None
+        seen = state.meta.progress() if state is not None else Progress.initial()
+        memory = saved.custody
+        self.machine.restore(memory, seen)
+        if state is not None and saved.role == "held":
+            self._slots[ce.RESUMED] = state
+        elif state is not None and saved.role == "kept":
+            slot = memory.kept.copy if memory.kept is not None else memory.holding
+            if slot is not None:
+                self._slots[slot] = state
+        self._history = {r.lap: r for r in saved.history}
+        self._lap_masks.restore(saved.masks)
+        self._counts.bytes_sent, self._counts.hops = saved.sent, saved.hops
+        for n in self.machine.chain.notices:
+            if n.subject in self.machine.chain.dead and isinstance(n, DeadNotice):
+                self._counts.dead[n.dead] = f"{n.cause} (declared by {n.claimer})"
+        self._saved_key = None
+        log.info(
+            "resuming run %s: %s at lap %d (saved in %s)",
+            self.run_id.hex()[:8],
+            memory.phase,
+            memory.last_lap,
+            self._state_file.path if self._state_file is not None else "memory",
+        )
+        self._events.emit(ev.Resumed(self.run_id, memory.phase))
+        for action in self.machine.resume(trio.current_time()):
+            self._carry_out(action)
+        self._save_state()
 
     def _carry_out(self, a: ce.Action) -> None:
         if isinstance(a, ce.Train):
             state = self._source_of(a)
+            self._held = state
             if a.source is None and self._taking and not self._builder.in_thread:
                 self._after_ack = (a.position, state)  # inline training after the ACK
             else:
@@ -269,8 +407,15 @@ class CustodyDriver:
             self._spawn(self._finish, a)
         elif isinstance(a, ce.Finished):
             self.close_summary()
-            self._slots.clear()  # the final model is saved and handed on: free its buffers
+            # Every other buffer is freed; the final state stays for a member that was
+            # restarted or cut off and asks for it (ReturnAsked after the run).
+            final, body = self._slots.get(ce.FINAL), self._bodies.get(ce.FINAL)
+            self._slots.clear()
             self._bodies.clear()
+            if final is not None:
+                self._slots[ce.FINAL] = final
+            if body is not None:
+                self._bodies[ce.FINAL] = body
             self._final_file = None
             self._done.set()
         elif isinstance(a, ce.Failed):
@@ -280,6 +425,11 @@ class CustodyDriver:
             self._done.set()
         elif isinstance(a, ce.Declared):
             self._declared(a)
+        elif isinstance(a, ce.Returned):
+            self._returned(a)
+        elif isinstance(a, ce.AskToReturn):
+            log.info("asking the members of run %s to take us back", self.run_id.hex()[:8])
+            self._spawn(self._ask_to_return, a.request)
         elif isinstance(a, ce.Excluded):
             log.warning(
                 "excluded from run %s: %s; training no more, waiting up to %g s for the "
@@ -340,6 +490,22 @@ class CustodyDriver:
             }
         )
         self._events.emit(ev.DeclaredDead(n.dead, n.claimer, n.cause, epoch))
+
+    def _returned(self, a: ce.Returned) -> None:
+        n = a.notice
+        epoch = self.view.epoch + n.index + 1
+        log.warning("%s took %s back (at %s); epoch now %d", n.claimer.short, n.back, n.at, epoch)
+        self._counts.dead.pop(n.back, None)
+        self.outputs.log(
+            {
+                "type": "returned",
+                "peer": n.back.text,
+                "by": n.claimer.text,
+                "at": [n.at.lap, n.at.hop],
+                "epoch": epoch,
+            }
+        )
+        self._events.emit(ev.TakenBack(n.back, n.claimer, epoch))
 
     # --- training ---------------------------------------------------------------------
 
@@ -589,8 +755,37 @@ class CustodyDriver:
     def _on_message(self, peer: PeerId, message: Message) -> None:
         if isinstance(message, Passed) and message.run_id == self.run_id:
             self.feed(ce.PassedArrived(peer, message.receipt))
+        elif isinstance(message, Return) and message.run_id == self.run_id:
+            try:
+                request = ReturnRequest.open(message.request)
+            except ReturnError as exc:
+                log.warning("refused a return request from %s: %s", peer, exc.reason)
+                return
+            if request.peer != peer:
+                log.warning(
+                    "refused a return request from %s: it is %s's request", peer, request.peer
+                )
+                return
+            self.feed(ce.ReturnAsked(request))
         else:
             log.warning("%s sent %r on a link; ignored", peer, message.TYPE)
+
+    async def _ask_to_return(self, request: bytes) -> None:
+        """Send our return request to every other member (each on its link, at once)."""
+        message = Return(self.run_id, request)
+        limits = self._limits
+
+        async def tell(peer: PeerId) -> None:
+            try:
+                with trio.fail_after(limits.handshake_timeout + limits.frame_timeout):
+                    await self._link(peer).send_message(message)
+            except (RemoteProtocolError, trio.TooSlowError, OSError) as exc:
+                log.info("could not ask %s to take us back: %s", peer, exc)
+
+        async with trio.open_nursery() as nursery:
+            for peer in self.members:
+                if peer != self.me:
+                    nursery.start_soon(tell, peer)
 
     def _admit(self, header: BlobHeader) -> None:
         kind = header.kind

@@ -36,6 +36,8 @@ __all__ = [
     "LifeChanged",
     "PeerEvent",
     "Refused",
+    "Resumed",
+    "TakenBack",
     "Training",
 ]
 
@@ -132,6 +134,24 @@ class DeclaredDead:
 
 
 @attrs.frozen
+class TakenBack:
+    """``peer``, counted as dead, was taken back into the run by ``by``."""
+
+    peer: PeerId
+    by: PeerId
+    epoch: int
+
+
+@attrs.frozen
+class Resumed:
+    """This peer was restarted and resumed its run from its saved state."""
+
+    run_id: bytes
+    phase: str
+    """Where it resumed: ``training`` (a hop it held), ``handing``, ``waiting``, ``done``."""
+
+
+@attrs.frozen
 class Excluded:
     by: PeerId
     why: str
@@ -168,6 +188,8 @@ PeerEvent = (
     | LapNoted
     | HandedOver
     | DeclaredDead
+    | TakenBack
+    | Resumed
     | Excluded
     | Refused
     | Finished

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from pathlib import Path
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Protocol
@@ -29,6 +30,7 @@ import attrs
 import trio
 
 from fedup.errors import ConfigError, FileError, PeerTimeoutError, RemoteProtocolError
+from fedup.files import make_dirs
 from fedup.identity import Identity
 from fedup.learn.task import Task
 from fedup.net.batches import batches
@@ -58,15 +60,17 @@ from fedup.peer import events as ev
 from fedup.peer.config import PeerConfig
 from fedup.peer.custody_driver import CustodyDriver, RunError
 from fedup.peer.formation_driver import FormationDriver, FormationError
-from fedup.peer.outputs import RunSummary, check_out_dir
+from fedup.peer.outputs import RUN_FILES, RunSummary, check_out_dir
 from fedup.peer.personal import personalize
+from fedup.peer.run_state_file import RunStateFile, Saved
 from fedup.peer.source import FixedTaskSource, TaskSource
 from fedup.peer.tamper import Tamper
 from fedup.peer.tasks import TaskBuilder
 from fedup.protocol.lifecycle import Life, Lifecycle
-from fedup.protocol.messages import Call, GetPeers, Link, decode_message
+from fedup.protocol.messages import Call, GetPeers, Link, Refuse, decode_message, encode_message
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.records import Address, PeerRecord, SignedPeerRecord, network_key_id, next_seq
+from fedup.protocol.refusal import RefusalCode
 from fedup.protocol.view import SignedView
 
 log = logging.getLogger("fedup.peer")
@@ -115,6 +119,21 @@ def _listen_error(address: Address, exc: OSError) -> ConfigError:
     return ConfigError(f"cannot listen on {address}: {why}; {fix}")
 
 
+def _saved_run(
+    config: PeerConfig, identity: Identity, *, simulated: bool
+) -> tuple[RunStateFile | None, Saved | None]:
+    """This peer's run-state file, and the run saved in it (None: none to resume).
+    Raises :class:`~fedup.errors.ConfigError` for a file it cannot use."""
+    path = config.run_state_path()
+    if path is None:
+        return None, None
+    make_dirs(path.parent)
+    state_file = RunStateFile(
+        path, identity.peer_id, config.network, config.limits, durable=not simulated
+    )
+    return state_file, state_file.load()
+
+
 class Peer:
     """One member of a federation; create it with :meth:`open`."""
 
@@ -157,6 +176,10 @@ class Peer:
         """Set only by a simulation that makes this member slow."""
         self._custody_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
+        self.state_file: RunStateFile | None = None
+        """Where this peer saves its run (None: it saves none)."""
+        self.saved: Saved | None = None
+        """The run this peer resumes (saved before it was stopped), if any."""
 
     @classmethod
     @asynccontextmanager
@@ -180,8 +203,11 @@ class Peer:
         :class:`~fedup.errors.FileError` for a state directory others can write.
         """
         identity = config.load_identity()
+        state_file, saved = _saved_run(config, identity, simulated=world is not None)
         if config.out_dir is not None:
-            check_out_dir(config.out_dir)
+            # A resumed run goes on writing into its own folder (its files are its own).
+            resumed = saved is not None and Path(saved.state.out_dir) == config.out_dir
+            check_out_dir(config.out_dir, outputs=() if resumed else RUN_FILES)
         else:
             check_out_dir(config.resolved_state_dir() / "runs", outputs=())
         source = task if isinstance(task, TaskSource) else FixedTaskSource(task)
@@ -192,6 +218,7 @@ class Peer:
             else TcpTransport(credentials, limits=config.limits)
         )
         self = cls(config, source, identity, transport)
+        self.state_file, self.saved = state_file, saved
         if world is not None:
             self.tamper = world.tamper_for(self.peer_id)
             self.formation.tamper = self.tamper
@@ -215,6 +242,7 @@ class Peer:
             listen = Address(world.new_host(), 0)
         elif config.loopback and listen.host == "0.0.0.0":
             listen = Address("127.0.0.1", listen.port)
+        listen = self._resumed_listen(listen, world)
         try:
             listener = await stack.enter_async_context(transport.listen(listen, self._handle))
         except OSError as exc:
@@ -229,7 +257,8 @@ class Peer:
         self._nursery = nursery
         for d in self.discoveries:
             nursery.start_soon(self._follow_discovery, d)
-        await nursery.start(self.formation.serve)
+        if self.saved is None:  # a resumed peer is in its run already: it forms nothing
+            await nursery.start(self.formation.serve)
         for d in self.discoveries:
             await d.announce(self.record)
         self._step("listening")
@@ -237,6 +266,27 @@ class Peer:
         stack.callback(self.events.close)
         stack.callback(nursery.cancel_scope.cancel)
         return self
+
+    def _resumed_listen(self, listen: Address, world: Environment | None) -> Address:
+        """Where a resumed peer listens: where the run's members know it (its record in
+        the saved view), so they reach it again; a port given explicitly is kept."""
+        if self.saved is None:
+            return listen
+        mine = next(m for m in self.saved.view.view.members if m.peer_id == self.peer_id)
+        addresses = mine.record.addresses
+        if not addresses:
+            return listen
+        if world is not None:
+            return addresses[0]
+        if listen.port not in (0, addresses[0].port):
+            log.warning(
+                "resuming on port %d, not %d where the run's members know this peer: they "
+                "reach it only if it is taken back at its new address",
+                listen.port,
+                addresses[0].port,
+            )
+            return listen
+        return Address(listen.host, addresses[0].port)
 
     async def _open_discovery(
         self, stack: AsyncExitStack, scope: NetworkScope, world: Environment | None
@@ -298,6 +348,8 @@ class Peer:
     async def _follow_discovery(self, discovery: Discovery) -> None:
         """Hand discovery's news to formation as it comes (no polling)."""
         events = discovery.subscribe()
+        if self.saved is not None:
+            return  # resumed: the members are the saved view's; nothing to form
         self.formation.candidates(discovery.peers().values())
         async with events:
             async for batch in batches(events):
@@ -379,7 +431,8 @@ class Peer:
             if current is None or current.record.seq < record.record.seq:
                 if current is not None or len(self._inbound) < 4 * limits.max_members:
                     self._inbound[remote] = record
-                    self.formation.candidate(record)
+                    if self.saved is None:
+                        self.formation.candidate(record)
             for d in self.discoveries:
                 if isinstance(d, BootstrapDiscovery):
                     d.observe_inbound(record)
@@ -400,6 +453,13 @@ class Peer:
         if isinstance(message, GetPeers):
             await answer_peer_list(framed, self.known_peers(), self.record, limits=limits)
         elif isinstance(message, Call):
+            if self.saved is not None:
+                run = self.saved.view.view.run_id.hex()[:8]
+                why = f"this peer is resuming run {run} and forms no other"
+                with trio.move_on_after(limits.close_notify_timeout):
+                    refusal = Refuse(message.run_id, RefusalCode.BUSY, why)
+                    await framed.send_frame(encode_message(refusal))
+                return
             await self.formation.on_call(framed, channel, message)
         elif isinstance(message, Link):
             try:
@@ -423,6 +483,13 @@ class Peer:
         view holds before the leader's commit arrives)."""
         if self.custody is not None:
             return self.custody if self.custody.run_id == run_id else None
+        if self.saved is not None:  # resumed: take the link once the run is taken up
+            if (
+                run_id != self.saved.view.view.run_id
+                or remote not in self.saved.view.view.member_ids
+            ):
+                return None
+            return await self._custody_for(self.saved.view)
         joined = self.formation.result
         if joined is not None and joined.view.run_id == run_id:
             # Formed, and our custody is still being built (its template): wait for it.
@@ -453,6 +520,7 @@ class Peer:
                 confirm=self.formation.ring_blob,
                 tamper=self.tamper,
                 train_delay=self.train_delay,
+                state_file=self.state_file,
             )
             for member in signed.view.members:  # their connections keep reserved slots
                 for address in member.record.addresses:
@@ -460,6 +528,9 @@ class Peer:
             assert self._nursery is not None
             await self._nursery.start(custody.serve)
             self.custody = custody
+            saved = self.saved
+            if saved is not None and saved.view.view.run_id == signed.view.run_id:
+                custody.resume(saved.state)
             return custody
 
     def _step(self, step: str) -> None:
@@ -483,6 +554,8 @@ class Peer:
         if the run fails here, and :class:`~fedup.errors.FileError` if the output
         folder cannot be used (see :class:`~fedup.peer.outputs.RunOutputs`).
         """
+        if self.saved is not None:
+            return await self._resume(self.saved)
         try:
             membership = await self.formation.form()
         except FormationError as exc:
@@ -500,6 +573,23 @@ class Peer:
         custody = await self._custody_for(membership.signed)
         self.events.watch(self._on_event)
         custody.begin()
+        return await self._finish_run(custody)
+
+    async def _resume(self, saved: Saved) -> RunSummary:
+        """Go on with the run saved before this peer was stopped (no new formation)."""
+        self._step("joined")
+        view = saved.view.view
+        addresses = tuple(m.record.addresses for m in view.members)
+        self.events.emit(
+            ev.Formed(
+                view.run_id, view.epoch, view.leader, view.member_ids, addresses, view.settings
+            )
+        )
+        self.events.watch(self._on_event)
+        custody = await self._custody_for(saved.view)  # resumed there, once
+        return await self._finish_run(custody)
+
+    async def _finish_run(self, custody: CustodyDriver) -> RunSummary:
         try:
             summary = await custody.run()
             summary = await personalize(

@@ -51,6 +51,7 @@ makes anyone dead.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Literal, TypeAlias
 
@@ -61,6 +62,7 @@ from fedup.errors import LocalProtocolError
 from fedup.protocol.custody_events import (
     FINAL,
     INITIAL,
+    RESUMED,
     Action,
     AskToReturn,
     Begin,
@@ -115,10 +117,14 @@ from fedup.protocol.notices import (
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.provenance import ChainRules, HopChain, ProvenanceError
 from fedup.protocol.refusal import RefusalCode
-from fedup.protocol.returns import ReturnNotice, ReturnRequest
+from fedup.protocol.returns import ReturnError, ReturnNotice, ReturnRequest
 from fedup.protocol.ring import Ring, ring_order
+from fedup.protocol.run_state import CustodyMemory, Kept
+from fedup.protocol.run_state import Taken as MemoryTaken
 
 __all__ = ["TRANSITIONS", "CustodyMachine", "StopRule"]
+
+_RESUMABLE = (Phase.READY, Phase.WAITING, Phase.TRAINING, Phase.HANDING, Phase.EXCLUDED)
 
 RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
 """Seconds before each retry of a refused or broken hand-over (the last one repeats)."""
@@ -319,6 +325,83 @@ class CustodyMachine:
         handler = getattr(self, name)
         actions: list[Action] = handler(event, now)
         return actions
+
+    # --- a restart -----------------------------------------------------------------------
+
+    def memory(self) -> CustodyMemory | None:
+        """What this machine needs to go on after a restart; None once the run has ended
+        here (or failed): a finished member keeps its outputs, not its run state."""
+        if self.phase not in _RESUMABLE:
+            return None
+        k, t = self.kept, self.taken
+        return CustodyMemory(
+            phase=self.phase.value,
+            last_lap=self.last_lap,
+            received=self._received,
+            chain=self.chain.envelopes,
+            provenance=bytes(self.provenance.data),
+            holding=self.holding,
+            source=self.source,
+            kept=Kept(k.copy, k.target, k.position) if k is not None else None,
+            taken=(
+                MemoryTaken(t.sender, t.kind, t.position, t.digest, t.receipt)
+                if t is not None
+                else None
+            ),
+            asked=self.asked,
+            asks=tuple(r.envelope for r in self.asks.values()),
+        )
+
+    def restore(self, memory: CustodyMemory, seen: Progress) -> None:
+        """Take up ``memory`` (this run's, saved by this member before a restart) in a
+        machine just made; ``seen`` is the progress of the state saved with it.  Raises
+        :class:`~fedup.errors.LocalProtocolError` for a memory that does not fit this run
+        (its chain or statements do not verify: a file changed by hand or corrupted)."""
+        if self.phase is not Phase.READY:
+            raise LocalProtocolError("only a machine that has not begun takes up a memory")
+        try:
+            chain = self.chain.extend_with(memory.chain, receiver=None, limits=self.limits)
+            provenance = self.provenance.extend_with(
+                memory.provenance, dead=chain, limits=self.limits, rewind=True
+            )
+        except (NoticeError, ProvenanceError) as exc:
+            raise LocalProtocolError(f"the saved run does not verify: {exc.reason}") from None
+        self.chain, self.provenance = chain, provenance
+        self.phase = Phase(memory.phase)
+        self.last_lap, self._received, self.seen = memory.last_lap, memory.received, seen
+        self.holding, self.source, self.asked = memory.holding, memory.source, memory.asked
+        if memory.kept is not None:
+            k = memory.kept
+            self.kept = _Kept(k.copy, k.target, k.position, provenance)
+        if memory.taken is not None:
+            t = memory.taken
+            self.taken = _Taken(t.sender, t.kind, t.position, t.digest, t.receipt)
+        for data in memory.asks:
+            with contextlib.suppress(ReturnError):
+                request = ReturnRequest.open(data)
+                if request.run_id == self.run_id and request.peer in chain.ring:
+                    self.asks[request.peer] = request
+        self.excluded = chain.notice_about(self.me)
+
+    def resume(self, now: float) -> list[Action]:
+        """What to do after :meth:`restore`: train the hop held again, hand on the state
+        trained, watch the copy kept, and ask to be taken back if this member waits (it
+        may have been counted as dead while it was down)."""
+        phase = self.phase
+        if phase is Phase.READY:
+            return self._begin(Begin(), now)
+        if phase is Phase.TRAINING:
+            assert self.holding is not None, "a member training holds a position"
+            return [Train(self.holding, RESUMED)]
+        if phase is Phase.HANDING:
+            assert self.holding is not None, "a member handing on holds a position"
+            return self._forward(self.holding, now)
+        if phase is Phase.EXCLUDED:
+            return [SetTimer(EXCLUDED_WAIT, self.limits.excluded_wait), *self.ask_to_return()]
+        actions: list[Action] = [self._wait_timer()]
+        if self.kept is not None:
+            actions.append(SetTimer(WATCH, self.limits.hop_timeout))
+        return actions + self.ask_to_return()
 
     # --- starting and training ---------------------------------------------------------------
 

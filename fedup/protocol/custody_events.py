@@ -23,6 +23,8 @@ INITIAL = Position(-1, -1)
 """The copy slot of the initial model (what the lowest member trains at lap 0 hop 0)."""
 FINAL = Position(-2, -2)
 """The copy slot of the final model."""
+RESUMED = Position(-3, -3)
+"""The slot of the state a restarted member held when it stopped (it trains it again)."""
 
 
 class Phase(enum.Enum):

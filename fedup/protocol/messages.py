@@ -270,6 +270,24 @@ class Passed:
 
 
 @attrs.frozen
+class Return:
+    """A member counted as dead asks to be taken back into run ``run_id``: ``request`` is
+    its signed return request (:class:`fedup.protocol.returns.ReturnRequest`), sent on a
+    link to every member."""
+
+    TYPE: ClassVar[str] = "return"
+    run_id: bytes
+    request: bytes
+
+    def fields(self) -> dict[str, Any]:
+        return {"run": self.run_id, "ask": self.request}
+
+    @classmethod
+    def read(cls, f: FieldReader, limits: Limits) -> Return:
+        return cls(f.bytestr("run", size=RUN_ID_SIZE), f.bytestr("ask", max_size=MAX_REQUEST))
+
+
+@attrs.frozen
 class GetPeers:
     """Ask a peer for the verified peer records it knows (the bootstrap exchange)."""
 
@@ -298,6 +316,8 @@ class PeerList:
         return cls(tuple(f.array("records", _envelope_item, max_items=MAX_PEER_LIST)))
 
 
+MAX_REQUEST = 256
+"""Largest return request envelope (:data:`fedup.protocol.returns.MAX_REQUEST_SIZE`)."""
 MAX_PEER_LIST = 256
 """Records in one PeerList (equal to the default member limit)."""
 
@@ -319,6 +339,7 @@ Message = (
     | Refuse
     | Link
     | Passed
+    | Return
     | GetPeers
     | PeerList
 )
@@ -335,6 +356,7 @@ _TYPES: dict[str, Any] = {
         Refuse,
         Link,
         Passed,
+        Return,
         GetPeers,
         PeerList,
     )

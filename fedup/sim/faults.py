@@ -22,11 +22,18 @@ class Kill:
 
     If ``peer`` is the member that trained it, it dies holding the model,
     before handing it on; otherwise it dies while another member holds it.
+    With ``restart_after``, the peer is started again that many seconds later, with
+    the same identity and state directory (it resumes its run from its run-state
+    file: docs/reliability.md).
     """
 
     peer: int
     lap: int
     hop: int
+    restart_after: float | None = None
+    training: bool = False
+    """Die while training that hop itself (``peer`` must be the member at that
+    position), before it ends: the hop's work is lost, not its model."""
 
 
 @attrs.frozen

@@ -124,6 +124,8 @@ class PeerOutcome:
     bytes_received: int
     hops: int
     """Training hops it did."""
+    restarts: int = 0
+    """Times it was killed and started again (it resumed its run each time)."""
 
 
 @attrs.frozen(eq=False)
@@ -293,7 +295,11 @@ class _Simulation:
         self.marks: list[LapMark] = []
         self.triggers: dict[tuple[int, int], list[Kill | Drop]] = {}
         faulty: list[Kill | Drop] = [*faults.kills, *faults.drops]
+        self.training_kills: dict[tuple[int, int, int], Kill] = {}
         for fault in faulty:
+            if isinstance(fault, Kill) and fault.training:
+                self.training_kills[(fault.peer, fault.lap, fault.hop)] = fault
+                continue
             if isinstance(fault, Drop) and fault.lap is None:
                 self.network.arm_drop(fault.src, fault.dst, fault.after_bytes)
                 continue
@@ -307,9 +313,20 @@ class _Simulation:
         self._all_settled = trio.Event()
         self._end_clock = 0.0
         self._end_wall = 0.0
+        self.restarting: set[int] = set()
+        """Peers killed that will be started again (not settled meanwhile)."""
+        self.restarts = [0] * n
+        self._persist = any(k.restart_after is not None for k in faults.kills)
+        """Peers save their run (run-state files) only when some will be restarted."""
+        self._nursery: trio.Nursery | None = None
 
     def on_event(self, index: int, peer: PeerId, at: float, event: ev.PeerEvent) -> None:
         """Peer ``index`` reported ``event`` (called at once, in that peer's task)."""
+        if isinstance(event, ev.Training):
+            kill = self.training_kills.pop((index, event.lap, event.hop), None)
+            if kill is not None:
+                self._kill(kill)
+            return
         if not isinstance(event, ev.HopTrained):
             return
         lap = event.lap
@@ -328,9 +345,7 @@ class _Simulation:
             )
         for fault in self.triggers.pop((event.lap, event.hop), []):
             if isinstance(fault, Kill):
-                log.info("killing peer %d after lap %d hop %d", fault.peer, fault.lap, fault.hop)
-                self.errors[fault.peer] = "killed"
-                self.scopes[fault.peer].cancel()
+                self._kill(fault)
             else:
                 self.network.arm_drop(fault.src, fault.dst, fault.after_bytes)
 
@@ -340,6 +355,7 @@ class _Simulation:
         deadline = self.settings.deadline
         with trio.move_on_after(math.inf if deadline is None else deadline) as scope:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 for i in range(len(self.sources)):
                     nursery.start_soon(self._peer, i)
                 await self._all_settled.wait()
@@ -356,8 +372,30 @@ class _Simulation:
                     self.errors[i] = "deadline"
         return self._result()
 
+    def _kill(self, fault: Kill) -> None:
+        when = "while training" if fault.training else "after"
+        log.info("killing peer %d %s lap %d hop %d", fault.peer, when, fault.lap, fault.hop)
+        self.errors[fault.peer] = "killed"
+        if fault.restart_after is not None:
+            self.restarting.add(fault.peer)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._restart, fault.peer, fault.restart_after)
+        self.scopes[fault.peer].cancel()
+
+    async def _restart(self, i: int, delay: float) -> None:
+        """Start killed peer ``i`` again after ``delay`` s (its task has ended by then)."""
+        await trio.sleep(delay)
+        log.info("restarting peer %d", i)
+        self.restarts[i] += 1
+        self.errors[i] = None
+        self.scopes[i] = trio.CancelScope()
+        self.restarting.discard(i)
+        await self._peer(i)
+
     def _settle(self, i: int) -> None:
-        """Peer ``i`` has finished, failed or died."""
+        """Peer ``i`` has finished, failed or died (and is not to be restarted)."""
+        if i in self.restarting:
+            return
         if not self._settled[i]:
             self._settled[i] = True
             if all(self._settled):
@@ -374,6 +412,7 @@ class _Simulation:
             run=self.run_settings,
             limits=self.settings.limits,
             run_id=hashlib.sha256(f"fedup-sim-run:{self.settings.seed}".encode()).digest()[:16],
+            state_dir=self._out_dir(i) / "state" if self._persist else None,
         )
         try:
             with self.scopes[i]:
@@ -421,6 +460,7 @@ class _Simulation:
                     bytes_sent=self.network.bytes[str(i)],
                     bytes_received=self.network.bytes[f"{i}:received"],
                     hops=self.hops[i],
+                    restarts=self.restarts[i],
                 )
             )
         done = [o for o in outcomes if o.summary is not None]

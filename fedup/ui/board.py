@@ -291,6 +291,12 @@ class RunBoard:
         self._member(peer).dead = cause
         self._changed()
 
+    def taken_back(self, peer: str) -> None:
+        member = self._member(peer)
+        member.dead = None
+        member.excluded = None
+        self._changed()
+
     def excluded(self, peer: str, why: str) -> None:
         self._member(peer).excluded = why
         self._changed()

@@ -55,6 +55,8 @@ def apply(board: RunBoard, peer: PeerId, event: ev.PeerEvent) -> None:
         board.lap_noted(LapPoint(event.lap, event.loss, event.accuracy, event.auc, event.samples))
     elif isinstance(event, ev.DeclaredDead):
         board.declared_dead(event.dead.text, event.cause)
+    elif isinstance(event, ev.TakenBack):
+        board.taken_back(event.peer.text)
     elif isinstance(event, ev.Excluded):
         board.excluded(me, event.why)
     elif isinstance(event, ev.Finished):
