@@ -68,6 +68,7 @@ from fedup.state_lock import hold_state_dir
 if TYPE_CHECKING:
     import torch
 
+    from fedup.identity import Identity
     from fedup.peer import Peer, PeerConfig
     from fedup.peer.outputs import RunSummary
     from fedup.ui.board import RunBoard
@@ -137,6 +138,9 @@ SETTINGS = [
             shown="off"),
     Setting("loopback", _flag, False, "mDNS and TCP on 127.0.0.1 only (peers on one host)",
             flag=True, shown="off"),
+    Setting("fresh", _flag, False, "start a new run even if this state dir holds an "
+            "interrupted one (without it, start resumes that run); the interrupted run's "
+            "state file is moved into its run folder, never deleted", flag=True),
     Setting("ui", ui_address, None, "serve the read-only federation page on [HOST:]PORT; "
             "HOST defaults to 127.0.0.1 (this machine only), port 0 picks a free one",
             shown="off"),
@@ -283,7 +287,9 @@ def _run(
         source = TabularSource.from_csv(values["data"], values["target"], **table_options)
     else:
         source = TabularSource.synthetic(identity.peer_id.text, state_dir / "data", **table_options)
-    config = attrs.evolve(config, identity=identity)
+    config = attrs.evolve(config, identity=identity, state_dir=state_dir)
+    if values["fresh"]:
+        _set_aside(config, identity)
     board = RunBoard(me=identity.peer_id.text)
 
     def folder() -> Path | None:
@@ -315,6 +321,24 @@ def _run(
         return exit_code(summary)
 
     return trio.run(main)
+
+
+def _set_aside(config: PeerConfig, identity: Identity) -> None:
+    """``--fresh``: move an interrupted run's state file into that run's folder (or,
+    if it cannot be read, into the state dir's ``runs`` folder) and say where."""
+    from fedup.peer.run_state_file import RunStateFile
+
+    path = config.run_state_path()
+    if path is None or not path.exists():
+        return
+    state_file = RunStateFile(path, identity.peer_id, config.network, config.limits)
+    try:
+        saved = state_file.load()
+        folder = Path(saved.state.out_dir) if saved is not None else None
+    except ConfigError:
+        folder = None
+    moved = state_file.set_aside(folder or config.resolved_state_dir() / "runs")
+    log.warning("--fresh: the interrupted run's state was moved to %s; starting a new run", moved)
 
 
 async def _serve_page(

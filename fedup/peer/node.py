@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import errno
 import logging
-from pathlib import Path
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Protocol
 
 import attrs
