@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,24 +86,33 @@ def peer_env() -> dict[str, str]:
     return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-def start(netns: Netns, host: Host, *options: str) -> subprocess.Popen[bytes]:
+def start(
+    netns: Netns, host: Host, *options: str, log: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """``fedup-peer start`` on ``host``; its output goes to ``log`` (default ``<state>/start``)
+    ``.out`` and ``.err``."""
     argv = [sys.executable, "-m", "fedup.cli", "start", "--state-dir", str(host.state)]
     argv += ["--data", str(host.data), *QUICK, *options]
-    return netns.spawn(host.ns, argv, log=host.state / "start", env=peer_env())
+    return netns.spawn(host.ns, argv, log=log or host.state / "start", env=peer_env())
 
 
 def finish(
-    procs: list[tuple[Host, subprocess.Popen[bytes]]], timeout: float = TIMEOUT
+    procs: list[tuple[Host, subprocess.Popen[bytes]]],
+    timeout: float = TIMEOUT,
+    *,
+    logs: Mapping[Host, Path] | None = None,
 ) -> list[Result]:
-    """Wait for every process (all within ``timeout`` s) and collect what each printed."""
+    """Wait for every process (all within ``timeout`` s) and collect what each printed
+    (into ``<state>/start``, or the ``log`` a host has in ``logs``)."""
     deadline = time.monotonic() + timeout
     while any(p.poll() is None for _, p in procs) and time.monotonic() < deadline:
         time.sleep(0.2)
     results = []
     late = []
     for host, proc in procs:
-        out = (host.state / "start.out").read_text(errors="replace")
-        err = (host.state / "start.err").read_text(errors="replace")
+        log = (logs or {}).get(host, host.state / "start")
+        out = Path(f"{log}.out").read_text(errors="replace")
+        err = Path(f"{log}.err").read_text(errors="replace")
         code = proc.poll()
         if code is None:
             late.append(f"\n--- {host.ns} ({host.address}):\n" + "\n".join(err.splitlines()[-25:]))
