@@ -923,6 +923,7 @@ class CustodyMachine:
             position=pos,
             sender_position=_trained_ring(chain, sender, event.progress).position(sender),
             rule=self.rule,
+            returning=self.returning,
         )
         if problem is not None:
             return Refuse(sender, RefusalCode.BAD_META, problem), None

@@ -60,6 +60,8 @@ def new_records(seen: Progress, claimed: Progress) -> tuple[LapRecord, ...] | st
             return f"the result of lap {old.lap} was rewritten"
     newest = seen.history[-1].lap if seen.history else None
     if newest is None:
+        if first is not None and first > -1:  # results begin at lap -1 (the initial model)
+            return "gap"
         fresh = claimed.history
     else:
         fresh = tuple(r for r in claimed.history if r.lap > newest)
@@ -91,8 +93,14 @@ def check_model_progress(
     position: Position,
     sender_position: int,
     rule: StopRule,
+    returning: bool = False,
 ) -> str | None:
-    """Check a model blob's progress; ``position`` is where the receiver is to train it."""
+    """Check a model blob's progress; ``position`` is where the receiver is to train it.
+
+    A ``returning`` member (taken back after missing laps) cannot replay the stopping
+    state across results it never saw: across such a gap it checks only that the rule
+    does not hold (the next member checks the state again against its own history).
+    """
     if claimed.done:
         return "the metadata says the run has ended, but this is not a final model"
     trained_lap = position.lap - 1 if position.hop == 0 else position.lap
@@ -107,11 +115,16 @@ def check_model_progress(
     if claimed.judged_lap > trained_lap:
         return f"judged lap {claimed.judged_lap} lies in the future of lap {trained_lap}"
     fresh = new_records(seen, claimed)
-    if isinstance(fresh, str):
+    if fresh == "gap" and returning:
+        fresh = ()
+        expected = claimed.stop
+    elif isinstance(fresh, str):
         return "the history has a gap" if fresh == "gap" else fresh
+    else:
+        expected = _replay(seen, fresh, rule)
     if any(r.lap > claimed.judged_lap for r in fresh):
         return "a lap result is newer than the last judged lap"
-    problem = _stop_matches(_replay(seen, fresh, rule), claimed.stop)
+    problem = _stop_matches(expected, claimed.stop)
     if problem is not None:
         return problem
     if claimed.judged_lap > seen.judged_lap and claimed.stop.holds(

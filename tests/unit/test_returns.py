@@ -12,7 +12,8 @@ from fedup.config import DEFAULT_LIMITS
 from fedup.errors import LocalProtocolError
 from fedup.identity import Identity
 from fedup.protocol.custody_events import Excluded, ReturnAsked, Returned, Send, Train
-from fedup.protocol.laps import Position
+from fedup.protocol.custody_rules import StopRule, check_model_progress
+from fedup.protocol.laps import LapRecord, Position, Progress, StopState
 from fedup.protocol.notices import DeadChain, DeadNotice, NoticeError
 from fedup.protocol.returns import ReturnError, ReturnNotice, ReturnRequest
 from tests.unit.custody_world import PureRing
@@ -184,3 +185,24 @@ def test_a_request_for_another_run_is_refused_and_not_kept() -> None:
                                                           counter=1)))  # fmt: skip
     assert [type(x).__name__ for x in actions] == ["Refuse"]
     assert ring.machines[a].asks == {}
+
+
+# --- the stopping state across laps a returner missed ----------------------------------
+
+
+def _records(laps: range) -> tuple[LapRecord, ...]:
+    return tuple(LapRecord(lap, 1.0 / (lap + 3), 0.5, 0.5, 100, 1000 * (lap + 2)) for lap in laps)
+
+
+def test_a_returner_accepts_a_history_with_a_gap_and_others_do_not() -> None:
+    rule = StopRule(patience=20, tolerance=1e-3, max_laps=30)
+    seen = Progress.initial()  # it saw no lap result before it was counted as dead
+    stop = StopState()
+    for record in _records(range(-1, 12)):
+        stop, _ = stop.judge(record, tolerance=rule.tolerance)
+    claimed = Progress(12, 1, False, 11, stop, _records(range(4, 12)))  # a window of 8
+    kwargs = {"position": Position(12, 2), "sender_position": 1, "rule": rule}
+    assert check_model_progress(seen, claimed, **kwargs) == "the history has a gap"  # type: ignore[arg-type]
+    assert check_model_progress(seen, claimed, returning=True, **kwargs) is None  # type: ignore[arg-type]
+    ended = attrs.evolve(claimed, stop=StopState(0, 0.3, 0.3, 25))  # the rule holds: not ended
+    assert "holds" in (check_model_progress(seen, ended, returning=True, **kwargs) or "")  # type: ignore[arg-type]
