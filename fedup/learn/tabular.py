@@ -718,9 +718,11 @@ def split(table: Table, *, val_fraction: float = 0.2, seed: int = 0) -> tuple[Ta
     Each label's rows (a multi-class table: each class's; a regression table: all
     rows as one group) are shuffled with ``numpy.random.default_rng(seed)`` and
     ``round(val_fraction * count)`` of them go to validation; both parts keep the
-    table's row order.  A multi-class or regression table of at least 2 rows whose
-    groups are all too small to give one (5 rows of 5 classes, say) gives its first
-    row in a shuffled order, so it has a validation loss.
+    table's row order.  A multi-class or regression table whose groups are all too
+    small to give one (5 rows of 4 classes, say) gives one row of its largest group
+    when that group has 2 rows or more (so every class keeps a training row, and is
+    in the summary of the training split the member shares), so it has a validation
+    loss.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -735,8 +737,9 @@ def split(table: Table, *, val_fraction: float = 0.2, seed: int = 0) -> tuple[Ta
         k = round(val_fraction * len(idx))
         val.append(rng.permutation(idx)[:k])
     chosen = np.concatenate(val)
-    if table.task != BINARY and not len(chosen) and val_fraction > 0 and table.n_rows >= 2:
-        chosen = rng.permutation(table.n_rows)[:1]
+    largest = max(groups, key=len)
+    if table.task != BINARY and not len(chosen) and val_fraction > 0 and len(largest) >= 2:
+        chosen = rng.permutation(largest)[:1]  # its group keeps a training row
     is_val = np.zeros(table.n_rows, dtype=bool)
     is_val[chosen] = True
     return table.take(np.flatnonzero(~is_val)), table.take(np.flatnonzero(is_val))

@@ -102,9 +102,13 @@ def test_read_csv_infers_or_takes_the_task(tmp_path: Path) -> None:
 
 
 def test_split_holds_out_rows_of_every_task(tmp_path: Path) -> None:
-    five = read_csv(write(tmp_path, "x,y\n1,A\n2,B\n3,C\n4,D\n5,E\n"), "y", task=None)
+    five = read_csv(write(tmp_path, "x,y\n1,A\n2,B\n3,C\n4,D\n5,A\n"), "y", task=None)
     train, val = split(five)
     assert (train.n_rows, val.n_rows) == (4, 1)
+    assert val.target.tolist() == [0] and set(train.target.tolist()) == {0, 1, 2, 3}
+    singles = read_csv(write(tmp_path, "x,y\n1,A\n2,B\n3,C\n4,D\n5,E\n", "s.csv"), "y",
+                       task=None)  # fmt: skip
+    assert split(singles)[1].n_rows == 0  # holding one out would hide its class
     table = generate_graded_lender(1, 300).table
     train, val = split(table)
     assert train.n_rows + val.n_rows == 300 and 55 <= val.n_rows <= 65
@@ -280,3 +284,13 @@ def test_a_malformed_regression_summary_is_refused() -> None:
     del good["target_stats"]
     with pytest.raises(SummaryError, match="target_stats"):
         DataSummary.from_dict(good)
+
+
+def test_a_label_skew_partition_is_refused_for_other_tasks() -> None:
+    from fedup.learn.loans import partition
+
+    tables = [generate_graded_lender(7, 200).table, generate_graded_lender(8, 200).table]
+    with pytest.raises(DataError, match="the target is multiclass: use iid or column:NAME"):
+        partition(tables, "dirichlet:0.3", 2)
+    dealt = partition(tables, "iid", 3)
+    assert sum(t.n_rows for t in dealt) == 400 and dealt[0].classes == ("A", "B", "C")
