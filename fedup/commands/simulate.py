@@ -33,10 +33,12 @@ from fedup.commands.values import (
     DEVICE_HELP,
     LENDER_ROWS,
     SETTLE,
+    TASK_HELP,
     add_option,
     device_spec,
     of_setting,
     real,
+    task_name,
     whole,
 )
 from fedup.config import DEFAULT_LIMITS
@@ -128,7 +130,9 @@ def add_parser(
 
     option("--peers", PEERS, 5, "simulated peers")
     option("--data", Path, None, "CSV to deal out", shown="synthetic lenders")
-    option("--target", str, "default", "binary target column of --data")
+    option("--target", str, "default", "target column of --data")
+    option("--task", task_name, None, TASK_HELP.split(" (")[0] + " of --target",
+           shown="inferred from the whole file's values")  # fmt: skip
     p.add_argument(
         "--drop-column",
         action="append",
@@ -262,6 +266,8 @@ def run(args: argparse.Namespace) -> int:
             "--drop-column and --positive-label apply to --data; the synthetic lenders "
             "have no such columns to leave out and spell their target 0/1"
         )
+    if args.data is None and args.task is not None:
+        raise ConfigError("--task applies to --data; the synthetic lenders' target is binary")
     out: Path = args.out
     if out is None:
         out = args.state_dir / "sims" / time.strftime("%Y%m%d-%H%M%S")
@@ -276,6 +282,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             drop=args.drop_column,
             positive_label=args.positive_label,
+            task=args.task,
         )
     else:
         tables = synthetic_tables(

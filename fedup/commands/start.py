@@ -52,11 +52,13 @@ from fedup.commands.run_options import (
 from fedup.commands.values import (
     DEVICE_HELP,
     SETTLE,
+    TASK_HELP,
     address,
     described,
     device_spec,
     listen_address,
     of_setting,
+    task_name,
     ui_address,
     whole,
 )
@@ -106,7 +108,8 @@ class Setting:
 SETTINGS = [
     Setting("data", Path, None, "CSV file of this peer's private data",
             shown="synthetic loans made for this peer"),
-    Setting("target", str, "default", "the binary target column of --data"),
+    Setting("target", str, "default", "the target column of --data"),
+    Setting("task", task_name, None, TASK_HELP.split(" (")[0], shown="inferred from its values"),
     Setting("drop", str, None, "a column of --data to leave out before anything reads it "
             "(an ID, free text); repeatable", repeat=True, shown="none"),
     Setting("positive_label", str, None, "the value of --target that is the positive class",
@@ -279,6 +282,7 @@ def _run(
     table_options: dict[str, Any] = {
         "drop": values["drop"] or (),
         "positive_label": values["positive_label"],
+        "task": values["task"],
         "device": device,
         "privacy": dp_budget(values),
         "personal_layers": values["personal_layers"],

@@ -16,11 +16,29 @@ def fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+COLUMNS = {
+    "binary": (("val loss", "val_loss"), ("AUC", "roc_auc"), ("accuracy", "accuracy")),
+    "multiclass": (("val loss", "val_loss"), ("accuracy", "accuracy"), ("macro-F1", "macro_f1")),
+    "regression": (("MSE", "mse"), ("MAE", "mae"), ("R2", "r2")),
+}
+"""The union's scores each task's table shows (heading, report key)."""
+
+
+def task_of(entry: dict[str, Any]) -> str:
+    """The task whose scores a report entry holds (binary unless it has another's)."""
+    union = entry["union"]
+    if "macro_f1" in union:
+        return "multiclass"
+    return "regression" if "r2" in union else "binary"
+
+
 def print_models(report: dict[str, Any]) -> None:
     """One line per model in the report: scores on the union, own-split loss, passes, bytes."""
+    columns = COLUMNS[task_of(report["federated"])]
     print(
-        "model                    val loss   AUC     accuracy  own-split loss  data passes"
-        "  sent/peer"
+        "model                   "
+        + "".join(f" {head:>9}" for head, _ in columns)
+        + "  own-split loss  data passes  sent/peer"
     )
     for key, name in MODELS:
         entry = report.get(key)
@@ -29,13 +47,15 @@ def print_models(report: dict[str, Any]) -> None:
         u, m = entry["union"], entry["mean"]
         sent = None if m["bytes_sent"] is None else m["bytes_sent"] / 1e6
         print(
-            f"{name:<24} {fmt(u['val_loss'], '8.4f')} {fmt(u['roc_auc'], '7.4f')} "
-            f"{fmt(u['accuracy'], '9.4f')} {fmt(m['val_loss'], '15.4f')} "
-            f"{fmt(m['epochs'], '12.2f')}  {fmt(sent, '6.2f')} MB"
+            f"{name:<24}"
+            + "".join(f" {fmt(u[k], '9.4f')}" for _, k in columns)
+            + f" {fmt(m['val_loss'], '15.4f')} {fmt(m['epochs'], '12.2f')}  "
+            f"{fmt(sent, '6.2f')} MB"
         )
     if "local_only" in report:
+        heads = " / ".join(head for head, _ in columns)
         print(
-            "\nval loss / AUC / accuracy: on the union of every peer's validation rows "
+            f"\n{heads}: on the union of every peer's validation rows "
             "(local-only: the mean over the peers' models); own-split loss: each peer's "
             "model on its own validation rows, averaged. Data passes: training samples "
             "until the kept model / training rows it could see (local-only: its own rows)."

@@ -113,6 +113,20 @@ def device_spec(text: Any) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+TASK_HELP = (
+    "the target's task: binary, multiclass or regression "
+    "(default: inferred from its values, see docs/learning.md)"
+)
+
+
+def task_name(text: Any) -> str:
+    """``binary``, ``multiclass`` or ``regression`` (``--task``)."""
+    value = str(text).strip().lower()
+    if value not in ("binary", "multiclass", "regression"):
+        raise argparse.ArgumentTypeError(f"must be binary, multiclass or regression (got {text!r})")
+    return value
+
+
 def listen_address(text: Any) -> Address:
     """``HOST:PORT`` to listen on; port 0 picks a free port."""
     value = str(text)

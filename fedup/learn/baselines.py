@@ -11,7 +11,10 @@
   on its own validation split (what a lender can do without a federation).
 
 Every result is scored by :func:`score` on the union of all peers' validation
-splits: mean binary cross-entropy, exact ROC AUC and accuracy.
+splits: mean binary cross-entropy, exact ROC AUC and accuracy (a multi-class
+table: cross-entropy, accuracy, macro-F1; a regression table: the standardized
+MSE that is its loss, and MSE, MAE, R² in the target's units; see
+:mod:`fedup.learn.task_metrics`).
 
 ``python -m fedup.learn.baselines`` prints the comparison table of
 ``docs/learning.md`` (``--quick`` for a smaller run, ``--ablation`` for the
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -44,6 +48,7 @@ from fedup.learn.ring import (
 from fedup.learn.schema import merge_summaries
 from fedup.learn.tabular import Table, summarize
 from fedup.learn.task import TabularTask, TensorTask, roc_auc
+from fedup.learn.task_metrics import prediction_figures
 
 __all__ = [
     "RingResult",
@@ -76,6 +81,16 @@ class Score:
     auc: float
     accuracy: float
     n: int
+    task: str = "binary"
+    """The table's task (:mod:`fedup.learn.targets`); a custom task counts as binary."""
+    macro_f1: float = math.nan
+    """Multi-class: the mean F1 over classes (:mod:`fedup.learn.task_metrics`)."""
+    mse: float = math.nan
+    """Regression: mean squared error in the target's units (``loss`` is standardized)."""
+    mae: float = math.nan
+    """Regression: mean absolute error in the target's units."""
+    r2: float = math.nan
+    """Regression: 1 - SSE / SST over the rows scored."""
 
 
 @attrs.frozen(eq=False)
@@ -176,6 +191,16 @@ def simulate_ring(
 
 def score(weights: dict[str, torch.Tensor], tasks: Sequence[TensorTask]) -> Score:
     """Loss, exact AUC and accuracy of a model on the union of the tasks' validation splits."""
+    metrics = tasks[0].metrics
+    if metrics is not None:
+        out = torch.cat([t.outputs(model_with(t, weights)).cpu() for t in tasks])
+        y = torch.cat([t.y_val.cpu() for t in tasks])
+        f = prediction_figures(metrics, out, y)
+        return Score(
+            f["loss"], math.nan, f.get("accuracy", math.nan), len(y), metrics.kind,
+            macro_f1=f.get("macro_f1", math.nan), mse=f.get("mse", math.nan),
+            mae=f.get("mae", math.nan), r2=f.get("r2", math.nan),
+        )  # fmt: skip
     logits = []
     labels = []
     for t in tasks:

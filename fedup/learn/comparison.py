@@ -15,7 +15,9 @@ validation splits), ``per_peer`` (one dict per peer: scores on its own split
 plus ``epochs``, ``wall_seconds``, ``bytes_sent``) and ``mean`` (the mean of
 the per-peer dicts).  Scores are ``val_loss`` (mean binary cross-entropy),
 ``roc_auc`` (exact; ``None`` when a split has one class only) and
-``accuracy``.
+``accuracy``.  A multi-class table: ``val_loss`` (cross-entropy), ``accuracy``
+and ``macro_f1``; a regression table: ``val_loss`` (the MSE of the standardized
+target, the loss it trains on) and ``mse``, ``mae``, ``r2`` in the target's units.
 """
 
 from __future__ import annotations
@@ -43,7 +45,13 @@ Curve = list[tuple[float, float]]
 """``(data passes, validation loss)`` per evaluated lap, in order."""
 
 METRICS = ("val_loss", "roc_auc", "accuracy", "epochs", "wall_seconds", "bytes_sent")
-"""The fields of every per-peer and mean entry."""
+"""The fields of every per-peer and mean entry (a binary or custom task)."""
+TASK_SCORES = {
+    "multiclass": ("val_loss", "accuracy", "macro_f1"),
+    "regression": ("val_loss", "mse", "mae", "r2"),
+}
+"""The scores of a multi-class or regression table, in place of ``val_loss``,
+``roc_auc``, ``accuracy``."""
 
 
 def _num(x: float) -> float | None:
@@ -51,12 +59,30 @@ def _num(x: float) -> float | None:
 
 
 def scores(sc: Score) -> dict[str, Any]:
-    """A :class:`Score` as JSON-ready fields."""
+    """A :class:`Score` as JSON-ready fields (the task's: see the module docstring)."""
+    if sc.task == "multiclass":
+        return {"val_loss": sc.loss, "accuracy": sc.accuracy, "macro_f1": _num(sc.macro_f1),
+                "n": sc.n}  # fmt: skip
+    if sc.task == "regression":
+        return {"val_loss": sc.loss, "mse": _num(sc.mse), "mae": _num(sc.mae),
+                "r2": _num(sc.r2), "n": sc.n}  # fmt: skip
     return {"val_loss": sc.loss, "roc_auc": _num(sc.auc), "accuracy": sc.accuracy, "n": sc.n}
 
 
-def _mean(entries: Sequence[dict[str, Any]], keys: Sequence[str] = METRICS) -> dict[str, Any]:
-    """The mean of each key over the entries that have it (None where none has)."""
+def score_keys(entries: Sequence[dict[str, Any]]) -> tuple[str, ...]:
+    """The score fields of ``entries`` (their task's), :data:`METRICS`' for a binary one."""
+    first = entries[0] if entries else {}
+    for keys in TASK_SCORES.values():
+        if keys[-1] in first:
+            return keys
+    return ("val_loss", "roc_auc", "accuracy")
+
+
+def _mean(entries: Sequence[dict[str, Any]], keys: Sequence[str] | None = None) -> dict[str, Any]:
+    """The mean of each key over the entries that have it (None where none has); by
+    default the entries' scores and ``epochs``, ``wall_seconds``, ``bytes_sent``."""
+    if keys is None:
+        keys = (*score_keys(entries), *METRICS[3:])
     out: dict[str, Any] = {}
     for key in keys:
         values = [e[key] for e in entries if e.get(key) is not None]
@@ -131,7 +157,7 @@ def local_only_entry(
         entry.update(scores(score(weights, [task])))
         entry["union"] = union
         per_peer.append(entry)
-    union_mean = _mean(unions, ("val_loss", "roc_auc", "accuracy"))
+    union_mean = _mean(unions, score_keys(unions))
     union_mean["n"] = unions[0]["n"] if unions else 0
     return {"union": union_mean, "mean": _mean(per_peer), "per_peer": per_peer}, runs, curves
 

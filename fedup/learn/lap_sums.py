@@ -53,6 +53,9 @@ SUMS_LEN: Final = 3 + 2 * AUC_BINS
 ZERO_SUMS: Final = (0,) * SUMS_LEN
 MAX_MEMBER_LOSS: Final = 2**30
 """A member's loss sum counts as at most this (about 1e9: 1e8 rows at a loss of 10)."""
+MAX_SLOT: Final = 2**50
+"""A slot of a member's (a count of at most 2 * :data:`MAX_MEMBER_COUNT`, or a regression
+sum in fixed point, capped as the loss is: :data:`fedup.learn.task_metrics.MAX_SLOT`)."""
 MAX_MEMBER_COUNT: Final = 2**40
 """Validation rows of one member, at most (a trillion)."""
 MAX_TOTAL: Final = MODULUS // 2
@@ -89,6 +92,13 @@ def to_sums(stats: EvalStats) -> tuple[int, ...]:
         raise ValueError(f"validation loss sum {stats.loss_sum} is negative")
     capped = stats.loss_sum if stats.loss_sum < MAX_MEMBER_LOSS else MAX_MEMBER_LOSS  # NaN too
     loss = round(capped * LOSS_SCALE)
+    if stats.slots:
+        if stats.pos_hist or stats.neg_hist or len(stats.slots) > 2 * AUC_BINS:
+            raise ValueError(f"{len(stats.slots)} slots with histograms, or more than fit")
+        if any(not 0 <= v <= MAX_SLOT for v in stats.slots):
+            raise ValueError("a slot is out of range")
+        rest = (*stats.slots, *(0,) * (2 * AUC_BINS - len(stats.slots)))
+        return (loss, stats.n, stats.correct, *rest)
     return (loss, stats.n, stats.correct, *_bins(stats.pos_hist), *_bins(stats.neg_hist))
 
 
@@ -105,12 +115,17 @@ def add_sums(a: tuple[int, ...], b: tuple[int, ...], *, sign: int = 1) -> tuple[
     return tuple((x + sign * y) % MODULUS for x, y in zip(a, b, strict=True))
 
 
-def open_sums(sums: tuple[int, ...]) -> EvalStats | None:
-    """The evaluation the unmasked ``sums`` add up to; None if they cannot be real."""
+def open_sums(sums: tuple[int, ...], *, slots: bool = False) -> EvalStats | None:
+    """The evaluation the unmasked ``sums`` add up to; None if they cannot be real.
+
+    ``slots``: the task sums its own counts (a multi-class or regression table) where
+    a binary task's histograms go; they come back as :attr:`EvalStats.slots`."""
     loss, n, correct, *hists = sums
     pos, neg = tuple(hists[:AUC_BINS]), tuple(hists[AUC_BINS:])
     if any(v >= MAX_TOTAL for v in sums) or correct > n or n == 0:
         return None
+    if slots:
+        return EvalStats(loss / LOSS_SCALE, n, correct, slots=tuple(hists))
     if not any(pos) and not any(neg):
         pos = neg = ()
     return EvalStats(loss / LOSS_SCALE, n, correct, pos, neg)

@@ -387,6 +387,11 @@ def partition(
             raise DataError(f"partition {spec!r}: ALPHA must be positive")
     if n_peers is None or n_peers < 1:
         raise DataError(f"partition {spec!r} needs n_peers >= 1")
+    if kind == "dirichlet" and pooled.task != "binary":
+        raise DataError(
+            f"partition {spec!r} deals a binary target's two labels; the target is "
+            f"{pooled.task}: use iid or column:NAME"
+        )
     if kind == "iid":
         parts = np.array_split(rng.permutation(pooled.n_rows), n_peers)
     else:

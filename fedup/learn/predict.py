@@ -23,7 +23,9 @@ model file's SHA-256).  :func:`load_model` checks them before any weight is used
 :func:`predict` then reads the rows (:mod:`fedup.learn.new_rows`: the schema's
 columns, the training encoding, and a :class:`~fedup.learn.new_rows.RowReport` of
 missing values, unknown categories and absent or ignored columns) and returns the
-probability of the positive class for each row, in the rows' order.
+probability of the positive class for each row, in the rows' order (a multi-class
+model: each class's probability and the most probable class; a regression model: the
+predicted value, in the target's units).
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ from fedup.errors import FedupError, FileError
 from fedup.files import read_bounded
 from fedup.learn.new_rows import NewRows, RowReport, read_new_rows, rows_from_records
 from fedup.learn.schema import FeatureSchema, SummaryError, schema_from_dict
-from fedup.learn.tabular import encode
+from fedup.learn.tabular import encode_features
+from fedup.learn.targets import BINARY, MULTICLASS, REGRESSION
 from fedup.learn.task import mlp
 from fedup.learn.weights import layout_digest, load_safetensors_bytes
 
@@ -98,14 +101,34 @@ class SavedModel:
     stop_reason: str
 
     @torch.no_grad()
-    def probabilities(self, x: npt.NDArray[np.float32]) -> F64:
-        """P(positive) for each row of encoded inputs ``x`` (``[n, schema.width]``)."""
+    def outputs(self, x: npt.NDArray[np.float32]) -> torch.Tensor:
+        """The model's raw outputs (float64, ``[n, outputs]``) for encoded inputs ``x``."""
         self.model.eval()
         t = torch.from_numpy(x)
         parts = [self.model(t[i : i + _EVAL_BATCH]) for i in range(0, len(t), _EVAL_BATCH)]
         if not parts:
+            return torch.zeros((0, self.schema.outputs), dtype=torch.float64)
+        return torch.cat(parts).double()
+
+    def probabilities(self, x: npt.NDArray[np.float32]) -> F64:
+        """P(positive) for each row of encoded inputs ``x`` (``[n, schema.width]``); a
+        multi-class model: each class's probability (``[n, K]``, the schema's class
+        order); a regression model has none (``[n, 0]``)."""
+        out = self.outputs(x)
+        if self.schema.task == MULTICLASS:
+            return torch.softmax(out, dim=1).numpy()
+        if self.schema.task == REGRESSION:
+            return np.zeros((len(out), 0))
+        return torch.sigmoid(out.reshape(-1)).numpy()
+
+    def values(self, x: npt.NDArray[np.float32]) -> F64:
+        """A regression model's predictions in the target's units (the standardized
+        output times the pooled standard deviation, plus the pooled mean); empty for a
+        classifier."""
+        if self.schema.task != REGRESSION:
             return np.zeros(0)
-        return torch.sigmoid(torch.cat(parts).reshape(-1).double()).numpy()
+        z = self.outputs(x).reshape(-1).numpy()
+        return z * self.schema.target_std + self.schema.target_mean
 
 
 @attrs.frozen(eq=False)
@@ -118,18 +141,45 @@ class Predictions:
     """The input column ``ids`` come from, or None: ``ids`` are row numbers from 1."""
     ids: tuple[str, ...]
     probabilities: F64
-    """P(target is the positive label) per row (float64 in [0, 1])."""
+    """Binary: P(target is the positive label) per row (float64 in [0, 1]); multi-class:
+    ``[n, K]``, each class's probability (:attr:`classes` order); regression: ``[n, 0]``."""
     report: RowReport
     """Missing values, unknown categories, absent and ignored columns."""
     model_sha256: str
+    task: str = BINARY
+    """The run's task (:mod:`fedup.learn.targets`)."""
+    classes: tuple[str, ...] = ()
+    """Multi-class: the classes, in the order of the probabilities' columns."""
+    values: F64 = attrs.field(factory=lambda: np.zeros(0))
+    """Regression: the predicted target per row, in its units (empty otherwise)."""
+
+    @property
+    def predicted(self) -> list[str]:
+        """Multi-class: the most probable class per row (the first on a tie)."""
+        if self.task != MULTICLASS or not len(self.probabilities):
+            return []
+        return [self.classes[int(i)] for i in self.probabilities.argmax(axis=1)]
 
     def to_csv(self) -> bytes:
         """The scores as CSV: a header (the id column's name or ``row``, then
-        ``probability``) and one line per row, each probability printed exactly."""
+        ``probability``) and one line per row, each probability printed exactly.  A
+        multi-class model: ``predicted`` (the most probable class), then
+        ``probability:CLASS`` per class; a regression model: ``predicted`` (the value)."""
         out = io.StringIO()
         w = csv.writer(out, lineterminator="\n")
-        w.writerow([self.id_column or "row", PROBABILITY])
-        w.writerows(zip(self.ids, (repr(float(p)) for p in self.probabilities), strict=True))
+        head = self.id_column or "row"
+        if self.task == MULTICLASS:
+            w.writerow([head, "predicted", *(f"{PROBABILITY}:{c}" for c in self.classes)])
+            for row_id, cls, probs in zip(
+                self.ids, self.predicted, self.probabilities, strict=True
+            ):
+                w.writerow([row_id, cls, *(repr(float(p)) for p in probs)])
+        elif self.task == REGRESSION:
+            w.writerow([head, "predicted"])
+            w.writerows(zip(self.ids, (repr(float(v)) for v in self.values), strict=True))
+        else:
+            w.writerow([head, PROBABILITY])
+            w.writerows(zip(self.ids, (repr(float(p)) for p in self.probabilities), strict=True))
         return out.getvalue().encode("utf-8")
 
 
@@ -165,7 +215,7 @@ def predict(
         else load_model(out_dir, hidden=hidden, limits=limits)
     )
     new = _rows(rows, saved.schema, id_column)
-    x, _ = encode(new.table, saved.schema)
+    x = encode_features(new.table, saved.schema)
     return Predictions(
         target=saved.schema.target,
         id_column=new.id_column,
@@ -173,6 +223,9 @@ def predict(
         probabilities=saved.probabilities(x),
         report=new.report,
         model_sha256=saved.model_sha256,
+        task=saved.schema.task,
+        classes=saved.schema.classes,
+        values=saved.values(x),
     )
 
 
@@ -220,7 +273,7 @@ def load_model(
             "records; the model was altered or replaced since the run saved it, refusing "
             "to use it"
         )
-    model = mlp(schema.width, tuple(hidden))
+    model = mlp(schema.width, tuple(hidden), schema.outputs)
     if layout_digest(model).hex() != settings.get("model_digest"):
         raise ModelError(
             f"{path}: the run's model is not the tabular MLP with hidden layers "

@@ -522,6 +522,7 @@ def hop_seed(settings: RingSettings, lap: int, hop: int) -> int:
 
 
 def _close_lap(
+    task: Task,
     m: RingMeta,
     settings: RingSettings,
     tensors: dict[str, torch.Tensor],
@@ -538,9 +539,13 @@ def _close_lap(
     stop = m.stop
     history = m.history
     mask = ZERO_SUMS if masks is None else masks.get(m.lap)
-    e = None if mask is None else open_sums(add_sums(m.cand_sums, mask, sign=-1))
+    slots = task.metrics is not None
+    e = None if mask is None else open_sums(add_sums(m.cand_sums, mask, sign=-1), slots=slots)
     if e is not None:
-        result = LapResult(m.cand_lap, e.loss, e.accuracy, e.auc(), e.n, m.cand_samples)
+        second, third = task.lap_figures(e)
+        if not math.isfinite(second):  # a forged or diverged lap still closes
+            second = 0.0
+        result = LapResult(m.cand_lap, e.loss, second, third, e.n, m.cand_samples)
         history = (*history, result)[-MAX_HISTORY:]
         new_stop, improved = stop.judge(result, tolerance=settings.tolerance)
         if new_stop.best_lap != stop.best_lap and settings.keep_best:
@@ -630,7 +635,7 @@ def train_hop(
     closed = None
     improved = False
     if lap != m.lap and m.lap >= 0:
-        m, closed, improved = _close_lap(m, settings, tensors, masks)
+        m, closed, improved = _close_lap(task, m, settings, tensors, masks)
         if m.done:
             metrics = HopMetrics(
                 lap, hop, 0, 0, math.nan, None, closed, improved, True,

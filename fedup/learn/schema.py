@@ -72,6 +72,16 @@ from typing import Any, Final
 import attrs
 
 from fedup.errors import LocalProtocolError, RemoteProtocolError
+from fedup.learn.targets import (
+    BINARY,
+    MAX_CLASSES,
+    MULTICLASS,
+    REGRESSION,
+    TASKS,
+    check_classes,
+    sorted_classes,
+    task_problem,
+)
 from fedup.protocol import cbor
 from fedup.protocol.schema import FieldReader, MessageError
 
@@ -341,6 +351,13 @@ class DataSummary:
     positive_label: str | None = None
     """How it spells 1 (None: not known).  Members must not read one spelling as
     opposite classes: see :func:`admit`."""
+    task: str = BINARY
+    """``binary``, ``multiclass`` or ``regression`` (:mod:`fedup.learn.targets`); members
+    of another task than the leader's are refused."""
+    classes: tuple[tuple[str, int], ...] = ()
+    """Multi-class: each class this peer has rows of, with its rows (class order)."""
+    target_stats: ColumnSummary | None = None
+    """Regression: the target's count, mean and sum of squared deviations."""
 
     def column(self, name: str) -> ColumnSummary | None:
         for c in self.columns:
@@ -360,6 +377,12 @@ class DataSummary:
             out["negative_label"] = self.negative_label
         if self.positive_label is not None:
             out["positive_label"] = self.positive_label
+        if self.task != BINARY:  # a binary summary is as it always was
+            out["task"] = self.task
+        if self.task == MULTICLASS:
+            out["classes"] = [[c, k] for c, k in self.classes]
+        if self.task == REGRESSION and self.target_stats is not None:
+            out["target_stats"] = self.target_stats.to_dict()
         return out
 
     @classmethod
@@ -388,7 +411,21 @@ class DataSummary:
                 r.text(key, max_bytes=lim.max_text) if r.optional(key) else None
                 for key in ("negative_label", "positive_label")
             )
+            task = r.text("task", max_bytes=16) if r.optional("task") else BINARY
+            if task not in TASKS:
+                raise r.fail("task", f"must be one of {', '.join(TASKS)}, got {task!r}")
+            classes: list[tuple[str, int]] = []
+            stats = None
+            if task == MULTICLASS:
+                classes = r.array("classes", _category_item(lim), max_items=MAX_CLASSES)
+            if task == REGRESSION:
+                stats = ColumnSummary.from_dict(
+                    r.raw("target_stats"), what="data summary: target_stats", limits=lim
+                )
             r.done()
+        problem = _target_problem(task, n_rows, n_positive, negative, positive, classes, stats)
+        if problem is not None:
+            raise SummaryError(f"data summary: {problem}")
         if negative is not None and negative == positive:
             raise SummaryError(
                 f"data summary: {negative!r} is both the negative and positive label"
@@ -401,7 +438,37 @@ class DataSummary:
         for c in cols:
             if c.count + c.n_missing != n_rows:
                 raise SummaryError(f"data summary: column {c.name!r} does not have n_rows values")
-        return cls(target, n_rows, n_positive, tuple(cols), negative, positive)
+        return cls(
+            target, n_rows, n_positive, tuple(cols), negative, positive, task, tuple(classes),
+            stats,
+        )  # fmt: skip
+
+
+def _target_problem(
+    task: str,
+    n_rows: int,
+    n_positive: int,
+    negative: str | None,
+    positive: str | None,
+    classes: Sequence[tuple[str, int]],
+    stats: ColumnSummary | None,
+) -> str | None:
+    """Why a summary's target figures do not fit its task, or None."""
+    if task == BINARY:
+        return None
+    if n_positive or negative is not None or positive is not None:
+        return f"a {task} target has no positive count nor labels"
+    if task == MULTICLASS:
+        problem = check_classes([c for c, _ in classes])
+        if problem is not None:
+            return problem
+        if sum(k for _, k in classes) != n_rows:
+            return "class counts do not add up to n_rows"
+        return None
+    assert stats is not None
+    if stats.kind != NUMERIC or stats.count != n_rows or stats.n_missing:
+        return "target_stats must be numeric, with n_rows values and none missing"
+    return None
 
 
 # --------------------------------------------------------------------------
@@ -470,11 +537,25 @@ class FeatureSchema:
     ``positive_labels``, so no two members train opposite targets under one spelling."""
     positive_labels: tuple[str, ...] = ()
     """Every spelling of 1 among the members (sorted)."""
+    task: str = BINARY
+    """The leader's task (:mod:`fedup.learn.targets`): every member's is this one."""
+    classes: tuple[str, ...] = ()
+    """Multi-class: the union of the members' classes (class order); the model has one
+    output per class, and a member without rows of a class trains as well."""
+    target_mean: float = 0.0
+    """Regression: the pooled mean of the target (every member standardizes with it)."""
+    target_std: float = 1.0
+    """Regression: the pooled standard deviation of the target (1 if constant)."""
 
     @property
     def width(self) -> int:
         """Number of model inputs."""
         return sum(c.width for c in self.columns)
+
+    @property
+    def outputs(self) -> int:
+        """Number of model outputs: one per class (multi-class), else one."""
+        return len(self.classes) if self.task == MULTICLASS else 1
 
     def column(self, name: str) -> FeatureColumn | None:
         for c in self.columns:
@@ -497,6 +578,13 @@ class FeatureSchema:
         if self.negative_labels or self.positive_labels:
             out["negative_labels"] = list(self.negative_labels)
             out["positive_labels"] = list(self.positive_labels)
+        if self.task != BINARY:  # a binary schema (and its digest) is as it always was
+            out["task"] = self.task
+        if self.task == MULTICLASS:
+            out["classes"] = list(self.classes)
+        if self.task == REGRESSION:
+            out["target_mean"] = self.target_mean
+            out["target_std"] = self.target_std
         return out
 
     def digest(self) -> str:
@@ -524,6 +612,19 @@ def merge_summaries(
     """
     if not summaries:
         raise LocalProtocolError("merge_summaries needs at least one summary")
+    task = summaries[0].task
+    target_mean, target_std = 0.0, 1.0
+    if task == REGRESSION:
+        stats = [s.target_stats for s in summaries if s.target_stats is not None]
+        try:
+            target_mean, target_std = _pooled([c for c in stats if c.count > 0])
+        except (ArithmeticError, ValueError) as e:
+            raise PoolingError(
+                f"the statistics of the target {target!r} cannot be pooled into finite "
+                f"numbers ({e})",
+                column=target,
+            ) from e
+    classes = sorted_classes(c for s in summaries if s.task == MULTICLASS for c, _ in s.classes)
     negative, positive = _labels(summaries)
     by_name: dict[str, list[ColumnSummary]] = {}
     for s in summaries:
@@ -558,6 +659,10 @@ def merge_summaries(
         columns=tuple(columns),
         negative_labels=negative,
         positive_labels=positive,
+        task=task,
+        classes=classes if task == MULTICLASS else (),
+        target_mean=target_mean,
+        target_std=target_std,
     )
 
 
@@ -677,6 +782,15 @@ def fits(summary: DataSummary, schema: FeatureSchema) -> None:
     if label_problem is not None:
         problems.append(label_problem)
         wrong_target = True
+    kind_problem = task_problem(summary.task, schema.task)
+    if kind_problem is not None:
+        problems.append(kind_problem)
+        wrong_target = True
+    elif summary.task == MULTICLASS:
+        unknown = [c for c, _ in summary.classes if c not in set(schema.classes)]
+        if unknown:
+            problems.append(f"classes {_names(unknown[:8])} are not in the federation's")
+            wrong_target = True
     have = {c.name: c for c in summary.columns}
     want = {c.name: c for c in schema.columns}
     missing = [n for n in want if n not in have]
@@ -830,10 +944,19 @@ def _disagreeing(
     ref_negative = _present(reference.negative_label)
     ref_positive = _present(reference.positive_label)
     candidates = []
+    classes: set[str] = set()
     for i in indices:
         s = summaries[i]
         label_problem = None if i == indices[0] else _label_problem(s, ref_negative, ref_positive)
-        problem = label_problem
+        problem = label_problem or task_problem(s.task, reference.task)
+        if problem is None and s.task == MULTICLASS:
+            grown = classes | {c for c, _ in s.classes}
+            if len(grown) > MAX_CLASSES and i != indices[0]:
+                problem = (
+                    f"its classes would make the federation's {len(grown)}, more than {MAX_CLASSES}"
+                )
+            else:
+                classes = grown
         if s.target != target:
             problem = f"target is {s.target!r}, the federation's is {target!r}"
         if problem is not None:
@@ -947,7 +1070,8 @@ def _merge_refusing(
 
 def _out_of_bounds(summary: DataSummary) -> str | None:
     """Why a summary's statistics are outside the default bounds, or None."""
-    for c in summary.columns:
+    stats = () if summary.target_stats is None else (summary.target_stats,)
+    for c in (*summary.columns, *stats):
         if c.kind == NUMERIC:
             problem = _statistics_problem(c.mean, c.m2, DEFAULT_SUMMARY_LIMITS)
             if problem is not None:
@@ -994,7 +1118,23 @@ def schema_from_dict(obj: object, *, limits: SummaryLimits | None = None) -> Fea
         if r.optional("negative_labels"):
             negative = r.array("negative_labels", _text_item(lim), max_items=lim.max_labels)
             positive = r.array("positive_labels", _text_item(lim), max_items=lim.max_labels)
+        task = r.text("task", max_bytes=16) if r.optional("task") else BINARY
+        if task not in TASKS:
+            raise r.fail("task", f"must be one of {', '.join(TASKS)}, got {task!r}")
+        classes: list[str] = []
+        target_mean, target_std = 0.0, 1.0
+        if task == MULTICLASS:
+            classes = r.array("classes", _text_item(lim), max_items=MAX_CLASSES)
+        if task == REGRESSION:
+            target_mean, target_std = _finite(r, "target_mean"), _finite(r, "target_std")
+            if target_std <= 0:
+                raise r.fail("target_std", "must be positive")
         r.done()
+    if task != BINARY and (n_positive or negative or positive):
+        raise SummaryError(f"feature schema: a {task} target has no positives nor labels")
+    class_problem = check_classes(classes) if task == MULTICLASS else None
+    if class_problem is not None or (task == MULTICLASS and len(classes) < 2):
+        raise SummaryError(f"feature schema: {class_problem or 'at least 2 classes'}")
     names = [c.name for c in columns]
     if names != sorted(set(names)):
         raise SummaryError("feature schema: columns must be unique and sorted by name")
@@ -1006,8 +1146,9 @@ def schema_from_dict(obj: object, *, limits: SummaryLimits | None = None) -> Fea
     if set(negative) & set(positive):
         raise SummaryError("feature schema: a target label is both negative and positive")
     return FeatureSchema(
-        target, n_rows, n_positive, n_summaries, tuple(columns), tuple(negative), tuple(positive)
-    )
+        target, n_rows, n_positive, n_summaries, tuple(columns), tuple(negative),
+        tuple(positive), task, tuple(classes), target_mean, target_std,
+    )  # fmt: skip
 
 
 def _feature_column(lim: SummaryLimits) -> Any:

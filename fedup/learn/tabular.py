@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
@@ -42,6 +43,17 @@ from fedup.learn.schema import (
     FeatureSchema,
     SummaryLimits,
 )
+from fedup.learn.targets import (
+    BINARY,
+    MAX_CLASSES,
+    MULTICLASS,
+    REGRESSION,
+    TASKS,
+    TargetError,
+    class_name,
+    infer_task,
+    sorted_classes,
+)
 
 __all__ = [
     "CATEGORICAL",
@@ -53,6 +65,8 @@ __all__ = [
     "Table",
     "csv_records",
     "encode",
+    "encode_features",
+    "encode_target",
     "parse_target",
     "read_csv",
     "split",
@@ -103,11 +117,13 @@ class Column:
 
 @attrs.frozen(eq=False)
 class Table:
-    """A parsed table: feature columns in file order and the 0/1 target."""
+    """A parsed table: feature columns in file order and the target."""
 
     columns: tuple[Column, ...]
-    target: npt.NDArray[np.int8]
-    """0/1 per row; 1 is the positive label (e.g. "default")."""
+    target: npt.NDArray[Any]
+    """Per row: binary, 0/1 (int8; 1 is the positive label, e.g. "default"); multi-class,
+    the index of the row's class in :attr:`classes` (int64); regression, the number
+    (float64)."""
     target_name: str
     source: str = "<table>"
     """Where the rows came from (a path), for messages."""
@@ -117,6 +133,11 @@ class Table:
     positive_label: str | None = None
     """How it spells 1: the ``positive_label`` the user named (even when no row has it:
     a peer may have no positives), else the value rows read as positive."""
+    task: str = BINARY
+    """``binary``, ``multiclass`` or ``regression`` (:mod:`fedup.learn.targets`)."""
+    classes: tuple[str, ...] = ()
+    """Multi-class: this table's classes, in :func:`~fedup.learn.targets.sorted_classes`
+    order (``target`` indexes them); empty for the other tasks."""
 
     @property
     def n_rows(self) -> int:
@@ -124,7 +145,8 @@ class Table:
 
     @property
     def n_positive(self) -> int:
-        return int(self.target.sum())
+        """Rows of the positive class (binary; 0 for the other tasks)."""
+        return int(self.target.sum()) if self.task == BINARY else 0
 
     def column(self, name: str) -> Column:
         for c in self.columns:
@@ -141,6 +163,8 @@ class Table:
             self.source,
             self.negative_label,
             self.positive_label,
+            self.task,
+            self.classes,
         )
 
     @staticmethod
@@ -153,7 +177,15 @@ class Table:
             if any(p.kind != c.kind for p in parts):
                 raise DataError(f"column {c.name!r} has different kinds in the tables pooled")
             cols.append(Column(c.name, c.kind, np.concatenate([p.values for p in parts])))
-        target = np.concatenate([t.target for t in tables])
+        if any(t.task != first.task for t in tables):
+            raise DataError("the tables pooled have targets of different tasks")
+        classes = sorted_classes(c for t in tables for c in t.classes)
+        if first.task == MULTICLASS:
+            at = {c: i for i, c in enumerate(classes)}
+            remap = [np.array([at[c] for c in t.classes], dtype=np.int64) for t in tables]
+            target = np.concatenate([r[t.target] for r, t in zip(remap, tables, strict=True)])
+        else:
+            target = np.concatenate([t.target for t in tables])
         negative = {t.negative_label for t in tables}
         positive = {t.positive_label for t in tables}
         return Table(
@@ -163,6 +195,8 @@ class Table:
             source,
             negative.pop() if len(negative) == 1 else None,  # spelled alike, else unknown
             positive.pop() if len(positive) == 1 else None,
+            first.task,
+            classes,
         )
 
     @classmethod
@@ -178,8 +212,13 @@ class Table:
         drop: Iterable[str] = (),
         first_line: int = 2,
         limits: SummaryLimits = DEFAULT_SUMMARY_LIMITS,
+        task: str | None = BINARY,
     ) -> Table:
         """Build a table from text cells (what :func:`read_csv` does after parsing).
+
+        ``task`` is ``binary`` (the default here), ``multiclass``, ``regression``,
+        or None to infer it from the target's values
+        (:func:`~fedup.learn.targets.infer_task`).
 
         ``categorical`` forces columns to be categorical even if they look
         numeric (codes such as ZIP codes); ``drop`` removes columns before
@@ -228,15 +267,16 @@ class Table:
         if len(features) > limits.max_columns:
             raise DataError(f"{source}: {len(features)} columns, at most {limits.max_columns}")
         j_target = header.index(target)
-        y = parse_target(
-            [row[j_target] for row in rows],
-            target,
-            source=source,
-            positive_label=positive_label,
-            first_line=first_line,
-        )
+        cells = [row[j_target] for row in rows]
+        kind = _target_task(cells, target, task, source, first_line, positive_label)
         columns = tuple(
             _column(header[j], [row[j] for row in rows], header[j] in forced) for j in features
+        )
+        if kind != BINARY:
+            y_other, classes = _other_target(cells, target, kind, source, first_line, limits)
+            return cls(columns, y_other, target, source, None, None, kind, classes)
+        y = parse_target(
+            cells, target, source=source, positive_label=positive_label, first_line=first_line
         )
         spelled = [_first_label(rows, y, j_target, k) for k in (0, 1)]
         return cls(
@@ -247,6 +287,86 @@ class Table:
             spelled[0],
             positive_label if positive_label is not None else spelled[1],
         )
+
+
+def _target_task(
+    cells: Sequence[str],
+    name: str,
+    task: str | None,
+    source: str,
+    first_line: int,
+    positive_label: str | None,
+) -> str:
+    """The table's task: ``task``, or inferred from the cells (raises :class:`DataError`)."""
+    if task is not None and task not in TASKS:
+        raise DataError(f"task {task!r} is not one of {', '.join(TASKS)}")
+    if task == BINARY:
+        return BINARY  # parse_target checks the cells, as it always has
+    _check_present([c.strip() for c in cells], name, source, first_line)
+    if task is None:
+        try:
+            task = infer_task(cells)
+        except TargetError as e:
+            raise DataError(
+                f"{source}: target {name!r} cannot be a target: {e}; give a target with "
+                "fewer classes, or --task regression for numbers"
+            ) from None
+    if task != BINARY and positive_label is not None:
+        raise DataError(
+            f"{source}: target {name!r} is {task}; a positive label applies only to a "
+            "binary target: leave it out"
+        )
+    return task
+
+
+def _other_target(
+    cells: Sequence[str],
+    name: str,
+    task: str,
+    source: str,
+    first_line: int,
+    limits: SummaryLimits,
+) -> tuple[npt.NDArray[Any], tuple[str, ...]]:
+    """A multi-class target as class indices and its classes, or a regression target as
+    numbers (and no classes); raises :class:`DataError` naming the problem."""
+    if task == REGRESSION:
+        values = np.empty(len(cells), dtype=np.float64)
+        for i, cell in enumerate(cells):
+            try:
+                v = float(cell.strip())
+            except ValueError:
+                v = math.nan
+            if not math.isfinite(v) or not abs(v) <= limits.max_abs_mean:
+                raise DataError(
+                    f"{source}: target {name!r} is {cell.strip()!r} on line {first_line + i}, "
+                    "not a finite number a regression target can have"
+                )
+            values[i] = v
+        return values, ()
+    names = [class_name(c) for c in cells]
+    classes = sorted_classes(names)
+    if len(classes) > MAX_CLASSES:
+        raise DataError(
+            f"{source}: target {name!r} has {len(classes)} classes, at most {MAX_CLASSES}; "
+            "give a target with fewer classes, or --task regression for numbers"
+        )
+    too_long = [c for c in classes if len(c.encode("utf-8")) > limits.max_text]
+    if too_long:
+        raise DataError(
+            f"{source}: target {name!r} has a class name of more than {limits.max_text} "
+            f"bytes ({too_long[0][:32]!r}...)"
+        )
+    at = {c: i for i, c in enumerate(classes)}
+    return np.array([at[n] for n in names], dtype=np.int64), classes
+
+
+def _check_present(texts: Sequence[str], name: str, source: str, first_line: int) -> None:
+    """Raise :class:`DataError` naming the first line whose target cell is missing."""
+    for i, t in enumerate(texts):
+        if t.lower() in MISSING_TOKENS:
+            more = sum(1 for u in texts if u.lower() in MISSING_TOKENS) - 1
+            also = f" (and {more} other lines)" if more else ""
+            raise DataError(f"{source}: target {name!r} is missing on line {first_line + i}{also}")
 
 
 def _first_label(
@@ -328,16 +448,13 @@ def parse_target(
     would make every row negative).
     """
     texts = [c.strip() for c in cells]
-    for i, t in enumerate(texts):
-        if t.lower() in MISSING_TOKENS:
-            more = sum(1 for u in texts if u.lower() in MISSING_TOKENS) - 1
-            also = f" (and {more} other lines)" if more else ""
-            raise DataError(f"{source}: target {name!r} is missing on line {first_line + i}{also}")
+    _check_present(texts, name, source, first_line)
     labels = sorted(set(texts))
     if len(labels) > 2:
         shown = ", ".join(repr(v) for v in labels[:10]) + (", ..." if len(labels) > 10 else "")
         raise DataError(
-            f"{source}: target {name!r} is not binary: it has {len(labels)} values ({shown})"
+            f"{source}: target {name!r} is not binary: it has {len(labels)} values ({shown}); "
+            "give --task multiclass or regression"
         )
     if positive_label is not None:
         if positive_label not in labels and (
@@ -381,12 +498,14 @@ def read_csv(
     drop: Iterable[str] = (),
     delimiter: str | None = None,
     limits: SummaryLimits = DEFAULT_SUMMARY_LIMITS,
+    task: str | None = BINARY,
 ) -> Table:
     """Read a CSV file (UTF-8, optional BOM) with a header row.
 
     ``delimiter`` defaults to whichever of ``, ; TAB |`` occurs most in the
     header line.  See :meth:`Table.from_rows` for ``categorical``/``drop``
-    and :func:`parse_target` for the target's spellings.
+    and ``task`` (None: inferred from the target, :mod:`fedup.learn.targets`),
+    and :func:`parse_target` for a binary target's spellings.
 
     Raises :class:`DataError` for a missing or unreadable file, a file that
     is empty or has only a header, no target column (naming the columns
@@ -413,6 +532,7 @@ def read_csv(
         categorical=categorical,
         drop=drop,
         limits=limits,
+        task=task,
     )
 
 
@@ -488,7 +608,30 @@ def summarize(
         tuple(out),
         _shareable(table.negative_label, limits),
         _shareable(table.positive_label, limits),
+        task=table.task,
+        classes=_class_counts(table),
+        target_stats=_target_stats(table),
     )
+
+
+def _class_counts(table: Table) -> tuple[tuple[str, int], ...]:
+    """Multi-class: every class of the table with its rows (the federation's class set is
+    their union, so each is named whatever its count); empty for the other tasks."""
+    if table.task != MULTICLASS:
+        return ()
+    counts = np.bincount(table.target, minlength=len(table.classes))
+    return tuple((c, int(k)) for c, k in zip(table.classes, counts, strict=True) if k > 0)
+
+
+def _target_stats(table: Table) -> ColumnSummary | None:
+    """Regression: the target's count, mean and sum of squared deviations (pooled into the
+    standardization every member applies to it); None for the other tasks."""
+    if table.task != REGRESSION:
+        return None
+    y = np.asarray(table.target, dtype=np.float64)
+    mean = float(y.mean()) if len(y) else 0.0
+    m2 = float(np.sum((y - mean) ** 2)) if len(y) else 0.0
+    return ColumnSummary(table.target_name, NUMERIC, len(y), 0, mean=mean, m2=m2)
 
 
 def _shareable(label: str | None, limits: SummaryLimits) -> str | None:
@@ -508,6 +651,11 @@ def encode(table: Table, schema: FeatureSchema) -> tuple[F32, F32]:
     :func:`~fedup.learn.schema.fits` on the summary first to get all
     problems at once).
     """
+    return encode_features(table, schema), encode_target(table, schema)
+
+
+def encode_features(table: Table, schema: FeatureSchema) -> F32:
+    """The model's inputs of :func:`encode` alone (rows to score have no target)."""
     n = table.n_rows
     x = np.zeros((n, schema.width), dtype=np.float32)
     at = 0
@@ -537,24 +685,61 @@ def encode(table: Table, schema: FeatureSchema) -> tuple[F32, F32]:
         if spec.missing:
             x[:, at] = miss
             at += 1
-    return x, table.target.astype(np.float32)
+    return x
+
+
+def encode_target(table: Table, schema: FeatureSchema) -> F32:
+    """The target as the model learns it (float32): binary 0/1; multi-class the index of
+    the row's class in the schema's class set; regression standardized with the
+    federation's pooled mean and standard deviation.  Raises :class:`DataError` for a
+    table of another task than the schema's or a class the schema does not list."""
+    if table.task != schema.task:
+        raise DataError(
+            f"{table.source}: the target is {table.task}, the federation's is {schema.task}"
+        )
+    if table.task == MULTICLASS:
+        at = {c: i for i, c in enumerate(schema.classes)}
+        unknown = [c for c in table.classes if c not in at]
+        if unknown:
+            raise DataError(
+                f"{table.source}: class {unknown[0]!r} is not in the federation's classes"
+            )
+        mapping = np.array([at[c] for c in table.classes], dtype=np.int64)
+        return np.asarray(mapping[table.target], dtype=np.float32)
+    if table.task == REGRESSION:
+        z = (np.asarray(table.target, dtype=np.float64) - schema.target_mean) / schema.target_std
+        return z.astype(np.float32)
+    return np.asarray(table.target).astype(np.float32)
 
 
 def split(table: Table, *, val_fraction: float = 0.2, seed: int = 0) -> tuple[Table, Table]:
     """Stratified train/validation split, deterministic in ``seed``.
 
-    Each label's rows are shuffled with ``numpy.random.default_rng(seed)``
-    and ``round(val_fraction * count)`` of them go to validation; both parts
-    keep the table's row order.
+    Each label's rows (a multi-class table: each class's; a regression table: all
+    rows as one group) are shuffled with ``numpy.random.default_rng(seed)`` and
+    ``round(val_fraction * count)`` of them go to validation; both parts keep the
+    table's row order.  A multi-class or regression table whose groups are all too
+    small to give one (5 rows of 4 classes, say) gives one row of its largest group
+    when that group has 2 rows or more (so every class keeps a training row, and is
+    in the summary of the training split the member shares), so it has a validation
+    loss.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     rng = np.random.default_rng(seed)
     val: list[npt.NDArray[np.intp]] = []
-    for label in (0, 1):
-        idx = np.flatnonzero(table.target == label)
+    if table.task == REGRESSION:
+        groups = [np.arange(table.n_rows)]
+    else:
+        labels = range(len(table.classes)) if table.task == MULTICLASS else (0, 1)
+        groups = [np.flatnonzero(table.target == label) for label in labels]
+    for idx in groups:
         k = round(val_fraction * len(idx))
         val.append(rng.permutation(idx)[:k])
+    chosen = np.concatenate(val)
+    largest = max(groups, key=len)
+    if table.task != BINARY and not len(chosen) and val_fraction > 0 and len(largest) >= 2:
+        chosen = rng.permutation(largest)[:1]  # its group keeps a training row
     is_val = np.zeros(table.n_rows, dtype=bool)
-    is_val[np.concatenate(val)] = True
+    is_val[chosen] = True
     return table.take(np.flatnonzero(~is_val)), table.take(np.flatnonzero(is_val))

@@ -49,6 +49,8 @@ from torch.nn import functional as F
 
 from fedup.learn.schema import FeatureSchema
 from fedup.learn.tabular import DataError, Table, encode, split
+from fedup.learn.targets import MULTICLASS, REGRESSION
+from fedup.learn.task_metrics import MulticlassMetrics, RegressionMetrics, TargetMetrics
 
 if TYPE_CHECKING:
     from fedup.learn.privacy import PrivateTraining
@@ -117,6 +119,9 @@ class EvalStats:
     """Binary tasks: histogram of predicted probabilities of positive samples."""
     neg_hist: tuple[int, ...] = ()
     """Binary tasks: the same for negative samples."""
+    slots: tuple[int, ...] = ()
+    """Multi-class and regression tables: the task's own integer sums, pooled like the
+    histograms and in their place (:mod:`fedup.learn.task_metrics`)."""
 
     @property
     def loss(self) -> float:
@@ -133,6 +138,7 @@ class EvalStats:
             self.correct + other.correct,
             _add_hist(self.pos_hist, other.pos_hist),
             _add_hist(self.neg_hist, other.neg_hist),
+            _add_hist(self.slots, other.slots),
         )
 
     def auc(self) -> float:
@@ -228,6 +234,28 @@ class Task(ABC):
         <fedup.learn.privacy.PrivateTraining.report>`), or None when it trains without."""
         return None
 
+    @property
+    def metrics(self) -> TargetMetrics | None:
+        """How a multi-class or regression table is scored (None: as a binary task, by
+        accuracy and the score histograms' AUC)."""
+        return None
+
+    def lap_figures(self, stats: EvalStats) -> tuple[float, float]:
+        """The two figures a lap record carries beside the loss (its ``accuracy`` and
+        ``auc`` fields): accuracy and AUC here; multi-class, accuracy and macro-F1;
+        regression, MAE (the target's units) and R²."""
+        metrics = self.metrics
+        return (stats.accuracy, stats.auc()) if metrics is None else metrics.lap_figures(stats)
+
+    def figures(self, stats: EvalStats) -> dict[str, float]:
+        """An evaluation as named figures: ``loss``, ``accuracy``, ``auc`` here;
+        multi-class ``loss``, ``accuracy``, ``macro_f1``; regression ``loss``
+        (standardized), ``mse``, ``mae``, ``r2`` (the target's units)."""
+        metrics = self.metrics
+        if metrics is None:
+            return {"loss": stats.loss, "accuracy": stats.accuracy, "auc": stats.auc()}
+        return metrics.figures(stats)
+
     @abstractmethod
     def build_model(self, seed: int) -> nn.Module:
         """A new model, on the CPU, whose initial weights depend only on ``seed``."""
@@ -270,7 +298,9 @@ class TensorTask(Task):
     ``device`` is where the data are kept and the model trains (default: where
     ``x_train`` is); the four tensors are moved there once, here.  ``privacy``
     (a local choice, in no digest) makes every hop train with DP-SGD
-    (:mod:`fedup.learn.privacy`; call its ``plan`` before the run).
+    (:mod:`fedup.learn.privacy`; call its ``plan`` before the run).  ``metrics``
+    scores a multi-class or regression table (:mod:`fedup.learn.task_metrics`):
+    evaluation then adds its counts to the sums.
     """
 
     def __init__(
@@ -288,8 +318,10 @@ class TensorTask(Task):
         eval_batch: int = 8192,
         device: torch.device | str | None = None,
         privacy: PrivateTraining | None = None,
+        metrics: TargetMetrics | None = None,
     ) -> None:
         self.privacy = privacy
+        self._metrics = metrics
         where = torch.device(device) if device is not None else x_train.device
         if where.type == "cuda" and where.index is None:
             where = torch.device("cuda", torch.cuda.current_device())
@@ -306,6 +338,10 @@ class TensorTask(Task):
     @property
     def device(self) -> torch.device:
         return self._device
+
+    @property
+    def metrics(self) -> TargetMetrics | None:
+        return self._metrics
 
     def privacy_report(self) -> dict[str, Any] | None:
         return self.privacy.report() if self.privacy is not None else None
@@ -420,6 +456,9 @@ class TensorTask(Task):
             return EvalStats(0.0, 0)
         out = self.outputs(model)
         loss_sum = float(self.loss_fn(out, self.y_val).double().sum())
+        if self._metrics is not None:
+            correct, slots = self._metrics.sums(out, self.y_val)
+            return EvalStats(loss_sum, self.n_val, correct, slots=slots)
         if not self.binary:
             return EvalStats(loss_sum, self.n_val)
         prob = torch.sigmoid(out.reshape(-1).double()).cpu().numpy()
@@ -442,19 +481,28 @@ class TensorTask(Task):
             torch.cat([t.x_train for t in tasks]), torch.cat([t.y_train for t in tasks]),
             torch.cat([t.x_val for t in tasks]), torch.cat([t.y_val for t in tasks]),
             model_fn=first.model_fn, loss_fn=first.loss_fn, batch_size=first.batch_size,
-            lr=first.lr, binary=first.binary, **kwargs,
+            lr=first.lr, binary=first.binary, metrics=first.metrics, **kwargs,
         )  # fmt: skip
 
 
-def mlp(width: int, hidden: Sequence[int] = (64, 32)) -> nn.Sequential:
-    """``width -> hidden... -> 1`` with ReLU between layers (PyTorch's default init)."""
+def mlp(width: int, hidden: Sequence[int] = (64, 32), outputs: int = 1) -> nn.Sequential:
+    """``width -> hidden... -> outputs`` with ReLU between layers (PyTorch's default init)."""
     layers: list[nn.Module] = []
     prev = width
     for h in hidden:
         layers += [nn.Linear(prev, h), nn.ReLU()]
         prev = h
-    layers.append(nn.Linear(prev, 1))
+    layers.append(nn.Linear(prev, outputs))
     return nn.Sequential(*layers)
+
+
+def target_metrics(schema: FeatureSchema) -> TargetMetrics | None:
+    """How the schema's task is scored (None: binary, the built-in way)."""
+    if schema.task == MULTICLASS:
+        return MulticlassMetrics(schema.classes)
+    if schema.task == REGRESSION:
+        return RegressionMetrics(schema.target_mean, schema.target_std)
+    return None
 
 
 def _bce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -487,12 +535,14 @@ def check_rows(table: Table) -> None:
 
 
 class TabularTask(TensorTask):
-    """Binary classification of a table's rows with a small MLP.
+    """A table's target learned by a small MLP: binary, multi-class or regression.
 
     The rows are split (stratified, ``val_fraction``, ``split_seed``) and
     encoded with the federation's ``schema``; the model is
-    ``schema.width -> hidden... -> 1`` with ReLU, trained with Adam on the
-    binary cross-entropy of the logit.  Every peer must use the same
+    ``schema.width -> hidden... -> schema.outputs`` with ReLU, trained with Adam
+    on the binary cross-entropy of the logit (binary), the cross-entropy of the
+    K logits (multi-class) or the squared error of the standardized target
+    (regression, :mod:`fedup.learn.task_metrics`).  Every peer must use the same
     ``hidden``, ``lr`` and ``batch_size``; ``device`` is its own (default: the CPU).
     """
 
@@ -516,12 +566,13 @@ class TabularTask(TensorTask):
         self.hidden = tuple(hidden)
         self.source = table.source
         self._spare: list[nn.Module] = []
+        metrics = target_metrics(schema)
         super().__init__(
             torch.from_numpy(x_tr), torch.from_numpy(y_tr),
             torch.from_numpy(x_va), torch.from_numpy(y_va),
-            model_fn=lambda seed: mlp(schema.width, self.hidden),
-            loss_fn=_bce, batch_size=batch_size, lr=lr, binary=True, device=device,
-            privacy=privacy,
+            model_fn=lambda seed: mlp(schema.width, self.hidden, schema.outputs),
+            loss_fn=_bce if metrics is None else metrics.loss, batch_size=batch_size, lr=lr,
+            binary=metrics is None, device=device, privacy=privacy, metrics=metrics,
         )  # fmt: skip
 
     @contextmanager

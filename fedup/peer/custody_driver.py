@@ -45,7 +45,7 @@ from fedup.net.links import OutboundLink, serve_link
 from fedup.net.timers import Timers
 from fedup.net.transport import DialError
 from fedup.peer import events as ev
-from fedup.peer.outputs import RunOutputs, RunSummary, federation_json
+from fedup.peer.outputs import RunOutputs, RunSummary, federation_json, lap_line, shown_figures
 from fedup.peer.run_state_file import RunStateFile
 from fedup.peer.tamper import OutgoingBlob, Tamper
 from fedup.peer.tasks import TaskBuilder
@@ -607,18 +607,10 @@ class CustodyDriver:
         for h in state.meta.history:
             if h.lap in self._history:
                 continue  # noted and logged when it first came by (a lap line is written once)
-            self._events.emit(ev.LapNoted(h.lap, h.loss, h.accuracy, h.auc, h.samples))
+            accuracy, auc = shown_figures(self.task, h)
+            self._events.emit(ev.LapNoted(h.lap, h.loss, accuracy, auc, h.samples))
             self._history[h.lap] = h
-            self.outputs.log_lap(
-                {
-                    "lap": h.lap,
-                    "federated_val_loss": h.loss,
-                    "accuracy": h.accuracy,
-                    "auc": None if math.isnan(h.auc) else h.auc,
-                    "n": h.n,
-                    "samples": h.samples,
-                }
-            )
+            self.outputs.log_lap(lap_line(self.task, h))
 
     # --- handing on ---------------------------------------------------------------------
 
@@ -884,6 +876,8 @@ class CustodyDriver:
             ended_by=a.ended_by.text,
             ok=ok,
             dp=self.task.privacy_report(),
+            task="binary" if self.task.metrics is None else self.task.metrics.kind,
+            final_val=self.task.figures(own),
         )
         self.outputs.save_summary(self.summary)
         log.info(

@@ -44,7 +44,9 @@ import torch
 
 from fedup.errors import ConfigError, FileError
 from fedup.files import make_dirs, open_append, write_atomic
+from fedup.learn.ring import LapResult
 from fedup.learn.schema import FeatureSchema
+from fedup.learn.task import Task
 from fedup.learn.weights import save_safetensors, write_safetensors_parts
 from fedup.protocol.view import SignedView, run_settings_json
 
@@ -161,6 +163,14 @@ class RunSummary:
     """This member's differential privacy (``epsilon_spent``, ``epsilon``, ``delta``,
     ``noise_multiplier``, ``clip``, ...: :meth:`fedup.learn.privacy.PrivateTraining.report`),
     or None when it trained without.  A local figure: the other members' differ."""
+    task: str = "binary"
+    """The table's task (``binary``, ``multiclass``, ``regression``: :mod:`fedup.learn.targets`);
+    a library task of its own counts as binary."""
+    final_val: dict[str, Any] | None = None
+    """The final model on this member's own validation split, as the task's figures
+    (:meth:`fedup.learn.task.Task.figures`): ``loss``, ``accuracy``, ``auc`` (binary);
+    ``loss``, ``accuracy``, ``macro_f1`` (multi-class); ``loss`` (the standardized MSE),
+    ``mse``, ``mae``, ``r2`` in the target's units (regression)."""
     personal: dict[str, Any] | None = None
     """This member's personal model (``personal.safetensors``, never sent): ``layers``
     (K), ``own_val`` (the personal model), ``shared_own_val`` (the federation's) and
@@ -244,6 +254,34 @@ class RunOutputs:
     def _write_json(self, path: Path, value: Mapping[str, Any]) -> None:
         """Replace ``path`` atomically: a reader never sees half a file."""
         write_atomic(path, encode_json(value))
+
+
+def lap_line(task: Task, h: LapResult) -> dict[str, Any]:
+    """A ``metrics.jsonl`` lap line's figures: ``lap``, ``federated_val_loss`` (the loss
+    the stopping rule judges), the task's figures, ``n``, ``samples``.  Binary:
+    ``accuracy``, ``auc``; multi-class: ``accuracy``, ``macro_f1``; regression: ``mse``
+    (the loss in the target's units), ``mae``, ``r2``."""
+    metrics = task.metrics
+    kind = "binary" if metrics is None else metrics.kind
+    figures: dict[str, Any]
+    if kind == "regression":
+        std = getattr(metrics, "std", 1.0)
+        figures = {"mse": h.loss * std * std, "mae": h.accuracy, "r2": h.auc}
+    else:
+        second = "macro_f1" if kind == "multiclass" else "auc"
+        figures = {"accuracy": h.accuracy, second: h.auc}
+    line = {"lap": h.lap, "federated_val_loss": h.loss, **figures, "n": h.n, "samples": h.samples}
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in line.items()}
+
+
+def shown_figures(task: Task, h: LapResult) -> tuple[float, float]:
+    """The accuracy and AUC a live display shows for a lap: a lap record's two figures
+    for a binary task, its accuracy alone for a multi-class one (the other is the
+    macro-F1), none for a regression (MAE and R²): NaN is not shown."""
+    metrics = task.metrics
+    if metrics is None:
+        return h.accuracy, h.auc
+    return (h.accuracy if metrics.kind == "multiclass" else math.nan), math.nan
 
 
 def encode_json(value: Mapping[str, Any]) -> bytes:

@@ -77,7 +77,8 @@ class TaskSource(abc.ABC):
 
 
 class TabularSource(TaskSource):
-    """A table with a binary target, trained with the built-in MLP on ``device``."""
+    """A table with a binary, multi-class or numeric target (its :attr:`Table.task
+    <fedup.learn.tabular.Table.task>`), trained with the built-in MLP on ``device``."""
 
     kind = "tabular-mlp"
 
@@ -133,16 +134,19 @@ class TabularSource(TaskSource):
         device: str | torch.device = "cpu",
         privacy: DpBudget | None = None,
         personal_layers: int = 0,
+        task: str | None = None,
     ) -> TabularSource:
         """Read a CSV without the ``drop`` columns, ``positive_label`` being the target's
         positive class (default: inferred, see :func:`~fedup.learn.tabular.parse_target`),
-        to train on ``device`` (see :class:`TabularSource`).
+        to train on ``device`` (see :class:`TabularSource`).  ``task`` is ``binary``,
+        ``multiclass`` or ``regression``; None infers it from the target's values
+        (:mod:`fedup.learn.targets`).
 
         Raises :class:`~fedup.learn.tabular.DataError` with a clear reason (a ``drop``
         column the file does not have, a ``positive_label`` the target does not have,
         too few rows, ...).
         """
-        table = read_csv(path, target, drop=drop, positive_label=positive_label)
+        table = read_csv(path, target, drop=drop, positive_label=positive_label, task=task)
         return cls(
             table, target=target, device=device, privacy=privacy, personal_layers=personal_layers
         )
@@ -158,6 +162,7 @@ class TabularSource(TaskSource):
         device: str | torch.device = "cpu",
         privacy: DpBudget | None = None,
         personal_layers: int = 0,
+        task: str | None = None,
     ) -> TabularSource:
         """This peer's synthetic lender (deterministic from its peer ID), written to a CSV
         in ``directory`` so the user can see what was used (folder 0700, file 0600; see
@@ -168,7 +173,7 @@ class TabularSource(TaskSource):
         data.write_csv(path)
         return cls.from_csv(
             path, "default", drop=drop, positive_label=positive_label, device=device,
-            privacy=privacy, personal_layers=personal_layers,
+            privacy=privacy, personal_layers=personal_layers, task=task,
         )  # fmt: skip
 
     def summary(self) -> dict[str, object]:

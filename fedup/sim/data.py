@@ -50,17 +50,19 @@ def csv_tables(
     seed: int = 0,
     drop: Iterable[str] = (),
     positive_label: str | None = None,
+    task: str | None = None,
 ) -> list[Table]:
     """The rows of one CSV dealt out to ``n_peers`` peers by ``spec`` (not ``lender``).
 
-    ``drop`` and ``positive_label`` are :func:`~fedup.learn.tabular.read_csv`'s.
+    ``drop``, ``positive_label`` and ``task`` are :func:`~fedup.learn.tabular.read_csv`'s
+    (``task`` None: inferred from the whole file, so every peer has the same).
     Raises :class:`~fedup.learn.tabular.DataError` for an unusable file or spec.
     """
     if spec == "lender":
         raise DataError(
             "partition 'lender' is for synthetic data; use iid, dirichlet:A or column:NAME"
         )
-    table = read_csv(path, target, drop=drop, positive_label=positive_label)
+    table = read_csv(path, target, drop=drop, positive_label=positive_label, task=task)
     return partition([table], spec, n_peers, seed=seed)
 
 

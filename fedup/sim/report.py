@@ -70,7 +70,9 @@ def build_report(
                 "name": p.name,
                 "train_rows": t.n_train,
                 "val_rows": t.n_val,
-                "positive_rate": float(torch.cat([t.y_train, t.y_val]).mean()),
+                "positive_rate": float(torch.cat([t.y_train, t.y_val]).mean())
+                if t.binary
+                else None,
                 "finished": p.summary is not None,
                 "error": p.error,
                 "listed_dead": any(
