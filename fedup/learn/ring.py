@@ -77,7 +77,7 @@ from fedup.learn.lap_sums import (
 )
 from fedup.learn.task import EvalStats, Task, TrainBudget, seeded
 from fedup.protocol import cbor
-from fedup.protocol.laps import LapRecord, Progress, StopState
+from fedup.protocol.laps import HISTORY_WINDOW, LapRecord, Progress, StopState
 from fedup.protocol.schema import FieldReader, MessageError
 from fedup.protocol.view import SETTINGS_BOUNDS, RunSettings, settings_problem
 
@@ -98,7 +98,7 @@ __all__ = [
 META_VERSION: Final = 2
 MAX_LAPS_CEILING: Final = int(SETTINGS_BOUNDS["max_laps"].hi)
 """Largest ``max_laps`` (the run settings' bound: one source)."""
-MAX_HISTORY: Final = 8
+MAX_HISTORY: Final = HISTORY_WINDOW
 """Lap results carried in the metadata (the most recent).  A member sees the model
 every lap, so it only needs the one or two results closed since it last saw it to
 check the stopping state (:mod:`fedup.protocol.custody_rules`); each member keeps the

@@ -24,7 +24,7 @@ import itertools
 
 import attrs
 
-from fedup.protocol.laps import LapRecord, Position, Progress, StopState
+from fedup.protocol.laps import HISTORY_WINDOW, LapRecord, Position, Progress, StopState
 
 __all__ = ["StopRule", "check_final_progress", "check_model_progress", "new_records"]
 
@@ -59,14 +59,16 @@ def new_records(seen: Progress, claimed: Progress) -> tuple[LapRecord, ...] | st
         if not new.same_as(old):
             return f"the result of lap {old.lap} was rewritten"
     newest = seen.history[-1].lap if seen.history else None
-    if newest is None:
-        if first is not None and first > -1:  # results begin at lap -1 (the initial model)
-            return "gap"
-        fresh = claimed.history
-    else:
-        fresh = tuple(r for r in claimed.history if r.lap > newest)
-        if fresh and first is not None and first > newest + 1 and first == fresh[0].lap:
-            return "gap"
+    fresh = (
+        claimed.history if newest is None else tuple(r for r in claimed.history if r.lap > newest)
+    )
+    # A window shorter than HISTORY_WINDOW holds every result judged so far (laps whose
+    # opener died unjudged are simply absent); a full one whose results are all new
+    # may have pushed out results never seen here.
+    full = len(claimed.history) >= HISTORY_WINDOW
+    after = -2 if newest is None else newest  # results begin at lap -1 (the initial model)
+    if full and fresh and first is not None and first > after + 1 and first == fresh[0].lap:
+        return "gap"
     return fresh
 
 

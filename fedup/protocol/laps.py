@@ -47,6 +47,11 @@ class Position:
         return f"lap {self.lap} hop {self.hop}"
 
 
+HISTORY_WINDOW = 8
+"""Lap results a ring state's metadata carries: the most recent, oldest first (every
+member keeps the whole history itself)."""
+
+
 def next_position(ring: Ring, sender: PeerId, current: Position) -> tuple[PeerId, Position]:
     """Where ``sender``, holding the model at ``current``, sends it next.
 

@@ -206,3 +206,14 @@ def test_a_returner_accepts_a_history_with_a_gap_and_others_do_not() -> None:
     assert check_model_progress(seen, claimed, returning=True, **kwargs) is None  # type: ignore[arg-type]
     ended = attrs.evolve(claimed, stop=StopState(0, 0.3, 0.3, 25))  # the rule holds: not ended
     assert "holds" in (check_model_progress(seen, ended, returning=True, **kwargs) or "")  # type: ignore[arg-type]
+
+
+def test_a_lap_left_unjudged_by_a_dead_head_is_no_gap() -> None:
+    """The head that opened lap 0 died: nobody could unmask its sums, so the history goes
+    from nothing to lap 0's result; a member that saw no result takes it (the window is
+    not full: nothing fell out of it)."""
+    rule = StopRule(patience=20, tolerance=1e-3, max_laps=30)
+    stop, _ = StopState().judge(_records(range(0, 1))[0], tolerance=rule.tolerance)
+    claimed = Progress(2, 0, False, 0, stop, _records(range(0, 1)))
+    kwargs = {"position": Position(2, 1), "sender_position": 0, "rule": rule}
+    assert check_model_progress(Progress.initial(), claimed, **kwargs) is None  # type: ignore[arg-type]
