@@ -126,7 +126,13 @@ def add_parser(
     p.set_defaults(log_level="warning")
     option = functools.partial(add_option, p)
 
-    option("--peers", PEERS, 5, "simulated peers")
+    option(
+        "--peers",
+        PEERS,
+        None,
+        "simulated peers; for column:NAME the column's values grouped into this many",
+        shown="5; for column:NAME one per value",
+    )
     option("--data", Path, None, "CSV to deal out", shown="synthetic lenders")
     option("--target", str, "default", "binary target column of --data")
     p.add_argument(
@@ -148,7 +154,8 @@ def add_parser(
         "--partition",
         str,
         None,
-        "lender (synthetic only), iid, dirichlet:ALPHA, column:NAME (one peer per value)",
+        "lender (synthetic only), iid, dirichlet:ALPHA, column:NAME (values grouped into "
+        "--peers peers, or one peer per value)",
         shown="lender; iid for --data",
     )
     option("--rows", LENDER_ROWS, None, "rows per synthetic lender", shown="drawn per lender")
