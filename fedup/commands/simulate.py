@@ -28,7 +28,7 @@ from fedup.commands.run_options import (
     dp_budget,
     run_settings,
 )
-from fedup.commands.tables import print_models
+from fedup.commands.tables import MODELS, fmt, print_models
 from fedup.commands.values import (
     DEVICE_HELP,
     LENDER_ROWS,
@@ -353,8 +353,26 @@ def _print_table(report: dict[str, Any]) -> None:
         f"{'virtual' if sim['virtual_clock'] else 'real'} clock"
     )
     print_models(report)
+    _print_time_to_quality(report["time_to_quality"])
     failed = [d for d in report["data"] if not d["finished"]]
     for d in failed:
         print(f"peer {d['index']} ({d['peer_id'][-8:]}) did not finish: {d['error']}")
     print(f"model {sim['model_sha256']}  weights {sim['weights_sha256']}")
     print(f"report: {Path(report['out']) / 'report.json'}")
+
+
+def _print_time_to_quality(cost: dict[str, Any]) -> None:
+    """Each model's wall seconds (modelled: every peer on its own machine) and modelled
+    seconds to the target loss (only with the baselines: the target is centralized's)."""
+    target = cost["target_val_loss"]
+    goal = "--baselines sets the target" if target is None else f"val loss <= {target:.4f}"
+    print(f"\ntime to quality ({cost['target']}; {goal}); modelled: each peer on its own machine")
+    print("model                    modelled wall s  real wall s  to target s  target lap")
+    for key, name in MODELS:
+        c = cost["models"].get(key)
+        if c is not None:
+            print(
+                f"{name:<24} {fmt(c['modelled_wall_seconds'], '.2f'):>15} "
+                f"{fmt(c['real_wall_seconds'], '.2f'):>12} "
+                f"{fmt(c['modelled_seconds_to_target'], '.2f'):>12} {fmt(c['target_lap'], 'd'):>11}"
+            )
