@@ -28,7 +28,7 @@ from fedup.commands.run_options import (
     dp_budget,
     run_settings,
 )
-from fedup.commands.tables import print_models
+from fedup.commands.tables import MODELS, fmt, print_models
 from fedup.commands.values import (
     DEVICE_HELP,
     LENDER_ROWS,
@@ -128,7 +128,13 @@ def add_parser(
     p.set_defaults(log_level="warning")
     option = functools.partial(add_option, p)
 
-    option("--peers", PEERS, 5, "simulated peers")
+    option(
+        "--peers",
+        PEERS,
+        None,
+        "simulated peers; for column:NAME the column's values grouped into this many",
+        shown="5; for column:NAME one per value",
+    )
     option("--data", Path, None, "CSV to deal out", shown="synthetic lenders")
     option("--target", str, "default", "target column of --data")
     option("--task", task_name, None, TASK_HELP.split(" (")[0] + " of --target",
@@ -152,7 +158,8 @@ def add_parser(
         "--partition",
         str,
         None,
-        "lender (synthetic only), iid, dirichlet:ALPHA, column:NAME (one peer per value)",
+        "lender (synthetic only), iid, dirichlet:ALPHA, column:NAME (values grouped into "
+        "--peers peers, or one peer per value)",
         shown="lender; iid for --data",
     )
     option("--rows", LENDER_ROWS, None, "rows per synthetic lender", shown="drawn per lender")
@@ -353,8 +360,26 @@ def _print_table(report: dict[str, Any]) -> None:
         f"{'virtual' if sim['virtual_clock'] else 'real'} clock"
     )
     print_models(report)
+    _print_time_to_quality(report["time_to_quality"])
     failed = [d for d in report["data"] if not d["finished"]]
     for d in failed:
         print(f"peer {d['index']} ({d['peer_id'][-8:]}) did not finish: {d['error']}")
     print(f"model {sim['model_sha256']}  weights {sim['weights_sha256']}")
     print(f"report: {Path(report['out']) / 'report.json'}")
+
+
+def _print_time_to_quality(cost: dict[str, Any]) -> None:
+    """Each model's wall seconds (modelled: every peer on its own machine) and modelled
+    seconds to the target loss (only with the baselines: the target is centralized's)."""
+    target = cost["target_val_loss"]
+    goal = "--baselines sets the target" if target is None else f"val loss <= {target:.4f}"
+    print(f"\ntime to quality ({cost['target']}; {goal}); modelled: each peer on its own machine")
+    print("model                    modelled wall s  real wall s  to target s  target lap")
+    for key, name in MODELS:
+        c = cost["models"].get(key)
+        if c is not None:
+            print(
+                f"{name:<24} {fmt(c['modelled_wall_seconds'], '.2f'):>15} "
+                f"{fmt(c['real_wall_seconds'], '.2f'):>12} "
+                f"{fmt(c['modelled_seconds_to_target'], '.2f'):>12} {fmt(c['target_lap'], 'd'):>11}"
+            )

@@ -109,6 +109,8 @@ class RingResult:
     """Data passes of the whole run, including the laps after the best one."""
     seconds: float
     """Wall time of the run."""
+    lap_seconds: tuple[float, ...] = ()
+    """Wall seconds from the start until lap ``i``'s last hop ended, for each lap run."""
 
     @property
     def best(self) -> LapResult | None:
@@ -159,6 +161,7 @@ def simulate_ring(
     history: list[LapResult] = []
     masks = LapMasks()  # the sums travel masked, as between peers (hop 0 opens each lap)
     lap = 0
+    lap_seconds: list[float] = []
     while True:
         for hop, task in enumerate(tasks):
             # The candidate a hop judges is the one it received (train_hop replaces it).
@@ -171,6 +174,7 @@ def simulate_ring(
             if metrics.done:
                 break
         else:
+            lap_seconds.append(time.perf_counter() - start)
             lap += 1
             continue
         break
@@ -186,6 +190,7 @@ def simulate_ring(
         passes=(final.samples if final else 0) / n_train,
         total_passes=meta.samples / n_train,
         seconds=time.perf_counter() - start,
+        lap_seconds=tuple(lap_seconds),
     )
 
 

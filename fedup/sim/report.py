@@ -8,10 +8,17 @@ what a peer sent over the simulated network (federated), the encoded rows it
 would hand to a central server (centralized), nothing (local-only).  With
 ``--personal-layers``, ``personalized`` scores each member's personal model on its
 own split and on the union, beside its summary's shared and local-only figures.
+
+``time_to_quality`` puts each model's cost side by side: data passes, modelled
+and real wall seconds, bytes sent per peer, and the modelled seconds until it
+came within 1% of the final centralized model's validation loss on the union
+(the federation's modelled wall-clock is :mod:`fedup.sim.wallclock`'s critical
+path; centralized and local-only are timed as they ran).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +26,7 @@ from typing import Any
 import torch
 
 from fedup.errors import FedupError
-from fedup.learn.baselines import score
+from fedup.learn.baselines import RingResult, score
 from fedup.learn.comparison import centralized_entry, local_only_entry, model_entry, scores
 from fedup.learn.ring import RingSettings
 from fedup.learn.task import TensorTask
@@ -27,8 +34,12 @@ from fedup.learn.weights import load_safetensors
 from fedup.peer import TaskSource
 from fedup.protocol.view import run_settings_json
 from fedup.sim.runner import SimResult
+from fedup.sim.wallclock import CriticalPath, LinkModel, critical_path, time_to_target
 
-__all__ = ["build_report"]
+__all__ = ["TARGET_MARGIN", "build_report"]
+
+TARGET_MARGIN = 0.01
+"""Time to quality: within 1% of the final centralized model's validation loss."""
 
 
 def _tasks(result: SimResult, sources: Sequence[TaskSource]) -> list[TensorTask]:
@@ -95,11 +106,93 @@ def build_report(
     personal = _personal_entry(result, tasks)
     if personal is not None:
         report["personalized"] = personal
+    central: RingResult | None = None
+    local: list[RingResult] = []
     if baselines:
         settings = RingSettings.for_run(result.run) if result.run is not None else RingSettings()
-        report["centralized"], _ = centralized_entry(tasks, settings)
-        report["local_only"], _, _ = local_only_entry(tasks, settings)
+        report["centralized"], central = centralized_entry(tasks, settings)
+        report["local_only"], local, _ = local_only_entry(tasks, settings)
+    report["time_to_quality"] = _time_to_quality(result, report, central, local)
     return report
+
+
+def _time_to_quality(
+    result: SimResult,
+    report: dict[str, Any],
+    central: RingResult | None,
+    local: Sequence[RingResult],
+) -> dict[str, Any]:
+    """Each model's data passes, modelled and real wall seconds, bytes sent per peer and
+    modelled seconds to the target (see the module docstring and docs/simulator.md)."""
+    faults = result.settings.faults
+    path = critical_path(
+        result.timeline,
+        LinkModel(link=faults.link, links=faults.links),
+        hold={s.peer: s.delay for s in faults.slow},
+    )
+    reference = report["centralized"]["union"]["val_loss"] if central is not None else None
+    target = None if reference is None else reference * (1 + TARGET_MARGIN)
+    first = result.finished_peers[0].summary
+    assert first is not None
+    fed_losses = zip(first.federated_laps, first.federated_val_loss, strict=True)
+    models: dict[str, Any] = {
+        "federated": _cost(
+            first.data_passes,
+            path.total,
+            result.wall_seconds,
+            sum(p.bytes_sent for p in result.peers) / len(result.peers),
+            time_to_target(path.lap_ends, fed_losses, target),
+        )
+    }
+    if central is not None:
+        ends = {-1: 0.0, **dict(enumerate(central.lap_seconds))}
+        reached = time_to_target(ends, ((h.lap, h.loss) for h in central.history), target)
+        pooled = report["centralized"]["mean"]["bytes_sent"]
+        models["centralized"] = _cost(central.passes, central.seconds, central.seconds, pooled,
+                                      reached)  # fmt: skip
+    if local:
+        seconds = [r.seconds for r in local]
+        models["local_only"] = _cost(
+            sum(r.passes for r in local) / len(local), max(seconds), sum(seconds), 0, None
+        )
+    return {
+        "target": f"within {TARGET_MARGIN:.0%} of the final centralized validation loss",
+        "centralized_val_loss": reference,
+        "target_val_loss": target,
+        "critical_path": _path(path, result),
+        "models": models,
+    }
+
+
+def _cost(
+    passes: float,
+    modelled: float,
+    real: float,
+    sent: float,
+    reached: tuple[int, float] | None,
+) -> dict[str, Any]:
+    return {
+        "data_passes": passes,
+        "modelled_wall_seconds": modelled,
+        "real_wall_seconds": real,
+        "bytes_sent_per_peer": sent,
+        "target_lap": None if reached is None else reached[0],
+        "modelled_seconds_to_target": None if reached is None else reached[1],
+    }
+
+
+def _path(path: CriticalPath, result: SimResult) -> dict[str, Any]:
+    link = result.settings.faults.link
+    return {
+        "formation_seconds": path.formation,
+        "compute_seconds": path.compute,
+        "transfer_seconds": path.transfer,
+        "final_seconds": path.final,
+        "hops": path.hops,
+        "latency_seconds": link.latency,
+        "bandwidth_bytes_per_second": None if math.isinf(link.bandwidth) else link.bandwidth,
+        "lap_end_seconds": {str(lap): t for lap, t in sorted(path.lap_ends.items())},
+    }
 
 
 def _personal_entry(result: SimResult, tasks: Sequence[TensorTask]) -> dict[str, Any] | None:

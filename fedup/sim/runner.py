@@ -58,6 +58,7 @@ from fedup.protocol.provenance import shared_process
 from fedup.protocol.view import RunSettings
 from fedup.sim.faults import Drop, Faults, Kill
 from fedup.sim.network import SimNetwork
+from fedup.sim.wallclock import Timeline, TimelineRecorder
 from fedup.sim.world import MemoryWorld
 
 __all__ = [
@@ -155,6 +156,9 @@ class SimResult:
     """Connections dropped: (dialer, listener, clock time)."""
     connections: dict[tuple[int, int], int] = attrs.field(factory=dict)
     """Connections opened, by (dialer, listener): calls, links, and re-dials of broken links."""
+    timeline: Timeline = attrs.field(factory=Timeline)
+    """Formation, every hop's computing and every hand-over's size
+    (:mod:`fedup.sim.wallclock` makes the modelled wall-clock of them)."""
 
     @property
     def finished_peers(self) -> list[PeerOutcome]:
@@ -293,6 +297,9 @@ class _Simulation:
         self.errors: list[str | None] = [None] * n
         self.hops = [0] * n
         self.marks: list[LapMark] = []
+        self.timeline = TimelineRecorder(
+            {ident.peer_id: i for i, ident in enumerate(self.identities)}
+        )
         self.triggers: dict[tuple[int, int], list[Kill | Drop]] = {}
         faulty: list[Kill | Drop] = [*faults.kills, *faults.drops]
         self.training_kills: dict[tuple[int, int, int], Kill] = {}
@@ -322,6 +329,7 @@ class _Simulation:
 
     def on_event(self, index: int, peer: PeerId, at: float, event: ev.PeerEvent) -> None:
         """Peer ``index`` reported ``event`` (called at once, in that peer's task)."""
+        self.timeline.note(index, at - self._start_clock, event)
         if isinstance(event, ev.Training):
             kill = self.training_kills.pop((index, event.lap, event.hop), None)
             if kill is not None:
@@ -484,6 +492,7 @@ class _Simulation:
             weights_sha256=digest,
             dropped=tuple(self.network.dropped),
             connections=dict(self.network.connections),
+            timeline=self.timeline.timeline(),
         )
 
 

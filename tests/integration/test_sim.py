@@ -12,9 +12,11 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -25,6 +27,8 @@ from fedup.commands.verify import verify_model
 from fedup.config import DEFAULT_LIMITS
 from fedup.learn.loans import generate_lender, lender_seed
 from fedup.peer import TabularSource
+from fedup.peer import events as ev
+from fedup.protocol.peer_id import PeerId
 from fedup.protocol.view import RunSettings
 from fedup.sim import (
     Drop,
@@ -40,6 +44,7 @@ from fedup.sim import (
 from fedup.sim import simulate as run_simulate
 from fedup.sim.network import LinkStream, _Connection, _Pipe
 from fedup.sim.runner import GC_FIRST_THRESHOLD
+from fedup.sim.wallclock import LinkModel, critical_path
 
 RUN = RunSettings(max_laps=4, patience=4)
 HOP_LATENCIES = 3
@@ -153,6 +158,39 @@ async def test_latency_costs_the_expected_virtual_time_and_changes_nothing_else(
     assert later == pytest.approx([expected] * (RUN.max_laps - 2))
     assert slow_links.clock_seconds > plain.clock_seconds + RUN.max_laps * expected
     assert slow_links.weights_sha256 == plain.weights_sha256
+
+
+@pytest.mark.parametrize("link", [Link(latency=0.02), Link(latency=0.01, bandwidth=2e6)])
+async def test_the_modelled_critical_path_is_the_virtual_clock_when_computing_is_free(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, link: Link
+) -> None:
+    """Training takes no virtual time: with every hop's computing set to zero, the modelled
+    critical path is the virtual time at which the last member saved the final model
+    (exactly on latency alone; with bandwidth the model leaves out the frames around the
+    blob, about 1 kB a hand-over, so it is a little short)."""
+    start = trio.current_time()
+    saved: list[float] = []
+
+    def watch(index: int, peer: PeerId, at: float, event: ev.PeerEvent) -> None:
+        if isinstance(event, ev.Finished):
+            saved.append(at - start)
+
+    settings = SimSettings(run=RUN, faults=Faults(link=link))
+    with trio.fail_after(10_000):
+        result = await run_simulation(lenders(4), tmp_path, settings, watch=watch)
+    assert len(saved) == 4
+    timeline = result.timeline
+    free = attrs.evolve(timeline, hops=tuple(attrs.evolve(h, compute=0.0) for h in timeline.hops))
+    path = critical_path(free, LinkModel(link=link))
+    assert path.formation == result.formed
+    assert path.hops == 4 * (RUN.max_laps + 1) + 1  # the laps, the evaluation lap, the end
+    if math.isinf(link.bandwidth):
+        assert path.total == pytest.approx(max(saved))
+    else:
+        assert 0.98 * max(saved) < path.total < max(saved)
+    measured = critical_path(timeline, LinkModel(link=link))
+    assert measured.compute == pytest.approx(sum(h.compute for h in timeline.hops))
+    assert measured.compute > 0 and measured.total == pytest.approx(path.total + measured.compute)
 
 
 async def test_a_slow_peer_delays_every_lap_by_its_delay(
@@ -329,8 +367,44 @@ def test_cli_writes_a_report_with_baselines(
     assert all(p["bytes_sent"] > 0 for p in report["centralized"]["per_peer"])
     assert all(p["bytes_sent"] == 0 for p in report["local_only"]["per_peer"])
     assert all("union" in p for p in report["local_only"]["per_peer"])
+    check_time_to_quality(report, [json.loads((p / "summary.json").read_text())
+                                   for p in sorted((out / "peers").iterdir())])  # fmt: skip
     peers = sorted((out / "peers").iterdir())
     assert len(peers) == 3 and all((p / "summary.json").exists() for p in peers)
+
+
+def check_time_to_quality(report: dict[str, Any], summaries: list[dict[str, Any]]) -> None:
+    """Each model's cost in the report agrees with the rest of the report."""
+    cost = report["time_to_quality"]
+    central_loss = report["centralized"]["union"]["val_loss"]
+    assert cost["centralized_val_loss"] == central_loss
+    assert cost["target_val_loss"] == pytest.approx(1.01 * central_loss)
+    path = cost["critical_path"]
+    parts = ("formation_seconds", "compute_seconds", "transfer_seconds", "final_seconds")
+    assert all(path[k] >= 0 for k in parts) and path["compute_seconds"] > 0
+    models = cost["models"]
+    assert set(models) == {"federated", "centralized", "local_only"}
+    fed, cen, loc = models["federated"], models["centralized"], models["local_only"]
+    assert fed["modelled_wall_seconds"] == pytest.approx(sum(path[k] for k in parts))
+    assert fed["real_wall_seconds"] == report["simulation"]["wall_seconds"]
+    assert fed["data_passes"] == report["federated"]["mean"]["epochs"]
+    assert fed["bytes_sent_per_peer"] == report["federated"]["mean"]["bytes_sent"]
+    # The federation's first lap within the target, at the modelled time that lap ended.
+    summary = summaries[0]
+    losses = dict(zip(summary["federated_laps"], summary["federated_val_loss"], strict=True))
+    within = [lap for lap, loss in sorted(losses.items()) if loss <= cost["target_val_loss"]]
+    assert fed["target_lap"] == (within[0] if within else None)
+    if within:
+        assert fed["modelled_seconds_to_target"] == path["lap_end_seconds"][str(within[0])]
+        assert fed["modelled_seconds_to_target"] <= fed["modelled_wall_seconds"]
+    # Centralized comes within 1% of its own final loss, on its own clock: one machine.
+    assert cen["modelled_wall_seconds"] == cen["real_wall_seconds"] > 0
+    assert cen["target_lap"] is not None
+    assert 0 <= cen["modelled_seconds_to_target"] <= cen["modelled_wall_seconds"]
+    assert cen["bytes_sent_per_peer"] == report["centralized"]["mean"]["bytes_sent"]
+    # Local-only: every peer on its own machine at once; no single model to time.
+    assert 0 < loc["modelled_wall_seconds"] <= loc["real_wall_seconds"]
+    assert loc["bytes_sent_per_peer"] == 0 and loc["target_lap"] is None
 
 
 def test_cli_rejects_a_bad_fault_and_a_bad_partition(tmp_path: Path) -> None:

@@ -356,6 +356,10 @@ def test_simulate_data_errors_of_drop_column_positive_label_and_size_are_one_lin
         "peer 0: 4 rows, too few to train: a peer needs at least 5 (a 20% share of each "
         "label is held out for validation); add rows"
     )
+    assert error(*common, "--partition", "column:income", "--peers", "13").endswith(
+        "partition column:income has 12 values, too few for 13 peers: ask for at most 12, "
+        "or leave the number of peers out for one peer per value"
+    )
     assert "--drop-column and --positive-label apply to --data" in error(
         "--drop-column", "id", "--peers", "2"
     )
