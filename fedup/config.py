@@ -192,6 +192,12 @@ class Limits:
         "restart, a cut-off link, a hop slower than hop_timeout); each return and the "
         "death before it are two ~400-byte notices every ring blob carries",
     )
+    minority_wait: float = _limit(
+        600.0,
+        "a member that cannot hand the model on without counting half the view or more "
+        "as dead (a partition, or many members down at once) keeps trying this long, then "
+        "stops with members-lost: only a majority of the view may go on and end the run",
+    )
     return_interval: float = _limit(
         15.0,
         "a member counted as dead sends its return request to every member again this "

@@ -154,6 +154,8 @@ class _Handover:
     """The hop statements held when it started (the blob carries those its target has
     not seen: :meth:`HopChain.suffix_for`, made again for each attempt and target)."""
     attempts: int = 1
+    held_since: float | None = None
+    """Since when the target could not be counted as dead without losing the majority."""
 
 
 @attrs.define
@@ -631,6 +633,8 @@ class CustodyMachine:
             return actions + self._maybe_done()
         if h.purpose == "final":
             return actions + self._next_final_target(h, now)
+        if not h.chain.keeps_majority():
+            return actions + self._hold_on(h, now)
         cause: DeathCause = "unreachable" if f.kind is FailureKind.UNREACHABLE else "timed-out"
         chain = self._taking_back(h.chain.claim(self._signer, cause, h.copy), h.copy)
         ring = chain.ring
@@ -642,7 +646,36 @@ class CustodyMachine:
             return actions + self._finish(h.copy, "members-lost", self.me)
         target, position = next_position(ring, self.me, h.copy)
         h.chain, h.target, h.position, h.attempts, h.started = chain, target, position, 1, now
+        h.held_since = None
         return [*actions, self._send(h)]
+
+    def _hold_on(self, h: _Handover, now: float) -> list[Action]:
+        """``h.target`` cannot be counted as dead without losing the majority of the view:
+        keep trying it (the network may heal) for ``minority_wait``, then stop with
+        ``members-lost`` (a model that is not the federation's: docs/reliability.md)."""
+        if h.held_since is None:
+            h.held_since = now
+        if now - h.held_since >= self.limits.minority_wait:
+            del self.handovers[h.id]
+            why = (
+                f"no majority of the {len(self.chain.members)} members answered for "
+                f"{self.limits.minority_wait:g} s"
+            )
+            if h.purpose == "resend":
+                return [Note("warning", f"{why}: keeping our copy")]
+            stop = Note("warning", f"{why}: stopping without the federation's model")
+            return [stop, *self._finish(h.copy, "members-lost", self.me)]
+        delay = RETRY_DELAYS[min(h.attempts - 1, len(RETRY_DELAYS) - 1)]
+        h.attempts += 1
+        return [
+            Note(
+                "warning",
+                f"counting {h.target} as dead would leave less than a majority of the "
+                f"{len(self.chain.members)} members live: holding {h.kind} {h.position} and "
+                f"trying again in {delay:g} s",
+            ),
+            SetTimer(f"retry:{h.id}", delay),
+        ]
 
     def _timer(self, event: TimerFired, now: float) -> list[Action]:
         name = event.name
@@ -683,6 +716,15 @@ class CustodyMachine:
             return [
                 Note("info", f"{kept.target} is not our successor any more; dropping our copy"),
                 *self._drop_kept(),
+            ]
+        if not self.chain.keeps_majority():
+            return [
+                Note(
+                    "warning",
+                    f"{kept.target} is silent, and counting it as dead would leave less than "
+                    "a majority of the view live: keeping our copy and waiting",
+                ),
+                SetTimer(WATCH, self.limits.hop_timeout),
             ]
         chain = self._taking_back(self.chain.claim(self._signer, "timed-out", kept.copy), kept.copy)
         if len(chain.ring.live) < 2:
@@ -890,6 +932,8 @@ class CustodyMachine:
         assert chain is not None
         ring = chain.ring
         sender, pos = event.sender, event.position
+        if not chain.has_majority:
+            return self._minority_refusal(sender, chain), None
         notice = chain.notice_about(sender)
         if notice is not None:
             return Refuse(
@@ -928,6 +972,14 @@ class CustodyMachine:
         if problem is not None:
             return Refuse(sender, RefusalCode.BAD_META, problem), None
         return None, chain
+
+    def _minority_refusal(self, sender: PeerId, chain: DeadChain) -> Refuse:
+        return Refuse(
+            sender,
+            RefusalCode.BAD_CLAIM,
+            f"its chain counts {len(chain.dead)} of the {len(chain.members)} members as dead: "
+            "only a majority of the view goes on",
+        )
 
     def _arrived_final(self, event: BlobArrived, now: float) -> list[Action]:
         final = self.final
@@ -984,6 +1036,11 @@ class CustodyMachine:
         if seal.model != event.model:
             return "the seal names another model file than the one this final model makes"
         ring = chain.ring
+        if not chain.has_majority:
+            return (
+                f"its chain counts {len(chain.dead)} of the {len(chain.members)} members as "
+                "dead: a final model needs a majority of the view live"
+            )
         if event.origin not in ring.members or ring.leader != event.origin:
             return (
                 f"it says {event.origin} ended the run, but only the lowest live member "

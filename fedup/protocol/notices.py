@@ -223,6 +223,11 @@ def open_chain_notice(data: bytes, *, max_index: int, limits: Limits) -> ChainNo
     return DeadNotice.open(data, limits=limits, max_index=max_index)
 
 
+def majority(members: int) -> int:
+    """The fewest live members that are a majority of a view of ``members``."""
+    return members // 2 + 1
+
+
 def dead_after(members: Sequence[PeerId], notices: Sequence[ChainNotice]) -> frozenset[PeerId]:
     """The members counted as dead after ``notices``, in order (a return undoes a death)."""
     dead: set[PeerId] = set()
@@ -290,11 +295,23 @@ class DeadChain:
         """The return notices that took ``peer`` back, in order."""
         return tuple(n for n in self.notices if isinstance(n, ReturnNotice) and n.back == peer)
 
+    @property
+    def has_majority(self) -> bool:
+        """Whether a majority of the view is live in this chain."""
+        return len(self.ring.live) >= majority(len(self.members))
+
+    def keeps_majority(self) -> bool:
+        """Whether one more death would still leave a majority of the view live: a
+        minority (one side of a partition) never counts the rest as dead, so it can
+        never end the run as the federation's (docs/reliability.md)."""
+        return len(self.ring.live) - 1 >= majority(len(self.members))
+
     def claim(self, signer: Signer, cause: DeathCause, at: Position) -> DeadChain:
         """The chain with a notice, signed by ``signer``, that its successor is dead.
 
         Raises :class:`~fedup.errors.LocalProtocolError` if ``signer`` is dead or
-        has no other live member to name.
+        has no other live member to name.  (Custody claims only while
+        :meth:`keeps_majority`, and takes no model whose chain lost the majority.)
         """
         ring = self.ring
         me = signer.peer_id
@@ -302,6 +319,7 @@ class DeadChain:
             raise LocalProtocolError(f"{me} is not a live member and cannot declare anyone dead")
         if len(ring.live) < 2:
             raise LocalProtocolError("no other live member to declare dead")
+
         notice = DeadNotice.seal(
             signer,
             run_id=self.run_id,
@@ -432,6 +450,7 @@ class DeadChain:
             raise NoticeError(f"{where} is by {notice.claimer}, which was already dead")
         if notice.dead in ring.dead:
             raise NoticeError(f"{where} names {notice.dead}, which was already dead")
+
         if notice.dead == notice.claimer or notice.dead != ring.successor(notice.claimer):
             raise NoticeError(
                 f"{where}: {notice.claimer} may only declare its own successor "
