@@ -329,19 +329,26 @@ def _run(
 
 def _set_aside(config: PeerConfig, identity: Identity) -> None:
     """``--fresh``: move an interrupted run's state file into that run's folder (or,
-    if it cannot be read, into the state dir's ``runs`` folder) and say where."""
+    if it cannot be read, or that folder cannot take it, such as one on another file
+    system, into the state dir's ``runs`` folder) and say where."""
     from fedup.peer.run_state_file import RunStateFile
 
     path = config.run_state_path()
-    if path is None or not path.exists():
+    if path is None or not os.path.lexists(path):  # a link there is set aside too
         return
     state_file = RunStateFile(path, identity.peer_id, config.network, config.limits)
+    runs = config.resolved_state_dir() / "runs"
     try:
         saved = state_file.load()
-        folder = Path(saved.state.out_dir) if saved is not None else None
+        folder = Path(saved.state.out_dir) if saved is not None else runs
     except ConfigError:
-        folder = None
-    moved = state_file.set_aside(folder or config.resolved_state_dir() / "runs")
+        folder = runs
+    try:
+        moved = state_file.set_aside(folder)
+    except OSError:
+        if folder == runs:
+            raise
+        moved = state_file.set_aside(runs)  # by the state dir: the same file system
     log.warning("--fresh: the interrupted run's state was moved to %s; starting a new run", moved)
 
 

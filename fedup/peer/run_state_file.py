@@ -2,7 +2,9 @@
 
 The bytes are :mod:`fedup.protocol.run_state`'s; this module adds the file: where
 it lives (``<state dir>/run-state.cbor``), writing it atomically and durably
-(:func:`fedup.files.write_atomic`), and the one-line refusals a person can act
+(:func:`fedup.files.write_atomic`), reading it as run files are read back
+(:func:`fedup.files.open_regular`: never through a symbolic link, never waiting on a
+FIFO, its size checked before it is read), and the one-line refusals a person can act
 on: a file that is corrupt, truncated, from another network or of another peer
 is never used and never silently discarded; the message says how to start anew.
 """
@@ -17,8 +19,8 @@ from pathlib import Path
 import attrs
 
 from fedup.config import Limits
-from fedup.errors import ConfigError, RemoteProtocolError
-from fedup.files import write_atomic
+from fedup.errors import ConfigError, FileError, RemoteProtocolError
+from fedup.files import make_dirs, open_regular, write_atomic
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.run_state import RunState, RunStateError, decode_run_state
 from fedup.protocol.view import SignedView, verify_view
@@ -59,15 +61,23 @@ class RunStateFile:
         """The saved run, or None if there is none; raises
         :class:`~fedup.errors.ConfigError` (one line, with the way out) for a file that
         cannot be used."""
+        limit = max_run_state_size(self.limits)
         try:
-            with open(self.path, "rb") as f:
-                data = f.read(max_run_state_size(self.limits) + 1)
-        except FileNotFoundError:
+            opened = open_regular(self.path)  # never through a link, never waiting on a FIFO
+        except FileError as exc:
+            raise self._refused(_unreadable(self.path, exc)) from None
+        if opened is None:
             return None
-        except OSError as exc:
-            raise self._refused(exc.strerror or str(exc)) from None
+        f, size = opened
+        with f:
+            if size > limit:
+                raise self._refused(f"it is {size} bytes, more than a run state can be ({limit})")
+            try:
+                data = f.read(limit + 1)
+            except OSError as exc:
+                raise self._refused(exc.strerror or str(exc)) from None
         try:
-            state = decode_run_state(data, max_size=max_run_state_size(self.limits))
+            state = decode_run_state(data, max_size=limit)
         except RunStateError as exc:
             raise self._refused(exc.reason) from None
         if state.network != self.network:
@@ -100,13 +110,22 @@ class RunStateFile:
         """Move the file into ``folder`` (``--fresh``: the interrupted run's outputs),
         under a name that says it was interrupted; returns where it went, or None if
         there was no file.  Never deletes it."""
-        if not self.path.exists():
+        if not os.path.lexists(self.path):  # a link or a FIFO there is set aside too
             return None
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_dirs(folder)  # 0700, missing parents too
         target = folder / "run-state.interrupted.cbor"
         n = 1
-        while target.exists():
+        while os.path.lexists(target):
             n += 1
             target = folder / f"run-state.interrupted.{n}.cbor"
         os.replace(self.path, target)
         return target
+
+
+def _unreadable(path: Path, exc: FileError) -> str:
+    """Why the file at ``path`` cannot be read (``exc``: what :func:`open_regular` said)."""
+    if path.is_symlink():
+        return "it is a symbolic link, which is not followed"
+    if path.exists() and not path.is_file():
+        return "it is not a regular file"
+    return str(exc).removeprefix(f"cannot read {path}: ")

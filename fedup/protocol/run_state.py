@@ -11,7 +11,7 @@ carries) and the few numbers its summary needs.  It keeps no history beyond what
 the run's provenance needs: its size is about one ring blob plus the run's chain
 of hop statements.
 
-A file is refused with :class:`RunStateError` and a one-line reason: not a run
+A file is refused with :class:`RunStateError` and a one-line reason: empty, not a run
 state, from another format version, truncated or corrupt (its BLAKE2b digest does
 not match), too large, or not strict CBOR of the right shape.  The caller adds
 whether it is this peer's and this network's, and the way out (``--fresh``).
@@ -202,6 +202,10 @@ def decode_run_state(data: bytes, *, max_size: int) -> RunState:
     """Check and decode a run-state file's bytes; raises :class:`RunStateError`."""
     if len(data) > max_size:
         raise RunStateError(f"it is {len(data)} bytes, more than a run state can be ({max_size})")
+    if not data:
+        raise RunStateError("it is empty")
+    if len(data) < len(MAGIC) and MAGIC.startswith(data):
+        raise RunStateError("it is truncated")  # cut inside the magic: not another version
     if not data.startswith(MAGIC[:6]):
         raise RunStateError("it is not a FedUp run-state file")
     if data[: len(MAGIC)] != MAGIC:

@@ -296,3 +296,80 @@ def test_drop_and_positive_label_come_from_every_source_of_settings(tmp_path: Pa
     env = resolve(parse(), environ={"FEDUP_DROP": "id,note", "FEDUP_POSITIVE_LABEL": "bad"})
     assert env["drop"] == ["id", "note"] and env["positive_label"] == "bad"
     assert resolve(parse(), environ={})["drop"] is None
+
+
+# --- an interrupted run's state file: resumed, refused, or set aside with --fresh ---------
+
+ALONE = ["--listen", "127.0.0.1:0", "--min-peers", "1", "--settle", "0", "--max-laps", "1",
+         "--patience", "1"]  # fmt: skip
+"""A federation of one: it forms at once and ends after a lap."""
+
+
+def saved_run(state: Path, out_dir: Path, network: str = "fedup") -> bytes:
+    """A run-state file of this state dir's peer, with a real view of it alone."""
+    from fedup.identity import load_or_create_identity
+    from fedup.protocol.records import PeerRecord
+    from fedup.protocol.run_state import CustodyMemory, RunState, encode_run_state
+    from fedup.protocol.view import MembershipView, RunSettings
+
+    me = load_or_create_identity(state)
+    record = PeerRecord(me.peer_id, 1, (Address("127.0.0.1", 4000),), network).seal(me)
+    view = MembershipView(bytes(16), 0, me.peer_id, (record,), RunSettings(), {"cols": ["a"]})
+    memory = CustodyMemory("waiting", 0, b"\x00" * 32, (), b"")
+    run = RunState(network, me.peer_id, str(out_dir), view.seal(me).envelope, memory, None, "seen")
+    data = encode_run_state(run)
+    (state / "run-state.cbor").write_bytes(data)
+    return data
+
+
+def fresh_start(state: Path) -> str:
+    """``start --fresh`` as a federation of one, to its end (exit 0); returns stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedup.cli", *rendezvous(state, "--fresh", *ALONE)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["ok"]
+    assert not os.path.lexists(state / "run-state.cbor")  # the new run ended: nothing to resume
+    return proc.stderr
+
+
+def test_a_corrupt_run_state_is_one_line_and_fresh_sets_it_aside(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    corrupt = b"FUPRUN\x00\x01" + bytes(32) + b"a body that does not match its digest"
+    (state / "run-state.cbor").write_bytes(corrupt)
+    line = fails_at_once(*rendezvous(state, *ALONE))
+    assert line == (
+        f"cannot resume the run saved in {state / 'run-state.cbor'}: it is truncated or "
+        "corrupt (its digest does not match); pass --fresh to start a new run (the file "
+        "is then set aside, not deleted)"
+    )
+    assert (state / "run-state.cbor").read_bytes() == corrupt  # refused, not touched
+    err = fresh_start(state)
+    aside = state / "runs" / "run-state.interrupted.cbor"  # unreadable: by the state dir
+    assert f"--fresh: the interrupted run's state was moved to {aside}; starting a new run" in err
+    assert aside.read_bytes() == corrupt
+    assert "Traceback" not in err
+    err = fresh_start(state)  # nothing to set aside now: a new run, nothing said about it
+    assert "--fresh:" not in err
+    assert aside.read_bytes() == corrupt
+
+
+def test_fresh_sets_a_saved_run_aside_into_its_own_folder(tmp_path: Path) -> None:
+    state, folder = tmp_path / "state", tmp_path / "old-run"
+    data = saved_run(state, folder, network="elsewhere")
+    line = fails_at_once(*rendezvous(state, *ALONE))
+    assert line.startswith(f"cannot resume the run saved in {state / 'run-state.cbor'}: it is ")
+    assert "a run of network 'elsewhere', and this peer is on 'fedup'; pass --fresh" in line
+    data = saved_run(state, folder)  # this network's: --fresh puts it in its run's folder
+    err = fresh_start(state)
+    aside = folder / "run-state.interrupted.cbor"
+    assert f"--fresh: the interrupted run's state was moved to {aside}; starting a new run" in err
+    assert aside.read_bytes() == data
+    (tmp_path / "a-file").write_text("x")  # a run folder that cannot take it: by the state dir
+    data = saved_run(state, tmp_path / "a-file" / "run")
+    err = fresh_start(state)
+    aside = state / "runs" / "run-state.interrupted.cbor"
+    assert f"--fresh: the interrupted run's state was moved to {aside}; starting a new run" in err
+    assert aside.read_bytes() == data
