@@ -34,6 +34,9 @@ class Kill:
     training: bool = False
     """Die while training that hop itself (``peer`` must be the member at that
     position), before it ends: the hop's work is lost, not its model."""
+    delay: float = 0.0
+    """Seconds after the trigger before the kill (with a slow link: die mid-transfer);
+    ``restart_after`` counts from the kill."""
 
 
 @attrs.frozen

@@ -381,6 +381,10 @@ class _Simulation:
         return self._result()
 
     def _kill(self, fault: Kill) -> None:
+        if fault.delay > 0:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._kill_later, fault)
+            return
         when = "while training" if fault.training else "after"
         log.info("killing peer %d %s lap %d hop %d", fault.peer, when, fault.lap, fault.hop)
         self.errors[fault.peer] = "killed"
@@ -389,6 +393,11 @@ class _Simulation:
             assert self._nursery is not None
             self._nursery.start_soon(self._restart, fault.peer, fault.restart_after)
         self.scopes[fault.peer].cancel()
+
+    async def _kill_later(self, fault: Kill) -> None:
+        """Kill as ``fault`` says, ``fault.delay`` seconds after its trigger."""
+        await trio.sleep(fault.delay)
+        self._kill(attrs.evolve(fault, delay=0.0))
 
     async def _restart(self, i: int, delay: float) -> None:
         """Start killed peer ``i`` again after ``delay`` s (its task has ended by then)."""
