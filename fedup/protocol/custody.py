@@ -664,7 +664,8 @@ class CustodyMachine:
             if h.purpose == "resend":
                 return [Note("warning", f"{why}: keeping our copy")]
             stop = Note("warning", f"{why}: stopping without the federation's model")
-            return [stop, *self._finish(h.copy, "members-lost", self.me)]
+            declared = self._commit(h.chain)  # who it found gone, for its summary
+            return [stop, *declared, *self._finish(h.copy, "members-lost", self.me)]
         delay = RETRY_DELAYS[min(h.attempts - 1, len(RETRY_DELAYS) - 1)]
         h.attempts += 1
         return [

@@ -108,9 +108,7 @@ async def test_a_member_killed_while_training_trains_that_hop_again(
     again from the state it saved when it took it, hands it on, and nobody is declared
     dead.  One hop of work lost."""
     victim = ring_order(4)[2]
-    result = await simulate(
-        tmp_path, Kill(victim, lap=1, hop=2, restart_after=5.0, training=True)
-    )
+    result = await simulate(tmp_path, Kill(victim, lap=1, hop=2, restart_after=5.0, training=True))
     all_alike(result)
     hops = [(h["lap"], h["hop"]) for h in hops_of(result, victim)]
     assert hops == [(lap, 2) for lap in range(RUN.max_laps + 1)], hops  # lap 1 logged once
