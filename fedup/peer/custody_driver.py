@@ -296,7 +296,7 @@ class CustodyDriver:
         saved = RunState(
             network=self._state_file.network,
             peer=self.me,
-            out_dir=str(self.outputs.directory),
+            out_dir=str(Path(self.outputs.directory).absolute()),
             view=self.signed.envelope,
             custody=memory,
             state=encoded,

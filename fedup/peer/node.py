@@ -206,7 +206,7 @@ class Peer:
         state_file, saved = _saved_run(config, identity, simulated=world is not None)
         if config.out_dir is not None:
             # A resumed run goes on writing into its own folder (its files are its own).
-            resumed = saved is not None and Path(saved.state.out_dir) == config.out_dir
+            resumed = saved is not None and Path(saved.state.out_dir) == config.out_dir.absolute()
             check_out_dir(config.out_dir, outputs=() if resumed else RUN_FILES)
         else:
             check_out_dir(config.resolved_state_dir() / "runs", outputs=())
