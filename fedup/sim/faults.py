@@ -28,8 +28,8 @@ class Kill:
     """
 
     peer: int
-    lap: int
-    hop: int
+    lap: int = 0
+    hop: int = 0
     restart_after: float | None = None
     training: bool = False
     """Die while training that hop itself (``peer`` must be the member at that
@@ -37,6 +37,12 @@ class Kill:
     delay: float = 0.0
     """Seconds after the trigger before the kill (with a slow link: die mid-transfer);
     ``restart_after`` counts from the kill."""
+    stage: str | None = None
+    """Die instead when this peer's formation first reaches this stage (a
+    :class:`~fedup.protocol.formation_events.Stage` value, e.g. ``"leading"``: it
+    called the members and waits for their answers); ``lap`` and ``hop`` are then
+    ignored.  It fires once, on the first :class:`~fedup.peer.events.FormationStage`
+    event of ``peer`` with that stage."""
 
 
 @attrs.frozen

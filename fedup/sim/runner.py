@@ -53,6 +53,7 @@ from fedup.learn.weights import load_safetensors
 from fedup.net.discovery import MemoryDiscoveryHub
 from fedup.peer import Peer, PeerConfig, RunSummary, TabularSource, TaskSource
 from fedup.peer import events as ev
+from fedup.protocol.formation_events import Stage
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.provenance import shared_process
 from fedup.protocol.view import RunSettings
@@ -92,6 +93,9 @@ class SimSettings:
     """Seconds each announcement takes to reach each peer."""
     deadline: float | None = None
     """Clock seconds after which peers still running are stopped (None: their own deadlines)."""
+    min_peers: int | None = None
+    """Peers each one waits for before forming, itself included (None: every simulated
+    peer); fewer let a federation form without some of them."""
 
 
 @attrs.frozen
@@ -269,6 +273,11 @@ class _Simulation:
         faults = settings.faults
         for k in faults.kills:
             _check_index(k.peer, n, "kill")
+            _check_stage(k)
+        if settings.min_peers is not None and not 1 <= settings.min_peers <= n:
+            raise ConfigError(
+                f"min_peers {settings.min_peers} must be from 1 to the {n} simulated peers"
+            )
         for d in faults.drops:
             _check_index(d.src, n, "drop")
             _check_index(d.dst, n, "drop")
@@ -303,7 +312,11 @@ class _Simulation:
         self.triggers: dict[tuple[int, int], list[Kill | Drop]] = {}
         faulty: list[Kill | Drop] = [*faults.kills, *faults.drops]
         self.training_kills: dict[tuple[int, int, int], Kill] = {}
+        self.stage_kills: dict[tuple[int, str], Kill] = {}
         for fault in faulty:
+            if isinstance(fault, Kill) and fault.stage is not None:
+                self.stage_kills[(fault.peer, fault.stage)] = fault
+                continue
             if isinstance(fault, Kill) and fault.training:
                 self.training_kills[(fault.peer, fault.lap, fault.hop)] = fault
                 continue
@@ -330,6 +343,11 @@ class _Simulation:
     def on_event(self, index: int, peer: PeerId, at: float, event: ev.PeerEvent) -> None:
         """Peer ``index`` reported ``event`` (called at once, in that peer's task)."""
         self.timeline.note(index, at - self._start_clock, event)
+        if isinstance(event, ev.FormationStage):
+            kill = self.stage_kills.pop((index, event.stage), None)
+            if kill is not None:
+                self._kill(kill)
+            return
         if isinstance(event, ev.Training):
             kill = self.training_kills.pop((index, event.lap, event.hop), None)
             if kill is not None:
@@ -385,8 +403,11 @@ class _Simulation:
             assert self._nursery is not None
             self._nursery.start_soon(self._kill_later, fault)
             return
-        when = "while training" if fault.training else "after"
-        log.info("killing peer %d %s lap %d hop %d", fault.peer, when, fault.lap, fault.hop)
+        if fault.stage is not None:
+            log.info("killing peer %d when its formation is %s", fault.peer, fault.stage)
+        else:
+            when = "while training" if fault.training else "after"
+            log.info("killing peer %d %s lap %d hop %d", fault.peer, when, fault.lap, fault.hop)
         self.errors[fault.peer] = "killed"
         if fault.restart_after is not None:
             self.restarting.add(fault.peer)
@@ -423,7 +444,7 @@ class _Simulation:
         config = PeerConfig(
             identity=ident,
             out_dir=self._out_dir(i),
-            min_peers=len(self.sources),
+            min_peers=self.settings.min_peers or len(self.sources),
             settle=self.settings.settle,
             train_in_thread=False,
             run=self.run_settings,
@@ -508,3 +529,16 @@ class _Simulation:
 def _check_index(i: int, n: int, what: str) -> None:
     if not 0 <= i < n:
         raise ConfigError(f"{what}: peer {i} is not one of the {n} simulated peers (0..{n - 1})")
+
+
+def _check_stage(kill: Kill) -> None:
+    """A kill at a formation stage names a stage, and is not also a kill while training."""
+    if kill.stage is None:
+        return
+    stages = [s.value for s in Stage]
+    if kill.stage not in stages:
+        raise ConfigError(
+            f"kill: {kill.stage!r} is not a formation stage (one of {', '.join(stages)})"
+        )
+    if kill.training:
+        raise ConfigError("kill: a kill at a formation stage cannot also be while training")
