@@ -7,7 +7,7 @@ discovery hub (:class:`SimNetwork`), on a virtual or real clock, with the
 against centralized and local-only training.
 """
 
-from fedup.sim.faults import Drop, Faults, Kill, Slow
+from fedup.sim.faults import Cut, Drop, Faults, Kill, Slow
 from fedup.sim.network import Link, LinkStream, SimNetwork, SimTransport
 from fedup.sim.runner import (
     LapMark,
@@ -22,6 +22,7 @@ from fedup.sim.runner import (
 from fedup.sim.world import MemoryWorld
 
 __all__ = [
+    "Cut",
     "Drop",
     "Faults",
     "Kill",

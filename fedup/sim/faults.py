@@ -1,4 +1,5 @@
-"""What goes wrong in a simulation: slow links, dropped connections, crashes, slow peers.
+"""What goes wrong in a simulation: slow links, dropped connections, partitions, crashes,
+slow peers.
 
 Values only; :mod:`fedup.sim.runner` and :mod:`fedup.sim.network` apply them.
 Peers are named by their index in the simulation; ring positions ``(lap, hop)``
@@ -13,7 +14,7 @@ import attrs
 
 from fedup.sim.network import Link
 
-__all__ = ["Drop", "Faults", "Kill", "Link", "Slow"]
+__all__ = ["Cut", "Drop", "Faults", "Kill", "Link", "Slow"]
 
 
 @attrs.frozen
@@ -62,6 +63,27 @@ class Drop:
 
 
 @attrs.frozen
+class Cut:
+    """Cut peers ``peers`` off from the others for ``duration`` seconds (a partition).
+
+    Starts once ring position ``hop`` of lap ``lap`` was trained, as if the links
+    of the cut peers' hosts went down: connections between a cut peer and one on
+    the other side break at once (both ends get :class:`trio.BrokenResourceError`)
+    and dials across the cut fail as unreachable; peers on the same side still
+    reach each other.  After ``duration`` seconds the cut heals (dials go through
+    again; the connections it broke stay broken).
+    """
+
+    peers: tuple[int, ...]
+    lap: int
+    hop: int
+    duration: float
+    delay: float = 0.0
+    """Seconds after the trigger before the cut (with slow links: after a custody
+    acknowledgement got through, or half-way through the next hand-over)."""
+
+
+@attrs.frozen
 class Slow:
     """Peer ``peer`` takes ``delay`` more seconds for each hop it trains (a slow host)."""
 
@@ -79,4 +101,5 @@ class Faults:
     """Directed ``(sender, receiver)`` links that differ."""
     kills: tuple[Kill, ...] = ()
     drops: tuple[Drop, ...] = ()
+    cuts: tuple[Cut, ...] = ()
     slow: tuple[Slow, ...] = ()

@@ -10,6 +10,9 @@ that take time:
   waits while its bytes are being "serialised", as a full TCP buffer would);
 * a connection can be *dropped* after a number of bytes: both ends then get
   :class:`trio.BrokenResourceError`, as after a TCP reset;
+* a set of peers can be *cut off* from the others (a partition, as when their
+  hosts' links go down): connections across the cut are dropped at once, and
+  dials across it fail as unreachable until the cut heals;
 * bytes are counted per peer, sent and received, handshakes included.
 
 Peers are named by their index in the simulation (``index_of``); links are
@@ -22,7 +25,7 @@ from __future__ import annotations
 import collections
 import math
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from contextlib import AbstractAsyncContextManager
 
 import attrs
@@ -58,17 +61,36 @@ class Link:
 
 
 class _Connection:
-    """What both ends of one connection share: its drop point and state."""
+    """What both ends of one connection share: its ends, drop point and state."""
 
-    def __init__(self, cut_after: int | None, on_drop: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        cut_after: int | None,
+        on_drop: Callable[[], None],
+        *,
+        ends: tuple[int, int] = (-1, -1),
+        on_closed: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.src, self.dst = ends
+        """The dialer's and the listener's simulation indices."""
         self.cut_after = cut_after
         """Bytes (both directions together) after which the connection breaks."""
         self.carried = 0
         self.broken = False
         self.pipes: list[_Pipe] = []
+        self.open_ends = 2
         self._on_drop = on_drop
+        self._on_closed = on_closed
+
+    def end_closed(self) -> None:
+        """One end was closed; once both are, the connection is over."""
+        self.open_ends -= 1
+        if self.open_ends == 0:
+            self._on_closed()
 
     def drop(self) -> None:
+        if self.broken:
+            return
         self.broken = True
         self._on_drop()
         for pipe in self.pipes:
@@ -195,6 +217,7 @@ class LinkStream(trio.abc.Stream):
             self._closed = True
             self._out.send.close()  # the other end reads what is in flight, then EOF
             self._in.receive.close()  # its later sends fail, as after a reset
+            self._conn.end_closed()
         await trio.lowlevel.checkpoint()
 
 
@@ -231,8 +254,13 @@ class SimNetwork(MemoryNetwork):
         """Connections opened, by (dialer, listener)."""
         self.dropped: list[tuple[int, int, float]] = []
         """Connections dropped: (dialer, listener, trio time)."""
+        self.unreachable: list[tuple[int, int, float]] = []
+        """Dials that failed because a cut separated the two: (dialer, listener, trio time)."""
         self._hosts: dict[str, int] = {}
         self._armed: list[_Armed] = []
+        self._cuts: list[frozenset[int]] = []
+        self._open: set[_Connection] = set()
+        """Connections not yet dropped (the ones a cut may break)."""
 
     def transport(
         self, credentials: Credentials, *, limits: Limits = DEFAULT_LIMITS
@@ -250,6 +278,28 @@ class SimNetwork(MemoryNetwork):
         """The next connection ``src`` opens to ``dst`` breaks after ``after_bytes`` bytes."""
         self._armed.append(_Armed(src, dst, after_bytes))
 
+    def cut_off(self, peers: Collection[int]) -> frozenset[int]:
+        """Cut ``peers`` off from every other peer until :meth:`heal` (a partition).
+
+        Connections between a cut peer and one on the other side are dropped now
+        (both ends get :class:`trio.BrokenResourceError`); dials across the cut fail
+        with :class:`~fedup.net.transport.DialError` (unreachable).  Peers on the same
+        side still reach each other.  Returns the cut, to pass to :meth:`heal`.
+        """
+        cut = frozenset(peers)
+        self._cuts.append(cut)
+        for conn in [c for c in self._open if self.separated(c.src, c.dst)]:
+            conn.drop()
+        return cut
+
+    def heal(self, cut: frozenset[int]) -> None:
+        """End a cut that :meth:`cut_off` made (others in force stay)."""
+        self._cuts.remove(cut)
+
+    def separated(self, a: int, b: int) -> bool:
+        """Whether a cut in force lies between peers ``a`` and ``b``."""
+        return any((a in cut) != (b in cut) for cut in self._cuts)
+
     # --- connections ----------------------------------------------------------------
 
     def register(self, host: str, index: int) -> None:
@@ -258,20 +308,32 @@ class SimNetwork(MemoryNetwork):
     async def open_link(self, src: int, address: Address) -> trio.abc.Stream:
         """Open a connection from peer ``src`` to the listener at ``address``.
 
-        Raises :class:`~fedup.net.transport.DialError` if nothing listens there.
+        Raises :class:`~fedup.net.transport.DialError` if nothing listens there, or
+        if a cut lies between the two.
         """
         await trio.lowlevel.checkpoint()
         queue = self._listeners.get(address)
         dst = self._hosts.get(address.host)
         if queue is None or dst is None:
             raise DialError("connection refused: nothing listens there", peer=str(address))
+        if self.separated(src, dst):
+            self.unreachable.append((src, dst, trio.current_time()))
+            raise DialError("network unreachable: the link is down", peer=str(address))
         cut = None
         for armed in self._armed:
             if (armed.src, armed.dst) == (src, dst):
                 self._armed.remove(armed)
                 cut = armed.after_bytes
                 break
-        conn = _Connection(cut, lambda: self.dropped.append((src, dst, trio.current_time())))
+
+        def on_drop() -> None:
+            self._open.discard(conn)
+            self.dropped.append((src, dst, trio.current_time()))
+
+        conn = _Connection(
+            cut, on_drop, ends=(src, dst), on_closed=lambda: self._open.discard(conn)
+        )
+        self._open.add(conn)
         forward, backward = _Pipe(self.link_for(src, dst)), _Pipe(self.link_for(dst, src))
         conn.pipes = [forward, backward]
         ours = LinkStream(conn, forward, backward, (self.bytes, str(src)))

@@ -6,7 +6,8 @@ run) with its own identity, data, listener and in-memory discovery, on one
 :class:`~fedup.net.discovery.MemoryDiscoveryHub`.  Faults (:class:`Faults`)
 are injected around the peers, never inside them:
 
-* link latency and bandwidth, and dropped connections: in the network;
+* link latency and bandwidth, dropped connections and partitions (cuts): in
+  the network;
 * a killed peer: its task (everything it runs) is cancelled, as a crash;
 * a slow peer: after each hop it trains, its next connection waits.
 
@@ -57,7 +58,7 @@ from fedup.protocol.formation_events import Stage
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.provenance import shared_process
 from fedup.protocol.view import RunSettings
-from fedup.sim.faults import Drop, Faults, Kill
+from fedup.sim.faults import Cut, Drop, Faults, Kill
 from fedup.sim.network import SimNetwork
 from fedup.sim.wallclock import Timeline, TimelineRecorder
 from fedup.sim.world import MemoryWorld
@@ -158,6 +159,9 @@ class SimResult:
     saved the same model; the same seed and data give the same value."""
     dropped: tuple[tuple[int, int, float], ...]
     """Connections dropped: (dialer, listener, clock time)."""
+    unreachable: tuple[tuple[int, int, float], ...] = ()
+    """Dials that a cut (:class:`~fedup.sim.faults.Cut`) made fail: (dialer, listener,
+    clock time)."""
     connections: dict[tuple[int, int], int] = attrs.field(factory=dict)
     """Connections opened, by (dialer, listener): calls, links, and re-dials of broken links."""
     timeline: Timeline = attrs.field(factory=Timeline)
@@ -283,6 +287,8 @@ class _Simulation:
             _check_index(d.dst, n, "drop")
         for s in faults.slow:
             _check_index(s.peer, n, "slow")
+        for c in faults.cuts:
+            _check_cut(c, n)
         self.settings = settings
         self.watch = watch
         self.sources = sources
@@ -309,8 +315,8 @@ class _Simulation:
         self.timeline = TimelineRecorder(
             {ident.peer_id: i for i, ident in enumerate(self.identities)}
         )
-        self.triggers: dict[tuple[int, int], list[Kill | Drop]] = {}
-        faulty: list[Kill | Drop] = [*faults.kills, *faults.drops]
+        self.triggers: dict[tuple[int, int], list[Kill | Drop | Cut]] = {}
+        faulty: list[Kill | Drop | Cut] = [*faults.kills, *faults.drops, *faults.cuts]
         self.training_kills: dict[tuple[int, int, int], Kill] = {}
         self.stage_kills: dict[tuple[int, str], Kill] = {}
         for fault in faulty:
@@ -372,6 +378,8 @@ class _Simulation:
         for fault in self.triggers.pop((event.lap, event.hop), []):
             if isinstance(fault, Kill):
                 self._kill(fault)
+            elif isinstance(fault, Cut):
+                self._cut(fault)
             else:
                 self.network.arm_drop(fault.src, fault.dst, fault.after_bytes)
 
@@ -419,6 +427,32 @@ class _Simulation:
         """Kill as ``fault`` says, ``fault.delay`` seconds after its trigger."""
         await trio.sleep(fault.delay)
         self._kill(attrs.evolve(fault, delay=0.0))
+
+    def _cut(self, fault: Cut) -> None:
+        if fault.delay > 0:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._cut_later, fault)
+            return
+        log.info(
+            "cutting peers %s off for %g s after lap %d hop %d",
+            list(fault.peers),
+            fault.duration,
+            fault.lap,
+            fault.hop,
+        )
+        cut = self.network.cut_off(fault.peers)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._heal_later, cut, fault.duration)
+
+    async def _cut_later(self, fault: Cut) -> None:
+        """Cut as ``fault`` says, ``fault.delay`` seconds after its trigger."""
+        await trio.sleep(fault.delay)
+        self._cut(attrs.evolve(fault, delay=0.0))
+
+    async def _heal_later(self, cut: frozenset[int], duration: float) -> None:
+        await trio.sleep(duration)
+        log.info("healing the cut of peers %s", sorted(cut))
+        self.network.heal(cut)
 
     async def _restart(self, i: int, delay: float) -> None:
         """Start killed peer ``i`` again after ``delay`` s (its task has ended by then)."""
@@ -521,9 +555,21 @@ class _Simulation:
             peak_rss=_rss("VmHWM"),
             weights_sha256=digest,
             dropped=tuple(self.network.dropped),
+            unreachable=tuple(self.network.unreachable),
             connections=dict(self.network.connections),
             timeline=self.timeline.timeline(),
         )
+
+
+def _check_cut(cut: Cut, n: int) -> None:
+    for i in cut.peers:
+        _check_index(i, n, "cut")
+    if not 0 < len(set(cut.peers)) < n:
+        raise ConfigError(f"cut: name at least one peer and not all {n}, got {list(cut.peers)}")
+    if not cut.duration > 0:
+        raise ConfigError(f"cut: the duration must be positive, got {cut.duration:g} s")
+    if not cut.delay >= 0:
+        raise ConfigError(f"cut: the delay must not be negative, got {cut.delay:g} s")
 
 
 def _check_index(i: int, n: int, what: str) -> None:
