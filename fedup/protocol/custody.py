@@ -59,6 +59,7 @@ import attrs
 
 from fedup.config import Limits
 from fedup.errors import LocalProtocolError
+from fedup.protocol.blob.reply import MAX_PROOF
 from fedup.protocol.custody_events import (
     FINAL,
     INITIAL,
@@ -113,6 +114,7 @@ from fedup.protocol.notices import (
     ReceiptError,
     SealError,
     dead_after,
+    open_chain_notice,
 )
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.provenance import ChainRules, HopChain, ProvenanceError
@@ -128,7 +130,7 @@ _RESUMABLE = (Phase.READY, Phase.WAITING, Phase.TRAINING, Phase.HANDING, Phase.E
 
 RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
 """Seconds before each retry of a refused or broken hand-over (the last one repeats)."""
-WAIT, WATCH, EXCLUDED_WAIT, ASK = "wait", "watch", "excluded", "ask"
+WAIT, WATCH, EXCLUDED_WAIT, ASK, QUIET = "wait", "watch", "excluded", "ask", "quiet"
 
 
 # --- the machine ------------------------------------------------------------------------
@@ -400,7 +402,7 @@ class CustodyMachine:
             return self._forward(self.holding, now)
         if phase is Phase.EXCLUDED:
             return [SetTimer(EXCLUDED_WAIT, self.limits.excluded_wait), *self.ask_to_return()]
-        actions: list[Action] = [self._wait_timer()]
+        actions: list[Action] = self._waiting_timers()
         if self.kept is not None:
             actions.append(SetTimer(WATCH, self.limits.hop_timeout))
         return actions + self.ask_to_return()
@@ -415,11 +417,17 @@ class CustodyMachine:
             self.last_lap = 0
             return [Train(Position(0, 0), INITIAL)]
         self.phase = Phase.WAITING
-        return [self._wait_timer()]
+        return self._waiting_timers()
 
     def _wait_timer(self) -> SetTimer:
         live = len(self.chain.ring.live)
         return SetTimer(WAIT, self.limits.hop_timeout * (live + 1))
+
+    def _waiting_timers(self) -> list[Action]:
+        """The deadline for the next model, and a quieter one: a member that hears
+        nothing for ``hop_timeout`` asks to be taken back (it may have been counted as
+        dead while it was cut off; asking when it was not costs nothing)."""
+        return [self._wait_timer(), SetTimer(QUIET, self.limits.hop_timeout)]
 
     def _trained(self, event: Trained, now: float) -> list[Action]:
         if event.position != self.holding:
@@ -538,7 +546,7 @@ class CustodyMachine:
                 self.holding = None
                 self.source = None
                 self.phase = Phase.WAITING
-                actions.append(self._wait_timer())
+                actions += self._waiting_timers()
             return actions
         if h.purpose == "final":
             actions += self._final_ring_done(now)
@@ -618,7 +626,7 @@ class CustodyMachine:
             self.holding = None
             self.source = None
             self.phase = Phase.WAITING
-            return [*actions, self._wait_timer()]
+            return [*actions, *self._waiting_timers()]
         if h.purpose == "final":
             actions += self._final_ring_done(0.0)
         return actions + self._maybe_done()
@@ -686,6 +694,11 @@ class CustodyMachine:
             self.phase = Phase.FAILED
             wait = self.limits.hop_timeout * (len(self.chain.ring.live) + 1)
             return [Failed(f"no model arrived for {wait:g} s; the ring is broken")]
+        if name == QUIET:
+            if self.phase is not Phase.WAITING or self.returning:
+                return [self._ignored(event, "not waiting quietly")]
+            note = Note("info", f"no model for {self.limits.hop_timeout:g} s: asking to return")
+            return [note, *self.ask_to_return()]
         if name == EXCLUDED_WAIT:
             self.phase = Phase.FAILED
             why = self.excluded.describe() if self.excluded is not None else "excluded"
@@ -842,8 +855,9 @@ class CustodyMachine:
         return None
 
     def _excluded_refusal(self, sender: PeerId, epoch: int, notice: DeadNotice) -> Refuse:
-        known = max(0, min(epoch - self.view_epoch, len(self.chain)))
-        proof = self.chain.envelopes[known : notice.index + 1]
+        # The notices up to the one naming the sender (the last MAX_PROOF of them): its
+        # epoch does not say which of ours it holds (after a partition, chains fork).
+        proof = self.chain.envelopes[max(0, notice.index + 1 - MAX_PROOF) : notice.index + 1]
         return Refuse(sender, RefusalCode.EXCLUDED, f"counted as dead: {notice.describe()}", proof)
 
     def _arrived(self, event: BlobArrived, now: float) -> list[Action]:
@@ -896,7 +910,7 @@ class CustodyMachine:
         actions += self._drop_kept()  # it came round: the copy we handed on is obsolete
         for h in [h for h in self.handovers.values() if h.purpose == "resend"]:
             del self.handovers[h.id]  # so is handing it on again
-        actions += [CancelTimer(WAIT), Take(receipt), Train(event.position)]
+        actions += [CancelTimer(WAIT), CancelTimer(QUIET), Take(receipt), Train(event.position)]
         return actions
 
     def _receipt(self, event: BlobArrived) -> bytes:
@@ -1099,11 +1113,19 @@ class CustodyMachine:
         return None
 
     def _proven_exclusion(self, proof: tuple[bytes, ...]) -> DeadNotice | None:
-        """The notice naming us, if ``proof`` extends our chain validly up to it."""
+        """The notice naming us, if ``proof`` (notices ``k ..``, the last one naming us)
+        continues the first ``k`` notices of our chain validly; our own notices after
+        those (made on our side of a partition) give way to the run's."""
+        if not proof:
+            return None
         try:
-            chain = self.chain.extend_with(
-                (*self.chain.envelopes, *proof), receiver=None, limits=self.limits
-            )
+            first = open_chain_notice(
+                proof[0], max_index=len(self.chain) + MAX_PROOF, limits=self.limits
+            ).index
+            if first > len(self.chain):
+                return None  # we lack notices before the proof: it cannot be checked here
+            base = attrs.evolve(self.chain, notices=self.chain.notices[:first])
+            chain = base.extend_with((*base.envelopes, *proof), receiver=None, limits=self.limits)
         except NoticeError:
             return None
         notice = chain.notice_about(self.me)
@@ -1122,7 +1144,11 @@ class CustodyMachine:
             actions.append(Forget(self.holding))
             self.holding = None
         actions += self._drop_kept()
-        actions += [CancelTimer(WAIT), SetTimer(EXCLUDED_WAIT, self.limits.excluded_wait)]
+        actions += [
+            CancelTimer(WAIT),
+            CancelTimer(QUIET),
+            SetTimer(EXCLUDED_WAIT, self.limits.excluded_wait),
+        ]
         return actions + self.ask_to_return()
 
     # --- returning ------------------------------------------------------------------------
@@ -1192,7 +1218,12 @@ class CustodyMachine:
         self.stop_reason = reason
         self._finish_copy = copy
         self._received_final = received
-        actions: list[Action] = [CancelTimer(WAIT), CancelTimer(WATCH), CancelTimer(ASK)]
+        actions: list[Action] = [
+            CancelTimer(WAIT),
+            CancelTimer(QUIET),
+            CancelTimer(WATCH),
+            CancelTimer(ASK),
+        ]
         self.returning = False
         if self.kept is not None and self.kept.copy != copy:
             actions.append(Forget(self.kept.copy))

@@ -131,26 +131,21 @@ async def test_a_cut_that_names_no_partition_is_refused(
 # --- 3 | 1 ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a member cut off while it waits for the model is never told it was counted "
-    "dead: it sends no return request (only a restart or a refused hand-over of its own "
-    "makes it ask), so it waits until the final model reaches it, excluded, and every "
-    "member lists it dead",
-)
 async def test_a_member_cut_off_while_it_waits_is_taken_back_after_the_cut_heals(
     autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
     """Position 2 is cut off for 60 s right after position 1 trained lap 1 (it waits for
-    the model).  The majority side declares it dead (unreachable) and goes on.  Its
-    return requests fail while the cut lasts; after the heal one gets through (it asks
-    every ``return_interval``), its predecessor takes it back at its next hand-over and
-    it trains again.  Everyone ends alike with one model; nobody is left dead."""
+    the model).  The majority side declares it dead (unreachable) and goes on.  Hearing
+    nothing for ``hop_timeout`` (20 s here), it asks to be taken back: its requests fail
+    while the cut lasts; after the heal one gets through (it asks every
+    ``return_interval``), its predecessor takes it back at its next hand-over and it
+    trains again.  Everyone ends alike with one model; nobody is left dead."""
     order = ring_order(4)
     before, victim = order[1], order[2]
     cut = Cut((victim,), lap=1, hop=1, duration=CUT)
     events: Events = []
-    result = await simulate(tmp_path, cut, run=LONG_RUN, events=events)
+    limits = attrs.evolve(DEFAULT_LIMITS, hop_timeout=20.0)
+    result = await simulate(tmp_path, cut, run=LONG_RUN, limits=limits, events=events)
     start, healed = cut_window(events, cut, before)
     [(_, declared)] = of_kind(events, ev.DeclaredDead, before)
     assert (declared.dead.text, declared.cause) == (peer_id(victim), "unreachable")
@@ -224,14 +219,6 @@ async def test_a_two_two_split_longer_than_minority_wait_leaves_no_federation_mo
 # --- 3 | 1, the holder cut off -------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the refusal that tells an excluded holder it was counted dead carries no "
-    "proof: its blob's epoch counts its own claim (it counted its successor dead before "
-    "holding), so _excluded_refusal takes it to know the majority's first notice and "
-    "sends none; the holder cannot prove its exclusion, keeps retrying until the final "
-    "model reaches it, and is never taken back",
-)
 async def test_a_holder_cut_off_is_skipped_then_taken_back_after_the_cut_heals(
     autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
