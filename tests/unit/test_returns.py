@@ -11,7 +11,18 @@ import pytest
 from fedup.config import DEFAULT_LIMITS
 from fedup.errors import LocalProtocolError
 from fedup.identity import Identity
-from fedup.protocol.custody_events import Excluded, ReturnAsked, Returned, Send, Train
+from fedup.protocol.custody_events import (
+    AskToReturn,
+    Begin,
+    Excluded,
+    Ignored,
+    ReturnAsked,
+    Returned,
+    Send,
+    SetTimer,
+    TimerFired,
+    Train,
+)
 from fedup.protocol.custody_rules import StopRule, check_model_progress
 from fedup.protocol.laps import LapRecord, Position, Progress, StopState
 from fedup.protocol.notices import DeadChain, DeadNotice, NoticeError
@@ -217,3 +228,21 @@ def test_a_lap_left_unjudged_by_a_dead_head_is_no_gap() -> None:
     claimed = Progress(2, 0, False, 0, stop, _records(range(0, 1)))
     kwargs = {"position": Position(2, 1), "sender_position": 0, "rule": rule}
     assert check_model_progress(Progress.initial(), claimed, **kwargs) is None  # type: ignore[arg-type]
+
+
+def test_a_member_that_hears_nothing_for_hop_timeout_asks_to_return() -> None:
+    """It may have been counted as dead while it was cut off; asking when it was not
+    changes nothing (test_a_request_from_a_live_member_changes_no_hand_over)."""
+    ring = PureRing(3, max_laps=3, limits=LIMITS)
+    ring.start()
+    b = ring.peers[1]
+    begun = ring.feed(b, Begin())
+    assert SetTimer("quiet", LIMITS.hop_timeout) in begun  # armed while waiting
+    asked = ring.machines[b].handle(TimerFired("quiet"), 20.0)
+    assert [type(a) for a in asked if isinstance(a, AskToReturn | SetTimer)] == [
+        AskToReturn,
+        SetTimer,
+    ]
+    assert ring.machines[b].returning
+    again = ring.machines[b].handle(TimerFired("quiet"), 40.0)  # already asking: once
+    assert [type(a) for a in again] == [Ignored]
