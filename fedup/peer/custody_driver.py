@@ -195,7 +195,7 @@ class CustodyDriver:
         """The ring state last saved: its object's id, its role and its encoding."""
         self._held: RingState | None = None
         """The state this member trains now (saved as ``held`` until it hands it on)."""
-        self._writes: trio.MemorySendChannel[bytes | None] | None = None
+        self._writes: trio.MemorySendChannel[RunState | None] | None = None
 
     @classmethod
     async def template_for(cls, builder: TaskBuilder, signed: SignedView) -> RingState:
@@ -217,7 +217,7 @@ class CustodyDriver:
             self._nursery = nursery
             nursery.start_soon(self._timers.run)
             if self._state_file is not None and self._builder.in_thread:
-                send, receive = trio.open_memory_channel[bytes | None](math.inf)
+                send, receive = trio.open_memory_channel[RunState | None](math.inf)
                 self._writes = send
                 nursery.start_soon(self._write_states, receive)
             task_status.started()
@@ -306,7 +306,7 @@ class CustodyDriver:
             sent=self._counts.bytes_sent,
             hops=self._counts.hops,
         )
-        self._write(encode_run_state(saved))
+        self._write(saved)
 
     def _state_to_save(self) -> tuple[Role, RingState | None, Position | None]:
         """The ring state to save, its role, and its slot (None: keep the last saved)."""
@@ -321,26 +321,27 @@ class CustodyDriver:
             return "seen", self.template, None
         return "seen", None, None
 
-    def _write(self, data: bytes | None) -> None:
-        """Write ``data`` (None: delete the file), in order: inline in the simulator, in
-        a worker thread otherwise (the newest write wins; each is atomic)."""
+    def _write(self, data: RunState | None) -> None:
+        """Save ``data`` (None: delete the file), in order: inline in the simulator, in
+        a worker thread otherwise (encoded there too; the newest write wins; each is
+        atomic)."""
         assert self._state_file is not None
         if self._writes is None:
             self._write_now(data)
         else:
             self._writes.send_nowait(data)
 
-    def _write_now(self, data: bytes | None) -> None:
+    def _write_now(self, data: RunState | None) -> None:
         assert self._state_file is not None
         try:
             if data is None:
                 self._state_file.discard()
             else:
-                self._state_file.save(data)
+                self._state_file.save(encode_run_state(data))
         except OSError as exc:
             log.error("cannot save the run state to %s: %s", self._state_file.path, exc)
 
-    async def _write_states(self, receive: trio.MemoryReceiveChannel[bytes | None]) -> None:
+    async def _write_states(self, receive: trio.MemoryReceiveChannel[RunState | None]) -> None:
         async with receive:
             async for data in receive:
                 while True:  # only the newest of the writes queued meanwhile matters
