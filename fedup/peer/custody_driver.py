@@ -409,13 +409,16 @@ class CustodyDriver:
         elif isinstance(a, ce.Finished):
             self.close_summary()
             # Every other buffer is freed; the final state stays for a member that was
-            # restarted or cut off and asks for it (ReturnAsked after the run).
+            # restarted or cut off and asks for it (ReturnAsked after the run): kept by a
+            # peer that saves its run (a real one), or when some member is counted dead
+            # (a simulated peer without either frees it: a thousand of them share memory).
+            keep = self._state_file is not None or bool(self.machine.chain.dead)
             final, body = self._slots.get(ce.FINAL), self._bodies.get(ce.FINAL)
             self._slots.clear()
             self._bodies.clear()
-            if final is not None:
+            if final is not None and keep:
                 self._slots[ce.FINAL] = final
-            if body is not None:
+            if body is not None and keep:
                 self._bodies[ce.FINAL] = body
             self._final_file = None
             self._done.set()
