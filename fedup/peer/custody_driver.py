@@ -771,10 +771,14 @@ class CustodyDriver:
         message = Return(self.run_id, request)
         limits = self._limits
 
+        reached = 0
+
         async def tell(peer: PeerId) -> None:
+            nonlocal reached
             try:
                 with trio.fail_after(limits.handshake_timeout + limits.frame_timeout):
                     await self._link(peer).send_message(message)
+                reached += 1
             except (RemoteProtocolError, trio.TooSlowError, OSError) as exc:
                 log.info("could not ask %s to take us back: %s", peer, exc)
 
@@ -782,6 +786,14 @@ class CustodyDriver:
             for peer in self.members:
                 if peer != self.me:
                     nursery.start_soon(tell, peer)
+        if reached == 0 and len(self.members) > 1:
+            log.warning(
+                "no member of run %s answers: the network may be down, or the run ended "
+                "and its members stopped (their outputs hold its model); asking again in "
+                "%g s, and failing after the run's deadline; --fresh starts a new run",
+                self.run_id.hex()[:8],
+                limits.return_interval,
+            )
 
     def _admit(self, header: BlobHeader) -> None:
         kind = header.kind
