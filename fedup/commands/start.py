@@ -51,6 +51,7 @@ from fedup.commands.run_options import (
 )
 from fedup.commands.values import (
     DEVICE_HELP,
+    HOP_TIMEOUT,
     SETTLE,
     TASK_HELP,
     address,
@@ -119,6 +120,10 @@ SETTINGS = [
     Setting("min_peers", whole(1, DEFAULT_LIMITS.max_members), 2,
             "members needed, this peer included"),
     Setting("settle", SETTLE, 3.0, "seconds without a new peer before forming"),
+    Setting("hop_timeout", HOP_TIMEOUT, DEFAULT_LIMITS.hop_timeout,
+            "seconds from handing the model on to hearing it moved on (a successor silent "
+            "longer is counted dead and skipped), and of silence after which a waiting "
+            "member asks to be taken back (it may have been cut off); a local choice"),
     *(Setting(name, kind, getattr(DEFAULTS, name), why) for name, kind, why in RUN_OPTIONS),
     Setting("seed", of_setting("seed"), DEFAULTS.seed,
             "seed of the model's initialisation and shuffling"),
@@ -239,6 +244,7 @@ def build_config(args: argparse.Namespace, values: dict[str, Any]) -> PeerConfig
         min_peers=values["min_peers"],
         settle=values["settle"],
         run=run,
+        limits=attrs.evolve(DEFAULT_LIMITS, hop_timeout=values["hop_timeout"]),
     )
 
 

@@ -96,6 +96,11 @@ SETTLE = real(0, 600)
 """Formation settle seconds: 10 minutes at most (a peer gives up forming after 15,
 ``Limits.peer_wait_timeout``, so a longer settle could never form)."""
 
+HOP_TIMEOUT = real(1, 3600)
+"""``--hop-timeout`` seconds (``Limits.hop_timeout``): at least one second, for a hop's
+training and one transfer; at most an hour, as long as an excluded member waits for the
+final model (``Limits.excluded_wait``)."""
+
 
 DEVICE_HELP = (
     "where this peer trains: auto (the first CUDA device if torch sees one, else the "

@@ -216,6 +216,10 @@ class Netns:
         """Pull host ``port``'s cable at the switch: no goodbye can get through."""
         _ip("-n", self.hub, "link", "set", f"port{port}", "down")
 
+    def reconnect(self, port: int) -> None:
+        """Plug host ``port``'s cable back in (after :meth:`cut`)."""
+        _ip("-n", self.hub, "link", "set", f"port{port}", "up")
+
     def start(self, ns: str, *args: str) -> Node:
         node = Node(ns, list(args))
         self.nodes.append(node)

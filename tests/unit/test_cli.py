@@ -163,6 +163,7 @@ def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
         (["start", "--patience", "1.5"], "argument --patience: must be a whole number"),
         (["start", "--min-peers", "0"], "argument --min-peers: must be >= 1 (got 0)"),
         (["start", "--settle", "nan"], "argument --settle: must be a number (got nan)"),
+        (["start", "--hop-timeout", "0.5"], "argument --hop-timeout: must be >= 1 (got 0.5)"),
         (["start", "--tolerance", "1"], "argument --tolerance: must be <= 0.999 (got 1)"),
         (["start", "--lr", "inf"], "argument --lr: must be <= 10 (got inf)"),
         (["start", "--listen", "127.0.0.1"], "argument --listen: '127.0.0.1' is not HOST:PORT"),
@@ -216,6 +217,32 @@ def test_personal_layers_from_the_environment_or_a_config_file_are_checked(
     assert resolve(args, environ={})["personal_layers"] == 2
     assert resolve(args, environ={"FEDUP_PERSONAL_LAYERS": "1"})["personal_layers"] == 1
     assert resolve(parser.parse_args(["start"]), environ={})["personal_layers"] == 0
+
+
+def test_hop_timeout_from_any_source_sets_that_limit_alone() -> None:
+    import attrs
+
+    from fedup.commands.start import add_parser, build_config, resolve
+    from fedup.config import DEFAULT_LIMITS
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--state-dir", type=Path, default=None)
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(), common)
+
+    def limits(*argv: str, environ: dict[str, str] | None = None) -> object:
+        args = parser.parse_args(["start", *argv])
+        return build_config(args, resolve(args, environ=environ or {})).limits
+
+    assert limits() == DEFAULT_LIMITS  # 300 s unless asked
+    assert limits("--hop-timeout", "20") == attrs.evolve(DEFAULT_LIMITS, hop_timeout=20.0)
+    assert limits(environ={"FEDUP_HOP_TIMEOUT": "7.5"}) == attrs.evolve(
+        DEFAULT_LIMITS, hop_timeout=7.5
+    )
+    assert limits("--hop-timeout", "9", environ={"FEDUP_HOP_TIMEOUT": "7.5"}) == attrs.evolve(
+        DEFAULT_LIMITS, hop_timeout=9.0
+    )
 
 
 def test_personal_layers_with_dp_is_one_line(tmp_path: Path) -> None:
