@@ -113,6 +113,12 @@ class Limits:
         "one whole blob transfer; 512 MiB at a slow 1 MiB/s still fits, a stalled or "
         "trickling sender does not hold a receiver longer",
     )
+    reply_timeout: float = _limit(
+        10.0,
+        "a neighbour answers a blob's header within this (or a quarter of hop_timeout, "
+        "if less): it looks only at the header; silence means the link is down (TCP "
+        "would retransmit for minutes on a host cut off)",
+    )
     blob_nack_timeout: float = _limit(
         2.0,
         "time spent telling a refused sender why, or reading why we were refused; the "

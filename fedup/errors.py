@@ -57,6 +57,11 @@ class PeerTimeoutError(RemoteProtocolError):
     """A peer did not send (or take) what it should have within a deadline."""
 
 
+class SilentPeerError(PeerTimeoutError):
+    """A peer answered nothing where an answer comes at once: its link is down (a
+    hand-over counts it as unreachable, not as slow)."""
+
+
 class ConnectionLostError(RemoteProtocolError):
     """The connection ended: the peer closed it, reset it, or it broke mid-message."""
 

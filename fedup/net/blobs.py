@@ -38,6 +38,7 @@ from fedup.errors import (
     LocalProtocolError,
     PeerTimeoutError,
     RemoteProtocolError,
+    SilentPeerError,
 )
 from fedup.net.blob_buffers import BlobHasher, ReceiveSink
 from fedup.net.framed import FramedStream
@@ -173,7 +174,16 @@ async def send_blob(
     try:
         with trio.fail_after(limits.blob_timeout):
             await stream.send_frame(sender.header_frame)
-            await _take_reply(stream, sender, next_reply)
+            # The receiver answers a header at once (it looks only at the header): on a
+            # link that went down, TCP would retransmit for minutes; silence means dead.
+            quick = min(limits.reply_timeout, limits.hop_timeout / 4)
+            with trio.move_on_after(quick) as waited:
+                await _take_reply(stream, sender, next_reply)
+            if waited.cancelled_caught:
+                raise SilentPeerError(
+                    f"did not answer the {header.label}'s header within {quick:g} s",
+                    peer=stream.peer,
+                )
             try:
                 await _with_hashing(hasher, _threaded(hash_in_thread, header), send_chunks)
             except ConnectionLostError as lost:

@@ -24,7 +24,7 @@ import attrs
 import trio
 
 from fedup.config import Limits
-from fedup.errors import FedupError, PeerTimeoutError, RemoteProtocolError
+from fedup.errors import FedupError, PeerTimeoutError, RemoteProtocolError, SilentPeerError
 from fedup.learn.lap_sums import LapMasks
 from fedup.learn.ring import (
     FederationStats,
@@ -945,6 +945,8 @@ class CustodyDriver:
 
 def _failure(exc: BaseException) -> ce.Failure | None:
     """What a failed hand-over means for custody (None: not ours to handle)."""
+    if isinstance(exc, SilentPeerError):
+        return ce.Failure(ce.FailureKind.UNREACHABLE, str(exc))
     if isinstance(exc, trio.TooSlowError | PeerTimeoutError):
         return ce.Failure(ce.FailureKind.TIMED_OUT, str(exc) or "timed out")
     if isinstance(exc, BlobRefusedError):

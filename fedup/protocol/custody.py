@@ -711,9 +711,11 @@ class CustodyMachine:
         if name == WATCH:
             return self._watch_expired(now)
         if name == ASK:
-            if not self.returning or self._ask is None:
+            if not self.returning:
                 return [self._ignored(event, "not asking to return")]
-            return [AskToReturn(self._ask), SetTimer(ASK, self.limits.return_interval)]
+            # A new request each time: the last one may have been used already (taken
+            # back, then counted dead again before a model reached us).
+            return self.ask_to_return()
         if name.startswith("retry:"):
             h = self.handovers.get(int(name[6:]))
             if h is None:
@@ -976,8 +978,10 @@ class CustodyMachine:
                 RefusalCode.OUT_OF_TURN,
                 f"{pos}: our place in the ring is hop {expected_hop}",
             ), None
+        # A returner's own record may hold what the run did not keep (a lap it closed in
+        # a model it never handed on): it checks the blob on its own terms instead.
         problem = check_model_progress(
-            self.seen,
+            Progress.initial() if self.returning else self.seen,
             event.progress,
             position=pos,
             sender_position=_trained_ring(chain, sender, event.progress).position(sender),
@@ -1153,9 +1157,6 @@ class CustodyMachine:
 
     # --- returning ------------------------------------------------------------------------
 
-    _ask: bytes | None = None
-    """This member's latest return request (repeated every ``return_interval``)."""
-
     def ask_to_return(self) -> list[Action]:
         """Ask the members to take this member back (after an exclusion, or a restart):
         a new signed request, sent to every member and repeated until a model comes."""
@@ -1165,7 +1166,6 @@ class CustodyMachine:
         self.asked += 1
         self.returning = True
         request = ReturnRequest.seal(self._signer, run_id=self.run_id, counter=self.asked)
-        self._ask = request.envelope
         return [AskToReturn(request.envelope), SetTimer(ASK, self.limits.return_interval)]
 
     def _return_asked(self, event: ReturnAsked, now: float) -> list[Action]:
