@@ -852,9 +852,17 @@ class CustodyMachine:
                 RefusalCode.OUT_OF_TURN,
                 f"{position} is not the next lap here ({self.last_lap + 1})",
             )
-        if self.phase not in (Phase.WAITING, Phase.EXCLUDED):  # our ACK may be on its way
+        if self.phase not in (Phase.WAITING, Phase.EXCLUDED) and not self._overtaken(sender):
             return Refuse(sender, RefusalCode.BUSY, f"still holding the model of {self.holding}")
         return None
+
+    def _overtaken(self, sender: PeerId) -> bool:
+        """In a ring of two, the model we are handing on to ``sender`` may come back
+        before its ACK reaches us (``sender`` trained it at once): the blob's hop
+        statements then show that ``sender`` took ours (:meth:`_arrived_model`)."""
+        return self.phase is Phase.HANDING and any(
+            h.purpose == "forward" and h.target == sender for h in self.handovers.values()
+        )
 
     def _excluded_refusal(self, sender: PeerId, epoch: int, notice: DeadNotice) -> Refuse:
         # The notices up to the one naming the sender (the last MAX_PROOF of them): its
@@ -895,6 +903,14 @@ class CustodyMachine:
             return [refusal]
         assert provenance is not None
         actions = self._commit(chain)
+        for h in [h for h in self.handovers.values() if h.purpose == "forward"]:
+            if h.target != event.sender:
+                continue
+            # Overtaken by its own ACK (a ring of two): its statements, checked above,
+            # show our successor took the model we were handing it; that hand-over is
+            # done, and the copy we would have kept is obsolete as the model came round.
+            del self.handovers[h.id]
+            actions.append(Forget(h.copy))
         self.provenance, self._received = provenance, event.content
         receipt = self._receipt(event)
         self.taken = _Taken(event.sender, "model", event.position, event.digest, receipt)

@@ -387,12 +387,6 @@ async def test_two_of_four_killed_and_not_restarted_leave_no_federation_model(
     assert all(p.summary is None or not p.summary.ok for p in result.peers)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="in a ring of two, a member refuses its only neighbour's model as 'busy' "
-    "while its own hand-over to that neighbour awaits the acknowledgement (the next "
-    "model overtakes it); every hop is refused once and retried 0.5 s later",
-)
 async def test_a_ring_of_two_takes_each_others_models_without_refusing(
     autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
