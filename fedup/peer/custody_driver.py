@@ -433,7 +433,7 @@ class CustodyDriver:
             self._returned(a)
         elif isinstance(a, ce.AskToReturn):
             log.info("asking the members of run %s to take us back", self.run_id.hex()[:8])
-            self._spawn(self._ask_to_return, a.request)
+            self._spawn(self._ask_to_return, a.request, a.to)
         elif isinstance(a, ce.Excluded):
             log.warning(
                 "excluded from run %s: %s; training no more, waiting up to %g s for the "
@@ -766,8 +766,9 @@ class CustodyDriver:
         else:
             log.warning("%s sent %r on a link; ignored", peer, message.TYPE)
 
-    async def _ask_to_return(self, request: bytes) -> None:
-        """Send our return request to every other member (each on its link, at once)."""
+    async def _ask_to_return(self, request: bytes, to: tuple[PeerId, ...] | None) -> None:
+        """Send our return request to ``to`` (None: every other member), each on its
+        link, at once."""
         message = Return(self.run_id, request)
         limits = self._limits
 
@@ -783,7 +784,7 @@ class CustodyDriver:
                 log.info("could not ask %s to take us back: %s", peer, exc)
 
         async with trio.open_nursery() as nursery:
-            for peer in self.members:
+            for peer in self.members if to is None else to:
                 if peer != self.me:
                     nursery.start_soon(tell, peer)
         if reached == 0 and len(self.members) > 1:

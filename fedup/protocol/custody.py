@@ -128,6 +128,8 @@ __all__ = ["TRANSITIONS", "CustodyMachine", "StopRule"]
 
 _RESUMABLE = (Phase.READY, Phase.WAITING, Phase.TRAINING, Phase.HANDING, Phase.EXCLUDED)
 
+NEARBY_ASKS = 3
+"""Members a quiet member asks to take it back: those just before it in the ring."""
 RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
 """Seconds before each retry of a refused or broken hand-over (the last one repeats)."""
 WAIT, WATCH, EXCLUDED_WAIT, ASK, QUIET = "wait", "watch", "excluded", "ask", "quiet"
@@ -401,11 +403,14 @@ class CustodyMachine:
             assert self.holding is not None, "a member handing on holds a position"
             return self._forward(self.holding, now)
         if phase is Phase.EXCLUDED:
-            return [SetTimer(EXCLUDED_WAIT, self.limits.excluded_wait), *self.ask_to_return()]
+            return [
+                SetTimer(EXCLUDED_WAIT, self.limits.excluded_wait),
+                *self.ask_to_return(nearby=False),
+            ]
         actions: list[Action] = self._waiting_timers()
         if self.kept is not None:
             actions.append(SetTimer(WATCH, self.limits.hop_timeout))
-        return actions + self.ask_to_return()
+        return actions + self.ask_to_return(nearby=False)
 
     # --- starting and training ---------------------------------------------------------------
 
@@ -698,7 +703,7 @@ class CustodyMachine:
             if self.phase is not Phase.WAITING or self.returning:
                 return [self._ignored(event, "not waiting quietly")]
             note = Note("info", f"no model for {self.limits.hop_timeout:g} s: asking to return")
-            return [note, *self.ask_to_return()]
+            return [note, *self.ask_to_return(nearby=True)]
         if name == EXCLUDED_WAIT:
             self.phase = Phase.FAILED
             why = self.excluded.describe() if self.excluded is not None else "excluded"
@@ -1169,20 +1174,36 @@ class CustodyMachine:
             CancelTimer(QUIET),
             SetTimer(EXCLUDED_WAIT, self.limits.excluded_wait),
         ]
-        return actions + self.ask_to_return()
+        return actions + self.ask_to_return(nearby=False)
 
     # --- returning ------------------------------------------------------------------------
 
-    def ask_to_return(self) -> list[Action]:
-        """Ask the members to take this member back (after an exclusion, or a restart):
-        a new signed request, sent to every member and repeated until a model comes."""
+    def ask_to_return(self, *, nearby: bool | None = None) -> list[Action]:
+        """Ask the members to take this member back: a new signed request, repeated
+        every ``return_interval`` until a model comes.  After an exclusion or a restart
+        it goes to every member; when this member only heard nothing for a while
+        (``nearby``), to the members just before it in the ring, the only ones that can
+        take it back unless many before it died too (a quiet wait is common in a long
+        ring: asking everyone each time would cost every member a link to every other)."""
+        if nearby is not None:
+            self._ask_nearby = nearby
         earlier = self.chain.returns_of(self.me)
         if earlier:
             self.asked = max(self.asked, earlier[-1].request.counter)
         self.asked += 1
         self.returning = True
         request = ReturnRequest.seal(self._signer, run_id=self.run_id, counter=self.asked)
-        return [AskToReturn(request.envelope), SetTimer(ASK, self.limits.return_interval)]
+        to = self._predecessors(NEARBY_ASKS) if self._ask_nearby else None
+        return [AskToReturn(request.envelope, to), SetTimer(ASK, self.limits.return_interval)]
+
+    _ask_nearby = False
+
+    def _predecessors(self, count: int) -> tuple[PeerId, ...]:
+        """The ``count`` members before this one in the ring order (live or not)."""
+        members = self.chain.members
+        i = members.index(self.me)
+        out = [members[(i - k) % len(members)] for k in range(1, len(members))]
+        return tuple(out[:count])
 
     def _return_asked(self, event: ReturnAsked, now: float) -> list[Action]:
         r = event.request

@@ -262,9 +262,11 @@ class Returned:
 
 @attrs.frozen
 class AskToReturn:
-    """Send ``request`` (this member's signed return request) to every other member."""
+    """Send ``request`` (this member's signed return request) to the members ``to``
+    (None: every other member)."""
 
     request: bytes
+    to: tuple[PeerId, ...] | None = None
 
 
 @attrs.frozen

@@ -258,7 +258,7 @@ class PureRing:
         elif isinstance(a, AskToReturn):
             if self.deliver_returns:
                 request = ReturnRequest.open(a.request)
-                for other in self.peers:
+                for other in self.peers if a.to is None else a.to:
                     if other != peer and other not in self.crashed:
                         self.queue.append((other, ReturnAsked(request)))
         else:

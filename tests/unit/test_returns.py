@@ -232,7 +232,8 @@ def test_a_lap_left_unjudged_by_a_dead_head_is_no_gap() -> None:
 
 def test_a_member_that_hears_nothing_for_hop_timeout_asks_to_return() -> None:
     """It may have been counted as dead while it was cut off; asking when it was not
-    changes nothing (test_a_request_from_a_live_member_changes_no_hand_over)."""
+    changes nothing (test_a_request_from_a_live_member_changes_no_hand_over).  It asks
+    the members just before it, not everyone."""
     ring = PureRing(3, max_laps=3, limits=LIMITS)
     ring.start()
     b = ring.peers[1]
@@ -243,6 +244,8 @@ def test_a_member_that_hears_nothing_for_hop_timeout_asks_to_return() -> None:
         AskToReturn,
         SetTimer,
     ]
+    [ask] = [a for a in asked if isinstance(a, AskToReturn)]
+    assert ask.to == (ring.peers[0], ring.peers[2])  # those before it in the ring, nearest first
     assert ring.machines[b].returning
     again = ring.machines[b].handle(TimerFired("quiet"), 40.0)  # already asking: once
     assert [type(a) for a in again] == [Ignored]
