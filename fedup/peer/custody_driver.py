@@ -19,6 +19,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeAlias
 
 import attrs
 import trio
@@ -100,6 +101,15 @@ class _Run:
     bytes_sent: int = 0
     hops: int = 0
     dead: dict[PeerId, str] = attrs.field(factory=dict)
+
+
+class _Keep:
+    """No new run state among the items a writer took (only flush markers)."""
+
+
+_KEEP = _Keep()
+_Write: TypeAlias = RunState | trio.Event | None
+"""What the run-state writer takes: a state to save, None (delete), or a flush marker."""
 
 
 class CustodyDriver:
@@ -195,7 +205,7 @@ class CustodyDriver:
         """The ring state last saved: its object's id, its role and its encoding."""
         self._held: RingState | None = None
         """The state this member trains now (saved as ``held`` until it hands it on)."""
-        self._writes: trio.MemorySendChannel[RunState | None] | None = None
+        self._writes: trio.MemorySendChannel[_Write] | None = None
 
     @classmethod
     async def template_for(cls, builder: TaskBuilder, signed: SignedView) -> RingState:
@@ -217,7 +227,7 @@ class CustodyDriver:
             self._nursery = nursery
             nursery.start_soon(self._timers.run)
             if self._state_file is not None and self._builder.in_thread:
-                send, receive = trio.open_memory_channel[RunState | None](math.inf)
+                send, receive = trio.open_memory_channel[_Write](math.inf)
                 self._writes = send
                 nursery.start_soon(self._write_states, receive)
             task_status.started()
@@ -247,6 +257,7 @@ class CustodyDriver:
     async def run(self) -> RunSummary:
         """Wait until the final model is saved here; raises :class:`RunError` if the run fails."""
         await self._done.wait()
+        await self._flush_writes()
         if self.summary is None:
             raise RunError(self.failure or "the run ended without a model")
         return self.summary
@@ -274,10 +285,12 @@ class CustodyDriver:
         m = self.machine
         memory = m.memory()
         if memory is None:
-            if m.phase in (ce.Phase.FINISHING, ce.Phase.DISTRIBUTING, ce.Phase.DONE):
-                if self._saved_key != ("ended",):
-                    self._saved_key = ("ended",)
-                    self._write(None)
+            # The file goes once the run is over here (its outputs written, the final
+            # handed on); a crash while saving or handing on the final leaves the last
+            # state saved: restarted, the member asks, and gets the final again.
+            if m.phase is ce.Phase.DONE and self._saved_key != ("ended",):
+                self._saved_key = ("ended",)
+                self._write(None)
             return
         kept = m.kept.copy if m.kept is not None else None
         key = (m.phase, m.holding, kept, len(m.chain), m.provenance.count, m.asked, len(m.asks))
@@ -341,15 +354,32 @@ class CustodyDriver:
         except OSError as exc:
             log.error("cannot save the run state to %s: %s", self._state_file.path, exc)
 
-    async def _write_states(self, receive: trio.MemoryReceiveChannel[RunState | None]) -> None:
+    async def _write_states(self, receive: trio.MemoryReceiveChannel[_Write]) -> None:
         async with receive:
-            async for data in receive:
+            async for item in receive:
+                flushed: list[trio.Event] = []
+                data: RunState | _Keep | None = _KEEP
                 while True:  # only the newest of the writes queued meanwhile matters
+                    if isinstance(item, trio.Event):
+                        flushed.append(item)
+                    else:
+                        data = item
                     try:
-                        data = receive.receive_nowait()
+                        item = receive.receive_nowait()
                     except trio.WouldBlock:
                         break
-                await trio.to_thread.run_sync(self._write_now, data)
+                if not isinstance(data, _Keep):
+                    await trio.to_thread.run_sync(self._write_now, data)
+                for event in flushed:
+                    event.set()
+
+    async def _flush_writes(self) -> None:
+        """Wait until every write asked for so far is done (the run's end: its file is
+        deleted before the peer stops)."""
+        if self._writes is not None:
+            done = trio.Event()
+            self._writes.send_nowait(done)
+            await done.wait()
 
     def resume(self, saved: RunState) -> None:
         """Go on with the run saved before a restart (instead of :meth:`begin`)."""

@@ -304,6 +304,8 @@ class CustodyMachine:
         self.stop_reason: str | None = None
         self.excluded: DeadNotice | None = None
         self.asks: dict[PeerId, ReturnRequest] = {}
+        self._final_sent_at = {}
+        """When this member last handed the final model to each returner that asked."""
         """The latest return request of each member that asked (one per member)."""
         self.asked = 0
         """The counter of this member's own latest return request (0: none made)."""
@@ -1217,6 +1219,8 @@ class CustodyMachine:
             actions += self._send_final_to(r.peer, now)
         return actions
 
+    _final_sent_at: dict[PeerId, float]
+
     def _serves_final(self) -> bool:
         """Whether this member holds the federation's final model to give a returner."""
         return (
@@ -1229,6 +1233,13 @@ class CustodyMachine:
     def _send_final_to(self, peer: PeerId, now: float) -> list[Action]:
         if any(h.target == peer and h.kind == "final" for h in self.handovers.values()):
             return []
+        last = self._final_sent_at.get(peer)
+        if last is not None and now - last < self.limits.return_interval:
+            # At most one final per member per return_interval: a small signed request
+            # must not buy a member a model transfer from us as often as it likes.
+            why = f"{peer} asks for the final model {now - last:g} s after we handed it"
+            return [Note("info", f"{why}: not again before {self.limits.return_interval:g} s")]
+        self._final_sent_at[peer] = now
         assert self._final_chain is not None
         h = _Handover(
             self._new_id(),

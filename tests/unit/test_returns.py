@@ -15,7 +15,11 @@ from fedup.protocol.custody_events import (
     AskToReturn,
     Begin,
     Excluded,
+    Failure,
+    FailureKind,
+    HandOverFailed,
     Ignored,
+    Phase,
     ReturnAsked,
     Returned,
     Send,
@@ -249,3 +253,28 @@ def test_a_member_that_hears_nothing_for_hop_timeout_asks_to_return() -> None:
     assert ring.machines[b].returning
     again = ring.machines[b].handle(TimerFired("quiet"), 40.0)  # already asking: once
     assert [type(a) for a in again] == [Ignored]
+
+
+def test_a_finished_member_hands_its_final_to_an_asker_at_most_once_a_return_interval() -> None:
+    """A small signed request must not buy a member a model transfer as often as it likes."""
+    ring = PureRing(3, max_laps=2, patience=5, limits=LIMITS)
+    ring.start()
+    ring.run()
+    finished_alike(ring)
+    a, b = ring.peers[0], ring.ids[1]
+    machine = ring.machines[a]
+
+    def finals_to_b(now: float, counter: int) -> int:
+        request = ReturnRequest.seal(b, run_id=RUN, counter=counter)
+        actions = machine.handle(ReturnAsked(request), now)
+        sent = [x for x in actions if isinstance(x, Send) and x.kind == "final"]
+        for x in sent:  # the hand-over ends (b is unreachable): the member is done again
+            lost = Failure(FailureKind.UNREACHABLE, "gone")
+            machine.handle(HandOverFailed(x.handover, lost), now)
+        assert machine.phase is Phase.DONE
+        return len(sent)
+
+    t = ring.now + 1.0
+    assert finals_to_b(t, 1) == 1
+    assert finals_to_b(t + 1.0, 2) == 0  # asked again at once: refused
+    assert finals_to_b(t + LIMITS.return_interval, 3) == 1
