@@ -51,7 +51,13 @@ from fedup.protocol.laps import Position
 from fedup.protocol.peer_id import RAW_SIZE, PeerId
 from fedup.protocol.refusal import RefusalCode
 from fedup.protocol.returns import NOTICE_TYPE as RETURN_TYPE
-from fedup.protocol.returns import ReturnError, ReturnNotice, ReturnRequest, max_chain_notices
+from fedup.protocol.returns import (
+    ReturnError,
+    ReturnNotice,
+    ReturnRequest,
+    entry_digest,
+    max_chain_notices,
+)
 from fedup.protocol.ring import Ring
 from fedup.protocol.schema import FieldReader
 
@@ -126,7 +132,7 @@ class DeadNotice:
     @property
     def digest(self) -> bytes:
         """What the next notice names as ``prev``."""
-        return _digest(self.envelope, b"fedup-dead-note")
+        return entry_digest(self.envelope)
 
     def describe(self) -> str:
         return f"{self.claimer} declared {self.dead} dead ({self.cause}) at {self.at}"

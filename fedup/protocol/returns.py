@@ -73,6 +73,11 @@ class ReturnError(RemoteProtocolError):
     code = RefusalCode.BAD_CLAIM
 
 
+def entry_digest(envelope: bytes) -> bytes:
+    """The digest of a chain entry (dead or return notice): what the next one names."""
+    return hashlib.blake2b(envelope, digest_size=DIGEST_SIZE, person=b"fedup-dead-note").digest()
+
+
 def max_chain_notices(members: int, limits: Limits = DEFAULT_LIMITS) -> int:
     """The most notices a run's chain can hold: every member dead once, and each
     member back and dead again at most ``max_returns`` times."""
@@ -148,9 +153,7 @@ class ReturnNotice:
     @property
     def digest(self) -> bytes:
         """What the next notice names as ``prev``."""
-        return hashlib.blake2b(
-            self.envelope, digest_size=DIGEST_SIZE, person=b"fedup-dead-note"
-        ).digest()
+        return entry_digest(self.envelope)
 
     def describe(self) -> str:
         return f"{self.claimer} took {self.back} back at {self.at}"

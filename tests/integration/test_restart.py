@@ -17,28 +17,14 @@ from typing import Any
 import trio
 import trio.testing
 
-from fedup.learn.loans import generate_lender, lender_seed
-from fedup.peer import TabularSource
 from fedup.protocol.view import RunSettings
-from fedup.sim import Faults, Kill, Link, SimResult, SimSettings, run_simulation, sim_identity
+from fedup.sim import Faults, Kill, Link, SimResult, SimSettings, run_simulation
+from tests.integration.test_sim import lenders, ring_order
 
 RUN = RunSettings(max_laps=8, patience=8)
 SLOW_LINKS = Link(latency=0.5)
 """Training takes no virtual time: links of 0.5 s make a hop last about 1.5 s, so a
 peer restarted 5 s after a crash finds its run still going (about 48 s in all)."""
-
-
-def lenders(n: int, rows: int = 300) -> list[TabularSource]:
-    return [
-        TabularSource(generate_lender(lender_seed(0, i), rows).table, target="default")
-        for i in range(n)
-    ]
-
-
-def ring_order(n: int, seed: int = 0) -> list[int]:
-    """Simulation indices in ring order (ascending peer ID)."""
-    ids = [sim_identity(seed, i).peer_id for i in range(n)]
-    return sorted(range(n), key=lambda i: ids[i])
 
 
 async def simulate(tmp_path: Path, *kills: Kill, n: int = 4, **kw: Any) -> SimResult:
