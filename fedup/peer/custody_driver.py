@@ -49,7 +49,7 @@ from fedup.peer import events as ev
 from fedup.peer.outputs import RunOutputs, RunSummary, federation_json, lap_line, shown_figures
 from fedup.peer.run_state_file import RunStateFile
 from fedup.peer.tamper import OutgoingBlob, Tamper
-from fedup.peer.tasks import TaskBuilder
+from fedup.peer.tasks import Started, TaskBuilder
 from fedup.protocol import custody_events as ce
 from fedup.protocol.blob import BlobHeader, BlobRefusedError
 from fedup.protocol.custody import CustodyMachine, StopRule
@@ -420,7 +420,7 @@ class CustodyDriver:
             if a.source is None and self._taking and not self._builder.in_thread:
                 self._after_ack = (a.position, state)  # inline training after the ACK
             else:
-                self._spawn(self._train, a.position, state)
+                self._start_training(a.position, state)
         elif isinstance(a, ce.Send):
             self._spawn(self._send, a)
         elif isinstance(a, ce.TellPassed):
@@ -543,12 +543,22 @@ class CustodyDriver:
 
     # --- training ---------------------------------------------------------------------
 
-    async def _train(self, position: Position, state: RingState) -> None:
+    def _start_training(self, position: Position, state: RingState) -> None:
+        """Start training ``state`` now (in a worker thread, before the ACK of the blob
+        it came in goes out), and handle the result in a task of its own."""
         self._events.emit(ev.Training(position.lap, position.hop))
         args = (self.task, state, self.ring_settings, position.lap, position.hop, self.federation)
         masks = self._lap_masks
+        work = self._builder.start(lambda: train_hop(*args, masks=masks))
+        self._spawn(self._train, position, state, work)
+
+    async def _train(
+        self, position: Position, state: RingState, work: Started[tuple[RingState, HopMetrics]]
+    ) -> None:
+        args = (self.task, state, self.ring_settings, position.lap, position.hop, self.federation)
+        masks = self._lap_masks
         try:
-            new, metrics = await self._builder.run(lambda: train_hop(*args, masks=masks))
+            new, metrics = await work.result()
             good = True
             body = self.codec.body(new)
             problem = self.codec.problem(new, body)
@@ -776,7 +786,7 @@ class CustodyDriver:
     def _taken(self) -> None:
         pending, self._after_ack = self._after_ack, None
         if pending is not None:
-            self._spawn(self._train, *pending)
+            self._start_training(*pending)
 
     def _on_message(self, peer: PeerId, message: Message) -> None:
         if isinstance(message, Passed) and message.run_id == self.run_id:

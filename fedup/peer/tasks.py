@@ -11,8 +11,9 @@ trains in threads (the simulator, on a virtual clock, runs it inline).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 import attrs
 import trio
@@ -22,11 +23,13 @@ from fedup.learn.task import Task
 from fedup.peer.source import TaskSource, model_digest
 from fedup.protocol.view import RunSettings
 
-__all__ = ["TaskBuilder"]
+__all__ = ["Started", "TaskBuilder"]
 
 log = logging.getLogger("fedup.peer")
 T = TypeVar("T")
 ZERO = b"\0" * 32
+THREAD_START_WAIT = 0.01
+"""Seconds the event loop waits at most for a worker thread it started to begin."""
 
 
 class TaskBuilder:
@@ -46,6 +49,14 @@ class TaskBuilder:
         result = fn(*args)
         await trio.lowlevel.checkpoint()
         return result
+
+    def start(self, fn: Callable[[], T]) -> Started[T]:
+        """``fn()`` started now in a worker thread (off-thread mode: run when awaited).
+
+        Unlike :meth:`run`, the thread starts before this returns, without waiting
+        for the event loop's next turn: a member that took a blob starts training it
+        at once, and the blob's ACK and the sender's bookkeeping overlap with it."""
+        return Started(fn, in_thread=self.in_thread)
 
     def summary(self) -> dict[str, object] | None:
         """The source's data summary (computed once)."""
@@ -82,3 +93,57 @@ class TaskBuilder:
             model_digest=model_digest(task, base.seed),
             schema_digest=bytes.fromhex(schema.digest()) if schema is not None else ZERO,
         )
+
+
+class Started(Generic[T]):
+    """Work started by :meth:`TaskBuilder.start`; ``await result()`` for its value.
+
+    In a worker thread (``trio.lowlevel.start_thread_soon``), its outcome handed
+    back to the event loop through the run's token.  Waiting for it is shielded
+    from cancellation, as ``trio.to_thread.run_sync`` waits by default: the work
+    touches the task's model, so nothing else may train it until it is over.
+    """
+
+    def __init__(self, fn: Callable[[], T], *, in_thread: bool) -> None:
+        self._fn: Callable[[], T] | None = fn
+        self._done = trio.Event()
+        self._outcome: Any = None
+        if not in_thread:
+            return
+        self._fn = None
+        token = trio.lowlevel.current_trio_token()
+
+        def deliver(result: Any) -> None:  # in the worker thread
+            try:
+                token.run_sync_soon(self._settle, result)
+            except trio.RunFinishedError:
+                pass  # the event loop is gone, and nobody waits for this any more
+
+        begun = threading.Event()
+
+        def work() -> T:  # in the worker thread
+            begun.set()
+            return fn()
+
+        trio.lowlevel.start_thread_soon(work, deliver)
+        # Let the worker take the interpreter lock and begin before this thread goes on:
+        # otherwise, in a process that runs other peers too, it can wait for the lock
+        # until this thread blocks or the switch interval (5 ms) ends.  Bounded, so a
+        # starved machine delays the event loop by at most this much.
+        begun.wait(THREAD_START_WAIT)
+
+    def _settle(self, result: Any) -> None:
+        self._outcome = result
+        self._done.set()
+
+    async def result(self) -> T:
+        """The work's return value (or its exception, raised here); awaited once."""
+        if self._fn is not None:  # off-thread mode: the work runs now, inline
+            fn, self._fn = self._fn, None
+            inline = fn()
+            await trio.lowlevel.checkpoint()
+            return inline
+        with trio.CancelScope(shield=True):
+            await self._done.wait()
+        threaded: T = self._outcome.unwrap()
+        return threaded
