@@ -195,6 +195,8 @@ class CustodyDriver:
         while the ACK goes out (a blob taken is trained whether or not its ACK
         arrives)."""
         self._after_ack: tuple[Position, RingState] | None = None
+        self._unlogged: tuple[RingState, HopMetrics, bool] | None = None
+        """The hop trained last, until its line is logged (:meth:`_log_trained`)."""
         self._final_file: tuple[RingState, list[memoryview], bytes] | None = None
         """A final state, the bytes of the model file made from it, and their SHA-256."""
         self._state_file = state_file
@@ -546,6 +548,7 @@ class CustodyDriver:
     def _start_training(self, position: Position, state: RingState) -> None:
         """Start training ``state`` now (in a worker thread, before the ACK of the blob
         it came in goes out), and handle the result in a task of its own."""
+        self._log_trained()
         self._events.emit(ev.Training(position.lap, position.hop))
         args = (self.task, state, self.ring_settings, position.lap, position.hop, self.federation)
         masks = self._lap_masks
@@ -583,14 +586,24 @@ class CustodyDriver:
         if body is not None:
             self._bodies[position] = body
         content = self.codec.content(new, body)
-        self._log_hop(new, metrics, good)
+        self._unlogged = (new, metrics, good)
         if self._train_delay > 0:  # a simulated slow member holds the model longer
             await trio.sleep(self._train_delay)
-        self.feed(
+        actions = self.feed(
             ce.Trained(
                 position, new.meta.progress(), good, content=content, samples=metrics.samples
             )
         )
+        if not (self._builder.in_thread and any(isinstance(x, ce.Send) for x in actions)):
+            self._log_trained()
+
+    def _log_trained(self) -> None:
+        """Log the hop trained last, once.  A member that trains in worker threads logs
+        it when the blob that carries it has been handed over (or not): the successor
+        is training by then, so the log line and its events are off the ring's path."""
+        unlogged, self._unlogged = self._unlogged, None
+        if unlogged is not None:
+            self._log_hop(*unlogged)
 
     def _log_hop(self, state: RingState, metrics: HopMetrics, good: bool) -> None:
         cand = metrics.candidate
@@ -705,6 +718,7 @@ class CustodyDriver:
                     kind=a.kind, lap=blob.lap, hop=blob.hop, epoch=blob.epoch, data=blob.data
                 )
         except BaseException as exc:
+            self._log_trained()
             failure = _failure(exc)
             if failure is None:
                 raise
@@ -718,6 +732,7 @@ class CustodyDriver:
             if a.kind == "final" and a.target in self.machine.chain.dead:
                 self._links.pop(a.target, None)
                 await link.aclose()
+        self._log_trained()
         self._counts.bytes_sent += data.nbytes
         self._events.emit(
             ev.HandedOver(a.kind, a.target, a.position.lap, a.position.hop, data.nbytes)
@@ -883,6 +898,7 @@ class CustodyDriver:
     # --- finishing ----------------------------------------------------------------------
 
     async def _finish(self, a: ce.Finish) -> None:
+        self._log_trained()
         state = self._slots.get(ce.FINAL)
         if state is None:
             self.feed(ce.TrainFailed(f"the final state ({a.copy}) is not kept"))
@@ -973,6 +989,7 @@ class CustodyDriver:
 
     def close_summary(self) -> RunSummary | None:
         """The summary with what was sent after the final model was saved (distribution)."""
+        self._log_trained()
         if self.summary is None:
             return None
         self.summary = attrs.evolve(

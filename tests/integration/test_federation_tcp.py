@@ -93,5 +93,17 @@ async def test_three_peers_over_loopback_tcp(tmp_path: Path, first: int) -> None
         assert on_disk["leader"] == summaries[0].leader  # the one the draw chose
         assert on_disk["members"] == [i.peer_id.text for i in ids]
         assert on_disk["dead"] == [] and on_disk["laps"] == RUN.max_laps
+    # Peers that train in threads log a hop once its blob was handed over: every hop
+    # trained still has its line, once, written before the run ended.
+    hops = [
+        (line["lap"], line["hop"])
+        for s in summaries
+        for line in map(json.loads, (Path(s.out_dir) / "metrics.jsonl").read_text().splitlines())
+        if line["type"] == "hop"
+    ]
+    assert len(hops) == len(set(hops))
+    # The trained laps, the evaluation-only lap, and the first member's hop that ends it.
+    laps = RUN.max_laps + 1
+    assert set(hops) == {(lap, hop) for lap in range(laps) for hop in range(3)} | {(laps, 0)}
     assert len({s.run_id for s in summaries}) == 1
     print(f"3 peers over loopback TCP: {elapsed:.2f} s from start to finish")
