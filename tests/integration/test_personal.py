@@ -54,9 +54,13 @@ def test_every_member_writes_its_personal_model_and_the_shared_one_is_unchanged(
         for key in ("own_val", "shared_own_val", "local_only_own_val"):
             assert set(personal[key]) == {"loss", "auc", "accuracy"}
             assert 0 < personal[key]["loss"] < 5 and 0 <= personal[key]["accuracy"] <= 1
-        # Kept only if better on the member's own split; the shared model is epoch 0.
-        assert personal["own_val"]["loss"] <= personal["shared_own_val"]["loss"]
-        assert (personal["best_epoch"] == 0) == (not changed)
+        # Chosen on a holdout of the training split, so the own-split figure is not
+        # guaranteed below the shared model's; epoch 0 is the start (the shared model,
+        # or it with the last bias moved to this member's base rate).
+        if personal["best_epoch"] == 0:
+            assert changed <= {"4.bias"}
+        else:
+            assert changed and personal["epochs"] >= personal["best_epoch"]
         verify_model(folder)  # the shared model still verifies
         assert main(["verify", str(folder)]) == 0
     entry = report["personalized"]

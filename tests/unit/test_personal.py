@@ -1,4 +1,5 @@
-"""Personal fine-tuning: which layers it trains, that nothing else moves, determinism."""
+"""Personal fine-tuning: which layers it trains, that nothing else moves, that it chooses
+on a holdout of the training split (never the validation split), determinism."""
 
 from __future__ import annotations
 
@@ -10,8 +11,18 @@ from fedup.commands.run_options import MLP_LAYERS
 from fedup.errors import ConfigError
 from fedup.learn.baselines import make_tasks
 from fedup.learn.loans import generate_lender, lender_seed
-from fedup.learn.personal import check_layers, fine_tune, head_names, layers_of
-from fedup.learn.task import TabularTask, mlp
+from fedup.learn.personal import (
+    HOLDOUT_FRACTION,
+    RATE_PRIOR,
+    check_layers,
+    fine_tune,
+    head_names,
+    holdout_rows,
+    intercept_shift,
+    layers_of,
+)
+from fedup.learn.ring import model_with
+from fedup.learn.task import EvalStats, TabularTask, Task, TensorTask, TrainBudget, TrainStats, mlp
 from fedup.peer import TabularSource
 from fedup.peer.source import FixedTaskSource
 
@@ -75,3 +86,93 @@ def test_zero_layers_is_the_shared_model() -> None:
     result = fine_tune(task, shared, 0, seed=0)
     assert result.epochs == 0 and result.best_epoch == 0
     assert all(torch.equal(result.weights[n], shared[n]) for n in shared)
+
+
+def test_the_holdout_is_drawn_from_the_training_rows_by_label_and_seed() -> None:
+    labels = torch.tensor([0.0] * 90 + [1.0] * 10)
+    fit, held = holdout_rows(labels, 4)
+    assert len(set(fit.tolist()) & set(held.tolist())) == 0
+    assert sorted(fit.tolist() + held.tolist()) == list(range(100))
+    assert int((labels[held] == 1).sum()) == round(HOLDOUT_FRACTION * 10)  # stratified
+    assert len(held) == round(HOLDOUT_FRACTION * 90) + round(HOLDOUT_FRACTION * 10)
+    again, _ = holdout_rows(labels, 4)
+    other, _ = holdout_rows(labels, 5)
+    assert torch.equal(fit, again) and not torch.equal(fit, other)
+    _, tiny = holdout_rows(torch.tensor([0.0, 1.0]), 0)  # no label rounds to a row
+    assert len(tiny) == 1
+
+
+def test_choosing_never_reads_the_validation_split() -> None:
+    task, shared = lender_task()
+    a = fine_tune(task, shared, 1, seed=2, max_epochs=30, patience=5)
+    scrambled = TensorTask(
+        task.x_train, task.y_train, torch.randn_like(task.x_val) * 100, 1 - task.y_val,
+        model_fn=task.model_fn, loss_fn=task.loss_fn, batch_size=task.batch_size,
+        lr=task.lr, binary=True,
+    )  # fmt: skip
+    b = fine_tune(scrambled, shared, 1, seed=2, max_epochs=30, patience=5)
+    assert a.selected_on == b.selected_on == "training holdout"
+    assert a.holdout_rows == round(
+        HOLDOUT_FRACTION * (task.n_train - int(task.y_train.sum()))
+    ) + round(HOLDOUT_FRACTION * int(task.y_train.sum()))
+    assert (a.epochs, a.best_epoch, a.intercept) == (b.epochs, b.best_epoch, b.intercept)
+    assert all(torch.equal(a.weights[n], b.weights[n]) for n in a.weights)
+    assert a.scores != b.scores  # the scores are on each task's own validation split
+
+
+def test_the_intercept_moves_to_the_members_base_rate() -> None:
+    task, shared = lender_task()
+    model = model_with(task, shared)
+    intercept_shift(task, model, task.x_train, task.y_train)
+    moved = {n for n, v in model.state_dict().items() if not torch.equal(v, shared[n])}
+    assert moved == {"4.bias"}
+    mean = float(torch.sigmoid(task.outputs(model, task.x_train)).mean())
+    pos = float(task.y_train.sum())
+    assert mean == pytest.approx((pos + RATE_PRIOR) / (task.n_train + 2 * RATE_PRIOR), abs=1e-6)
+
+
+def test_a_member_of_one_label_ends_far_below_the_shared_models_loss() -> None:
+    task, shared = lender_task()
+    keep = task.y_train.reshape(-1) < 0.5
+    negatives = TensorTask(
+        task.x_train[keep], task.y_train[keep], task.x_val, torch.zeros_like(task.y_val),
+        model_fn=task.model_fn, loss_fn=task.loss_fn, binary=True,
+    )  # fmt: skip
+    result = fine_tune(negatives, shared, 1, seed=0, max_epochs=5)
+    assert result.intercept
+    assert result.scores.loss < 0.01 < fine_tune(negatives, shared, 0, seed=0).scores.loss
+
+
+class OpaqueTask(Task):
+    """A task without in-memory tensors: fine-tuning can only choose on its validation split."""
+
+    def __init__(self, inner: TensorTask) -> None:
+        self.inner = inner
+
+    @property
+    def n_train(self) -> int:
+        return self.inner.n_train
+
+    @property
+    def n_val(self) -> int:
+        return self.inner.n_val
+
+    def build_model(self, seed: int) -> nn.Module:
+        return self.inner.build_model(seed)
+
+    def train(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, budget: TrainBudget
+    ) -> TrainStats:
+        return self.inner.train(model, optimizer, budget)
+
+    def evaluate(self, model: nn.Module) -> EvalStats:
+        return self.inner.evaluate(model)
+
+
+def test_a_task_without_tensors_says_it_chose_on_its_validation_split() -> None:
+    task, shared = lender_task()
+    result = fine_tune(OpaqueTask(task), shared, 1, seed=1, max_epochs=3, patience=3)
+    assert result.selected_on == "validation" and result.holdout_rows == 0
+    assert not result.intercept
+    assert result.scores.loss <= fine_tune(task, shared, 0, seed=1).scores.loss  # epoch 0 counts
+    assert fine_tune(task, shared, 0, seed=1).selected_on == "none"
