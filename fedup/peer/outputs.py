@@ -175,8 +175,10 @@ class RunSummary:
     """This member's personal model (``personal.safetensors``, never sent): ``layers``
     (K), ``own_val`` (the personal model), ``shared_own_val`` (the federation's) and
     ``local_only_own_val`` (the same model trained on this member's data alone), each
-    ``{loss, auc, accuracy}`` on this member's own validation split, plus ``epochs``
-    and ``best_epoch`` of the fine-tuning (:mod:`fedup.peer.personal`); None without."""
+    ``{loss, auc, accuracy}`` on this member's own validation split, plus ``epochs``,
+    ``best_epoch``, ``intercept``, ``selected_on`` (``"training holdout"``: the
+    validation split was not used to choose) and ``holdout_rows`` of the fine-tuning
+    (:class:`fedup.learn.personal.PersonalResult`); None without."""
 
     def to_json(self) -> dict[str, Any]:
         """Its fields as a dict (what :func:`attrs.asdict` gives: the lists copied); built

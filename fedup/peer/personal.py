@@ -61,6 +61,9 @@ def personal_figures(task: Task, out_dir: Path, k: int, settings: RunSettings) -
         "local_only_own_val": local,
         "epochs": result.epochs,
         "best_epoch": result.best_epoch,
+        "intercept": result.intercept,
+        "selected_on": result.selected_on,
+        "holdout_rows": result.holdout_rows,
         "file": PERSONAL_FILE,
     }
 

@@ -57,6 +57,7 @@ def test_every_member_writes_its_personal_model_and_the_shared_one_is_unchanged(
         # Chosen on a holdout of the training split, so the own-split figure is not
         # guaranteed below the shared model's; epoch 0 is the start (the shared model,
         # or it with the last bias moved to this member's base rate).
+        assert personal["selected_on"] == "training holdout" and personal["holdout_rows"] > 0
         if personal["best_epoch"] == 0:
             assert changed <= {"4.bias"}
         else:
