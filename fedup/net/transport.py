@@ -62,7 +62,6 @@ from typing import Any, Protocol
 
 import attrs
 import trio
-import trio.testing
 
 from fedup.config import DEFAULT_LIMITS, Limits
 from fedup.errors import PeerTimeoutError, RemoteProtocolError
@@ -699,7 +698,11 @@ class MemoryNetwork:
         queue = self._listeners.get(address)
         if queue is None:
             raise DialError("connection refused: nothing listens there", peer=str(address))
-        ours, theirs = trio.testing.memory_stream_pair()
+        # Imported here: only the in-memory network needs it, and it imports pytest
+        # where that is installed (a quarter of a second at every command's start).
+        from trio.testing import memory_stream_pair
+
+        ours, theirs = memory_stream_pair()
         name = source if source is not None else f"memory-dialer-{next(self._dialers)}"
         try:
             queue.send_nowait((theirs, name))
