@@ -93,7 +93,7 @@ PULL = 1.0
 """Strength of the pull of the trained layers' weights towards the starting point's
 (L2-SP; biases are free, so a member's intercept can go as far as its rows say).  It
 keeps a head trained on a member's thousands of rows from drifting from the shared
-model where the rows say little; on ``bench/bench_personal.py``'s data 0.1 to 3 won for
+model where the rows say little; on ``bench/bench_personal.py``'s data 0.03 to 3 won for
 as many members, 0 for one fewer (docs/quality.md)."""
 RATE_PRIOR = 0.5
 """Pseudo-rows of each label added to the positive rate the intercept aims at, so a
@@ -228,6 +228,9 @@ class PersonalResult:
     ``k`` is 0, or fewer than two training rows, and the result is the shared model)."""
     holdout_rows: int = 0
     """Training rows set aside to choose (0 with ``selected_on == "validation"``)."""
+    pull: float = 0.0
+    """The strength of the pull towards the starting weights that trained it
+    (:data:`PULL`; 0 when nothing was trained)."""
 
 
 def _last_bias(model: nn.Module) -> torch.Tensor | None:
@@ -366,8 +369,9 @@ def fine_tune(
     if not isinstance(task, TensorTask):
         weights, epochs, best = _choose(tuner, task, False, seed, max_epochs, patience)
         return PersonalResult(
-            weights, own_scores(task, weights), epochs, best, selected_on="validation"
-        )
+            weights, own_scores(task, weights), epochs, best, selected_on="validation",
+            pull=tuner.pull,
+        )  # fmt: skip
     stratify = task.binary or isinstance(task.metrics, MulticlassMetrics)
     fit, held = holdout_rows(task.y_train, seed, stratify=stratify)
     chooser = _subtask(task, fit, held)
@@ -384,5 +388,6 @@ def fine_tune(
             tuner.epoch(task, model, optimizer, seed, e)
     weights = _state(model)
     return PersonalResult(
-        weights, own_scores(task, weights), epochs, best, intercept, holdout_rows=len(held)
-    )
+        weights, own_scores(task, weights), epochs, best, intercept, holdout_rows=len(held),
+        pull=tuner.pull,
+    )  # fmt: skip

@@ -85,7 +85,7 @@ def test_fine_tuning_is_deterministic_from_the_seed() -> None:
 def test_zero_layers_is_the_shared_model() -> None:
     task, shared = lender_task()
     result = fine_tune(task, shared, 0, seed=0)
-    assert result.epochs == 0 and result.best_epoch == 0
+    assert result.epochs == 0 and result.best_epoch == 0 and result.pull == 0
     assert all(torch.equal(result.weights[n], shared[n]) for n in shared)
 
 
@@ -146,7 +146,8 @@ def test_the_pull_keeps_the_weights_near_the_start_and_leaves_the_biases_free(
     pulled = fine_tune(task, shared, 2, seed=3, max_epochs=5, patience=5)
     monkeypatch.setattr(personal, "PULL", 0.0)
     free = fine_tune(task, shared, 2, seed=3, max_epochs=5, patience=5)
-    assert PULL > 0 and pulled.best_epoch == free.best_epoch == 5
+    assert pulled.pull == PULL > 0 and free.pull == 0
+    assert pulled.best_epoch == free.best_epoch == 5
     assert moved(pulled.weights, weights) < 0.2 * moved(free.weights, weights)
     assert moved(pulled.weights, biases) > 0.5 * moved(free.weights, biases)  # not pulled
     assert {n for n, v in pulled.weights.items() if not torch.equal(v, shared[n])} == (
