@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"{row['mean_own_loss_personal']:.4f}, local-only "
                     f"{row['mean_own_loss_local_only']:.4f}; union loss shared "
                     f"{row['union_loss_shared']:.4f} vs centralized "
-                    f"{row['union_loss_centralized']:.4f} ({row['union_gap_percent']:+.2f}%); "
+                    f"{row['union_loss_centralized']:.4f} ({row['union_gap_percent']:+.3f}%); "
                     f"mean union loss personal {row['mean_union_loss_personal']:.4f}, "
                     f"local-only {row['mean_union_loss_local_only']:.4f}",
                     flush=True,

@@ -21,8 +21,11 @@ task with in-memory tensors (:class:`~fedup.learn.task.TensorTask`):
    training rows with the run's optimizer at :data:`LR_SCALE` times its learning
    rate, one epoch at a time (epoch ``e`` draws its minibatches with
    :func:`epoch_seed`), for at most :data:`MAX_EPOCHS` epochs, stopping after
-   :data:`PATIENCE` without a lower holdout loss.  The epoch with the lowest holdout
-   loss is chosen (0: the starting point itself).
+   :data:`PATIENCE` without a lower holdout loss.  The layers' weights (not their
+   biases) are pulled towards where they started (L2-SP): each step's gradient gains
+   :data:`PULL` times their distance from the start, the gradient of
+   ``PULL / 2 * ||w - w_start||^2``.  The epoch with the lowest holdout loss is chosen
+   (0: the starting point itself).
 4. **Refit.**  The same recipe then runs again on the whole training split (the
    intercept recomputed on it) for exactly the chosen number of epochs: that is the
    personal model.
@@ -42,7 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import attrs
 import torch
@@ -59,6 +62,7 @@ __all__ = [
     "LR_SCALE",
     "MAX_EPOCHS",
     "PATIENCE",
+    "PULL",
     "OwnScores",
     "PersonalResult",
     "check_layers",
@@ -85,6 +89,12 @@ LR_SCALE = 3.0
 steps well, and one that must move its base rate far gets there in fewer epochs.  On
 the benchmark's data (``bench/bench_personal.py``) 1x and 3x won for as many members,
 or 3x for one more, depending on the holdout drawn."""
+PULL = 1.0
+"""Strength of the pull of the trained layers' weights towards the starting point's
+(L2-SP; biases are free, so a member's intercept can go as far as its rows say).  It
+keeps a head trained on a member's thousands of rows from drifting from the shared
+model where the rows say little; on ``bench/bench_personal.py``'s data 0.03 to 3 won for
+as many members, 0 for one fewer (docs/quality.md)."""
 RATE_PRIOR = 0.5
 """Pseudo-rows of each label added to the positive rate the intercept aims at, so a
 member with no row of one label gets a finite intercept."""
@@ -218,6 +228,9 @@ class PersonalResult:
     ``k`` is 0, or fewer than two training rows, and the result is the shared model)."""
     holdout_rows: int = 0
     """Training rows set aside to choose (0 with ``selected_on == "validation"``)."""
+    pull: float = 0.0
+    """The strength of the pull towards the starting weights that trained it
+    (:data:`PULL`; 0 when nothing was trained)."""
 
 
 def _last_bias(model: nn.Module) -> torch.Tensor | None:
@@ -259,12 +272,26 @@ def _subtask(task: TensorTask, fit: torch.Tensor, held: torch.Tensor) -> TensorT
     )  # fmt: skip
 
 
+def _pull_hook(p: torch.Tensor, pull: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A gradient hook adding ``pull * (p - start)``: the gradient of
+    ``pull / 2 * ||p - start||^2``, ``start`` being ``p``'s value now."""
+    start = p.detach().clone()
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        return grad + pull * (p.detach() - start)
+
+    return hook
+
+
 class _Tuner:
     """One fine-tuning recipe: which names train, from where, at which rate."""
 
-    def __init__(self, task: Task, shared: Mapping[str, torch.Tensor], k: int) -> None:
+    def __init__(
+        self, task: Task, shared: Mapping[str, torch.Tensor], k: int, pull: float = 0.0
+    ) -> None:
         self.task = task
         self.shared = shared
+        self.pull = pull
         self.head = head_names(model_with(task, shared), k)
         self.frozen = {n: v.detach().cpu().clone() for n, v in shared.items() if n not in self.head}
 
@@ -274,6 +301,10 @@ class _Tuner:
             p.requires_grad_(name in self.head)
         if intercept and isinstance(learner, TensorTask):
             intercept_shift(learner, model, learner.x_train, learner.y_train)
+        if self.pull > 0:
+            for name, p in model.named_parameters():
+                if name in self.head and not name.endswith("bias"):
+                    p.register_hook(_pull_hook(p, self.pull))  # type: ignore[no-untyped-call]
         return model
 
     def optimizer(self, learner: Task, model: nn.Module) -> torch.optim.Optimizer:
@@ -331,15 +362,16 @@ def fine_tune(
     ``task``'s training split (see the module docstring; ``seed`` is the run seed);
     ``shared`` is not modified.  Raises :class:`~fedup.errors.ConfigError` when the
     model has fewer than ``k`` layers."""
-    tuner = _Tuner(task, shared, k)
+    tuner = _Tuner(task, shared, k, PULL)
     if not tuner.head or task.n_train == 0 or (isinstance(task, TensorTask) and task.n_train < 2):
         weights = {n: v.detach().cpu().clone() for n, v in shared.items()}
         return PersonalResult(weights, own_scores(task, weights), 0, 0, selected_on="none")
     if not isinstance(task, TensorTask):
         weights, epochs, best = _choose(tuner, task, False, seed, max_epochs, patience)
         return PersonalResult(
-            weights, own_scores(task, weights), epochs, best, selected_on="validation"
-        )
+            weights, own_scores(task, weights), epochs, best, selected_on="validation",
+            pull=tuner.pull,
+        )  # fmt: skip
     stratify = task.binary or isinstance(task.metrics, MulticlassMetrics)
     fit, held = holdout_rows(task.y_train, seed, stratify=stratify)
     chooser = _subtask(task, fit, held)
@@ -356,5 +388,6 @@ def fine_tune(
             tuner.epoch(task, model, optimizer, seed, e)
     weights = _state(model)
     return PersonalResult(
-        weights, own_scores(task, weights), epochs, best, intercept, holdout_rows=len(held)
-    )
+        weights, own_scores(task, weights), epochs, best, intercept, holdout_rows=len(held),
+        pull=tuner.pull,
+    )  # fmt: skip

@@ -64,6 +64,7 @@ def personal_figures(task: Task, out_dir: Path, k: int, settings: RunSettings) -
         "intercept": result.intercept,
         "selected_on": result.selected_on,
         "holdout_rows": result.holdout_rows,
+        "pull": result.pull,
         "file": PERSONAL_FILE,
     }
 

@@ -14,6 +14,7 @@ from fedup.cli import _common as cli_common
 from fedup.cli import main
 from fedup.commands import simulate as simulate_command
 from fedup.commands.verify import verify_model
+from fedup.learn.personal import PULL
 from fedup.learn.weights import load_safetensors
 
 
@@ -58,6 +59,7 @@ def test_every_member_writes_its_personal_model_and_the_shared_one_is_unchanged(
         # guaranteed below the shared model's; epoch 0 is the start (the shared model,
         # or it with the last bias moved to this member's base rate).
         assert personal["selected_on"] == "training holdout" and personal["holdout_rows"] > 0
+        assert personal["pull"] == PULL > 0
         if personal["best_epoch"] == 0:
             assert changed <= {"4.bias"}
         else:

@@ -13,6 +13,7 @@ from fedup.learn.baselines import make_tasks
 from fedup.learn.loans import generate_lender, lender_seed
 from fedup.learn.personal import (
     HOLDOUT_FRACTION,
+    PULL,
     RATE_PRIOR,
     check_layers,
     fine_tune,
@@ -84,7 +85,7 @@ def test_fine_tuning_is_deterministic_from_the_seed() -> None:
 def test_zero_layers_is_the_shared_model() -> None:
     task, shared = lender_task()
     result = fine_tune(task, shared, 0, seed=0)
-    assert result.epochs == 0 and result.best_epoch == 0
+    assert result.epochs == 0 and result.best_epoch == 0 and result.pull == 0
     assert all(torch.equal(result.weights[n], shared[n]) for n in shared)
 
 
@@ -129,6 +130,29 @@ def test_the_intercept_moves_to_the_members_base_rate() -> None:
     mean = float(torch.sigmoid(task.outputs(model, task.x_train)).mean())
     pos = float(task.y_train.sum())
     assert mean == pytest.approx((pos + RATE_PRIOR) / (task.n_train + 2 * RATE_PRIOR), abs=1e-6)
+
+
+def test_the_pull_keeps_the_weights_near_the_start_and_leaves_the_biases_free(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import fedup.learn.personal as personal
+
+    task, shared = lender_task()
+    weights, biases = ("2.weight", "4.weight"), ("2.bias", "4.bias")
+
+    def moved(result_weights: dict[str, torch.Tensor], names: tuple[str, ...]) -> float:
+        return sum(float(((result_weights[n] - shared[n]) ** 2).sum()) for n in names) ** 0.5
+
+    pulled = fine_tune(task, shared, 2, seed=3, max_epochs=5, patience=5)
+    monkeypatch.setattr(personal, "PULL", 0.0)
+    free = fine_tune(task, shared, 2, seed=3, max_epochs=5, patience=5)
+    assert pulled.pull == PULL > 0 and free.pull == 0
+    assert pulled.best_epoch == free.best_epoch == 5
+    assert moved(pulled.weights, weights) < 0.2 * moved(free.weights, weights)
+    assert moved(pulled.weights, biases) > 0.5 * moved(free.weights, biases)  # not pulled
+    assert {n for n, v in pulled.weights.items() if not torch.equal(v, shared[n])} == (
+        head_names(mlp(1), 2)
+    )
 
 
 def test_a_member_of_one_label_ends_far_below_the_shared_models_loss() -> None:
