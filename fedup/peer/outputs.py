@@ -177,7 +177,8 @@ class RunSummary:
     ``local_only_own_val`` (the same model trained on this member's data alone), each
     ``{loss, auc, accuracy}`` on this member's own validation split, plus ``epochs``,
     ``best_epoch``, ``intercept``, ``selected_on`` (``"training holdout"``: the
-    validation split was not used to choose) and ``holdout_rows`` of the fine-tuning
+    validation split was not used to choose), ``holdout_rows`` and ``pull`` of the
+    fine-tuning
     (:class:`fedup.learn.personal.PersonalResult`); None without."""
 
     def to_json(self) -> dict[str, Any]:
