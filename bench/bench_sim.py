@@ -11,7 +11,10 @@ its own process so that peak memory is that run's:
   seen), and ``hop_ms`` = ``lap_s`` / N, the per-hop cost, which should not
   grow with N;
 * ``tail_s``: from the start of the last lap to the end (that lap, the
-  evaluation-only lap and handing the final model around the ring);
+  evaluation-only lap and handing the final model around the ring), and its
+  parts: ``eval_s`` from the first hop of the evaluation-only lap to the first
+  member that saved the final model, ``final_s`` from then to the end (the
+  final model handed round the ring, every member saving it);
 * ``total_s``: the whole simulation; ``peak_mib``: the process's peak RSS;
   ``lap_rss_mib``: RSS growth from the first lap to the last.
 
@@ -48,6 +51,7 @@ def one(n: int) -> dict[str, Any]:
     """Simulate ``n`` peers in this process; return its figures."""
     import torch
 
+    from fedup.peer import events as ev
     from fedup.protocol.view import RunSettings
     from fedup.sim import SimSettings, simulate
     from fedup.sim.data import sources_of, synthetic_tables
@@ -57,8 +61,17 @@ def one(n: int) -> dict[str, Any]:
     sources = sources_of(synthetic_tables(n, "lender", seed=0))
     data_s = time.perf_counter() - start
     settings = SimSettings(run=RunSettings(max_laps=LAPS, patience=LAPS))
+    seen: dict[str, float] = {}
+
+    def watch(index: int, peer: object, at: float, event: object) -> None:
+        if isinstance(event, ev.HopTrained) and event.lap == LAPS and "eval" not in seen:
+            seen["eval"] = time.perf_counter()
+        elif isinstance(event, ev.Finished) and "final" not in seen:
+            seen["final"] = time.perf_counter()
+
     with tempfile.TemporaryDirectory(prefix="fedup-bench-sim-") as out:
-        result = simulate(sources, Path(out), settings)
+        begun = time.perf_counter()
+        result = simulate(sources, Path(out), settings, watch=watch)
     marks = result.laps
     laps = [b.wall - a.wall for a, b in itertools.pairwise(marks)]
     finished = len(result.finished_peers)
@@ -70,6 +83,8 @@ def one(n: int) -> dict[str, Any]:
         "lap_s": sum(laps) / len(laps) if laps else float("nan"),
         "hop_ms": 1000 * sum(laps) / len(laps) / n if laps else float("nan"),
         "tail_s": result.wall_seconds - marks[-1].wall if marks else float("nan"),
+        "eval_s": seen["final"] - seen["eval"] if len(seen) == 2 else float("nan"),
+        "final_s": begun + result.wall_seconds - seen["final"] if "final" in seen else float("nan"),
         "total_s": result.wall_seconds,
         "peak_mib": result.peak_rss / 2**20,
         "lap_rss_mib": (marks[-1].rss - marks[0].rss) / 2**20 if marks else float("nan"),

@@ -178,6 +178,10 @@ class Observation:
     cache in transition; the backend should look again shortly."""
 
 
+_NOTHING = Observation()
+"""An observation that changes nothing (immutable, so one serves every caller)."""
+
+
 class DiscoveryCore:
     """The pure state of discovery: sightings by source, live peers, counters.
 
@@ -251,55 +255,50 @@ class DiscoveryCore:
         With ``provisional``, an address mismatch is not recorded but answered
         with ``retry=True`` (mDNS caches keep a changed address for a second).
         """
-        return self._observe(
-            source,
-            advertised,
-            lambda: verify_announcement(
+        if source in self.own_sources:
+            return _NOTHING
+        outcome: Verified | AnnouncementError
+        try:
+            outcome = verify_announcement(
                 txt,  # type: ignore[arg-type]  # hostile input: the decoder checks the type
                 advertised,
                 scope=self.scope,
                 limits=self.limits,
-            ),
-            now=now,
-            provisional=provisional,
-        )
+            )
+        except AnnouncementError as err:
+            if provisional and err.code is RejectReason.ADDRESS_MISMATCH:
+                return Observation(retry=True)
+            outcome = err
+        return self._observe(source, advertised, outcome, now=now)
 
     def observe_envelope(
         self, source: str, envelope: bytes, advertised: Sequence[Address], *, now: float
     ) -> Observation:
         """As :meth:`observe`, for a signed record that came without a TXT encoding."""
-        return self._observe(
-            source,
-            advertised,
-            lambda: verify_sighting(envelope, advertised, scope=self.scope, limits=self.limits),
-            now=now,
-        )
+        if source in self.own_sources:
+            return _NOTHING
+        outcome: Verified | AnnouncementError
+        try:
+            outcome = verify_sighting(envelope, advertised, scope=self.scope, limits=self.limits)
+        except AnnouncementError as err:
+            outcome = err
+        return self._observe(source, advertised, outcome, now=now)
 
     def _observe(
         self,
         source: str,
         advertised: Sequence[Address],
-        verify: Callable[[], Verified],
+        outcome: Verified | AnnouncementError,
         *,
         now: float,
-        provisional: bool = False,
     ) -> Observation:
-        if source in self.own_sources:
-            return Observation()
         advertised = tuple(advertised)
-        outcome: Verified | AnnouncementError
-        try:
-            outcome = verify()
-        except AnnouncementError as err:
-            if provisional and err.code is RejectReason.ADDRESS_MISMATCH:
-                return Observation(retry=True)
-            outcome = err
         evicted: tuple[DiscoveryEvent, ...] = ()
-        if source not in self._sightings:
+        if source not in self._sightings and len(self._sightings) >= self.max_sources:
             room = self._make_room(newcomer_verified=isinstance(outcome, Verified))
             if room is None:
                 self.drops.add("too-many-sources")
-                return Observation()
+                return _NOTHING
             evicted = room
         observation = self._judge(source, advertised, outcome, now=now)
         if evicted:
@@ -318,27 +317,25 @@ class DiscoveryCore:
             if isinstance(outcome, AnnouncementError):
                 raise outcome
             signed = outcome.signed
-            if signed.peer_id == self.local_peer:
+            peer = signed.record.peer_id
+            if peer == self.local_peer:
                 self._pop(source)
-                return Observation()
+                return _NOTHING
             fresh = admit_record(self.book, signed, evictable=self._not_live)
         except AnnouncementError as err:
             return Observation(sighting=self._reject(source, advertised, err, now))
         sighting = Sighting(source, advertised, True, None, None, signed, now)
-        self._put(source, sighting)
-        peer = signed.peer_id
+        self._put(source, sighting, peer)
         if fresh:
             self._supersede(peer, signed, source)
-        current = self._live.get(peer)
-        if current is None:
-            kind: EventKind | None = EventKind.FOUND
+        live = self._live
+        if peer not in live:
+            kind = EventKind.FOUND
         elif fresh:
             kind = EventKind.UPDATED
-        else:
-            kind = None  # a repeat of the record we hold, maybe from a second source
-        if kind is None:
+        else:  # a repeat of the record we hold, maybe from a second source
             return Observation(sighting=sighting)
-        self._live[peer] = (source, signed)
+        live[peer] = (source, signed)
         if self._log.isEnabledFor(logging.INFO):  # addresses are not formatted for nothing
             if kind is EventKind.FOUND:
                 self._log.info("found peer %s at %s (%s)", peer, _addrs(signed), source)
@@ -376,12 +373,19 @@ class DiscoveryCore:
                 return s.source
         return None
 
-    def _put(self, source: str, sighting: Sighting) -> None:
-        self._pop(source)
+    def _put(self, source: str, sighting: Sighting, peer: PeerId | None = None) -> None:
+        """Hold ``sighting`` as ``source``'s (``peer``: its peer ID, when verified)."""
+        if source in self._sightings:
+            self._pop(source)
         self._sightings[source] = sighting
-        peer = sighting.peer_id
-        if sighting.verified and peer is not None:
-            self._verified.setdefault(peer, set()).add(source)
+        if sighting.verified:
+            peer = peer if peer is not None else sighting.peer_id
+            if peer is not None:
+                sources = self._verified.get(peer)
+                if sources is None:
+                    self._verified[peer] = {source}
+                else:
+                    sources.add(source)
 
     def _pop(self, source: str) -> Sighting | None:
         old = self._sightings.pop(source, None)
@@ -397,7 +401,7 @@ class DiscoveryCore:
     def _supersede(self, peer: PeerId, signed: SignedPeerRecord, source: str) -> None:
         """Older records of ``peer`` seen elsewhere no longer count as verified."""
         sources = self._verified.get(peer)
-        if sources is None or sources == {source}:
+        if sources is None or (len(sources) == 1 and source in sources):
             return  # the usual case: nothing else to mark (and no text to format)
         self._unverify(peer, f"superseded by seq {signed.record.seq} from {source}", keep=source)
 
