@@ -126,6 +126,9 @@ class LinkStream(trio.abc.Stream):
         self._in = inp
         self._counters = counters
         self._leftover = b""
+        self._offset = 0
+        """Where the unread part of ``_leftover`` starts (read in pieces without copying
+        the rest each time)."""
         self._pending: tuple[float, bytes] | None = None
         """A chunk taken from the pipe that is still in flight (kept if a receive is cancelled)."""
         self._closed = False
@@ -187,7 +190,7 @@ class LinkStream(trio.abc.Stream):
             await trio.lowlevel.checkpoint()
             if self._closed:
                 raise trio.ClosedResourceError("the stream was closed")
-            if not self._leftover:
+            if self._offset == len(self._leftover):
                 if self._pending is None:
                     try:
                         self._pending = await self._in.receive.receive()
@@ -198,17 +201,21 @@ class LinkStream(trio.abc.Stream):
                     except trio.ClosedResourceError:
                         raise trio.ClosedResourceError("the stream was closed") from None
                 deliver_at, chunk = self._pending
-                await trio.sleep_until(deliver_at)  # if cancelled, the chunk stays pending
+                if deliver_at > trio.current_time():  # (no link delay: it is here already)
+                    await trio.sleep_until(deliver_at)  # if cancelled, the chunk stays pending
                 self._pending = None
                 if self._conn.broken:
                     raise trio.BrokenResourceError("the connection was dropped")
-                self._leftover = chunk
+                self._leftover, self._offset = chunk, 0
                 if self._counters is not None:
                     counter, me = self._counters
                     counter[me + ":received"] += len(chunk)
-            n = len(self._leftover) if max_bytes is None else max_bytes
-            out, self._leftover = self._leftover[:n], self._leftover[n:]
-            return out
+            start, left = self._offset, len(self._leftover) - self._offset
+            n = left if max_bytes is None else min(max_bytes, left)
+            self._offset = start + n
+            if start == 0 and n == len(self._leftover):
+                return self._leftover
+            return self._leftover[start : start + n]
         finally:
             self._receiving = False
 
