@@ -190,7 +190,7 @@ class LinkStream(trio.abc.Stream):
             await trio.lowlevel.checkpoint()
             if self._closed:
                 raise trio.ClosedResourceError("the stream was closed")
-            if self._offset == len(self._leftover):
+            if not self._leftover:
                 if self._pending is None:
                     try:
                         self._pending = await self._in.receive.receive()
@@ -210,12 +210,13 @@ class LinkStream(trio.abc.Stream):
                 if self._counters is not None:
                     counter, me = self._counters
                     counter[me + ":received"] += len(chunk)
-            start, left = self._offset, len(self._leftover) - self._offset
-            n = left if max_bytes is None else min(max_bytes, left)
+            chunk, start = self._leftover, self._offset
+            n = len(chunk) - start if max_bytes is None else min(max_bytes, len(chunk) - start)
+            if start + n == len(chunk):  # all read: the chunk is not kept
+                self._leftover, self._offset = b"", 0
+                return chunk if start == 0 else chunk[start:]
             self._offset = start + n
-            if start == 0 and n == len(self._leftover):
-                return self._leftover
-            return self._leftover[start : start + n]
+            return chunk[start : start + n]
         finally:
             self._receiving = False
 
