@@ -32,6 +32,7 @@ from fedup.net.discovery.base import (
     DiscoveryCore,
     DiscoveryEvent,
     LostCause,
+    Shared,
 )
 from fedup.net.groups import collapse_single_exception
 from fedup.protocol.announce import NetworkScope, encode_txt_rdata
@@ -48,13 +49,16 @@ Delay = float | Callable[[str, str], float]
 """Seconds per delivery, or a function of (source, receiving member) giving them."""
 
 
-@attrs.frozen
+@attrs.frozen(eq=False)
 class _Notice:
     deliver_at: float | None
     source: str
     txt: object  # None for a removal
     advertised: tuple[Address, ...]
     cause: LostCause | None
+    shared: Shared | None = None
+    """What the members that observe this one notice share (:meth:`DiscoveryCore.observe`);
+    None for a notice made for one member."""
 
 
 class MemoryDiscoveryHub:
@@ -88,7 +92,7 @@ class MemoryDiscoveryHub:
         entry = (txt, tuple(advertised))
         self._announcements[source] = entry
         if not callable(self.delay) and self.delay <= 0:  # one notice serves every member
-            notice = _Notice(None, source, txt, entry[1], None)
+            notice = _Notice(None, source, txt, entry[1], None, {})
             for member in list(self._members.values()):
                 member._deliver(notice)
             return
@@ -221,7 +225,7 @@ class MemoryDiscovery(Discovery):
                     events += self._core.remove(notice.source, cause=notice.cause)
                 else:
                     observation = self._core.observe(
-                        notice.source, notice.txt, notice.advertised, now=now
+                        notice.source, notice.txt, notice.advertised, now=now, shared=notice.shared
                     )
                     events += observation.events
             self._publish(events)
