@@ -67,6 +67,9 @@ class MemoryDiscoveryHub:
     def __init__(self, *, delay: Delay = 0.0) -> None:
         self.delay = delay
         self._announcements: dict[str, tuple[object, tuple[Address, ...]]] = {}
+        self._shared: dict[str, _Notice] = {}
+        """Without delays: the one notice of each announcement, for every member (those
+        that join later too), so that they share what follows from it."""
         self._members: dict[str, MemoryDiscovery] = {}
         self._names = itertools.count(1)
 
@@ -91,8 +94,8 @@ class MemoryDiscoveryHub:
         """
         entry = (txt, tuple(advertised))
         self._announcements[source] = entry
-        if not callable(self.delay) and self.delay <= 0:  # one notice serves every member
-            notice = _Notice(None, source, txt, entry[1], None, {})
+        if self._undelayed:  # one notice serves every member
+            notice = self._shared[source] = _Notice(None, source, txt, entry[1], None, {})
             for member in list(self._members.values()):
                 member._deliver(notice)
             return
@@ -101,6 +104,7 @@ class MemoryDiscoveryHub:
 
     def remove(self, source: str, *, cause: LostCause = LostCause.GOODBYE) -> None:
         """``source`` stops announcing: a goodbye, or (``EXPIRED``) its records time out."""
+        self._shared.pop(source, None)
         if self._announcements.pop(source, None) is None:
             return
         for member in list(self._members.values()):
@@ -118,10 +122,15 @@ class MemoryDiscoveryHub:
         deliver_at = trio.current_time() + delay if delay > 0 else None
         return _Notice(deliver_at, source, txt, advertised, cause)
 
+    @property
+    def _undelayed(self) -> bool:
+        return not callable(self.delay) and self.delay <= 0
+
     def _join(self, member: MemoryDiscovery) -> None:
         self._members[member.source] = member
         for source, (txt, advertised) in self._announcements.items():
-            member._deliver(self._notice(source, member, txt, advertised, None))
+            shared = self._shared.get(source) if self._undelayed else None
+            member._deliver(shared or self._notice(source, member, txt, advertised, None))
 
     def _leave(self, member: MemoryDiscovery) -> None:
         self._members.pop(member.source, None)
