@@ -1,6 +1,6 @@
 """How the simulator's cost grows with the number of simulated peers.
 
-For 10, 50, 100 and 200 peers (one synthetic lender each, the small MLP,
+For 100, 200, 500 and 1,000 peers (one synthetic lender each, the small MLP,
 3 laps of 0.1 epoch per hop, virtual clock, one torch thread), each size in
 its own process so that peak memory is that run's:
 
@@ -22,6 +22,9 @@ Between consecutive sizes it prints the *growth exponent* of formation, a lap
 and the whole run: log(time ratio) / log(size ratio), so 1 is linear and 2
 quadratic (a lap has N hops, so a lap's floor is 1; formation, where every peer
 hears of every other, is at least 1).
+
+``--formed N`` simulates N peers only until the first hop and prints formation's
+wall and CPU seconds and the peak memory (to compare two versions side by side).
 
 Goals: 200 peers, 3 laps in under 60 s (data included) and under 2 GiB, ``hop_ms``
 flat in N; 1,000 peers, 3 laps in under 120 s and under 4 GiB, formation's
@@ -45,6 +48,48 @@ from typing import Any
 
 SIZES = (100, 200, 500, 1000)
 LAPS = 3
+
+
+class _Formed(Exception):
+    """Raised from the watcher to stop a run at its first hop (``--formed``)."""
+
+
+def formed(n: int) -> dict[str, Any]:
+    """Simulate ``n`` peers until the first hop (formation only); return the seconds it
+    took (wall and CPU) and the peak memory."""
+    import resource
+
+    import torch
+
+    from fedup.peer import events as ev
+    from fedup.protocol.view import RunSettings
+    from fedup.sim import SimSettings, simulate
+    from fedup.sim.data import sources_of, synthetic_tables
+
+    torch.set_num_threads(1)
+    sources = sources_of(synthetic_tables(n, "lender", seed=0))
+    settings = SimSettings(run=RunSettings(max_laps=LAPS, patience=LAPS))
+
+    def watch(index: int, peer: object, at: float, event: object) -> None:
+        if isinstance(event, ev.HopTrained):
+            raise _Formed
+
+    with tempfile.TemporaryDirectory(prefix="fedup-bench-sim-") as out:
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            simulate(sources, Path(out), settings, watch=watch)
+        except BaseException as exc:  # the watcher's exception, in trio's groups
+            if not _only_formed(exc):
+                raise
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"peers": n, "formation_s": wall, "formation_cpu_s": cpu, "peak_mib": peak}
+
+
+def _only_formed(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_formed(e) for e in exc.exceptions)
+    return isinstance(exc, _Formed)
 
 
 def one(n: int) -> dict[str, Any]:
@@ -153,8 +198,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--one", type=int, default=None, help="(internal) one size, as JSON")
     parser.add_argument("--sizes", default=None, help="comma-separated sizes")
+    parser.add_argument(
+        "--formed", type=int, default=None, help="one size until its first hop (formation only)"
+    )
     args = parser.parse_args()
-    if args.one is not None:
+    if args.formed is not None:
+        print(json.dumps(formed(args.formed)))
+    elif args.one is not None:
         print(json.dumps(one(args.one)))
     else:
         main(tuple(int(s) for s in args.sizes.split(",")) if args.sizes else SIZES)
