@@ -1,6 +1,6 @@
 """How the simulator's cost grows with the number of simulated peers.
 
-For 10, 50, 100 and 200 peers (one synthetic lender each, the small MLP,
+For 100, 200, 500 and 1,000 peers (one synthetic lender each, the small MLP,
 3 laps of 0.1 epoch per hop, virtual clock, one torch thread), each size in
 its own process so that peak memory is that run's:
 
@@ -11,7 +11,10 @@ its own process so that peak memory is that run's:
   seen), and ``hop_ms`` = ``lap_s`` / N, the per-hop cost, which should not
   grow with N;
 * ``tail_s``: from the start of the last lap to the end (that lap, the
-  evaluation-only lap and handing the final model around the ring);
+  evaluation-only lap and handing the final model around the ring), and its
+  parts: ``eval_s`` from the first hop of the evaluation-only lap to the first
+  member that saved the final model, ``final_s`` from then to the end (the
+  final model handed round the ring, every member saving it);
 * ``total_s``: the whole simulation; ``peak_mib``: the process's peak RSS;
   ``lap_rss_mib``: RSS growth from the first lap to the last.
 
@@ -19,6 +22,9 @@ Between consecutive sizes it prints the *growth exponent* of formation, a lap
 and the whole run: log(time ratio) / log(size ratio), so 1 is linear and 2
 quadratic (a lap has N hops, so a lap's floor is 1; formation, where every peer
 hears of every other, is at least 1).
+
+``--formed N`` simulates N peers only until the first hop and prints formation's
+wall and CPU seconds and the peak memory (to compare two versions side by side).
 
 Goals: 200 peers, 3 laps in under 60 s (data included) and under 2 GiB, ``hop_ms``
 flat in N; 1,000 peers, 3 laps in under 120 s and under 4 GiB, formation's
@@ -44,10 +50,53 @@ SIZES = (100, 200, 500, 1000)
 LAPS = 3
 
 
+class _Formed(Exception):
+    """Raised from the watcher to stop a run at its first hop (``--formed``)."""
+
+
+def formed(n: int) -> dict[str, Any]:
+    """Simulate ``n`` peers until the first hop (formation only); return the seconds it
+    took (wall and CPU) and the peak memory."""
+    import resource
+
+    import torch
+
+    from fedup.peer import events as ev
+    from fedup.protocol.view import RunSettings
+    from fedup.sim import SimSettings, simulate
+    from fedup.sim.data import sources_of, synthetic_tables
+
+    torch.set_num_threads(1)
+    sources = sources_of(synthetic_tables(n, "lender", seed=0))
+    settings = SimSettings(run=RunSettings(max_laps=LAPS, patience=LAPS))
+
+    def watch(index: int, peer: object, at: float, event: object) -> None:
+        if isinstance(event, ev.HopTrained):
+            raise _Formed
+
+    with tempfile.TemporaryDirectory(prefix="fedup-bench-sim-") as out:
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            simulate(sources, Path(out), settings, watch=watch)
+        except BaseException as exc:  # the watcher's exception, in trio's groups
+            if not _only_formed(exc):
+                raise
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"peers": n, "formation_s": wall, "formation_cpu_s": cpu, "peak_mib": peak}
+
+
+def _only_formed(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_formed(e) for e in exc.exceptions)
+    return isinstance(exc, _Formed)
+
+
 def one(n: int) -> dict[str, Any]:
     """Simulate ``n`` peers in this process; return its figures."""
     import torch
 
+    from fedup.peer import events as ev
     from fedup.protocol.view import RunSettings
     from fedup.sim import SimSettings, simulate
     from fedup.sim.data import sources_of, synthetic_tables
@@ -57,8 +106,17 @@ def one(n: int) -> dict[str, Any]:
     sources = sources_of(synthetic_tables(n, "lender", seed=0))
     data_s = time.perf_counter() - start
     settings = SimSettings(run=RunSettings(max_laps=LAPS, patience=LAPS))
+    seen: dict[str, float] = {}
+
+    def watch(index: int, peer: object, at: float, event: object) -> None:
+        if isinstance(event, ev.HopTrained) and event.lap == LAPS and "eval" not in seen:
+            seen["eval"] = time.perf_counter()
+        elif isinstance(event, ev.Finished) and "final" not in seen:
+            seen["final"] = time.perf_counter()
+
     with tempfile.TemporaryDirectory(prefix="fedup-bench-sim-") as out:
-        result = simulate(sources, Path(out), settings)
+        begun = time.perf_counter()
+        result = simulate(sources, Path(out), settings, watch=watch)
     marks = result.laps
     laps = [b.wall - a.wall for a, b in itertools.pairwise(marks)]
     finished = len(result.finished_peers)
@@ -70,6 +128,8 @@ def one(n: int) -> dict[str, Any]:
         "lap_s": sum(laps) / len(laps) if laps else float("nan"),
         "hop_ms": 1000 * sum(laps) / len(laps) / n if laps else float("nan"),
         "tail_s": result.wall_seconds - marks[-1].wall if marks else float("nan"),
+        "eval_s": seen["final"] - seen["eval"] if len(seen) == 2 else float("nan"),
+        "final_s": begun + result.wall_seconds - seen["final"] if "final" in seen else float("nan"),
         "total_s": result.wall_seconds,
         "peak_mib": result.peak_rss / 2**20,
         "lap_rss_mib": (marks[-1].rss - marks[0].rss) / 2**20 if marks else float("nan"),
@@ -138,8 +198,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--one", type=int, default=None, help="(internal) one size, as JSON")
     parser.add_argument("--sizes", default=None, help="comma-separated sizes")
+    parser.add_argument(
+        "--formed", type=int, default=None, help="one size until its first hop (formation only)"
+    )
     args = parser.parse_args()
-    if args.one is not None:
+    if args.formed is not None:
+        print(json.dumps(formed(args.formed)))
+    elif args.one is not None:
         print(json.dumps(one(args.one)))
     else:
         main(tuple(int(s) for s in args.sizes.split(",")) if args.sizes else SIZES)

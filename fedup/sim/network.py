@@ -126,6 +126,9 @@ class LinkStream(trio.abc.Stream):
         self._in = inp
         self._counters = counters
         self._leftover = b""
+        self._offset = 0
+        """Where the unread part of ``_leftover`` starts (read in pieces without copying
+        the rest each time)."""
         self._pending: tuple[float, bytes] | None = None
         """A chunk taken from the pipe that is still in flight (kept if a receive is cancelled)."""
         self._closed = False
@@ -198,17 +201,22 @@ class LinkStream(trio.abc.Stream):
                     except trio.ClosedResourceError:
                         raise trio.ClosedResourceError("the stream was closed") from None
                 deliver_at, chunk = self._pending
-                await trio.sleep_until(deliver_at)  # if cancelled, the chunk stays pending
+                if deliver_at > trio.current_time():  # (no link delay: it is here already)
+                    await trio.sleep_until(deliver_at)  # if cancelled, the chunk stays pending
                 self._pending = None
                 if self._conn.broken:
                     raise trio.BrokenResourceError("the connection was dropped")
-                self._leftover = chunk
+                self._leftover, self._offset = chunk, 0
                 if self._counters is not None:
                     counter, me = self._counters
                     counter[me + ":received"] += len(chunk)
-            n = len(self._leftover) if max_bytes is None else max_bytes
-            out, self._leftover = self._leftover[:n], self._leftover[n:]
-            return out
+            chunk, start = self._leftover, self._offset
+            n = len(chunk) - start if max_bytes is None else min(max_bytes, len(chunk) - start)
+            if start + n == len(chunk):  # all read: the chunk is not kept
+                self._leftover, self._offset = b"", 0
+                return chunk if start == 0 else chunk[start:]
+            self._offset = start + n
+            return chunk[start : start + n]
         finally:
             self._receiving = False
 

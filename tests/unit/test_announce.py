@@ -446,6 +446,30 @@ def test_a_newer_record_supersedes_the_copies_other_sources_carry() -> None:
     assert core.sighting("bob").verified  # type: ignore[union-attr]
 
 
+def test_observers_of_one_announcement_share_its_values_and_judge_it_each() -> None:
+    """A shared dict (the memory hub's one notice for every member) makes the verified
+    record, the sighting and the event once; each core still judges freshness itself."""
+    shared: dict[object, object] = {}
+    first, second, third = (DiscoveryCore(scope=SCOPE) for _ in range(3))
+    third.observe("a", txt_of(record(7)), HOME, now=1.0)  # it holds a newer record
+    txt = txt_of(record(5))
+    a = first.observe("a", txt, HOME, now=1.0, shared=shared)
+    b = second.observe("a", txt, HOME, now=1.0, shared=shared)
+    assert [e.kind for e in a.events] == [EventKind.FOUND]
+    assert b.events == a.events and b.sighting is a.sighting and b.events[0] is a.events[0]
+    stale = third.observe("a", txt, HOME, now=1.0, shared=shared)
+    assert stale.events == () and stale.sighting is not None
+    assert stale.sighting.reason is RejectReason.STALE_SEQ
+    assert third.peers()[ALICE.peer_id].record.seq == 7
+    # a repeat, later: no event, for each core on its own
+    assert first.observe("a", txt, HOME, now=2.0, shared=shared).events == ()
+    # another network's core refuses what ours shared
+    other = DiscoveryCore(scope=NetworkScope("others", KEY_ID))
+    refused = other.observe("a", txt, HOME, now=1.0, shared=shared)
+    assert refused.events == () and refused.sighting is not None
+    assert refused.sighting.reason is RejectReason.OTHER_NETWORK
+
+
 def test_core_bounds_sources_evicting_refused_ones_first() -> None:
     core = DiscoveryCore(scope=SCOPE, max_sources=3)
     core.observe("good", txt_of(record()), HOME, now=0.0)

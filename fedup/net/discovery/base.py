@@ -25,6 +25,7 @@ import collections
 import enum
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from typing import TypeAlias
 
 import attrs
 import trio
@@ -178,6 +179,13 @@ class Observation:
     cache in transition; the backend should look again shortly."""
 
 
+_NOTHING = Observation()
+"""An observation that changes nothing (immutable, so one serves every caller)."""
+
+Shared: TypeAlias = dict[object, object]
+"""What the observers of one announcement share (:meth:`DiscoveryCore.observe`)."""
+
+
 class DiscoveryCore:
     """The pure state of discovery: sightings by source, live peers, counters.
 
@@ -206,9 +214,11 @@ class DiscoveryCore:
         self.drops = Counters()
         self._log = logger
         self._sightings: dict[str, Sighting] = {}
-        self._verified: dict[PeerId, set[str]] = {}
+        self._verified: dict[PeerId, str | set[str]] = {}
         """The sources whose sighting is verified, by peer (kept by _put and _pop), so
-        that a new record supersedes the others without a scan of every source."""
+        that a new record supersedes the others without a scan of every source: the
+        source itself when it is the only one (the usual case: no set for each of the
+        N peers each of N simulated peers knows)."""
         self._live: dict[PeerId, tuple[str, SignedPeerRecord]] = {}
         self._proven: collections.OrderedDict[PeerId, None] = collections.OrderedDict()
         """Peers that completed a handshake with us (most recent last): their sightings
@@ -245,63 +255,67 @@ class DiscoveryCore:
         *,
         now: float,
         provisional: bool = False,
+        shared: Shared | None = None,
     ) -> Observation:
         """Evaluate an announcement from ``source``; return the events it causes.
 
         With ``provisional``, an address mismatch is not recorded but answered
         with ``retry=True`` (mDNS caches keep a changed address for a second).
+        ``shared`` is a dict that every observer of this very announcement passes (the
+        memory hub's one notice for every member): what follows from the announcement
+        alone (its verification, the sighting and event values) is made once there.
         """
-        return self._observe(
-            source,
-            advertised,
-            lambda: verify_announcement(
-                txt,  # type: ignore[arg-type]  # hostile input: the decoder checks the type
-                advertised,
-                scope=self.scope,
-                limits=self.limits,
-            ),
-            now=now,
-            provisional=provisional,
-        )
+        if source in self.own_sources:
+            return _NOTHING
+        key = (self.scope, self.limits)
+        outcome = shared.get(key) if shared is not None else None
+        if not isinstance(outcome, Verified):
+            try:
+                outcome = verify_announcement(
+                    txt,  # type: ignore[arg-type]  # hostile input: the decoder checks the type
+                    advertised,
+                    scope=self.scope,
+                    limits=self.limits,
+                )
+            except AnnouncementError as err:
+                if provisional and err.code is RejectReason.ADDRESS_MISMATCH:
+                    return Observation(retry=True)
+                return self._observe(source, advertised, err, now=now)
+            if shared is not None:  # a success only: an error is raised again by each
+                shared[key] = outcome
+        return self._observe(source, advertised, outcome, now=now, shared=shared)
 
     def observe_envelope(
         self, source: str, envelope: bytes, advertised: Sequence[Address], *, now: float
     ) -> Observation:
         """As :meth:`observe`, for a signed record that came without a TXT encoding."""
-        return self._observe(
-            source,
-            advertised,
-            lambda: verify_sighting(envelope, advertised, scope=self.scope, limits=self.limits),
-            now=now,
-        )
+        if source in self.own_sources:
+            return _NOTHING
+        outcome: Verified | AnnouncementError
+        try:
+            outcome = verify_sighting(envelope, advertised, scope=self.scope, limits=self.limits)
+        except AnnouncementError as err:
+            outcome = err
+        return self._observe(source, advertised, outcome, now=now)
 
     def _observe(
         self,
         source: str,
         advertised: Sequence[Address],
-        verify: Callable[[], Verified],
+        outcome: Verified | AnnouncementError,
         *,
         now: float,
-        provisional: bool = False,
+        shared: Shared | None = None,
     ) -> Observation:
-        if source in self.own_sources:
-            return Observation()
         advertised = tuple(advertised)
-        outcome: Verified | AnnouncementError
-        try:
-            outcome = verify()
-        except AnnouncementError as err:
-            if provisional and err.code is RejectReason.ADDRESS_MISMATCH:
-                return Observation(retry=True)
-            outcome = err
         evicted: tuple[DiscoveryEvent, ...] = ()
-        if source not in self._sightings:
+        if source not in self._sightings and len(self._sightings) >= self.max_sources:
             room = self._make_room(newcomer_verified=isinstance(outcome, Verified))
             if room is None:
                 self.drops.add("too-many-sources")
-                return Observation()
+                return _NOTHING
             evicted = room
-        observation = self._judge(source, advertised, outcome, now=now)
+        observation = self._judge(source, advertised, outcome, now=now, shared=shared)
         if evicted:
             return attrs.evolve(observation, events=evicted + observation.events)
         return observation
@@ -313,39 +327,56 @@ class DiscoveryCore:
         outcome: Verified | AnnouncementError,
         *,
         now: float,
+        shared: Shared | None = None,
     ) -> Observation:
         try:
             if isinstance(outcome, AnnouncementError):
                 raise outcome
             signed = outcome.signed
-            if signed.peer_id == self.local_peer:
+            peer = signed.record.peer_id
+            if peer == self.local_peer:
                 self._pop(source)
-                return Observation()
+                return _NOTHING
             fresh = admit_record(self.book, signed, evictable=self._not_live)
         except AnnouncementError as err:
             return Observation(sighting=self._reject(source, advertised, err, now))
-        sighting = Sighting(source, advertised, True, None, None, signed, now)
-        self._put(source, sighting)
-        peer = signed.peer_id
+        # The values below depend on the announcement, our rules and the time only:
+        # observers of one notice share them (they are immutable).
+        key = (self.scope, self.limits, now) if shared is not None else None
+        known = shared.get(key) if shared is not None else None
+        if isinstance(known, Sighting):
+            sighting = known
+        else:
+            sighting = Sighting(source, advertised, True, None, None, signed, now)
+            if shared is not None:
+                shared[key] = sighting
+        self._put(source, sighting, peer)
         if fresh:
             self._supersede(peer, signed, source)
-        current = self._live.get(peer)
-        if current is None:
-            kind: EventKind | None = EventKind.FOUND
+        live = self._live
+        kind: EventKind | None
+        if peer not in live:
+            kind = EventKind.FOUND
         elif fresh:
             kind = EventKind.UPDATED
-        else:
-            kind = None  # a repeat of the record we hold, maybe from a second source
+        else:  # a repeat of the record we hold, maybe from a second source
+            kind = None
+        observation = shared.get((key, kind)) if shared is not None else None
+        if not isinstance(observation, Observation):
+            events = () if kind is None else (DiscoveryEvent(kind, peer, signed, source),)
+            observation = Observation(events, sighting)
+            if shared is not None:
+                shared[(key, kind)] = observation
         if kind is None:
-            return Observation(sighting=sighting)
-        self._live[peer] = (source, signed)
+            return observation
+        live[peer] = (source, signed)
         if self._log.isEnabledFor(logging.INFO):  # addresses are not formatted for nothing
             if kind is EventKind.FOUND:
                 self._log.info("found peer %s at %s (%s)", peer, _addrs(signed), source)
             else:
                 seq = signed.record.seq
                 self._log.info("peer %s updated: seq %d at %s", peer, seq, _addrs(signed))
-        return Observation((DiscoveryEvent(kind, peer, signed, source),), sighting)
+        return observation
 
     def remove(self, source: str, *, cause: LostCause) -> list[DiscoveryEvent]:
         """``source`` is gone (a goodbye, or its records expired)."""
@@ -376,28 +407,47 @@ class DiscoveryCore:
                 return s.source
         return None
 
-    def _put(self, source: str, sighting: Sighting) -> None:
-        self._pop(source)
+    def _put(self, source: str, sighting: Sighting, peer: PeerId | None = None) -> None:
+        """Hold ``sighting`` as ``source``'s (``peer``: its peer ID, when verified)."""
+        if source in self._sightings:
+            self._pop(source)
         self._sightings[source] = sighting
-        peer = sighting.peer_id
-        if sighting.verified and peer is not None:
-            self._verified.setdefault(peer, set()).add(source)
+        if sighting.verified:
+            peer = peer if peer is not None else sighting.peer_id
+            if peer is not None:
+                sources = self._verified.get(peer)
+                if sources is None:
+                    self._verified[peer] = source
+                elif isinstance(sources, str):
+                    if sources != source:
+                        self._verified[peer] = {sources, source}
+                else:
+                    sources.add(source)
 
     def _pop(self, source: str) -> Sighting | None:
         old = self._sightings.pop(source, None)
         peer = old.peer_id if old is not None else None
         if peer is not None:
             sources = self._verified.get(peer)
-            if sources is not None:
+            if sources == source:
+                del self._verified[peer]
+            elif isinstance(sources, set):
                 sources.discard(source)
-                if not sources:
-                    del self._verified[peer]
+                if len(sources) == 1:
+                    self._verified[peer] = next(iter(sources))
         return old
+
+    def _verified_sources(self, peer: PeerId) -> set[str]:
+        """The sources whose sighting of ``peer`` is verified (a copy)."""
+        sources = self._verified.get(peer)
+        if sources is None:
+            return set()
+        return {sources} if isinstance(sources, str) else set(sources)
 
     def _supersede(self, peer: PeerId, signed: SignedPeerRecord, source: str) -> None:
         """Older records of ``peer`` seen elsewhere no longer count as verified."""
         sources = self._verified.get(peer)
-        if sources is None or sources == {source}:
+        if sources is None or sources == source:
             return  # the usual case: nothing else to mark (and no text to format)
         self._unverify(peer, f"superseded by seq {signed.record.seq} from {source}", keep=source)
 
@@ -406,7 +456,7 @@ class DiscoveryCore:
 
     def _unverify(self, peer: PeerId, detail: str, *, keep: str | None = None) -> None:
         """Every verified sighting of ``peer`` but ``keep``'s is stale from now on."""
-        for src in sorted(self._verified.get(peer, set()) - {keep}):
+        for src in sorted(self._verified_sources(peer) - {keep}):
             stale = attrs.evolve(
                 self._sightings[src], verified=False, reason=RejectReason.STALE_SEQ, detail=detail
             )

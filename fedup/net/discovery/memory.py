@@ -17,6 +17,7 @@ announcements; :meth:`MemoryDiscoveryHub.remove` with
 
 from __future__ import annotations
 
+import collections
 import itertools
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -26,12 +27,12 @@ import trio
 
 from fedup.config import DEFAULT_LIMITS, Limits
 from fedup.errors import LocalProtocolError
-from fedup.net.batches import batches
 from fedup.net.discovery.base import (
     Discovery,
     DiscoveryCore,
     DiscoveryEvent,
     LostCause,
+    Shared,
 )
 from fedup.net.groups import collapse_single_exception
 from fedup.protocol.announce import NetworkScope, encode_txt_rdata
@@ -41,17 +42,23 @@ from fedup.protocol.records import Address, PeerRecordBook, SignedPeerRecord
 DEFAULT_INBOX_SIZE = 4096
 """Notices queued per member before further ones are dropped (counted as ``notices``)."""
 
+BATCH = 256
+"""Notices handled per wake-up at most (their events are published together)."""
+
 Delay = float | Callable[[str, str], float]
 """Seconds per delivery, or a function of (source, receiving member) giving them."""
 
 
-@attrs.frozen
+@attrs.frozen(eq=False)
 class _Notice:
     deliver_at: float | None
     source: str
     txt: object  # None for a removal
     advertised: tuple[Address, ...]
     cause: LostCause | None
+    shared: Shared | None = None
+    """What the members that observe this one notice share (:meth:`DiscoveryCore.observe`);
+    None for a notice made for one member."""
 
 
 class MemoryDiscoveryHub:
@@ -60,6 +67,9 @@ class MemoryDiscoveryHub:
     def __init__(self, *, delay: Delay = 0.0) -> None:
         self.delay = delay
         self._announcements: dict[str, tuple[object, tuple[Address, ...]]] = {}
+        self._shared: dict[str, _Notice] = {}
+        """Without delays: the one notice of each announcement, for every member (those
+        that join later too), so that they share what follows from it."""
         self._members: dict[str, MemoryDiscovery] = {}
         self._names = itertools.count(1)
 
@@ -84,8 +94,8 @@ class MemoryDiscoveryHub:
         """
         entry = (txt, tuple(advertised))
         self._announcements[source] = entry
-        if not callable(self.delay) and self.delay <= 0:  # one notice serves every member
-            notice = _Notice(None, source, txt, entry[1], None)
+        if self._undelayed:  # one notice serves every member
+            notice = self._shared[source] = _Notice(None, source, txt, entry[1], None, {})
             for member in list(self._members.values()):
                 member._deliver(notice)
             return
@@ -94,6 +104,7 @@ class MemoryDiscoveryHub:
 
     def remove(self, source: str, *, cause: LostCause = LostCause.GOODBYE) -> None:
         """``source`` stops announcing: a goodbye, or (``EXPIRED``) its records time out."""
+        self._shared.pop(source, None)
         if self._announcements.pop(source, None) is None:
             return
         for member in list(self._members.values()):
@@ -111,10 +122,15 @@ class MemoryDiscoveryHub:
         deliver_at = trio.current_time() + delay if delay > 0 else None
         return _Notice(deliver_at, source, txt, advertised, cause)
 
+    @property
+    def _undelayed(self) -> bool:
+        return not callable(self.delay) and self.delay <= 0
+
     def _join(self, member: MemoryDiscovery) -> None:
         self._members[member.source] = member
         for source, (txt, advertised) in self._announcements.items():
-            member._deliver(self._notice(source, member, txt, advertised, None))
+            shared = self._shared.get(source) if self._undelayed else None
+            member._deliver(shared or self._notice(source, member, txt, advertised, None))
 
     def _leave(self, member: MemoryDiscovery) -> None:
         self._members.pop(member.source, None)
@@ -131,7 +147,12 @@ class MemoryDiscovery(Discovery):
         self.source = source
         """The name this member announces under (its "instance name")."""
         core.own_sources.add(source)
-        self._send, self._receive = trio.open_memory_channel[_Notice](inbox_size)
+        self._inbox: collections.deque[_Notice] = collections.deque()
+        """Notices not yet handled: a plain queue and one wake-up (a trio channel costs
+        a few microseconds per notice, and a simulation delivers N^2 of them)."""
+        self._inbox_size = inbox_size
+        self._queued = trio.Event()
+        """Set when a notice is queued; :meth:`_run` waits for it when the inbox is empty."""
 
     @classmethod
     @asynccontextmanager
@@ -187,13 +208,20 @@ class MemoryDiscovery(Discovery):
         await trio.lowlevel.checkpoint()
 
     def _deliver(self, notice: _Notice) -> None:
-        try:
-            self._send.send_nowait(notice)
-        except trio.WouldBlock:
+        if len(self._inbox) >= self._inbox_size:
             self._core.drops.add("notices")
+            return
+        self._inbox.append(notice)
+        self._queued.set()
 
     async def _run(self) -> None:
-        async for batch in batches(self._receive):
+        inbox = self._inbox
+        while True:
+            while not inbox:
+                await self._queued.wait()
+                self._queued = trio.Event()
+            # Everything queued, up to a batch, after one wake-up.
+            batch = [inbox.popleft() for _ in range(min(len(inbox), BATCH))]
             now = trio.current_time()  # the clock stands still until the next await
             events: list[DiscoveryEvent] = []  # published once per batch, in order
             for notice in batch:
@@ -206,7 +234,7 @@ class MemoryDiscovery(Discovery):
                     events += self._core.remove(notice.source, cause=notice.cause)
                 else:
                     observation = self._core.observe(
-                        notice.source, notice.txt, notice.advertised, now=now
+                        notice.source, notice.txt, notice.advertised, now=now, shared=notice.shared
                     )
                     events += observation.events
             self._publish(events)
