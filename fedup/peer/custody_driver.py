@@ -130,6 +130,7 @@ class CustodyDriver:
         tamper: Tamper | None = None,
         train_delay: float = 0.0,
         state_file: RunStateFile | None = None,
+        durable: bool = True,
     ) -> None:
         view = signed.view
         self.me = identity.peer_id
@@ -170,7 +171,7 @@ class CustodyDriver:
             limits=limits,
             initial=content_of(template, limits=limits),
         )
-        self.outputs = RunOutputs(out_dir)
+        self.outputs = RunOutputs(out_dir, durable=durable)
         self._timers = Timers(self._fire)
         self._slots: dict[Position, RingState] = {}
         self._lap_masks = LapMasks()

@@ -177,6 +177,8 @@ class Peer:
         self._custody_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self.state_file: RunStateFile | None = None
+        self.simulated = False
+        """On the simulator's in-process network (its files are not fsynced)."""
         """Where this peer saves its run (None: it saves none)."""
         self.saved: Saved | None = None
         """The run this peer resumes (saved before it was stopped), if any."""
@@ -219,6 +221,7 @@ class Peer:
         )
         self = cls(config, source, identity, transport)
         self.state_file, self.saved = state_file, saved
+        self.simulated = world is not None
         if world is not None:
             self.tamper = world.tamper_for(self.peer_id)
             self.formation.tamper = self.tamper
@@ -521,6 +524,7 @@ class Peer:
                 tamper=self.tamper,
                 train_delay=self.train_delay,
                 state_file=self.state_file,
+                durable=not self.simulated,
             )
             for member in signed.view.members:  # their connections keep reserved slots
                 for address in member.record.addresses:

@@ -199,8 +199,10 @@ class RunOutputs:
     or :class:`OSError` (the folder cannot be created).
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, durable: bool = True) -> None:
         self.directory = directory
+        self.durable = durable
+        """Whether the model file is fsynced (a real peer's; a simulated one's is not)."""
         make_dirs(directory)
         self.metrics_path = directory / "metrics.jsonl"
         self.model_path = directory / "model.safetensors"
@@ -241,7 +243,7 @@ class RunOutputs:
     def save_model_file(self, parts: Sequence[bytes | memoryview]) -> str:
         """Write ``model.safetensors`` from the bytes
         :func:`~fedup.learn.weights.safetensors_parts` made; returns its SHA-256 (hex)."""
-        return write_safetensors_parts(parts, self.model_path)
+        return write_safetensors_parts(parts, self.model_path, durable=self.durable)
 
     def save_provenance(self, data: bytes) -> None:
         """Write ``provenance.cbor`` (replaced atomically, like the JSON files)."""

@@ -420,3 +420,20 @@ def test_figures_that_do_not_exist_are_null_in_the_json_files(tmp_path: Path) ->
     assert summary["federated_val_loss"] == [None, 0.5] and summary["data_passes"] == 1.0
     (line,) = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert strict(line) == {"type": "lap", "lap": 0, "federated_val_loss": None, "n": [None]}
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_a_model_file_is_fsynced_unless_the_member_is_simulated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool
+) -> None:
+    from fedup.peer.outputs import RunOutputs
+
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    outputs = RunOutputs(tmp_path / "out", durable=durable)
+    sha = outputs.save_model_file([b"model", memoryview(b" bytes")])
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == b"model bytes"
+    assert len(sha) == 64
+    # The file and its folder when durable (a real peer); neither for a simulated one.
+    assert len(synced) == (2 if durable else 0)
