@@ -387,7 +387,10 @@ class CustodyDriver:
     def resume(self, saved: RunState) -> None:
         """Go on with the run saved before a restart (instead of :meth:`begin`)."""
         self.begun = True
-        state = self.codec.decode(saved.state).state if saved.state is not None else None
+        # Decoded from a writable copy: the tensors share the buffer, and torch must not
+        # be handed read-only memory it may write to.
+        saved_state = bytearray(saved.state) if saved.state is not None else None
+        state = self.codec.decode(saved_state).state if saved_state is not None else None
         seen = state.meta.progress() if state is not None else Progress.initial()
         memory = saved.custody
         self.machine.restore(memory, seen)
