@@ -556,14 +556,20 @@ class CustodyDriver:
         self._events.emit(ev.Training(position.lap, position.hop))
         args = (self.task, state, self.ring_settings, position.lap, position.hop, self.federation)
         masks = self._lap_masks
-        work = self._builder.start(lambda: train_hop(*args, masks=masks))
-        self._spawn(self._train, position, state, work)
+
+        def hop(train: bool = True) -> tuple[RingState, HopMetrics]:
+            return train_hop(*args, train=train, masks=masks)
+
+        self._spawn(self._train, position, hop, self._builder.start(hop))
 
     async def _train(
-        self, position: Position, state: RingState, work: Started[tuple[RingState, HopMetrics]]
+        self,
+        position: Position,
+        hop: Callable[[bool], tuple[RingState, HopMetrics]],
+        work: Started[tuple[RingState, HopMetrics]],
     ) -> None:
-        args = (self.task, state, self.ring_settings, position.lap, position.hop, self.federation)
-        masks = self._lap_masks
+        """Take the hop ``work`` trains (``hop`` again, evaluating only, if it gave a bad
+        state) and hand it to the custody machine."""
         try:
             new, metrics = await work.result()
             good = True
@@ -576,9 +582,7 @@ class CustodyDriver:
                     problem,
                 )
                 good = False
-                new, metrics = await self._builder.run(
-                    lambda: train_hop(*args, train=False, masks=masks)
-                )
+                new, metrics = await self._builder.run(hop, False)
                 body = self.codec.body(new)
                 if self.codec.problem(new, body) is not None:
                     raise RunError(f"the state received for {position} cannot be evaluated")

@@ -304,9 +304,12 @@ class CustodyMachine:
         self.stop_reason: str | None = None
         self.excluded: DeadNotice | None = None
         self.asks: dict[PeerId, ReturnRequest] = {}
-        self._final_sent_at = {}
-        """When this member last handed the final model to each returner that asked."""
         """The latest return request of each member that asked (one per member)."""
+        self._final_sent_at: dict[PeerId, float] = {}
+        """When this member last handed the final model to each returner that asked."""
+        self._ask_nearby = False
+        """This member's return requests go only to the members just before it (it
+        heard nothing for a while), not to every member (see :meth:`ask_to_return`)."""
         self.asked = 0
         """The counter of this member's own latest return request (0: none made)."""
         self.returning = False
@@ -1198,8 +1201,6 @@ class CustodyMachine:
         to = self._predecessors(NEARBY_ASKS) if self._ask_nearby else None
         return [AskToReturn(request.envelope, to), SetTimer(ASK, self.limits.return_interval)]
 
-    _ask_nearby = False
-
     def _predecessors(self, count: int) -> tuple[PeerId, ...]:
         """The ``count`` members before this one in the ring order (live or not)."""
         members = self.chain.members
@@ -1218,8 +1219,6 @@ class CustodyMachine:
         if self.phase in (Phase.DISTRIBUTING, Phase.DONE) and self._serves_final():
             actions += self._send_final_to(r.peer, now)
         return actions
-
-    _final_sent_at: dict[PeerId, float]
 
     def _serves_final(self) -> bool:
         """Whether this member holds the federation's final model to give a returner."""
