@@ -332,6 +332,39 @@ class _Link:
     index: int
 
 
+class _Bytes:
+    """The bytes of chains that share a beginning: one buffer that only grows, and where
+    each statement begins in it.
+
+    A chain holds one and its first ``nbytes`` bytes and ``count`` starts are the chain's,
+    so the statements a blob carries are one slice (:meth:`HopChain.suffix_for`), not a
+    walk of every link.  A chain extended by statements appends them when it ends where the
+    buffer does (the usual case: a member extends what it last held); otherwise (another
+    extension came first) the extension gets a copy of its beginning.
+    """
+
+    __slots__ = ("buf", "starts")
+
+    def __init__(self, buf: bytearray | None = None, starts: list[int] | None = None) -> None:
+        self.buf = bytearray() if buf is None else buf
+        self.starts: list[int] = [] if starts is None else starts
+
+    def extended(self, count: int, nbytes: int, entries: Sequence[bytes]) -> _Bytes:
+        """The bytes of a chain of ``count`` statements and ``nbytes`` bytes held here,
+        extended by ``entries``."""
+        target = self
+        if len(self.buf) != nbytes or len(self.starts) != count:
+            target = _Bytes(self.slice(0, nbytes), self.starts[:count])
+        for entry in entries:
+            target.starts.append(len(target.buf))
+            target.buf += entry
+        return target
+
+    def slice(self, begin: int, end: int) -> bytearray:
+        """A copy of the bytes from ``begin`` to ``end``."""
+        return self.buf[begin:end]
+
+
 @attrs.frozen(eq=False)
 class HopChain:
     """A verified chain of hop statements: what the next one must link to, and every statement.
@@ -358,6 +391,8 @@ class HopChain:
     """Each signer's last statement's index (never changed once made)."""
     _hasher: Any = attrs.field(default=None, repr=False)
     """The bytes digest's state after the chain (so a statement appends in O(1))."""
+    _bytes: _Bytes = attrs.field(factory=_Bytes, repr=False)
+    """The chain's bytes and where each statement begins (shared with its extensions)."""
 
     @classmethod
     def start(cls, rules: ChainRules) -> HopChain:
@@ -381,7 +416,7 @@ class HopChain:
     @property
     def data(self) -> bytes:
         """The chain's bytes, first statement to last (made on demand)."""
-        return b"".join(link.entry for link in self._links(self.count))
+        return bytes(self._bytes.slice(0, self.nbytes))
 
     def statements(self) -> Iterator[HopStatement]:
         """Every statement, first to last (verified when this chain was)."""
@@ -404,7 +439,9 @@ class HopChain:
         last statement (it verified it, then signed its own), so with its copy these are
         the whole chain (:meth:`extend_with`)."""
         start = self.last_by.get(peer, -1) + 1
-        return b"".join(link.entry for link in self._links(self.count - start))
+        if start >= self.count:
+            return b""
+        return bytes(self._bytes.slice(self._bytes.starts[start], self.nbytes))
 
     def next_place(self, dead: DeadChain) -> tuple[PeerId, Position]:
         """Who must sign the next statement, and at which position (the ring rules)."""
@@ -517,6 +554,7 @@ class HopChain:
             tail,
             last_by,
             hasher,
+            _Bytes().extended(0, 0, [link.entry for link in links]),
         )
 
     def append(
@@ -642,6 +680,9 @@ class _Walk:
     """Checks statements one after another against a chain's rules (see the module)."""
 
     def __init__(self, chain: HopChain, dead: DeadChain) -> None:
+        self._base = chain
+        self._entries: list[bytes] = []
+        """The bytes of the statements taken, in order."""
         self.rules = chain.rules
         self.count = chain.count
         self.head = chain.head
@@ -712,12 +753,14 @@ class _Walk:
             self.last_by, self._own_last_by = dict(self.last_by), True
         self.last_by[s.signer] = self.count  # type: ignore[index]
         self.tail = _Link(s, entry, self.tail, self.count)
+        self._entries.append(entry)
         self.count += 1
         self.head = s.digest
         self.last = s
 
     def chain(self, nbytes: int, hasher: Any) -> HopChain:
         """The chain the statements taken make (``nbytes`` long, ``hasher`` over them)."""
+        base = self._base
         return HopChain(
             self.rules,
             self.count,
@@ -727,6 +770,7 @@ class _Walk:
             self.tail,
             self.last_by,
             hasher,
+            base._bytes.extended(base.count, base.nbytes, self._entries),
         )
 
 

@@ -306,6 +306,38 @@ def test_the_suffix_for_a_member_starts_after_its_own_last_statement() -> None:
     assert FULL.suffix_for(MEMBERS[0]) == b""
 
 
+def test_two_extensions_of_one_chain_each_keep_their_own_bytes() -> None:
+    """Chains that share a beginning share its bytes; an extension of a chain that
+    another extension has already grown gets its own copy, and neither changes the
+    other's bytes, statements or suffixes."""
+    base = honest(4)
+    peer, position = base.next_place(NO_DEAD)
+
+    def extend(chain: HopChain, sent: bytes) -> HopChain:
+        assert chain.last is not None
+        return chain.append(
+            BY_PEER[peer],
+            position=position,
+            received=chain.last.sent,
+            sent=sent,
+            samples=1,
+            dead=NO_DEAD,
+        )
+
+    first = extend(base, b"\x01" * 32)
+    second = extend(base, b"\x02" * 32)  # the shared bytes already hold ``first``'s
+    later = extend(honest(4), b"\x01" * 32)  # the same as ``first``, built apart
+    assert first.data == later.data == base.data + first.last.entry  # type: ignore[union-attr]
+    assert second.data == base.data + second.last.entry  # type: ignore[union-attr]
+    assert first.data != second.data
+    for member in MEMBERS:
+        assert first.suffix_for(member) == later.suffix_for(member)
+        assert join(list(second.statements())[second.last_by.get(member, -1) + 1 :]) == (
+            second.suffix_for(member)
+        )
+    assert base.data == honest(4).data  # the shorter chain reads only its own bytes
+
+
 def test_an_honest_suffix_makes_the_whole_chain_the_old_way_made() -> None:
     """Each member keeps the chain up to its own last statement; handing on, it sends
     only the statements after its successor's last one; every member ends with the
