@@ -63,6 +63,7 @@ Rules of the merge:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Collection, Iterable, Iterator, Sequence
@@ -589,6 +590,10 @@ class FeatureSchema:
 
     def digest(self) -> str:
         """SHA-256 (hex) of the schema's deterministic CBOR encoding."""
+        return self._digest
+
+    @functools.cached_property
+    def _digest(self) -> str:  # made once: the schema is frozen, and a peer asks often
         return hashlib.sha256(cbor.encode(self.to_dict())).hexdigest()
 
 

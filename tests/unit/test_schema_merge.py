@@ -7,6 +7,7 @@ import math
 import re
 from typing import Any
 
+import attrs
 import numpy as np
 import pytest
 
@@ -86,6 +87,9 @@ def test_digest_is_deterministic_and_order_independent(
     assert merge_summaries(summaries, "y") == merge_summaries(list(reversed(summaries)), "y")
     changed = [*summaries[:3], summary(251, *summaries[3].columns[:1], summaries[3].columns[1])]
     assert merge_summaries(changed, "y").digest() not in digests
+    schema = merge_summaries(summaries, "y")
+    assert schema.digest() in digests  # asked once: made and kept
+    assert attrs.evolve(schema, n_rows=schema.n_rows + 1).digest() not in digests  # a new schema
 
 
 def test_vocabulary_union_is_capped_deterministically() -> None:
