@@ -27,7 +27,8 @@ What happens to the optimizer's state (:data:`OPTIMIZER_STATES`):
             (nothing extra travels);
 ``server``  a fresh optimizer per member and round, and server momentum
             (FedAvgM): ``v = beta * v + (average - w_r)``, ``w_{r+1} = w_r + v``,
-            computed identically by every member after the all-reduce.
+            computed identically by every member after the all-reduce;
+``member+server``  both: each member keeps its optimizer state, and server momentum.
 
 The default (``server``) was chosen by measuring all three on the simulator's
 default scenario (5 synthetic lenders) and on ``dirichlet:0.3`` label skew, seeds 0
@@ -73,7 +74,7 @@ __all__ = [
     "fedavg",
 ]
 
-OPTIMIZER_STATES: Final = ("none", "member", "server")
+OPTIMIZER_STATES: Final = ("none", "member", "server", "member+server")
 """What happens to the optimizer's state between rounds (see the module docstring)."""
 DEFAULT_OPTIMIZER_STATE: Final = "server"
 """The best of :data:`OPTIMIZER_STATES` as measured (docs/learning.md)."""
@@ -181,6 +182,8 @@ def fedavg(
     n_train = sum(rows)
     current = _cpu(tasks[0].build_model(settings.seed).state_dict())
     model_bytes = sum(v.element_size() * v.nelement() for v in current.values())
+    keep = optimizer_state in ("member", "member+server")
+    server = optimizer_state in ("server", "member+server")
     momentum: Weights | None = None
     saved: list[dict[str, Any] | None] = [None] * len(tasks)
     stop = StopState()
@@ -198,10 +201,9 @@ def fedavg(
         for i, task in enumerate(tasks):
             t0 = time.perf_counter()
             stats, weights, n, state = _member_round(
-                task, current, settings, round_, i, fed, saved[i] if optimizer_state == "member"
-                else None, train=trains,
-            )  # fmt: skip
-            if optimizer_state == "member":
+                task, current, settings, round_, i, fed, saved[i] if keep else None, train=trains
+            )
+            if keep:
                 saved[i] = state
             sums = add_sums(sums, to_sums(stats))
             trained.append(weights)
@@ -220,7 +222,7 @@ def fedavg(
             break
         if n_train > 0:
             new = average(trained, rows)
-            if optimizer_state == "server":
+            if server:
                 new, momentum = _server_step(current, new, momentum)
             current = new
         round_ += 1
