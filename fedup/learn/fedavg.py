@@ -28,9 +28,9 @@ What happens to the optimizer's state (:data:`OPTIMIZER_STATES`):
 ``server``  a fresh optimizer per member and round, and server momentum
             (FedAvgM): ``v = beta * v + (average - w_r)``, ``w_{r+1} = w_r + v``,
             computed identically by every member after the all-reduce;
-``member+server``  both: each member keeps its optimizer state, and server momentum.
+``member+server``  both at once.
 
-The default (``server``) was chosen by measuring all three on the simulator's
+The default (``server``) was chosen by measuring all four on the simulator's
 default scenario (5 synthetic lenders) and on ``dirichlet:0.3`` label skew, seeds 0
 and 1: it had the lowest mean and worst gap to centralized training over the four
 runs, though ``member`` was better on the lenders alone (docs/learning.md has the
