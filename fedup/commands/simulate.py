@@ -4,7 +4,8 @@ Runs ``--peers`` real peers (the code ``fedup-peer start`` runs) on an
 in-memory network and discovery hub, by default on a virtual clock, and
 writes each peer's outputs under ``--out``/peers and ``report.json`` (the
 federated model scored on every peer's validation split and their union;
-with ``--baselines`` also centralized and local-only training).  Prints a
+with ``--baselines`` also centralized, FedAvg-style parallel and local-only
+training).  Prints a
 table, or the report with ``--json``.
 """
 
@@ -120,9 +121,9 @@ def add_parser(
         description="Run --peers real FedUp peers in one process on an in-memory network and "
         "discovery hub (a virtual clock by default), train one model around the ring, and "
         "write report.json: the federated model scored on each peer's validation split and "
-        "their union; with --baselines also centralized and local-only training with the "
-        "same model, splits and epoch budget. Data: synthetic lenders (one per peer) or "
-        "--data FILE.csv dealt out by --partition.",
+        "their union; with --baselines also centralized, FedAvg-style parallel and local-only "
+        "training with the same model, splits and epoch budget. Data: synthetic lenders "
+        "(one per peer) or --data FILE.csv dealt out by --partition.",
     )
     common(p)
     p.set_defaults(log_level="warning")
@@ -163,7 +164,12 @@ def add_parser(
         shown="lender; iid for --data",
     )
     option("--rows", LENDER_ROWS, None, "rows per synthetic lender", shown="drawn per lender")
-    p.add_argument("--baselines", action="store_true", help="also centralized and local-only")
+    p.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also centralized, FedAvg-style parallel (every peer at once, a ring "
+        "all-reduce per round) and local-only",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     option(
         "--out",

@@ -7,6 +7,7 @@ from typing import Any
 MODELS = (
     ("federated", "federated (FedUp ring)"),
     ("centralized", "centralized (pooled)"),
+    ("fedavg", "FedAvg (parallel)"),
     ("local_only", "local-only (mean)"),
 )
 

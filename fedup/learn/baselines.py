@@ -9,6 +9,9 @@
   passes per evaluation and stopping rule are identical.
 * :func:`local_only` trains one model per peer on its own data alone, stopped
   on its own validation split (what a lender can do without a federation).
+* FedAvg-style parallel training (:func:`fedup.learn.fedavg.fedavg`): every peer
+  trains from the round's model at once, then the models are averaged; the same
+  tasks, settings and stopping rule (the parallel mode's peer in the report).
 
 Every result is scored by :func:`score` on the union of all peers' validation
 splits: mean binary cross-entropy, exact ROC AUC and accuracy (a multi-class
@@ -33,6 +36,7 @@ import attrs
 import torch
 from torch.nn import functional as F
 
+from fedup.learn.fedavg import FedAvgResult, fedavg
 from fedup.learn.lap_sums import LapMasks
 from fedup.learn.loans import generate_population, partition
 from fedup.learn.ring import (
@@ -279,6 +283,8 @@ class Comparison:
     centralized: tuple[Score, RingResult]
     plain: tuple[Score, RingResult]
     local: tuple[tuple[Score, RingResult], ...]
+    parallel: tuple[Score, FedAvgResult]
+    """FedAvg-style parallel training (:mod:`fedup.learn.fedavg`)."""
 
     @property
     def gap(self) -> float:
@@ -291,7 +297,8 @@ class Comparison:
 
 
 def compare(tasks: Sequence[TensorTask], settings: RingSettings) -> Comparison:
-    """Federated, centralized, plain CWT and local-only on the same tasks and settings."""
+    """Federated, centralized, plain CWT, local-only and FedAvg on the same tasks and
+    settings."""
 
     def scored(r: RingResult) -> tuple[Score, RingResult]:
         return score(final_weights(r.state), tasks), r
@@ -301,7 +308,15 @@ def compare(tasks: Sequence[TensorTask], settings: RingSettings) -> Comparison:
         centralized=scored(centralized(tasks, settings)),
         plain=scored(simulate_ring(tasks, attrs.evolve(PLAIN_CWT, seed=settings.seed))),
         local=tuple(scored(r) for r in local_only(tasks, settings)),
+        parallel=_scored_fedavg(tasks, settings),
     )
+
+
+def _scored_fedavg(
+    tasks: Sequence[TensorTask], settings: RingSettings
+) -> tuple[Score, FedAvgResult]:
+    run = fedavg(tasks, settings)
+    return score(run.weights, tasks), run
 
 
 def report(scenarios: Sequence[Scenario], settings: RingSettings, repeats: int = 1) -> None:
@@ -328,6 +343,8 @@ def report(scenarios: Sequence[Scenario], settings: RingSettings, repeats: int =
                 ("plain CWT", c.plain),
             ):
                 print(_row(label, sc, r.passes, r.seconds))
+            sc_p, run_p = c.parallel
+            print(_row("FedAvg parallel", sc_p, run_p.passes, run_p.seconds))
             order = sorted(range(len(c.local)), key=lambda i: c.local[i][0].loss)
             for label, i in (("best", order[0]), ("worst", order[-1])):
                 sc, r = c.local[i]
@@ -341,11 +358,13 @@ def report(scenarios: Sequence[Scenario], settings: RingSettings, repeats: int =
         if repeats > 1:
             gaps = [c.gap * 100 for c in runs]
             plain = [(c.plain[0].loss / c.centralized[0].loss - 1) * 100 for c in runs]
+            par = [(c.parallel[0].loss / c.centralized[0].loss - 1) * 100 for c in runs]
             print(
                 f"\nover {len(runs)} (population seed, run seed) pairs: federated loss "
                 f"{sum(gaps) / len(gaps):+.2f}% on average (worst {max(gaps):+.2f}%) vs "
                 f"centralized; plain CWT {sum(plain) / len(plain):+.2f}% (worst "
-                f"{max(plain):+.2f}%); federated better than every local-only model in "
+                f"{max(plain):+.2f}%); FedAvg {sum(par) / len(par):+.2f}% (worst "
+                f"{max(par):+.2f}%); federated better than every local-only model in "
                 f"{sum(c.beats_local for c in runs)}/{len(runs)}"
             )
 

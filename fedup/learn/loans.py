@@ -28,7 +28,7 @@ Columns (``default`` is the target)::
 :func:`generate_population` makes many lenders at once, and :func:`partition`
 re-splits pooled rows for experiments: ``lender`` (one peer per lender),
 ``iid``, ``dirichlet:ALPHA`` (label skew) and ``column:NAME`` (one peer per
-value of a column).
+value of a column, or the values grouped into a number of peers).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ __all__ = [
     "default_logit",
     "generate_lender",
     "generate_population",
+    "group_by_rows",
     "lender_seed",
     "partition",
     "seed_from_peer_id",
@@ -360,8 +361,12 @@ def partition(
     * ``dirichlet:ALPHA``: label skew; each label's rows are divided among
       ``n_peers`` peers in proportions drawn from Dirichlet(ALPHA), redrawn
       until every peer has at least ``min_rows`` rows.
-    * ``column:NAME``: one peer per value of column NAME (missing values form
-      their own group), in sorted order; ``n_peers`` is ignored.
+    * ``column:NAME``: the rows by the value of column NAME (missing values,
+      empty or NaN, form their own group).  ``n_peers`` None: one peer per value,
+      in sorted order.  A number: the values grouped into that many peers,
+      balancing rows (:func:`group_by_rows`); each peer is named by the values it
+      holds (``NAME=a+b+c``, a long list cut after :data:`NAMED_VALUES` with the
+      count of the rest).  More peers than values is a :class:`DataError`.
 
     Raises :class:`~fedup.learn.tabular.DataError` for an unknown spec.
     """
@@ -371,10 +376,7 @@ def partition(
     rng = np.random.default_rng(np.random.SeedSequence([seed, 2]))
     kind, _, arg = spec.partition(":")
     if kind == "column":
-        col = pooled.column(arg)
-        values = col.values.astype(str) if col.kind == "categorical" else col.values
-        groups = np.unique(values)
-        return [_named(pooled.take(np.flatnonzero(values == g)), f"{arg}={g}") for g in groups]
+        return _by_column(pooled, spec, arg, n_peers)
     if not (kind == "iid" and not arg) and kind != "dirichlet":
         raise DataError(f"unknown partition {spec!r} (lender, iid, dirichlet:ALPHA, column:NAME)")
     alpha = 0.0
@@ -397,6 +399,72 @@ def partition(
     else:
         parts = _dirichlet(pooled.target, n_peers, alpha, rng, min_rows)
     return [_named(pooled.take(np.sort(p)), f"peer {i}") for i, p in enumerate(parts)]
+
+
+NAMED_VALUES: Final = 4
+"""Values a grouped ``column:NAME`` peer's name lists before it says how many more."""
+
+
+def _by_column(pooled: Table, spec: str, name: str, n_peers: int | None) -> list[Table]:
+    """The rows of each value of column ``name`` (missing last), or those values dealt
+    into ``n_peers`` peers by rows."""
+    col = pooled.column(name)
+    if col.kind == "categorical":
+        values = col.values.astype(str)
+        missing = values == ""
+    else:
+        values = col.values
+        missing = np.isnan(values)
+    keys = np.unique(values[~missing])
+    texts = [str(k) for k in keys.tolist()]
+    rows = [np.flatnonzero(values == k) for k in keys]
+    if missing.any():
+        texts.append("(missing)")
+        rows.append(np.flatnonzero(missing))
+    if n_peers is None:
+        return [_named(pooled.take(r), f"{name}={t}") for t, r in zip(texts, rows, strict=True)]
+    if not 1 <= n_peers <= len(rows):
+        raise DataError(
+            f"partition {spec} has {len(rows)} values, too few for {n_peers} peers: ask "
+            f"for at most {len(rows)}, or leave the number of peers out for one peer per value"
+        )
+    return [
+        _named(
+            pooled.take(np.sort(np.concatenate([rows[i] for i in g]))),
+            _group_name(name, [texts[i] for i in g]),
+        )
+        for g in group_by_rows([len(r) for r in rows], n_peers)
+    ]
+
+
+def _group_name(name: str, texts: Sequence[str]) -> str:
+    """``NAME=a+b+c``; past :data:`NAMED_VALUES` values, ``NAME=a+b+c+d and 7 more``."""
+    shown = "+".join(texts[:NAMED_VALUES])
+    rest = len(texts) - NAMED_VALUES
+    return f"{name}={shown}" + (f" and {rest} more" if rest > 0 else "")
+
+
+def group_by_rows(sizes: Sequence[int], n_groups: int) -> list[list[int]]:
+    """The indices of ``sizes`` dealt into ``n_groups`` groups of similar total size.
+
+    Largest first (ties: the lower index first), each index goes to the group with
+    the smallest total so far (ties: the lower group); every group gets at least one
+    index, each index lands in exactly one group, and the same input gives the same
+    groups.  Each group lists its indices in ascending order.  No group's total exceeds
+    the mean total by more than the largest size (greedy "longest processing time
+    first" scheduling).
+
+    Raises :class:`ValueError` if ``n_groups`` is not between 1 and ``len(sizes)``.
+    """
+    if not 1 <= n_groups <= len(sizes):
+        raise ValueError(f"cannot deal {len(sizes)} sizes into {n_groups} non-empty groups")
+    groups: list[list[int]] = [[] for _ in range(n_groups)]
+    totals = [0] * n_groups
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        g = min(range(n_groups), key=lambda g: (totals[g], g))
+        groups[g].append(i)
+        totals[g] += sizes[i]
+    return [sorted(g) for g in groups]
 
 
 def _dirichlet(

@@ -67,7 +67,7 @@ def test_the_report_scores_every_model_by_the_tasks_metrics(
     keys = {"val_loss", "accuracy", "macro_f1", "n"} if task == MULTICLASS else {
         "val_loss", "mse", "mae", "r2", "n"}  # fmt: skip
     n_val = sum(d["val_rows"] for d in report["data"])
-    for name in ("federated", "centralized", "local_only"):
+    for name in ("federated", "centralized", "fedavg", "local_only"):
         union = report[name]["union"]
         assert set(union) == keys and "roc_auc" not in report[name]["mean"]
         for peer in report[name]["per_peer"]:
