@@ -8,7 +8,7 @@ Partition specs (see :func:`fedup.learn.loans.partition`):
 * ``dirichlet:ALPHA``: label skew, each label's rows split in Dirichlet(ALPHA)
   proportions (small ALPHA: strong skew);
 * ``column:NAME``: the values of column NAME (e.g. ``column:region``) grouped
-  into the number of peers asked for (:func:`group_by_rows`: largest value
+  into the number of peers asked for (:func:`fedup.learn.loans.group_by_rows`: largest value
   first, each to the group with the fewest rows so far), or one peer per
   value when no number is given.
 """
@@ -25,7 +25,7 @@ from fedup.learn.privacy import DpBudget
 from fedup.learn.tabular import DataError, Table, read_csv
 from fedup.peer import TabularSource
 
-__all__ = ["DEFAULT_PEERS", "csv_tables", "group_by_rows", "sources_of", "synthetic_tables"]
+__all__ = ["DEFAULT_PEERS", "csv_tables", "sources_of", "synthetic_tables"]
 
 DEFAULT_PEERS = 5
 """Peers (synthetic lenders) when no number is given."""
@@ -38,7 +38,7 @@ def synthetic_tables(
 
     ``n_peers`` None: :data:`DEFAULT_PEERS` lenders, and for ``column:NAME`` one peer
     per value; a number: that many lenders and, for ``column:NAME``, their values
-    grouped into that many peers (:func:`group_by_rows`).  ``n_rows`` fixes every
+    grouped into that many peers (:func:`~fedup.learn.loans.group_by_rows`).  ``n_rows`` fixes every
     lender's size (default: drawn from its seed, 1,500 to 5,000).  Raises
     :class:`~fedup.learn.tabular.DataError` for an unknown spec or one that cannot
     be met (more peers than the column has values).
@@ -64,7 +64,7 @@ def csv_tables(
     """The rows of one CSV dealt out to ``n_peers`` peers by ``spec`` (not ``lender``).
 
     ``n_peers`` None: :data:`DEFAULT_PEERS`, and for ``column:NAME`` one peer per
-    value (a number groups the values, :func:`group_by_rows`).  ``drop``,
+    value (a number groups the values, :func:`~fedup.learn.loans.group_by_rows`).  ``drop``,
     ``positive_label`` and ``task`` are :func:`~fedup.learn.tabular.read_csv`'s
     (``task`` None: inferred from the whole file, so every peer has the same).  Raises
     :class:`~fedup.learn.tabular.DataError` for an unusable file or spec.
@@ -78,46 +78,11 @@ def csv_tables(
 
 
 def _dealt(tables: Sequence[Table], spec: str, n_peers: int | None, seed: int) -> list[Table]:
-    """``tables`` dealt out by ``spec``; ``column:NAME`` values grouped into ``n_peers``."""
-    if not spec.startswith("column:"):
-        return partition(tables, spec, DEFAULT_PEERS if n_peers is None else n_peers, seed=seed)
-    by_value = partition(tables, spec, seed=seed)  # one table per value, in sorted order
-    if n_peers is None:
-        return by_value
-    if n_peers > len(by_value):
-        raise DataError(
-            f"partition {spec} has {len(by_value)} values, too few for {n_peers} peers: "
-            f"ask for at most {len(by_value)}, or leave the number of peers out for one peer "
-            "per value"
-        )
-    groups = group_by_rows([t.n_rows for t in by_value], n_peers)
-    return [
-        Table.concat([by_value[i] for i in g], source="+".join(by_value[i].source for i in g))
-        for g in groups
-    ]
-
-
-def group_by_rows(sizes: Sequence[int], n_groups: int) -> list[list[int]]:
-    """The indices of ``sizes`` dealt into ``n_groups`` groups of similar total size.
-
-    Largest first (ties: the lower index first), each index goes to the group with
-    the smallest total so far (ties: the lower group); every group gets at least one
-    index, each index lands in exactly one group, and the same input gives the same
-    groups.  Each group lists its indices in ascending order.  No group's total exceeds
-    the mean total by more than the largest size (greedy "longest processing time
-    first" scheduling).
-
-    Raises :class:`ValueError` if ``n_groups`` is not between 1 and ``len(sizes)``.
-    """
-    if not 1 <= n_groups <= len(sizes):
-        raise ValueError(f"cannot deal {len(sizes)} sizes into {n_groups} non-empty groups")
-    groups: list[list[int]] = [[] for _ in range(n_groups)]
-    totals = [0] * n_groups
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        g = min(range(n_groups), key=lambda g: (totals[g], g))
-        groups[g].append(i)
-        totals[g] += sizes[i]
-    return [sorted(g) for g in groups]
+    """``tables`` dealt out by ``spec``; ``column:NAME`` values grouped into ``n_peers``
+    (None: one peer per value)."""
+    if spec.startswith("column:"):
+        return partition(tables, spec, n_peers, seed=seed)
+    return partition(tables, spec, DEFAULT_PEERS if n_peers is None else n_peers, seed=seed)
 
 
 def sources_of(
