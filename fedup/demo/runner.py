@@ -152,6 +152,7 @@ def run_demo(
     whatever model the others agreed on.
     """
     from fedup.learn.device import choose_device, describe_device
+    from fedup.peer.tasks import warm_up_optimizers
 
     device = choose_device(settings.device)  # CUDA asked for and absent: before any peer
     if board is None:
@@ -183,6 +184,7 @@ def run_demo(
         extra=settings.peer_args,
     )
     say(f"every peer and the baselines train on {describe_device(device)}")
+    warm_up_optimizers()  # the baselines' first optimizer, while the peers run
     started = time.monotonic()
     following = _Following(peers, board, say)
     outcomes = run_peers(peers, commands, timeout=settings.timeout, on_tick=following.tick)
