@@ -26,9 +26,11 @@ from typing import Any
 import attrs
 import torch
 
-from fedup.demo.peers import PeerOutcome
+from fedup.demo.peers import DemoPeer, PeerOutcome
 from fedup.errors import FedupError
+from fedup.learn.baselines import RingResult
 from fedup.learn.comparison import (
+    Curve,
     centralized_entry,
     curve,
     judge_claim,
@@ -42,7 +44,14 @@ from fedup.learn.weights import load_safetensors
 from fedup.peer import TabularSource
 from fedup.protocol.view import RunSettings
 
-__all__ = ["SELF_CHECK_TOLERANCE", "build_report", "rebuild_tasks", "run_settings_from_json"]
+__all__ = [
+    "SELF_CHECK_TOLERANCE",
+    "Baselines",
+    "build_report",
+    "rebuild_tasks",
+    "run_settings_from_json",
+    "train_baselines",
+]
 
 SELF_CHECK_TOLERANCE = 1e-4
 """Largest difference allowed between a peer's reported validation loss and the
@@ -56,7 +65,7 @@ def run_settings_from_json(settings: dict[str, Any]) -> RunSettings:
 
 
 def rebuild_tasks(
-    outcomes: Sequence[PeerOutcome],
+    peers: Sequence[DemoPeer],
     federation: dict[str, Any],
     *,
     device: str | torch.device = "cpu",
@@ -66,11 +75,46 @@ def rebuild_tasks(
     schema = schema_from_dict(federation["schema"])
     run = run_settings_from_json(federation["settings"])
     tasks = []
-    for o in outcomes:
-        task = TabularSource.from_csv(o.peer.data, "default", device=device).build(schema, run)
+    for peer in peers:
+        task = TabularSource.from_csv(peer.data, "default", device=device).build(schema, run)
         assert isinstance(task, TensorTask)
         tasks.append(task)
     return tasks, run, schema
+
+
+@attrs.frozen(eq=False)
+class Baselines:
+    """The baselines of one run, trained on its peers' rebuilt tasks."""
+
+    run_id: str
+    """The run whose ``federation.json`` (schema, settings) they were trained under."""
+    tasks: list[TensorTask]
+    run: RunSettings
+    schema: FeatureSchema
+    centralized: dict[str, Any]
+    centralized_run: RingResult
+    local_only: dict[str, Any]
+    local_runs: list[RingResult]
+    local_on_union: list[Curve]
+
+
+def train_baselines(
+    peers: Sequence[DemoPeer],
+    federation: dict[str, Any],
+    *,
+    device: str | torch.device = "cpu",
+) -> Baselines:
+    """Centralized and local-only training under ``federation.json``'s schema and
+    settings: what the report compares the federated model with.  They need nothing
+    the federation's training produces, so the demo starts them once the run has formed
+    and trains them while the ring does."""
+    tasks, run, schema = rebuild_tasks(peers, federation, device=device)
+    settings = RingSettings.for_run(run)
+    central, central_run = centralized_entry(tasks, settings)
+    local, local_runs, on_union = local_only_entry(tasks, settings, union_curves=True)
+    return Baselines(
+        federation["run_id"], tasks, run, schema, central, central_run, local, local_runs, on_union
+    )
 
 
 def federated_curve(metrics: Path, n_rows: int) -> list[tuple[float, float]]:
@@ -88,12 +132,15 @@ def build_report(
     *,
     baselines: bool = True,
     device: str | torch.device = "cpu",
+    trained: Baselines | None = None,
 ) -> dict[str, Any]:
     """The JSON-ready report: peers, federated, centralized, local-only, curves, claim
     (the baselines trained and every model scored on ``device``).
 
-    Raises :class:`~fedup.errors.FedupError` if no peer finished, or if the
-    demo's recomputation disagrees with what a peer reported.
+    ``trained``: the baselines, trained already (:func:`train_baselines`); used when
+    they were trained for the run the peers finished, else trained here.  Raises
+    :class:`~fedup.errors.FedupError` if no peer finished, or if the demo's
+    recomputation disagrees with what a peer reported.
     """
     done = [o for o in outcomes if o.summary is not None]
     if not done:
@@ -101,8 +148,14 @@ def build_report(
     first = done[0]
     assert first.summary is not None
     federation = json.loads((first.peer.run_dir / "federation.json").read_text("utf-8"))
-    tasks, run, schema = rebuild_tasks(outcomes, federation, device=device)
-    settings = RingSettings.for_run(run)
+    if trained is not None and trained.run_id != federation["run_id"]:
+        trained = None  # trained for a run the peers did not finish
+    if baselines and trained is None:
+        trained = train_baselines([o.peer for o in outcomes], federation, device=device)
+    if trained is not None:
+        tasks, schema = trained.tasks, trained.schema
+    else:
+        tasks, _, schema = rebuild_tasks([o.peer for o in outcomes], federation, device=device)
     weights = load_safetensors(first.peer.run_dir / "model.safetensors")
     fed_per_peer = [
         {
@@ -129,13 +182,12 @@ def build_report(
     curves: dict[str, Any] = {
         "federated": federated_curve(first.peer.run_dir / "metrics.jsonl", schema.n_rows)
     }
-    if baselines:
-        report["centralized"], cen = centralized_entry(tasks, settings)
-        report["local_only"], local, on_union = local_only_entry(tasks, settings, union_curves=True)
-        curves["centralized"] = curve(cen, sum(t.n_train for t in tasks))
-        curves["local_only"] = on_union
+    if baselines and trained is not None:
+        report["centralized"], report["local_only"] = trained.centralized, trained.local_only
+        curves["centralized"] = curve(trained.centralized_run, sum(t.n_train for t in tasks))
+        curves["local_only"] = trained.local_on_union
         curves["local_only_own_split"] = [
-            curve(r, t.n_train) for r, t in zip(local, tasks, strict=True)
+            curve(r, t.n_train) for r, t in zip(trained.local_runs, tasks, strict=True)
         ]
         report["claim"] = judge_claim(report)
     report["curves"] = curves

@@ -6,10 +6,11 @@ import json
 import math
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -20,11 +21,14 @@ from fedup.demo.peers import (
     run_peers,
     write_network_key,
 )
-from fedup.demo.report import build_report
+from fedup.demo.report import Baselines, build_report, train_baselines
 from fedup.errors import ConfigError, FedupError
 from fedup.files import copy_atomic, make_dirs, write_atomic
 from fedup.ui.board import RunBoard
 from fedup.ui.folder import RunFolder
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["MARKER", "DemoSettings", "run_demo"]
 
@@ -139,6 +143,48 @@ class _Following:
             self.say(f"formed run {board.run_id[:8]}: ring {ring}; training")
 
 
+class _EarlyBaselines:
+    """Trains the baselines in a thread from the moment a peer wrote its run's
+    ``federation.json`` (the schema and settings they need), while the ring trains."""
+
+    def __init__(self, peers: list[DemoPeer], device: torch.device) -> None:
+        self.peers = peers
+        self.device = device
+        self._thread: threading.Thread | None = None
+        self._result: Baselines | None = None
+        self._error: BaseException | None = None
+
+    def poll(self) -> None:
+        """Start the thread once a run's ``federation.json`` can be read."""
+        if self._thread is not None:
+            return
+        for peer in self.peers:
+            try:
+                federation = json.loads((peer.run_dir / "federation.json").read_text("utf-8"))
+            except (OSError, ValueError):
+                continue  # not written yet (it is replaced whole, never half-written)
+            self._thread = threading.Thread(
+                target=self._train, args=(federation,), name="fedup-demo-baselines"
+            )
+            self._thread.start()
+            return
+
+    def _train(self, federation: dict[str, Any]) -> None:
+        try:
+            self._result = train_baselines(self.peers, federation, device=self.device)
+        except Exception as exc:  # said, then trained again after the federation
+            self._error = exc
+
+    def result(self, say: Say) -> Baselines | None:
+        """The baselines, once trained (None: not started, or failed, which is said)."""
+        if self._thread is None:
+            return None
+        self._thread.join()
+        if self._error is not None:
+            say(f"training the baselines while the peers ran failed ({self._error}); again now")
+        return self._result
+
+
 def run_demo(
     settings: DemoSettings, say: Say = print, board: RunBoard | None = None
 ) -> dict[str, Any]:
@@ -187,7 +233,14 @@ def run_demo(
     warm_up_optimizers()  # the baselines' first optimizer, while the peers run
     started = time.monotonic()
     following = _Following(peers, board, say)
-    outcomes = run_peers(peers, commands, timeout=settings.timeout, on_tick=following.tick)
+    early = _EarlyBaselines(peers, device)
+
+    def tick() -> None:
+        following.tick()
+        if settings.baselines:
+            early.poll()
+
+    outcomes = run_peers(peers, commands, timeout=settings.timeout, on_tick=tick)
     following.tick()  # what the peers wrote last
     board.close()
     elapsed = time.monotonic() - started
@@ -197,8 +250,9 @@ def run_demo(
     if all(o.summary is None for o in outcomes):
         hint = " (if mDNS on 127.0.0.1 does not work here, try --no-mdns)" if settings.mdns else ""
         raise FedupError(f"no peer finished the federation; see {out}/peers/*/peer.log{hint}")
-    say(f"federation done in {elapsed:.1f} s; computing the baselines on the pooled data")
-    report = build_report(outcomes, baselines=settings.baselines, device=device)
+    say(f"federation done in {elapsed:.1f} s; the baselines on the pooled data (trained meanwhile)")
+    trained = early.result(say) if settings.baselines else None
+    report = build_report(outcomes, baselines=settings.baselines, device=device, trained=trained)
     report["network"] = network
     report["mdns"] = settings.mdns
     report["seed"] = settings.seed

@@ -41,6 +41,8 @@ def test_demo_without_mdns_runs_real_peers_and_compares_on_the_same_rows(tmp_pat
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    # The baselines were trained while the ring ran, not again after it.
+    assert "(trained meanwhile)" in proc.stdout and "again now" not in proc.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["mdns"] is False and report["seed"] == 3
     peers = report["peers"]
