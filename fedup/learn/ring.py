@@ -420,9 +420,15 @@ def _optimizer_tensors(
     model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> Iterator[tuple[str, torch.Tensor]]:
     index_to_name = _param_names(model, optimizer)
-    sd = optimizer.state_dict()
-    for idx in sorted(sd["state"]):
-        for key, value in sorted(sd["state"][idx].items()):
+    if _plain_adam(optimizer):
+        # What ``state_dict()["state"]`` holds, read in place: its per-parameter dicts,
+        # keyed by the parameter's index (the packing's param-group copies are not needed).
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        by_index = {i: optimizer.state[p] for i, p in enumerate(params) if p in optimizer.state}
+    else:
+        by_index = optimizer.state_dict()["state"]
+    for idx in sorted(by_index):
+        for key, value in sorted(by_index[idx].items()):
             t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
             yield f"optim.{index_to_name[idx]}.{key}", _cpu_copy(t)
 
@@ -430,7 +436,7 @@ def _optimizer_tensors(
 def _load_optimizer(
     model: nn.Module, optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor]
 ) -> None:
-    sd = optimizer.state_dict()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     name_to_index = {name: i for i, name in enumerate(_param_names(model, optimizer))}
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -438,7 +444,41 @@ def _load_optimizer(
         if pname not in name_to_index:
             raise RingStateError(f"ring state: optimizer state for unknown parameter {pname!r}")
         state.setdefault(name_to_index[pname], {})[skey] = t.clone()
+    if _plain_adam(optimizer):
+        # What ``load_state_dict`` makes of the same dict, without its deep copy of the
+        # param groups (they are the optimizer's own): ``step`` kept as given, every
+        # other tensor cast to its parameter's dtype and device.
+        for i, values in state.items():
+            p = params[i]
+            optimizer.state[p] = {
+                k: v if k == "step" else v.to(dtype=p.dtype, device=p.device)
+                for k, v in values.items()
+            }
+        return
+    sd = optimizer.state_dict()
     optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+
+_OPTIMIZER_HOOKS: Final = (
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+"""Where an optimizer keeps the hooks on its state dict (a torch without them: not plain)."""
+
+
+def _plain_adam(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is torch's Adam as :meth:`Task.make_optimizer
+    <fedup.learn.task.Task.make_optimizer>` makes it (no hooks on its state dict, not
+    fused or capturable, floating parameters), so its state can be read and written in
+    place with the same result as ``state_dict`` and ``load_state_dict``."""
+    return (
+        type(optimizer) is torch.optim.Adam
+        and not any(getattr(optimizer, name, True) for name in _OPTIMIZER_HOOKS)
+        and all(not g.get("fused") and not g.get("capturable") for g in optimizer.param_groups)
+        and all(p.is_floating_point() for g in optimizer.param_groups for p in g["params"])
+    )
 
 
 def _fresh_optimizer_state(task: Task, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -497,12 +537,50 @@ def model_with(task: Task, weights: Mapping[str, torch.Tensor]) -> nn.Module:
 
 def _fill(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> nn.Module:
     """Put ``weights`` (every parameter and buffer) into ``model``, copied to the
-    model's device."""
+    model's device.
+
+    A model of plain modules (none with its own ``_load_from_state_dict`` or a load
+    hook) whose state dict has exactly these names and shapes gets each tensor copied in
+    place, as ``load_state_dict`` would copy it but without its walk and checks; any
+    other goes through ``load_state_dict(strict=True)``, which says what does not fit.
+    """
+    if _plain_module(model):
+        slots = model.state_dict(keep_vars=True)
+        if slots.keys() == weights.keys() and all(
+            t.shape == weights[k].shape for k, t in slots.items()
+        ):
+            with torch.no_grad():
+                for k, t in slots.items():
+                    t.copy_(weights[k])
+            return model
     try:
         model.load_state_dict(dict(weights), strict=True)
     except RuntimeError as e:
         raise RingStateError(f"ring state does not fit the task's model: {e}") from None
     return model
+
+
+_MODULE_HOOKS: Final = (
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+    "_state_dict_pre_hooks",
+    "_state_dict_hooks",
+)
+"""Where a module keeps the hooks on saving and loading its state."""
+
+
+def _plain_module(model: nn.Module) -> bool:
+    """Whether every module of ``model`` saves and loads its state as ``nn.Module`` does,
+    with no hook on either."""
+    base = nn.Module
+    return all(
+        type(m).load_state_dict is base.load_state_dict
+        and type(m).state_dict is base.state_dict
+        and type(m)._load_from_state_dict is base._load_from_state_dict
+        and type(m)._save_to_state_dict is base._save_to_state_dict
+        and not any(getattr(m, name, True) for name in _MODULE_HOOKS)
+        for m in model.modules()
+    )
 
 
 def evaluate_state(task: Task, state: RingState) -> EvalStats:
@@ -572,8 +650,10 @@ def _close_lap(
 def _class_weights(
     task: Task, settings: RingSettings, fed: FederationStats
 ) -> tuple[float, float] | None:
+    if not settings.weight_labels or fed.n_rows == 0:
+        return None
     counts = task.label_counts
-    if not settings.weight_labels or counts is None or fed.n_rows == 0:
+    if counts is None:
         return None
     neg, pos = counts
     n = neg + pos

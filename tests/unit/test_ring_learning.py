@@ -15,6 +15,8 @@ from fedup.learn.lap_sums import (
     LOSS_SCALE,
     MAX_MEMBER_COUNT,
     MAX_MEMBER_LOSS,
+    MODULUS,
+    SUMS_LEN,
     ZERO_SUMS,
     LapMasks,
     add_sums,
@@ -363,3 +365,13 @@ def test_sums_that_cannot_be_real_are_not_judged() -> None:
     assert masks.get(0) == first and masks.get(1) is None
     masks.open(1), masks.open(2)
     assert masks.get(0) is None and masks.get(1) is not None  # only the last two kept
+
+
+def test_lap_masks_are_fresh_values_below_the_modulus() -> None:
+    masks = LapMasks()
+    drawn = [masks.open(lap) for lap in range(20)]
+    values = [v for mask in drawn for v in mask]
+    assert all(len(mask) == SUMS_LEN for mask in drawn)
+    assert all(0 <= v < MODULUS for v in values)
+    assert len(set(values)) == len(values)  # 2,060 draws of 62 bits: no repeat
+    assert max(values) >= MODULUS // 2 and max(v.bit_length() for v in values) == 62
