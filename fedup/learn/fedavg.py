@@ -59,8 +59,8 @@ from fedup.learn.ring import (
     FederationStats,
     LapResult,
     RingSettings,
-    _class_weights,
     hop_seed,
+    label_weights,
 )
 from fedup.learn.task import EvalStats, Task, TrainBudget, seeded
 from fedup.protocol.laps import StopState
@@ -274,7 +274,7 @@ def _member_round(
                 anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
             budget = TrainBudget(
                 epochs=settings.hop_epochs, seed=seed,
-                class_weights=_class_weights(task, settings, fed),
+                class_weights=label_weights(task, settings, fed),
                 prox_mu=settings.prox_mu, anchor=anchor,
             )  # fmt: skip
             stats = task.train(model, optimizer, budget)

@@ -92,6 +92,7 @@ __all__ = [
     "evaluate_state",
     "final_weights",
     "initial_state",
+    "label_weights",
     "train_hop",
 ]
 
@@ -647,9 +648,11 @@ def _close_lap(
     return meta, result, improved
 
 
-def _class_weights(
+def label_weights(
     task: Task, settings: RingSettings, fed: FederationStats
 ) -> tuple[float, float] | None:
+    """The loss weights of the negative and positive labels for ``task``'s training under
+    ``settings.weight_labels`` (None: unweighted), from the federation's label mix."""
     if not settings.weight_labels or fed.n_rows == 0:
         return None
     counts = task.label_counts
@@ -741,7 +744,7 @@ def train_hop(
                     anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
                 budget = TrainBudget(
                     epochs=settings.hop_epochs, seed=seed,
-                    class_weights=_class_weights(task, settings, federation),
+                    class_weights=label_weights(task, settings, federation),
                     prox_mu=settings.prox_mu, anchor=anchor,
                 )  # fmt: skip
                 stats = task.train(model, optimizer, budget)

@@ -223,15 +223,15 @@ def test_settings_round_trip() -> None:
 
 
 def test_label_weighting_uses_federation_counts(tasks: list[TabularTask]) -> None:
-    from fedup.learn.ring import _class_weights
+    from fedup.learn.ring import label_weights
 
     settings = RingSettings(weight_labels=True, max_class_weight=3.0)
     neg, pos = tasks[0].label_counts or (0, 0)
     p_local = pos / (neg + pos)
-    w_neg, w_pos = _class_weights(tasks[0], settings, FederationStats(3, 1000, 250)) or (0, 0)
+    w_neg, w_pos = label_weights(tasks[0], settings, FederationStats(3, 1000, 250)) or (0, 0)
     assert w_pos == pytest.approx(min(3.0, 0.25 / p_local))
     assert w_neg == pytest.approx(0.75 / (1 - p_local))
-    assert _class_weights(tasks[0], RingSettings(), FederationStats(3, 1000, 250)) is None
+    assert label_weights(tasks[0], RingSettings(), FederationStats(3, 1000, 250)) is None
 
 
 # --------------------------------------------------------------------------
