@@ -112,16 +112,19 @@ _warming: threading.Thread | None = None
 """The thread of :meth:`TaskBuilder.warm_up` (one per process)."""
 
 
-def warm_up_optimizers() -> None:
+def warm_up_optimizers(*, wait: bool = False) -> None:
     """Start making one throwaway torch optimizer in a thread, once per process (see
     :meth:`TaskBuilder.warm_up`; the demo calls it before its peers run, so that its
-    baselines do not pay the import after the federation)."""
+    baselines do not pay the import after the federation); with ``wait``, also wait
+    until it is made (the simulator, before its clock starts)."""
     global _warming
     with _warm_lock:
-        if _warming is not None:
-            return
-        _warming = threading.Thread(target=_make_an_optimizer, name="fedup-warm-up")
-    _warming.start()
+        thread = _warming
+        if thread is None:
+            thread = _warming = threading.Thread(target=_make_an_optimizer, name="fedup-warm-up")
+            thread.start()
+    if wait:
+        thread.join()
 
 
 def _make_an_optimizer() -> None:
