@@ -54,6 +54,12 @@ async def finished_run(tmp_path: Path) -> Path:
     return result.peers[0].out_dir
 
 
+def _interruptible() -> None:
+    """In the child: Ctrl-C's default action, even when the suite itself was started in
+    the background of a script (which ignores SIGINT, and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def test_show_serves_a_finished_runs_page_from_its_files(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -62,6 +68,7 @@ async def test_show_serves_a_finished_runs_page_from_its_files(
     show = subprocess.Popen(
         [sys.executable, "-m", "fedup.cli", "show", str(folder), "--ui", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_interruptible,
     )  # fmt: skip
     try:
         assert show.stdout is not None
