@@ -59,10 +59,10 @@ from fedup.learn.ring import (
     FederationStats,
     LapResult,
     RingSettings,
+    hop_budget,
     hop_seed,
-    label_weights,
 )
-from fedup.learn.task import EvalStats, Task, TrainBudget, seeded
+from fedup.learn.task import EvalStats, Task, seeded
 from fedup.protocol.laps import StopState
 
 __all__ = [
@@ -269,15 +269,7 @@ def _member_round(
             optimizer = task.make_optimizer(model)
             if opt_state is not None:
                 optimizer.load_state_dict(opt_state)
-            anchor = None
-            if settings.prox_mu > 0:
-                anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
-            budget = TrainBudget(
-                epochs=settings.hop_epochs, seed=seed,
-                class_weights=label_weights(task, settings, fed),
-                prox_mu=settings.prox_mu, anchor=anchor,
-            )  # fmt: skip
-            stats = task.train(model, optimizer, budget)
+            stats = task.train(model, optimizer, hop_budget(task, settings, fed, model, seed))
             state = copy.deepcopy(optimizer.state_dict())
         return evaluated, _cpu(model.state_dict()), stats.samples, state
 

@@ -91,6 +91,7 @@ __all__ = [
     "RingStateError",
     "evaluate_state",
     "final_weights",
+    "hop_budget",
     "initial_state",
     "label_weights",
     "train_hop",
@@ -648,6 +649,24 @@ def _close_lap(
     return meta, result, improved
 
 
+def hop_budget(
+    task: Task, settings: RingSettings, fed: FederationStats, model: nn.Module, seed: int
+) -> TrainBudget:
+    """How one member trains ``model`` for a hop (or a parallel round) under ``settings``:
+    ``hop_epochs`` of its data, the labels weighted by the federation's mix, and the
+    proximal term's anchor (the parameters it starts from) when ``prox_mu`` is set."""
+    anchor = None
+    if settings.prox_mu > 0:
+        anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return TrainBudget(
+        epochs=settings.hop_epochs,
+        seed=seed,
+        class_weights=label_weights(task, settings, fed),
+        prox_mu=settings.prox_mu,
+        anchor=anchor,
+    )
+
+
 def label_weights(
     task: Task, settings: RingSettings, fed: FederationStats
 ) -> tuple[float, float] | None:
@@ -739,14 +758,7 @@ def train_hop(
                 optimizer = task.make_optimizer(model)
                 if settings.travel_optimizer:
                     _load_optimizer(model, optimizer, tensors_under(tensors, "optim."))
-                anchor = None
-                if settings.prox_mu > 0:
-                    anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
-                budget = TrainBudget(
-                    epochs=settings.hop_epochs, seed=seed,
-                    class_weights=label_weights(task, settings, federation),
-                    prox_mu=settings.prox_mu, anchor=anchor,
-                )  # fmt: skip
+                budget = hop_budget(task, settings, federation, model, seed)
                 stats = task.train(model, optimizer, budget)
                 steps, samples, loss_sum = stats.steps, stats.samples, stats.loss_sum
                 if settings.travel_optimizer:

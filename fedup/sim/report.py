@@ -17,25 +17,24 @@ path; centralized and local-only are timed as they ran).
 
 With the baselines, ``fedavg`` is FedAvg-style parallel training
 (:mod:`fedup.learn.fedavg`) on the same tasks and settings.  Its modelled
-wall-clock (:func:`parallel_clock`) adds up its rounds: each round lasts as long
+wall-clock (:func:`fedup.sim.wallclock.parallel_clock`) adds up its rounds: each round lasts as long
 as its slowest member's measured computing, plus a bandwidth-optimal ring
-all-reduce of the model over the simulated links (:func:`allreduce_seconds`).
+all-reduce of the model over the simulated links.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import attrs
 import torch
 
 from fedup.errors import FedupError
 from fedup.learn.baselines import RingResult, score
 from fedup.learn.comparison import centralized_entry, local_only_entry, model_entry, scores
-from fedup.learn.fedavg import FedAvgResult, RoundTime, fedavg
+from fedup.learn.fedavg import FedAvgResult, fedavg
 from fedup.learn.lap_sums import PACKED_SIZE
 from fedup.learn.ring import RingSettings
 from fedup.learn.task import TensorTask
@@ -43,9 +42,16 @@ from fedup.learn.weights import load_safetensors
 from fedup.peer import TaskSource
 from fedup.protocol.view import run_settings_json
 from fedup.sim.runner import SimResult
-from fedup.sim.wallclock import CriticalPath, LinkModel, critical_path, time_to_target
+from fedup.sim.wallclock import (
+    CriticalPath,
+    LinkModel,
+    ParallelClock,
+    critical_path,
+    parallel_clock,
+    time_to_target,
+)
 
-__all__ = ["TARGET_MARGIN", "ParallelClock", "allreduce_seconds", "build_report", "parallel_clock"]
+__all__ = ["TARGET_MARGIN", "build_report"]
 
 TARGET_MARGIN = 0.01
 """Time to quality: within 1% of the final centralized model's validation loss."""
@@ -127,76 +133,6 @@ def build_report(
     return report
 
 
-def allreduce_seconds(links: LinkModel, members: int, size: int, *, dial: bool = False) -> float:
-    """Seconds a bandwidth-optimal ring all-reduce of ``size`` bytes takes among
-    ``members`` (member ``i`` sends to member ``i + 1``, the last to the first).
-
-    A reduce-scatter then an all-gather: ``2 (N - 1)`` steps, in each of which every
-    member sends one chunk of ``size / N`` bytes to its successor at once, so a step
-    lasts the slowest of those links' one latency plus the chunk over its bandwidth.
-    Each member sends ``2 (N - 1) / N`` of the model in all.  ``dial``: the links are
-    opened first (``links.dial_trips`` latencies of the slowest link, as the ring's
-    first hand-over on a link pays).  0 for one member.
-    """
-    if members < 2:
-        return 0.0
-    chunk = size / members
-    ring = [links.links.get((i, (i + 1) % members), links.link) for i in range(members)]
-    step = max(link.latency + chunk / link.bandwidth for link in ring)
-    opening = links.dial_trips * max(link.latency for link in ring) if dial else 0.0
-    return opening + 2 * (members - 1) * step
-
-
-def allreduce_bytes(members: int, size: int) -> float:
-    """Bytes each member sends in a ring all-reduce of ``size`` bytes: ``2 (N - 1) / N``."""
-    return 2 * (members - 1) / members * size if members > 1 else 0.0
-
-
-@attrs.frozen
-class ParallelClock:
-    """A parallel run's modelled wall-clock (seconds) and each member's bytes sent."""
-
-    compute: float
-    """The slowest member's computing of every round, added up."""
-    transfer: float
-    """The all-reduces."""
-    round_ends: Mapping[int, float]
-    """When each round's all-reduce ended (its output exists); round -1 (the initial
-    model): 0."""
-    bytes_per_member: float
-
-    @property
-    def total(self) -> float:
-        return self.compute + self.transfer
-
-
-def parallel_clock(
-    rounds: Sequence[RoundTime],
-    model_bytes: int,
-    links: LinkModel,
-    hold: Mapping[int, float] | None = None,
-) -> ParallelClock:
-    """The modelled wall-clock of parallel rounds, every member on its own machine.
-
-    Each round lasts its slowest member's measured computing (plus ``hold[member]``,
-    a slow host's extra seconds) and then an all-reduce (:func:`allreduce_seconds`) of
-    the model and the validation sums (:data:`~fedup.learn.lap_sums.PACKED_SIZE`
-    bytes); an evaluation-only round reduces the sums alone.  The first all-reduce
-    opens the links.  Pure: the same arguments give the same result.
-    """
-    hold = hold or {}
-    compute = transfer = sent = 0.0
-    ends: dict[int, float] = {-1: 0.0}
-    for i, r in enumerate(rounds):
-        members = len(r.compute)
-        size = PACKED_SIZE + (model_bytes if r.reduced else 0)
-        compute += max((c + hold.get(m, 0.0) for m, c in enumerate(r.compute)), default=0.0)
-        transfer += allreduce_seconds(links, members, size, dial=i == 0)
-        sent += allreduce_bytes(members, size)
-        ends[r.round] = compute + transfer
-    return ParallelClock(compute, transfer, ends, sent)
-
-
 def _links(result: SimResult) -> LinkModel:
     faults = result.settings.faults
     return LinkModel(link=faults.link, links=faults.links)
@@ -211,7 +147,9 @@ def _fedavg_entry(
 ) -> tuple[dict[str, Any], tuple[FedAvgResult, ParallelClock]]:
     """FedAvg on the same tasks and settings: its entry (bytes sent: the all-reduces')."""
     run = fedavg(tasks, settings)
-    clock = parallel_clock(run.rounds, run.model_bytes, _links(result), _hold(result))
+    clock = parallel_clock(
+        run.rounds, run.model_bytes, _links(result), _hold(result), sums_bytes=PACKED_SIZE
+    )
     per_peer = [
         {"peer": i, "epochs": run.passes, "wall_seconds": run.seconds,
          "bytes_sent": clock.bytes_per_member}

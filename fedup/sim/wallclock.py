@@ -26,18 +26,24 @@ encryption and decoding of blobs, saving the final model) and the waits of
 faults (a dead member's ``hop_timeout``, retries); a slow peer's extra
 seconds per hop are added when given (``hold``).  docs/simulator.md says
 how this compares with the simulator's own virtual clock.
+
+:func:`parallel_clock` models the parallel baseline (FedAvg rounds) the same
+way: each round's slowest member, then a ring all-reduce (:func:`allreduce_seconds`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Final
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Final
 
 import attrs
 
 from fedup.peer import events as ev
 from fedup.protocol.peer_id import PeerId
 from fedup.sim.network import Link
+
+if TYPE_CHECKING:
+    from fedup.learn.fedavg import RoundTime
 
 __all__ = [
     "DIAL_TRIPS",
@@ -46,9 +52,13 @@ __all__ = [
     "HandOver",
     "HopTime",
     "LinkModel",
+    "ParallelClock",
     "Timeline",
     "TimelineRecorder",
+    "allreduce_bytes",
+    "allreduce_seconds",
     "critical_path",
+    "parallel_clock",
     "time_to_target",
 ]
 
@@ -226,3 +236,79 @@ def time_to_target(
         if loss <= target and lap in lap_ends:
             return lap, lap_ends[lap]
     return None
+
+
+# --- parallel rounds (FedAvg) -----------------------------------------------------------
+
+
+def allreduce_seconds(links: LinkModel, members: int, size: int, *, dial: bool = False) -> float:
+    """Seconds a bandwidth-optimal ring all-reduce of ``size`` bytes takes among
+    ``members`` (member ``i`` sends to member ``i + 1``, the last to the first).
+
+    A reduce-scatter then an all-gather: ``2 (N - 1)`` steps, in each of which every
+    member sends one chunk of ``size / N`` bytes to its successor at once, so a step
+    lasts the slowest of those links' one latency plus the chunk over its bandwidth.
+    Each member sends ``2 (N - 1) / N`` of the model in all.  ``dial``: the links are
+    opened first (``links.dial_trips`` latencies of the slowest link, as the ring's
+    first hand-over on a link pays).  0 for one member.
+    """
+    if members < 2:
+        return 0.0
+    chunk = size / members
+    ring = [links.links.get((i, (i + 1) % members), links.link) for i in range(members)]
+    step = max(link.latency + chunk / link.bandwidth for link in ring)
+    opening = links.dial_trips * max(link.latency for link in ring) if dial else 0.0
+    return opening + 2 * (members - 1) * step
+
+
+def allreduce_bytes(members: int, size: int) -> float:
+    """Bytes each member sends in a ring all-reduce of ``size`` bytes: ``2 (N - 1) / N``."""
+    return 2 * (members - 1) / members * size if members > 1 else 0.0
+
+
+@attrs.frozen
+class ParallelClock:
+    """A parallel run's modelled wall-clock (seconds) and each member's bytes sent."""
+
+    compute: float
+    """The slowest member's computing of every round, added up."""
+    transfer: float
+    """The all-reduces."""
+    round_ends: Mapping[int, float]
+    """When each round's all-reduce ended (its output exists); round -1 (the initial
+    model): 0."""
+    bytes_per_member: float
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.transfer
+
+
+def parallel_clock(
+    rounds: Sequence[RoundTime],
+    model_bytes: int,
+    links: LinkModel,
+    hold: Mapping[int, float] | None = None,
+    *,
+    sums_bytes: int,
+) -> ParallelClock:
+    """The modelled wall-clock of parallel rounds, every member on its own machine.
+
+    Each round lasts its slowest member's measured computing (plus ``hold[member]``,
+    a slow host's extra seconds) and then an all-reduce (:func:`allreduce_seconds`) of
+    the model and the validation sums (``sums_bytes``:
+    :data:`~fedup.learn.lap_sums.PACKED_SIZE`); an evaluation-only round reduces the
+    sums alone.  The first all-reduce opens the links.  Pure: the same arguments give
+    the same result.
+    """
+    hold = hold or {}
+    compute = transfer = sent = 0.0
+    ends: dict[int, float] = {-1: 0.0}
+    for i, r in enumerate(rounds):
+        members = len(r.compute)
+        size = sums_bytes + (model_bytes if r.reduced else 0)
+        compute += max((c + hold.get(m, 0.0) for m, c in enumerate(r.compute)), default=0.0)
+        transfer += allreduce_seconds(links, members, size, dial=i == 0)
+        sent += allreduce_bytes(members, size)
+        ends[r.round] = compute + transfer
+    return ParallelClock(compute, transfer, ends, sent)
