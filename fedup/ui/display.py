@@ -277,7 +277,8 @@ class TerminalDisplay:
     """
 
     MIN_INTERVAL = 0.1
-    """Seconds between two redraws at least (:meth:`refresh` is called per event)."""
+    """Seconds between two redraws at least (:meth:`refresh` is called per event), unless
+    the headline's stage or lap changed: every lap is drawn at least once, however quick."""
 
     def __init__(
         self,
@@ -297,6 +298,7 @@ class TerminalDisplay:
             get_renderable=lambda: render(self.board),
         )
         self._last = 0.0
+        self._drawn: tuple[object, ...] | None = None
         self._saved: list[logging.Handler] = []
 
     def __enter__(self) -> TerminalDisplay:
@@ -322,10 +324,13 @@ class TerminalDisplay:
                 root.addHandler(handler)
 
     def refresh(self, *, force: bool = False) -> None:
-        """Redraw, at most every :attr:`MIN_INTERVAL` seconds unless ``force``."""
+        """Redraw, at most every :attr:`MIN_INTERVAL` seconds unless ``force`` or the
+        headline moved on (a new stage or lap, the end)."""
         now = time.monotonic()
-        if force or now - self._last >= self.MIN_INTERVAL:
+        headline = (self.board.stage, self.board.current_lap(), self.board.stop_reason)
+        if force or headline != self._drawn or now - self._last >= self.MIN_INTERVAL:
             self._last = now
+            self._drawn = headline
             self._live.refresh()
 
     def say(self, text: str) -> None:

@@ -71,6 +71,23 @@ def test_many_members_show_the_ones_around_the_model() -> None:
     assert "and 28 more members" in text
 
 
+def test_every_lap_is_drawn_however_quickly_the_laps_pass() -> None:
+    board = RunBoard()
+    board.formed(run_id="00" * 16, epoch=0, leader=A, members=[A, B, C], settings={"max_laps": 3})
+    stream = io.StringIO()
+    console = Console(file=stream, width=100, force_terminal=True, color_system=None)
+    with TerminalDisplay(board, console=console) as display:
+        board.listen(display.refresh)
+        for lap in range(3):  # far quicker than MIN_INTERVAL: only the headline's moves draw
+            board.training(A, lap, 0)
+            board.hop_trained(A, lap, 0, 0.5)
+            board.hop_trained(B, lap, 1, 0.5)
+    out = stream.getvalue()
+    for lap in range(3):
+        assert f"lap {lap} ({lap + 1} of at most 3)" in out
+    assert out.count("0.5000") < 6 * 3  # the hops within one lap were not each drawn
+
+
 def record(name: str, level: int, msg: str) -> logging.LogRecord:
     return logging.LogRecord(name, level, __file__, 1, msg, None, None)
 
