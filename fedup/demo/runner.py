@@ -198,7 +198,6 @@ def run_demo(
     whatever model the others agreed on.
     """
     from fedup.learn.device import choose_device, describe_device
-    from fedup.peer.tasks import warm_up_optimizers
 
     device = choose_device(settings.device)  # CUDA asked for and absent: before any peer
     if board is None:
@@ -230,7 +229,6 @@ def run_demo(
         extra=settings.peer_args,
     )
     say(f"every peer and the baselines train on {describe_device(device)}")
-    warm_up_optimizers()  # the baselines' first optimizer, while the peers run
     started = time.monotonic()
     following = _Following(peers, board, say)
     early = _EarlyBaselines(peers, device)

@@ -64,6 +64,7 @@ import torch
 from torch import nn
 
 from fedup.errors import LocalProtocolError, RemoteProtocolError
+from fedup.learn.adam import Adam
 from fedup.learn.lap_sums import (
     PACKED_SIZE,
     SUMS_LEN,
@@ -476,7 +477,7 @@ def _plain_adam(optimizer: torch.optim.Optimizer) -> bool:
     fused or capturable, floating parameters), so its state can be read and written in
     place with the same result as ``state_dict`` and ``load_state_dict``."""
     return (
-        type(optimizer) is torch.optim.Adam
+        type(optimizer) in (torch.optim.Adam, Adam)
         and not any(getattr(optimizer, name, True) for name in _OPTIMIZER_HOOKS)
         and all(not g.get("fused") and not g.get("capturable") for g in optimizer.param_groups)
         and all(p.is_floating_point() for g in optimizer.param_groups for p in g["params"])

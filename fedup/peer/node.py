@@ -246,7 +246,6 @@ class Peer:
         elif config.loopback and listen.host == "0.0.0.0":
             listen = Address("127.0.0.1", listen.port)
         listen = self._resumed_listen(listen, world)
-        self.builder.warm_up()
         try:
             listener = await stack.enter_async_context(transport.listen(listen, self._handle))
         except OSError as exc:

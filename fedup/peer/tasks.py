@@ -23,7 +23,7 @@ from fedup.learn.task import Task
 from fedup.peer.source import TaskSource, model_digest
 from fedup.protocol.view import RunSettings
 
-__all__ = ["Started", "TaskBuilder", "warm_up_optimizers"]
+__all__ = ["Started", "TaskBuilder"]
 
 log = logging.getLogger("fedup.peer")
 T = TypeVar("T")
@@ -57,18 +57,6 @@ class TaskBuilder:
         for the event loop's next turn: a member that took a blob starts training it
         at once, and the blob's ACK and the sender's bookkeeping overlap with it."""
         return Started(fn, in_thread=self.in_thread)
-
-    def warm_up(self) -> None:
-        """Make one throwaway optimizer in a worker thread, once per process (only when the
-        peer trains in threads: the simulator's peers share a virtual clock).
-
-        A process's first torch optimizer imports torch's compiler package (about 2 s here,
-        4 s on a loaded host).  Without this, that import falls between the commit of the
-        view and the ring's first hop, while every member waits for the slowest one; begun
-        when the peer starts, it overlaps with discovery and forming, which mostly wait on
-        the network."""
-        if self.in_thread:
-            warm_up_optimizers()
 
     def summary(self) -> dict[str, object] | None:
         """The source's data summary (computed once)."""
@@ -105,32 +93,6 @@ class TaskBuilder:
             model_digest=model_digest(task, base.seed),
             schema_digest=bytes.fromhex(schema.digest()) if schema is not None else ZERO,
         )
-
-
-_warm_lock = threading.Lock()
-_warming: threading.Thread | None = None
-"""The thread of :meth:`TaskBuilder.warm_up` (one per process)."""
-
-
-def warm_up_optimizers(*, wait: bool = False) -> None:
-    """Start making one throwaway torch optimizer in a thread, once per process (see
-    :meth:`TaskBuilder.warm_up`; the demo calls it before its peers run, so that its
-    baselines do not pay the import after the federation); with ``wait``, also wait
-    until it is made (the simulator, before its clock starts)."""
-    global _warming
-    with _warm_lock:
-        thread = _warming
-        if thread is None:
-            thread = _warming = threading.Thread(target=_make_an_optimizer, name="fedup-warm-up")
-            thread.start()
-    if wait:
-        thread.join()
-
-
-def _make_an_optimizer() -> None:
-    import torch
-
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
 
 
 class Started(Generic[T]):

@@ -54,7 +54,6 @@ from fedup.learn.weights import load_safetensors
 from fedup.net.discovery import MemoryDiscoveryHub
 from fedup.peer import Peer, PeerConfig, RunSummary, TabularSource, TaskSource
 from fedup.peer import events as ev
-from fedup.peer.tasks import warm_up_optimizers
 from fedup.protocol.formation_events import Stage
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.provenance import shared_process
@@ -199,10 +198,6 @@ def simulate(
     """Run a whole simulation (its own ``trio.run``); see :func:`run_simulation`."""
     clock = trio.testing.MockClock(autojump_threshold=0) if settings.virtual_clock else None
     job = functools.partial(run_simulation, sources, out_dir, settings, watch=watch)
-    # The process's first torch optimizer imports torch's compiler (1 to 2 s): before the
-    # wall clock starts, as importing torch itself is, so that the federation and the
-    # baselines trained after it are timed alike.
-    warm_up_optimizers(wait=True)
     with _collector_for_many_objects(), shared_process():  # one check per statement
         return trio.run(job, clock=clock)
 

@@ -67,28 +67,3 @@ async def test_a_cancelled_waiter_still_waits_for_the_thread_to_end() -> None:
     # The shielded wait returned only once the work was over: nothing else may
     # touch the model it trains before then.
     assert ended.is_set()
-
-
-def test_a_peer_warms_up_its_first_optimizer_once_per_process_in_a_thread(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from fedup.peer import tasks
-
-    made: list[str] = []
-    done = threading.Event()
-
-    def fake() -> None:
-        made.append(threading.current_thread().name)
-        done.set()
-
-    monkeypatch.setattr(tasks, "_make_an_optimizer", fake)
-    monkeypatch.setattr(tasks, "_warming", None)
-    tasks.TaskBuilder(source=None, in_thread=False).warm_up()  # type: ignore[arg-type]
-    assert tasks._warming is None  # the simulator's peers: nothing in threads
-    for _ in range(3):  # three peers in one process
-        tasks.TaskBuilder(source=None, in_thread=True).warm_up()  # type: ignore[arg-type]
-    assert done.wait(5)
-    warming = tasks._warming
-    assert warming is not None
-    warming.join(5)
-    assert made == ["fedup-warm-up"]
