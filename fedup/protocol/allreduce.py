@@ -60,7 +60,6 @@ Reduced not asked for, a part of the wrong size) raises
 
 from __future__ import annotations
 
-import enum
 from collections import deque
 from collections.abc import Sequence
 from typing import TypeAlias
@@ -71,12 +70,31 @@ import nacl.signing
 from fedup.config import DEFAULT_LIMITS, Limits
 from fedup.errors import LocalProtocolError
 from fedup.protocol.allreduce_messages import (
+    Abandon,
+    Action,
+    Begin,
+    CancelTimer,
     ChunkMessage,
     ChunkMessageError,
     ChunkPlan,
     Context,
+    Done,
+    Event,
+    Failed,
+    FailureKind,
+    Ignored,
+    MessageArrived,
     Phase,
+    Reduce,
+    Reduced,
     Refusal,
+    Refused,
+    Send,
+    SetTimer,
+    Stage,
+    Status,
+    Store,
+    TimerFired,
     chunk_digest,
     decode_chunk_message,
     is_finite,
@@ -114,170 +132,6 @@ __all__ = [
     "Store",
     "TimerFired",
 ]
-
-
-class Stage(enum.Enum):
-    READY = "ready"
-    REDUCING = "reducing"
-    GATHERING = "gathering"
-    DONE = "done"
-    FAILED = "failed"
-
-
-class FailureKind(enum.Enum):
-    TIMEOUT = "timeout"
-    """The predecessor sent nothing for the expected step within the deadline."""
-    OVERFLOW = "overflow"
-    """A sum the driver made holds NaN or an infinity."""
-    ABANDONED = "abandoned"
-    """The driver gave the attempt up (:class:`Abandon`)."""
-
-
-# --- events -----------------------------------------------------------------------------
-
-
-@attrs.frozen
-class Begin:
-    """This member trained: ``local`` is its own part of :attr:`AllReduceMachine.first_chunk`
-    (the whole vector when it is alone)."""
-
-    local: bytes = attrs.field(repr=lambda d: f"<{len(d)} bytes>")
-
-
-@attrs.frozen
-class MessageArrived:
-    """``data`` came from ``sender`` (the peer the encrypted channel authenticated)."""
-
-    sender: PeerId
-    data: bytes = attrs.field(repr=lambda d: f"<{len(d)} bytes>")
-
-
-@attrs.frozen
-class Reduced:
-    """The driver's answer to :class:`Reduce`: ``data`` = received + its own part."""
-
-    chunk: int
-    data: bytes = attrs.field(repr=lambda d: f"<{len(d)} bytes>")
-
-
-@attrs.frozen
-class TimerFired:
-    """The timer asked for with :class:`SetTimer` fired."""
-
-
-@attrs.frozen
-class Abandon:
-    """The driver gives this attempt up (it learnt the attempt is void)."""
-
-    reason: str
-
-
-Event: TypeAlias = Begin | MessageArrived | Reduced | TimerFired | Abandon
-
-
-# --- actions ----------------------------------------------------------------------------
-
-
-@attrs.frozen
-class Send:
-    """Send ``data`` (one encoded message) to ``to``, this member's ring successor."""
-
-    to: PeerId
-    data: bytes = attrs.field(repr=lambda d: f"<{len(d)} bytes>")
-    phase: Phase
-    step: int
-    chunk: int
-
-
-@attrs.frozen
-class Reduce:
-    """Add this member's own elements ``[start, stop)`` to ``received`` (the predecessor's
-    partial sum of ``chunk``, as ``received + own``, in float32) and answer with
-    :class:`Reduced`."""
-
-    chunk: int
-    start: int
-    stop: int
-    received: bytes = attrs.field(repr=lambda d: f"<{len(d)} bytes>")
-
-
-@attrs.frozen
-class Store:
-    """``data`` is the final sum of ``chunk``: elements ``[start, stop)`` of the result."""
-
-    chunk: int
-    start: int
-    stop: int
-    data: bytes = attrs.field(repr=lambda d: f"<{len(d)} bytes>")
-
-
-@attrs.frozen
-class SetTimer:
-    """Fire :class:`TimerFired` at time ``at`` (replaces this machine's previous timer)."""
-
-    at: float
-
-
-@attrs.frozen
-class CancelTimer:
-    """Drop this machine's timer."""
-
-
-@attrs.frozen
-class Refused:
-    """A message from ``peer`` was refused; nothing changed."""
-
-    peer: PeerId
-    refusal: Refusal
-    reason: str
-
-
-@attrs.frozen
-class Ignored:
-    """An event that means nothing now (a stale timer, an event after the end)."""
-
-    event: str
-    why: str
-
-
-@attrs.frozen
-class Done:
-    """Every chunk is stored; ``digest`` (:func:`result_digest`) is equal at every member."""
-
-    digest: bytes
-
-
-@attrs.frozen
-class Failed:
-    """The attempt ended without a result here."""
-
-    kind: FailureKind
-    reason: str
-    peer: PeerId | None = None
-    """For a timeout: the silent predecessor."""
-    phase: Phase | None = None
-    step: int | None = None
-
-
-Action: TypeAlias = (
-    Send | Reduce | Store | SetTimer | CancelTimer | Refused | Ignored | Done | Failed
-)
-
-
-@attrs.frozen
-class Status:
-    """Everything that changes in a machine (equal before and after a refused message)."""
-
-    stage: Stage
-    accepted: int
-    """Messages taken from the predecessor (worked on or queued)."""
-    worked: int
-    """Messages worked on."""
-    sent: int
-    reducing: int | None
-    """The chunk a :class:`Reduce` was asked for and not yet answered."""
-    deadline: float | None
-    stored: tuple[int, ...]
 
 
 _Handler: TypeAlias = str

@@ -13,6 +13,7 @@ import random
 from array import array
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 
 import attrs
 import numpy as np
@@ -611,10 +612,30 @@ def test_every_truncation_of_a_message_is_refused() -> None:
 
 
 def test_a_message_with_every_field_at_its_largest_fits_the_overhead() -> None:
-    big = ChunkMessage(
-        RUN, 2**64 - 1, 2**64 - 1, 2**64 - 1, Phase.ALL_GATHER, 2**64 - 1, 2**64 - 1, b"", bytes(64)
+    top = 2**64 - 1
+    # from 65,536 bytes up to 4 GiB the data's head has its largest form (5 bytes)
+    for size in (0, 1 << 16, DEFAULT_LIMITS.max_allreduce_chunk):
+        data = bytes(size)
+        big = ChunkMessage(RUN, top, top, top, Phase.ALL_GATHER, top, top, data, bytes(64))
+        assert len(big.encode()) - size <= 199 < MESSAGE_OVERHEAD
+    assert len(big.encode()) - size == 199
+
+
+def test_the_documented_example_message() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "parallel.md").read_text()
+    block = text.split("<!-- allreduce-example -->\n```text\n", 1)[1].split("```", 1)[0]
+    example = ChunkMessage(
+        bytes(range(16)),
+        3,
+        7,
+        1,
+        Phase.REDUCE_SCATTER,
+        1,
+        2,
+        array("f", [1.0, -2.5]).tobytes(),
     )
-    assert len(big.encode()) <= MESSAGE_OVERHEAD
+    assert bytes.fromhex(block) == example.encode()
+    assert len(example.encode()) == 93
 
 
 # --- deadlines ----------------------------------------------------------------------------
