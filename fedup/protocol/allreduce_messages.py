@@ -116,9 +116,11 @@ class Refusal(enum.Enum):
     """The sender is a member but not this member's ring predecessor."""
     MALFORMED = "malformed"
     """Not strict CBOR, or a missing, unknown or ill-typed field."""
+    TOO_LARGE = "too-large"
+    """The message is longer than ``MESSAGE_OVERHEAD`` plus the largest chunk (refused
+    before it is decoded)."""
     BAD_SIZE = "bad-size"
-    """The message is longer than any chunk allows, or its payload is not exactly the
-    expected chunk's byte length."""
+    """The payload is not exactly the expected chunk's byte length."""
     WRONG_RUN = "wrong-run"
     WRONG_EPOCH = "wrong-epoch"
     WRONG_ROUND = "wrong-round"
@@ -145,7 +147,8 @@ _CODES = {
     Refusal.NOT_MEMBER: RefusalCode.NOT_MEMBER,
     Refusal.NOT_PREDECESSOR: RefusalCode.OUT_OF_TURN,
     Refusal.MALFORMED: RefusalCode.MALFORMED,
-    Refusal.BAD_SIZE: RefusalCode.TOO_LARGE,
+    Refusal.TOO_LARGE: RefusalCode.TOO_LARGE,
+    Refusal.BAD_SIZE: RefusalCode.MALFORMED,
     Refusal.WRONG_RUN: RefusalCode.WRONG_RUN,
     Refusal.WRONG_EPOCH: RefusalCode.STALE,
     Refusal.WRONG_ROUND: RefusalCode.STALE,
@@ -356,16 +359,17 @@ class ChunkMessageError(RemoteProtocolError):
 def decode_chunk_message(data: bytes, *, max_payload: int) -> ChunkMessage:
     """Decode one message; the size is checked first, before anything is decoded.
 
-    Raises :class:`ChunkMessageError` with :attr:`Refusal.BAD_SIZE` when ``data`` is
-    longer than ``MESSAGE_OVERHEAD + max_payload`` or its payload longer than
-    ``max_payload``, and :attr:`Refusal.MALFORMED` for anything that is not exactly one
-    map of the fields below (strict CBOR, no unknown field; ``sig`` present exactly in
-    all-gather).  The payload's exact length and every value are the machine's to check.
+    Raises :class:`ChunkMessageError` with :attr:`Refusal.TOO_LARGE` when ``data`` is
+    longer than ``MESSAGE_OVERHEAD + max_payload``, :attr:`Refusal.BAD_SIZE` when its
+    payload is longer than ``max_payload``, and :attr:`Refusal.MALFORMED` for anything
+    that is not exactly one map of the fields below (strict CBOR, no unknown field;
+    ``sig`` present exactly in all-gather).  The payload's exact length and every value
+    are the machine's to check.
     """
     limit = MESSAGE_OVERHEAD + max_payload
     if len(data) > limit:
         raise ChunkMessageError(
-            f"message of {len(data)} bytes exceeds the {limit} any chunk allows", Refusal.BAD_SIZE
+            f"message of {len(data)} bytes exceeds the {limit} any chunk allows", Refusal.TOO_LARGE
         )
     try:
         f = FieldReader(cbor.decode(data, max_size=limit, max_depth=1), "allreduce message")

@@ -456,7 +456,7 @@ CASES: dict[
     ),
     "huge": (
         Phase.REDUCE_SCATTER,
-        Refusal.BAD_SIZE,
+        Refusal.TOO_LARGE,
         lambda w, i, s, m, d: [(s, evolve(m, data=bytes(4 * w.length + MESSAGE_OVERHEAD)))],
     ),
     "truncated": (Phase.REDUCE_SCATTER, Refusal.MALFORMED, lambda w, i, s, m, d: [(s, d[:-1])]),
@@ -556,6 +556,8 @@ def test_every_refusal_names_the_sender_and_changes_nothing(case: str, n: int) -
 def test_refusals_map_to_the_projects_refusal_codes() -> None:
     assert Refusal.NOT_PREDECESSOR.code is RefusalCode.OUT_OF_TURN
     assert Refusal.BAD_SIGNATURE.code is RefusalCode.MALFORMED
+    assert Refusal.TOO_LARGE.code is RefusalCode.TOO_LARGE
+    assert Refusal.BAD_SIZE.code is RefusalCode.MALFORMED
     assert {r.code for r in Refusal} <= set(RefusalCode)
 
 
