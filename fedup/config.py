@@ -215,6 +215,22 @@ class Limits:
         "this long for the final model (sent to it when the run ends); longer runs end "
         "there with an error",
     )
+    # --- the parallel mode's ring all-reduce (fedup/protocol/allreduce.py) -------
+    max_allreduce_chunk: int = _limit(
+        1 * MiB,
+        "payload bytes of one all-reduce chunk, which travels in one message: with its "
+        "fields and signature (under 256 bytes) it fits one max_frame_size frame; a vector "
+        "whose largest chunk (length / members) would be larger is refused until chunks "
+        "are split into parts",
+    )
+    allreduce_step_timeout: float = _limit(
+        120.0,
+        "an all-reduce member waits this long for the next chunk from its ring predecessor "
+        "(timed from when it is ready for it): one chunk's transfer (1 MiB takes 1 s at "
+        "1 MiB/s) plus the lag of a slower member's training, since every member starts "
+        "from the same model with the same number of steps; silence longer names the "
+        "predecessor",
+    )
     # --- connections ------------------------------------------------------
     max_connections: int = _limit(
         64, "concurrent connections a peer serves; a federation has tens of members"
