@@ -231,6 +231,13 @@ class Limits:
         "from the same model with the same number of steps; silence longer names the "
         "predecessor",
     )
+    max_allreduce_inbox: int = _limit(
+        256 * MiB,
+        "all-reduce messages held for this member's attempts: a predecessor may send all "
+        "its reduce-scatter chunks (about one vector: 64M float32 parameters here) before "
+        "this member has trained and begun; beyond, a message is refused and its "
+        "connection closed, so a flood costs no more",
+    )
     # --- connections ------------------------------------------------------
     max_connections: int = _limit(
         64, "concurrent connections a peer serves; a federation has tens of members"
