@@ -224,12 +224,13 @@ class Limits:
         "are split into parts",
     )
     allreduce_step_timeout: float = _limit(
-        120.0,
+        90.0,
         "an all-reduce member waits this long for the next chunk from its ring predecessor "
         "(timed from when it is ready for it): one chunk's transfer (1 MiB takes 1 s at "
         "1 MiB/s) plus the lag of a slower member's training, since every member starts "
         "from the same model with the same number of steps; silence longer names the "
-        "predecessor",
+        "predecessor. Below idle_timeout, so that a late but timely chunk never finds its "
+        "connection closed for idleness",
     )
     max_allreduce_inbox: int = _limit(
         256 * MiB,

@@ -835,3 +835,8 @@ def test_a_vector_whose_chunks_exceed_the_limit_is_refused_at_construction() -> 
 
 def test_the_transition_table_covers_every_stage() -> None:
     assert set(TRANSITIONS) == set(Stage)
+
+
+def test_the_step_deadline_is_below_the_idle_timeout() -> None:
+    # A member sends within its predecessor's deadline; the channel must still be open.
+    assert DEFAULT_LIMITS.allreduce_step_timeout < DEFAULT_LIMITS.idle_timeout
