@@ -121,11 +121,10 @@ def identity(i: int) -> Identity:
     return Identity(bytes([i + 1]) * 32)
 
 
+@pytest.mark.skipif(find_chromium() is None, reason=NO_CHROMIUM)
 async def test_the_page_draws_a_live_peer_and_a_new_lap_appears_without_reloading(
     tmp_path: Path,
 ) -> None:
-    if find_chromium() is None:
-        pytest.skip(NO_CHROMIUM)
     members = sorted((identity(i).peer_id for i in range(3)), key=lambda p: p.raw)
     me = members[1]
     hub = ev.EventHub(me)
