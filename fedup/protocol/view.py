@@ -16,8 +16,9 @@ envelope (domain ``fedup-membership-view``, payload type
     }
 
 Checks, in order: size, signature, decode (every field, at most ``max_members``
-members, settings in range), signer is ``leader``, the run's hops fit a model's
-provenance (``Limits.max_provenance_hops``), every member record verifies,
+members, settings in range, the algorithm one this FedUp runs), signer is
+``leader``, the run's hops fit a model's provenance
+(``Limits.max_provenance_hops``), every member record verifies,
 members strictly ascending (so no duplicates), the leader is a member.  That the
 leader is the one a draw chose (fedup.protocol.draw) is each member's own check: it
 answers a leader's call only with the proof of the draw it revealed for.
@@ -47,6 +48,9 @@ VIEW_TYPE = "fedup/membership-view/1"
 RUN_ID_SIZE = 16
 DIGEST_SIZE = 32
 MAX_ALGORITHM_NAME = 32
+ALGORITHMS = ("ring",)
+"""The training algorithms this FedUp runs: a view naming another is refused before it is
+acknowledged (every member would otherwise train the ring under another name)."""
 
 
 @attrs.frozen
@@ -86,7 +90,11 @@ SETTINGS_BOUNDS: dict[str, Bound] = {
 
 
 def settings_problem(values: dict[str, object]) -> tuple[str, str] | None:
-    """The first ``(field, problem)`` of run settings outside :data:`SETTINGS_BOUNDS`."""
+    """The first ``(field, problem)`` of run settings outside :data:`SETTINGS_BOUNDS`
+    (or naming an algorithm not in :data:`ALGORITHMS`)."""
+    if "algorithm" in values and values["algorithm"] not in ALGORITHMS:
+        known = ", ".join(repr(a) for a in ALGORITHMS)
+        return "algorithm", f"must be one of {known}, got {values['algorithm']!r}"
     for name, bound in SETTINGS_BOUNDS.items():
         if name in values and not bound.admits(values[name]):
             return name, f"must be in {bound.describe()}, got {values[name]!r}"
@@ -172,6 +180,7 @@ def run_settings_json(run: RunSettings) -> dict[str, Any]:
 
 
 _WIRE_NAMES = {
+    "algorithm": "alg",
     "max_laps": "max_laps",
     "patience": "patience",
     "tolerance": "tol",

@@ -130,6 +130,7 @@ def test_tampered_view_rejected() -> None:
         ({"max_laps": 20_000}, "'max_laps' must be in \\[1, 10000\\]"),  # crashed members once
         ({"patience": 0}, "'patience'"),
         ({"batch": 0}, "'batch'"),
+        ({"alg": "parallel"}, "'alg' must be one of 'ring'"),  # once trained the ring anyway
     ],
 )
 def test_settings_out_of_bounds_are_refused_before_acknowledging(
@@ -161,7 +162,14 @@ def test_a_view_whose_run_could_outgrow_a_models_provenance_is_refused() -> None
 
 
 @pytest.mark.parametrize(
-    "change", [{"lr": 0.0}, {"local_epochs": -1.0}, {"max_laps": 0}, {"max_laps": 10_001}]
+    "change",
+    [
+        {"lr": 0.0},
+        {"local_epochs": -1.0},
+        {"max_laps": 0},
+        {"max_laps": 10_001},
+        {"algorithm": "gossip"},
+    ],
 )
 def test_local_settings_out_of_bounds_are_a_config_error(change: dict[str, object]) -> None:
     with pytest.raises(ConfigError, match=next(iter(change))):
