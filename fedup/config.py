@@ -232,6 +232,13 @@ class Limits:
         "predecessor. Below idle_timeout, so that a late but timely chunk never finds its "
         "connection closed for idleness",
     )
+    allreduce_attempts: int = _limit(
+        3,
+        "attempts of one parallel round's all-reduce: after a failed one, each member "
+        "probes every member of the attempt and tries again with those that answer (a "
+        "crashed member is left out at once); a member that answers but never sends "
+        "fails every attempt, and the run ends after this many instead of waiting on it",
+    )
     max_allreduce_inbox: int = _limit(
         256 * MiB,
         "all-reduce messages held for this member's attempts: a predecessor may send all "

@@ -8,7 +8,7 @@ from typing import Any
 from fedup.commands.values import Number, of_setting, real, whole
 from fedup.errors import ConfigError
 from fedup.learn.privacy import DEFAULT_CLIP, MAX_CLIP, MAX_DELTA, MAX_EPSILON, DpBudget
-from fedup.protocol.view import RunSettings
+from fedup.protocol.view import ALGORITHMS, RunSettings
 
 DEFAULTS = RunSettings()
 
@@ -24,10 +24,28 @@ RUN_OPTIONS: tuple[tuple[str, Number, str], ...] = (
 :data:`~fedup.protocol.view.SETTINGS_BOUNDS`'s."""
 
 
+MODE_HELP = (
+    "how the federation trains: ring (the model goes round the members) or parallel "
+    "(every member trains at once, then a ring all-reduce averages; docs/parallel.md); "
+    "the leader's choice is the federation's"
+)
+
+
+def mode_name(text: str) -> str:
+    """``--mode``: a training algorithm of :data:`~fedup.protocol.view.ALGORITHMS`."""
+    if text not in ALGORITHMS:
+        raise ValueError(f"--mode must be one of {', '.join(ALGORITHMS)}, got {text!r}")
+    return text
+
+
 def run_settings(values: Mapping[str, Any], **more: Any) -> RunSettings:
     """The run settings from the options' values (and ``more`` fields, e.g. ``seed``)."""
     try:
-        return RunSettings(**{name: values[name] for name, _, _ in RUN_OPTIONS}, **more)
+        return RunSettings(
+            **{name: values[name] for name, _, _ in RUN_OPTIONS},
+            algorithm=values.get("mode") or DEFAULTS.algorithm,
+            **more,
+        )
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(exc)) from None
     # RunSettings raises ConfigError itself for a value outside SETTINGS_BOUNDS

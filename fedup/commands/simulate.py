@@ -24,12 +24,14 @@ from typing import TYPE_CHECKING, Any
 from fedup.commands.run_options import (
     DEFAULTS,
     DP_OPTIONS,
+    MODE_HELP,
     PERSONAL_OPTION,
     RUN_OPTIONS,
     dp_budget,
+    mode_name,
     run_settings,
 )
-from fedup.commands.tables import MODELS, fmt, print_models
+from fedup.commands.tables import MODELS, fmt, model_name, print_models
 from fedup.commands.values import (
     DEVICE_HELP,
     LENDER_ROWS,
@@ -181,6 +183,7 @@ def add_parser(
     option("--seed", of_setting("seed"), 0, "identities, data and run seed")
     for name, kind, why in RUN_OPTIONS:
         option("--" + name.replace("_", "-"), kind, getattr(DEFAULTS, name), why)
+    option("--mode", mode_name, DEFAULTS.algorithm, MODE_HELP)
     option("--settle", SETTLE, 1.0, "formation settle seconds")
     p.add_argument("--real-clock", action="store_true", help="wait in real time, not virtual")
     option("--latency", real(0, 60_000), 0.0, "one-way link latency, ms")
@@ -366,7 +369,7 @@ def _print_table(report: dict[str, Any]) -> None:
         f"{'virtual' if sim['virtual_clock'] else 'real'} clock"
     )
     print_models(report)
-    _print_time_to_quality(report["time_to_quality"])
+    _print_time_to_quality(report)
     failed = [d for d in report["data"] if not d["finished"]]
     for d in failed:
         print(f"peer {d['index']} ({d['peer_id'][-8:]}) did not finish: {d['error']}")
@@ -374,9 +377,10 @@ def _print_table(report: dict[str, Any]) -> None:
     print(f"report: {Path(report['out']) / 'report.json'}")
 
 
-def _print_time_to_quality(cost: dict[str, Any]) -> None:
+def _print_time_to_quality(report: dict[str, Any]) -> None:
     """Each model's wall seconds (modelled: every peer on its own machine) and modelled
     seconds to the target loss (only with the baselines: the target is centralized's)."""
+    cost = report["time_to_quality"]
     target = cost["target_val_loss"]
     goal = "--baselines sets the target" if target is None else f"val loss <= {target:.4f}"
     print(f"\ntime to quality ({cost['target']}; {goal}); modelled: each peer on its own machine")
@@ -385,7 +389,8 @@ def _print_time_to_quality(cost: dict[str, Any]) -> None:
         c = cost["models"].get(key)
         if c is not None:
             print(
-                f"{name:<24} {fmt(c['modelled_wall_seconds'], '.2f'):>15} "
+                f"{model_name(report, key, name):<24} "
+                f"{fmt(c['modelled_wall_seconds'], '.2f'):>15} "
                 f"{fmt(c['real_wall_seconds'], '.2f'):>12} "
                 f"{fmt(c['modelled_seconds_to_target'], '.2f'):>12} {fmt(c['target_lap'], 'd'):>11}"
             )

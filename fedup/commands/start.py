@@ -44,9 +44,11 @@ from fedup.commands.peers import read_network_key
 from fedup.commands.run_options import (
     DEFAULTS,
     DP_OPTIONS,
+    MODE_HELP,
     PERSONAL_OPTION,
     RUN_OPTIONS,
     dp_budget,
+    mode_name,
     run_settings,
 )
 from fedup.commands.values import (
@@ -125,6 +127,7 @@ SETTINGS = [
             "longer is counted dead and skipped), and of silence after which a waiting "
             "member asks to be taken back (it may have been cut off); a local choice"),
     *(Setting(name, kind, getattr(DEFAULTS, name), why) for name, kind, why in RUN_OPTIONS),
+    Setting("mode", mode_name, DEFAULTS.algorithm, MODE_HELP),
     Setting("seed", of_setting("seed"), DEFAULTS.seed,
             "seed of the model's initialisation and shuffling"),
     Setting("device", device_spec, "auto", DEVICE_HELP),

@@ -33,6 +33,13 @@ def task_of(entry: dict[str, Any]) -> str:
     return "regression" if "r2" in union else "binary"
 
 
+def model_name(report: dict[str, Any], key: str, name: str) -> str:
+    """``name`` of a model in ``report``'s tables (the federation's says its mode)."""
+    if key == "federated" and report.get("mode") == "parallel":
+        return "federated (parallel)"
+    return name
+
+
 def print_models(report: dict[str, Any]) -> None:
     """One line per model in the report: scores on the union, own-split loss, passes, bytes."""
     columns = COLUMNS[task_of(report["federated"])]
@@ -48,7 +55,7 @@ def print_models(report: dict[str, Any]) -> None:
         u, m = entry["union"], entry["mean"]
         sent = None if m["bytes_sent"] is None else m["bytes_sent"] / 1e6
         print(
-            f"{name:<24}"
+            f"{model_name(report, key, name):<24}"
             + "".join(f" {fmt(u[k], '9.4f')}" for _, k in columns)
             + f" {fmt(m['val_loss'], '15.4f')} {fmt(m['epochs'], '12.2f')}  "
             f"{fmt(sent, '6.2f')} MB"

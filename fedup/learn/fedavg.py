@@ -72,6 +72,9 @@ __all__ = [
     "RoundTime",
     "average",
     "fedavg",
+    "judge_round",
+    "member_round",
+    "server_step",
 ]
 
 OPTIMIZER_STATES: Final = ("none", "member", "server", "member+server")
@@ -153,7 +156,7 @@ def average(models: Sequence[Mapping[str, torch.Tensor]], rows: Sequence[int]) -
     return out
 
 
-def _judge(
+def judge_round(
     task: Task, sums: tuple[int, ...], lap: int, samples: int, stop: StopState, tol: float
 ) -> tuple[LapResult | None, StopState]:
     e = open_sums(sums, slots=task.metrics is not None)
@@ -200,7 +203,7 @@ def fedavg(
         round_samples = 0
         for i, task in enumerate(tasks):
             t0 = time.perf_counter()
-            stats, weights, n, state = _member_round(
+            stats, weights, n, state = member_round(
                 task, current, settings, round_, i, fed, saved[i] if keep else None, train=trains
             )
             if keep:
@@ -211,7 +214,7 @@ def fedavg(
             compute.append(time.perf_counter() - t0)
         rounds.append(RoundTime(round_, tuple(compute), trains))
         # The all-reduce: the round's output, and the pooled evaluation of its input.
-        record, stop = _judge(tasks[0], sums, round_ - 1, samples, stop, settings.tolerance)
+        record, stop = judge_round(tasks[0], sums, round_ - 1, samples, stop, settings.tolerance)
         if record is not None:
             history.append(record)
             if stop.best_lap == round_ - 1:
@@ -223,7 +226,7 @@ def fedavg(
         if n_train > 0:
             new = average(trained, rows)
             if server:
-                new, momentum = _server_step(current, new, momentum)
+                new, momentum = server_step(current, new, momentum)
             current = new
         round_ += 1
     kept = next((h for h in history if h.lap == stop.best_lap), None)
@@ -244,7 +247,7 @@ def _federation(tasks: Sequence[Task]) -> FederationStats:
     return FederationStats(len(tasks), sum(a + b for a, b in counts), sum(b for _, b in counts))
 
 
-def _member_round(
+def member_round(
     task: Task,
     weights: Weights,
     settings: RingSettings,
@@ -274,7 +277,7 @@ def _member_round(
         return evaluated, _cpu(model.state_dict()), stats.samples, state
 
 
-def _server_step(
+def server_step(
     current: Weights, averaged: Weights, momentum: Weights | None
 ) -> tuple[Weights, Weights]:
     """FedAvgM: the averaged update pushed through server momentum."""

@@ -28,7 +28,6 @@ from fedup.config import Limits
 from fedup.errors import FedupError, PeerTimeoutError, RemoteProtocolError, SilentPeerError
 from fedup.learn.lap_sums import LapMasks
 from fedup.learn.ring import (
-    FederationStats,
     HopMetrics,
     LapResult,
     RingSettings,
@@ -49,7 +48,7 @@ from fedup.peer import events as ev
 from fedup.peer.outputs import RunOutputs, RunSummary, federation_json, lap_line, shown_figures
 from fedup.peer.run_state_file import RunStateFile
 from fedup.peer.tamper import OutgoingBlob, Tamper
-from fedup.peer.tasks import Started, TaskBuilder
+from fedup.peer.tasks import Started, TaskBuilder, federation_stats
 from fedup.protocol import custody_events as ce
 from fedup.protocol.blob import BlobHeader, BlobRefusedError
 from fedup.protocol.custody import CustodyMachine, StopRule
@@ -146,17 +145,11 @@ class CustodyDriver:
         self._confirm = confirm
         self._tamper = tamper
         self._train_delay = train_delay
-        self.schema = builder.source.parse_schema(view.schema)
-        self.task = builder.task_for(self.schema, view.settings)
+        self.schema, self.task = builder.for_view(view)
         self.ring_settings = RingSettings.for_run(view.settings)
         self.template = template
         self.codec = RingCodec(template, limits=limits)
-        n = len(self.members)
-        if self.schema is not None:
-            rows, positive = self.schema.n_rows, self.schema.n_positive
-        else:  # a custom task shares no counts: the union's size is not known here
-            rows, positive = 0, 0
-        self.federation = FederationStats(n, rows, positive)
+        self.federation = federation_stats(self.schema, len(self.members))
         self.machine = CustodyMachine(
             identity,
             run_id=self.run_id,

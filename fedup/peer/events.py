@@ -70,6 +70,17 @@ class Formed:
 
 
 @attrs.frozen
+class RoundTrained:
+    """This peer evaluated and trained its part of parallel round ``round`` (the parallel
+    mode: :mod:`fedup.peer.parallel_driver`), in ``seconds``, before the round's
+    all-reduce."""
+
+    round: int
+    samples: int
+    seconds: float
+
+
+@attrs.frozen
 class Training:
     """This peer holds the model and trains (or, in the last lap, evaluates) hop
     (``lap``, ``hop``) now."""
@@ -183,6 +194,7 @@ PeerEvent = (
     | FormationStage
     | Formed
     | Training
+    | RoundTrained
     | HopTrained
     | LapClosed
     | LapNoted

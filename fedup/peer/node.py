@@ -33,6 +33,7 @@ from fedup.errors import ConfigError, FileError, PeerTimeoutError, RemoteProtoco
 from fedup.files import make_dirs
 from fedup.identity import Identity
 from fedup.learn.task import Task
+from fedup.net.allreduce_driver import AllReduceInbox, is_allreduce_frame
 from fedup.net.batches import batches
 from fedup.net.channel import SecureChannel
 from fedup.net.discovery import (
@@ -61,11 +62,13 @@ from fedup.peer.config import PeerConfig
 from fedup.peer.custody_driver import CustodyDriver, RunError
 from fedup.peer.formation_driver import FormationDriver, FormationError
 from fedup.peer.outputs import RUN_FILES, RunSummary, check_out_dir
+from fedup.peer.parallel_driver import ParallelRun
 from fedup.peer.personal import personalize
 from fedup.peer.run_state_file import RunStateFile, Saved
 from fedup.peer.source import FixedTaskSource, TaskSource
 from fedup.peer.tamper import Tamper
 from fedup.peer.tasks import TaskBuilder
+from fedup.protocol.allreduce_messages import decode_chunk_message
 from fedup.protocol.lifecycle import Life, Lifecycle
 from fedup.protocol.messages import Call, GetPeers, Link, Refuse, decode_message, encode_message
 from fedup.protocol.peer_id import PeerId
@@ -170,6 +173,10 @@ class Peer:
             run_id=config.run_id,
         )
         self.custody: CustodyDriver | None = None
+        self.parallel: ParallelRun | None = None
+        """The parallel run, in the parallel mode (there is no custody then)."""
+        self.allreduce_inbox = AllReduceInbox(limits=config.limits)
+        """The parallel mode's all-reduce messages from members (bounded; one per peer)."""
         self.tamper: Tamper | None = None
         """Set only by a simulation that makes this member hostile (fedup.sim.hostile)."""
         self.train_delay = 0.0
@@ -452,6 +459,14 @@ class Peer:
         if first is None:  # a probe: it authenticated and closed (formation checks candidates)
             log.debug("%s closed after the handshake", remote)
             return
+        if is_allreduce_frame(first):
+            if not self._in_a_parallel_run(remote, first):
+                raise RemoteProtocolError(
+                    "sent an all-reduce message, and is in no parallel run of ours",
+                    peer=remote.text,
+                )
+            await self.allreduce_inbox.serve(framed, remote, first)
+            return
         message = decode_message(first, limits=limits)
         if isinstance(message, GetPeers):
             await answer_peer_list(framed, self.known_peers(), self.record, limits=limits)
@@ -479,6 +494,23 @@ class Peer:
         else:
             raise RemoteProtocolError(f"unexpected request {message.TYPE!r}", peer=remote.text)
 
+    def _in_a_parallel_run(self, remote: PeerId, first: bytes) -> bool:
+        """Whether ``remote`` is a member of the parallel run ``first`` names (the run we
+        joined, or one whose view we acknowledged: a member that had the leader's commit
+        sooner may send its first chunks before ours arrives)."""
+        message = decode_chunk_message(first, max_payload=self.config.limits.max_allreduce_chunk)
+        joined = self.formation.result
+        signed = (
+            joined.signed
+            if joined is not None and joined.view.run_id == message.run_id
+            else self.formation.acked_view(message.run_id)
+        )
+        return (
+            signed is not None
+            and signed.view.settings.algorithm == "parallel"
+            and remote in signed.view.member_ids
+        )
+
     async def _custody_for_link(self, run_id: bytes, remote: PeerId) -> CustodyDriver | None:
         """The custody a link of ``run_id`` is for: ours (waiting while it is built: a
         neighbour that built its own sooner may hand over the first model before ours
@@ -496,11 +528,11 @@ class Peer:
         joined = self.formation.result
         if joined is not None and joined.view.run_id == run_id:
             # Formed, and our custody is still being built (its template): wait for it.
-            if remote not in joined.view.member_ids:
+            if remote not in joined.view.member_ids or not _rings(joined.signed):
                 return None
             return await self._custody_for(joined.signed)
         pending = self.formation.acked_view(run_id)
-        if pending is None or remote not in pending.view.member_ids:
+        if pending is None or remote not in pending.view.member_ids or not _rings(pending):
             return None
         return await self._custody_for(pending)
 
@@ -574,10 +606,32 @@ class Peer:
                 view.run_id, view.epoch, view.leader, view.member_ids, addresses, view.settings
             )
         )
+        if not _rings(membership.signed):
+            return await self._run_parallel(membership.signed)
         custody = await self._custody_for(membership.signed)
         self.events.watch(self._on_event)
         custody.begin()
         return await self._finish_run(custody)
+
+    async def _run_parallel(self, signed: SignedView) -> RunSummary:
+        """Train the run of ``signed`` in parallel rounds (:mod:`fedup.peer.parallel_driver`)."""
+        run = ParallelRun(
+            identity=self.identity,
+            signed=signed,
+            builder=self.builder,
+            dial=self.dial,
+            inbox=self.allreduce_inbox,
+            out_dir=self.config.run_dir(signed.view.run_id),
+            limits=self.config.limits,
+            events=self.events,
+            durable=not self.simulated,
+        )
+        self.parallel = run
+        self.events.watch(self._on_event)
+        try:
+            return await self._finish_run(run)
+        finally:
+            run.outputs.close()
 
     async def _resume(self, saved: Saved) -> RunSummary:
         """Go on with the run saved before this peer was stopped (no new formation)."""
@@ -593,11 +647,11 @@ class Peer:
         custody = await self._custody_for(saved.view)  # resumed there, once
         return await self._finish_run(custody)
 
-    async def _finish_run(self, custody: CustodyDriver) -> RunSummary:
+    async def _finish_run(self, run: CustodyDriver | ParallelRun) -> RunSummary:
         try:
-            summary = await custody.run()
+            summary = await run.run()
             summary = await personalize(
-                self.builder, custody.task, custody.outputs, summary, custody.view.settings
+                self.builder, run.task, run.outputs, summary, run.view.settings
             )
         except RunError:
             self._step("failed")
@@ -611,3 +665,8 @@ class Peer:
             self._step("excluded")
         elif isinstance(event, ev.Finished):
             self._step("finishing")
+
+
+def _rings(signed: SignedView) -> bool:
+    """Whether the run of ``signed`` trains around the ring (custody), not in parallel."""
+    return signed.view.settings.algorithm == "ring"

@@ -18,12 +18,13 @@ from typing import Any, Generic, TypeVar
 import attrs
 import trio
 
+from fedup.learn.ring import FederationStats
 from fedup.learn.schema import FeatureSchema
 from fedup.learn.task import Task
 from fedup.peer.source import TaskSource, model_digest
-from fedup.protocol.view import RunSettings
+from fedup.protocol.view import MembershipView, RunSettings
 
-__all__ = ["Started", "TaskBuilder"]
+__all__ = ["Started", "TaskBuilder", "federation_stats"]
 
 log = logging.getLogger("fedup.peer")
 T = TypeVar("T")
@@ -85,6 +86,11 @@ class TaskBuilder:
             self._task = (key, self.source.build(schema, settings))
         return self._task[1]
 
+    def for_view(self, view: MembershipView) -> tuple[FeatureSchema | None, Task]:
+        """The merged schema of ``view`` as this member reads it, and the run's task."""
+        schema = self.source.parse_schema(view.schema)
+        return schema, self.task_for(schema, view.settings)
+
     def settings_for(self, schema: FeatureSchema | None, base: RunSettings) -> RunSettings:
         """``base`` with the model and schema digests filled in (builds the task)."""
         task = self.task_for(schema, base)
@@ -93,6 +99,14 @@ class TaskBuilder:
             model_digest=model_digest(task, base.seed),
             schema_digest=bytes.fromhex(schema.digest()) if schema is not None else ZERO,
         )
+
+
+def federation_stats(schema: FeatureSchema | None, members: int) -> FederationStats:
+    """The federation's counts a hop's budget needs, from the view's merged schema (a
+    custom task shares no counts: the union's size is not known, 0)."""
+    if schema is None:
+        return FederationStats(members, 0, 0)
+    return FederationStats(members, schema.n_rows, schema.n_positive)
 
 
 class Started(Generic[T]):

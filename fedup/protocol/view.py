@@ -48,9 +48,10 @@ VIEW_TYPE = "fedup/membership-view/1"
 RUN_ID_SIZE = 16
 DIGEST_SIZE = 32
 MAX_ALGORITHM_NAME = 32
-ALGORITHMS = ("ring",)
-"""The training algorithms this FedUp runs: a view naming another is refused before it is
-acknowledged (every member would otherwise train the ring under another name)."""
+ALGORITHMS = ("ring", "parallel")
+"""The training algorithms this FedUp runs (``ring``: :mod:`fedup.peer.custody_driver`;
+``parallel``: :mod:`fedup.peer.parallel_driver`): a view naming another is refused
+before it is acknowledged (every member would otherwise train under another name)."""
 
 
 @attrs.frozen
@@ -106,7 +107,9 @@ class RunSettings:
     """What every member must agree on to train together (bounds: :data:`SETTINGS_BOUNDS`)."""
 
     algorithm: str = "ring"
-    """Name of the ring-training algorithm (``fedup.learn.ring``)."""
+    """How the federation trains: ``ring`` (the model goes round, ``fedup.learn.ring``)
+    or ``parallel`` (every member trains at once, then a ring all-reduce averages:
+    ``docs/parallel.md``); one of :data:`ALGORITHMS`."""
     max_laps: int = 500
     """Stop after this many laps even if not converged."""
     patience: int = 20

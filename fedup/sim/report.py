@@ -34,12 +34,13 @@ import torch
 from fedup.errors import FedupError
 from fedup.learn.baselines import RingResult, score
 from fedup.learn.comparison import centralized_entry, local_only_entry, model_entry, scores
-from fedup.learn.fedavg import FedAvgResult, fedavg
-from fedup.learn.lap_sums import PACKED_SIZE
+from fedup.learn.fedavg import FedAvgResult, RoundTime, fedavg
+from fedup.learn.lap_sums import PACKED_SIZE, SUMS_LEN
 from fedup.learn.ring import RingSettings
 from fedup.learn.task import TensorTask
 from fedup.learn.weights import load_safetensors
 from fedup.peer import TaskSource
+from fedup.protocol.allreduce_messages import ELEMENT_SIZE
 from fedup.protocol.view import run_settings_json
 from fedup.sim.runner import SimResult
 from fedup.sim.wallclock import (
@@ -88,6 +89,7 @@ def build_report(
         "peers": len(sources),
         "seed": result.settings.seed,
         "settings": run_settings_json(result.run) if result.run is not None else None,
+        "mode": result.run.algorithm if result.run is not None else None,
         "simulation": _simulation(result),
         "data": [
             {
@@ -129,7 +131,10 @@ def build_report(
         report["centralized"], central = centralized_entry(tasks, settings)
         report["fedavg"], parallel = _fedavg_entry(result, tasks, settings)
         report["local_only"], local, _ = local_only_entry(tasks, settings)
-    report["time_to_quality"] = _time_to_quality(result, report, central, local, parallel)
+    model_bytes = sum(v.element_size() * v.nelement() for v in weights.values())
+    report["time_to_quality"] = _time_to_quality(
+        result, report, central, local, parallel, model_bytes=model_bytes
+    )
     return report
 
 
@@ -164,6 +169,8 @@ def _time_to_quality(
     central: RingResult | None,
     local: Sequence[RingResult],
     parallel: tuple[FedAvgResult, ParallelClock] | None = None,
+    *,
+    model_bytes: int = 0,
 ) -> dict[str, Any]:
     """Each model's data passes, modelled and real wall seconds, bytes sent per peer and
     modelled seconds to the target (see the module docstring and docs/simulator.md)."""
@@ -173,13 +180,19 @@ def _time_to_quality(
     first = result.finished_peers[0].summary
     assert first is not None
     fed_losses = zip(first.federated_laps, first.federated_val_loss, strict=True)
+    total, ends = path.total, path.lap_ends
+    rounds = _rounds_clock(result, model_bytes)
+    if rounds is not None:  # the parallel mode: rounds, not hops
+        start = result.timeline.formation or 0.0
+        total = start + rounds.total
+        ends = {r: start + t for r, t in rounds.round_ends.items()}
     models: dict[str, Any] = {
         "federated": _cost(
             first.data_passes,
-            path.total,
+            total,
             result.wall_seconds,
             sum(p.bytes_sent for p in result.peers) / len(result.peers),
-            time_to_target(path.lap_ends, fed_losses, target),
+            time_to_target(ends, fed_losses, target),
         )
     }
     if central is not None:
@@ -205,6 +218,14 @@ def _time_to_quality(
         "critical_path": _path(path, result),
         "models": models,
     }
+    if rounds is not None:
+        out["rounds_clock"] = {
+            "formation_seconds": result.timeline.formation,
+            "compute_seconds": rounds.compute,
+            "allreduce_seconds": rounds.transfer,
+            "rounds": len(result.timeline.rounds),
+            "model_bytes": model_bytes,
+        }
     if parallel is not None:
         run, clock = parallel
         out["fedavg_clock"] = {
@@ -215,6 +236,17 @@ def _time_to_quality(
             "round_end_seconds": {str(r): t for r, t in sorted(clock.round_ends.items())},
         }
     return out
+
+
+def _rounds_clock(result: SimResult, model_bytes: int) -> ParallelClock | None:
+    """The parallel mode's modelled clock from its members' measured rounds (None for the
+    ring): each round its slowest member, then the all-reduce of the whole vector
+    (:mod:`fedup.learn.parallel`: the model, the sums, the samples and the rows)."""
+    if result.run is None or result.run.algorithm != "parallel":
+        return None
+    rounds = [RoundTime(r, compute, True) for r, compute in result.timeline.rounds]
+    extra = ELEMENT_SIZE * (SUMS_LEN + 2)
+    return parallel_clock(rounds, model_bytes, _links(result), _hold(result), sums_bytes=extra)
 
 
 def _cost(

@@ -346,6 +346,23 @@ class _Simulation:
         """Peers save their run (run-state files) only when some will be restarted."""
         self._nursery: trio.Nursery | None = None
 
+    def _round_trained(self, index: int, event: ev.RoundTrained) -> None:
+        """Peer ``index`` trained its part of a parallel round: the round's mark, and a
+        :class:`Kill` of that peer at that round (``Kill(peer, lap=round)``) before its
+        all-reduce."""
+        now = trio.current_time() - self._start_clock
+        if self.formed is None:
+            self.formed = now
+        if event.round < self.run_settings.max_laps:
+            self.hops[index] += 1
+            if not self.marks or self.marks[-1].lap < event.round:
+                wall = time.perf_counter() - self._start_wall
+                self.marks.append(LapMark(event.round, now, wall, _rss()))
+        kill = self.training_kills.pop((index, event.round, 0), None)
+        if kill is not None:
+            self._kill(kill)
+        self._fire(event.round, 0)  # the faults of "lap L, hop 0": round L
+
     def on_event(self, index: int, peer: PeerId, at: float, event: ev.PeerEvent) -> None:
         """Peer ``index`` reported ``event`` (called at once, in that peer's task)."""
         self.timeline.note(index, at - self._start_clock, event)
@@ -358,6 +375,9 @@ class _Simulation:
             kill = self.training_kills.pop((index, event.lap, event.hop), None)
             if kill is not None:
                 self._kill(kill)
+            return
+        if isinstance(event, ev.RoundTrained):  # the parallel mode: a Kill's lap is a round
+            self._round_trained(index, event)
             return
         if not isinstance(event, ev.HopTrained):
             return
@@ -375,7 +395,11 @@ class _Simulation:
                     _rss(),
                 )
             )
-        for fault in self.triggers.pop((event.lap, event.hop), []):
+        self._fire(event.lap, event.hop)
+
+    def _fire(self, lap: int, hop: int) -> None:
+        """Carry out the faults set for when position (``lap``, ``hop``) was trained."""
+        for fault in self.triggers.pop((lap, hop), []):
             if isinstance(fault, Kill):
                 self._kill(fault)
             elif isinstance(fault, Cut):
@@ -513,9 +537,8 @@ class _Simulation:
         return self.out_dir / "peers" / f"{i:03d}-{self.identities[i].peer_id.text[-8:]}"
 
     def _result(self) -> SimResult:
-        custody = next(
-            (p.custody for p in self.peers if p is not None and p.custody is not None), None
-        )
+        runs = (p.custody or p.parallel for p in self.peers if p is not None)
+        custody = next((r for r in runs if r is not None), None)  # a ring's or a parallel run's
         schema = custody.schema if custody is not None else None
         outcomes = []
         for i, ident in enumerate(self.identities):

@@ -106,6 +106,9 @@ class Timeline:
     hops: tuple[HopTime, ...] = ()
     handovers: tuple[HandOver, ...] = ()
     """Completed hand-overs, in the order they completed."""
+    rounds: tuple[tuple[int, tuple[float, ...]], ...] = ()
+    """The parallel mode: each round's number and its members' computing seconds (by
+    member index), in round order."""
 
 
 class TimelineRecorder:
@@ -116,6 +119,7 @@ class TimelineRecorder:
         self._formation: float | None = None
         self._hops: list[HopTime] = []
         self._handovers: list[HandOver] = []
+        self._rounds: dict[int, dict[int, float]] = {}
 
     def note(self, index: int, clock: float, event: ev.PeerEvent) -> None:
         """Peer ``index`` reported ``event`` at ``clock`` seconds after the start."""
@@ -124,6 +128,10 @@ class TimelineRecorder:
                 self._formation = clock
         elif isinstance(event, ev.HopTrained):
             self._hops.append(HopTime(index, event.lap, event.hop, event.seconds))
+        elif isinstance(event, ev.RoundTrained):
+            if self._formation is None:
+                self._formation = max(0.0, clock - event.seconds)
+            self._rounds.setdefault(event.round, {})[index] = event.seconds
         elif isinstance(event, ev.HandedOver):
             dst = self._index_of.get(event.to)
             if dst is not None:
@@ -132,7 +140,10 @@ class TimelineRecorder:
                 )
 
     def timeline(self) -> Timeline:
-        return Timeline(self._formation, tuple(self._hops), tuple(self._handovers))
+        rounds = tuple(
+            (r, tuple(by[m] for m in sorted(by))) for r, by in sorted(self._rounds.items())
+        )
+        return Timeline(self._formation, tuple(self._hops), tuple(self._handovers), rounds)
 
 
 @attrs.frozen

@@ -69,6 +69,30 @@ def test_three_processes_finish_with_identical_models(tmp_path: Path) -> None:
     assert len(set(data)) == 3
 
 
+def test_three_processes_in_parallel_mode_finish_with_identical_models(tmp_path: Path) -> None:
+    """--mode parallel: every member trains each round at once, then the members average by
+    a ring all-reduce over their encrypted channels; all of them save the same model."""
+    ports = free_ports(3)
+    procs = [
+        start(tmp_path / f"p{i}", port, [p for p in ports if p != port], "--mode", "parallel")
+        for i, port in enumerate(ports)
+    ]
+    summaries = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-3000:]
+        assert "parallel rounds" in err
+        folder = Path(json.loads(out.strip().splitlines()[-1])["out"])
+        summaries.append(json.loads((folder / "summary.json").read_text()))
+        model = (folder / "model.safetensors").read_bytes()
+        assert hashlib.sha256(model).hexdigest() == summaries[-1]["model_sha256"]
+        federation = json.loads((folder / "federation.json").read_text())
+        assert federation["settings"]["algorithm"] == "parallel"
+    for key in ("run_id", "members", "laps", "stop_reason", "federated_val_loss", "model_sha256"):
+        assert len({json.dumps(s[key]) for s in summaries}) == 1, key
+    assert summaries[0]["federated_laps"][0] == -1 and summaries[0]["ok"]
+
+
 def test_missing_data_file_is_one_line_error(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "fedup.cli", "start", "--state-dir", str(tmp_path),

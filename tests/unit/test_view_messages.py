@@ -130,7 +130,7 @@ def test_tampered_view_rejected() -> None:
         ({"max_laps": 20_000}, "'max_laps' must be in \\[1, 10000\\]"),  # crashed members once
         ({"patience": 0}, "'patience'"),
         ({"batch": 0}, "'batch'"),
-        ({"alg": "parallel"}, "'alg' must be one of 'ring'"),  # once trained the ring anyway
+        ({"alg": "gossip"}, "'alg' must be one of 'ring', 'parallel'"),  # once: the ring anyway
     ],
 )
 def test_settings_out_of_bounds_are_refused_before_acknowledging(

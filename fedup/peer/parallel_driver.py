@@ -1,0 +1,318 @@
+"""The parallel mode's round loop: every member trains at once, then an all-reduce.
+
+A view whose ``alg`` is ``"parallel"`` runs here instead of the ring's custody
+(``docs/parallel.md``).  Round ``r`` (``0 .. max_laps``), at every member:
+
+1. evaluate the round's model ``w_r`` on this member's validation split and train a
+   copy of it for ``local_epochs`` (:func:`fedup.learn.fedavg.member_round`, off the
+   event loop; the last round only evaluates);
+2. one all-reduce attempt of :func:`fedup.learn.parallel.contribution` among the
+   view's members (:func:`fedup.net.allreduce_driver.all_reduce` over one encrypted
+   channel to the ring successor; messages from the predecessor come through the
+   peer's :class:`~fedup.net.allreduce_driver.AllReduceInbox`);
+3. from the sum: the lap result of ``w_r`` judged by the stopping rule
+   (:func:`fedup.learn.fedavg.judge_round`; ``w_r`` is kept when it is the best), and
+   ``w_{r+1}``, the rows-weighted average pushed through server momentum
+   (:func:`fedup.learn.fedavg.server_step`).
+
+Every member computes the same bytes from the same sum, so every member stops at the
+same round and saves the same model, with no final hand-round.  After a failed attempt
+(a silent or unreachable neighbour, named by the machine) each member probes the
+attempt's members and tries again with those that answer, while they are more than
+half of the view, at most ``Limits.allreduce_attempts`` times; then the run ends here
+with :class:`~fedup.peer.custody_driver.RunError` (``docs/parallel.md``, "The
+survivors' rule").  There is no hop provenance in this mode and no resuming.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+import trio
+
+from fedup.config import Limits
+from fedup.errors import FedupError
+from fedup.learn.fedavg import judge_round, member_round, server_step
+from fedup.learn.lap_sums import to_sums
+from fedup.learn.parallel import VectorLayout, contribution, finite, round_end
+from fedup.learn.ring import FederationStats, LapResult, RingSettings, model_with
+from fedup.learn.task import EvalStats
+from fedup.learn.weights import safetensors_parts
+from fedup.net.allreduce_driver import AllReduceInbox, SuccessorLink, all_reduce, float32_adder
+from fedup.net.channel import SecureChannel
+from fedup.peer import events as ev
+from fedup.peer.custody_driver import RunError
+from fedup.peer.outputs import RunOutputs, RunSummary, federation_json, lap_line, shown_figures
+from fedup.peer.tasks import TaskBuilder, federation_stats
+from fedup.protocol.allreduce import AllReduceMachine, Failed
+from fedup.protocol.envelope import Signer
+from fedup.protocol.laps import StopState
+from fedup.protocol.peer_id import PeerId
+from fedup.protocol.ring import ring_order
+from fedup.protocol.view import SignedView
+
+__all__ = ["ParallelRun"]
+
+log = logging.getLogger("fedup.federation")
+
+Dial = Callable[[PeerId], Awaitable[SecureChannel]]
+Weights = dict[str, torch.Tensor]
+
+
+class ParallelRun:
+    """This peer's part of one parallel run, from the view that holds to the saved model."""
+
+    def __init__(
+        self,
+        *,
+        identity: Signer,
+        signed: SignedView,
+        builder: TaskBuilder,
+        dial: Dial,
+        inbox: AllReduceInbox,
+        out_dir: Path,
+        limits: Limits,
+        events: ev.EventHub,
+        durable: bool = True,
+    ) -> None:
+        view = signed.view
+        self.me = identity.peer_id
+        self._identity = identity
+        self.signed = signed
+        self.view = view
+        self.run_id = view.run_id
+        self.members = tuple(ring_order(view.member_ids))
+        self.index = self.members.index(self.me)
+        self.live = self.members
+        """The members of the next attempt: the view's, less those that stopped answering."""
+        self._builder = builder
+        self._dial = dial
+        self._inbox = inbox
+        self._limits = limits
+        self._events = events
+        self.schema, self.task = builder.for_view(view)
+        self.settings = RingSettings.for_run(view.settings)
+        self.federation = federation_stats(self.schema, len(self.members))
+        self.outputs = RunOutputs(out_dir, durable=durable)
+        self.bytes_sent = 0
+
+    async def run(self) -> RunSummary:
+        """Train round after round until the stopping rule holds; save the model.
+
+        Raises :class:`~fedup.peer.custody_driver.RunError` when an all-reduce fails."""
+        try:
+            return await self._run()
+        finally:
+            self.outputs.close()
+
+    async def _run(self) -> RunSummary:
+        task, settings = self.task, self.settings
+        log.info(
+            "run %s: %d members, parallel rounds, ring %s",
+            self.run_id.hex()[:8],
+            len(self.members),
+            " -> ".join(p.short for p in self.members),
+        )
+        self.outputs.save_federation(federation_json(self.signed, self.schema))
+        current: Weights = await self._builder.run(_initial_weights, task, settings.seed)
+        layout = VectorLayout.for_weights(current)
+        momentum: Weights | None = None
+        best, stop, samples = current, StopState(), 0
+        history: list[LapResult] = []
+        round_ = 0
+        while True:
+            trains = round_ < settings.max_laps
+            (stats, trained, trained_samples, _), seconds = await self._builder.run(
+                _round_of, task, current, settings, round_, self.index, self.federation, trains
+            )
+            rows = task.n_train if trains and trained_samples > 0 else 0
+            if rows and not finite(trained):
+                log.warning("round %d: my training gave a non-finite model; not counted", round_)
+                trained, rows, trained_samples = current, 0, 0
+            log.debug("round %d: trained %d samples in %.3f s", round_, trained_samples, seconds)
+            self._events.emit(ev.RoundTrained(round_, trained_samples, seconds))
+            vector = contribution(
+                layout, trained, rows=rows, samples=trained_samples, sums=to_sums(stats)
+            )
+            summed = round_end(layout, await self._all_reduce(round_, layout, vector))
+            record, stop = judge_round(
+                task, summed.sums, round_ - 1, samples, stop, settings.tolerance
+            )
+            if record is not None:
+                history.append(record)
+                self._note(record)
+                if stop.best_lap == round_ - 1:
+                    best = current
+            samples += summed.samples
+            if not trains or stop.holds(
+                judged_lap=round_ - 1, patience=settings.patience, max_laps=settings.max_laps
+            ):
+                break
+            if summed.average is not None and finite(summed.average):
+                current, momentum = server_step(current, summed.average, momentum)
+            round_ += 1
+        reason = "converged" if round_ < settings.max_laps else "max-laps"
+        return await self._finish(reason, best, stop, history)
+
+    async def _all_reduce(self, round_: int, layout: VectorLayout, vector: bytes) -> bytes:
+        """The round's sum, among the members that are alive: after a failed attempt,
+        each member probes every member of that attempt and tries again with those that
+        answer, while they are more than half of the view (the survivors' rule,
+        ``docs/parallel.md``); :class:`RunError` after ``Limits.allreduce_attempts``."""
+        failure = ""
+        for attempt in range(self._limits.allreduce_attempts):
+            outcome = await self._attempt(round_, attempt, layout, vector)
+            if not isinstance(outcome, Failed):
+                return outcome
+            failure = outcome.reason
+            alive = await self._probe(self.live)
+            log.warning(
+                "round %d attempt %d failed (%s); %d of %d members answer",
+                round_, attempt, failure, len(alive), len(self.live),
+            )  # fmt: skip
+            if 2 * len(alive) <= len(self.members):
+                failure += f"; {len(alive)} of the view's {len(self.members)} members answer"
+                break
+            self.live = alive
+        why = f"round {round_}: the all-reduce failed: {failure}"
+        self._events.emit(ev.Failed(why))
+        raise RunError(why)
+
+    async def _probe(self, members: tuple[PeerId, ...]) -> tuple[PeerId, ...]:
+        """The members of ``members`` that complete a handshake with us now (ourselves
+        included), each within ``Limits.handshake_timeout``."""
+        alive = {self.me}
+
+        async def probe(peer: PeerId) -> None:
+            with trio.move_on_after(self._limits.handshake_timeout):
+                try:
+                    channel = await self._dial(peer)
+                except (OSError, FedupError):
+                    return
+                await channel.aclose()
+                alive.add(peer)
+
+        async with trio.open_nursery() as nursery:
+            for peer in members:
+                if peer != self.me:
+                    nursery.start_soon(probe, peer)
+        return tuple(p for p in members if p in alive)
+
+    async def _attempt(
+        self, round_: int, attempt: int, layout: VectorLayout, vector: bytes
+    ) -> bytes | Failed:
+        limits = self._limits
+        if attempt > 0:
+            # A member that failed fast (a dial refused) is here while the others still
+            # wait out the last attempt's deadline: give them that long to join.
+            limits = attrs.evolve(limits, allreduce_step_timeout=2 * limits.allreduce_step_timeout)
+        machine = AllReduceMachine(
+            self._identity,
+            run_id=self.run_id,
+            epoch=self.view.epoch,
+            round=round_,
+            attempt=attempt,
+            members=self.live,
+            length=layout.length,
+            limits=limits,
+        )
+        result = bytearray(len(vector))
+        async with SuccessorLink(machine.successor, dial=self._dial, limits=self._limits) as link:
+
+            async def send(data: bytes) -> None:
+                await link.send(data)
+                self.bytes_sent += len(data)
+
+            outcome = await all_reduce(
+                machine,
+                vector,
+                send=send,
+                inbox=self._inbox,
+                add=float32_adder(vector),
+                result=result,
+                limits=limits,
+            )
+        return outcome if isinstance(outcome, Failed) else bytes(result)
+
+    def _note(self, record: LapResult) -> None:
+        accuracy, auc = shown_figures(self.task, record)
+        self._events.emit(ev.LapNoted(record.lap, record.loss, accuracy, auc, record.samples))
+        self.outputs.log_lap(lap_line(self.task, record))
+        log.info("round %d's model: federated validation loss %.4f", record.lap + 1, record.loss)
+
+    async def _finish(
+        self, reason: str, best: Weights, stop: StopState, history: list[LapResult]
+    ) -> RunSummary:
+        metadata = {"fedup_run_id": self.run_id.hex(), "format": "pt"}
+        parts = safetensors_parts(best, metadata=metadata)
+        sha = await self._builder.run(self.outputs.save_model_file, parts)
+        own = await self._builder.run(_evaluate, self.task, best)
+        kept = next((h for h in history if h.lap == stop.best_lap), None)
+        n_rows = self.federation.n_rows
+        summary = RunSummary(
+            run_id=self.run_id.hex(),
+            peer_id=self.me.text,
+            leader=self.view.leader.text,
+            members=[p.text for p in self.members],
+            laps=max((h.lap for h in history), default=-1) + 1,
+            converged=reason == "converged",
+            stop_reason=reason,
+            federated_val_loss=[h.loss for h in history],
+            federated_laps=[h.lap for h in history],
+            best_lap=stop.best_lap,
+            final_val_loss=own.loss,
+            final_val_accuracy=own.accuracy,
+            data_passes=kept.samples / n_rows if kept is not None and n_rows else math.nan,
+            model_sha256=sha,
+            dead=[p.text for p in self.members if p not in self.live],
+            model_bytes_sent=self.bytes_sent,
+            out_dir=str(self.outputs.directory),
+            ended_by=None,
+            ok=stop.best_lap >= 0,
+            dp=self.task.privacy_report(),
+            task="binary" if self.task.metrics is None else self.task.metrics.kind,
+            final_val=self.task.figures(own),
+        )
+        self.outputs.save_summary(summary)
+        log.info(
+            "run %s finished (%s): best round output %d, final val loss here %.4f, model %s",
+            self.run_id.hex()[:8],
+            reason,
+            stop.best_lap,
+            own.loss,
+            sha[:12],
+        )
+        self._events.emit(ev.Finished(reason, None, sha))
+        return summary
+
+
+def _initial_weights(task: Any, seed: int) -> Weights:
+    return {k: v.detach().cpu().clone() for k, v in task.build_model(seed).state_dict().items()}
+
+
+def _evaluate(task: Any, weights: Weights) -> EvalStats:
+    result: EvalStats = task.evaluate(model_with(task, weights))
+    return result
+
+
+def _round_of(
+    task: Any,
+    weights: Weights,
+    settings: RingSettings,
+    round_: int,
+    member: int,
+    federation: FederationStats,
+    trains: bool,
+) -> tuple[Any, float]:
+    """This member's part of a round and the seconds it took (timed here: in the
+    simulator the event loop runs other peers between the call and its return)."""
+    began = time.perf_counter()
+    done = member_round(task, weights, settings, round_, member, federation, None, train=trains)
+    return done, time.perf_counter() - began
