@@ -25,6 +25,7 @@ from fedup.protocol.peer_id import PeerId
 from fedup.protocol.records import Address
 from fedup.protocol.view import RunSettings
 from fedup.sim import Faults, Kill, SimResult, SimSettings, run_simulation, sim_identity
+from fedup.sim.report import build_report
 from fedup.sim.world import MemoryWorld
 from tests.integration.test_federation import identities, run_federation
 
@@ -77,6 +78,14 @@ async def test_every_member_saves_the_same_model_after_the_same_rounds(
         assert [x["lap"] for x in lines if x["type"] == "lap"] == s.federated_laps
         assert not (folder / "provenance.cbor").exists()  # no hops, no hop statements
         assert s.model_bytes_sent > 0
+    # The report models the run's clock from the members' measured rounds.
+    report = build_report(result, lenders(3))
+    assert report["mode"] == "parallel"
+    clock = report["time_to_quality"]["rounds_clock"]
+    assert clock["rounds"] == 7 and clock["compute_seconds"] > 0
+    modelled = report["time_to_quality"]["models"]["federated"]["modelled_wall_seconds"]
+    parts = clock["formation_seconds"] + clock["compute_seconds"] + clock["allreduce_seconds"]
+    assert modelled == pytest.approx(parts)
 
 
 async def test_a_member_that_dies_is_left_out_and_the_others_finish_alike(

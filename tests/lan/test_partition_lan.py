@@ -115,7 +115,10 @@ def test_a_member_cut_off_while_it_waits_is_taken_back_after_its_link_is_back(
     netns: Netns, tmp_path: Path, choose: Callable[[list[str], str], str]
 ) -> None:
     hosts = make_hosts(netns, tmp_path, SEEDS)
-    options = (*OPTIONS, "--hop-timeout", f"{HOP_TIMEOUT:g}")
+    # 100 laps: after the cut heals, the member asks again within return_interval (15 s)
+    # and must still find laps to train; 50 left that to the host's speed.
+    options = (*OPTIONS, "--hop-timeout", f"{HOP_TIMEOUT:g}", "--max-laps", "100",
+               "--patience", "100")  # fmt: skip
     procs = [(h, start_peer(netns, h, *options)) for h in hosts]
     fed = federation(procs)
     ring = the_ring(fed)
