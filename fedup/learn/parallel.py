@@ -38,9 +38,12 @@ import torch
 from fedup.errors import LocalProtocolError
 from fedup.learn.lap_sums import SUMS_LEN
 
-__all__ = ["RoundSum", "VectorLayout", "contribution", "round_end"]
+__all__ = ["TAIL", "RoundSum", "VectorLayout", "contribution", "round_end"]
 
 Weights = dict[str, torch.Tensor]
+
+TAIL = SUMS_LEN + 2
+"""Elements after the parameters: the validation sums, the samples, the rows."""
 
 
 @attrs.frozen
@@ -78,7 +81,7 @@ class VectorLayout:
     @property
     def length(self) -> int:
         """Elements of the vector: the parameters, the sums, the samples, the rows."""
-        return self.params + SUMS_LEN + 2
+        return self.params + TAIL
 
 
 def contribution(

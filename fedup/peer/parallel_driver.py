@@ -41,7 +41,7 @@ from fedup.config import Limits
 from fedup.errors import FedupError
 from fedup.learn.fedavg import judge_round, member_round, server_step
 from fedup.learn.lap_sums import to_sums
-from fedup.learn.parallel import VectorLayout, contribution, finite, round_end
+from fedup.learn.parallel import RoundSum, VectorLayout, contribution, finite, round_end
 from fedup.learn.ring import FederationStats, LapResult, RingSettings, model_with
 from fedup.learn.task import EvalStats
 from fedup.learn.weights import safetensors_parts
@@ -104,15 +104,10 @@ class ParallelRun:
         self.bytes_sent = 0
 
     async def run(self) -> RunSummary:
-        """Train round after round until the stopping rule holds; save the model.
+        """Train round after round until the stopping rule holds; save the model (the
+        caller closes :attr:`outputs`, after personalizing).
 
         Raises :class:`~fedup.peer.custody_driver.RunError` when an all-reduce fails."""
-        try:
-            return await self._run()
-        finally:
-            self.outputs.close()
-
-    async def _run(self) -> RunSummary:
         task, settings = self.task, self.settings
         log.info(
             "run %s: %d members, parallel rounds, ring %s",
@@ -138,7 +133,7 @@ class ParallelRun:
                 trained, rows, trained_samples = current, 0, 0
             log.debug("round %d: trained %d samples in %.3f s", round_, trained_samples, seconds)
             self._events.emit(ev.RoundTrained(round_, trained_samples, seconds))
-            vector = contribution(
+            vector = self._contribution(
                 layout, trained, rows=rows, samples=trained_samples, sums=to_sums(stats)
             )
             summed = round_end(layout, await self._all_reduce(round_, layout, vector))
@@ -155,11 +150,42 @@ class ParallelRun:
                 judged_lap=round_ - 1, patience=settings.patience, max_laps=settings.max_laps
             ):
                 break
-            if summed.average is not None and finite(summed.average):
+            if self._usable(round_, summed):
+                assert summed.average is not None
                 current, momentum = server_step(current, summed.average, momentum)
             round_ += 1
         reason = "converged" if round_ < settings.max_laps else "max-laps"
         return await self._finish(reason, best, stop, history)
+
+    def _contribution(
+        self,
+        layout: VectorLayout,
+        weights: Weights,
+        *,
+        rows: int,
+        samples: int,
+        sums: tuple[int, ...],
+    ) -> bytes:
+        """This member's vector for the round (what a test's hostile member replaces)."""
+        return contribution(layout, weights, rows=rows, samples=samples, sums=sums)
+
+    def _usable(self, round_: int, summed: RoundSum) -> bool:
+        """Whether the round's average may become the next model.  The sum hides who
+        sent what, so a member's lies are caught only in the total: more training rows
+        than the federation has (a member claiming weight to steer the average), or
+        weights that are not finite or beyond ``Limits.max_weight_magnitude`` (the
+        ring's bound on a blob).  Such a round changes nothing; the next goes on."""
+        if summed.average is None:
+            return False
+        n_rows, bound = self.federation.n_rows, self._limits.max_weight_magnitude
+        if n_rows and summed.rows > n_rows:
+            why = f"claims {summed.rows} training rows; the federation has {n_rows}"
+        elif not all(bool(t.abs().max() <= bound) for t in summed.average.values()):
+            why = f"holds a weight that is not finite or beyond {bound:g}"
+        else:
+            return True
+        log.warning("round %d: the members' sum %s; the model stays as it was", round_, why)
+        return False
 
     async def _all_reduce(self, round_: int, layout: VectorLayout, vector: bytes) -> bytes:
         """The round's sum, among the members that are alive: after a failed attempt,

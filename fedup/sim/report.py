@@ -35,7 +35,8 @@ from fedup.errors import FedupError
 from fedup.learn.baselines import RingResult, score
 from fedup.learn.comparison import centralized_entry, local_only_entry, model_entry, scores
 from fedup.learn.fedavg import FedAvgResult, RoundTime, fedavg
-from fedup.learn.lap_sums import PACKED_SIZE, SUMS_LEN
+from fedup.learn.lap_sums import PACKED_SIZE
+from fedup.learn.parallel import TAIL
 from fedup.learn.ring import RingSettings
 from fedup.learn.task import TensorTask
 from fedup.learn.weights import load_safetensors
@@ -245,7 +246,7 @@ def _rounds_clock(result: SimResult, model_bytes: int) -> ParallelClock | None:
     if result.run is None or result.run.algorithm != "parallel":
         return None
     rounds = [RoundTime(r, compute, True) for r, compute in result.timeline.rounds]
-    extra = ELEMENT_SIZE * (SUMS_LEN + 2)
+    extra = ELEMENT_SIZE * TAIL
     return parallel_clock(rounds, model_bytes, _links(result), _hold(result), sums_bytes=extra)
 
 

@@ -538,8 +538,8 @@ class _Simulation:
 
     def _result(self) -> SimResult:
         runs = (p.custody or p.parallel for p in self.peers if p is not None)
-        custody = next((r for r in runs if r is not None), None)  # a ring's or a parallel run's
-        schema = custody.schema if custody is not None else None
+        run = next((r for r in runs if r is not None), None)  # a ring's or a parallel run's
+        schema = run.schema if run is not None else None
         outcomes = []
         for i, ident in enumerate(self.identities):
             source = self.sources[i]
@@ -568,7 +568,7 @@ class _Simulation:
         return SimResult(
             peers=tuple(outcomes),
             settings=self.settings,
-            run=custody.view.settings if custody is not None else None,
+            run=run.view.settings if run is not None else None,
             schema=schema,
             laps=tuple(self.marks),
             formed=self.formed,

@@ -20,6 +20,7 @@ from fedup.net.transport import Credentials, upgrade_outbound
 from fedup.peer import Peer, RunSummary, TabularSource
 from fedup.peer import events as ev
 from fedup.peer.config import DEFAULT_NETWORK
+from fedup.peer.parallel_driver import ParallelRun
 from fedup.protocol.allreduce_messages import ChunkMessage, Phase
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.records import Address
@@ -158,3 +159,44 @@ async def test_a_strangers_all_reduce_message_is_refused_and_the_run_goes_on(
         stranger.peer_id.text in r.getMessage() and "in no parallel run of ours" in r.getMessage()
         for r in caplog.records
     )
+
+
+@pytest.mark.parametrize(
+    ("lie", "said"),
+    [
+        ({"rows": 10**7}, "training rows; the federation has"),  # weight to steer the average
+        ({"scale": 1e12}, "beyond 1e+08"),  # huge but finite weights (1e30 once made NaN)
+    ],
+    ids=["rows", "weights"],
+)
+async def test_a_member_lying_in_its_contribution_changes_no_model(
+    autojump_clock: trio.testing.MockClock,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    lie: dict[str, float],
+    said: str,
+) -> None:
+    """A member of the run that claims 10 million training rows, or sends weights far
+    beyond the ring's bound, in every round: the sum hides which member lied, so no
+    round's average is used, and every member, it too, ends with the initial model."""
+    liar = sim_identity(0, ring_order(3)[1]).peer_id
+    honest = ParallelRun._contribution
+
+    def lying(self: ParallelRun, layout: Any, weights: Any, **kw: Any) -> bytes:
+        if self.me == liar:  # every round, trained or not (a small hop may take no step)
+            kw["rows"] = int(lie.get("rows", 100))
+            weights = {k: v * lie.get("scale", 1.0) for k, v in weights.items()}
+        return honest(self, layout, weights, **kw)
+
+    monkeypatch.setattr(ParallelRun, "_contribution", lying)
+    result = await simulate(tmp_path, 3)
+    summaries = [p.summary for p in result.peers]
+    assert all(s is not None for s in summaries)
+    same(summaries, "model_sha256", "federated_val_loss")
+    first = summaries[0]
+    assert first is not None
+    # Every round judged the same, untouched model: no lap ever improved on the first.
+    assert len(set(first.federated_val_loss)) == 1 and first.best_lap == -1
+    refused = [r.getMessage() for r in caplog.records if said in r.getMessage()]
+    assert len(refused) == 3 * RUN.max_laps  # each member, each training round
