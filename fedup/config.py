@@ -246,6 +246,20 @@ class Limits:
         "this member has trained and begun; beyond, a message is refused and its "
         "connection closed, so a flood costs no more",
     )
+    relay_hop_timeout: float = _limit(
+        60.0,
+        "the hybrid mode: a sub-ring member waits this long per hop before its own for the "
+        "model from its predecessor (one member's hop of training, a fraction of an epoch, "
+        "plus the model's transfer); silence longer breaks the sub-ring's relay for the "
+        "round, which it sends on at once, and the round is averaged without that sub-ring",
+    )
+    relay_probe_interval: float = _limit(
+        10.0,
+        "the hybrid mode: a sub-ring member still waiting for the model checks this often "
+        "that its predecessor completes a handshake, and breaks the relay when it does "
+        "not: a crashed member is known in seconds, not after relay_hop_timeout, so the "
+        "sub-ring joins the round's all-reduce well within allreduce_step_timeout",
+    )
     # --- connections ------------------------------------------------------
     max_connections: int = _limit(
         64, "concurrent connections a peer serves; a federation has tens of members"

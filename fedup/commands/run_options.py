@@ -19,15 +19,21 @@ RUN_OPTIONS: tuple[tuple[str, Number, str], ...] = (
     ("local_epochs", of_setting("local_epochs"), "passes over local data per hop"),
     ("lr", of_setting("lr"), "learning rate"),
     ("batch_size", of_setting("batch_size"), "minibatch size"),
-)
+    ("sub_rings", of_setting("sub_rings"),
+     "--mode hybrid: sub-rings the members are split into (0: the nearest whole number to "
+     "the square root of the members)"),
+    ("sync_laps", of_setting("sync_laps"),
+     "--mode hybrid: laps each sub-ring runs between two averages"),
+)  # fmt: skip
 """``(name, type, help)``; the default of each is ``RunSettings``'s, its range
 :data:`~fedup.protocol.view.SETTINGS_BOUNDS`'s."""
 
 
 MODE_HELP = (
-    "how the federation trains: ring (the model goes round the members) or parallel "
-    "(every member trains at once, then a ring all-reduce averages; docs/parallel.md); "
-    "the leader's choice is the federation's"
+    "how the federation trains: ring (the model goes round the members), parallel "
+    "(every member trains at once, then a ring all-reduce averages) or hybrid (sub-rings "
+    "train in sequence side by side, then the all-reduce averages their models; "
+    "docs/parallel.md); the leader's choice is the federation's"
 )
 
 

@@ -123,6 +123,32 @@ class FedAvgResult:
     def best(self) -> LapResult | None:
         return next((h for h in self.history if h.lap == self.stop.best_lap), None)
 
+    @classmethod
+    def ended(
+        cls,
+        weights: Weights,
+        history: Sequence[LapResult],
+        rounds: Sequence[RoundTime],
+        samples: int,
+        n_train: int,
+        started: float,
+        model_bytes: int,
+        stop: StopState,
+    ) -> FedAvgResult:
+        """The result of a run that began at ``perf_counter()`` ``started`` and trained
+        ``samples`` in all over ``n_train`` rows."""
+        kept = next((h for h in history if h.lap == stop.best_lap), None)
+        return cls(
+            weights=weights,
+            history=tuple(history),
+            rounds=tuple(rounds),
+            passes=(kept.samples if kept else 0) / n_train if n_train else 0.0,
+            total_passes=samples / n_train if n_train else 0.0,
+            seconds=time.perf_counter() - started,
+            model_bytes=model_bytes,
+            stop=stop,
+        )
+
 
 def _cpu(weights: Mapping[str, torch.Tensor]) -> Weights:
     return {k: v.detach().cpu().clone() for k, v in weights.items()}
@@ -229,17 +255,7 @@ def fedavg(
                 new, momentum = server_step(current, new, momentum)
             current = new
         round_ += 1
-    kept = next((h for h in history if h.lap == stop.best_lap), None)
-    return FedAvgResult(
-        weights=best,
-        history=tuple(history),
-        rounds=tuple(rounds),
-        passes=(kept.samples if kept else 0) / n_train if n_train else 0.0,
-        total_passes=samples / n_train if n_train else 0.0,
-        seconds=time.perf_counter() - start,
-        model_bytes=model_bytes,
-        stop=stop,
-    )
+    return FedAvgResult.ended(best, history, rounds, samples, n_train, start, model_bytes, stop)
 
 
 def _federation(tasks: Sequence[Task]) -> FederationStats:

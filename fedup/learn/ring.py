@@ -92,9 +92,12 @@ __all__ = [
     "RingStateError",
     "evaluate_state",
     "final_weights",
+    "fresh_optimizer_state",
     "hop_budget",
     "initial_state",
     "label_weights",
+    "load_optimizer",
+    "optimizer_tensors",
     "train_hop",
 ]
 
@@ -419,7 +422,7 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
-def _optimizer_tensors(
+def optimizer_tensors(
     model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> Iterator[tuple[str, torch.Tensor]]:
     index_to_name = _param_names(model, optimizer)
@@ -436,7 +439,7 @@ def _optimizer_tensors(
             yield f"optim.{index_to_name[idx]}.{key}", _cpu_copy(t)
 
 
-def _load_optimizer(
+def load_optimizer(
     model: nn.Module, optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor]
 ) -> None:
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -484,14 +487,14 @@ def _plain_adam(optimizer: torch.optim.Optimizer) -> bool:
     )
 
 
-def _fresh_optimizer_state(task: Task, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+def fresh_optimizer_state(task: Task, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The optimizer state's layout with every tensor zero (Adam: no step taken yet)."""
     scratch = copy.deepcopy(model)
     opt = task.make_optimizer(scratch)
     for p in scratch.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()
-    return [(k, torch.zeros_like(v)) for k, v in _optimizer_tensors(scratch, opt)]
+    return [(k, torch.zeros_like(v)) for k, v in optimizer_tensors(scratch, opt)]
 
 
 def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
@@ -516,7 +519,7 @@ def initial_state(task: Task, settings: RingSettings) -> RingState:
     weights = {k: _cpu_copy(v) for k, v in model.state_dict().items()}
     tensors = _clone(weights, "model.")
     if settings.travel_optimizer:
-        tensors.update(_fresh_optimizer_state(task, model))
+        tensors.update(fresh_optimizer_state(task, model))
     if settings.average_lap:
         tensors.update({"avg." + k: torch.zeros_like(v) for k, v in weights.items()})
     tensors.update(_clone(weights, "cand."))
@@ -758,12 +761,12 @@ def train_hop(
             if train and lap < settings.max_laps:  # lap max_laps only evaluates
                 optimizer = task.make_optimizer(model)
                 if settings.travel_optimizer:
-                    _load_optimizer(model, optimizer, tensors_under(tensors, "optim."))
+                    load_optimizer(model, optimizer, tensors_under(tensors, "optim."))
                 budget = hop_budget(task, settings, federation, model, seed)
                 stats = task.train(model, optimizer, budget)
                 steps, samples, loss_sum = stats.steps, stats.samples, stats.loss_sum
                 if settings.travel_optimizer:
-                    for k, v in _optimizer_tensors(model, optimizer):
+                    for k, v in optimizer_tensors(model, optimizer):
                         if k not in tensors:
                             raise LocalProtocolError(f"the optimizer made a new tensor {k!r}")
                         tensors[k] = v.to(tensors[k].dtype)

@@ -24,7 +24,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -61,6 +61,7 @@ from fedup.peer import events as ev
 from fedup.peer.config import PeerConfig
 from fedup.peer.custody_driver import CustodyDriver, RunError
 from fedup.peer.formation_driver import FormationDriver, FormationError
+from fedup.peer.hybrid_driver import HybridRun
 from fedup.peer.outputs import RUN_FILES, RunSummary, check_out_dir
 from fedup.peer.parallel_driver import ParallelRun
 from fedup.peer.personal import personalize
@@ -74,6 +75,7 @@ from fedup.protocol.messages import Call, GetPeers, Link, Refuse, decode_message
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.records import Address, PeerRecord, SignedPeerRecord, network_key_id, next_seq
 from fedup.protocol.refusal import RefusalCode
+from fedup.protocol.relay import decode_relay_message, is_relay_frame
 from fedup.protocol.view import SignedView
 
 log = logging.getLogger("fedup.peer")
@@ -176,6 +178,8 @@ class Peer:
         self.parallel: ParallelRun | None = None
         """The parallel run, in the parallel mode (there is no custody then)."""
         self.allreduce_inbox = AllReduceInbox(limits=config.limits)
+        self.relay_inbox = AllReduceInbox(limits=config.limits)
+        """The hybrid mode's relay messages (:mod:`fedup.peer.hybrid_driver`)."""
         """The parallel mode's all-reduce messages from members (bounded; one per peer)."""
         self.tamper: Tamper | None = None
         """Set only by a simulation that makes this member hostile (fedup.sim.hostile)."""
@@ -459,13 +463,16 @@ class Peer:
         if first is None:  # a probe: it authenticated and closed (formation checks candidates)
             log.debug("%s closed after the handshake", remote)
             return
-        if is_allreduce_frame(first):
-            if not self._in_a_parallel_run(remote, first):
+        if is_allreduce_frame(first) or is_relay_frame(first):
+            relay = is_relay_frame(first)
+            if not self._in_a_parallel_run(remote, first, relay=relay):
+                kind = "a relay" if relay else "an all-reduce"
                 raise RemoteProtocolError(
-                    "sent an all-reduce message, and is in no parallel run of ours",
+                    f"sent {kind} message, and is in no run of ours that has them",
                     peer=remote.text,
                 )
-            await self.allreduce_inbox.serve(framed, remote, first)
+            inbox = self.relay_inbox if relay else self.allreduce_inbox
+            await inbox.serve(framed, remote, first)
             return
         message = decode_message(first, limits=limits)
         if isinstance(message, GetPeers):
@@ -494,20 +501,27 @@ class Peer:
         else:
             raise RemoteProtocolError(f"unexpected request {message.TYPE!r}", peer=remote.text)
 
-    def _in_a_parallel_run(self, remote: PeerId, first: bytes) -> bool:
-        """Whether ``remote`` is a member of the parallel run ``first`` names (the run we
-        joined, or one whose view we acknowledged: a member that had the leader's commit
-        sooner may send its first chunks before ours arrives)."""
-        message = decode_chunk_message(first, max_payload=self.config.limits.max_allreduce_chunk)
+    def _in_a_parallel_run(self, remote: PeerId, first: bytes, *, relay: bool = False) -> bool:
+        """Whether ``remote`` is a member of the parallel or hybrid run ``first`` names (a
+        hybrid one for a ``relay`` message; the run we joined, or one whose view we
+        acknowledged: a member that had the leader's commit sooner may send its first
+        chunks before ours arrives)."""
+        largest = self.config.limits.max_allreduce_chunk
+        message = (
+            decode_relay_message(first, max_part=largest)
+            if relay
+            else decode_chunk_message(first, max_payload=largest)
+        )
         joined = self.formation.result
         signed = (
             joined.signed
             if joined is not None and joined.view.run_id == message.run_id
             else self.formation.acked_view(message.run_id)
         )
+        modes = ("hybrid",) if relay else ("parallel", "hybrid")
         return (
             signed is not None
-            and signed.view.settings.algorithm == "parallel"
+            and signed.view.settings.algorithm in modes
             and remote in signed.view.member_ids
         )
 
@@ -614,8 +628,9 @@ class Peer:
         return await self._finish_run(custody)
 
     async def _run_parallel(self, signed: SignedView) -> RunSummary:
-        """Train the run of ``signed`` in parallel rounds (:mod:`fedup.peer.parallel_driver`)."""
-        run = ParallelRun(
+        """Train the run of ``signed`` in parallel rounds (:mod:`fedup.peer.parallel_driver`;
+        the hybrid mode's, :mod:`fedup.peer.hybrid_driver`)."""
+        common: dict[str, Any] = dict(
             identity=self.identity,
             signed=signed,
             builder=self.builder,
@@ -625,6 +640,11 @@ class Peer:
             limits=self.config.limits,
             events=self.events,
             durable=not self.simulated,
+        )
+        run = (
+            HybridRun(relay_inbox=self.relay_inbox, **common)
+            if signed.view.settings.algorithm == "hybrid"
+            else ParallelRun(**common)
         )
         self.parallel = run
         self.events.watch(self._on_event)

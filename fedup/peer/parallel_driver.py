@@ -58,12 +58,26 @@ from fedup.protocol.peer_id import PeerId
 from fedup.protocol.ring import ring_order
 from fedup.protocol.view import SignedView
 
-__all__ = ["ParallelRun"]
+__all__ = ["ParallelRun", "RoundPart"]
 
 log = logging.getLogger("fedup.federation")
 
 Dial = Callable[[PeerId], Awaitable[SecureChannel]]
 Weights = dict[str, torch.Tensor]
+
+
+@attrs.frozen(eq=False)
+class RoundPart:
+    """What this member puts into a round's all-reduce (:func:`~fedup.learn.parallel.
+    contribution`), and the seconds its part of the round took."""
+
+    sums: tuple[int, ...]
+    """Its validation sums of the round's model."""
+    weights: Weights
+    """The model it contributes, weighed by ``rows`` (0: none)."""
+    rows: int
+    samples: int
+    seconds: float
 
 
 class ParallelRun:
@@ -110,9 +124,10 @@ class ParallelRun:
         Raises :class:`~fedup.peer.custody_driver.RunError` when an all-reduce fails."""
         task, settings = self.task, self.settings
         log.info(
-            "run %s: %d members, parallel rounds, ring %s",
+            "run %s: %d members, %s rounds, ring %s",
             self.run_id.hex()[:8],
             len(self.members),
+            self.view.settings.algorithm,
             " -> ".join(p.short for p in self.members),
         )
         self.outputs.save_federation(federation_json(self.signed, self.schema))
@@ -124,17 +139,11 @@ class ParallelRun:
         round_ = 0
         while True:
             trains = round_ < settings.max_laps
-            (stats, trained, trained_samples, _), seconds = await self._builder.run(
-                _round_of, task, current, settings, round_, self.index, self.federation, trains
-            )
-            rows = task.n_train if trains and trained_samples > 0 else 0
-            if rows and not finite(trained):
-                log.warning("round %d: my training gave a non-finite model; not counted", round_)
-                trained, rows, trained_samples = current, 0, 0
-            log.debug("round %d: trained %d samples in %.3f s", round_, trained_samples, seconds)
-            self._events.emit(ev.RoundTrained(round_, trained_samples, seconds))
+            part = await self._train_round(round_, current, layout, trains)
+            log.debug("round %d: trained %d samples in %.3f s", round_, part.samples, part.seconds)
+            self._events.emit(ev.RoundTrained(round_, part.samples, part.seconds))
             vector = self._contribution(
-                layout, trained, rows=rows, samples=trained_samples, sums=to_sums(stats)
+                layout, part.weights, rows=part.rows, samples=part.samples, sums=part.sums
             )
             summed = round_end(layout, await self._all_reduce(round_, layout, vector))
             record, stop = judge_round(
@@ -152,10 +161,30 @@ class ParallelRun:
                 break
             if self._usable(round_, summed):
                 assert summed.average is not None
-                current, momentum = server_step(current, summed.average, momentum)
+                current, momentum = self._next_model(current, summed.average, momentum)
             round_ += 1
         reason = "converged" if round_ < settings.max_laps else "max-laps"
         return await self._finish(reason, best, stop, history)
+
+    async def _train_round(
+        self, round_: int, current: Weights, layout: VectorLayout, trains: bool
+    ) -> RoundPart:
+        """This member's part of round ``round_``: evaluate ``current``, train a copy."""
+        task = self.task
+        (stats, trained, samples, _), seconds = await self._builder.run(
+            _round_of, task, current, self.settings, round_, self.index, self.federation, trains
+        )
+        rows = task.n_train if trains and samples > 0 else 0
+        if rows and not finite(trained):
+            log.warning("round %d: my training gave a non-finite model; not counted", round_)
+            trained, rows, samples = current, 0, 0
+        return RoundPart(to_sums(stats), trained, rows, samples, seconds)
+
+    def _next_model(
+        self, current: Weights, average: Weights, momentum: Weights | None
+    ) -> tuple[Weights, Weights | None]:
+        """The next round's model from the round's average: server momentum (FedAvgM)."""
+        return server_step(current, average, momentum)
 
     def _contribution(
         self,

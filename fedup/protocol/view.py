@@ -48,10 +48,11 @@ VIEW_TYPE = "fedup/membership-view/1"
 RUN_ID_SIZE = 16
 DIGEST_SIZE = 32
 MAX_ALGORITHM_NAME = 32
-ALGORITHMS = ("ring", "parallel")
+ALGORITHMS = ("ring", "parallel", "hybrid")
 """The training algorithms this FedUp runs (``ring``: :mod:`fedup.peer.custody_driver`;
-``parallel``: :mod:`fedup.peer.parallel_driver`): a view naming another is refused
-before it is acknowledged (every member would otherwise train under another name)."""
+``parallel``: :mod:`fedup.peer.parallel_driver`; ``hybrid``:
+:mod:`fedup.peer.hybrid_driver`): a view naming another is refused before it is
+acknowledged (every member would otherwise train under another name)."""
 
 
 @attrs.frozen
@@ -85,6 +86,8 @@ SETTINGS_BOUNDS: dict[str, Bound] = {
     "lr": Bound(0, 10, open_lo=True, why="larger steps only diverge"),
     "batch_size": Bound(1, 2**20, integer=True, why="a minibatch of a million rows at most"),
     "seed": Bound(0, 2**63 - 1, integer=True, why="a 63-bit seed"),
+    "sub_rings": Bound(0, 1024, integer=True, why="0 (one per sqrt of the members) to one each"),
+    "sync_laps": Bound(1, 100, integer=True, why="sub-ring laps between two averages"),
 }
 """The one source of the run settings' bounds: checked when settings are made locally
 (:class:`~fedup.errors.ConfigError`) and before a member acknowledges a view."""
@@ -107,9 +110,10 @@ class RunSettings:
     """What every member must agree on to train together (bounds: :data:`SETTINGS_BOUNDS`)."""
 
     algorithm: str = "ring"
-    """How the federation trains: ``ring`` (the model goes round, ``fedup.learn.ring``)
-    or ``parallel`` (every member trains at once, then a ring all-reduce averages:
-    ``docs/parallel.md``); one of :data:`ALGORITHMS`."""
+    """How the federation trains: ``ring`` (the model goes round, ``fedup.learn.ring``),
+    ``parallel`` (every member trains at once, then a ring all-reduce averages:
+    ``docs/parallel.md``) or ``hybrid`` (sub-rings train in sequence side by side, then
+    the all-reduce averages their models); one of :data:`ALGORITHMS`."""
     max_laps: int = 500
     """Stop after this many laps even if not converged."""
     patience: int = 20
@@ -129,6 +133,11 @@ class RunSettings:
     """SHA-256 of the model's tensor spec (names, dtypes, shapes)."""
     schema_digest: bytes = b"\0" * DIGEST_SIZE
     """SHA-256 of the merged feature schema's canonical encoding."""
+    sub_rings: int = 0
+    """``hybrid``: the sub-rings the members are split into (:func:`fedup.protocol.relay.
+    sub_rings`); 0 picks the nearest whole number to the square root of the members."""
+    sync_laps: int = 2
+    """``hybrid``: laps each sub-ring runs between two averages of the sub-rings' models."""
 
     def __attrs_post_init__(self) -> None:
         problem = settings_problem(attrs.asdict(self))
@@ -147,6 +156,8 @@ class RunSettings:
             "seed": self.seed,
             "model": self.model_digest,
             "schema": self.schema_digest,
+            "rings": self.sub_rings,
+            "sync": self.sync_laps,
         }
 
     @classmethod
@@ -169,6 +180,8 @@ class RunSettings:
             "seed": f.uint("seed"),
             "model_digest": f.bytestr("model", size=DIGEST_SIZE),
             "schema_digest": f.bytestr("schema", size=DIGEST_SIZE),
+            "sub_rings": f.uint("rings"),
+            "sync_laps": f.uint("sync"),
         }
         f.done()
         problem = settings_problem(values)
@@ -191,6 +204,8 @@ _WIRE_NAMES = {
     "lr": "lr",
     "batch_size": "batch",
     "seed": "seed",
+    "sub_rings": "rings",
+    "sync_laps": "sync",
 }
 
 

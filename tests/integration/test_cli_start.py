@@ -69,25 +69,30 @@ def test_three_processes_finish_with_identical_models(tmp_path: Path) -> None:
     assert len(set(data)) == 3
 
 
-def test_three_processes_in_parallel_mode_finish_with_identical_models(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["parallel", "hybrid"])
+def test_three_processes_in_parallel_modes_finish_with_identical_models(
+    tmp_path: Path, mode: str
+) -> None:
     """--mode parallel: every member trains each round at once, then the members average by
-    a ring all-reduce over their encrypted channels; all of them save the same model."""
+    a ring all-reduce over their encrypted channels; --mode hybrid: two sub-rings (of two
+    and of one) hand the model on in sequence first; all members save the same model."""
     ports = free_ports(3)
+    extra = ["--sub-rings", "2"] if mode == "hybrid" else []
     procs = [
-        start(tmp_path / f"p{i}", port, [p for p in ports if p != port], "--mode", "parallel")
+        start(tmp_path / f"p{i}", port, [p for p in ports if p != port], "--mode", mode, *extra)
         for i, port in enumerate(ports)
     ]
     summaries = []
     for proc in procs:
         out, err = proc.communicate(timeout=240)
         assert proc.returncode == 0, err[-3000:]
-        assert "parallel rounds" in err
+        assert f"{mode} rounds" in err and "relay broke" not in err
         folder = Path(json.loads(out.strip().splitlines()[-1])["out"])
         summaries.append(json.loads((folder / "summary.json").read_text()))
         model = (folder / "model.safetensors").read_bytes()
         assert hashlib.sha256(model).hexdigest() == summaries[-1]["model_sha256"]
         federation = json.loads((folder / "federation.json").read_text())
-        assert federation["settings"]["algorithm"] == "parallel"
+        assert federation["settings"]["algorithm"] == mode
     for key in ("run_id", "members", "laps", "stop_reason", "federated_val_loss", "model_sha256"):
         assert len({json.dumps(s[key]) for s in summaries}) == 1, key
     assert summaries[0]["federated_laps"][0] == -1 and summaries[0]["ok"]

@@ -159,6 +159,22 @@ def test_three_hosts_with_zero_configuration_finish_with_one_model(
     assert summaries[0]["stop_reason"] in ("converged", "max-laps")
 
 
+@pytest.mark.parametrize(
+    "mode", [["--mode", "parallel"], ["--mode", "hybrid", "--sub-rings", "2"]], ids=lambda m: m[1]
+)
+def test_three_hosts_in_a_parallel_mode_finish_with_one_model(
+    netns: Netns, tmp_path: Path, mode: list[str]
+) -> None:
+    """The parallel and hybrid modes across hosts: the all-reduce (and the hybrid mode's
+    relay) over the hosts' LAN addresses, found by mDNS."""
+    hosts = make_hosts(netns, tmp_path, SEEDS)
+    procs = [(h, start(netns, h, "--min-peers", "3", "--settle", "2", *mode)) for h in hosts]
+    results = finish(procs)
+    summaries = check_identical_models(results)
+    assert all(f"{mode[1]} rounds" in r.stderr and "relay broke" not in r.stderr for r in results)
+    assert summaries[0]["ok"] and summaries[0]["federated_laps"][0] == -1
+
+
 def test_a_host_whose_columns_do_not_fit_is_refused(netns: Netns, tmp_path: Path) -> None:
     hosts = make_hosts(netns, tmp_path, SEEDS)
     # The misfit is not the lowest peer, so it does not coordinate; if the draw chooses it

@@ -9,10 +9,10 @@ from torch import nn
 from fedup.learn.ring import (
     RingStateError,
     _fill,
-    _load_optimizer,
-    _optimizer_tensors,
     _plain_adam,
     _plain_module,
+    load_optimizer,
+    optimizer_tensors,
 )
 from fedup.learn.task import mlp
 
@@ -89,7 +89,7 @@ def test_adam_state_read_in_place_is_what_state_dict_gives() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     _trained(model, optimizer, 0)
     assert _plain_adam(optimizer)
-    got = dict(_optimizer_tensors(model, optimizer))
+    got = dict(optimizer_tensors(model, optimizer))
     want = _generic_tensors(model, optimizer)
     assert list(got) == list(want)
     for k, v in want.items():
@@ -100,13 +100,13 @@ def test_adam_state_loaded_in_place_trains_as_load_state_dict_does() -> None:
     source = _model(3)
     trained = torch.optim.Adam(source.parameters(), lr=1e-2)
     _trained(source, trained, 0)
-    state = dict(_optimizer_tensors(source, trained))
+    state = dict(optimizer_tensors(source, trained))
     snapshot = {k: v.clone() for k, v in state.items()}
 
     fast_model, slow_model = _model(4), _model(4)
     fast = torch.optim.Adam(fast_model.parameters(), lr=1e-2)
     slow = torch.optim.Adam(slow_model.parameters(), lr=1e-2)
-    _load_optimizer(fast_model, fast, {k[6:]: v for k, v in state.items()})
+    load_optimizer(fast_model, fast, {k[6:]: v for k, v in state.items()})
     by_index = {}
     names = [n for n, _ in slow_model.named_parameters()]
     for k, v in state.items():
@@ -131,12 +131,12 @@ def test_other_optimizers_keep_torch_s_own_paths() -> None:
     hooked.register_state_dict_post_hook(lambda opt, sd: sd)
     assert not _plain_adam(sgd) and not _plain_adam(hooked)
     _trained(model, sgd, 2)
-    state = dict(_optimizer_tensors(model, sgd))
+    state = dict(optimizer_tensors(model, sgd))
     assert state.keys() == _generic_tensors(model, sgd).keys()
     other = _model(5)
     again = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
-    _load_optimizer(other, again, {k[6:]: v for k, v in state.items()})
-    for k, v in dict(_optimizer_tensors(other, again)).items():
+    load_optimizer(other, again, {k[6:]: v for k, v in state.items()})
+    for k, v in dict(optimizer_tensors(other, again)).items():
         assert torch.equal(v, state[k]), k
     with pytest.raises(RingStateError, match="unknown parameter"):
-        _load_optimizer(other, again, {"9.weight.momentum_buffer": torch.zeros(1)})
+        load_optimizer(other, again, {"9.weight.momentum_buffer": torch.zeros(1)})
