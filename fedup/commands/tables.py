@@ -8,6 +8,7 @@ MODELS = (
     ("federated", "federated (FedUp ring)"),
     ("centralized", "centralized (pooled)"),
     ("fedavg", "FedAvg (parallel)"),
+    ("hybrid", "hybrid (sub-rings)"),
     ("local_only", "local-only (mean)"),
 )
 
@@ -35,8 +36,9 @@ def task_of(entry: dict[str, Any]) -> str:
 
 def model_name(report: dict[str, Any], key: str, name: str) -> str:
     """``name`` of a model in ``report``'s tables (the federation's says its mode)."""
-    if key == "federated" and report.get("mode") == "parallel":
-        return "federated (parallel)"
+    mode = report.get("mode")
+    if key == "federated" and mode in ("parallel", "hybrid"):
+        return f"federated ({mode})"
     return name
 
 

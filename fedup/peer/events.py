@@ -78,6 +78,9 @@ class RoundTrained:
     round: int
     samples: int
     seconds: float
+    evaluation: float = 0.0
+    """Of ``seconds``, those spent evaluating the round's model (the hybrid mode reports
+    them: its sub-rings evaluate at once, then train in sequence)."""
 
 
 @attrs.frozen

@@ -95,10 +95,10 @@ class HybridRun(ParallelRun):
         self, round_: int, current: Weights, layout: VectorLayout, trains: bool
     ) -> RoundPart:
         """Evaluate ``current``; then this member's hops of its sub-ring's relay."""
-        stats, seconds = await self._builder.run(_evaluate_timed, self.task, current)
+        stats, evaluation = await self._builder.run(_evaluate_timed, self.task, current)
         sums = to_sums(stats)
         if not trains:
-            return RoundPart(sums, current, 0, 0, seconds)
+            return RoundPart(sums, current, 0, 0, evaluation, evaluation)
         if self._relay_layout is None:
             template = await self._builder.run(relay_template, self.task, current)
             self._zero_optim = {k: v for k, v in template.items() if k.startswith(OPTIM)}
@@ -109,9 +109,8 @@ class HybridRun(ParallelRun):
         )
         weights = {k: v for k, v in state.items() if not k.startswith(OPTIM)}
         holds = self.me == plan.holder and broken is None
-        return RoundPart(
-            sums, weights, rows if holds else 0, samples if holds else 0, seconds + took
-        )
+        kept = (rows, samples) if holds else (0, 0)
+        return RoundPart(sums, weights, *kept, evaluation + took, evaluation)
 
     async def _relay(
         self, plan: RelayPlan, round_: int, state: Weights

@@ -78,6 +78,8 @@ class RoundPart:
     rows: int
     samples: int
     seconds: float
+    evaluation: float = 0.0
+    """Of ``seconds``, those spent evaluating the round's model (0: not told apart)."""
 
 
 class ParallelRun:
@@ -141,7 +143,7 @@ class ParallelRun:
             trains = round_ < settings.max_laps
             part = await self._train_round(round_, current, layout, trains)
             log.debug("round %d: trained %d samples in %.3f s", round_, part.samples, part.seconds)
-            self._events.emit(ev.RoundTrained(round_, part.samples, part.seconds))
+            self._events.emit(ev.RoundTrained(round_, part.samples, part.seconds, part.evaluation))
             vector = self._contribution(
                 layout, part.weights, rows=part.rows, samples=part.samples, sums=part.sums
             )

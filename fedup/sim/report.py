@@ -19,7 +19,11 @@ With the baselines, ``fedavg`` is FedAvg-style parallel training
 (:mod:`fedup.learn.fedavg`) on the same tasks and settings.  Its modelled
 wall-clock (:func:`fedup.sim.wallclock.parallel_clock`) adds up its rounds: each round lasts as long
 as its slowest member's measured computing, plus a bandwidth-optimal ring
-all-reduce of the model over the simulated links.
+all-reduce of the model over the simulated links; ``hybrid`` is the hybrid mode
+(:mod:`fedup.learn.hybrid`) with the run's ``sub_rings`` and ``sync_laps``, its clock
+(:func:`fedup.sim.wallclock.hybrid_clock`) each round's slowest sub-ring's chain of hops
+and hand-overs, then the all-reduce.  A run in the parallel or hybrid mode is modelled
+by the same clocks from its members' measured rounds (``rounds_clock``).
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ from typing import Any
 import torch
 
 from fedup.errors import FedupError
-from fedup.learn.baselines import RingResult, score
+from fedup.learn.baselines import RingResult, federation_of, score
 from fedup.learn.comparison import centralized_entry, local_only_entry, model_entry, scores
 from fedup.learn.fedavg import FedAvgResult, RoundTime, fedavg
+from fedup.learn.hybrid import hybrid, relay_template
 from fedup.learn.lap_sums import PACKED_SIZE
 from fedup.learn.parallel import TAIL
 from fedup.learn.ring import RingSettings
@@ -42,13 +47,17 @@ from fedup.learn.task import TensorTask
 from fedup.learn.weights import load_safetensors
 from fedup.peer import TaskSource
 from fedup.protocol.allreduce_messages import ELEMENT_SIZE
-from fedup.protocol.view import run_settings_json
+from fedup.protocol.peer_id import PeerId
+from fedup.protocol.relay import sub_rings
+from fedup.protocol.ring import ring_order
+from fedup.protocol.view import RunSettings, run_settings_json
 from fedup.sim.runner import SimResult
 from fedup.sim.wallclock import (
     CriticalPath,
     LinkModel,
     ParallelClock,
     critical_path,
+    hybrid_clock,
     parallel_clock,
     time_to_target,
 )
@@ -126,15 +135,16 @@ def build_report(
         report["personalized"] = personal
     central: RingResult | None = None
     local: list[RingResult] = []
-    parallel: tuple[FedAvgResult, ParallelClock] | None = None
+    parallel: dict[str, tuple[FedAvgResult, ParallelClock]] = {}
     if baselines:
         settings = RingSettings.for_run(result.run) if result.run is not None else RingSettings()
         report["centralized"], central = centralized_entry(tasks, settings)
-        report["fedavg"], parallel = _fedavg_entry(result, tasks, settings)
+        report["fedavg"], parallel["fedavg"] = _fedavg_entry(result, tasks, settings)
+        report["hybrid"], parallel["hybrid"] = _hybrid_entry(result, tasks, settings)
         report["local_only"], local, _ = local_only_entry(tasks, settings)
     model_bytes = sum(v.element_size() * v.nelement() for v in weights.values())
     report["time_to_quality"] = _time_to_quality(
-        result, report, central, local, parallel, model_bytes=model_bytes
+        result, report, central, local, parallel, tasks[0], weights, model_bytes=model_bytes
     )
     return report
 
@@ -164,12 +174,58 @@ def _fedavg_entry(
     return model_entry(run.weights, tasks, per_peer), (run, clock)
 
 
+def _hybrid_entry(
+    result: SimResult, tasks: Sequence[TensorTask], settings: RingSettings
+) -> tuple[dict[str, Any], tuple[FedAvgResult, ParallelClock]]:
+    """The hybrid mode in one process on the same tasks and settings, and the run's
+    ``sub_rings`` and ``sync_laps``: its entry (bytes sent: the relay's and the
+    all-reduces')."""
+    run_settings = result.run or RunSettings()
+    fed = federation_of(tasks)
+    order = _ring_indices(result)
+    ordered = [tasks[i] for i in order]
+    run = hybrid(ordered, settings, sub_ring_setting=run_settings.sub_rings,
+                 sync_laps=run_settings.sync_laps, federation=fed)  # fmt: skip
+    clock = _hybrid_clock(run.rounds, result, run.model_bytes, _relay_bytes(tasks[0], run))
+    per_peer = [
+        {"peer": i, "epochs": run.passes, "wall_seconds": run.seconds,
+         "bytes_sent": clock.bytes_per_member}
+        for i in range(len(tasks))
+    ]  # fmt: skip
+    return model_entry(run.weights, tasks, per_peer), (run, clock)
+
+
+def _ring_indices(result: SimResult) -> list[int]:
+    """The peers' indices in ring order."""
+    by_id = {p.peer_id: p.index for p in result.peers}
+    ids = ring_order(PeerId.from_text(p.peer_id) for p in result.peers)
+    return [by_id[i.text] for i in ids]
+
+
+def _relay_bytes(task: TensorTask, run: FedAvgResult) -> int:
+    """Bytes of the hybrid relay's state: the model and the optimizer's, as float32."""
+    return ELEMENT_SIZE * sum(t.numel() for t in relay_template(task, run.weights).values())
+
+
+def _hybrid_clock(
+    rounds: Sequence[RoundTime], result: SimResult, model_bytes: int, relay_bytes: int
+) -> ParallelClock:
+    run = result.run or RunSettings()
+    sizes = [len(r) for r in sub_rings(range(len(result.peers)), run.sub_rings)]
+    return hybrid_clock(
+        rounds, sizes, run.sync_laps, model_bytes, relay_bytes, _links(result),
+        sums_bytes=ELEMENT_SIZE * TAIL,
+    )  # fmt: skip
+
+
 def _time_to_quality(
     result: SimResult,
     report: dict[str, Any],
     central: RingResult | None,
     local: Sequence[RingResult],
-    parallel: tuple[FedAvgResult, ParallelClock] | None = None,
+    parallel: dict[str, tuple[FedAvgResult, ParallelClock]],
+    task: TensorTask,
+    weights: dict[str, torch.Tensor],
     *,
     model_bytes: int = 0,
 ) -> dict[str, Any]:
@@ -182,7 +238,7 @@ def _time_to_quality(
     assert first is not None
     fed_losses = zip(first.federated_laps, first.federated_val_loss, strict=True)
     total, ends = path.total, path.lap_ends
-    rounds = _rounds_clock(result, model_bytes)
+    rounds = _rounds_clock(result, model_bytes, task, weights)
     if rounds is not None:  # the parallel mode: rounds, not hops
         start = result.timeline.formation or 0.0
         total = start + rounds.total
@@ -202,11 +258,10 @@ def _time_to_quality(
         pooled = report["centralized"]["mean"]["bytes_sent"]
         models["centralized"] = _cost(central.passes, central.seconds, central.seconds, pooled,
                                       reached)  # fmt: skip
-    if parallel is not None:
-        run, clock = parallel
+    for name, (run, clock) in parallel.items():
         reached = time_to_target(clock.round_ends, ((h.lap, h.loss) for h in run.history), target)
-        models["fedavg"] = _cost(run.passes, clock.total, run.seconds, clock.bytes_per_member,
-                                 reached)  # fmt: skip
+        models[name] = _cost(run.passes, clock.total, run.seconds, clock.bytes_per_member,
+                             reached)  # fmt: skip
     if local:
         seconds = [r.seconds for r in local]
         models["local_only"] = _cost(
@@ -227,9 +282,8 @@ def _time_to_quality(
             "rounds": len(result.timeline.rounds),
             "model_bytes": model_bytes,
         }
-    if parallel is not None:
-        run, clock = parallel
-        out["fedavg_clock"] = {
+    for name, (run, clock) in parallel.items():
+        out[f"{name}_clock"] = {
             "compute_seconds": clock.compute,
             "allreduce_seconds": clock.transfer,
             "rounds": len(run.rounds),
@@ -239,15 +293,34 @@ def _time_to_quality(
     return out
 
 
-def _rounds_clock(result: SimResult, model_bytes: int) -> ParallelClock | None:
-    """The parallel mode's modelled clock from its members' measured rounds (None for the
-    ring): each round its slowest member, then the all-reduce of the whole vector
-    (:mod:`fedup.learn.parallel`: the model, the sums, the samples and the rows)."""
-    if result.run is None or result.run.algorithm != "parallel":
+def _rounds_clock(
+    result: SimResult, model_bytes: int, task: TensorTask, weights: dict[str, torch.Tensor]
+) -> ParallelClock | None:
+    """The parallel or hybrid mode's modelled clock from its members' measured rounds
+    (None for the ring).  Parallel: each round its slowest member, then the all-reduce of
+    the whole vector (:mod:`fedup.learn.parallel`: the model, the sums, the samples and
+    the rows).  Hybrid: each round its slowest sub-ring of the view (the slowest
+    member's evaluation and every member's training, in sequence), its hand-overs and
+    the all-reduce."""
+    mode = result.run.algorithm if result.run is not None else "ring"
+    if mode == "parallel":
+        rounds = [RoundTime(r, compute, True) for r, compute in result.timeline.rounds]
+        extra = ELEMENT_SIZE * TAIL
+        return parallel_clock(rounds, model_bytes, _links(result), _hold(result),
+                              sums_bytes=extra)  # fmt: skip
+    if mode != "hybrid":
         return None
-    rounds = [RoundTime(r, compute, True) for r, compute in result.timeline.rounds]
-    extra = ELEMENT_SIZE * TAIL
-    return parallel_clock(rounds, model_bytes, _links(result), _hold(result), sums_bytes=extra)
+    assert result.run is not None
+    rings = sub_rings(_ring_indices(result), result.run.sub_rings)
+    chains = []
+    for r, by in result.timeline.round_members:
+        chain = []
+        for ring in rings:
+            parts = [by[m] for m in ring if m in by]
+            chain.append(max((e for _, e in parts), default=0.0) + sum(s - e for s, e in parts))
+        chains.append(RoundTime(r, tuple(chain), True))
+    relay = ELEMENT_SIZE * sum(t.numel() for t in relay_template(task, weights).values())
+    return _hybrid_clock(chains, result, model_bytes, relay)
 
 
 def _cost(

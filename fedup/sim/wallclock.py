@@ -28,7 +28,9 @@ seconds per hop are added when given (``hold``).  docs/simulator.md says
 how this compares with the simulator's own virtual clock.
 
 :func:`parallel_clock` models the parallel baseline (FedAvg rounds) the same
-way: each round's slowest member, then a ring all-reduce (:func:`allreduce_seconds`).
+way: each round's slowest member, then a ring all-reduce (:func:`allreduce_seconds`);
+:func:`hybrid_clock` the hybrid mode's rounds: the slowest sub-ring's chain of hops and
+hand-overs, then the all-reduce among every member.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ __all__ = [
     "allreduce_bytes",
     "allreduce_seconds",
     "critical_path",
+    "hybrid_clock",
     "parallel_clock",
     "time_to_target",
 ]
@@ -109,6 +112,9 @@ class Timeline:
     rounds: tuple[tuple[int, tuple[float, ...]], ...] = ()
     """The parallel mode: each round's number and its members' computing seconds (by
     member index), in round order."""
+    round_members: tuple[tuple[int, Mapping[int, tuple[float, float]]], ...] = ()
+    """The same rounds, each member's index mapped to its computing seconds and, of
+    those, its evaluation's (the hybrid mode's chains are built from them)."""
 
 
 class TimelineRecorder:
@@ -119,7 +125,7 @@ class TimelineRecorder:
         self._formation: float | None = None
         self._hops: list[HopTime] = []
         self._handovers: list[HandOver] = []
-        self._rounds: dict[int, dict[int, float]] = {}
+        self._rounds: dict[int, dict[int, tuple[float, float]]] = {}
 
     def note(self, index: int, clock: float, event: ev.PeerEvent) -> None:
         """Peer ``index`` reported ``event`` at ``clock`` seconds after the start."""
@@ -131,7 +137,7 @@ class TimelineRecorder:
         elif isinstance(event, ev.RoundTrained):
             if self._formation is None:
                 self._formation = max(0.0, clock - event.seconds)
-            self._rounds.setdefault(event.round, {})[index] = event.seconds
+            self._rounds.setdefault(event.round, {})[index] = (event.seconds, event.evaluation)
         elif isinstance(event, ev.HandedOver):
             dst = self._index_of.get(event.to)
             if dst is not None:
@@ -140,10 +146,11 @@ class TimelineRecorder:
                 )
 
     def timeline(self) -> Timeline:
-        rounds = tuple(
-            (r, tuple(by[m] for m in sorted(by))) for r, by in sorted(self._rounds.items())
+        ordered = sorted(self._rounds.items())
+        rounds = tuple((r, tuple(by[m][0] for m in sorted(by))) for r, by in ordered)
+        return Timeline(
+            self._formation, tuple(self._hops), tuple(self._handovers), rounds, tuple(ordered)
         )
-        return Timeline(self._formation, tuple(self._hops), tuple(self._handovers), rounds)
 
 
 @attrs.frozen
@@ -323,3 +330,53 @@ def parallel_clock(
         sent += allreduce_bytes(members, size)
         ends[r.round] = compute + transfer
     return ParallelClock(compute, transfer, ends, sent)
+
+
+def hybrid_clock(
+    rounds: Sequence[RoundTime],
+    sizes: Sequence[int],
+    laps: int,
+    model_bytes: int,
+    relay_bytes: int,
+    links: LinkModel,
+    *,
+    sums_bytes: int,
+) -> ParallelClock:
+    """The modelled wall-clock of hybrid rounds (:mod:`fedup.learn.hybrid`), every member
+    on its own machine.
+
+    ``rounds[i].compute`` holds each sub-ring's computing in round ``i`` (its slowest
+    member's evaluation and the sum of its hops: they run in sequence); ``sizes`` the
+    sub-rings' members.  A training round lasts its slowest sub-ring's computing and
+    ``laps x size - 1`` hand-overs of the relay state (``relay_bytes``: the model and the
+    optimizer's state) over the default link, each member's first of the round also
+    opening its link (:mod:`fedup.peer.hybrid_driver` dials each round; a sub-ring of
+    one hands nothing over), then an all-reduce of the model and the sums among every
+    member; an evaluation-only round reduces the sums alone.  Pure.
+    """
+    members = sum(sizes)
+    hand_over = links.transfer(0, 1, relay_bytes, dial=False)
+    opening = links.dial_trips * links.link.latency
+    compute = transfer = sent = 0.0
+    ends: dict[int, float] = {-1: 0.0}
+    for i, r in enumerate(rounds):
+        relay = [_relay_hand_overs(n, laps) if r.reduced else (0, 0) for n in sizes]
+        chains = [
+            c + k * hand_over + d * opening for c, (k, d) in zip(r.compute, relay, strict=True)
+        ]
+        slowest = max(range(len(chains)), key=chains.__getitem__)
+        compute += r.compute[slowest]
+        transfer += chains[slowest] - r.compute[slowest]
+        size = sums_bytes + (model_bytes if r.reduced else 0)
+        transfer += allreduce_seconds(links, members, size, dial=i == 0)
+        sent += allreduce_bytes(members, size) + sum(k for k, _ in relay) * relay_bytes / members
+        ends[r.round] = compute + transfer
+    return ParallelClock(compute, transfer, ends, sent)
+
+
+def _relay_hand_overs(size: int, laps: int) -> tuple[int, int]:
+    """A sub-ring's hand-overs in a round, and how many of its members send any."""
+    if size < 2:
+        return 0, 0
+    count = laps * size - 1
+    return count, min(size, count)

@@ -67,7 +67,14 @@ async def test_every_member_saves_the_same_model_trained_by_the_sub_rings(
         model = (Path(s.out_dir) / "model.safetensors").read_bytes()
         assert hashlib.sha256(model).hexdigest() == s.model_sha256
     assert not relayed(caplog, "relay broke")
-    assert build_report(result, lenders(4))["mode"] == "hybrid"
+    # The report models the run's clock from the sub-rings' measured chains.
+    report = build_report(result, lenders(4))
+    assert report["mode"] == "hybrid"
+    clock = report["time_to_quality"]["rounds_clock"]
+    assert clock["rounds"] == 7 and clock["compute_seconds"] > 0
+    modelled = report["time_to_quality"]["models"]["federated"]["modelled_wall_seconds"]
+    parts = clock["formation_seconds"] + clock["compute_seconds"] + clock["allreduce_seconds"]
+    assert modelled == pytest.approx(parts)
 
 
 async def test_the_model_improves_on_the_initial_one(

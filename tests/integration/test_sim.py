@@ -349,7 +349,7 @@ def test_cli_writes_a_report_with_baselines(
     assert report["peers"] == 3 and report["partition"] == "lender"
     assert report["simulation"]["finished"] == 3
     assert report["simulation"]["model_sha256"] and report["simulation"]["weights_sha256"]
-    for name in ("federated", "centralized", "fedavg", "local_only"):
+    for name in ("federated", "centralized", "fedavg", "hybrid", "local_only"):
         entry = report[name]
         assert {"val_loss", "roc_auc", "accuracy", "n"} <= set(entry["union"])
         assert METRICS <= set(entry["mean"])
@@ -360,7 +360,7 @@ def test_cli_writes_a_report_with_baselines(
             assert peer["epochs"] >= 0 and peer["wall_seconds"] >= 0
     # Every model is scored on the same held-out rows.
     n_val = [d["val_rows"] for d in report["data"]]
-    for name in ("federated", "centralized", "fedavg"):
+    for name in ("federated", "centralized", "fedavg", "hybrid"):
         assert report[name]["union"]["n"] == sum(n_val)
         assert [p["n"] for p in report[name]["per_peer"]] == n_val
     assert all(p["bytes_sent"] > 100_000 for p in report["federated"]["per_peer"])
@@ -383,7 +383,7 @@ def check_time_to_quality(report: dict[str, Any], summaries: list[dict[str, Any]
     parts = ("formation_seconds", "compute_seconds", "transfer_seconds", "final_seconds")
     assert all(path[k] >= 0 for k in parts) and path["compute_seconds"] > 0
     models = cost["models"]
-    assert set(models) == {"federated", "centralized", "fedavg", "local_only"}
+    assert set(models) == {"federated", "centralized", "fedavg", "hybrid", "local_only"}
     fed, cen, loc = models["federated"], models["centralized"], models["local_only"]
     assert fed["modelled_wall_seconds"] == pytest.approx(sum(path[k] for k in parts))
     assert fed["real_wall_seconds"] == report["simulation"]["wall_seconds"]
@@ -416,6 +416,18 @@ def check_time_to_quality(report: dict[str, Any], summaries: list[dict[str, Any]
     if par["target_lap"] is not None:
         ends = clock["round_end_seconds"]
         assert par["modelled_seconds_to_target"] == ends[str(par["target_lap"])]
+    # Hybrid: every round's slowest sub-ring chain and its all-reduce; more bytes than
+    # FedAvg's all-reduces alone (the relay carries the model and Adam's state).
+    hyb, hclock = models["hybrid"], cost["hybrid_clock"]
+    assert hyb["modelled_wall_seconds"] == pytest.approx(
+        hclock["compute_seconds"] + hclock["allreduce_seconds"]
+    )
+    assert 0 < hclock["compute_seconds"] <= hyb["real_wall_seconds"]
+    assert hyb["bytes_sent_per_peer"] > (hclock["rounds"] - 1) * per_round
+    if hyb["target_lap"] is not None:
+        assert (
+            hyb["modelled_seconds_to_target"] == hclock["round_end_seconds"][str(hyb["target_lap"])]
+        )
     # Local-only: every peer on its own machine at once; no single model to time.
     assert 0 < loc["modelled_wall_seconds"] <= loc["real_wall_seconds"]
     assert loc["bytes_sent_per_peer"] == 0 and loc["target_lap"] is None

@@ -8,10 +8,21 @@ import torch
 
 from fedup.errors import LocalProtocolError
 from fedup.learn.baselines import federation_of, score
+from fedup.learn.fedavg import RoundTime
 from fedup.learn.hybrid import OPTIM, hybrid, relay_hop, relay_template, weights_bytes, weights_from
+from fedup.learn.lap_sums import PACKED_SIZE
 from fedup.learn.parallel import VectorLayout
 from fedup.learn.ring import RingSettings, hop_budget
 from fedup.learn.task import seeded
+from fedup.sim.network import Link
+from fedup.sim.wallclock import (
+    DIAL_TRIPS,
+    HAND_OVER_TRIPS,
+    LinkModel,
+    allreduce_bytes,
+    allreduce_seconds,
+    hybrid_clock,
+)
 from tests.unit.test_fedavg import _task
 
 SETTINGS = RingSettings(seed=0, hop_epochs=0.5, patience=3, max_laps=6)
@@ -64,3 +75,25 @@ def test_hybrid_lowers_the_validation_loss_and_keeps_the_best_round() -> None:
     # Two sub-rings; each trains its two members twice a round: 2 x 0.5 passes of all rows.
     assert all(len(r.compute) == 2 for r in run.rounds)
     assert run.passes == pytest.approx(1.0 * (best.lap + 1), rel=0.2)
+
+
+def test_the_hybrid_clock_adds_the_slowest_chain_and_the_all_reduce_of_each_round() -> None:
+    links = LinkModel(link=Link(latency=0.01, bandwidth=1e6))
+    hand_over = HAND_OVER_TRIPS * 0.01 + 0.1  # 100 kB of relay state
+    opening = DIAL_TRIPS * 0.01
+    rounds = (
+        RoundTime(0, (1.0, 1.2), reduced=True),  # sub-rings of 2 and 1 members, 2 laps
+        RoundTime(1, (0.2, 0.3), reduced=False),  # evaluation only: no relay
+    )
+    clock = hybrid_clock(rounds, (2, 1), 2, 30_000, 100_000, links, sums_bytes=PACKED_SIZE)
+    # Round 0: the sub-ring of two hands on 3 times (both members send) and is the slower.
+    chain = 1.0 + 3 * hand_over + 2 * opening
+    assert chain > 1.2
+    first = allreduce_seconds(links, 3, 30_000 + PACKED_SIZE, dial=True)
+    second = allreduce_seconds(links, 3, PACKED_SIZE)
+    assert clock.compute == pytest.approx(1.0 + 0.3)
+    assert clock.transfer == pytest.approx(chain - 1.0 + first + second)
+    assert clock.round_ends == pytest.approx({-1: 0.0, 0: chain + first, 1: clock.total})
+    relayed = 3 * 100_000 / 3  # three hand-overs, counted per member
+    reduced = allreduce_bytes(3, 30_000 + PACKED_SIZE) + allreduce_bytes(3, PACKED_SIZE)
+    assert clock.bytes_per_member == pytest.approx(relayed + reduced)
