@@ -34,6 +34,7 @@ from typing import Any
 
 import trio
 
+from fedup.config import Limits
 from fedup.errors import FedupError
 from fedup.learn.hybrid import (
     OPTIM,
@@ -48,7 +49,7 @@ from fedup.learn.parallel import VectorLayout, finite
 from fedup.learn.ring import model_with
 from fedup.learn.task import EvalStats
 from fedup.net.allreduce_driver import AllReduceInbox, SuccessorLink
-from fedup.peer.parallel_driver import ParallelRun, RoundPart, Weights
+from fedup.peer.parallel_driver import Dial, ParallelRun, RoundPart, Weights
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.relay import (
     Broken,
@@ -125,7 +126,7 @@ class HybridRun(ParallelRun):
         broken: str | None = None
         ring = plan.ring
         successor = ring[(plan.position + 1) % len(ring)] if len(ring) > 1 else None
-        async with _Link(successor, self) as link:
+        async with _Link(successor, self._dial, self._limits) as link:
             previous = -1
             for hop in plan.my_hops:
                 if hop > 0 and plan.trainer(hop - 1) != self.me:  # alone: it is here
@@ -154,6 +155,7 @@ class HybridRun(ParallelRun):
                 await link.send(self._messages(layout, round_, hop, state, rows, samples, broken))
                 if broken is not None:
                     break
+        self.bytes_sent += link.sent
         return state, rows, samples, seconds, broken
 
     def _messages(
@@ -236,26 +238,25 @@ class HybridRun(ParallelRun):
 
 
 class _Link:
-    """Sends a hop's messages to the sub-ring successor (nothing when there is none, or
-    it is this member), each within ``Limits.frame_timeout``; a failed send is logged,
-    not raised: the successor's own deadline breaks the relay."""
+    """Sends a hop's messages to the sub-ring successor ``peer`` (nothing when None),
+    each within ``limits.frame_timeout``; a failed send is logged, not raised: the
+    successor's own deadline breaks the relay.  ``sent`` counts the bytes sent."""
 
-    def __init__(self, peer: PeerId | None, run: HybridRun) -> None:
+    def __init__(self, peer: PeerId | None, dial: Dial, limits: Limits) -> None:
         self._peer = peer
-        self._run = run
-        self._link = (
-            None if peer is None else SuccessorLink(peer, dial=run._dial, limits=run._limits)
-        )
+        self._limits = limits
+        self._link = None if peer is None else SuccessorLink(peer, dial=dial, limits=limits)
         self._failed = False
+        self.sent = 0
 
     async def send(self, messages: list[bytes]) -> None:
         if self._link is None or self._failed:
             return
         try:
             for data in messages:
-                with trio.fail_after(self._run._limits.frame_timeout):
+                with trio.fail_after(self._limits.frame_timeout):
                     await self._link.send(data)
-                self._run.bytes_sent += len(data)
+                self.sent += len(data)
         except (trio.TooSlowError, OSError, FedupError) as exc:
             self._failed = True
             log.warning("could not hand the model on to %s: %s", self._peer, exc)
