@@ -13,7 +13,8 @@ per-sample attribute when it ends, so nothing leaks from one hop to the next.
 **Planning.** The noise multiplier is chosen once, when the member first builds its
 task, by Opacus' RDP accountant: the smallest one for which the run's *planned*
 steps spend at most ε (at δ).  The plan is the most the run can ask of this member:
-``max_laps × ceil(local_epochs × n_train / batch_size)`` steps at rate ``q``.  A
+``max_laps × ceil(local_epochs × n_train / batch_size)`` steps at rate ``q`` (in
+the hybrid mode ``max_laps × sync_laps`` hops: ``RunSettings.member_hops``).  A
 run that converges before ``max_laps`` spends less; a smaller ``--max-laps`` buys
 less noise per step.
 

@@ -202,7 +202,7 @@ class TabularSource(TaskSource):
                 n_train=task.n_train,
                 batch_size=settings.batch_size,
                 hop_epochs=settings.local_epochs,
-                max_laps=settings.max_laps,
+                max_laps=settings.member_hops,
             )
         return task
 

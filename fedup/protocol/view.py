@@ -144,6 +144,12 @@ class RunSettings:
         if problem is not None:
             raise ConfigError(f"{problem[0]} {problem[1]}")
 
+    @property
+    def member_hops(self) -> int:
+        """The most hops one member trains in a run: one per lap (or round), and
+        ``sync_laps`` per round in the hybrid mode (what a DP budget is planned for)."""
+        return self.max_laps * (self.sync_laps if self.algorithm == "hybrid" else 1)
+
     def to_value(self) -> dict[str, Any]:
         return {
             "alg": self.algorithm,

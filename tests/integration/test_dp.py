@@ -47,3 +47,17 @@ def test_one_dp_member_federates_and_stays_within_its_budget(tmp_path: Path) -> 
     assert dp["delta"] == 1e-5 and dp["clip"] == DEFAULT_CLIP and dp["noise_multiplier"] > 0
     assert dp["steps"] > 0
     assert all(s is not None and s.dp is None for s in summaries[1:])  # a local choice
+
+
+def test_a_dp_member_of_the_hybrid_mode_plans_for_every_hop_it_trains(tmp_path: Path) -> None:
+    """In the hybrid mode a member trains sync_laps hops a round: its budget is planned
+    for all of them, so it refuses none (planned for max_laps hops, it refused 3 of 6)."""
+    run = RunSettings(
+        max_laps=3, patience=3, local_epochs=1.0, algorithm="hybrid", sub_rings=1, sync_laps=2
+    )
+    result = run_simulation(lenders(3, {0: DpBudget(8.0, 1e-5)}), tmp_path, SimSettings(run=run))
+    assert len(result.finished_peers) == 3
+    first = result.peers[0].summary
+    assert first is not None and first.dp is not None
+    assert first.dp["hops_refused"] == 0 and 0 < first.dp["epsilon_spent"] <= 8.0
+    assert first.dp["planned_steps"] >= first.dp["steps"] > 0
