@@ -17,7 +17,7 @@ settings); every figure is read from its ``report.json`` (``time_to_quality``):
 The parallel baseline here is :mod:`fedup.learn.fedavg` and the hybrid one
 :mod:`fedup.learn.hybrid` in one process (the same learning as ``--mode parallel`` and
 ``--mode hybrid``, whose own runs report the same clocks as ``rounds_clock``).  Run
-``python bench/bench_modes.py`` (``--seeds 0 1 2``, ``--peers 10 50``).
+``python bench/bench_modes.py`` (``--seeds 0 1 2``, ``--peers 10 50``, ``--sync-laps L``).
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ PARTITIONS = ("lender", "dirichlet:0.3")
 MODELS = (("ring", "federated"), ("parallel", "fedavg"), ("hybrid", "hybrid"))
 
 
-def run(peers: int, partition: str, seed: int, out: Path) -> dict[str, Any]:
+def run(peers: int, partition: str, seed: int, out: Path, extra: list[str]) -> dict[str, Any]:
     argv = [sys.executable, "-m", "fedup.cli", "simulate", "--peers", str(peers),
             "--partition", partition, "--seed", str(seed), "--baselines", "--json",
-            "--out", str(out)]  # fmt: skip
+            "--out", str(out), *extra]  # fmt: skip
     subprocess.run(argv, check=True, capture_output=True, timeout=1800)
     report: dict[str, Any] = json.loads((out / "report.json").read_text())
     return report
@@ -69,14 +69,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--peers", type=int, nargs="+", default=[10])
+    parser.add_argument("--sync-laps", type=int, help="the hybrid mode's (default: the run's)")
     args = parser.parse_args(argv)
+    extra = [] if args.sync_laps is None else ["--sync-laps", str(args.sync_laps)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for peers in args.peers:
             for partition in PARTITIONS:
                 for seed in args.seeds:
                     out = Path(tmp) / f"{peers}-{partition.replace(':', '')}-{seed}"
-                    found = figures(run(peers, partition, seed, out))
+                    found = figures(run(peers, partition, seed, out, extra))
                     rows.append({"peers": peers, "partition": partition, "seed": seed, **found})
                     for name, f in found.items():
                         print(

@@ -136,7 +136,7 @@ class RunSettings:
     sub_rings: int = 0
     """``hybrid``: the sub-rings the members are split into (:func:`fedup.protocol.relay.
     sub_rings`); 0 picks the nearest whole number to the square root of the members."""
-    sync_laps: int = 2
+    sync_laps: int = 3
     """``hybrid``: laps each sub-ring runs between two averages of the sub-rings' models."""
 
     def __attrs_post_init__(self) -> None:
