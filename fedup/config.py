@@ -219,9 +219,9 @@ class Limits:
     max_allreduce_chunk: int = _limit(
         1 * MiB,
         "payload bytes of one all-reduce chunk, which travels in one message: with its "
-        "fields and signature (under 256 bytes) it fits one max_frame_size frame; a vector "
-        "whose largest chunk (length / members) would be larger is refused until chunks "
-        "are split into parts",
+        "fields and signature (under 256 bytes) it fits one max_frame_size frame; a larger "
+        "vector is summed in segments (one all-reduce each, chunks within this with a "
+        "majority of the members), and the hybrid relay's model travels in parts of this",
     )
     allreduce_step_timeout: float = _limit(
         90.0,

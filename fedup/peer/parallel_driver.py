@@ -52,6 +52,7 @@ from fedup.peer.custody_driver import RunError
 from fedup.peer.outputs import RunOutputs, RunSummary, federation_json, lap_line, shown_figures
 from fedup.peer.tasks import TaskBuilder, federation_stats
 from fedup.protocol.allreduce import AllReduceMachine, Failed
+from fedup.protocol.allreduce_messages import ELEMENT_SIZE
 from fedup.protocol.envelope import Signer
 from fedup.protocol.laps import StopState
 from fedup.protocol.peer_id import PeerId
@@ -265,38 +266,62 @@ class ParallelRun:
     async def _attempt(
         self, round_: int, attempt: int, layout: VectorLayout, vector: bytes
     ) -> bytes | Failed:
+        """One attempt at the round's sum: the vector in :meth:`segments`, each summed by
+        one run of the all-reduce machine, numbered ``attempt x segments + segment`` (so
+        that a member that moved on to the next segment, or to the next attempt, finds
+        its messages held for it, as for a later attempt)."""
         limits = self._limits
         if attempt > 0:
             # A member that failed fast (a dial refused) is here while the others still
             # wait out the last attempt's deadline: give them that long to join.
             limits = attrs.evolve(limits, allreduce_step_timeout=2 * limits.allreduce_step_timeout)
-        machine = AllReduceMachine(
-            self._identity,
-            run_id=self.run_id,
-            epoch=self.view.epoch,
-            round=round_,
-            attempt=attempt,
-            members=self.live,
-            length=layout.length,
-            limits=limits,
-        )
+        count = self.segments(layout)
+        span = -(-layout.length // count)
         result = bytearray(len(vector))
-        async with SuccessorLink(machine.successor, dial=self._dial, limits=self._limits) as link:
+        ring = ring_order(self.live)
+        successor = ring[(ring.index(self.me) + 1) % len(ring)]
+        async with SuccessorLink(successor, dial=self._dial, limits=self._limits) as link:
 
             async def send(data: bytes) -> None:
                 await link.send(data)
                 self.bytes_sent += len(data)
 
-            outcome = await all_reduce(
-                machine,
-                vector,
-                send=send,
-                inbox=self._inbox,
-                add=float32_adder(vector),
-                result=result,
-                limits=limits,
-            )
-        return outcome if isinstance(outcome, Failed) else bytes(result)
+            for segment in range(count):
+                start, stop = (
+                    ELEMENT_SIZE * segment * span,
+                    ELEMENT_SIZE * min(layout.length, (segment + 1) * span),
+                )
+                machine = AllReduceMachine(
+                    self._identity,
+                    run_id=self.run_id,
+                    epoch=self.view.epoch,
+                    round=round_,
+                    attempt=attempt * count + segment,
+                    members=self.live,
+                    length=(stop - start) // ELEMENT_SIZE,
+                    limits=limits,
+                )
+                part = vector[start:stop]
+                outcome = await all_reduce(
+                    machine,
+                    part,
+                    send=send,
+                    inbox=self._inbox,
+                    add=float32_adder(part),
+                    result=memoryview(result)[start:stop],
+                    limits=limits,
+                )
+                if isinstance(outcome, Failed):
+                    return outcome
+        return bytes(result)
+
+    def segments(self, layout: VectorLayout) -> int:
+        """How many all-reduces a round's vector is summed in: as few as keep every chunk
+        within ``Limits.max_allreduce_chunk`` with the fewest members a round can have
+        (a majority of the view), so the count is the same at every member all run."""
+        fewest = len(self.members) // 2 + 1
+        per_segment = fewest * (self._limits.max_allreduce_chunk // ELEMENT_SIZE)
+        return max(1, -(-layout.length // per_segment))
 
     def _note(self, record: LapResult) -> None:
         accuracy, auc = shown_figures(self.task, record)

@@ -205,7 +205,8 @@ class AllReduceMachine:
             raise LocalProtocolError(
                 f"a chunk of {self.plan.max_nbytes} bytes exceeds max_allreduce_chunk "
                 f"({limits.max_allreduce_chunk}): {length} elements need at least "
-                f"{-(-4 * length // limits.max_allreduce_chunk)} members (parts: not built)"
+                f"{-(-4 * length // limits.max_allreduce_chunk)} members (or segments: "
+                "fedup.peer.parallel_driver.ParallelRun.segments)"
             )
         self.members = ring
         self.me = signer.peer_id

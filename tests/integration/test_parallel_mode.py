@@ -13,11 +13,12 @@ import pytest
 import trio
 import trio.testing
 
+from fedup.config import DEFAULT_LIMITS
 from fedup.identity import Identity
 from fedup.learn.loans import generate_lender, lender_seed
 from fedup.net.framed import FramedStream
 from fedup.net.transport import Credentials, upgrade_outbound
-from fedup.peer import Peer, RunSummary, TabularSource
+from fedup.peer import Peer, RunSummary, TabularSource, parallel_driver
 from fedup.peer import events as ev
 from fedup.peer.config import DEFAULT_NETWORK
 from fedup.peer.parallel_driver import ParallelRun
@@ -207,3 +208,58 @@ async def test_a_member_lying_in_its_contribution_changes_no_model(
     assert len(set(first.federated_val_loss)) == 1 and first.best_lap == -1
     refused = [r.getMessage() for r in caplog.records if said in r.getMessage()]
     assert len(refused) == 3 * RUN.max_laps  # each member, each training round
+
+
+SMALL_CHUNKS = attrs.evolve(DEFAULT_LIMITS, max_allreduce_chunk=2048)
+"""512 float32 a chunk: the loan MLP's vector (4,417 parameters and the tail) is summed
+in several all-reduces per round."""
+
+
+async def test_a_vector_larger_than_the_chunks_allow_is_summed_in_segments(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    machines: list[tuple[int, int, int]] = []
+    real = parallel_driver.AllReduceMachine
+
+    def counted(*args: Any, **kw: Any) -> Any:
+        machines.append((kw["round"], kw["attempt"], kw["length"]))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(parallel_driver, "AllReduceMachine", counted)
+    whole = await simulate(tmp_path / "whole", 3)
+    assert {m[1] for m in machines} == {0}  # one all-reduce a round
+    length = machines[0][2]
+    machines.clear()
+    cut = await simulate(tmp_path / "cut", 3, limits=SMALL_CHUNKS)
+    # Two members are the fewest a round of three can have: 1,024 elements a segment.
+    count = -(-length // 1024)
+    assert count == 5
+    per_member_round = sorted((a, n) for r, a, n in machines if r == 0)
+    assert per_member_round == sorted(
+        (s, min(length, (s + 1) * -(-length // count)) - s * -(-length // count))
+        for s in range(count)
+        for _ in range(3)
+    )
+    summaries = [p.summary for p in cut.peers]
+    assert all(s is not None and s.ok for s in summaries)
+    same(summaries, "model_sha256", "federated_val_loss")
+    first, reference = summaries[0], whole.peers[0].summary
+    assert first is not None and reference is not None
+    # The same sums but for float32's order of addition.
+    assert first.federated_val_loss == pytest.approx(reference.federated_val_loss, rel=1e-3)
+
+
+async def test_a_member_that_dies_mid_segments_is_left_out(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """A member killed at round 2 of a run summed in segments: each retry starts again
+    from the first segment (a later attempt number than any segment of the failed
+    attempt, so a member still in one finds the retry's messages held for it)."""
+    victim = ring_order(4)[1]
+    faults = Faults(kills=(Kill(victim, lap=2),))
+    result = await simulate(tmp_path, 4, faults=faults, limits=SMALL_CHUNKS)
+    summaries = [p.summary for p in result.peers if p.index != victim]
+    assert all(s is not None for s in summaries)
+    same(summaries, "model_sha256", "federated_val_loss", "dead")
+    first = summaries[0]
+    assert first is not None and first.dead == [result.peers[victim].peer_id]
