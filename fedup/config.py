@@ -253,12 +253,14 @@ class Limits:
         "plus the model's transfer); silence longer breaks the sub-ring's relay for the "
         "round, which it sends on at once, and the round is averaged without that sub-ring",
     )
-    relay_probe_interval: float = _limit(
+    probe_interval: float = _limit(
         10.0,
-        "the hybrid mode: a sub-ring member still waiting for the model checks this often "
-        "that its predecessor completes a handshake, and breaks the relay when it does "
-        "not: a crashed member is known in seconds, not after relay_hop_timeout, so the "
-        "sub-ring joins the round's all-reduce well within allreduce_step_timeout",
+        "a member waiting for a silent peer that may be gone (a hybrid sub-ring's "
+        "predecessor, an all-reduce predecessor in the hybrid mode's long first waits) "
+        "checks this often that it completes a handshake, and stops waiting when it does "
+        "not: a crashed member is known in seconds; and a member whose all-reduce "
+        "predecessor moved on to a later attempt waits this long for the current one's "
+        "last messages before giving it up",
     )
     # --- connections ------------------------------------------------------
     max_connections: int = _limit(

@@ -108,6 +108,8 @@ Add = Callable[[int, int, int, bytes], bytes]
 """``add(chunk, start, stop, received)``: ``received`` (float32, little-endian) plus this
 member's own elements ``[start, stop)``, as ``received + own`` in float32."""
 SendMessage = Callable[[bytes], Awaitable[None]]
+Alive = Callable[[PeerId], Awaitable[bool]]
+"""``alive(peer)``: whether ``peer`` completes a handshake now (bounded by the caller)."""
 Dial = Callable[[PeerId], Awaitable[SecureChannel]]
 
 
@@ -242,12 +244,20 @@ class SuccessorLink:
         self._dial = dial
         self._limits = limits
         self._framed: FramedStream | None = None
+        self._last_send = -math.inf
         self.dials = 0
         """Connections opened so far."""
 
     async def send(self, data: bytes) -> None:
         """Send one message; raises what dialling and :meth:`FramedStream.send_frame`
-        raise (:class:`~fedup.errors.RemoteProtocolError` subclasses naming the peer)."""
+        raise (:class:`~fedup.errors.RemoteProtocolError` subclasses naming the peer).
+        A stream this link sent nothing on for half of ``idle_timeout`` is closed and
+        dialled again first: the receiver closes one idle for ``idle_timeout``, and a
+        write into it could be lost without an error."""
+        now = trio.current_time()
+        if self._framed is not None and now - self._last_send > self._limits.idle_timeout / 2:
+            await self.aclose()
+        self._last_send = now
         if self._framed is None:
             channel = await self._dial(self.peer)
             self.dials += 1
@@ -291,6 +301,7 @@ async def all_reduce(
     result: bytearray | memoryview,
     limits: Limits | None = None,
     add_in_thread: bool | None = None,
+    alive: Alive | None = None,
 ) -> Done | Failed:
     """Run ``machine``'s attempt to its end; returns its :class:`Done` or :class:`Failed`.
 
@@ -350,44 +361,74 @@ async def all_reduce(
                 log.debug("all-reduce ignored %s: %s", action.event, action.why)
         if deadline is None:
             raise LocalProtocolError("the all-reduce machine waits without a deadline")
-        event = await _next_event(machine, inbox, deadline)
+        event = await _next_event(machine, inbox, deadline, alive, limits.probe_interval)
         pending.extend(machine.handle(event, trio.current_time()))
 
 
-async def _next_event(machine: AllReduceMachine, inbox: AllReduceInbox, deadline: float) -> Event:
+async def _next_event(
+    machine: AllReduceMachine,
+    inbox: AllReduceInbox,
+    deadline: float,
+    alive: Alive | None = None,
+    interval: float = math.inf,
+) -> Event:
     """The next message, or :class:`TimerFired` once ``deadline`` passed with none (a
     message already waiting is taken even when the deadline passed while we worked).
-    A message for the next attempt is held in the inbox, not fed to this one."""
+    A message for the next attempt is held in the inbox, not fed to this one.  With
+    ``alive``, every ``interval`` of waiting the predecessor is asked after, and
+    :class:`Abandon` comes back when it does not answer."""
+    probe_at = trio.current_time() + interval if alive is not None else math.inf
+    abandon_at, gone = math.inf, ""
     while True:
         taken = inbox.take()
-        if taken is not None and _for_next_attempt(machine, *taken):
-            log.debug("all-reduce: %s sent a message for a later attempt; held", taken[0])
+        later = None if taken is None else _for_next_attempt(machine, *taken)
+        if taken is not None and later is not None:
+            log.debug("all-reduce: %s sent a message for a later %s; held", taken[0], later)
             inbox.hold(*taken)
+            if later == "attempt" and math.isinf(abandon_at):
+                # It gave this attempt up; what it sent before may still be on its way
+                # on the attempt's own connection: wait that long, not the deadline.
+                abandon_at = trio.current_time() + machine.limits.probe_interval
+                gone = f"{taken[0]} moved on to a later attempt"
             continue
         if taken is not None:
             return MessageArrived(*taken)
-        if trio.current_time() >= deadline:
+        now = trio.current_time()
+        if now >= deadline:
             return TimerFired()
-        with trio.move_on_at(deadline if math.isfinite(deadline) else math.inf):
+        if now >= abandon_at:
+            return Abandon(gone)
+        with trio.move_on_at(min(deadline, probe_at, abandon_at)) as scope:
             await inbox.wait()
+        if not scope.cancelled_caught or trio.current_time() < probe_at or alive is None:
+            continue
+        if not await alive(machine.predecessor):
+            return Abandon(f"{machine.predecessor} sent nothing and does not answer")
+        probe_at = trio.current_time() + interval
 
 
-def _for_next_attempt(machine: AllReduceMachine, sender: PeerId, data: bytes) -> bool:
-    """Whether ``data`` from ``sender`` (a member of this attempt) is a well-formed
-    message of this run and epoch for a later attempt of this round or for the next
-    round: it waits for that attempt instead of being refused by this one.  Anything
-    else (further ahead, older, malformed, from a non-member) is this machine's to
-    refuse, so a member cannot park messages here for ever."""
+def _for_next_attempt(machine: AllReduceMachine, sender: PeerId, data: bytes) -> str | None:
+    """``"attempt"`` when ``data`` from ``sender`` (a member of this attempt) is a
+    well-formed message of this run and epoch for a later attempt of this round,
+    ``"round"`` when for the next round: it waits for that attempt instead of being
+    refused by this one.  None for anything else (further ahead, older, malformed, from
+    a non-member): this machine's to refuse, so a member cannot park messages here for
+    ever.  A member's message for a later attempt means it gave this one up (it sends
+    to this member only after all its messages of the attempts before, on one
+    connection each): the caller gives this attempt up ``probe_interval`` later rather
+    than wait out its deadline."""
     if sender not in machine.members or not is_allreduce_frame(data):
-        return False
+        return None
     try:
         m = decode_chunk_message(data, max_payload=machine.limits.max_allreduce_chunk)
     except ChunkMessageError:
-        return False
+        return None
     c = machine.context
     if m.run_id != c.run_id or m.epoch != c.epoch:
-        return False
-    return (m.round == c.round and m.attempt > c.attempt) or m.round == c.round + 1
+        return None
+    if m.round == c.round and m.attempt > c.attempt:
+        return "attempt"
+    return "round" if m.round == c.round + 1 else None
 
 
 async def _send(send: SendMessage, action: Send, limits: Limits) -> str | None:

@@ -17,7 +17,7 @@ members do not each train a copy of the round's model: in round ``r`` every memb
    the sub-ring's members that trained.
 
 Every wait is bounded: a member waits ``Limits.relay_hop_timeout`` per hop before its
-own, and every ``Limits.relay_probe_interval`` of silence it checks that the
+own, and every ``Limits.probe_interval`` of silence it checks that the
 predecessor still completes a handshake; when the predecessor does not, or the wait
 passes, or the predecessor sends what the intake refuses, or says the
 relay broke, the member sends "broken" on at once and leaves the relay for the round,
@@ -63,6 +63,7 @@ from fedup.protocol.relay import (
     RelayPlan,
     decode_relay_message,
     parts_of,
+    sub_rings,
 )
 
 __all__ = ["HybridRun"]
@@ -87,6 +88,20 @@ class HybridRun(ParallelRun):
         """The round's average itself: the optimizer's momentum travelled in the relay,
         and server momentum on top of it made the model worse (docs/parallel.md)."""
         return average, None
+
+    probes_predecessor = True
+
+    def _join_wait(self, segment: int, limits: Limits) -> float | None:
+        """Members come to the all-reduce as their part of the relay ends: until all
+        have begun (the first segment's reduce-scatter), a wait may last, besides the
+        step deadline, the longest sub-ring's relay (``relay_hop_timeout`` per hop); a
+        predecessor that does not answer a probe ends it sooner."""
+        if segment > 0:
+            return None
+        settings = self.view.settings
+        longest = max(len(r) for r in sub_rings(self.live, settings.sub_rings))
+        relay = settings.sync_laps * longest * limits.relay_hop_timeout
+        return limits.allreduce_step_timeout + relay
 
     def _plan(self) -> RelayPlan:
         settings = self.view.settings
@@ -144,6 +159,8 @@ class HybridRun(ParallelRun):
                         relay_hop, self.task, state, self.settings, self.federation, seed
                     )
                     seconds += took
+                    if self._train_delay > 0:
+                        await trio.sleep(self._train_delay)
                     if n and finite(trained):
                         state, samples = trained, samples + n
                         rows += self.task.n_train if hop < len(ring) else 0
@@ -209,7 +226,7 @@ class HybridRun(ParallelRun):
             taken = inbox.take()
             if taken is None:
                 now = trio.current_time()
-                with trio.move_on_at(min(deadline, now + limits.relay_probe_interval)):
+                with trio.move_on_at(min(deadline, now + limits.probe_interval)):
                     await inbox.wait()
                     continue
                 if trio.current_time() >= deadline:

@@ -640,6 +640,7 @@ class Peer:
             limits=self.config.limits,
             events=self.events,
             durable=not self.simulated,
+            train_delay=self.train_delay,
         )
         run = (
             HybridRun(relay_inbox=self.relay_inbox, **common)

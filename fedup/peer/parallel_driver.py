@@ -98,6 +98,7 @@ class ParallelRun:
         limits: Limits,
         events: ev.EventHub,
         durable: bool = True,
+        train_delay: float = 0.0,
     ) -> None:
         view = signed.view
         self.me = identity.peer_id
@@ -119,6 +120,8 @@ class ParallelRun:
         self.federation = federation_stats(self.schema, len(self.members))
         self.outputs = RunOutputs(out_dir, durable=durable)
         self.bytes_sent = 0
+        self._train_delay = train_delay
+        """A simulated slow host's extra seconds for each round (or relay hop) it trains."""
 
     async def run(self) -> RunSummary:
         """Train round after round until the stopping rule holds; save the model (the
@@ -177,6 +180,8 @@ class ParallelRun:
         (stats, trained, samples, _), seconds = await self._builder.run(
             _round_of, task, current, self.settings, round_, self.index, self.federation, trains
         )
+        if trains and self._train_delay > 0:
+            await trio.sleep(self._train_delay)
         rows = task.n_train if trains and samples > 0 else 0
         if rows and not finite(trained):
             log.warning("round %d: my training gave a non-finite model; not counted", round_)
@@ -300,6 +305,7 @@ class ParallelRun:
                     members=self.live,
                     length=(stop - start) // ELEMENT_SIZE,
                     limits=limits,
+                    join_wait=self._join_wait(segment, limits),
                 )
                 part = vector[start:stop]
                 outcome = await all_reduce(
@@ -310,10 +316,23 @@ class ParallelRun:
                     add=float32_adder(part),
                     result=memoryview(result)[start:stop],
                     limits=limits,
+                    alive=self._alive if self.probes_predecessor else None,
                 )
                 if isinstance(outcome, Failed):
                     return outcome
         return bytes(result)
+
+    probes_predecessor = False
+    """Whether a member waiting in the all-reduce asks after its silent predecessor every
+    ``Limits.probe_interval`` (the hybrid mode's, whose first waits are long)."""
+
+    def _join_wait(self, segment: int, limits: Limits) -> float | None:
+        """How long each reduce-scatter wait of a segment may last (None: the step
+        deadline of ``limits``)."""
+        return None
+
+    async def _alive(self, peer: PeerId) -> bool:
+        return peer in await self._probe((peer,))
 
     def segments(self, layout: VectorLayout) -> int:
         """How many all-reduces a round's vector is summed in: as few as keep every chunk

@@ -41,9 +41,10 @@ it is exactly message ``k``, queued; queued messages are worked on in order)::
 
 Whenever this member has begun, is not waiting for :class:`Reduced` and has no
 queued message, it waits for message ``k`` and arms its timer for ``now +
-Limits.allreduce_step_timeout`` (:class:`SetTimer` replaces the previous timer;
-:class:`CancelTimer` drops it).  A :class:`TimerFired` before the deadline is stale
-and ignored.  A message that arrives before the timer fires is taken.
+Limits.allreduce_step_timeout`` (in the reduce-scatter, ``join_wait`` when given;
+:class:`SetTimer` replaces the previous timer; :class:`CancelTimer` drops it).  A
+:class:`TimerFired` before the deadline is stale and ignored.  A message that arrives
+before the timer fires is taken.
 
 Checks on every :class:`MessageArrived`, in order (the first failing one refuses,
 :class:`Refused` names the sender and a :class:`Refusal`): the machine has not
@@ -186,6 +187,7 @@ class AllReduceMachine:
         members: Sequence[PeerId],
         length: int,
         limits: Limits = DEFAULT_LIMITS,
+        join_wait: float | None = None,
     ) -> None:
         ring = ring_order(members)
         if len(ring) != len(members):
@@ -215,6 +217,11 @@ class AllReduceMachine:
         self.successor = ring[(self.index + 1) % n]
         self.predecessor = ring[(self.index - 1) % n]
         self.limits = limits
+        self.join_wait = limits.allreduce_step_timeout if join_wait is None else join_wait
+        """How long each wait of the reduce-scatter may last: until its last message
+        every member may not have begun (the hybrid mode's members come to the
+        all-reduce as their sub-ring's relay ends); the all-gather's waits are
+        ``allreduce_step_timeout``."""
         self.context = Context(run_id, epoch, round, attempt, ring_digest(ring), length)
         self._signer = signer
         self._keys = [nacl.signing.VerifyKey(m.public_key) for m in ring]
@@ -377,7 +384,7 @@ class AllReduceMachine:
             Failed(
                 FailureKind.TIMEOUT,
                 f"{self.predecessor} sent nothing for {phase.value}/{step} chunk {chunk} "
-                f"within {self.limits.allreduce_step_timeout} s",
+                f"within {self._wait()} s",
                 self.predecessor,
                 phase,
                 step,
@@ -436,10 +443,17 @@ class AllReduceMachine:
         if self._reducing is None and self._accepted == self._worked:  # wait for message k
             if self._waiting_for != self._accepted:
                 self._waiting_for = self._accepted
-                self._deadline = now + self.limits.allreduce_step_timeout
+                self._deadline = now + self._wait()
                 actions.append(SetTimer(self._deadline))
             return actions
         return actions + self._drop_timer()
+
+    def _wait(self) -> float:
+        """The deadline's length for message ``k``: ``join_wait`` in the reduce-scatter
+        (message ``n - 2`` at member ``i`` needs member ``i + 1`` to have begun: every
+        member has, once it arrived), the step deadline after."""
+        joining = self._accepted < len(self.members) - 1
+        return self.join_wait if joining else self.limits.allreduce_step_timeout
 
     def _drop_timer(self) -> list[Action]:
         self._waiting_for = None

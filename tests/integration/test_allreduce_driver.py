@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 import attrs
 import numpy as np
@@ -35,6 +36,7 @@ from fedup.net.framed import FramedStream
 from fedup.net.transport import Credentials, MemoryNetwork, TcpTransport, Transport
 from fedup.protocol.allreduce import AllReduceMachine, Done, Failed, FailureKind
 from fedup.protocol.allreduce_messages import (
+    ChunkMessage,
     ChunkPlan,
     Phase,
     chunk_digest,
@@ -130,6 +132,8 @@ class Ring:
         *,
         wrap: Callable[[Callable[[bytes], Awaitable[None]]], Callable[[bytes], Awaitable[None]]]
         | None = None,
+        join_wait: float | None = None,
+        alive: Callable[[PeerId], Awaitable[bool]] | None = None,
     ) -> tuple[Done | Failed, bytes]:
         machine = AllReduceMachine(
             self.identities[peer],
@@ -140,6 +144,7 @@ class Ring:
             members=self.order,
             length=len(vector),
             limits=self.limits,
+            join_wait=join_wait,
         )
         local = vector.tobytes()
         result = bytearray(len(local))
@@ -154,6 +159,7 @@ class Ring:
                 inbox=self.inboxes[peer],
                 add=float32_adder(local),
                 result=result,
+                alive=alive,
             )
             self.dials[peer] = link.dials
         return outcome, bytes(result)
@@ -178,12 +184,13 @@ async def run_all(
     ring: Ring,
     vectors: dict[PeerId, np.ndarray],
     wraps: dict[PeerId, Callable[..., Callable[[bytes], Awaitable[None]]]] | None = None,
+    **kw: Any,
 ) -> dict[PeerId, tuple[Done | Failed, bytes]]:
     outcomes: dict[PeerId, tuple[Done | Failed, bytes]] = {}
 
     async def one(peer: PeerId) -> None:
         wrap = (wraps or {}).get(peer)
-        outcomes[peer] = await ring.member(peer, vectors[peer], wrap=wrap)
+        outcomes[peer] = await ring.member(peer, vectors[peer], wrap=wrap, **kw)
 
     # Generous: nothing here waits for a deadline, and it bounds a hang.
     with trio.fail_after(10 * ring.limits.allreduce_step_timeout + 60):
@@ -264,6 +271,77 @@ async def test_a_member_that_never_sends_is_named_by_its_successor_memory(
 
 async def test_a_member_that_never_sends_is_named_by_its_successor_tcp() -> None:
     await silent_member("tcp", SHORT)
+
+
+async def test_a_long_join_wait_ends_early_when_the_silent_predecessor_does_not_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The hybrid mode's reduce-scatter may wait long (``join_wait``) for members still
+    in their relay; probing the predecessor every ``probe_interval`` ends the wait
+    as soon as it does not answer, naming it."""
+    async with listening("memory", 4) as ring:
+        silent = ring.order[1]
+        vectors = {p: contribution(i, 50) for i, p in enumerate(ring.order) if p != silent}
+        gave_up: list[float] = []
+
+        async def alive(peer: PeerId) -> bool:
+            if peer == silent:
+                gave_up.append(trio.current_time())
+            return peer != silent
+
+        start = trio.current_time()
+        join = 5 * LIMITS.allreduce_step_timeout
+        outcomes = await run_all(ring, vectors, join_wait=join, alive=alive)
+    failed = outcomes[ring.order[2]][0]
+    assert isinstance(failed, Failed) and failed.kind is FailureKind.ABANDONED
+    assert silent.text in failed.reason and "does not answer" in failed.reason
+    assert gave_up == [start + LIMITS.probe_interval]  # the first probe: long before
+    assert all(isinstance(outcomes[p][0], Failed) for p in vectors)
+
+
+async def test_a_message_for_a_later_attempt_ends_this_one_and_waits_for_that(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A member that sends a message of attempt + 1 gave this attempt up: the member it
+    sends to gives its own up ``probe_interval`` later (the current attempt's last
+    messages may still be on their way), not after its deadline, and keeps the message
+    for the next attempt."""
+    async with listening("memory", 3) as ring:
+        me, predecessor = ring.order[1], ring.order[0]
+        ahead = ChunkMessage(RUN, EPOCH, ROUND, ATTEMPT + 1, Phase.REDUCE_SCATTER, 0, 2, b"")
+        start = trio.current_time()
+
+        async def moved_on() -> None:
+            await trio.sleep(5)
+            ring.inboxes[me].deliver(predecessor, ahead.encode())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(moved_on)
+            outcome, _ = await ring.member(me, contribution(1, 50))
+    assert isinstance(outcome, Failed) and outcome.kind is FailureKind.ABANDONED
+    assert predecessor.text in outcome.reason and "later attempt" in outcome.reason
+    assert trio.current_time() - start == 5 + LIMITS.probe_interval
+    assert ring.inboxes[me].held > 0  # kept for attempt + 1
+
+
+async def test_a_link_idle_for_half_the_idle_timeout_is_dialled_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The receiver closes a connection idle for ``idle_timeout``, and a write into it
+    could be lost without an error: the link dials again first."""
+    async with listening("memory", 2) as ring:
+        a, b = ring.order
+        async with SuccessorLink(b, dial=ring.dial_from(a), limits=ring.limits) as link:
+            message = ChunkMessage(RUN, EPOCH, ROUND, ATTEMPT, Phase.REDUCE_SCATTER, 0, 0, b"")
+            await link.send(message.encode())
+            await trio.sleep(ring.limits.idle_timeout / 2 - 1)
+            await link.send(message.encode())
+            assert link.dials == 1
+            await trio.sleep(ring.limits.idle_timeout / 2 + 1)
+            await link.send(message.encode())
+            assert link.dials == 2
+        await trio.sleep(1)
+        assert len(ring.inboxes[b]) == 3  # every message arrived
 
 
 async def test_a_hostile_predecessors_bad_messages_are_refused_and_the_right_one_taken(

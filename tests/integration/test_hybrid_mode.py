@@ -16,7 +16,7 @@ import trio.testing
 from fedup.peer.hybrid_driver import HybridRun
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.relay import RelayMessage, decode_relay_message
-from fedup.sim import Faults, Kill, SimResult, SimSettings, run_simulation, sim_identity
+from fedup.sim import Faults, Kill, SimResult, SimSettings, Slow, run_simulation, sim_identity
 from fedup.sim.report import build_report
 from tests.integration.test_parallel_mode import RUN as PARALLEL
 from tests.integration.test_parallel_mode import lenders, ring_order, same, stranger_sends
@@ -105,6 +105,25 @@ async def test_a_member_that_dies_breaks_its_sub_ring_for_a_round_and_is_left_ou
     # Its successor waited out the hop deadline, and said so, naming it.
     victim_id = result.peers[victim].peer_id
     assert any(victim_id in m for m in relayed(caplog, "relay broke"))
+
+
+async def test_a_slow_sub_ring_is_waited_for_not_left_out(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A member 40 s slower per hop makes its sub-ring's relay (six hops of its, three
+    laps) last four minutes longer than the other's: the other sub-ring's members wait
+    for it in the all-reduce (its first message may wait the longest relay), probing,
+    and nobody is left out or retried."""
+    slow = ring_order(4)[0]
+    run = attrs.evolve(RUN, sync_laps=3, max_laps=3, patience=3)
+    with trio.fail_after(10_000):
+        result = await run_simulation(
+            lenders(4), tmp_path, SimSettings(run=run, faults=Faults(slow=(Slow(slow, 40.0),)))
+        )
+    summaries = [p.summary for p in result.peers]
+    assert all(s is not None and s.ok and s.dead == [] for s in summaries)
+    same(summaries, "model_sha256", "federated_val_loss")
+    assert not relayed(caplog, "attempt 0 failed") and not relayed(caplog, "relay broke")
 
 
 @pytest.mark.parametrize(

@@ -112,6 +112,7 @@ class World:
         seed: int = 0,
         limits: Limits = DEFAULT_LIMITS,
         silent: frozenset[int] = frozenset(),
+        join_wait: float | None = None,
     ) -> None:
         self.ids = ordered(n)
         self.peers = [i.peer_id for i in self.ids]
@@ -129,6 +130,7 @@ class World:
                 members=list(reversed(self.peers)),  # any order: the machine sorts
                 length=self.length,
                 limits=limits,
+                join_wait=join_wait,
             )
             for ident in self.ids
         ]
@@ -705,6 +707,46 @@ def test_the_deadline_is_armed_per_message_from_when_this_member_waits() -> None
     assert SetTimer(12.0 + TIMEOUT) in actions  # a new deadline for the next message
     # the old deadline's timer, if the driver fires it late, is stale
     assert [type(a) for a in m.handle(TimerFired(), 10.0 + TIMEOUT)] == [Ignored]
+
+
+def test_the_join_wait_bounds_the_reduce_scatter_and_the_step_deadline_the_rest() -> None:
+    """With ``join_wait`` (the hybrid mode's: members begin as their relay ends), every
+    wait until the reduce-scatter's last message may last that long: until then some
+    member may not have begun; the all-gather's waits are the step deadline."""
+    world = World(4, 9, seed=3, join_wait=500.0)
+    world.run()
+    world.check_success()
+    for i in range(4):
+        waits = [
+            t.at - now
+            for j, now, _, actions in world.log
+            if j == i
+            for t in actions
+            if isinstance(t, SetTimer)
+        ]
+        assert set(waits) <= {500.0, TIMEOUT}
+        assert waits == sorted(waits, reverse=True)  # the join waits come first
+    # A member still waiting for rs/0 fails only after the join wait, naming it.
+    silent = World(3, 5, silent=frozenset({0}), join_wait=500.0)
+    silent.run()
+    assert 500.0 <= silent.timers[1] < 505.0  # armed at the world's clock, about 0
+    actions = silent.machines[1].handle(TimerFired(), silent.timers[1])
+    assert isinstance(actions[0], Failed) and "within 500.0 s" in actions[0].reason
+    # In the all-gather the step deadline holds again.
+    late = World(5, 12, join_wait=500.0)
+
+    def drop(i: int, data: bytes) -> bool:
+        return i == 3 and decoded(data).phase is Phase.ALL_GATHER and decoded(data).step == 2
+
+    late.run(drop=drop)
+    waited = [
+        t.at - now
+        for j, now, _, actions in late.log
+        if j == 3
+        for t in actions
+        if isinstance(t, SetTimer)
+    ]
+    assert waited[-1] == TIMEOUT
 
 
 def test_every_wait_gets_a_fresh_deadline_and_only_waits_do() -> None:
