@@ -24,6 +24,11 @@ relay broke, the member sends "broken" on at once and leaves the relay for the r
 so the whole sub-ring learns it within one message per member.  A broken sub-ring puts
 no model into the round (its members' sums still count); the round is averaged over the
 other sub-rings, and only when none is left does the model stay as it was.
+
+Members come to the all-reduce as their part of the relay ends, so the first segment's
+reduce-scatter waits may last the longest sub-ring's relay besides the step deadline
+(:meth:`HybridRun._join_wait`), the waiting member probing its predecessor every
+``Limits.probe_interval`` meanwhile.
 """
 
 from __future__ import annotations
