@@ -548,9 +548,9 @@ class HopChain:
             at = held.starts[self.count - 1] if len(held.starts) >= self.count else -1
             if at + len(self.tail.entry) != self.nbytes:
                 return None
-            if held.buf[at : self.nbytes] != self.tail.entry:
+            if not held.buf.startswith(self.tail.entry, at, self.nbytes):
                 return None
-        if held.buf[self.nbytes : self.nbytes + n] != view:
+        if not held.buf.startswith(view, self.nbytes, self.nbytes + n):  # (no copy)
             return None
         return known
 
