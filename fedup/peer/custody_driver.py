@@ -135,6 +135,9 @@ class CustodyDriver:
         self.me = identity.peer_id
         self._identity = identity
         self.signed = signed
+        self.view_digest = signed.digest
+        """The view's digest (a SHA-256 of its envelope, some 250 kB among a thousand
+        members: made once, not for every blob sent)."""
         self.view = view
         self.run_id = view.run_id
         self.members = view.member_ids
@@ -153,7 +156,7 @@ class CustodyDriver:
         self.machine = CustodyMachine(
             identity,
             run_id=self.run_id,
-            view_digest=signed.digest,
+            view_digest=self.view_digest,
             view_epoch=view.epoch,
             members=self.members,
             rule=StopRule(
@@ -300,7 +303,7 @@ class CustodyDriver:
             encoded = self._saved_state[2]
         else:
             body = self._bodies.get(slot) if slot is not None else None
-            encoded = bytes(self.codec.encode(state, view=self.signed.digest, body=body))
+            encoded = bytes(self.codec.encode(state, view=self.view_digest, body=body))
             self._saved_state = (id(state), role, encoded)
         saved = RunState(
             network=self._state_file.network,
@@ -701,7 +704,7 @@ class CustodyDriver:
             return
         data = self.codec.encode(
             state,
-            view=self.signed.digest,
+            view=self.view_digest,
             chain=a.chain,
             origin=a.origin,
             seal=a.seal,

@@ -15,6 +15,7 @@ for long: every wait has a deadline from :class:`~fedup.config.Limits`.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Iterable
@@ -238,13 +239,15 @@ class FormationDriver:
         """Verified records of peers of our network, taken as one event (a batch of
         discovery's news)."""
         peers = []
-        for record in records:
-            peer = record.peer_id
-            if peer == self.me:
+        held = self._records
+        me = self.me.raw
+        for record in records:  # every member hears of every other: kept to dict work
+            peer = record.record.peer_id
+            if peer.raw == me:
                 continue
-            current = self._records.get(peer)
+            current = held.get(peer)
             if current is None or current.record.seq < record.record.seq:
-                self._records[peer] = record
+                held[peer] = record
             peers.append(peer)
         if len(peers) == 1:
             self.feed(fe.PeerSeen(peers[0]))
@@ -680,7 +683,7 @@ class FormationDriver:
         problem = None
         if roster.coordinator != coordinator:
             problem = "the roster is not signed by the peer that called us"
-        elif nonces is None or roster.commit_of(self.me) != commitment(nonces):
+        elif nonces is None or _commit_of(roster, self.me) != commitment(nonces):
             problem = "the roster does not carry my commitment"
         else:
             self._rosters[signed.digest] = signed
@@ -740,3 +743,17 @@ def _sign_tampered(identity: Signer, view: MembershipView, tamper: Tamper) -> Si
         payload=cbor.encode(tamper.view(value)),
     )
     return SignedView(view, envelope.to_cbor())
+
+
+def _commit_of(roster: Roster, peer: PeerId) -> bytes | None:
+    """``roster.commit_of(peer)`` by bisection: the commitments are ascending by peer ID
+    (verify_roster checked it), and every candidate of a roster looks itself up."""
+    commits = roster.commits
+    i = bisect.bisect_left(commits, peer.raw, key=_raw_of_first)
+    if i < len(commits) and commits[i][0].raw == peer.raw:
+        return commits[i][1]
+    return None
+
+
+def _raw_of_first(pair: tuple[PeerId, bytes]) -> bytes:
+    return pair[0].raw

@@ -51,6 +51,7 @@ makes anyone dead.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import Sequence
 from typing import Literal, TypeAlias
@@ -253,6 +254,33 @@ TRANSITIONS: dict[Phase, dict[type, _Handler]] = {
 """Which events each phase takes, and the method that decides; the rest are ignored."""
 
 
+FIRST_CHAINS = 8
+"""Runs whose first dead chain and chain rules a process keeps (:func:`_first_chain`)."""
+
+_first_chains: collections.OrderedDict[
+    tuple[bytes, bytes, tuple[bytes, ...], int], tuple[DeadChain, ChainRules]
+] = collections.OrderedDict()
+
+
+def _first_chain(
+    run_id: bytes, view_digest: bytes, members: Sequence[PeerId], max_laps: int
+) -> tuple[DeadChain, ChainRules]:
+    """A run's dead chain without notices and the rules of its hop chain, made once per
+    process and content: both are immutable, the same for every member of the run, and
+    each costs a sort and tables of the whole ring (a simulation of a thousand members
+    would build a thousand of each).  Keyed by the members' bytes (a peer ID's hash is
+    a Python call)."""
+    key = (run_id, view_digest, tuple(p.raw for p in members), max_laps)
+    made = _first_chains.get(key)
+    if made is None:
+        chain = DeadChain(run_id, view_digest, ring_order(members))
+        made = chain, ChainRules(run_id, view_digest, chain.members, max_laps)
+        _first_chains[key] = made
+        if len(_first_chains) > FIRST_CHAINS:
+            _first_chains.popitem(last=False)
+    return made
+
+
 class CustodyMachine:
     """One member's custody of one run; see the module docstring."""
 
@@ -271,7 +299,8 @@ class CustodyMachine:
         """``initial`` is the content digest of this member's initial state: what its hop
         statement says it received if it trains lap 0 hop 0 (as the leader)."""
         self.me = signer.peer_id
-        if self.me not in members:
+        chain, rules = _first_chain(run_id, view_digest, members, rule.max_laps)
+        if self.me not in chain.ring:
             raise LocalProtocolError("a custody machine needs its own member in the view")
         self._signer = signer
         self.run_id = run_id
@@ -279,10 +308,8 @@ class CustodyMachine:
         self.view_epoch = view_epoch
         self.rule = rule
         self.limits = limits
-        self.chain = DeadChain(run_id, view_digest, ring_order(members))
-        self.provenance = HopChain.start(
-            ChainRules(run_id, view_digest, self.chain.members, rule.max_laps)
-        )
+        self.chain = chain
+        self.provenance = HopChain.start(rules)
         """The hop statements as far as this member verified or signed them: all of them
         (a blob carries only those its receiver has not seen, so a member keeps its own)."""
         self._received = initial

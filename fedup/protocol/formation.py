@@ -51,6 +51,7 @@ refusal), never an exception.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 
 import attrs
@@ -103,6 +104,40 @@ __all__ = [
     "FormationMachine",
     "Stage",
 ]
+
+DRAW_MEMO = 8
+"""Draws whose outcome a process remembers (:func:`_draw`): every member of a roster
+computes the same draw, and the simulator runs all of them in one process."""
+
+_draws: collections.OrderedDict[
+    tuple[int, tuple[bytes, ...], tuple[bytes, ...]], tuple[Roster, PeerId, frozenset[PeerId]]
+] = collections.OrderedDict()
+
+
+def _draw(
+    roster: Roster, reveals: tuple[tuple[PeerId, bytes], ...]
+) -> tuple[PeerId, frozenset[PeerId]]:
+    """The leader ``roster`` draws with ``reveals`` and the roster's members, computed once
+    per process for one roster object and the same reveals (by their bytes).
+
+    A member's roster is the one its driver verified, and a process verifies a roster's
+    bytes once, so every member of a simulation passes the same object; the key holds
+    the roster's identity, and the entry the roster itself (so the identity is not
+    reused while the entry lives).  Keying by the peer IDs' bytes, not the IDs, spares
+    two Python hash calls per member and entry (a thousand members: a million calls).
+    Raises :class:`DrawError` as :func:`draw_leader` does; failures are not kept.
+    """
+    key = (id(roster), tuple(p.raw for p, _ in reveals), tuple(r for _, r in reveals))
+    known = _draws.get(key)
+    if known is not None and known[0] is roster:
+        return known[1], known[2]
+    leader = draw_leader(roster, dict(reveals))
+    members = roster.member_ids
+    _draws[key] = (roster, leader, members)
+    if len(_draws) > DRAW_MEMO:
+        _draws.popitem(last=False)
+    return leader, members
+
 
 MAX_PROBES = 8
 """Candidates probed at once: enough to clear a handful of fakes below the real leader in
@@ -304,10 +339,15 @@ class FormationMachine:
 
     def _candidate(self, peer: PeerId) -> bool:
         """Note a verified record of ``peer``; True if it is a new candidate."""
-        self.unreachable.discard(peer)  # a new record: worth another probe
-        self.inconclusive.discard(peer)
-        self.strikes.pop(peer, None)
-        if peer == self.me or peer in self.candidates:
+        # Every member notes every other's record (N^2 calls in a simulation): the sets
+        # are empty while settling, and a peer ID's hash is a Python call.
+        if self.unreachable:
+            self.unreachable.discard(peer)  # a new record: worth another probe
+        if self.inconclusive:
+            self.inconclusive.discard(peer)
+        if self.strikes:
+            self.strikes.pop(peer, None)
+        if peer in self.candidates or peer.raw == self.me.raw:
             return False
         self.candidates.add(peer)
         return True
@@ -977,7 +1017,7 @@ class FormationMachine:
             return [Close(event.leader, inbound=True), *self._join(event.leader)]
         assert self.roster is not None and self.digest is not None
         try:
-            leader = draw_leader(self.roster, dict(event.reveals or ()))
+            leader, members = _draw(self.roster, event.reveals or ())
         except DrawError as exc:
             return [
                 Close(event.leader, inbound=True),
@@ -985,7 +1025,7 @@ class FormationMachine:
                     f"the draw of {event.leader} is invalid: {exc.reason}", distrust=event.leader
                 ),
             ]
-        drawn = Drawn(leader, self.roster.member_ids, self.digest)
+        drawn = Drawn(leader, members, self.digest)
         return [Close(event.leader, inbound=True), *self._drawn(drawn)]
 
     def _ring_blob(self, event: RingBlobArrived) -> list[Action]:

@@ -284,7 +284,8 @@ class PeerRecordBook:
                 f"record book is full ({self._max_peers} peers)", peer=peer.text
             )
         self._records[peer] = signed
-        self._high_seq.pop(peer, None)  # to the end: admitted most recently
+        if high is not None:
+            del self._high_seq[peer]  # to the end: admitted most recently
         self._high_seq[peer] = signed.record.seq
         return True
 

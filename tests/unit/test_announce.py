@@ -470,6 +470,40 @@ def test_observers_of_one_announcement_share_its_values_and_judge_it_each() -> N
     assert refused.sighting.reason is RejectReason.OTHER_NETWORK
 
 
+def test_equal_rules_share_and_a_core_whose_rules_change_judges_by_the_new_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What a shared dict holds is keyed by the rules (scope and limits), not by the
+    objects that carry them: a core with an equal scope of its own takes the values made
+    for ours without verifying again; a core whose scope is replaced judges by the new one."""
+    import fedup.net.discovery.base as base_module
+
+    verified: list[object] = []
+    real = base_module.verify_announcement
+
+    def counting(*args: object, **kw: object) -> object:
+        verified.append(args[0])
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(base_module, "verify_announcement", counting)
+    shared: dict[object, object] = {}
+    txt = txt_of(record(5))
+    ours = DiscoveryCore(scope=SCOPE)
+    twin = DiscoveryCore(scope=NetworkScope(SCOPE.name, SCOPE.key_id))
+    assert twin.scope is not ours.scope
+    first = ours.observe("a", txt, HOME, now=1.0, shared=shared)
+    second = twin.observe("a", txt, HOME, now=1.0, shared=shared)
+    assert len(verified) == 1
+    assert second.sighting is first.sighting and second.events == first.events
+    # a core that moved to another network refuses what the old one accepted
+    moved = DiscoveryCore(scope=SCOPE)
+    moved.observe("b", txt_of(record(5, ident=Identity(b"\x02" * 32))), HOME, now=1.0)
+    moved.scope = NetworkScope("others", KEY_ID)
+    refused = moved.observe("a", txt, HOME, now=1.0, shared=shared)
+    assert refused.events == () and refused.sighting is not None
+    assert refused.sighting.reason is RejectReason.OTHER_NETWORK
+
+
 def test_core_bounds_sources_evicting_refused_ones_first() -> None:
     core = DiscoveryCore(scope=SCOPE, max_sources=3)
     core.observe("good", txt_of(record()), HOME, now=0.0)

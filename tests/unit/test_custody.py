@@ -11,6 +11,7 @@ import attrs
 import pytest
 
 from fedup.config import DEFAULT_LIMITS
+from fedup.errors import LocalProtocolError
 from fedup.identity import Identity
 from fedup.protocol.custody import TRANSITIONS, CustodyMachine, StopRule
 from fedup.protocol.custody_events import (
@@ -661,3 +662,36 @@ def test_a_stop_state_replays_from_history() -> None:
     assert state.holds(judged_lap=3, patience=2, max_laps=100)
     assert state.reason(patience=2) == "converged"
     assert Finish  # re-exported names stay importable
+
+
+def test_the_members_of_one_run_share_its_first_dead_chain_and_chain_rules() -> None:
+    """Built once per process and content (a simulation holds every member): equal
+    members give the very same immutable chain and rules; another view, its own; a
+    signer outside the members is refused as before."""
+    ring = PureRing(4)
+    a, b = (ring.machines[p] for p in ring.peers[:2])
+    assert a.chain is b.chain and a.provenance.rules is b.provenance.rules
+    assert a.chain == DeadChain(RUN, VIEW, tuple(ring.peers)) and len(a.chain) == 0
+    assert a.chain.members == tuple(ring.peers)  # ring order
+    other = CustodyMachine(
+        ring.ids[0],
+        run_id=RUN,
+        view_digest=b"\x01" * 32,
+        view_epoch=0,
+        members=ring.peers,
+        rule=ring.rule,
+        limits=DEFAULT_LIMITS,
+        initial=content_of(Progress.initial()),
+    )
+    assert other.chain is not a.chain and other.chain.view_digest == b"\x01" * 32
+    with pytest.raises(LocalProtocolError, match="its own member"):
+        CustodyMachine(
+            Identity(b"\x7e" * 32),
+            run_id=RUN,
+            view_digest=VIEW,
+            view_epoch=0,
+            members=ring.peers,
+            rule=ring.rule,
+            limits=DEFAULT_LIMITS,
+            initial=content_of(Progress.initial()),
+        )

@@ -17,7 +17,7 @@ import pytest
 
 from fedup.config import DEFAULT_LIMITS
 from fedup.identity import Identity
-from fedup.protocol.draw import Roster, commitment, draw_leader, reveal_of
+from fedup.protocol.draw import DrawError, Roster, commitment, draw_leader, reveal_of
 from fedup.protocol.formation import MAX_STRIKES, TRANSITIONS, FormationMachine, Stage
 from fedup.protocol.formation_events import (
     AckArrived,
@@ -809,3 +809,50 @@ def test_a_trickle_of_new_candidates_cannot_put_settling_off() -> None:
     actions = m.handle(TimerFired("settle-max"))
     assert m.settled and m.stage is not Stage.SETTLING
     assert any("kept appearing" in a.text for a in actions if isinstance(a, Note))
+
+
+def test_a_process_draws_once_per_roster_and_reveals(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every member of a roster draws the same leader: a process computes it once for
+    one roster object and the same reveals, again for another roster object or other
+    reveals, and never keeps a failed draw."""
+    from fedup.protocol import formation as formation_module
+
+    drawn: list[Roster] = []
+    real = formation_module.draw_leader
+
+    def counting(roster: Roster, reveals: dict[PeerId, bytes]) -> PeerId:
+        drawn.append(roster)
+        return real(roster, reveals)
+
+    monkeypatch.setattr(formation_module, "draw_leader", counting)
+    ids = sorted((Identity(bytes([60 + i]) * 32) for i in range(4)), key=lambda i: i.peer_id)
+    nonce = {i.peer_id: hashlib.sha512(i.peer_id.raw).digest() for i in ids}
+    coordinator, *rest = (i.peer_id for i in ids)
+    commits = tuple((p, commitment(nonce[p])) for p in rest)
+    roster = Roster(bytes(16), 0, coordinator, commits)
+    reveals = tuple((p, reveal_of(nonce[p], 0)) for p in rest)
+    expected = real(roster, dict(reveals))
+    for _ in range(3):
+        assert formation_module._draw(roster, reveals) == (expected, roster.member_ids)
+    assert drawn == [roster]
+    twin = Roster(bytes(16), 0, coordinator, commits)  # equal, another object
+    assert formation_module._draw(twin, tuple(reveals)) == (expected, roster.member_ids)
+    assert len(drawn) == 2
+    wrong = (*reveals[:-1], (reveals[-1][0], bytes(len(reveals[-1][1]))))
+    for _ in range(2):
+        with pytest.raises(DrawError):
+            formation_module._draw(roster, wrong)
+    assert len(drawn) == 4
+
+
+def test_a_member_finds_its_commitment_in_a_roster_by_bisection() -> None:
+    from fedup.peer.formation_driver import _commit_of
+
+    ids = sorted((Identity(bytes([80 + i]) * 32) for i in range(6)), key=lambda i: i.peer_id)
+    coordinator, *rest = (i.peer_id for i in ids)
+    commits = tuple((p, commitment(hashlib.sha512(p.raw).digest())) for p in rest)
+    roster = Roster(bytes(16), 0, coordinator, commits)
+    stranger = Identity(b"\x7f" * 32).peer_id
+    for peer in [*rest, coordinator, stranger]:
+        assert _commit_of(roster, peer) == roster.commit_of(peer)
+    assert _commit_of(roster, coordinator) is None and _commit_of(roster, rest[0]) is not None

@@ -755,3 +755,34 @@ def test_a_chain_of_tiny_entries_is_refused_before_it_costs_anything() -> None:
     with pytest.raises(ProvenanceError, match="length does not fit"):
         HopChain.start(RULES).extend_with(tiny * 100_000, dead=NO_DEAD)
     assert min(len(s.entry) for s in STATEMENTS) - 2 >= MIN_STATEMENT_SIZE
+
+
+def test_in_the_simulator_a_suffix_that_only_ends_like_the_sender_s_is_walked_and_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The shared process finds its sender's chain by the last statement carried, then
+    compares every byte: a suffix whose last statement is the sender's but whose earlier
+    ones were changed is walked and refused, and so is one sent to a receiver whose
+    chain is not the one the sender's extends."""
+    walked = counting_walks(monkeypatch)
+    with provenance_module.shared_process():
+        sender = honest(9)
+        suffix = sender.suffix_for(MEMBERS[1])
+        assert suffix == join(STATEMENTS[6:9])
+        forged = bytearray(suffix)
+        forged[len(STATEMENTS[6].entry) // 2] ^= 1  # inside statement 6: its signature fails
+        walked.clear()
+        with pytest.raises(ProvenanceError, match="hop statement 6"):
+            honest(6).extend_with(bytes(forged), dead=NO_DEAD)
+        # the same length and last statement, after another chain of 6 statements: its
+        # first statement names a head not held here
+        other = HopChain.start(RULES).extend_with(join(STATEMENTS[:5]), dead=NO_DEAD)
+        other = other.extend_with(join([resigned(STATEMENTS[5], sent=bytes(32))]), dead=NO_DEAD)
+        assert other.nbytes == honest(6).nbytes and other.head != honest(6).head
+        with pytest.raises(ProvenanceError):
+            other.extend_with(suffix, dead=NO_DEAD)
+        # the honest receiver gets the sender's chain itself, nothing walked
+        mine = honest(6)
+        walked.clear()
+        assert mine.extend_with(suffix, dead=NO_DEAD) is sender
+        assert walked == []

@@ -185,6 +185,24 @@ _NOTHING = Observation()
 Shared: TypeAlias = dict[object, object]
 """What the observers of one announcement share (:meth:`DiscoveryCore.observe`)."""
 
+_RULES: dict[tuple[NetworkScope, Limits], object] = {}
+"""One token per (scope, limits) in use: what a :data:`Shared` dict is keyed by."""
+MAX_RULES = 64
+"""Tokens kept at most (then forgotten: later observers only share less)."""
+
+
+def _rules_token(scope: NetworkScope, limits: Limits) -> object:
+    """A token standing for ``(scope, limits)``: equal rules give the same token while it
+    is kept, different rules never do.  A key of the token hashes and compares without
+    the attrs-generated methods of the scope and limits (Python calls, and a simulation
+    of N peers observes N^2 announcements)."""
+    token = _RULES.get((scope, limits))
+    if token is None:
+        if len(_RULES) >= MAX_RULES:
+            _RULES.clear()
+        token = _RULES[(scope, limits)] = object()
+    return token
+
 
 class DiscoveryCore:
     """The pure state of discovery: sightings by source, live peers, counters.
@@ -224,6 +242,9 @@ class DiscoveryCore:
         """Peers that completed a handshake with us (most recent last): their sightings
         are the last to make room for newcomers."""
         self._logged: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        self._token_of: tuple[NetworkScope, Limits, object] | None = None
+        """The rules token (:func:`_rules_token`) of ``scope`` and ``limits`` as they were
+        when it was taken (both may be replaced)."""
 
     # --- queries --------------------------------------------------------------------
 
@@ -267,7 +288,7 @@ class DiscoveryCore:
         """
         if source in self.own_sources:
             return _NOTHING
-        key = (self.scope, self.limits)
+        key = self._rules() if shared is not None else None
         outcome = shared.get(key) if shared is not None else None
         if not isinstance(outcome, Verified):
             try:
@@ -284,6 +305,17 @@ class DiscoveryCore:
             if shared is not None:  # a success only: an error is raised again by each
                 shared[key] = outcome
         return self._observe(source, advertised, outcome, now=now, shared=shared)
+
+    def _rules(self) -> object:
+        """The token of our rules (scope and limits) in a :data:`Shared` dict."""
+        held = self._token_of
+        if held is None or held[0] is not self.scope or held[1] is not self.limits:
+            held = self._token_of = (
+                self.scope,
+                self.limits,
+                _rules_token(self.scope, self.limits),
+            )
+        return held[2]
 
     def observe_envelope(
         self, source: str, envelope: bytes, advertised: Sequence[Address], *, now: float
@@ -334,7 +366,8 @@ class DiscoveryCore:
                 raise outcome
             signed = outcome.signed
             peer = signed.record.peer_id
-            if peer == self.local_peer:
+            local = self.local_peer
+            if local is not None and peer.raw == local.raw:  # (PeerId's == is a Python call)
                 self._pop(source)
                 return _NOTHING
             fresh = admit_record(self.book, signed, evictable=self._not_live)
@@ -342,7 +375,7 @@ class DiscoveryCore:
             return Observation(sighting=self._reject(source, advertised, err, now))
         # The values below depend on the announcement, our rules and the time only:
         # observers of one notice share them (they are immutable).
-        key = (self.scope, self.limits, now) if shared is not None else None
+        key = (self._rules(), now) if shared is not None else None
         known = shared.get(key) if shared is not None else None
         if isinstance(known, Sighting):
             sighting = known
@@ -350,23 +383,23 @@ class DiscoveryCore:
             sighting = Sighting(source, advertised, True, None, None, signed, now)
             if shared is not None:
                 shared[key] = sighting
-        self._put(source, sighting, peer)
-        if fresh:
+        if self._put(source, sighting, peer) != source and fresh:
             self._supersede(peer, signed, source)
         live = self._live
         kind: EventKind | None
         if peer not in live:
-            kind = EventKind.FOUND
+            kind, tag = EventKind.FOUND, 1
         elif fresh:
-            kind = EventKind.UPDATED
+            kind, tag = EventKind.UPDATED, 2
         else:  # a repeat of the record we hold, maybe from a second source
-            kind = None
-        observation = shared.get((key, kind)) if shared is not None else None
+            kind, tag = None, 0
+        # (tagged by a number: an enum's hash is a Python call)
+        observation = shared.get((key, tag)) if shared is not None else None
         if not isinstance(observation, Observation):
             events = () if kind is None else (DiscoveryEvent(kind, peer, signed, source),)
             observation = Observation(events, sighting)
             if shared is not None:
-                shared[(key, kind)] = observation
+                shared[(key, tag)] = observation
         if kind is None:
             return observation
         live[peer] = (source, signed)
@@ -407,8 +440,11 @@ class DiscoveryCore:
                 return s.source
         return None
 
-    def _put(self, source: str, sighting: Sighting, peer: PeerId | None = None) -> None:
-        """Hold ``sighting`` as ``source``'s (``peer``: its peer ID, when verified)."""
+    def _put(
+        self, source: str, sighting: Sighting, peer: PeerId | None = None
+    ) -> str | set[str] | None:
+        """Hold ``sighting`` as ``source``'s (``peer``: its peer ID, when verified); return
+        the verified sources of its peer now (None if it is not verified)."""
         if source in self._sightings:
             self._pop(source)
         self._sightings[source] = sighting
@@ -418,11 +454,14 @@ class DiscoveryCore:
                 sources = self._verified.get(peer)
                 if sources is None:
                     self._verified[peer] = source
-                elif isinstance(sources, str):
+                    return source
+                if isinstance(sources, str):
                     if sources != source:
-                        self._verified[peer] = {sources, source}
-                else:
-                    sources.add(source)
+                        sources = self._verified[peer] = {sources, source}
+                    return sources
+                sources.add(source)
+                return sources
+        return None
 
     def _pop(self, source: str) -> Sighting | None:
         old = self._sightings.pop(source, None)
