@@ -69,6 +69,7 @@ __all__ = [
     "DEFAULT_OPTIMIZER_STATE",
     "OPTIMIZER_STATES",
     "FedAvgResult",
+    "RoundLedger",
     "RoundTime",
     "average",
     "fedavg",
@@ -126,24 +127,22 @@ class FedAvgResult:
     @classmethod
     def ended(
         cls,
-        weights: Weights,
-        history: Sequence[LapResult],
+        ledger: RoundLedger,
         rounds: Sequence[RoundTime],
-        samples: int,
         n_train: int,
         started: float,
         model_bytes: int,
-        stop: StopState,
     ) -> FedAvgResult:
-        """The result of a run that began at ``perf_counter()`` ``started`` and trained
-        ``samples`` in all over ``n_train`` rows."""
-        kept = next((h for h in history if h.lap == stop.best_lap), None)
+        """The result of a run over ``n_train`` rows that began at ``perf_counter()``
+        ``started`` and ended with ``ledger``."""
+        stop = ledger.stop
+        kept = next((h for h in ledger.history if h.lap == stop.best_lap), None)
         return cls(
-            weights=weights,
-            history=tuple(history),
+            weights=ledger.best,
+            history=tuple(ledger.history),
             rounds=tuple(rounds),
             passes=(kept.samples if kept else 0) / n_train if n_train else 0.0,
-            total_passes=samples / n_train if n_train else 0.0,
+            total_passes=ledger.samples / n_train if n_train else 0.0,
             seconds=time.perf_counter() - started,
             model_bytes=model_bytes,
             stop=stop,
@@ -193,6 +192,45 @@ def judge_round(
     return record, stop.judge(record, tolerance=tol)[0]
 
 
+@attrs.define(eq=False)
+class RoundLedger:
+    """The stopping rule's book of a run in rounds (FedAvg, the parallel and hybrid
+    modes): round ``r``'s pooled sums judge the model ``w_r`` that round began from (the
+    output of round ``r - 1``), the best one judged is kept, and the samples add up."""
+
+    best: Weights
+    """The judged model with the lowest pooled validation loss (first: the initial one)."""
+    stop: StopState = attrs.field(factory=StopState)
+    history: list[LapResult] = attrs.field(factory=list)
+    samples: int = 0
+    """Samples trained by the rounds before the current one."""
+
+    def judge(
+        self,
+        task: Task,
+        sums: tuple[int, ...],
+        round_: int,
+        current: Weights,
+        trained: int,
+        tolerance: float,
+    ) -> LapResult | None:
+        """Judge ``current`` (round ``round_``'s model) by ``sums``, then count the
+        ``trained`` samples of the round; the lap result, None for no sums."""
+        record, self.stop = judge_round(task, sums, round_ - 1, self.samples, self.stop, tolerance)
+        if record is not None:
+            self.history.append(record)
+            if self.stop.best_lap == round_ - 1:
+                self.best = current
+        self.samples += trained
+        return record
+
+    def ends(self, round_: int, settings: RingSettings) -> bool:
+        """Whether the run ends after round ``round_`` (the last round only evaluates)."""
+        return round_ >= settings.max_laps or self.stop.holds(
+            judged_lap=round_ - 1, patience=settings.patience, max_laps=settings.max_laps
+        )
+
+
 def fedavg(
     tasks: Sequence[Task],
     settings: RingSettings,
@@ -215,11 +253,8 @@ def fedavg(
     server = optimizer_state in ("server", "member+server")
     momentum: Weights | None = None
     saved: list[dict[str, Any] | None] = [None] * len(tasks)
-    stop = StopState()
-    history: list[LapResult] = []
+    ledger = RoundLedger(current)
     rounds: list[RoundTime] = []
-    best = current
-    samples = 0
     round_ = 0
     while True:
         trains = round_ < settings.max_laps
@@ -240,14 +275,8 @@ def fedavg(
             compute.append(time.perf_counter() - t0)
         rounds.append(RoundTime(round_, tuple(compute), trains))
         # The all-reduce: the round's output, and the pooled evaluation of its input.
-        record, stop = judge_round(tasks[0], sums, round_ - 1, samples, stop, settings.tolerance)
-        if record is not None:
-            history.append(record)
-            if stop.best_lap == round_ - 1:
-                best = current
-        samples += round_samples
-        if stop.holds(judged_lap=round_ - 1, patience=settings.patience,
-                      max_laps=settings.max_laps) or not trains:  # fmt: skip
+        ledger.judge(tasks[0], sums, round_, current, round_samples, settings.tolerance)
+        if ledger.ends(round_, settings):
             break
         if n_train > 0:
             new = average(trained, rows)
@@ -255,7 +284,7 @@ def fedavg(
                 new, momentum = server_step(current, new, momentum)
             current = new
         round_ += 1
-    return FedAvgResult.ended(best, history, rounds, samples, n_train, start, model_bytes, stop)
+    return FedAvgResult.ended(ledger, rounds, n_train, start, model_bytes)
 
 
 def _federation(tasks: Sequence[Task]) -> FederationStats:

@@ -34,15 +34,14 @@ import torch
 from fedup.errors import LocalProtocolError
 from fedup.learn.fedavg import (
     FedAvgResult,
+    RoundLedger,
     RoundTime,
     average,
-    judge_round,
 )
 from fedup.learn.lap_sums import ZERO_SUMS, add_sums, to_sums
 from fedup.learn.parallel import VectorLayout
 from fedup.learn.ring import (
     FederationStats,
-    LapResult,
     RingSettings,
     fresh_optimizer_state,
     hop_budget,
@@ -51,7 +50,6 @@ from fedup.learn.ring import (
     optimizer_tensors,
 )
 from fedup.learn.task import Task, seeded
-from fedup.protocol.laps import StopState
 from fedup.protocol.relay import sub_rings
 
 __all__ = [
@@ -163,8 +161,7 @@ def hybrid(
         for k, v in tasks[0].build_model(settings.seed).state_dict().items()
     }
     model_bytes = sum(v.element_size() * v.nelement() for v in current.values())
-    stop, history, rounds = StopState(), list[LapResult](), list[RoundTime]()
-    best, samples, round_ = current, 0, 0
+    ledger, rounds, round_ = RoundLedger(current), list[RoundTime](), 0
     while True:
         trains = round_ < settings.max_laps
         sums, evals = ZERO_SUMS, [0.0] * len(tasks)
@@ -190,17 +187,10 @@ def hybrid(
             rows.append(sum(tasks[i].n_train for i in ring))
             compute.append(seconds)
         rounds.append(RoundTime(round_, tuple(compute), trains))
-        record, stop = judge_round(tasks[0], sums, round_ - 1, samples, stop, settings.tolerance)
-        if record is not None:
-            history.append(record)
-            if stop.best_lap == round_ - 1:
-                best = current
-        samples += round_samples
-        if not trains or stop.holds(
-            judged_lap=round_ - 1, patience=settings.patience, max_laps=settings.max_laps
-        ):
+        ledger.judge(tasks[0], sums, round_, current, round_samples, settings.tolerance)
+        if ledger.ends(round_, settings):
             break
         if n_train > 0:
             current = average(models, rows)
         round_ += 1
-    return FedAvgResult.ended(best, history, rounds, samples, n_train, start, model_bytes, stop)
+    return FedAvgResult.ended(ledger, rounds, n_train, start, model_bytes)

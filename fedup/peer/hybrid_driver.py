@@ -34,7 +34,6 @@ reduce-scatter waits may last the longest sub-ring's relay besides the step dead
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import trio
@@ -51,10 +50,8 @@ from fedup.learn.hybrid import (
 )
 from fedup.learn.lap_sums import to_sums
 from fedup.learn.parallel import VectorLayout, finite
-from fedup.learn.ring import model_with
-from fedup.learn.task import EvalStats
 from fedup.net.allreduce_driver import AllReduceInbox, SuccessorLink
-from fedup.peer.parallel_driver import Dial, ParallelRun, RoundPart, Weights
+from fedup.peer.parallel_driver import Dial, ParallelRun, RoundPart, Weights, timed_round
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.relay import (
     Broken,
@@ -116,7 +113,10 @@ class HybridRun(ParallelRun):
         self, round_: int, current: Weights, layout: VectorLayout, trains: bool
     ) -> RoundPart:
         """Evaluate ``current``; then this member's hops of its sub-ring's relay."""
-        stats, evaluation = await self._builder.run(_evaluate_timed, self.task, current)
+        (stats, _, _, _), evaluation = await self._builder.run(
+            timed_round, self.task, current, self.settings, round_, self.index,
+            self.federation, False,
+        )  # fmt: skip
         sums = to_sums(stats)
         if not trains:
             return RoundPart(sums, current, 0, 0, evaluation, evaluation)
@@ -289,9 +289,3 @@ class _Link:
     async def __aexit__(self, *exc: object) -> None:
         if self._link is not None:
             await self._link.aclose()
-
-
-def _evaluate_timed(task: Any, weights: Weights) -> tuple[EvalStats, float]:
-    began = time.perf_counter()
-    stats: EvalStats = task.evaluate(model_with(task, weights))
-    return stats, time.perf_counter() - began

@@ -39,7 +39,7 @@ import trio
 
 from fedup.config import Limits
 from fedup.errors import FedupError
-from fedup.learn.fedavg import judge_round, member_round, server_step
+from fedup.learn.fedavg import RoundLedger, member_round, server_step
 from fedup.learn.lap_sums import to_sums
 from fedup.learn.parallel import RoundSum, VectorLayout, contribution, finite, round_end
 from fedup.learn.ring import FederationStats, LapResult, RingSettings, model_with
@@ -59,7 +59,7 @@ from fedup.protocol.peer_id import PeerId
 from fedup.protocol.ring import ring_order
 from fedup.protocol.view import SignedView
 
-__all__ = ["ParallelRun", "RoundPart"]
+__all__ = ["ParallelRun", "RoundPart", "timed_round"]
 
 log = logging.getLogger("fedup.federation")
 
@@ -140,8 +140,7 @@ class ParallelRun:
         current: Weights = await self._builder.run(_initial_weights, task, settings.seed)
         layout = VectorLayout.for_weights(current)
         momentum: Weights | None = None
-        best, stop, samples = current, StopState(), 0
-        history: list[LapResult] = []
+        ledger = RoundLedger(current)
         round_ = 0
         while True:
             trains = round_ < settings.max_laps
@@ -152,25 +151,19 @@ class ParallelRun:
                 layout, part.weights, rows=part.rows, samples=part.samples, sums=part.sums
             )
             summed = round_end(layout, await self._all_reduce(round_, layout, vector))
-            record, stop = judge_round(
-                task, summed.sums, round_ - 1, samples, stop, settings.tolerance
+            record = ledger.judge(
+                task, summed.sums, round_, current, summed.samples, settings.tolerance
             )
             if record is not None:
-                history.append(record)
                 self._note(record)
-                if stop.best_lap == round_ - 1:
-                    best = current
-            samples += summed.samples
-            if not trains or stop.holds(
-                judged_lap=round_ - 1, patience=settings.patience, max_laps=settings.max_laps
-            ):
+            if ledger.ends(round_, settings):
                 break
             if self._usable(round_, summed):
                 assert summed.average is not None
                 current, momentum = self._next_model(current, summed.average, momentum)
             round_ += 1
         reason = "converged" if round_ < settings.max_laps else "max-laps"
-        return await self._finish(reason, best, stop, history)
+        return await self._finish(reason, ledger.best, ledger.stop, ledger.history)
 
     async def _train_round(
         self, round_: int, current: Weights, layout: VectorLayout, trains: bool
@@ -178,7 +171,7 @@ class ParallelRun:
         """This member's part of round ``round_``: evaluate ``current``, train a copy."""
         task = self.task
         (stats, trained, samples, _), seconds = await self._builder.run(
-            _round_of, task, current, self.settings, round_, self.index, self.federation, trains
+            timed_round, task, current, self.settings, round_, self.index, self.federation, trains
         )
         if trains and self._train_delay > 0:
             await trio.sleep(self._train_delay)
@@ -403,7 +396,7 @@ def _evaluate(task: Any, weights: Weights) -> EvalStats:
     return result
 
 
-def _round_of(
+def timed_round(
     task: Any,
     weights: Weights,
     settings: RingSettings,

@@ -166,6 +166,14 @@ def _fedavg_entry(
     clock = parallel_clock(
         run.rounds, run.model_bytes, _links(result), _hold(result), sums_bytes=PACKED_SIZE
     )
+    return _rounds_entry(run, clock, tasks)
+
+
+def _rounds_entry(
+    run: FedAvgResult, clock: ParallelClock, tasks: Sequence[TensorTask]
+) -> tuple[dict[str, Any], tuple[FedAvgResult, ParallelClock]]:
+    """A one-process run in rounds as a report entry: every peer with the run's passes,
+    wall seconds and its clock's bytes per member."""
     per_peer = [
         {"peer": i, "epochs": run.passes, "wall_seconds": run.seconds,
          "bytes_sent": clock.bytes_per_member}
@@ -187,12 +195,7 @@ def _hybrid_entry(
     run = hybrid(ordered, settings, sub_ring_setting=run_settings.sub_rings,
                  sync_laps=run_settings.sync_laps, federation=fed)  # fmt: skip
     clock = _hybrid_clock(run.rounds, result, run.model_bytes, _relay_bytes(tasks[0], run))
-    per_peer = [
-        {"peer": i, "epochs": run.passes, "wall_seconds": run.seconds,
-         "bytes_sent": clock.bytes_per_member}
-        for i in range(len(tasks))
-    ]  # fmt: skip
-    return model_entry(run.weights, tasks, per_peer), (run, clock)
+    return _rounds_entry(run, clock, tasks)
 
 
 def _ring_indices(result: SimResult) -> list[int]:

@@ -17,9 +17,14 @@ from fedup.peer.hybrid_driver import HybridRun
 from fedup.protocol.peer_id import PeerId
 from fedup.protocol.relay import RelayMessage, decode_relay_message
 from fedup.sim import Faults, Kill, SimResult, SimSettings, Slow, run_simulation, sim_identity
-from fedup.sim.report import build_report
 from tests.integration.test_parallel_mode import RUN as PARALLEL
-from tests.integration.test_parallel_mode import lenders, ring_order, same, stranger_sends
+from tests.integration.test_parallel_mode import (
+    check_rounds_clock,
+    lenders,
+    ring_order,
+    same,
+    stranger_sends,
+)
 
 RUN = attrs.evolve(PARALLEL, algorithm="hybrid", sub_rings=2, sync_laps=2)
 
@@ -68,13 +73,7 @@ async def test_every_member_saves_the_same_model_trained_by_the_sub_rings(
         assert hashlib.sha256(model).hexdigest() == s.model_sha256
     assert not relayed(caplog, "relay broke")
     # The report models the run's clock from the sub-rings' measured chains.
-    report = build_report(result, lenders(4))
-    assert report["mode"] == "hybrid"
-    clock = report["time_to_quality"]["rounds_clock"]
-    assert clock["rounds"] == 7 and clock["compute_seconds"] > 0
-    modelled = report["time_to_quality"]["models"]["federated"]["modelled_wall_seconds"]
-    parts = clock["formation_seconds"] + clock["compute_seconds"] + clock["allreduce_seconds"]
-    assert modelled == pytest.approx(parts)
+    check_rounds_clock(result, 4, "hybrid")
 
 
 async def test_the_model_improves_on_the_initial_one(

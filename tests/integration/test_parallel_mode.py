@@ -56,6 +56,18 @@ def same(summaries: list[Any], *keys: str) -> None:
         assert len({json.dumps(getattr(s, key)) for s in summaries}) == 1, key
 
 
+def check_rounds_clock(result: SimResult, n: int, mode: str) -> None:
+    """The report of a run of 6 training rounds in ``mode`` models its clock from the
+    members' measured rounds: formation, computing and transfers add up to it."""
+    report = build_report(result, lenders(n))
+    assert report["mode"] == mode
+    clock = report["time_to_quality"]["rounds_clock"]
+    assert clock["rounds"] == 7 and clock["compute_seconds"] > 0
+    modelled = report["time_to_quality"]["models"]["federated"]["modelled_wall_seconds"]
+    parts = clock["formation_seconds"] + clock["compute_seconds"] + clock["allreduce_seconds"]
+    assert modelled == pytest.approx(parts)
+
+
 async def test_every_member_saves_the_same_model_after_the_same_rounds(
     autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
@@ -81,13 +93,7 @@ async def test_every_member_saves_the_same_model_after_the_same_rounds(
         assert not (folder / "provenance.cbor").exists()  # no hops, no hop statements
         assert s.model_bytes_sent > 0
     # The report models the run's clock from the members' measured rounds.
-    report = build_report(result, lenders(3))
-    assert report["mode"] == "parallel"
-    clock = report["time_to_quality"]["rounds_clock"]
-    assert clock["rounds"] == 7 and clock["compute_seconds"] > 0
-    modelled = report["time_to_quality"]["models"]["federated"]["modelled_wall_seconds"]
-    parts = clock["formation_seconds"] + clock["compute_seconds"] + clock["allreduce_seconds"]
-    assert modelled == pytest.approx(parts)
+    check_rounds_clock(result, 3, "parallel")
 
 
 async def test_a_member_that_dies_is_left_out_and_the_others_finish_alike(
