@@ -36,7 +36,7 @@ import attrs
 import torch
 from torch.nn import functional as F
 
-from fedup.learn.fedavg import FedAvgResult, fedavg
+from fedup.learn.fedavg import FedAvgResult, fedavg, federation_of
 from fedup.learn.lap_sums import LapMasks
 from fedup.learn.loans import generate_population, partition
 from fedup.learn.ring import (
@@ -58,6 +58,7 @@ __all__ = [
     "RingResult",
     "Score",
     "centralized",
+    "federation_of",
     "local_only",
     "make_tasks",
     "score",
@@ -132,12 +133,6 @@ def make_tasks(
         TabularTask(t, schema, split_seed=split_seed, **task_kw)  # type: ignore[arg-type]
         for t in tables
     ]
-
-
-def federation_of(tasks: Sequence[TensorTask]) -> FederationStats:
-    """Federation counts from the tasks' training labels (peers get them from the schema)."""
-    counts = [t.label_counts or (t.n_train, 0) for t in tasks]
-    return FederationStats(len(tasks), sum(a + b for a, b in counts), sum(b for _, b in counts))
 
 
 LapObserver = Callable[[LapResult, dict[str, torch.Tensor]], None]

@@ -73,6 +73,7 @@ __all__ = [
     "RoundTime",
     "average",
     "fedavg",
+    "federation_of",
     "judge_round",
     "member_round",
     "server_step",
@@ -244,7 +245,7 @@ def fedavg(
             f"optimizer_state {optimizer_state!r} is not one of {', '.join(OPTIMIZER_STATES)}"
         )
     start = time.perf_counter()
-    fed = federation or _federation(tasks)
+    fed = federation or federation_of(tasks)
     rows = [t.n_train for t in tasks]
     n_train = sum(rows)
     current = _cpu(tasks[0].build_model(settings.seed).state_dict())
@@ -287,7 +288,8 @@ def fedavg(
     return FedAvgResult.ended(ledger, rounds, n_train, start, model_bytes)
 
 
-def _federation(tasks: Sequence[Task]) -> FederationStats:
+def federation_of(tasks: Sequence[Task]) -> FederationStats:
+    """Federation counts from the tasks' training labels (peers get them from the schema)."""
     counts = [t.label_counts or (t.n_train, 0) for t in tasks]
     return FederationStats(len(tasks), sum(a + b for a, b in counts), sum(b for _, b in counts))
 
